@@ -1,0 +1,68 @@
+"""The one settings class: environment (prefix ``COCOON_``) > ``$COCOON_HOME/config.env`` > defaults."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_home() -> Path:
+    return Path(os.environ.get("COCOON_HOME") or Path.home() / ".cocoon")
+
+
+class Settings(BaseSettings):
+    """Every knob of the platform, read once at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="COCOON_", env_file=str(_default_home() / "config.env"), extra="ignore"
+    )
+
+    home: Path = Field(default_factory=_default_home, description="state directory (keys, SQLite, wallets)")
+    gateway_url: str = Field("http://127.0.0.1:8000", description="where the CLI and SDK reach the gateway")
+    api_key: str | None = Field(None, description="API key; default: the key file under home")
+
+    # gateway
+    host: str = "127.0.0.1"
+    port: int = 8000
+    ray_address: str | None = Field(None, description="join this Ray cluster instead of starting a local one")
+    ray_num_cpus: int = Field(16, description="logical CPUs the embedded local Ray advertises")
+    replica_host: str = Field("127.0.0.1", description="address replicas bind their data-path port to")
+    max_body_bytes: int = Field(10 * 1024 * 1024, description="largest accepted request body")
+    queue_limit: int = Field(256, description="calls allowed to wait per function when every replica is busy")
+    result_ttl_s: float = Field(3600.0, description="how long async call results are kept")
+    scale_up_delay_s: float = Field(1.0, description="sustained overload before adding replicas")
+    scale_down_delay_s: float = Field(30.0, description="sustained underload before removing replicas")
+    idle_timeout_s: float = Field(300.0, description="idle time before a min_replicas=0 function scales to zero")
+    replica_start_timeout_s: float = Field(120.0, description="time a replica may take to start")
+    drain_timeout_s: float = Field(60.0, description="time old replicas get to finish calls on redeploy")
+
+    @field_validator("gateway_url")
+    @classmethod
+    def _strip_slash(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"COCOON_GATEWAY_URL must start with http:// or https://, got {v!r}")
+        return v.rstrip("/")
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "cocoon.db"
+
+    @property
+    def key_file(self) -> Path:
+        return self.home / "api_key"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()
+
+
+def reload_settings() -> Settings:
+    """Forget the cached settings (tests and `cocoon serve` flags call this)."""
+    get_settings.cache_clear()
+    return get_settings()

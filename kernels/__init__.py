@@ -1,0 +1,1 @@
+"""Triton kernels, each beside its torch reference, and the models built on them."""

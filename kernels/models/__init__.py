@@ -1,0 +1,1 @@
+"""Inference models built on our kernels."""
