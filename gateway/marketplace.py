@@ -1,0 +1,595 @@
+"""The provider marketplace: who offers what, who is healthy, and where a function should run.
+
+A pure, in-memory core (clock and randomness are passed in; no I/O). The gateway feeds it registrations,
+heartbeats, call results and Ray node states; the controller asks it where to place replicas and subscribes to
+node events so replicas follow providers joining, draining and dying without a redeploy.
+
+Matching: a node is *eligible* for a requirement when its hardware satisfies it (GPU family, nominal memory per
+GPU, count; host CPUs and RAM), it has that much capacity free, it is up and not draining, it passes attestation
+when the function is confidential, and its price rate for the requirement (GPU-seconds and CPU-seconds at its
+prices, nanoton per second) is at most the caller's ``max_price`` (the analogue of Cocoon's ``max_coefficient``).
+
+Ranking (lower is better)::
+
+    score = (rate + 1) * (1 + load) * (1 + latency_s) / success**2
+
+where ``load`` is the node's reported utilisation plus in-flight calls per GPU (or CPU) slot, ``latency_s`` the
+mean call latency and ``success`` the smoothed success rate over a sliding window of recent calls. Cheap nodes win;
+busy, slow and failing nodes lose their edge.
+
+Health: a node is routable only while its last heartbeat is younger than ``3 x heartbeat_interval``; the check is
+made on every routing decision, so a silent node stops receiving calls at once, before the sweeper
+(:meth:`Marketplace.sweep`) turns it *down* and tells the subscribers.
+
+Single event loop use is assumed for reads; mutations take a lock so a controller thread may call in too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cocoon_faas.runtime.hardware import GIB, Hardware, normalize_model
+
+from cocoon_faas.errors import InvalidRequestError, NoCapacityError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+NANOTON = 1_000_000_000
+UP, DRAINING, DOWN, LEFT = "up", "draining", "down", "left"
+_PLACE_CANDIDATES = 32  # placement scores at most this many cheapest fitting nodes: flat in inventory size
+
+
+def ton_to_nanoton(value: str | float | int) -> int:
+    """"0.0005" TON -> 500000 nanoton; exact for decimal strings."""
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        d = Decimal(str(value))
+    except InvalidOperation:
+        raise InvalidRequestError(f"price {value!r} is not a number of TON") from None
+    if d < 0 or not d.is_finite():
+        raise InvalidRequestError(f"price {value!r} must be a non-negative number of TON")
+    return int(d * NANOTON)
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What one replica of a function needs. ``gpu_model`` None with ``gpu_count`` > 0 means any GPU."""
+
+    gpu_model: str | None = None
+    gpu_count: int = 0
+    gpu_min_gb: int = 0
+    cpus: float = 0.0
+    memory: int = 0
+    confidential: bool = False
+
+    @classmethod
+    def parse(cls, gpu: str | None = None, *, cpus: float = 0.0, memory: int = 0,
+              confidential: bool = False) -> Requirements:
+        """``gpu`` as users write it: "H100", "A100-80GB:2", "any", "any:4", or None for CPU-only."""
+        if gpu is None or gpu == "":
+            return cls(None, 0, 0, float(cpus), int(memory), confidential)
+        model, _, count_s = str(gpu).partition(":")
+        try:
+            count = int(count_s) if count_s else 1
+        except ValueError:
+            raise InvalidRequestError(f"gpu={gpu!r}: count must be an integer, e.g. gpu='A100-80GB:2'") from None
+        if count < 1:
+            raise InvalidRequestError(f"gpu={gpu!r}: count must be >= 1")
+        return cls.from_parts(model, count, cpus=cpus, memory=memory, confidential=confidential)
+
+    @classmethod
+    def from_parts(cls, model: str | None, count: int, *, cpus: float = 0.0, memory: int = 0,
+                   confidential: bool = False) -> Requirements:
+        if count <= 0:
+            return cls(None, 0, 0, float(cpus), int(memory), confidential)
+        if model is None or model.strip().lower() in ("", "any"):
+            return cls(None, count, 0, float(cpus), int(memory), confidential)
+        m = re.search(r"(\d+)\s*GB\b", model, re.IGNORECASE)
+        return cls(normalize_model(model), count, int(m.group(1)) if m else 0, float(cpus), int(memory),
+                   confidential)
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> Requirements:
+        """From a ``cocoon_faas.spec.FunctionSpec`` (duck-typed: gpu.model/gpu.count, cpu, memory)."""
+        gpu = getattr(spec, "gpu", None)
+        model = getattr(gpu, "model", None) if gpu is not None else None
+        count = int(getattr(gpu, "count", 0) or 0) if gpu is not None else 0
+        return cls.from_parts(model, count, cpus=float(getattr(spec, "cpu", 0) or 0),
+                              memory=int(getattr(spec, "memory", 0) or 0),
+                              confidential=bool(getattr(spec, "confidential", False)))
+
+    @property
+    def label(self) -> str:
+        """``gpu:H100 x2``, ``gpu:A100-80GB x1``, ``gpu:any x1`` or ``cpu x2``."""
+        if not self.gpu_count:
+            return f"cpu x{self.cpus:g}"
+        name = (self.gpu_model or "any") + (f"-{self.gpu_min_gb}GB" if self.gpu_min_gb else "")
+        return f"gpu:{name} x{self.gpu_count}"
+
+    def hardware_fits(self, hw: Hardware) -> bool:
+        """Does the machine, empty, satisfy this requirement?"""
+        if self.gpu_count:
+            if hw.gpu_count < self.gpu_count or not hw.gpu_model:
+                return False
+            if self.gpu_model is not None and hw.gpu_model != self.gpu_model:
+                return False
+            if self.gpu_min_gb and hw.gpu_gb < self.gpu_min_gb:
+                return False
+        return hw.cpus >= self.cpus and hw.memory >= self.memory
+
+    def join_hint(self) -> str:
+        if not self.gpu_count:
+            return "cocoon provider join"
+        name = (self.gpu_model or "H100") + (f"-{self.gpu_min_gb}GB" if self.gpu_min_gb else "")
+        return f"cocoon provider join --gpus {name}:{self.gpu_count}"
+
+
+@dataclass(frozen=True)
+class Node:
+    """A registered provider node (what it offers and asks). Prices in nanoton per GPU-second / CPU-second."""
+
+    node_id: str
+    wallet: str
+    public_key: str
+    hardware: Hardware
+    gpu_price: int
+    cpu_price: int
+    name: str = ""
+
+    def rate(self, req: Requirements) -> int:
+        """Nanoton per second this node charges for one replica of ``req``."""
+        return self.gpu_price * req.gpu_count + math.ceil(self.cpu_price * req.cpus)
+
+    def charge(self, req: Requirements, duration_ns: int) -> int:
+        """Provider earnings for a call of ``duration_ns``: GPU-seconds x price (+ CPU-seconds x price)."""
+        return self.rate(req) * max(0, int(duration_ns)) // NANOTON
+
+
+@dataclass(frozen=True)
+class MarketEvent:
+    """What a subscriber hears: kind is joined, updated, draining, down, up or left."""
+
+    kind: str
+    node: Node
+
+
+@dataclass
+class _Reputation:
+    """Success and latency over the last ``size`` calls, kept as running sums (O(1) per call)."""
+
+    size: int
+    calls: deque[tuple[bool, float]] = field(default_factory=deque)
+    ok: int = 0
+    latency: float = 0.0
+
+    def add(self, ok: bool, latency_s: float) -> None:
+        self.calls.append((ok, latency_s))
+        self.ok += ok
+        self.latency += latency_s
+        if len(self.calls) > self.size:
+            old_ok, old_lat = self.calls.popleft()
+            self.ok -= old_ok
+            self.latency -= old_lat
+
+    @property
+    def success(self) -> float:
+        """Smoothed with two virtual successes, so a new node is trusted but one failure is not fatal."""
+        return (self.ok + 2) / (len(self.calls) + 2)
+
+    @property
+    def mean_latency(self) -> float:
+        return max(0.0, self.latency / len(self.calls)) if self.calls else 0.0
+
+
+@dataclass
+class _State:
+    node: Node
+    status: str
+    last_seen: float
+    utilisation: float = 0.0
+    inflight: int = 0
+    attested: bool | None = None  # None: not checked; False excludes it from confidential functions
+    used_gpus: int = 0
+    used_cpus: float = 0.0
+    used_memory: int = 0
+    earned: int = 0
+    calls: int = 0
+    rep: _Reputation = field(default_factory=lambda: _Reputation(100))
+
+    def load(self) -> float:
+        slots = self.node.hardware.gpu_count or max(1, self.node.hardware.cpus)
+        return self.utilisation + self.inflight / slots
+
+    def score(self, rate: int) -> float:
+        rep = self.rep
+        return (rate + 1) * (1.0 + self.load()) * (1.0 + rep.mean_latency) / (rep.success ** 2)
+
+
+@dataclass(frozen=True)
+class ProviderView:
+    """A row of ``GET /v1/providers`` and ``cocoon provider ls``."""
+
+    node_id: str
+    name: str
+    wallet: str
+    hardware: Hardware
+    gpu_price: int
+    cpu_price: int
+    status: str
+    healthy: bool
+    load: float
+    inflight: int
+    replicas: int
+    success_rate: float
+    mean_latency_s: float
+    calls: int
+    earned: int
+    last_seen_s: float
+    attested: bool | None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "hardware"}
+        d["hardware"] = self.hardware.to_dict()
+        d["gpu"] = self.hardware.label
+        return d
+
+
+class Marketplace:
+    """The registry of provider nodes and the matching, placement, routing and reputation over it."""
+
+    def __init__(self, *, heartbeat_interval: float = 5.0, window: int = 100,
+                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None) -> None:
+        self.heartbeat_interval = heartbeat_interval
+        self.window = window
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._nodes: dict[str, _State] = {}
+        self._fits: dict[Requirements, list[str]] = {}  # hardware-eligible node ids, cheapest first
+        self._replicas: dict[str, list[tuple[str, Requirements]]] = {}  # function -> [(node id, req)]
+        self._by_node: dict[str, dict[str, int]] = {}  # node id -> {function: replica count}
+        self._subscribers: list[Callable[[MarketEvent], None]] = []
+        self._lock = threading.RLock()
+
+    # --- membership -----------------------------------------------------------------------------------
+    def register(self, node: Node) -> Node:
+        """Add or refresh a node (a re-registration after a gateway restart keeps its id and counters)."""
+        with self._lock:
+            old = self._nodes.get(node.node_id)
+            now = self._clock()
+            if old is None or old.status == LEFT:
+                self._nodes[node.node_id] = _State(node, UP, now, rep=_Reputation(self.window))
+                kind = "joined"
+            else:
+                old.node, old.status, old.last_seen = node, UP, now
+                kind = "updated"
+            self._fits.clear()
+        self._emit(kind, node)
+        return node
+
+    def heartbeat(self, node_id: str, load: float = 0.0) -> str:
+        """Keep a node listed; a down node that heartbeats again comes back up. Returns its status."""
+        st = self._state(node_id)
+        if st.status == LEFT:
+            raise NotFoundError(f"node {node_id!r} has left; run `cocoon provider join` again")
+        st.last_seen = self._clock()
+        st.utilisation = max(0.0, float(load))
+        if st.status == DOWN:
+            with self._lock:
+                st.status = UP
+                self._fits.clear()
+            self._emit("up", st.node)
+        return st.status
+
+    def leave(self, node_id: str) -> str:
+        """Start draining: no new replicas or calls; leaves once its replicas are moved and calls finished."""
+        st = self._state(node_id)
+        if st.status in (UP, DOWN):
+            with self._lock:
+                st.status = DRAINING
+                self._fits.clear()
+            self._emit("draining", st.node)
+        self._maybe_left(st)
+        return st.status
+
+    def mark_down(self, node_id: str, reason: str = "") -> None:
+        """Take a node out of routing and placement now (dead raylet, failed health check)."""
+        st = self._nodes.get(node_id)
+        if st is None or st.status in (DOWN, LEFT):
+            return
+        with self._lock:
+            draining = st.status == DRAINING
+            st.status = DOWN
+            self._fits.clear()
+        log.warning("provider node %s is down%s", node_id, f": {reason}" if reason else "")
+        self._emit("down", st.node)
+        if draining:  # a draining node that dies has left
+            self._finish_leave(st)
+
+    def set_attestation(self, node_id: str, ok: bool) -> None:
+        """Record the node's attestation result; a failed one excludes it from confidential functions."""
+        with self._lock:
+            self._state(node_id).attested = ok
+            self._fits.clear()
+
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Mark down every node silent for 3 heartbeat intervals; returns their ids (call it periodically)."""
+        now = self._clock() if now is None else now
+        limit = 3 * self.heartbeat_interval
+        stale = [nid for nid, st in self._nodes.items()
+                 if st.status in (UP, DRAINING) and now - st.last_seen > limit]
+        for nid in stale:
+            self.mark_down(nid, f"no heartbeat for {now - self._nodes[nid].last_seen:.1f}s")
+        return stale
+
+    def sync_ray_nodes(self, ray_nodes: Iterable[dict[str, Any]]) -> list[str]:
+        """Mark down nodes whose Ray node (found by its ``cocoon-node:<id>`` resource) is dead or gone.
+
+        ``ray_nodes`` is ``ray.nodes()``: dicts with ``Alive`` and ``Resources``. Returns the ids marked down.
+        """
+        alive: set[str] = set()
+        seen: set[str] = set()
+        for rn in ray_nodes:
+            for res in (rn.get("Resources") or {}):
+                if res.startswith("cocoon-node:"):
+                    nid = res.split(":", 1)[1]
+                    seen.add(nid)
+                    if rn.get("Alive"):
+                        alive.add(nid)
+        dead = [nid for nid in seen - alive if nid in self._nodes and self._nodes[nid].status in (UP, DRAINING)]
+        for nid in dead:
+            self.mark_down(nid, "its Ray node died")
+        return dead
+
+    def subscribe(self, callback: Callable[[MarketEvent], None]) -> Callable[[], None]:
+        """Call ``callback`` on every node event; returns a function that unsubscribes."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
+
+    # --- queries --------------------------------------------------------------------------------------
+    def node(self, node_id: str) -> Node:
+        return self._state(node_id).node
+
+    def status(self, node_id: str) -> str:
+        return self._state(node_id).status
+
+    def routable(self, node_id: str, now: float | None = None) -> bool:
+        """Up and heard from within 3 heartbeat intervals: checked on every decision, not only by sweeps."""
+        st = self._nodes.get(node_id)
+        if st is None or st.status != UP:
+            return False
+        return (self._clock() if now is None else now) - st.last_seen <= 3 * self.heartbeat_interval
+
+    def eligible(self, req: Requirements, max_price: int | None = None) -> list[Node]:
+        """Every node that can take a replica of ``req`` now, best first."""
+        now = self._clock()
+        found = [(self._nodes[nid].score(self._nodes[nid].node.rate(req)), nid)
+                 for nid in self._fitting(req) if self._usable(nid, req, max_price, now)]
+        found.sort()
+        return [self._nodes[nid].node for _, nid in found]
+
+    def place(self, req: Requirements, max_price: int | None = None, exclude: Iterable[str] = ()) -> Node:
+        """The best node for a new replica of ``req``, or NoCapacityError naming what is missing."""
+        now = self._clock()
+        skip = set(exclude)
+        best: tuple[float, str] | None = None
+        seen = 0
+        for nid in self._fitting(req):  # cheapest first, so the first few fitting nodes hold the best score
+            if nid in skip or not self._usable(nid, req, max_price, now):
+                continue
+            st = self._nodes[nid]
+            cand = (st.score(st.node.rate(req)), nid)
+            if best is None or cand < best:
+                best = cand
+            seen += 1
+            if seen >= _PLACE_CANDIDATES:
+                break
+        if best is None:
+            raise self._no_capacity(req, max_price, skip)
+        return self._nodes[best[1]].node
+
+    # --- replicas and routing -------------------------------------------------------------------------
+    def assign(self, function: str, node_id: str, req: Requirements) -> None:
+        """Record a replica of ``function`` on ``node_id`` (reserves its resources there)."""
+        with self._lock:
+            st = self._state(node_id)
+            self._replicas.setdefault(function, []).append((node_id, req))
+            per = self._by_node.setdefault(node_id, {})
+            per[function] = per.get(function, 0) + 1
+            st.used_gpus += req.gpu_count
+            st.used_cpus += req.cpus
+            st.used_memory += req.memory
+
+    def unassign(self, function: str, node_id: str) -> None:
+        """Forget one replica of ``function`` on ``node_id``; a draining node left empty then leaves."""
+        with self._lock:
+            reps = self._replicas.get(function, [])
+            idx = next((i for i, (nid, _) in enumerate(reps) if nid == node_id), None)
+            if idx is None:
+                return
+            req = reps.pop(idx)[1]
+            if not reps:
+                self._replicas.pop(function, None)
+            per = self._by_node.get(node_id, {})
+            per[function] -= 1
+            if not per[function]:
+                del per[function]
+            st = self._nodes.get(node_id)
+            if st is not None:
+                st.used_gpus -= req.gpu_count
+                st.used_cpus -= req.cpus
+                st.used_memory -= req.memory
+        if st is not None:
+            self._maybe_left(st)
+
+    def replicas_on(self, node_id: str) -> dict[str, int]:
+        """Functions with replicas on the node, and how many (the controller replaces these on down/drain)."""
+        return dict(self._by_node.get(node_id, {}))
+
+    def route(self, function: str, max_price: int | None = None, exclude: Sequence[str] = ()) -> str:
+        """Pick the node for one call of ``function``: power of two choices over its routable replicas."""
+        reps = self._replicas.get(function)
+        if not reps:
+            raise NoCapacityError(f"function {function!r} has no replica; deploy it or wait for a provider")
+        n = len(reps)
+        if n == 1:
+            picks: Sequence[tuple[str, Requirements]] = reps
+        else:
+            i = self._rng.randrange(n)
+            j = self._rng.randrange(n - 1)
+            picks = (reps[i], reps[j + (j >= i)])
+        best_nid, best_score = self._best(picks, max_price, exclude)
+        if best_nid is None and n > 2:  # both picks unusable: look at every replica (rare)
+            best_nid, best_score = self._best(reps, max_price, exclude)
+        if best_nid is None:
+            raise NoCapacityError(f"every replica of {function!r} is on a node that is down, draining, "
+                                  "excluded or over max_price; retry shortly", function=function)
+        return best_nid
+
+    def _best(self, picks: Sequence[tuple[str, Requirements]], max_price: int | None,
+              exclude: Sequence[str]) -> tuple[str | None, float]:
+        now = self._clock()
+        limit = 3 * self.heartbeat_interval
+        best_nid, best_score = None, math.inf
+        for nid, req in picks:
+            st = self._nodes.get(nid)
+            if (st is None or st.status != UP or now - st.last_seen > limit or nid in exclude
+                    or (max_price is not None and st.node.rate(req) > max_price)):
+                continue
+            s = st.score(st.node.rate(req))
+            if s < best_score:
+                best_nid, best_score = nid, s
+        return best_nid, best_score
+
+    # --- outcomes -------------------------------------------------------------------------------------
+    def call_started(self, node_id: str) -> None:
+        st = self._nodes.get(node_id)
+        if st is not None:
+            st.inflight += 1
+
+    def record_result(self, node_id: str, ok: bool, latency_s: float, *, finished: bool = False) -> None:
+        """Feed one call's outcome into the node's reputation (``finished``: also end a ``call_started``)."""
+        st = self._nodes.get(node_id)
+        if st is None:
+            return
+        st.rep.add(bool(ok), max(0.0, float(latency_s)))
+        st.calls += 1
+        if finished and st.inflight:
+            st.inflight -= 1
+            self._maybe_left(st)
+
+    def credit(self, node_id: str, req: Requirements, duration_ns: int) -> int:
+        """Record and return the provider's earnings for one charged call (nanoton)."""
+        st = self._state(node_id)
+        amount = st.node.charge(req, duration_ns)
+        st.earned += amount
+        return amount
+
+    def earnings(self, node_id: str) -> int:
+        return self._state(node_id).earned
+
+    def listing(self) -> list[ProviderView]:
+        now = self._clock()
+        return [self._view(st, now) for st in sorted(self._nodes.values(), key=lambda s: s.node.node_id)
+                if st.status != LEFT]
+
+    def view(self, node_id: str) -> ProviderView:
+        return self._view(self._state(node_id), self._clock())
+
+    # --- internals ------------------------------------------------------------------------------------
+    def _state(self, node_id: str) -> _State:
+        st = self._nodes.get(node_id)
+        if st is None:
+            raise NotFoundError(f"no provider node {node_id!r}; register it with `cocoon provider join`")
+        return st
+
+    def _view(self, st: _State, now: float) -> ProviderView:
+        n = st.node
+        return ProviderView(
+            n.node_id, n.name, n.wallet, n.hardware, n.gpu_price, n.cpu_price, st.status,
+            self.routable(n.node_id, now), round(st.load(), 4), st.inflight,
+            sum(self._by_node.get(n.node_id, {}).values()), round(st.rep.success if st.rep.calls else 1.0, 4),
+            round(st.rep.mean_latency, 6), st.calls, st.earned, round(now - st.last_seen, 3), st.attested)
+
+    def _fitting(self, req: Requirements) -> list[str]:
+        ids = self._fits.get(req)
+        if ids is None:
+            with self._lock:
+                ids = sorted((nid for nid, st in self._nodes.items()
+                              if st.status in (UP, DRAINING, DOWN) and req.hardware_fits(st.node.hardware)),
+                             key=lambda nid: (self._nodes[nid].node.rate(req), nid))
+                self._fits[req] = ids
+        return ids
+
+    def _usable(self, nid: str, req: Requirements, max_price: int | None, now: float) -> bool:
+        st = self._nodes[nid]
+        if st.status != UP or now - st.last_seen > 3 * self.heartbeat_interval:
+            return False
+        if req.confidential and st.attested is False:
+            return False
+        if max_price is not None and st.node.rate(req) > max_price:
+            return False
+        hw = st.node.hardware
+        return (hw.gpu_count - st.used_gpus >= req.gpu_count and hw.cpus - st.used_cpus >= req.cpus
+                and hw.memory - st.used_memory >= req.memory)
+
+    def _no_capacity(self, req: Requirements, max_price: int | None, skip: set[str]) -> NoCapacityError:
+        fits = [nid for nid in self._fitting(req) if nid not in skip]
+        hint = req.join_hint()
+        if not fits:
+            have: dict[str, int] = {}
+            for st in self._nodes.values():
+                if st.status != LEFT:
+                    hw = st.node.hardware
+                    key = f"{hw.gpu_model} x{hw.gpu_count}" if hw.gpu_count else "CPU-only"
+                    have[key] = have.get(key, 0) + 1
+            inv = ", ".join(f"{k} x{v}" if k == "CPU-only" else (k if v == 1 else f"{v} nodes of {k}")
+                            for k, v in sorted(have.items())) or "no providers"
+            extra = ""
+            if req.memory or req.cpus:
+                extra = f" with {req.cpus:g} CPUs and {req.memory / GIB:.1f} GiB RAM"
+            return NoCapacityError(f"no provider offers {req.label}{extra} (have: {inv}); start one with "
+                                   f"`{hint}`", missing=req.label)
+        now = self._clock()
+        up = [nid for nid in fits if self.routable(nid, now)]
+        if not up:
+            return NoCapacityError(f"all {len(fits)} providers offering {req.label} are down or draining; "
+                                   f"wait for them or start one with `{hint}`", missing=req.label)
+        if max_price is not None:
+            cheapest = min(self._nodes[nid].node.rate(req) for nid in up)
+            if cheapest > max_price:
+                return NoCapacityError(
+                    f"no provider offers {req.label} at max_price {max_price} nanoton/s (cheapest: {cheapest}); "
+                    "raise max_price", missing=req.label, cheapest=cheapest)
+        if req.confidential and all(self._nodes[nid].attested is False for nid in up):
+            return NoCapacityError(f"every provider offering {req.label} failed attestation", missing=req.label)
+        return NoCapacityError(f"every provider offering {req.label} is full ({len(up)} nodes); retry when "
+                               f"replicas free up or start one with `{hint}`", missing=req.label)
+
+    def _maybe_left(self, st: _State) -> None:
+        nid = st.node.node_id
+        if st.status == DRAINING and not st.inflight and not self._by_node.get(nid):
+            self._finish_leave(st)
+
+    def _finish_leave(self, st: _State) -> None:
+        with self._lock:
+            st.status = LEFT
+            self._fits.clear()
+        self._emit("left", st.node)
+
+    def _emit(self, kind: str, node: Node) -> None:
+        ev = MarketEvent(kind, node)
+        for cb in list(self._subscribers):
+            try:
+                cb(ev)
+            except Exception:  # a subscriber's bug must not break membership
+                log.exception("marketplace subscriber failed on %s %s", kind, node.node_id)
