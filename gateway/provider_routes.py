@@ -1,0 +1,152 @@
+"""HTTP edge of the provider marketplace: join, heartbeat, leave and the public listing.
+
+    POST /v1/providers                    signed registration (runtime/registration.py) -> node id, token,
+                                          the Ray address to join, the heartbeat interval, the Ray resources
+    POST /v1/providers/{id}/heartbeat     Bearer <token>; {"load": 0..n} -> {"status": ...}
+    POST /v1/providers/{id}/leave         Bearer <token> -> {"status": "draining" | "left"}
+    GET  /v1/providers                    every listed node: hardware, price, load, health, reputation, earnings
+    GET  /v1/providers/{id}               one node
+
+Registration proves control of the wallet (Ed25519 over the canonical registration, key owning the address);
+the node then authenticates with a random per-registration token whose SHA-256 is all the gateway keeps.
+Errors answer the one JSON shape of :mod:`cocoon_faas.errors`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from cocoon_faas.gateway.marketplace import Marketplace, Node
+from cocoon_faas.runtime.registration import MAX_SKEW_S, Registration
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Route
+
+from cocoon_faas.errors import AuthenticationError, CocoonError, InvalidRequestError, NoCapacityError
+
+MAX_BODY = 64 * 1024
+
+
+class _Nonces:
+    """Registration nonces seen within the freshness window (older ones fail the timestamp check anyway)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, float] = {}
+
+    def claim(self, nonce: str, now: float) -> bool:
+        if len(self._seen) > 10_000:
+            self._seen = {n: t for n, t in self._seen.items() if now - t <= 2 * MAX_SKEW_S}
+        if nonce in self._seen:
+            return False
+        self._seen[nonce] = now
+        return True
+
+
+def _default_ray_address() -> str | None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return str(ray.get_runtime_context().gcs_address)
+    except Exception:  # no Ray in this process: fall back to settings
+        pass
+    from cocoon_faas.settings import get_settings
+
+    return get_settings().ray_address
+
+
+def provider_routes(market: Marketplace, *, ray_address: str | Callable[[], str | None] | None = None,
+                    clock: Callable[[], float] = time.time) -> list[BaseRoute]:
+    """The provider endpoints over ``market``; ``ray_address`` is what joining nodes are told to join."""
+    tokens: dict[str, bytes] = {}
+    nonces = _Nonces()
+
+    def address() -> str:
+        addr = ray_address() if callable(ray_address) else ray_address
+        addr = addr or _default_ray_address()
+        if not addr:
+            raise NoCapacityError("the gateway runs no joinable Ray cluster; set COCOON_RAY_ADDRESS on the gateway")
+        return addr
+
+    def check_token(request: Request, node_id: str) -> None:
+        auth = request.headers.get("authorization", "")
+        token = auth[7:] if auth.lower().startswith("bearer ") else ""
+        want = tokens.get(node_id)
+        if want is None:
+            market.node(node_id)  # 404 when unknown
+            raise AuthenticationError(f"node {node_id} has no session on this gateway; join again")
+        if not hmac.compare_digest(hashlib.sha256(token.encode()).digest(), want):
+            raise AuthenticationError("missing or wrong node token; use the token the registration returned")
+
+    async def body_of(request: Request) -> Any:
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            raise InvalidRequestError(f"body over {MAX_BODY} bytes")
+        if not raw:
+            return {}
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise InvalidRequestError("body is not JSON") from None
+
+    async def register(request: Request) -> JSONResponse:
+        reg, sig = Registration.from_wire(await body_of(request))
+        now = clock()
+        reg.verify(sig, now)
+        if not nonces.claim(reg.nonce, now):
+            raise AuthenticationError("registration nonce was already used; sign a fresh registration")
+        node = Node(reg.node_id, reg.wallet, reg.public_key, reg.hardware, reg.gpu_price, reg.cpu_price, reg.name)
+        ray_addr = address()
+        market.register(node)
+        token = secrets.token_urlsafe(32)
+        tokens[node.node_id] = hashlib.sha256(token.encode()).digest()
+        return JSONResponse({
+            "node_id": node.node_id, "token": token, "ray_address": ray_addr,
+            "heartbeat_interval_s": market.heartbeat_interval,
+            "resources": node.hardware.ray_resources(node.node_id), "status": market.status(node.node_id),
+        }, status_code=201)
+
+    async def heartbeat(request: Request) -> JSONResponse:
+        node_id = request.path_params["node_id"]
+        check_token(request, node_id)
+        body = await body_of(request)
+        try:
+            load = float(body.get("load", 0.0)) if isinstance(body, dict) else 0.0
+        except (TypeError, ValueError):
+            raise InvalidRequestError("load must be a number") from None
+        status = market.heartbeat(node_id, load)
+        return JSONResponse({"status": status, "heartbeat_interval_s": market.heartbeat_interval})
+
+    async def leave(request: Request) -> JSONResponse:
+        node_id = request.path_params["node_id"]
+        check_token(request, node_id)
+        status = market.leave(node_id)
+        return JSONResponse({"status": status, "replicas": market.replicas_on(node_id)})
+
+    async def listing(request: Request) -> JSONResponse:
+        return JSONResponse({"providers": [v.to_dict() for v in market.listing()]})
+
+    async def one(request: Request) -> JSONResponse:
+        return JSONResponse(market.view(request.path_params["node_id"]).to_dict())
+
+    def guarded(fn: Callable[[Request], Awaitable[JSONResponse]]) -> Callable[[Request], Awaitable[JSONResponse]]:
+        async def handler(request: Request) -> JSONResponse:
+            try:
+                return await fn(request)
+            except CocoonError as exc:
+                return JSONResponse(exc.to_dict(), status_code=exc.status)
+        return handler
+
+    return [
+        Route("/v1/providers", guarded(register), methods=["POST"]),
+        Route("/v1/providers", guarded(listing), methods=["GET"]),
+        Route("/v1/providers/{node_id}", guarded(one), methods=["GET"]),
+        Route("/v1/providers/{node_id}/heartbeat", guarded(heartbeat), methods=["POST"]),
+        Route("/v1/providers/{node_id}/leave", guarded(leave), methods=["POST"]),
+    ]

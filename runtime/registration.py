@@ -1,0 +1,125 @@
+"""A provider's signed registration: proof that whoever registers a node controls the wallet paid for it.
+
+Wire form (JSON)::
+
+    {"registration": {wallet, wallet_version, public_key, name, hardware, gpu_price, cpu_price, timestamp,
+                      nonce},
+     "signature": "<hex Ed25519 signature>"}
+
+The signature covers ``DOMAIN + canonical_json(registration)`` (sorted keys, no spaces, UTF-8), so it cannot be
+replayed as another message type. The gateway checks, in order: the signature under ``public_key``; that
+``public_key`` owns ``wallet`` (the address of the standard wallet contract of that key and version, see
+:mod:`cocoon_faas.ton.wallet`); that ``timestamp`` is within ``MAX_SKEW_S`` of its clock; and that the nonce was
+not seen in that window. Prices are nanoton per GPU-second and per CPU-second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cocoon_faas.runtime.hardware import Hardware
+
+from cocoon_faas.errors import AuthenticationError, InvalidRequestError
+
+DOMAIN = b"cocoon-provider-registration-v1\n"
+MAX_SKEW_S = 300
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def wallet_owner_matches(wallet: str, public_key: bytes, version: str) -> bool:
+    """Is ``wallet`` the address of the standard ``version`` wallet of ``public_key`` (any workchain)?"""
+    from cocoon_faas.ton.address import Address
+    from cocoon_faas.ton.keys import PublicKey
+    from cocoon_faas.ton.wallet import Wallet
+
+    addr = Address.parse(wallet)
+    derived = Wallet(PublicKey(public_key), version=version, workchain=addr.workchain).address
+    return derived == addr
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What a provider node offers and asks, as signed by its wallet key."""
+
+    wallet: str
+    wallet_version: str
+    public_key: str  # hex, 32 bytes
+    name: str
+    hardware: Hardware
+    gpu_price: int
+    cpu_price: int
+    timestamp: int
+    nonce: str
+
+    @classmethod
+    def new(cls, *, wallet: str, public_key: bytes, name: str, hardware: Hardware, gpu_price: int,
+            cpu_price: int = 0, wallet_version: str = "v3r2", now: float | None = None) -> Registration:
+        return cls(wallet, wallet_version, public_key.hex(), name, hardware, int(gpu_price), int(cpu_price),
+                   int(time.time() if now is None else now), secrets.token_hex(16))
+
+    @property
+    def node_id(self) -> str:
+        """Stable per (key, machine name): a re-join after a restart keeps the id, its earnings and replicas."""
+        return hashlib.sha256(bytes.fromhex(self.public_key) + self.name.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"wallet": self.wallet, "wallet_version": self.wallet_version, "public_key": self.public_key,
+                "name": self.name, "hardware": self.hardware.to_dict(), "gpu_price": self.gpu_price,
+                "cpu_price": self.cpu_price, "timestamp": self.timestamp, "nonce": self.nonce}
+
+    def message(self) -> bytes:
+        return DOMAIN + canonical_json(self.to_dict())
+
+    def signed(self, sign: Any) -> dict[str, Any]:
+        """The wire form; ``sign`` is a PrivateKey (``.sign(bytes) -> bytes``)."""
+        return {"registration": self.to_dict(), "signature": sign.sign(self.message()).hex()}
+
+    @classmethod
+    def from_wire(cls, body: Any) -> tuple[Registration, bytes]:
+        """Parse the wire form into (registration, signature); checks types and ranges, not the signature."""
+        if not isinstance(body, dict) or not isinstance(body.get("registration"), dict):
+            raise InvalidRequestError('expected {"registration": {...}, "signature": "<hex>"}')
+        r = body["registration"]
+        try:
+            reg = cls(str(r["wallet"]), str(r.get("wallet_version", "v3r2")), str(r["public_key"]),
+                      str(r.get("name", ""))[:128], Hardware.from_dict(r["hardware"]), int(r["gpu_price"]),
+                      int(r.get("cpu_price", 0)), int(r["timestamp"]), str(r["nonce"]))
+            sig = bytes.fromhex(str(body.get("signature", "")))
+            pk = bytes.fromhex(reg.public_key)
+        except KeyError as exc:
+            raise InvalidRequestError(f"registration lacks {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequestError(f"registration is malformed: {exc}") from None
+        if len(pk) != 32 or len(sig) != 64:
+            raise InvalidRequestError("public_key must be 32 bytes and signature 64 bytes, hex-encoded")
+        if reg.gpu_price < 0 or reg.cpu_price < 0:
+            raise InvalidRequestError("prices must be >= 0 nanoton per second")
+        if not 8 <= len(reg.nonce) <= 64:
+            raise InvalidRequestError("nonce must be 8 to 64 characters")
+        return reg, sig
+
+    def verify(self, signature: bytes, now: float, max_skew: float = MAX_SKEW_S) -> None:
+        """Raise AuthenticationError unless the signature, wallet ownership and freshness all hold."""
+        from cocoon_faas.ton.keys import PublicKey
+
+        if not PublicKey(bytes.fromhex(self.public_key)).is_valid(signature, self.message()):
+            raise AuthenticationError("registration signature does not verify under public_key; sign it with "
+                                      "the wallet's key")
+        try:
+            owns = wallet_owner_matches(self.wallet, bytes.fromhex(self.public_key), self.wallet_version)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(f"wallet {self.wallet!r}: {exc.message}") from None
+        if not owns:
+            raise AuthenticationError(f"public_key does not own wallet {self.wallet} (as a {self.wallet_version} "
+                                      "wallet); pass the wallet's own key or its version with --wallet-version")
+        if abs(now - self.timestamp) > max_skew:
+            raise AuthenticationError(f"registration timestamp is {now - self.timestamp:+.0f}s off the gateway "
+                                      "clock; sync the clock (NTP) and join again")
