@@ -200,20 +200,23 @@ class QuarantinedState:
     state_b: SemiChannelBody
     quarantine_starts: int
     committed_by_a: bool
-    challenged: bool
+    challenged: bool | None  # None: the bit is absent (the contract drops it in settle_conditionals)
 
     def to_cell(self) -> Cell:
         b = begin_cell()
         self.state_a.store(b)
         self.state_b.store(b)
-        return (b.store_uint(self.quarantine_starts, 32).store_int(-1 if self.committed_by_a else 0, 1)
-                .store_int(-1 if self.challenged else 0, 1).end_cell())
+        b.store_uint(self.quarantine_starts, 32).store_int(-1 if self.committed_by_a else 0, 1)
+        if self.challenged is not None:
+            b.store_int(-1 if self.challenged else 0, 1)
+        return b.end_cell()
 
     @classmethod
     def from_cell(cls, cell: Cell | Slice) -> QuarantinedState:
         s = _slice(cell)
         a, b = SemiChannelBody.load(s), SemiChannelBody.load(s)
-        return cls(a, b, s.load_uint(32), s.load_int(1) != 0, s.load_int(1) != 0)
+        starts, by_a = s.load_uint(32), s.load_int(1) != 0
+        return cls(a, b, starts, by_a, (s.load_int(1) != 0) if s.remaining_bits else None)
 
 
 @dataclass(frozen=True)
