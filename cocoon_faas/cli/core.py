@@ -1,0 +1,195 @@
+"""Core commands: serve, deploy, call, ls, logs, rollback, rm, keys."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+from cocoon_faas.errors import CocoonError
+from cocoon_faas.settings import reload_settings
+
+
+def fail(message: str, code: int = 1) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a CocoonError into one line on stderr and exit 1."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CocoonError as exc:
+            fail(exc.message)
+        except ValueError as exc:  # settings errors name the variable
+            fail(str(exc))
+
+    return wrapper
+
+
+def client() -> Any:
+    from cocoon_faas.client import Client
+
+    return Client()
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.command()
+@click.option("--host", default=None, help="interface to bind (default 127.0.0.1)")
+@click.option("--port", default=None, type=int, help="port (default 8000)")
+@click.option("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+@handles_errors
+def serve(host: str | None, port: int | None, ray_address: str | None) -> None:
+    """Run the gateway (with a local Ray unless --ray-address / COCOON_RAY_ADDRESS)."""
+    import os
+
+    if host:
+        os.environ["COCOON_HOST"] = host
+    if port:
+        os.environ["COCOON_PORT"] = str(port)
+    if ray_address:
+        os.environ["COCOON_RAY_ADDRESS"] = ray_address
+    settings = reload_settings()
+    from cocoon_faas.gateway.server import serve as run
+
+    click.echo(f"cocoon gateway on http://{settings.host}:{settings.port} (state in {settings.home})", err=True)
+    run(settings)
+
+
+@click.command()
+@click.argument("app", type=click.Path(dir_okay=False))
+@click.option("--confidential", is_flag=True, help="seal the code so only attested replicas can open it")
+@handles_errors
+def deploy(app: str, confidential: bool) -> None:
+    """Deploy every function in APP (a Python file); prints each URL and measurement."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    if confidential:
+        from cocoon_faas.confidential_deploy import deploy_confidential  # type: ignore[import-not-found]
+
+        records = deploy_confidential(app)
+    else:
+        console = Console(stderr=True)
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=console, transient=True) as prog:
+            tasks: dict[str, Any] = {}
+
+            def progress(name: str, step: str) -> None:
+                if name not in tasks:
+                    tasks[name] = prog.add_task(f"{name}: {step}")
+                prog.update(tasks[name], description=f"{name}: {step}")
+
+            records = client().deploy(app, progress=progress)
+    for rec in records:
+        extra = f"  [{rec['status']}]" if rec.get("status") != "ready" else ""
+        click.echo(f"✓ {rec['name']} v{rec['version']}  {rec['url']}{extra}")
+        click.echo(f"  measurement {rec['measurement']}")
+
+
+@click.command()
+@click.argument("name")
+@click.argument("args", required=False, default="{}")
+@click.option("--async", "is_async", is_flag=True, help="submit and print the call id and status URL")
+@click.option("--stream", is_flag=True, help="print a generator function's items as they arrive")
+@handles_errors
+def call(name: str, args: str, is_async: bool, stream: bool) -> None:
+    """Call function NAME with ARGS, a JSON object of keyword arguments."""
+    try:
+        kwargs = json.loads(args)
+    except ValueError as exc:
+        fail(f"ARGS is not valid JSON ({exc}); pass an object like '{{\"name\": \"Ada\"}}'", 2)
+    if not isinstance(kwargs, dict):
+        fail("ARGS must be a JSON object of keyword arguments, like '{\"name\": \"Ada\"}'", 2)
+    c = client()
+    if is_async:
+        fc = c.spawn(name, kwargs)
+        print_json({"id": fc.id, "status_url": f"{c.url}/v1/calls/{fc.id}"})
+    elif stream:
+        for item in c.stream(name, kwargs):
+            click.echo(json.dumps(item))
+    else:
+        print_json(c.call(name, kwargs))
+
+
+@click.command(name="ls")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@handles_errors
+def ls(as_json: bool) -> None:
+    """List your functions: version, replicas, in-flight, calls, errors, p50/p99."""
+    fns = client().functions()
+    if as_json:
+        print_json(fns)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("name", "version", "replicas", "in-flight", "calls", "errors", "p50 ms", "p99 ms", "status")
+    for f in fns:
+        t.add_row(f["name"], str(f["version"]), str(f["replicas"]), str(f["in_flight"]), str(f["calls"]),
+                  str(f["errors"]), _ms(f["p50_ms"]), _ms(f["p99_ms"]), f["status"])
+    Console().print(t)
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+@click.command()
+@click.argument("name")
+@click.option("-n", "--limit", default=100, show_default=True, help="how many entries")
+@handles_errors
+def logs(name: str, limit: int) -> None:
+    """Show function NAME's stdout/stderr and errors, most recent first."""
+    import datetime as dt
+
+    for e in client().logs(name, limit):
+        ts = dt.datetime.fromtimestamp(e["ts"]).isoformat(timespec="seconds")
+        call = (e["call_id"] or "setup")[:12]
+        click.echo(f"{ts} v{e['version']} {call} {e['stream']}: {e['text'].rstrip()}")
+
+
+@click.command()
+@click.argument("name")
+@click.argument("version", required=False, type=int)
+@handles_errors
+def rollback(name: str, version: int | None) -> None:
+    """Make NAME run VERSION again (default: the previous version)."""
+    rec = client().rollback(name, version)
+    click.echo(f"✓ {rec['name']} now runs v{rec['version']} (measurement {rec['measurement']})")
+
+
+@click.command()
+@click.argument("name")
+@handles_errors
+def rm(name: str) -> None:
+    """Delete function NAME and stop its replicas."""
+    client().delete(name)
+    click.echo(f"✓ deleted {name}")
+
+
+@click.group()
+def keys() -> None:
+    """API keys."""
+
+
+@keys.command(name="create")
+@click.option("--name", required=True, help="developer name the key belongs to")
+@handles_errors
+def keys_create(name: str) -> None:
+    """Print a new API key (and nothing else) on stdout."""
+    click.echo(client().create_key(name))
+
+
+def register(main: click.Group) -> None:
+    for cmd in (serve, deploy, call, ls, logs, rollback, rm, keys):
+        main.add_command(cmd)

@@ -1,0 +1,104 @@
+"""The gateway↔replica data path: length-prefixed frames multiplexed over one persistent TCP connection.
+
+Ray places and supervises replicas, but a Ray task round trip per call costs more than the whole call budget, so
+calls travel over a direct connection the gateway keeps open to each replica (Ray Serve's "direct ingress" idea).
+Many calls share one connection; each frame names its call.
+
+Frame (big-endian)::
+
+    u32 length      bytes after this field: 13 + len(meta) + len(body)
+    u64 call        call number, chosen by the gateway, unique per connection
+    u8  type        CALL, CANCEL, RESULT, ERROR, CHUNK, END, PING, PONG
+    u32 meta_len    length of meta
+    meta            small JSON object (routing facts: timeout, kind, exec time, error type)
+    body            opaque bytes: JSON arguments/results, or a sealed envelope the gateway cannot read
+
+The gateway never parses `body` of a confidential call and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from collections.abc import Callable
+from typing import Any
+
+HEADER = struct.Struct("!IQBI")
+MAX_FRAME = 256 * 1024 * 1024
+
+CALL, CANCEL, RESULT, ERROR, CHUNK, END, PING, PONG = range(1, 9)
+TYPE_NAMES = {CALL: "CALL", CANCEL: "CANCEL", RESULT: "RESULT", ERROR: "ERROR", CHUNK: "CHUNK", END: "END",
+              PING: "PING", PONG: "PONG"}
+
+_EMPTY_META = b"{}"
+
+
+def encode(call: int, ftype: int, meta: dict[str, Any] | None = None, body: bytes = b"") -> bytes:
+    m = json.dumps(meta, separators=(",", ":")).encode() if meta else _EMPTY_META
+    return HEADER.pack(HEADER.size - 4 + len(m) + len(body), call, ftype, len(m)) + m + body
+
+
+class FrameProtocol(asyncio.Protocol):
+    """Splits a byte stream into frames and hands each to `on_frame(call, type, meta, body)`."""
+
+    def __init__(
+        self,
+        on_frame: Callable[[int, int, dict[str, Any], bytes], None],
+        on_lost: Callable[[Exception | None], None] | None = None,
+    ) -> None:
+        self._on_frame = on_frame
+        self._on_lost = on_lost
+        self._buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            import socket
+
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        hsize = HEADER.size
+        pos = 0
+        n = len(buf)
+        while n - pos >= hsize:
+            length, call, ftype, mlen = HEADER.unpack_from(buf, pos)
+            if length > MAX_FRAME or mlen > length:
+                self._fail(ValueError(f"bad frame: length {length}, meta {mlen}"))
+                return
+            end = pos + 4 + length
+            if end > n:
+                break
+            mstart = pos + hsize
+            meta = json.loads(bytes(buf[mstart:mstart + mlen])) if mlen > 2 else {}
+            body = bytes(buf[mstart + mlen:end])
+            pos = end
+            self._on_frame(call, ftype, meta, body)
+        if pos:
+            del buf[:pos]
+
+    def send(self, data: bytes) -> None:
+        if self.transport is None or self.closed:
+            raise ConnectionError("replica connection is closed")
+        self.transport.write(data)
+
+    def _fail(self, exc: Exception) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self.connection_lost(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._on_lost is not None:
+            self._on_lost(exc)

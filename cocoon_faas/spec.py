@@ -1,0 +1,219 @@
+"""Function specs: what `@cocoon.function(...)` declares, validated once into immutable values.
+
+A spec holds resources (gpu, cpu, memory), limits (timeout, retries, max_concurrency), scaling bounds and the
+developer's royalty. Its canonical JSON is part of the function's measurement, so it must be deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, replace
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from cocoon_faas.errors import InvalidSpecError
+
+NANO = 10**9
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+_MEM_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_GPU_RE = re.compile(r"^(?P<model>[A-Za-z0-9][A-Za-z0-9_.-]*)(?::(?P<count>\d+))?$")
+
+
+@dataclass(frozen=True)
+class GpuRequest:
+    """GPUs a replica needs: `model` None means any model."""
+
+    model: str | None
+    count: int = 1
+
+    @property
+    def resource(self) -> str | None:
+        """The Ray custom resource that names this model (`gpu:H100`), or None for any GPU."""
+        return f"gpu:{self.model}" if self.model else None
+
+    def __str__(self) -> str:
+        return f"{self.model or 'any'}:{self.count}"
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """Server-side dynamic batching: concurrent calls share one invocation with lists of arguments."""
+
+    max_batch_size: int
+    wait_ms: float
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    """Everything the platform needs to know to run one function, except its code."""
+
+    name: str
+    gpu: GpuRequest | None = None
+    cpu: float = 1.0
+    memory: int = 512 * 2**20
+    timeout: float = 300.0
+    retries: int = 0
+    max_concurrency: int = 1
+    min_replicas: int = 0
+    max_replicas: int = 4
+    price: int = 0  # royalty, nanoton per call
+    kind: str = "function"  # function | async | generator | asyncgen
+    batch: BatchSpec | None = None
+    serves: tuple[str, ...] = field(default_factory=tuple)  # OpenAI-style "embeddings:<model>", "chat:<model>"
+
+    @property
+    def streams(self) -> bool:
+        return self.kind in ("generator", "asyncgen")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["serves"] = list(self.serves)
+        return d
+
+    def canonical(self) -> bytes:
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> FunctionSpec:
+        if not isinstance(d, dict):
+            raise InvalidSpecError("spec must be a JSON object")
+        d = dict(d)
+        gpu = d.pop("gpu", None)
+        batch = d.pop("batch", None)
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InvalidSpecError(f"unknown spec field(s) {unknown}; known fields: {sorted(known)}")
+        d["serves"] = tuple(d.get("serves") or ())
+        spec = cls(
+            gpu=GpuRequest(**gpu) if isinstance(gpu, dict) else None,
+            batch=BatchSpec(**batch) if isinstance(batch, dict) else None,
+            **d,
+        )
+        return make_spec(
+            name=spec.name, gpu=str(spec.gpu) if spec.gpu else None, cpu=spec.cpu, memory=spec.memory,
+            timeout=spec.timeout, retries=spec.retries, max_concurrency=spec.max_concurrency,
+            min_replicas=spec.min_replicas, max_replicas=spec.max_replicas, price=Decimal(spec.price) / NANO,
+            kind=spec.kind, batch=spec.batch, serves=spec.serves,
+        )
+
+    def with_(self, **changes: Any) -> FunctionSpec:
+        return replace(self, **changes)
+
+
+def parse_gpu(value: Any) -> GpuRequest | None:
+    """`None` -> CPU only; `"H100"`, `"A100-80GB:2"`, `"any"`, `"any:2"` -> a GpuRequest."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, GpuRequest):
+        return value
+    if not isinstance(value, str) or not (m := _GPU_RE.match(value.strip())):
+        raise InvalidSpecError(
+            f"gpu={value!r} is not a GPU request; write a model like gpu=\"H100\", a model and count like "
+            "gpu=\"A100-80GB:2\", gpu=\"any\" for any GPU, or gpu=None for CPU only"
+        )
+    count = int(m["count"] or 1)
+    if count < 1 or count > 16:
+        raise InvalidSpecError(f"gpu count must be between 1 and 16, got {count} in gpu={value!r}")
+    model = m["model"]
+    return GpuRequest(None if model.lower() == "any" else model.upper(), count)
+
+
+def parse_memory(value: Any) -> int:
+    """`"1Gi"`, `"512Mi"`, `"2GB"` or an int of bytes -> bytes."""
+    if isinstance(value, bool):
+        raise InvalidSpecError(f"memory={value!r} is not a size; write memory=\"1Gi\" or memory=\"512Mi\"")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str) and (m := re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)):
+        unit = _MEM_UNITS.get(m[2].lower())
+        if unit is None:
+            raise InvalidSpecError(f"memory={value!r} has unknown unit {m[2]!r}; use Mi, Gi (or MB, GB)")
+        n = int(Decimal(m[1]) * unit)
+    else:
+        raise InvalidSpecError(f"memory={value!r} is not a size; write memory=\"1Gi\" or memory=\"512Mi\"")
+    if n < 16 * 2**20:
+        raise InvalidSpecError(f"memory={value!r} is below the 16Mi minimum a replica needs; write memory=\"256Mi\"")
+    return n
+
+
+def parse_price(value: Any) -> int:
+    """A royalty in TON (`0.001`, `"0.001"`, `Decimal`) -> nanoton, exactly."""
+    if isinstance(value, bool):
+        raise InvalidSpecError(f"price={value!r} is not an amount of TON; write price=0.001 (TON per call)")
+    try:
+        dec = Decimal(str(value))
+    except (InvalidOperation, ValueError):
+        raise InvalidSpecError(f"price={value!r} is not an amount of TON; write price=0.001 (TON per call)") from None
+    nano = dec * NANO
+    if not dec.is_finite() or nano < 0 or nano != nano.to_integral_value():
+        raise InvalidSpecError(f"price={value!r} must be a non-negative TON amount with at most 9 decimals")
+    return int(nano)
+
+
+def _number(name: str, value: Any, lo: float, hi: float, integer: bool = False) -> Any:
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        kind = "an integer" if integer else "a number"
+        raise InvalidSpecError(f"{name}={value!r} must be {kind} between {lo:g} and {hi:g}")
+    if not lo <= value <= hi:
+        raise InvalidSpecError(f"{name}={value!r} is out of range; write a value between {lo:g} and {hi:g}")
+    return value
+
+
+def make_spec(
+    *,
+    name: str,
+    gpu: Any = None,
+    cpu: Any = 1.0,
+    memory: Any = "512Mi",
+    timeout: Any = 300,
+    retries: Any = 0,
+    max_concurrency: Any = 1,
+    min_replicas: Any = 0,
+    max_replicas: Any = 4,
+    price: Any = 0,
+    kind: str = "function",
+    batch: BatchSpec | None = None,
+    serves: Any = (),
+) -> FunctionSpec:
+    """Validate decorator arguments into a FunctionSpec; raise InvalidSpecError naming the fix."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InvalidSpecError(
+            f"name={name!r} is not a valid function name; use letters, digits, '_', '.', '-', start with a "
+            "letter or '_', at most 64 characters"
+        )
+    min_r = _number("min_replicas", min_replicas, 0, 1000, integer=True)
+    max_r = _number("max_replicas", max_replicas, 1, 1000, integer=True)
+    if min_r > max_r:
+        raise InvalidSpecError(f"min_replicas={min_r} exceeds max_replicas={max_r}; raise max_replicas or lower min_replicas")
+    if isinstance(serves, str):
+        serves = (serves,)
+    serves_t = tuple(serves)
+    for s in serves_t:
+        if not isinstance(s, str) or not re.fullmatch(r"(embeddings|chat):[\w./-]+", s):
+            raise InvalidSpecError(f"serves entry {s!r} must look like 'embeddings:<model>' or 'chat:<model>'")
+    if kind not in ("function", "async", "generator", "asyncgen"):
+        raise InvalidSpecError(f"unknown function kind {kind!r}")
+    return FunctionSpec(
+        name=name,
+        gpu=parse_gpu(gpu),
+        cpu=float(_number("cpu", cpu, 0.01, 256)),
+        memory=parse_memory(memory),
+        timeout=float(_number("timeout", timeout, 0.01, 24 * 3600)),
+        retries=_number("retries", retries, 0, 10, integer=True),
+        max_concurrency=_number("max_concurrency", max_concurrency, 1, 10000, integer=True),
+        min_replicas=min_r,
+        max_replicas=max_r,
+        price=parse_price(price),
+        kind=kind,
+        batch=batch,
+        serves=serves_t,
+    )

@@ -1,0 +1,211 @@
+"""The gateway application: state, lifespan (Ray, SQLite, controller) and the route table."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from cocoon_faas.errors import CocoonError, NotFoundError
+from cocoon_faas.gateway import routes_control, routes_fn
+from cocoon_faas.gateway.controller import Controller, FunctionRuntime, RayBackend
+from cocoon_faas.gateway.http import error_response, json_response
+from cocoon_faas.gateway.invoke import Invoker, Outcome
+from cocoon_faas.gateway.metrics import Metrics
+from cocoon_faas.gateway.openapi import openapi_document
+from cocoon_faas.gateway.routes_fn import CallRecord
+from cocoon_faas.gateway.store import Store, hash_key
+from cocoon_faas.settings import Settings
+
+log = logging.getLogger("cocoon.gateway")
+
+
+def ensure_local_key(store: Store, settings: Settings) -> str:
+    """On first start create a developer key and store it (0600) where the CLI on this machine finds it."""
+    f = settings.key_file
+    keys = store.keys()
+    if f.exists():
+        key = f.read_text().strip()
+        if hash_key(key) in keys:
+            return key
+    key, _ = store.create_key("default") if store.developer_id("default") is None else store.create_key(
+        "default", for_developer=store.developer_id("default"))
+    f.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+    os.chmod(f, 0o600)
+    return key
+
+
+class Gateway:
+    """Everything the routes share."""
+
+    def __init__(self, settings: Settings, backend: Any = None) -> None:
+        self.settings = settings
+        self._backend = backend
+        self.store: Store = None  # type: ignore[assignment]
+        self.controller: Controller = None  # type: ignore[assignment]
+        self.invoker: Invoker = None  # type: ignore[assignment]
+        self.keys: dict[str, str] = {}
+        self.calls: dict[str, CallRecord] = {}
+        self.metrics = Metrics()
+        self._bg: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self.settings.home.mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.settings.db_path)
+        lost = self.store.mark_unfinished_failed()
+        if lost:
+            log.warning("%d calls were in flight when the gateway stopped; marked failed", lost)
+        ensure_local_key(self.store, self.settings)
+        self.keys = self.store.keys()
+        backend = self._backend or RayBackend(self.settings)
+        self.controller = Controller(self.store, self.settings, backend)
+        await self.controller.start()
+        for name, (calls, errors) in self.store.call_counts().items():
+            fr = self.controller.functions.get(name)
+            if fr is not None:
+                fr.calls, fr.errors = calls, errors
+        self.invoker = Invoker(self.controller)
+        loop = asyncio.get_running_loop()
+        self._bg = [loop.create_task(self._flusher()), loop.create_task(self._sweeper())]
+
+    async def stop(self) -> None:
+        for t in self._bg:
+            t.cancel()
+        if self.controller is not None:
+            await self.controller.stop()
+        if self.store is not None:
+            self.store.close()
+
+    async def _flusher(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(0.2)
+            try:
+                await loop.run_in_executor(None, self.store.flush)
+            except Exception:  # noqa: BLE001
+                log.exception("flushing call records failed")
+
+    async def _sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            cutoff = time.time() - self.settings.result_ttl_s
+            for cid, rec in list(self.calls.items()):
+                if rec.finished is not None and rec.finished < time.time() - 60:
+                    del self.calls[cid]  # kept in SQLite until the TTL
+            self.store.expire_results(cutoff)
+
+    # -- call bookkeeping ----------------------------------------------------------------------------
+    def finish_call(self, fr: FunctionRuntime, call_id: str, caller: str | None, t0: float,
+                    outcome: Outcome | None, err: CocoonError | None, meta: dict[str, Any],
+                    result_kept: bool = False) -> None:
+        elapsed = time.monotonic() - t0
+        fr.calls += 1
+        status = "succeeded" if err is None else ("cancelled" if err.type == "cancelled" else "failed")
+        if err is not None:
+            fr.errors += 1
+        else:
+            fr.latencies.append(elapsed * 1000)
+        self.metrics.calls.labels(fr.name, status).inc()
+        self.metrics.latency.labels(fr.name).observe(elapsed)
+        if meta.get("logs"):
+            self.store.record_logs(fr.name, fr.version, call_id, meta["logs"])
+        if err is not None and err.type not in ("function_error",):
+            self.store.record_logs(fr.name, fr.version, call_id, [("error", f"{err.type}: {err.message}")])
+        elif err is not None:
+            self.store.record_logs(fr.name, fr.version, call_id, [("error", err.message)])
+        now = time.time()
+        self.store.record_call(call_id, fr.name, fr.version, status, now - elapsed, now,
+                               outcome.exec_ms if outcome else None, err.to_dict()["error"] if err else None,
+                               outcome.body if (outcome and result_kept) else None, caller)
+
+    def submit_async(self, fr: FunctionRuntime, body: bytes, call_id: str, caller: str) -> CallRecord:
+        rec = CallRecord(call_id, fr.name, fr.version)
+        self.calls[call_id] = rec
+        self.store.record_call(call_id, fr.name, fr.version, "queued", rec.created, None, None, None, None, caller)
+
+        def running() -> None:
+            rec.status = "running"
+
+        async def run() -> None:
+            t0 = time.monotonic()
+            try:
+                outcome, err, meta = await self.invoker.call(fr, body, {"id": call_id}, on_running=running)
+            except asyncio.CancelledError:
+                from cocoon_faas.errors import CallCancelledError
+
+                outcome, err, meta = None, CallCancelledError(f"call {call_id} was cancelled"), {}
+            rec.finished = time.time()
+            if err is None:
+                assert outcome is not None
+                rec.status, rec.result = "succeeded", outcome.body
+            else:
+                rec.status = "cancelled" if err.type == "cancelled" else "failed"
+                rec.error = err.to_dict()["error"]
+            self.finish_call(fr, call_id, caller, t0, outcome, err, meta, result_kept=True)
+
+        rec.task = asyncio.get_running_loop().create_task(run())
+        return rec
+
+
+async def healthz(request: Request) -> Response:
+    gw = request.app.state.gw
+    return json_response({"status": "ok", "functions": len(gw.controller.functions)})
+
+
+async def metrics(request: Request) -> Response:
+    gw = request.app.state.gw
+    for fr in gw.controller.functions.values():
+        gw.metrics.inflight.labels(fr.name).set(fr.inflight)
+        gw.metrics.replicas.labels(fr.name).set(len(fr.ready))
+    return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+async def openapi(request: Request) -> Response:
+    return json_response(openapi_document(request.app.state.gw.controller.functions.values()))
+
+
+async def not_found(request: Request, exc: Exception) -> Response:
+    return error_response(NotFoundError(f"no route {request.method} {request.url.path}; see /openapi.json"))
+
+
+async def method_not_allowed(request: Request, exc: Exception) -> Response:
+    err = CocoonError(f"{request.method} is not allowed on {request.url.path}; see /openapi.json")
+    err.status, err.type = 405, "method_not_allowed"
+    return error_response(err)
+
+
+def create_app(settings: Settings, backend: Any = None, extra_routes: list[Any] | None = None) -> Starlette:
+    gw = Gateway(settings, backend)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gw.start()
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        *routes_fn.routes,
+        *routes_control.routes,
+        *(extra_routes or []),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={404: not_found, 405: method_not_allowed})
+    app.state.gw = gw
+    return app

@@ -1,0 +1,442 @@
+"""Replica lifecycle on Ray: deploy, redeploy without dropping calls, rollback, autoscale, replace the dead.
+
+Ray places and supervises replica actors; this controller decides how many there are and which version they run,
+and keeps the routing set (`FunctionRuntime.ready`) that the call path reads without awaiting anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import random
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from cocoon_faas.bundle import measurement_of
+from cocoon_faas.errors import (
+    CallTimeoutError,
+    CocoonError,
+    FunctionError,
+    InvalidRequestError,
+    NoCapacityError,
+    NotFoundError,
+    OverloadedError,
+)
+from cocoon_faas.gateway.autoscale import ScaleState, target_replicas
+from cocoon_faas.gateway.replica_client import ReplicaHandle
+from cocoon_faas.gateway.router import choose
+from cocoon_faas.gateway.store import Store
+from cocoon_faas.settings import Settings
+from cocoon_faas.signature import Signature
+from cocoon_faas.spec import FunctionSpec
+
+log = logging.getLogger("cocoon.controller")
+
+
+class StartupError(CocoonError):
+    """Raised when a replica's code could not be loaded or its setup hook raised."""
+
+    status = 400
+    type = "startup_failed"
+
+
+@dataclass(eq=False)
+class FunctionRuntime:
+    """One deployed function as the gateway routes it."""
+
+    name: str
+    owner: str
+    version: int
+    spec: FunctionSpec
+    signature: Signature
+    measurement: str
+    code: bytes
+    meta: dict[str, Any]
+    ready: list[ReplicaHandle] = field(default_factory=list)
+    all: set[ReplicaHandle] = field(default_factory=set)
+    starting: int = 0
+    queued: int = 0
+    waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
+    scale: ScaleState = field(default_factory=ScaleState)
+    problem: CocoonError | None = None  # why replicas cannot start now
+    calls: int = 0
+    errors: int = 0
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+
+    @property
+    def inflight(self) -> int:
+        return sum(r.inflight for r in self.all)
+
+    def wake(self, n: int | None = None) -> None:
+        n = len(self.waiters) if n is None else n
+        while n > 0 and self.waiters:
+            f = self.waiters.popleft()
+            if not f.done():
+                f.set_result(None)
+                n -= 1
+
+
+class RayBackend:
+    """The thin edge to Ray: create, start and kill replica actors; read cluster resources."""
+
+    def __init__(self, settings: Settings) -> None:
+        import ray
+
+        self.ray = ray
+        self.settings = settings
+        from cocoon_faas.runtime.replica import Replica
+
+        self._actor_cls = ray.remote(Replica)
+
+    def cluster_resources(self) -> dict[str, float]:
+        return self.ray.cluster_resources()
+
+    def options(self, spec: FunctionSpec, extra_resources: dict[str, float] | None = None) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_cpus": spec.cpu, "memory": spec.memory, "max_concurrency": 10_000,
+                                "max_restarts": 0}
+        resources = dict(extra_resources or {})
+        if spec.gpu is not None:
+            opts["num_gpus"] = spec.gpu.count
+            if spec.gpu.resource:
+                resources[spec.gpu.resource] = float(spec.gpu.count)
+        if resources:
+            opts["resources"] = resources
+        return opts
+
+    def missing_resource(self, spec: FunctionSpec) -> str | None:
+        """Name a resource the whole cluster lacks for this spec (so waiting would never help)."""
+        total = self.cluster_resources()
+        if spec.gpu is not None:
+            if total.get("GPU", 0) < spec.gpu.count:
+                return f"GPU x{spec.gpu.count} ({spec.gpu})"
+            if spec.gpu.resource and total.get(spec.gpu.resource, 0) < spec.gpu.count:
+                return f"{spec.gpu.resource} x{spec.gpu.count}"
+        if total.get("CPU", 0) < spec.cpu:
+            return f"CPU x{spec.cpu:g}"
+        if total.get("memory", float("inf")) < spec.memory:
+            return f"memory {spec.memory // 2**20} MiB"
+        return None
+
+    def create(self, fr: FunctionRuntime, forward_logs: bool, extra_resources: dict[str, float] | None = None) -> Any:
+        return self._actor_cls.options(**self.options(fr.spec, extra_resources)).remote(
+            fr.name, fr.version, fr.code, fr.spec.to_json(), self.settings.replica_host, forward_logs
+        )
+
+    def kill(self, actor: Any) -> None:
+        try:
+            self.ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+
+class Controller:
+    """Owns every FunctionRuntime; the call path uses `acquire`/`release`."""
+
+    def __init__(self, store: Store, settings: Settings, backend: RayBackend) -> None:
+        self.store = store
+        self.settings = settings
+        self.backend = backend
+        self.functions: dict[str, FunctionRuntime] = {}
+        self.rng = random.Random()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self.placer: Any = None  # marketplace hook: placer(spec) -> extra Ray resources pinning a node
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        for name, owner, version in self.store.functions():
+            row = self.store.version(name, version)
+            self.functions[name] = self._runtime(name, owner, row.version, row.spec, row.signature, row.code,
+                                                 row.measurement, row.meta)
+        self._loop_task = asyncio.get_running_loop().create_task(self._autoscale_loop())
+
+    async def stop(self) -> None:
+        if self._loop_task:
+            self._loop_task.cancel()
+        for fr in self.functions.values():
+            for r in list(fr.all):
+                r.close()
+                self.backend.kill(r.actor)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    @staticmethod
+    def _runtime(name: str, owner: str, version: int, spec: dict[str, Any], sig: dict[str, Any], code: bytes,
+                 measurement: str, meta: dict[str, Any]) -> FunctionRuntime:
+        return FunctionRuntime(name, owner, version, FunctionSpec.from_json(spec), Signature.from_json(sig),
+                               measurement, code, meta)
+
+    def get(self, name: str) -> FunctionRuntime:
+        fr = self.functions.get(name)
+        if fr is None:
+            raise NotFoundError(f"no function named {name!r} is deployed; deploy it with `cocoon deploy app.py`")
+        return fr
+
+    # -- deploy, rollback, delete --------------------------------------------------------------------
+    async def deploy(self, owner: str, item: Any) -> dict[str, Any]:
+        name, spec, sig, code, measurement, meta = _parse_bundle(item)
+        version = self.store.add_version(name, owner, spec.to_json(), sig.to_json(), code, measurement, meta)
+        new = FunctionRuntime(name, owner, version, spec, sig, measurement, code, meta)
+        try:
+            status = await self._activate(new)
+        except BaseException:
+            self.store.drop_version(name, version)
+            raise
+        return {"name": name, "version": version, "measurement": measurement, "status": status,
+                "replicas": len(new.ready)}
+
+    async def rollback(self, name: str, version: int | None) -> dict[str, Any]:
+        fr = self.get(name)
+        if version is None:
+            older = [v for v, _, _ in self.store.versions(name) if v < fr.version]
+            if not older:
+                raise InvalidRequestError(f"function {name!r} has no version before {fr.version} to roll back to")
+            version = older[-1]
+        if version == fr.version:
+            raise InvalidRequestError(f"function {name!r} already runs version {version}")
+        row = self.store.version(name, version)
+        new = self._runtime(name, fr.owner, row.version, row.spec, row.signature, row.code, row.measurement, row.meta)
+        status = await self._activate(new)
+        return {"name": name, "version": version, "measurement": row.measurement, "status": status}
+
+    async def _activate(self, new: FunctionRuntime) -> str:
+        """Start the new version's replicas, then switch routing and drain the old ones."""
+        old = self.functions.get(new.name)
+        n = max(new.spec.min_replicas, min(len(old.ready) if old else 0, new.spec.max_replicas), 1)
+        status = "ready"
+        started: list[ReplicaHandle] = []
+        try:
+            results = await asyncio.gather(*(self._start_replica(new) for _ in range(n)), return_exceptions=True)
+            for res in results:
+                if isinstance(res, ReplicaHandle):
+                    started.append(res)
+            errors = [e for e in results if isinstance(e, BaseException)]
+            startup = [e for e in errors if isinstance(e, StartupError)]
+            if startup:
+                raise startup[0]
+            if errors and not started:
+                if isinstance(errors[0], NoCapacityError):
+                    new.problem = errors[0]
+                    status = "waiting_for_capacity"
+                else:
+                    raise errors[0]
+        except BaseException:
+            for r in started:
+                self._kill(r)
+            raise
+        self.store.set_current(new.name, new.version)
+        if old is not None:
+            new.calls, new.errors, new.latencies = old.calls, old.errors, old.latencies
+            new.waiters, new.queued = old.waiters, old.queued
+        new.ready = started
+        new.all = set(started)
+        for r in started:
+            r.state = "ready"
+            r.on_lost = self._on_lost
+        self.functions[new.name] = new
+        new.wake()
+        if old is not None:
+            for r in list(old.all):
+                self._spawn(self._retire(old, r))
+        return status
+
+    async def delete(self, name: str) -> None:
+        fr = self.get(name)
+        del self.functions[name]
+        self.store.delete_function(name)
+        for r in list(fr.all):
+            self._spawn(self._retire(fr, r))
+        fr.problem = NotFoundError(f"function {name!r} was deleted")
+        fr.wake()
+
+    # -- replicas ------------------------------------------------------------------------------------
+    async def _start_replica(self, fr: FunctionRuntime) -> ReplicaHandle:
+        missing = self.backend.missing_resource(fr.spec)
+        if missing is not None:
+            raise NoCapacityError(
+                f"no node in the cluster offers {missing} for function {fr.name!r}; add a provider with "
+                f"`cocoon provider join` or change the function's resources",
+                missing=missing,
+            )
+        extra = self.placer(fr.spec) if self.placer is not None else None
+        actor = self.backend.create(fr, forward_logs=not fr.meta.get("confidential", False), extra_resources=extra)
+        r = ReplicaHandle(id=uuid.uuid4().hex[:12], function=fr.name, version=fr.version, actor=actor)
+        try:
+            info = await asyncio.wait_for(actor.start.remote(), self.settings.replica_start_timeout_s)
+        except asyncio.TimeoutError:
+            self.backend.kill(actor)
+            raise NoCapacityError(
+                f"a replica of {fr.name!r} did not start within {self.settings.replica_start_timeout_s:g}s "
+                "(the cluster may be full); retry later or add capacity"
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - Ray errors mapped into ours
+            self.backend.kill(actor)
+            raise StartupError(f"replica of {fr.name!r} failed to start: {exc}") from None
+        if not info.get("ok"):
+            self.backend.kill(actor)
+            self.store.record_logs(fr.name, fr.version, None, [("stderr", info.get("traceback", ""))])
+            raise StartupError(
+                f"function {fr.name!r} failed to start: {info.get('error_type')}: {info.get('message')}; "
+                f"see `cocoon logs {fr.name}`",
+                exc_type=info.get("error_type"),
+            )
+        if info.get("logs"):
+            self.store.record_logs(fr.name, fr.version, None, info["logs"])
+        await r.connect(info["host"], info["port"])
+        r.extra = {"pid": info.get("pid"), "setup_s": info.get("setup_s")}
+        return r
+
+    def _kill(self, r: ReplicaHandle) -> None:
+        r.state = "dead"
+        r.on_lost = None
+        r.close()
+        self.backend.kill(r.actor)
+
+    def _on_lost(self, r: ReplicaHandle) -> None:
+        fr = self.functions.get(r.function)
+        if fr is None:
+            return
+        if r in fr.ready:
+            fr.ready.remove(r)
+        fr.all.discard(r)
+        log.warning("replica %s of %s died; replacing it", r.id, r.function)
+        self.backend.kill(r.actor)
+        self._reconcile(fr)
+
+    async def _retire(self, fr: FunctionRuntime, r: ReplicaHandle) -> None:
+        if r in fr.ready:
+            fr.ready.remove(r)
+        r.state = "draining"
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        while r.inflight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        fr.all.discard(r)
+        self._kill(r)
+
+    async def _add_replica(self, fr: FunctionRuntime) -> None:
+        fr.starting += 1
+        try:
+            r = await self._start_replica(fr)
+        except CocoonError as exc:
+            fr.problem = exc
+            fr.wake()
+            return
+        finally:
+            fr.starting -= 1
+        if self.functions.get(fr.name) is not fr:  # redeployed or deleted meanwhile
+            self._kill(r)
+            return
+        fr.problem = None
+        r.state = "ready"
+        r.on_lost = self._on_lost
+        fr.ready.append(r)
+        fr.all.add(r)
+        fr.wake(fr.spec.max_concurrency)
+
+    # -- autoscaling -----------------------------------------------------------------------------------
+    def _reconcile(self, fr: FunctionRuntime, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        current = len(fr.ready) + fr.starting
+        target = target_replicas(
+            now=now, current=current, demand=fr.inflight + fr.queued, max_concurrency=fr.spec.max_concurrency,
+            min_replicas=fr.spec.min_replicas, max_replicas=fr.spec.max_replicas, state=fr.scale,
+            up_delay=self.settings.scale_up_delay_s, down_delay=self.settings.scale_down_delay_s,
+            idle_timeout=self.settings.idle_timeout_s,
+        )
+        if target > current:
+            if fr.problem is not None and isinstance(fr.problem, StartupError):
+                return  # broken code: don't spin; the version must be redeployed
+            for _ in range(target - current):
+                self._spawn(self._add_replica(fr))
+        elif target < len(fr.ready):
+            victims = sorted(fr.ready, key=lambda r: r.inflight)[: len(fr.ready) - target]
+            for r in victims:
+                self._spawn(self._retire(fr, r))
+
+    async def _autoscale_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            for fr in list(self.functions.values()):
+                try:
+                    self._reconcile(fr, now)
+                except Exception:  # noqa: BLE001 - keep the loop alive
+                    log.exception("autoscaler failed for %s", fr.name)
+
+    # -- the call path -------------------------------------------------------------------------------
+    async def acquire(self, fr: FunctionRuntime, deadline: float) -> ReplicaHandle:
+        """A replica with a free slot (its in-flight count already taken), waiting in the queue if needed."""
+        r = choose(fr.ready, fr.spec.max_concurrency, self.rng)
+        if r is not None:
+            r.inflight += 1
+            return r
+        if fr.queued >= self.settings.queue_limit:
+            raise OverloadedError(
+                f"every replica of {fr.name!r} is busy and {fr.queued} calls are queued; retry shortly",
+                retry_after=1,
+            )
+        fr.queued += 1
+        try:
+            self._reconcile(fr)
+            loop = asyncio.get_running_loop()
+            while True:
+                if fr.problem is not None and not fr.ready and not fr.starting:
+                    raise fr.problem
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise CallTimeoutError(
+                        f"no replica of {fr.name!r} became free within the call's time limit "
+                        f"({fr.spec.timeout:g}s)"
+                    )
+                fut: asyncio.Future[None] = loop.create_future()
+                fr.waiters.append(fut)
+                try:
+                    await asyncio.wait_for(fut, min(remaining, 1.0))
+                except asyncio.TimeoutError:
+                    pass
+                r = choose(fr.ready, fr.spec.max_concurrency, self.rng)
+                if r is not None:
+                    r.inflight += 1
+                    return r
+        finally:
+            fr.queued -= 1
+
+    def release(self, fr: FunctionRuntime, r: ReplicaHandle) -> None:
+        r.inflight -= 1
+        r.calls += 1
+        if fr.waiters:
+            fr.wake(1)
+
+
+def _parse_bundle(item: Any) -> tuple[str, FunctionSpec, Signature, bytes, str, dict[str, Any]]:
+    if not isinstance(item, dict):
+        raise InvalidRequestError("each deployment item must be an object with name, spec, signature, code")
+    missing = [k for k in ("name", "spec", "signature", "code", "measurement") if k not in item]
+    if missing:
+        raise InvalidRequestError(f"deployment item is missing {missing}; deploy with `cocoon deploy app.py`")
+    spec = FunctionSpec.from_json(item["spec"])
+    if spec.name != item["name"]:
+        raise InvalidRequestError(f"item name {item['name']!r} differs from spec name {spec.name!r}")
+    sig = Signature.from_json(item["signature"])
+    try:
+        code = base64.b64decode(item["code"], validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise InvalidRequestError("deployment 'code' is not valid base64") from None
+    if measurement_of(code, spec.canonical()) != item["measurement"]:
+        raise InvalidRequestError("deployment measurement does not match SHA-256(code || spec); rebuild the bundle")
+    meta = item.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise InvalidRequestError("deployment 'meta' must be an object")
+    return spec.name, spec, sig, code, item["measurement"], meta
+
+
+__all__ = ["Controller", "FunctionRuntime", "RayBackend", "StartupError", "FunctionError"]

@@ -1,0 +1,72 @@
+"""HTTP edges shared by the routes: one JSON error shape, API-key auth, body limits."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from cocoon_faas.errors import AuthenticationError, CocoonError, InvalidRequestError, PayloadTooLargeError
+from cocoon_faas.gateway.store import hash_key
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(data, separators=(",", ":")), status, headers, media_type="application/json")
+
+
+def error_response(exc: CocoonError, headers: dict[str, str] | None = None) -> Response:
+    h = dict(headers or {})
+    retry = exc.details.get("retry_after")
+    if retry is not None:
+        h["Retry-After"] = str(retry)
+    return json_response(exc.to_dict(), exc.status, h)
+
+
+def developer_of(request: Request) -> str:
+    """The developer id behind the request's `Authorization: Bearer <key>`; 401 otherwise."""
+    auth = request.headers.get("authorization")
+    if not auth:
+        raise AuthenticationError(
+            "missing API key; send `Authorization: Bearer <key>` (the key is in $COCOON_HOME/api_key on the "
+            "gateway machine, or create one with `cocoon keys create --name NAME`)"
+        )
+    scheme, _, key = auth.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise AuthenticationError("malformed Authorization header; use `Authorization: Bearer <key>`")
+    dev = request.app.state.gw.keys.get(hash_key(key.strip()))
+    if dev is None:
+        raise AuthenticationError("unknown API key; create one with `cocoon keys create --name NAME`")
+    return dev
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    cl = request.headers.get("content-length")
+    if cl is not None:
+        try:
+            n = int(cl)
+        except ValueError:
+            raise InvalidRequestError("Content-Length is not a number") from None
+        if n > limit:
+            raise PayloadTooLargeError(f"request body of {n} bytes is over the {limit}-byte limit; send less data "
+                                       "or raise COCOON_MAX_BODY_BYTES", limit=limit)
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"request body is over the {limit}-byte limit; send less data or raise "
+                                       "COCOON_MAX_BODY_BYTES", limit=limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    body = await read_body(request, limit)
+    if not body.strip():
+        return {}
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"request body is not valid JSON ({exc}); send a JSON object") from None

@@ -1,0 +1,20 @@
+"""Prometheus metrics of the gateway (its own registry, so tests can run several apps in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.calls = Counter("cocoon_calls_total", "Calls by function and outcome", ["function", "status"],
+                             registry=self.registry)
+        self.latency = Histogram("cocoon_call_duration_seconds", "End-to-end call latency at the gateway",
+                                 ["function"], registry=self.registry,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.inflight = Gauge("cocoon_inflight_calls", "Calls in flight", ["function"], registry=self.registry)
+        self.replicas = Gauge("cocoon_replicas", "Ready replicas", ["function"], registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,34 @@
+"""`cocoon serve`: start (or join) Ray, then run the gateway under uvicorn."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from cocoon_faas.settings import Settings
+
+
+def init_ray(settings: Settings) -> dict[str, Any]:
+    """Join `ray_address`, or start a local Ray whose processes die with the gateway."""
+    import ray
+
+    common: dict[str, Any] = {"namespace": "cocoon", "log_to_driver": False, "ignore_reinit_error": True,
+                              "include_dashboard": False, "logging_level": logging.WARNING}
+    # log_to_driver=False: replica output must never reach the gateway's own logs (confidential payloads).
+    if settings.ray_address:
+        ctx = ray.init(address=settings.ray_address, **common)
+    else:
+        ctx = ray.init(num_cpus=settings.ray_num_cpus, _node_ip_address="127.0.0.1", **common)
+    return {"address": ctx.address_info.get("gcs_address") or ctx.address_info.get("address")}
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    from cocoon_faas.gateway.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    init_ray(settings)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
+                log_level="warning", access_log=False, timeout_graceful_shutdown=5)

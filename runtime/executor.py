@@ -1,0 +1,283 @@
+"""Runs user code inside a replica: load the code blob, run setup hooks, invoke, interrupt, capture output.
+
+Sync functions run in a thread pool sized to `max_concurrency`; a call that is cancelled or runs past its time
+limit is interrupted by raising `CallInterrupted` inside its thread (CPython's async-exception hook), so it
+stops at its next bytecode instead of burning the replica. Async functions are cancelled as tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import ctypes
+import inspect
+import io
+import sys
+import threading
+import time
+import traceback
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+
+from cocoon_faas.spec import FunctionSpec
+
+LOG_LIMIT = 64 * 1024
+_current_log: contextvars.ContextVar[CallLog | None] = contextvars.ContextVar("cocoon_call_log", default=None)
+
+
+class CallInterrupted(BaseException):
+    """Raised inside a user thread to stop a cancelled or timed-out call (BaseException: user code rarely catches it)."""
+
+
+@dataclass
+class CallLog:
+    """stdout/stderr written during one call, bounded."""
+
+    lines: list[tuple[str, str]] = field(default_factory=list)
+    size: int = 0
+
+    def add(self, stream: str, text: str) -> None:
+        if self.size >= LOG_LIMIT or not text:
+            return
+        text = text[: LOG_LIMIT - self.size]
+        self.size += len(text)
+        if self.lines and self.lines[-1][0] == stream:
+            self.lines[-1] = (stream, self.lines[-1][1] + text)
+        else:
+            self.lines.append((stream, text))
+
+
+class _Tee(io.TextIOBase):
+    """Replaces sys.stdout/stderr: writes through and also to the current call's log."""
+
+    def __init__(self, stream: str, under: Any) -> None:
+        self._stream = stream
+        self._under = under
+
+    def write(self, s: str) -> int:
+        log = _current_log.get()
+        if log is not None:
+            log.add(self._stream, s)
+        try:
+            return self._under.write(s)
+        except Exception:
+            return len(s)
+
+    def flush(self) -> None:
+        try:
+            self._under.flush()
+        except Exception:
+            pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def install_output_capture() -> None:
+    if not isinstance(sys.stdout, _Tee):
+        sys.stdout = _Tee("stdout", sys.stdout)
+        sys.stderr = _Tee("stderr", sys.stderr)
+
+
+def _interrupt_thread(ident: int) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(CallInterrupted))
+
+
+def trimmed_traceback(exc: BaseException, limit: int = 8) -> str:
+    """The user's frames only (ours are noise), last `limit` of them."""
+    tb = traceback.extract_tb(exc.__traceback__)
+    frames = [f for f in tb if "/cocoon_faas/" not in f.filename and "/runtime/" not in f.filename] or list(tb)
+    lines = traceback.format_list(frames[-limit:])
+    return "Traceback (most recent call last):\n" + "".join(lines) + f"{type(exc).__name__}: {exc}\n"
+
+
+class LoadedFunction:
+    """A deployed function, unpickled and set up inside the replica."""
+
+    def __init__(self, blob: bytes, spec: FunctionSpec) -> None:
+        self.spec = spec
+        payload = cloudpickle.loads(blob)
+        if not isinstance(payload, dict) or payload.get("format") != 1:
+            raise RuntimeError("unsupported code blob format; redeploy with this version of cocoon-faas")
+        self._payload = payload
+        self.target: Callable[..., Any] | None = None
+        self.pool = ThreadPoolExecutor(max_workers=max(1, spec.max_concurrency), thread_name_prefix="cocoon-call")
+        self._batcher: Batcher | None = None
+
+    def setup(self) -> CallLog:
+        """Instantiate the class and run its enter hooks (once per replica); returns what they printed."""
+        log = CallLog()
+        token = _current_log.set(log)
+        try:
+            p = self._payload
+            if p["kind"] == "method":
+                obj = p["cls"]()
+                for hook in p.get("enter", ()):
+                    getattr(obj, hook)()
+                self.target = getattr(obj, p["method"])
+            else:
+                self.target = p["fn"]
+        finally:
+            _current_log.reset(token)
+        if self.spec.batch is not None:
+            self._batcher = Batcher(self, self.spec.batch.max_batch_size, self.spec.batch.wait_ms / 1000)
+        return log
+
+    # -- invocation -------------------------------------------------------------------------------
+
+    async def run(self, kwargs: dict[str, Any], log: CallLog, timeout: float) -> Any:
+        """Run a non-streaming call; raises CallInterrupted on timeout/cancel, the user's exception otherwise."""
+        if self._batcher is not None:
+            return await asyncio.wait_for(self._batcher.submit(kwargs, log), timeout)
+        fn = self.target
+        assert fn is not None
+        if self.spec.kind == "async":
+            ctx = contextvars.copy_context()
+            ctx.run(_current_log.set, log)
+            task = asyncio.get_running_loop().create_task(fn(**kwargs), context=ctx)
+            try:
+                return await asyncio.wait_for(task, timeout)
+            except asyncio.TimeoutError:
+                raise CallInterrupted("timeout") from None
+        return await self._in_thread(lambda: fn(**kwargs), log, timeout)
+
+    async def _in_thread(self, work: Callable[[], Any], log: CallLog, timeout: float) -> Any:
+        loop = asyncio.get_running_loop()
+        started = threading.Event()
+        ident: list[int] = []
+
+        def runner() -> Any:
+            ident.append(threading.get_ident())
+            started.set()
+            token = _current_log.set(log)
+            try:
+                return work()
+            finally:
+                _current_log.reset(token)
+
+        fut = loop.run_in_executor(self.pool, runner)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+            if ident and not fut.done():
+                _interrupt_thread(ident[0])
+            fut.add_done_callback(lambda f: f.exception())  # silence "never retrieved"
+            if isinstance(exc, asyncio.TimeoutError):
+                raise CallInterrupted("timeout") from None
+            raise
+
+    async def stream(self, kwargs: dict[str, Any], log: CallLog, deadline: float) -> AsyncIterator[Any]:
+        """Yield a generator function's items as they are produced."""
+        fn = self.target
+        assert fn is not None
+        if self.spec.kind == "asyncgen":
+            token = _current_log.set(log)
+            try:
+                agen = fn(**kwargs)
+                while True:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        await agen.aclose()
+                        raise CallInterrupted("timeout")
+                    try:
+                        item = await asyncio.wait_for(agen.__anext__(), remaining)
+                    except StopAsyncIteration:
+                        return
+                    except asyncio.TimeoutError:
+                        raise CallInterrupted("timeout") from None
+                    yield item
+            finally:
+                _current_log.reset(token)
+            return
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=64)
+        ident: list[int] = []
+
+        def produce() -> None:
+            ident.append(threading.get_ident())
+            token = _current_log.set(log)
+            try:
+                for item in fn(**kwargs):
+                    asyncio.run_coroutine_threadsafe(queue.put(("item", item)), loop).result()
+                asyncio.run_coroutine_threadsafe(queue.put(("end", None)), loop).result()
+            except BaseException as exc:  # noqa: BLE001 - forwarded to the caller
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
+            finally:
+                _current_log.reset(token)
+
+        fut = loop.run_in_executor(self.pool, produce)
+        fut.add_done_callback(lambda f: f.exception())
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    kind, value = await asyncio.wait_for(queue.get(), max(remaining, 0.001))
+                except asyncio.TimeoutError:
+                    raise CallInterrupted("timeout") from None
+                if kind == "item":
+                    yield value
+                elif kind == "end":
+                    return
+                else:
+                    raise value
+        finally:
+            if ident and not fut.done():
+                _interrupt_thread(ident[0])
+                while not queue.empty():  # unblock a producer waiting on a full queue
+                    queue.get_nowait()
+
+
+class Batcher:
+    """Gathers concurrent calls into one invocation with lists of arguments (`@cocoon.batched`)."""
+
+    def __init__(self, loaded: LoadedFunction, max_size: int, wait_s: float) -> None:
+        self._loaded = loaded
+        self._max = max_size
+        self._wait = wait_s
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[Any]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self.batches_run = 0
+
+    async def submit(self, kwargs: dict[str, Any], log: CallLog) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((kwargs, fut))
+        if len(self._pending) >= self._max:
+            self._flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._wait, self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch = [(k, f) for k, f in self._pending if not f.done()]
+        self._pending = []
+        if batch:
+            asyncio.get_running_loop().create_task(self._run(batch))
+
+    async def _run(self, batch: list[tuple[dict[str, Any], asyncio.Future[Any]]]) -> None:
+        fn = self._loaded.target
+        assert fn is not None
+        names = list(inspect.signature(fn).parameters)
+        columns = {n: [k.get(n) for k, _ in batch] for n in names if any(n in k for k, _ in batch)}
+        self.batches_run += 1
+        try:
+            if inspect.iscoroutinefunction(fn):
+                out = await fn(**columns)
+            else:
+                out = await asyncio.get_running_loop().run_in_executor(self._loaded.pool, lambda: fn(**columns))
+            out = list(out)
+            if len(out) != len(batch):
+                raise ValueError(f"batched function returned {len(out)} results for {len(batch)} inputs")
+            for (_, f), r in zip(batch, out, strict=True):
+                if not f.done():
+                    f.set_result(r)
+        except Exception as exc:  # noqa: BLE001 - every caller in the batch sees the user's error
+            for _, f in batch:
+                if not f.done():
+                    f.set_exception(exc)
