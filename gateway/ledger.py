@@ -1,0 +1,198 @@
+"""The gateway's money ledger: channels, received payment states, calls, charges and balances, in SQLite (WAL).
+
+Every write that moves money is one transaction. Parties: ``caller`` (debited, one row per channel payer),
+``provider``, ``developer`` and ``operator`` (credited). `verify` checks conservation to the nanoton (caller
+debits = provider + developer + operator credits), that each charge is covered by a stored, correctly signed
+state, and that no call is charged twice. See DESIGN.md "Pay" and "Invariants".
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cocoon_faas.errors import ConflictError, NotFoundError
+from cocoon_faas.ton.channel import SignedSemiChannel
+from cocoon_faas.ton.keys import PublicKey
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS pay_channels (
+    channel_id INTEGER PRIMARY KEY, key_a BLOB NOT NULL, key_b BLOB NOT NULL, address TEXT NOT NULL,
+    caller TEXT NOT NULL, deposit INTEGER NOT NULL, status TEXT NOT NULL DEFAULT 'open',
+    max_seqno INTEGER NOT NULL DEFAULT 0, max_sent INTEGER NOT NULL DEFAULT 0,
+    charged INTEGER NOT NULL DEFAULT 0, min_seqno INTEGER NOT NULL DEFAULT 0, opened_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS pay_states (
+    channel_id INTEGER NOT NULL, seqno INTEGER NOT NULL, sent INTEGER NOT NULL, boc BLOB NOT NULL,
+    call_id TEXT, received_at REAL NOT NULL, PRIMARY KEY (channel_id, seqno));
+CREATE TABLE IF NOT EXISTS pay_calls (
+    call_id TEXT PRIMARY KEY, channel_id INTEGER NOT NULL, seqno INTEGER NOT NULL, function TEXT NOT NULL,
+    hold INTEGER NOT NULL, status TEXT NOT NULL, charged INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL,
+    finished_at REAL);
+CREATE TABLE IF NOT EXISTS pay_charges (
+    call_id TEXT PRIMARY KEY, channel_id INTEGER NOT NULL, provider_id TEXT NOT NULL,
+    provider_nanoton INTEGER NOT NULL, developer_id TEXT NOT NULL, royalty_nanoton INTEGER NOT NULL,
+    operator_nanoton INTEGER NOT NULL, total INTEGER NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS pay_balances (
+    party TEXT NOT NULL, party_id TEXT NOT NULL, amount INTEGER NOT NULL, PRIMARY KEY (party, party_id));
+CREATE TABLE IF NOT EXISTS pay_payouts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, provider_id TEXT NOT NULL, amount INTEGER NOT NULL,
+    channel_id INTEGER NOT NULL, seqno INTEGER NOT NULL, boc BLOB NOT NULL, at REAL NOT NULL);
+"""
+
+PARTIES = ("caller", "provider", "developer", "operator")
+OPERATOR_ID = "operator"
+
+
+@dataclass(frozen=True)
+class ChannelRow:
+    channel_id: int
+    key_a: PublicKey
+    key_b: PublicKey
+    address: str
+    caller: str
+    deposit: int
+    status: str
+    max_seqno: int
+    max_sent: int
+    charged: int
+    min_seqno: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"channel_id": self.channel_id, "address": self.address, "caller": self.caller,
+                "deposit": self.deposit, "status": self.status, "seqno": self.max_seqno, "sent": self.max_sent,
+                "charged": self.charged, "key_a": self.key_a.hex(), "key_b": self.key_b.hex()}
+
+
+def _row(r: sqlite3.Row | tuple[Any, ...]) -> ChannelRow:
+    return ChannelRow(r[0], PublicKey(bytes(r[1])), PublicKey(bytes(r[2])), r[3], r[4], r[5], r[6], r[7], r[8],
+                      r[9], r[10])
+
+
+_CH_COLS = "channel_id, key_a, key_b, address, caller, deposit, status, max_seqno, max_sent, charged, min_seqno"
+
+
+class Ledger:
+    """SQLite ledger. ``synchronous='FULL'`` makes every commit survive power loss; the default ``NORMAL`` in
+    WAL mode survives a killed process (what a crashed gateway is) at a fraction of the cost."""
+
+    def __init__(self, path: Path | str, synchronous: str = "NORMAL") -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={synchronous}")
+        self._db.executescript(SCHEMA)
+        self.lock = threading.RLock()
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic, durable write; rolls back on any exception."""
+        with self.lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self.lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # channels
+    def add_channel(self, channel_id: int, key_a: PublicKey, key_b: PublicKey, address: str, caller: str,
+                    deposit: int, min_seqno: int = 0) -> ChannelRow:
+        with self.transaction() as db:
+            old = db.execute("SELECT status FROM pay_channels WHERE channel_id=?", (channel_id,)).fetchone()
+            if old is not None:
+                raise ConflictError(f"channel {channel_id} is already registered ({old[0]}); "
+                                    "open a new channel with a fresh id")
+            db.execute(f"INSERT INTO pay_channels ({_CH_COLS}, opened_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                       (channel_id, key_a.raw, key_b.raw, address, caller, deposit, "open", min_seqno, 0, 0,
+                        min_seqno, time.time()))
+        return self.channel(channel_id)
+
+    def channel(self, channel_id: int) -> ChannelRow:
+        rows = self.query(f"SELECT {_CH_COLS} FROM pay_channels WHERE channel_id=?", (channel_id,))
+        if not rows:
+            raise NotFoundError(f"unknown channel {channel_id}; open one with `cocoon channel open`")
+        return _row(rows[0])
+
+    def channels(self) -> list[ChannelRow]:
+        return [_row(r) for r in self.query(f"SELECT {_CH_COLS} FROM pay_channels ORDER BY channel_id")]
+
+    def reserved(self, channel_id: int) -> int:
+        return int(self.query("SELECT COALESCE(SUM(hold),0) FROM pay_calls WHERE channel_id=? AND status='held'",
+                              (channel_id,))[0][0])
+
+    def set_status(self, channel_id: int, status: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE pay_channels SET status=? WHERE channel_id=?", (status, channel_id))
+
+    def held_calls(self) -> list[tuple[str, int, int]]:
+        return [(r[0], r[1], r[2]) for r in self.query(
+            "SELECT call_id, channel_id, hold FROM pay_calls WHERE status='held'")]
+
+    # balances and checks
+    def balances(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {p: {} for p in PARTIES}
+        for party, pid, amount in self.query("SELECT party, party_id, amount FROM pay_balances ORDER BY 1, 2"):
+            out.setdefault(party, {})[pid] = amount
+        return out
+
+    def paid_out(self) -> dict[str, int]:
+        return {r[0]: r[1] for r in self.query(
+            "SELECT provider_id, SUM(amount) FROM pay_payouts GROUP BY provider_id")}
+
+    def verify(self) -> dict[str, Any]:
+        """Conservation, coverage by signed states, at most one charge per call. ``ok`` is False with a list of
+        problems when any check fails."""
+        problems: list[str] = []
+        bal = self.balances()
+        debits = sum(bal["caller"].values())
+        credits = sum(bal["provider"].values()) + sum(bal["developer"].values()) + sum(bal["operator"].values())
+        if debits != credits:
+            problems.append(f"not conserved: caller debits {debits} != credits {credits}")
+        (n, total, prov, roy, op), = self.query(
+            "SELECT COUNT(*), COALESCE(SUM(total),0), COALESCE(SUM(provider_nanoton),0), "
+            "COALESCE(SUM(royalty_nanoton),0), COALESCE(SUM(operator_nanoton),0) FROM pay_charges")
+        if prov + roy + op != total:
+            problems.append(f"charge splits {prov}+{roy}+{op} do not add up to {total}")
+        if total != debits:
+            problems.append(f"charges total {total} != caller balances {debits}")
+        for cid, charged in self.query(
+                "SELECT c.channel_id, c.charged - COALESCE((SELECT SUM(total) FROM pay_charges g "
+                "WHERE g.channel_id=c.channel_id),0) FROM pay_channels c"):
+            if charged != 0:
+                problems.append(f"channel {cid}: charged counter differs from its charges by {charged}")
+        for row in self.channels():
+            if row.charged == 0:
+                continue
+            best = self.query("SELECT seqno, sent, boc FROM pay_states WHERE channel_id=? ORDER BY sent DESC, "
+                              "seqno DESC LIMIT 1", (row.channel_id,))
+            if not best or best[0][1] < row.charged:
+                problems.append(f"channel {row.channel_id}: charged {row.charged} is not covered by a stored state")
+                continue
+            st = SignedSemiChannel.from_boc(bytes(best[0][2]))
+            if (not st.is_signed_by(row.key_a) or st.state.channel_id != row.channel_id
+                    or st.state.data.sent != best[0][1]):
+                problems.append(f"channel {row.channel_id}: stored state {best[0][0]} does not verify")
+        for (cid,) in self.query("SELECT g.call_id FROM pay_charges g LEFT JOIN pay_calls c USING (call_id) "
+                                 "WHERE c.call_id IS NULL OR c.status != 'charged' OR c.charged != g.total"):
+            problems.append(f"charge for call {cid} has no matching charged call")
+        for (cid,) in self.query("SELECT c.call_id FROM pay_calls c LEFT JOIN pay_states s "
+                                 "ON s.channel_id=c.channel_id AND s.seqno=c.seqno WHERE s.seqno IS NULL"):
+            problems.append(f"call {cid} has no stored payment state")
+        return {"ok": not problems, "problems": problems, "charges": n, "caller_debits": debits,
+                "provider_credits": sum(bal["provider"].values()), "developer_credits": sum(
+                    bal["developer"].values()), "operator_fees": sum(bal["operator"].values())}

@@ -1,0 +1,253 @@
+"""Per-call payment: verify the caller's channel state, hold credit before dispatch, charge after.
+
+    gate = PaymentGate(ledger, operator_key, FeePolicy(bps=500))
+    hold = gate.authorize(request.headers["X-Cocoon-Payment"], call_id, function, max_cost_nanoton)
+    ... run the call ...
+    charged = gate.settle(hold, provider_id, provider_nanoton, developer_id, royalty_nanoton)   # or
+    gate.release(hold)                                                     # failed call: nothing charged
+
+`check_state` is the pure core (no I/O): signature, channel id, seqno and `sent` monotonic, `sent` within the
+deposit, enough uncharged credit. Out-of-order arrival is fine (the client signs ahead, each state covering
+every hold in flight): a state older than the newest is accepted once if it was never used and lies within
+`REORDER_WINDOW`; credit is always measured against the newest `sent`. `authorize` persists the state and the
+hold in one transaction before it returns; bad input raises and changes nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cocoon_faas.errors import ConflictError, NotFoundError, PaymentError, PaymentRequiredError
+from cocoon_faas.ton.channel import SignedSemiChannel
+from cocoon_faas.ton.keys import PrivateKey, PublicKey
+
+from .ledger import OPERATOR_ID, ChannelRow, Ledger
+
+REORDER_WINDOW = 4096
+
+
+@dataclass(frozen=True)
+class FeePolicy:
+    """Operator fee = ceil((provider + royalty) * bps / 10000) + fixed, in nanoton."""
+
+    bps: int = 500
+    fixed: int = 0
+
+    def fee(self, provider: int, royalty: int) -> int:
+        return -(-(provider + royalty) * self.bps // 10_000) + self.fixed
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Credit reserved for one call; `amount` is the most it may be charged."""
+
+    call_id: str
+    channel_id: int
+    seqno: int
+    amount: int
+    function: str
+
+
+@dataclass(frozen=True)
+class Charge:
+    call_id: str
+    provider: int
+    royalty: int
+    operator: int
+
+    @property
+    def total(self) -> int:
+        return self.provider + self.royalty + self.operator
+
+
+def _bad(message: str, problem: str, status: int = 400, **details: Any) -> PaymentError:
+    exc = PaymentError(message, problem=problem, **details)
+    exc.status = status
+    return exc
+
+
+def decode_header(value: str) -> SignedSemiChannel:
+    """X-Cocoon-Payment (base64 BOC) -> SignedSemiChannel; PaymentError 'malformed' otherwise."""
+    try:
+        raw = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise _bad("X-Cocoon-Payment is not base64; send base64 of the SignedSemiChannel BOC",
+                   "malformed") from None
+    return SignedSemiChannel.from_boc(raw)
+
+
+def check_state(st: SignedSemiChannel, ch: ChannelRow, operator_key: PublicKey, reserved: int,
+                max_cost: int) -> None:
+    """Raise PaymentError/PaymentRequiredError unless `st` may pay a call costing up to `max_cost`."""
+    if ch.key_b != operator_key:
+        raise _bad(f"channel {ch.channel_id} pays another operator; open a channel to this gateway", "foreign")
+    if ch.status != "open":
+        raise _bad(f"channel {ch.channel_id} is {ch.status}; open a new channel", "closed", 409)
+    if not st.is_signed_by(ch.key_a):
+        raise _bad(f"payment state for channel {ch.channel_id} is not signed by the channel's payer key",
+                   "forged", 401)
+    body = st.state.data
+    if st.state.counterparty is not None and st.state.counterparty.sent != 0:
+        raise _bad("the state claims the operator paid the caller; this gateway never pays callers", "forged")
+    if body.seqno <= ch.min_seqno or body.seqno < ch.max_seqno - REORDER_WINDOW:
+        raise _bad(f"stale payment state: seqno {body.seqno} is too old (newest {ch.max_seqno}); sign a new state",
+                   "stale", 409, latest_seqno=ch.max_seqno)
+    if body.seqno > ch.max_seqno and body.sent < ch.max_sent:
+        raise _bad(f"payment state seqno {body.seqno} lowers sent to {body.sent} below {ch.max_sent}; "
+                   "sent may only grow", "stale", 409, latest_sent=ch.max_sent)
+    if body.seqno < ch.max_seqno and body.sent > ch.max_sent:
+        raise _bad(f"payment state seqno {body.seqno} sends more than the newer seqno {ch.max_seqno}",
+                   "stale", 409)
+    if body.sent > ch.deposit:
+        raise PaymentRequiredError(
+            f"state sends {body.sent} nanoton, over the channel's deposit {ch.deposit}; close the channel and "
+            "open one with a larger deposit", needed=body.sent - ch.deposit, channel_id=ch.channel_id)
+    available = max(body.sent, ch.max_sent) - ch.charged - reserved
+    if available < max_cost:
+        raise PaymentRequiredError(
+            f"channel {ch.channel_id} has {available} nanoton of uncharged credit, this call may cost {max_cost}; "
+            "sign a state with a higher sent", needed=max_cost - available, channel_id=ch.channel_id)
+
+
+class PaymentGate:
+    """The gateway's payment check around each call (see module docstring)."""
+
+    def __init__(self, ledger: Ledger, operator_key: PrivateKey | PublicKey, fee_policy: FeePolicy | None = None,
+                 recover: bool = True) -> None:
+        self.ledger = ledger
+        self.operator_key = operator_key.public_key() if isinstance(operator_key, PrivateKey) else operator_key
+        self.fees = fee_policy or FeePolicy()
+        self._reserved: dict[int, int] = {}
+        if recover:
+            self.recover()
+
+    def recover(self) -> int:
+        """After a crash: calls still held were never answered, so release them (not charged)."""
+        held = self.ledger.held_calls()
+        with self.ledger.transaction() as db:
+            db.execute("UPDATE pay_calls SET status='released', finished_at=? WHERE status='held'", (time.time(),))
+        self._reserved.clear()
+        return len(held)
+
+    def authorize(self, header_value: str, call_id: str, function: str, max_cost_nanoton: int) -> Hold:
+        if max_cost_nanoton < 0:
+            raise ValueError("max_cost_nanoton must be >= 0")
+        st = decode_header(header_value)
+        cid, body = st.state.channel_id, st.state.data
+        with self.ledger.lock:
+            try:
+                ch = self.ledger.channel(cid)
+            except NotFoundError:
+                raise _bad(f"payment state is for channel {cid}, unknown to this gateway; register it with "
+                           "`cocoon channel open`", "foreign") from None
+            reserved = self._reserved.get(cid)
+            if reserved is None:
+                reserved = self._reserved[cid] = self.ledger.reserved(cid)
+            if self.ledger.query("SELECT 1 FROM pay_states WHERE channel_id=? AND seqno=?", (cid, body.seqno)):
+                raise _bad(f"replayed payment state: channel {cid} seqno {body.seqno} already paid for a call; "
+                           "sign a new state for each call", "replayed", 409)
+            check_state(st, ch, self.operator_key, reserved, max_cost_nanoton)
+            now = time.time()
+            try:
+                with self.ledger.transaction() as db:
+                    if db.execute("SELECT 1 FROM pay_calls WHERE call_id=?", (call_id,)).fetchone():
+                        raise ConflictError(f"call id {call_id!r} was already paid for; use a fresh call id")
+                    db.execute("INSERT INTO pay_states VALUES (?,?,?,?,?,?)",
+                               (cid, body.seqno, body.sent, st.to_boc(), call_id, now))
+                    db.execute("INSERT INTO pay_calls (call_id, channel_id, seqno, function, hold, status, "
+                               "created_at) VALUES (?,?,?,?,?,'held',?)",
+                               (call_id, cid, body.seqno, function, max_cost_nanoton, now))
+                    if body.seqno > ch.max_seqno:
+                        db.execute("UPDATE pay_channels SET max_seqno=?, max_sent=? WHERE channel_id=?",
+                                   (body.seqno, body.sent, cid))
+            except ConflictError:
+                raise
+            except Exception as exc:
+                if "UNIQUE" in str(exc):
+                    raise _bad(f"replayed payment state: channel {cid} seqno {body.seqno} already paid for a "
+                               "call; sign a new state for each call", "replayed", 409) from None
+                raise
+            self._reserved[cid] = reserved + max_cost_nanoton
+        return Hold(call_id, cid, body.seqno, max_cost_nanoton, function)
+
+    def _finish(self, hold: Hold) -> None:
+        self._reserved[hold.channel_id] = max(0, self._reserved.get(hold.channel_id, hold.amount) - hold.amount)
+
+    def split(self, hold: Hold, provider: int, royalty: int) -> Charge:
+        """Metered cost -> split, never above the hold: the fee gives way first, then royalty, then provider."""
+        if provider < 0 or royalty < 0:
+            raise ValueError("charges are non-negative")
+        provider = min(provider, hold.amount)
+        royalty = min(royalty, hold.amount - provider)
+        fee = min(self.fees.fee(provider, royalty), hold.amount - provider - royalty)
+        return Charge(hold.call_id, provider, royalty, fee)
+
+    def settle(self, hold: Hold, provider_id: str, provider_nanoton: int, developer_id: str,
+               royalty_nanoton: int) -> int:
+        """Charge the call once, in one transaction; returns the total (for X-Cocoon-Charge)."""
+        c = self.split(hold, provider_nanoton, royalty_nanoton)
+        with self.ledger.lock:
+            with self.ledger.transaction() as db:
+                row = db.execute("SELECT status FROM pay_calls WHERE call_id=?", (hold.call_id,)).fetchone()
+                if row is None or row[0] != "held":
+                    raise ConflictError(f"call {hold.call_id!r} is {row[0] if row else 'unknown'}; it cannot be "
+                                        "charged again")
+                caller = db.execute("SELECT caller FROM pay_channels WHERE channel_id=?",
+                                    (hold.channel_id,)).fetchone()[0]
+                now = time.time()
+                db.execute("UPDATE pay_calls SET status='charged', charged=?, finished_at=? WHERE call_id=?",
+                           (c.total, now, hold.call_id))
+                db.execute("INSERT INTO pay_charges VALUES (?,?,?,?,?,?,?,?,?)",
+                           (hold.call_id, hold.channel_id, provider_id, c.provider, developer_id, c.royalty,
+                            c.operator, c.total, now))
+                db.execute("UPDATE pay_channels SET charged = charged + ? WHERE channel_id=?",
+                           (c.total, hold.channel_id))
+                for party, pid, amount in (("caller", caller, c.total), ("provider", provider_id, c.provider),
+                                           ("developer", developer_id, c.royalty),
+                                           ("operator", OPERATOR_ID, c.operator)):
+                    db.execute("INSERT INTO pay_balances VALUES (?,?,?) ON CONFLICT(party, party_id) "
+                               "DO UPDATE SET amount = amount + excluded.amount", (party, pid, amount))
+            self._finish(hold)
+        return c.total
+
+    def release(self, hold: Hold) -> None:
+        """A failed call: free its hold, charge nothing. Idempotent."""
+        with self.ledger.lock:
+            with self.ledger.transaction() as db:
+                cur = db.execute("UPDATE pay_calls SET status='released', finished_at=? WHERE call_id=? AND "
+                                 "status='held'", (time.time(), hold.call_id))
+            if cur.rowcount:
+                self._finish(hold)
+
+    def channel_summary(self, channel_id: int) -> dict[str, Any]:
+        ch = self.ledger.channel(channel_id)
+        return {**ch.to_dict(), "reserved": self.ledger.reserved(channel_id),
+                "credit": ch.max_sent - ch.charged - self.ledger.reserved(channel_id)}
+
+
+def provider_earnings(ledger: Ledger) -> list[dict[str, Any]]:
+    """Per provider: earned (credited by charges), paid out, and due."""
+    earned = ledger.balances()["provider"]
+    paid = ledger.paid_out()
+    return [{"provider_id": p, "earned": earned.get(p, 0), "paid": paid.get(p, 0),
+             "due": earned.get(p, 0) - paid.get(p, 0)} for p in sorted(set(earned) | set(paid))]
+
+
+def provider_payout(ledger: Ledger, provider_id: str, signer: Any, amount: int | None = None) -> dict[str, Any]:
+    """Pay a provider what it is due through the operator's channel to it (`signer`: a ChannelSigner whose key
+    is the operator's and whose counterparty is the provider). Records the payout with the signed state."""
+    due = next((e["due"] for e in provider_earnings(ledger) if e["provider_id"] == provider_id), 0)
+    amount = due if amount is None else amount
+    if amount <= 0 or amount > due:
+        raise ConflictError(f"provider {provider_id!r} is due {due} nanoton; cannot pay {amount}")
+    ticket = signer.sign_for_call(amount)
+    signer.complete(ticket, amount)
+    with ledger.transaction() as db:
+        db.execute("INSERT INTO pay_payouts (provider_id, amount, channel_id, seqno, boc, at) VALUES (?,?,?,?,?,?)",
+                   (provider_id, amount, signer.channel_id, ticket.seqno, ticket.state.to_boc(), time.time()))
+    return {"provider_id": provider_id, "amount": amount, "channel_id": signer.channel_id,
+            "seqno": ticket.seqno, "state": ticket.header}
