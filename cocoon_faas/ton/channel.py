@@ -7,7 +7,8 @@ are carried as an opaque dictionary root (``HashmapE 32``) we never fill: Cocoon
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import hashlib
+from dataclasses import dataclass, field, replace
 
 from pytoniq_core import Builder, Cell, Slice, begin_cell
 
@@ -156,6 +157,7 @@ class SignedSemiChannel:
 
     signature: bytes
     state: SemiChannel
+    _hash: bytes | None = field(default=None, compare=False, repr=False)
 
     def to_cell(self) -> Cell:
         return self.state.store(begin_cell().store_bytes(self.signature)).end_cell()
@@ -164,10 +166,11 @@ class SignedSemiChannel:
     def from_cell(cls, cell: Cell | Slice) -> SignedSemiChannel:
         s = _slice(cell)
         sig = s.load_bytes(64)
-        return cls(sig, SemiChannel.load(s))
+        state = SemiChannel.load(s)
+        return cls(sig, state, _tail_hash(cell, 512) if isinstance(cell, Cell) else None)
 
     def signed_hash(self) -> bytes:
-        return self.state.to_cell().hash
+        return self._hash if self._hash is not None else self.state.to_cell().hash
 
     def is_signed_by(self, key: PublicKey) -> bool:
         return key.is_valid(self.signature, self.signed_hash())
@@ -189,6 +192,20 @@ class SignedSemiChannel:
         except Exception as exc:
             raise PaymentError(f"payment state does not parse as a SignedSemiChannel ({exc})",
                                problem="malformed") from None
+
+
+def _tail_hash(cell: Cell, skip: int) -> bytes:
+    """Representation hash of the cell made of `cell`'s bits after the first `skip` and all its refs (ordinary
+    cells): what a signature over "the rest of the cell" covers, without building that cell (the hot path)."""
+    bits = cell.bits[skip:].copy()
+    n = len(bits)
+    if n % 8:
+        bits.append(1)
+        bits.extend([0] * ((8 - len(bits) % 8) % 8))
+    refs = cell.refs
+    return hashlib.sha256(b"".join([bytes([len(refs), n // 8 + (n + 7) // 8]), bits.tobytes(),
+                                    *(r.get_depth().to_bytes(2, "big") for r in refs),
+                                    *(r.hash for r in refs)])).digest()
 
 
 @dataclass(frozen=True)
