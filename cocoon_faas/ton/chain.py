@@ -1,0 +1,130 @@
+"""Settlement backends behind one interface, and the `local` one: an embedded chain in SQLite.
+
+The local chain holds wallet balances (funded by a faucet, for development) and channel contracts whose
+storage is the exact contract data cell; every message runs through `rules.apply`, which accepts exactly what
+the real contract accepts, with the same exit codes (tests/test_ton_contract.py). A rejected message bounces:
+its value returns to the sender, minus the flat fee. The `ton` backend (testnet/mainnet over pytonlib) has not
+been built yet; `open_backend('ton')` says so.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pytoniq_core import Cell
+
+from cocoon_faas.errors import ConflictError, InvalidRequestError, PaymentRequiredError
+from cocoon_faas.ton import rules
+from cocoon_faas.ton.address import Address
+from cocoon_faas.ton.channel import ChannelConfig, ChannelData
+from cocoon_faas.ton.keys import PrivateKey
+from cocoon_faas.ton.wallet import Wallet
+
+MESSAGE_FEE = 5_000_000  # 0.005 TON per message, taken from the sender's wallet
+
+
+@dataclass(frozen=True)
+class SendResult:
+    exit_code: int
+    payouts: tuple[rules.Payout, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+class ChainBackend(Protocol):
+    def balance(self, address: Address) -> int: ...
+    def send_to_channel(self, key: PrivateKey, wallet: Wallet, cfg: ChannelConfig, body: Cell,
+                        value: int) -> SendResult: ...
+    def channel_data(self, cfg: ChannelConfig) -> ChannelData | None: ...
+
+
+class LocalChain:
+    """SQLite chain at `path` (default ``$COCOON_HOME/chain.db``)."""
+
+    def __init__(self, path: Path | str, clock: object = time.time) -> None:
+        self._db = sqlite3.connect(Path(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(
+            "CREATE TABLE IF NOT EXISTS accounts (address TEXT PRIMARY KEY, balance INTEGER NOT NULL);"
+            "CREATE TABLE IF NOT EXISTS contracts (address TEXT PRIMARY KEY, data BLOB NOT NULL, "
+            "balance INTEGER NOT NULL);")
+        self._lock = threading.Lock()
+        self._clock = clock
+
+    def now(self) -> int:
+        return int(self._clock())  # type: ignore[operator]
+
+    def balance(self, address: Address) -> int:
+        row = self._db.execute("SELECT balance FROM accounts WHERE address=?", (address.raw,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def faucet(self, address: Address, amount: int) -> int:
+        with self._lock:
+            self._db.execute("INSERT INTO accounts VALUES (?,?) ON CONFLICT(address) DO UPDATE SET "
+                             "balance = balance + excluded.balance", (address.raw, amount))
+        return self.balance(address)
+
+    def channel_data(self, cfg: ChannelConfig) -> ChannelData | None:
+        row = self._db.execute("SELECT data FROM contracts WHERE address=?", (cfg.address.raw,)).fetchone()
+        return ChannelData.from_cell(Cell.one_from_boc(bytes(row[0]))) if row else None
+
+    def contract_balance(self, cfg: ChannelConfig) -> int:
+        row = self._db.execute("SELECT balance FROM contracts WHERE address=?", (cfg.address.raw,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def send_to_channel(self, key: PrivateKey, wallet: Wallet, cfg: ChannelConfig, body: Cell,
+                        value: int) -> SendResult:
+        """Wallet -> channel internal message (deploying the channel on first use)."""
+        if key.public_key() != wallet.public_key:
+            raise InvalidRequestError("this key does not own the sending wallet")
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                have = self.balance(wallet.address)
+                if have < value + MESSAGE_FEE:
+                    raise PaymentRequiredError(
+                        f"wallet {wallet.address} holds {have} nanoton, needs {value + MESSAGE_FEE}; fund it "
+                        "(`cocoon wallet faucet 10` on the local chain)", needed=value + MESSAGE_FEE - have)
+                data = self.channel_data(cfg) or cfg.initial_data()
+                balance = self.contract_balance(cfg) + value
+                out = rules.apply(data, body, balance, self.now())
+                db.execute("UPDATE accounts SET balance = balance - ? WHERE address=?",
+                           (MESSAGE_FEE + (value if out.accepted else 0), wallet.address.raw))
+                if out.accepted:
+                    for p in out.payouts:
+                        amount = balance if p.mode & 128 else min(p.amount, balance)
+                        balance -= amount
+                        db.execute("INSERT INTO accounts VALUES (?,?) ON CONFLICT(address) DO UPDATE SET "
+                                   "balance = balance + excluded.balance", (p.dest.raw, amount))
+                    db.execute("INSERT INTO contracts VALUES (?,?,?) ON CONFLICT(address) DO UPDATE SET "
+                               "data=excluded.data, balance=excluded.balance",
+                               (cfg.address.raw, out.data.to_cell().to_boc(), balance))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return SendResult(out.exit_code, out.payouts)
+
+
+def open_backend(kind: str, home: Path) -> LocalChain:
+    if kind == "local":
+        home.mkdir(parents=True, exist_ok=True)
+        return LocalChain(home / "chain.db")
+    if kind == "ton":
+        raise ConflictError("the 'ton' settlement backend (pytonlib) is not built yet; use the local chain")
+    raise InvalidRequestError(f"unknown chain backend {kind!r}; use 'local' or 'ton'")
+
+
+def require_ok(result: SendResult, what: str) -> SendResult:
+    if not result.ok:
+        raise ConflictError(f"{what} was rejected by the channel contract: exit code {result.exit_code} "
+                            f"({rules.ERR_NAMES.get(result.exit_code, '?')})", exit_code=result.exit_code)
+    return result
