@@ -33,3 +33,10 @@ class ReplayError(EnvelopeError):
 
     status = 409
     type = "replayed_request"
+
+
+class NotSealedToThisReplica(EnvelopeError):
+    """Raised when a sealed request names no key this replica holds: the client's documents are stale."""
+
+    status = 421
+    type = "stale_keys"

@@ -1,0 +1,253 @@
+"""Sealed calls end to end in memory: known answers, round trips, streaming, and tampering of every kind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from cocoon_faas.confidential import hpke
+from cocoon_faas.confidential.caller import ClientCallContext, seal_request
+from cocoon_faas.confidential.document import ClientPolicy, dev_public_key_hex, verify_document
+from cocoon_faas.confidential.envelope import (
+    CONTENT_NONCE,
+    WRAP_INFO,
+    peek_envelope,
+    peek_response,
+    wrap_aad,
+)
+from cocoon_faas.confidential.errors import EnvelopeError, NotSealedToThisReplica, ReplayError
+from cocoon_faas.confidential.replica import ReplayGuard, ReplicaIdentity
+from cocoon_faas.errors import CocoonError, FunctionError
+
+M = "5e" * 32
+NOW = 1_780_000_000
+
+
+def fixed_rng(seed: bytes):
+    counter = [0]
+
+    def rng(n: int) -> bytes:
+        counter[0] += 1
+        return hashlib.sha256(seed + counter[0].to_bytes(4, "big")).digest()[:n]
+    return rng
+
+
+@pytest.fixture(scope="module")
+def dev_key():
+    return Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+
+
+def _replica(dev_key, fn="echo", measurement=M, seed=None, **kw):
+    rng = fixed_rng(seed) if seed else None
+    return ReplicaIdentity.create(fn, measurement, "0.1.0", dev_key=dev_key, now=NOW, rng=rng, **kw)
+
+
+def _verified(rep, dev_key, measurements=(M,)):
+    return verify_document(rep.document, ClientPolicy.build(list(measurements),
+                                                            allow_dev_keys=[dev_public_key_hex(dev_key)]), NOW + 1)
+
+
+def _call(rep, v, args=b'{"text":"hi"}', **kw):
+    body, ctx = seal_request(args, rep.function, v if isinstance(v, list) else [v], now_ms=NOW * 1000, **kw)
+    _CTX_CACHE[body] = ctx
+    return body, ctx
+
+
+_CTX_CACHE: dict = {}
+
+
+def test_known_answer(dev_key):
+    rep = _replica(dev_key, seed=b"replica")
+    v = _verified(rep, dev_key)
+    body, ctx = _call(rep, v, rng=fixed_rng(b"client"))
+    opened = rep.open_request(body, now_ms=NOW * 1000)
+    frame = rep.seal_response(opened.ctx, "call-1", b'{"echo":"hi"}', 1.25, 1000)
+    # Independent check of the layout with raw primitives and the client's known randomness.
+    crng = fixed_rng(b"client")
+    content_key, rid = crng(32), crng(16).hex()
+    hdr = peek_envelope(body)
+    assert hdr.request_id == rid and hdr.function == "echo" and hdr.key_ids == (rep.key_id,)
+    assert hpke.open_(hpke.derive_key_pair(fixed_rng(b"replica")(32)), WRAP_INFO,
+                      wrap_aad("echo", rid, rep.key_id), hdr.recipients[0].wrapped_key) == content_key
+    inner = ChaCha20Poly1305(content_key).decrypt(CONTENT_NONCE, body[hdr.header_end:], body[:hdr.header_end])
+    assert inner[32:] == b'{"text":"hi"}'
+    # Pinned bytes: any change to the format or the derivations changes these.
+    assert hashlib.sha256(body).hexdigest() == KAT_REQUEST_SHA256
+    assert hashlib.sha256(frame).hexdigest() == KAT_FRAME_SHA256
+    assert rep.key_id == KAT_KEY_ID
+    assert ctx.open_response(frame)[0] == b'{"echo":"hi"}'
+
+
+KAT_KEY_ID = "9b7decc212539aee4f4e853c8b3036a7"
+KAT_REQUEST_SHA256 = "1722089c510b831db196f508d9603c76f8176c9c9846eb5513e58d0a05835528"
+KAT_FRAME_SHA256 = "e9599ed29240c1e970c4a62943f98f18a58542c960a4bdedfbe3b4fe004062e9"
+
+
+def test_round_trip_to_several_replicas(dev_key):
+    reps = [_replica(dev_key) for _ in range(3)]
+    vs = [_verified(r, dev_key) for r in reps]
+    body, ctx = _call(reps[0], vs)
+    assert set(peek_envelope(body).key_ids) == {r.key_id for r in reps}
+    assert b"hi" not in body  # the gateway sees ciphertext only
+    chosen = reps[2]
+    o = chosen.open_request(body, now_ms=NOW * 1000)
+    assert o.args_json == b'{"text":"hi"}'
+    frame = chosen.seal_response(o.ctx, "c1", b'{"ok":true}', 3.0, 42)
+    view = peek_response(frame)
+    assert view.kind == "res" and view.receipt is not None and view.receipt.price_nanoton == 42
+    view.receipt.verify(chosen.receipt_public_key)
+    result, receipt = ctx.open_response(frame)
+    assert result == b'{"ok":true}' and receipt.exec_ms == 3.0 and receipt.measurement == M
+    assert receipt.request_sha256 == hashlib.sha256(body).hexdigest()
+
+
+def test_streaming_ordered_and_end_authenticated(dev_key):
+    rep = _replica(dev_key)
+    body, ctx = _call(rep, _verified(rep, dev_key))
+    o = rep.open_request(body, now_ms=NOW * 1000)
+    frames = [rep.seal_chunk(o.ctx, i, json.dumps({"i": i}, separators=(",", ":")).encode()) for i in range(3)]
+    frames.append(rep.seal_end(o.ctx, "c2", 9.5, 7))
+    with pytest.raises(EnvelopeError) as ei:
+        rep.seal_chunk(o.ctx, 4, b"{}")
+    assert ei.value.check == "order"
+    # reordered, dropped and truncated streams fail
+    _, c2 = body, ctx
+    with pytest.raises(EnvelopeError) as ei:
+        c2.open_chunk(frames[1])
+    assert ei.value.check == "order"
+    items = [ctx.open_chunk(f) for f in frames[:3]]
+    assert items == [b'{"i":0}', b'{"i":1}', b'{"i":2}']
+    receipt = ctx.open_chunk(frames[3])
+    assert not isinstance(receipt, bytes) and receipt.frames == 4 and receipt.price_nanoton == 7
+    with pytest.raises(EnvelopeError):
+        ctx.open_chunk(frames[3])
+
+
+def test_sealed_function_error(dev_key):
+    rep = _replica(dev_key)
+    body, ctx = _call(rep, _verified(rep, dev_key))
+    o = rep.open_request(body, now_ms=NOW * 1000)
+    frame = rep.seal_error(o.ctx, "c3", "ValueError", "secret input was bad", 0.5, 0)
+    assert b"secret input" not in frame
+    with pytest.raises(FunctionError) as ei:
+        ctx.open_response(frame)
+    assert "secret input was bad" in ei.value.message and ei.value.details["exception_type"] == "ValueError"
+
+
+def test_every_byte_of_the_request_is_authenticated(dev_key):
+    rep = _replica(dev_key)
+    body, _ = _call(rep, _verified(rep, dev_key), args=b'{"a":1}')
+    for i in range(len(body)):
+        bad = bytearray(body)
+        bad[i] ^= 0x01
+        fresh = ReplayGuard()
+        rep.replay = fresh
+        with pytest.raises(CocoonError):
+            rep.open_request(bytes(bad), now_ms=NOW * 1000)
+    rep.replay = ReplayGuard()
+    assert rep.open_request(body, now_ms=NOW * 1000).args_json == b'{"a":1}'
+
+
+def test_every_byte_of_the_response_is_authenticated(dev_key):
+    rep = _replica(dev_key)
+    v = _verified(rep, dev_key)
+    body, _ = _call(rep, v)
+    o = rep.open_request(body, now_ms=NOW * 1000)
+    frame = rep.seal_response(o.ctx, "c4", b'{"r":1}', 1.0, 5)
+    for i in range(len(frame)):
+        for bit in (0, 5):
+            bad = bytearray(frame)
+            bad[i] ^= 1 << bit
+            ctx = _fresh_ctx(body, v)
+            with pytest.raises(CocoonError):
+                ctx.open_response(bytes(bad))
+    assert _fresh_ctx(body, v).open_response(frame)[0] == b'{"r":1}'
+
+
+def _fresh_ctx(body, v):
+    """A pristine context for an already-sealed body (same reply key), to open a frame again."""
+    c = _CTX_CACHE[body]
+    return ClientCallContext(c.function, c.request_id, c.body, c.replicas, c.reply_key)
+
+
+def test_replay_and_window(dev_key):
+    rep = _replica(dev_key)
+    body, _ = _call(rep, _verified(rep, dev_key))
+    rep.open_request(body, now_ms=NOW * 1000)
+    with pytest.raises(ReplayError) as ei:
+        rep.open_request(body, now_ms=NOW * 1000 + 5)
+    assert ei.value.check == "replay" and ei.value.status == 409
+    other = _replica(dev_key)
+    body2, _ = _call(other, _verified(other, dev_key))
+    with pytest.raises(ReplayError) as ei:
+        other.open_request(body2, now_ms=(NOW + 3600) * 1000)
+    assert ei.value.check == "replay_window"
+
+
+def test_replay_guard_is_bounded_and_never_readmits():
+    g = ReplayGuard(window_s=60, capacity=3)
+    for i in range(5):
+        g.check(f"r{i}", 1000 + i, 2000)
+    assert len(g._seen) == 3
+    with pytest.raises(ReplayError):
+        g.check("r0", 1000, 2000)  # forgotten id, but below the floor: still refused
+    with pytest.raises(ReplayError):
+        g.check("r4", 1004, 2000)
+
+
+def test_response_from_another_replica_or_call(dev_key):
+    a, b = _replica(dev_key), _replica(dev_key)
+    va = _verified(a, dev_key)
+    body, ctx = _call(a, [va])
+    # b was not sealed to: it cannot open, and a frame it makes for its own call is refused
+    with pytest.raises(NotSealedToThisReplica) as ei:
+        b.open_request(body, now_ms=NOW * 1000)
+    assert ei.value.status == 421
+    vb = _verified(b, dev_key)
+    body_b, _ = _call(b, [vb])
+    ob = b.open_request(body_b, now_ms=NOW * 1000)
+    with pytest.raises(EnvelopeError) as ei:
+        ctx.open_response(b.seal_response(ob.ctx, "x", b"{}", 1, 1))
+    assert ei.value.check in ("request_id", "replica")
+    # an answer to an earlier call of the same client is refused too
+    body2, ctx2 = _call(a, [va])
+    o1 = a.open_request(body, now_ms=NOW * 1000)
+    with pytest.raises(EnvelopeError) as ei:
+        ctx2.open_response(a.seal_response(o1.ctx, "x", b"{}", 1, 1))
+    assert ei.value.check == "request_id"
+
+
+def test_forged_receipt_and_wrong_measurement(dev_key):
+    a = _replica(dev_key)
+    va = _verified(a, dev_key)
+    body, ctx = _call(a, [va])
+    o = a.open_request(body, now_ms=NOW * 1000)
+    a.measurement = "00" * 32  # a replica lying about what it runs, signing with its real key
+    frame = a.seal_response(o.ctx, "x", b"{}", 1, 1)
+    with pytest.raises(EnvelopeError) as ei:
+        ctx.open_response(frame)
+    assert ei.value.check == "measurement"
+    # a receipt signed by someone else
+    a2 = _replica(dev_key)
+    body2, ctx2 = _call(a2, [_verified(a2, dev_key)])
+    o2 = a2.open_request(body2, now_ms=NOW * 1000)
+    a2._receipt_key = Ed25519PrivateKey.generate()
+    with pytest.raises(EnvelopeError) as ei:
+        ctx2.open_response(a2.seal_response(o2.ctx, "x", b"{}", 1, 1))
+    assert ei.value.check == "receipt_signature"
+
+
+def test_gateway_views_need_no_keys(dev_key):
+    rep = _replica(dev_key)
+    body, _ = _call(rep, _verified(rep, dev_key))
+    hdr = peek_envelope(body)
+    assert hdr.function == "echo" and len(hdr.request_id) == 32 and hdr.timestamp_ms == NOW * 1000
+    for bad in (b"", b"CSQ1", b"XXXX" + body[4:], body[:4] + struct.pack(">I", 10**7) + body[8:]):
+        with pytest.raises(EnvelopeError) as ei:
+            peek_envelope(bad)
+        assert ei.value.check == "envelope" and ei.value.status == 400
