@@ -98,9 +98,12 @@ def _spec_for(raw: Callable[..., Any], name: str, opts: dict[str, Any], skip_sel
 
 
 def _check_opts(decorator: str, opts: dict[str, Any]) -> None:
+    """Validate options when the decorator is called, before it sees the function."""
     unknown = sorted(set(opts) - set(_SPEC_KEYS) - {"name"})
     if unknown:
         raise InvalidSpecError(f"@cocoon.{decorator}() got unknown argument(s) {unknown}; known: {sorted(_SPEC_KEYS)}")
+    if decorator != "method":
+        make_spec(**{"name": "_", **opts})
 
 
 def function(_fn: Callable[..., Any] | None = None, /, **opts: Any) -> Any:

@@ -112,10 +112,10 @@ class RayBackend:
         """Name a resource the whole cluster lacks for this spec (so waiting would never help)."""
         total = self.cluster_resources()
         if spec.gpu is not None:
-            if total.get("GPU", 0) < spec.gpu.count:
-                return f"GPU x{spec.gpu.count} ({spec.gpu})"
             if spec.gpu.resource and total.get(spec.gpu.resource, 0) < spec.gpu.count:
                 return f"{spec.gpu.resource} x{spec.gpu.count}"
+            if total.get("GPU", 0) < spec.gpu.count:
+                return f"GPU x{spec.gpu.count} (any model)"
         if total.get("CPU", 0) < spec.cpu:
             return f"CPU x{spec.cpu:g}"
         if total.get("memory", float("inf")) < spec.memory:

@@ -1,0 +1,3 @@
+from cocoon_faas.cli import main
+
+main()

@@ -1,0 +1,247 @@
+"""End-to-end: a real gateway on 127.0.0.1, a real local Ray, examples deployed through the CLI."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, sse_events
+
+pytestmark = pytest.mark.e2e
+
+
+def test_sync_call_returns_json_and_call_id(gateway):
+    with gateway.http() as c:
+        r = c.post("/fn/greet", json={"name": "Ada", "excited": True})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"message": "Hello, Ada!"}
+    assert len(r.headers["X-Cocoon-Call-Id"]) == 32
+
+
+def test_async_function_and_class_form(gateway):
+    with gateway.http() as c:
+        assert c.post("/fn/add", json={"a": 2, "b": 3.5}).json() == 5.5
+        first = c.post("/fn/Counter.hello", json={"who": "Ada"}).json()
+        second = c.post("/fn/Counter.hello", json={}).json()
+    assert first["text"] == "hi Ada" and second["text"] == "hi world"
+    assert first["loaded_at"] == second["loaded_at"]  # setup ran once for the replica
+
+
+def test_cli_call_and_ls_and_logs(gateway):
+    out = gateway.cli("call", "greet", '{"name": "Grace"}').stdout
+    assert json.loads(out) == {"message": "Hello, Grace."}
+    ls = json.loads(gateway.cli("ls", "--json").stdout)
+    greet = next(f for f in ls if f["name"] == "greet")
+    assert greet["calls"] >= 1 and greet["version"] >= 1 and greet["p50_ms"] is not None
+    time.sleep(0.5)  # logs are flushed in small batches
+    logs = gateway.cli("logs", "greet").stdout
+    assert "greeting Grace" in logs
+    bad = gateway.cli("call", "greet", "{not json", check=False)
+    assert bad.returncode == 2 and "not valid JSON" in bad.stderr
+
+
+def test_stream_items_arrive_in_order_before_the_generator_finishes(gateway):
+    t0 = time.monotonic()
+    arrivals = []
+    items = []
+    with httpx.Client(base_url=gateway.url, headers=gateway.headers(), timeout=30) as c:
+        with c.stream("POST", "/fn/slow_stream", json={"n": 3, "gap": 0.6}) as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            buf = ""
+            for chunk in r.iter_text():
+                buf += chunk
+                while "\n\n" in buf:
+                    block, buf = buf.split("\n\n", 1)
+                    arrivals.append(time.monotonic() - t0)
+                    items.extend(sse_events(block))
+    data = [d for e, d in items if e == "message"]
+    assert [d["i"] for d in data] == [0, 1, 2]
+    assert items[-1][0] == "end" and items[-1][1]["items"] == 3
+    assert arrivals[0] < arrivals[-1] - 1.0  # the first item came >1 s before the end (2 gaps of 0.6 s)
+
+
+def test_cli_stream(gateway):
+    out = gateway.cli("call", "countdown", '{"start": 2, "delay": 0}', "--stream").stdout.splitlines()
+    assert [json.loads(x)["n"] for x in out] == [2, 1, 0]
+
+
+def test_async_call_poll_and_result(gateway):
+    with gateway.http() as c:
+        r = c.post("/fn/greet", json={"name": "Async"}, headers={"Prefer": "respond-async"})
+        assert r.status_code == 202
+        body = r.json()
+        assert body["status_url"].endswith(f"/v1/calls/{body['id']}")
+        for _ in range(100):
+            st = c.get(f"/v1/calls/{body['id']}").json()
+            if st["status"] == "succeeded":
+                break
+            time.sleep(0.05)
+    assert st["result"] == {"message": "Hello, Async."}
+
+
+def test_cancel_interrupts_a_running_call(gateway, tmp_path):
+    marker = tmp_path / "busy-finished"
+    with gateway.http() as c:
+        r = c.post("/fn/busy", json={"seconds": 3, "marker": str(marker)}, headers={"Prefer": "respond-async"})
+        cid = r.json()["id"]
+        for _ in range(200):
+            if c.get(f"/v1/calls/{cid}").json()["status"] == "running":
+                break
+            time.sleep(0.02)
+        d = c.delete(f"/v1/calls/{cid}")
+        assert d.status_code == 200 and d.json()["status"] == "cancelled"
+        # busy has one replica with one slot: a new call runs at once only if the old one was interrupted
+        t0 = time.monotonic()
+        assert c.post("/fn/busy", json={"seconds": 0}).status_code == 200
+        assert time.monotonic() - t0 < 2.0
+        assert c.get(f"/v1/calls/{cid}").json()["status"] == "cancelled"
+        assert c.delete(f"/v1/calls/{cid}").status_code == 409
+    time.sleep(3.2)
+    assert not marker.exists()  # the interrupted loop never reached its end
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "etype", "needle"),
+    [
+        ("/fn/greet", b"{not json", 400, "invalid_request", "not valid JSON"),
+        ("/fn/greet", b'{"nme": "x"}', 400, "invalid_request", "did you mean 'name'"),
+        ("/fn/greet", b"{}", 400, "invalid_request", "missing required argument 'name'"),
+        ("/fn/greet", b'{"name": 5}', 400, "invalid_request", "argument 'name' of 'greet' must be a string"),
+        ("/fn/greet", b"[1, 2]", 400, "invalid_request", "JSON object"),
+        ("/fn/nope", b"{}", 404, "not_found", "no function named 'nope'"),
+        ("/fn/divide", b'{"a": 1, "b": 0}', 500, "function_error", "ZeroDivisionError"),
+        ("/fn/too_slow", b'{"seconds": 5}', 504, "timeout", "time limit"),
+        ("/fn/needs_h100", b"{}", 503, "no_capacity", "gpu:H100"),
+    ],
+)
+def test_error_statuses(gateway, path, body, status, etype, needle):
+    with gateway.http() as c:
+        r = c.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["type"] == etype and needle in err["message"]
+    assert "Traceback" not in r.text
+
+
+def test_body_over_limit_is_413(gateway):
+    with gateway.http() as c:
+        r = c.post("/fn/echo", json={"data": "x" * 300_000})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large"
+
+
+def test_auth_required_and_wrong_key(gateway):
+    r = httpx.post(gateway.url + "/fn/greet", json={"name": "x"})
+    assert r.status_code == 401 and "Authorization" in r.json()["error"]["message"]
+    r = httpx.post(gateway.url + "/fn/greet", json={"name": "x"}, headers={"Authorization": "Bearer ck_nope"})
+    assert r.status_code == 401
+
+
+def test_queue_full_is_429_with_retry_after(gateway):
+    def hit(_):
+        return httpx.post(gateway.url + "/fn/busy", json={"seconds": 1.0}, headers=gateway.headers(), timeout=60)
+
+    with cf.ThreadPoolExecutor(10) as ex:
+        rs = list(ex.map(hit, range(10)))
+    codes = sorted(r.status_code for r in rs)
+    assert 429 in codes and 200 in codes, codes
+    r429 = next(r for r in rs if r.status_code == 429)
+    assert int(r429.headers["Retry-After"]) >= 1 and r429.json()["error"]["type"] == "overloaded"
+
+
+def test_replica_death_is_retried_elsewhere(gateway, tmp_path):
+    marker = tmp_path / "crashed"
+    with gateway.http() as c:
+        r = c.post("/fn/crash_once", json={"marker": str(marker)})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["first_pid"] != body["pid"]  # the first replica died; another one answered
+        for _ in range(100):  # the dead replica is replaced (min_replicas=2)
+            if c.get("/v1/functions/crash_once").json()["replicas"] == 2:
+                break
+            time.sleep(0.1)
+        assert c.get("/v1/functions/crash_once").json()["replicas"] == 2
+
+
+def test_control_plane_ownership(gateway):
+    other = gateway.cli("keys", "create", "--name", "mallory").stdout.strip()
+    assert other.startswith("ck_") and "\n" not in other
+    h = {"Authorization": f"Bearer {other}"}
+    with httpx.Client(base_url=gateway.url, headers=h) as c:
+        assert c.delete("/v1/functions/greet").status_code == 403
+        assert c.post("/v1/functions/greet/rollback", json={}).status_code == 403
+        assert c.get("/v1/functions").json()["functions"] == []
+        assert c.post("/fn/greet", json={"name": "M"}).status_code == 200  # calling is allowed
+
+
+def test_health_metrics_openapi(gateway):
+    with gateway.http() as c:
+        assert c.get("/healthz").json()["status"] == "ok"
+        c.post("/fn/greet", json={"name": "m"})
+        m = c.get("/metrics").text
+        assert 'cocoon_calls_total{function="greet",status="succeeded"}' in m
+        doc = c.get("/openapi.json").json()
+        assert doc["openapi"].startswith("3.")
+        schema = doc["paths"]["/fn/greet"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert schema["required"] == ["name"] and schema["properties"]["name"] == {"type": "string"}
+        assert c.get("/nope").status_code == 404 and c.get("/nope").json()["error"]["type"] == "not_found"
+
+
+def test_redeploy_under_load_drops_nothing_then_rollback(gateway):
+    with gateway.http() as c:
+        v0 = c.get("/v1/functions/echo").json()["version"]
+    stop = time.monotonic() + 600
+    results: list[int] = []
+
+    def load() -> None:
+        with httpx.Client(base_url=gateway.url, headers=gateway.headers(), timeout=60) as c:
+            while time.monotonic() < stop:
+                results.append(c.post("/fn/echo", json={"data": "x", "n": 1}).status_code)
+
+    with cf.ThreadPoolExecutor(4) as ex:
+        futs = [ex.submit(load) for _ in range(4)]
+        time.sleep(0.5)
+        gateway.cli("deploy", str(ROOT / "tests" / "apps" / "edge.py"))
+        time.sleep(0.5)
+        stop = time.monotonic()
+        for f in futs:
+            f.result()
+    assert len(results) > 20 and set(results) == {200}, sorted(set(results))
+    with gateway.http() as c:
+        v1 = c.get("/v1/functions/echo").json()["version"]
+        assert v1 == v0 + 1
+        out = gateway.cli("rollback", "echo").stdout
+        assert f"v{v0}" in out
+        assert c.get("/v1/functions/echo").json()["version"] == v0
+        assert c.post("/fn/echo", json={"n": 2}).json() == {"len": 0, "n": 2}
+
+
+def test_rm_removes_function(gateway, tmp_path):
+    app = tmp_path / "tmpapp.py"
+    app.write_text("import cocoon_faas as cocoon\n\n@cocoon.function(cpu=0.25)\ndef doomed() -> int:\n    return 1\n")
+    gateway.cli("deploy", str(app))
+    with gateway.http() as c:
+        assert c.post("/fn/doomed", json={}).json() == 1
+        gateway.cli("rm", "doomed")
+        assert c.post("/fn/doomed", json={}).status_code == 404
+
+
+def test_deploy_errors_are_clear(gateway, tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text(
+        "import cocoon_faas as cocoon\n\n@cocoon.cls(cpu=0.25)\nclass Bad:\n    @cocoon.enter()\n"
+        "    def setup(self):\n        raise RuntimeError('model file missing')\n\n"
+        "    @cocoon.method()\n    def run(self) -> int:\n        return 1\n"
+    )
+    r = gateway.cli("deploy", str(broken), check=False)
+    assert r.returncode == 1 and "model file missing" in r.stderr
+    with gateway.http() as c:
+        assert c.get("/v1/functions/Bad.run").status_code == 404  # nothing half-deployed
+    r = gateway.cli("deploy", str(tmp_path / "missing.py"), check=False)
+    assert r.returncode != 0
+    assert Path(gateway.home / "api_key").stat().st_mode & 0o777 == 0o600
