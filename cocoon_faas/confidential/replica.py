@@ -135,6 +135,7 @@ class ReplicaIdentity:
         self._dev_key, self._gpu, self._tsm_dir = dev_key, gpu, tsm_dir
         self.replay = replay
         self._rng = rng
+        self._code_key: bytes | None = None
 
     @classmethod
     def create(cls, function: str, measurement: str, runtime_version: str, evidence: str = "dev",
@@ -274,7 +275,23 @@ class ReplicaIdentity:
 
     # -- confidential deployments (see keyrelease.py) -------------------------------------------------------
 
-    def unwrap_code_key(self, grant: bytes) -> bytes:
-        from cocoon_faas.confidential.keyrelease import open_grant
+    def open_code(self, sealed: bytes, grant: bytes) -> bytes:
+        """Unwrap a key grant addressed to this replica and decrypt the sealed code bundle with it."""
+        from cocoon_faas.confidential.keyrelease import open_code, open_grant, peek_sealed_code
 
-        return open_grant(grant, self._hpke_key, self.key_id, self.measurement)
+        hdr = peek_sealed_code(sealed)
+        if hdr.measurement != self.measurement:
+            raise EnvelopeError("measurement", "the sealed code is for another measurement than this replica's")
+        key = open_grant(grant, self._hpke_key, self.key_id, self.measurement)
+        code = open_code(sealed, key)
+        self._code_key = key
+        return code
+
+    def peer_grant(self, sealed: bytes, peer_document: dict[str, Any] | bytes, now: float | None = None) -> bytes:
+        """Release the code key this replica holds to a peer that passes the sealed code's own policy."""
+        from cocoon_faas.confidential.keyrelease import grant_code_key
+
+        key = self._code_key
+        if key is None:
+            raise EnvelopeError("no_code_key", "this replica holds no code key to release")
+        return grant_code_key(key, sealed, peer_document, now=now)[0]
