@@ -7,8 +7,9 @@ import torch
 if not torch.cuda.is_available():  # must precede the first import of triton / cocoon_faas.kernels
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import cocoon_faas.kernels as K  # noqa: E402
 import pytest  # noqa: E402
+
+import cocoon_faas.kernels as K  # noqa: E402
 from cocoon_faas.kernels import _dispatch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
