@@ -138,9 +138,11 @@ class ClientCallContext:
 
 
 def seal_request(args_json: bytes, function: str, replicas: Sequence[VerifiedReplica], *,
-                 rng: Rng | None = None, now_ms: int | None = None) -> tuple[bytes, ClientCallContext]:
+                 rng: Rng | None = None, now_ms: int | None = None,
+                 zero_copy: bool = False) -> tuple[bytes, ClientCallContext]:
     """Seal `args_json` for `function` to every replica; returns (body to POST, context to open the answer).
-    `rng`/`now_ms` are for known-answer tests only."""
+    `zero_copy=True` encrypts straight into a `bytearray` body (no second copy of a large payload; send it as
+    `content=[body]` with httpx). `rng`/`now_ms` are for known-answer tests only."""
     if not replicas:
         raise EnvelopeError("no_replica", f"no verified replica of '{function}' to seal to; fetch and verify its "
                             "attestation documents first")
@@ -150,20 +152,25 @@ def seal_request(args_json: bytes, function: str, replicas: Sequence[VerifiedRep
     rand = rng or os.urandom
     content_key, request_id = rand(32), rand(16).hex()
     reply_key = hpke.derive_key_pair(rand(32)) if rng else X25519PrivateKey.generate()
+    key_and_reply = content_key + hpke.public_bytes(reply_key.public_key())
     to = []
     by_kid: dict[str, VerifiedReplica] = {}
     for r in replicas:
         if r.key_id in by_kid:
             continue
         eph = hpke.derive_key_pair(rand(32)) if rng else None
-        wk = hpke.seal(r.hpke_public_key, WRAP_INFO, wrap_aad(function, request_id, r.key_id), content_key,
+        wk = hpke.seal(r.hpke_public_key, WRAP_INFO, wrap_aad(function, request_id, r.key_id), key_and_reply,
                        ephemeral=eph)
         to.append({"kid": r.key_id, "wk": wk.hex()})
         by_kid[r.key_id] = r
     ts = now_ms if now_ms is not None else int(time.time() * 1000)
     header = {"v": VERSION, "t": "req", "fn": function, "rid": request_id, "ts": ts, "to": to}
     prefix, _ = encode_request(header, b"")
-    content = ChaCha20Poly1305(content_key).encrypt(
-        CONTENT_NONCE, b"".join((hpke.public_bytes(reply_key.public_key()), args_json)), prefix)
-    body = prefix + content
+    aead = ChaCha20Poly1305(content_key)
+    if zero_copy:
+        buf = bytearray(len(prefix) + len(args_json) + 16)
+        buf[:len(prefix)] = prefix
+        aead.encrypt_into(CONTENT_NONCE, args_json, prefix, memoryview(buf)[len(prefix):])
+        return buf, ClientCallContext(function, request_id, buf, by_kid, reply_key)  # type: ignore[return-value]
+    body = prefix + aead.encrypt(CONTENT_NONCE, args_json, prefix)
     return body, ClientCallContext(function, request_id, body, by_kid, reply_key)

@@ -5,8 +5,8 @@ Binary, big-endian lengths, each part authenticated before it is used:
     request  = "CSQ1" ‖ u32 hlen ‖ header ‖ content
       header  = canonical JSON {"v":1, "t":"req", "fn", "rid", "ts", "to": [{"kid", "wk"}, ...]}
                 (routing-visible: the gateway reads `fn` and the key ids `kid` without any key)
-      wk      = HPKE(replica key, info "cocoon/v1 content-key", aad fn‖rid‖kid, content key), hex
-      content = ChaCha20-Poly1305(content key, nonce 0, aad "CSQ1"‖hlen‖header, reply_pk(32) ‖ args JSON)
+      wk      = HPKE(replica key, info "cocoon/v1 content-key", aad fn‖rid‖kid, content key ‖ reply_pk), hex
+      content = ChaCha20-Poly1305(content key, nonce 0, aad "CSQ1"‖hlen‖header, args JSON)
     frame    = "CSR1" ‖ u32 hlen ‖ header ‖ u32 clen ‖ ct ‖ u32 rlen ‖ receipt JSON (rlen may be 0)
       header  = canonical JSON {"v":1, "t":"res"|"chunk"|"end"|"err", "rid", "kid", "enc", "seq"}
       ct      = HPKE context to reply_pk (info "cocoon/v1 response" ‖ SHA-256(request)), sequence = seq,
@@ -14,8 +14,9 @@ Binary, big-endian lengths, each part authenticated before it is used:
     receipt  = canonical JSON of `Receipt` plus "sig": Ed25519 by the replica's receipt key over
                "cocoon-receipt/v1" ‖ 0x00 ‖ canonical JSON without "sig"
 
-The content key is fresh per request, so the fixed nonce never repeats under one key. The content-key wrap and
-the reply key are inside what only listed replicas can open; the header is bound into the content's AAD, so any
+The content key is fresh per request, so the fixed nonce never repeats under one key. The content key and the
+caller's fresh X25519 reply key travel inside the HPKE wraps, which only the listed replicas can open (so the
+payload is encrypted once and never copied to prepend the key); the header is bound into the content's AAD, so any
 edit of a routing field breaks decryption.
 """
 

@@ -210,19 +210,19 @@ class ReplicaIdentity:
         if wrapped is None:
             raise NotSealedToThisReplica("key_id", "the request is not sealed to this replica's key; refetch "
                                          "the attestation documents and reseal")
-        content_key = hpke.open_(self._hpke_key, WRAP_INFO, wrap_aad(hdr.function, hdr.request_id, self.key_id),
-                                 wrapped)
+        keys = hpke.open_(self._hpke_key, WRAP_INFO, wrap_aad(hdr.function, hdr.request_id, self.key_id), wrapped)
+        if len(keys) != 64:
+            raise EnvelopeError("envelope", "the wrapped key must hold a content key and a reply key")
+        view = memoryview(envelope)
         try:
-            pt = ChaCha20Poly1305(content_key).decrypt(CONTENT_NONCE, envelope[hdr.header_end:],
-                                                       envelope[:hdr.header_end])
+            args = ChaCha20Poly1305(keys[:32]).decrypt(CONTENT_NONCE, view[hdr.header_end:],
+                                                       view[:hdr.header_end])
         except (InvalidTag, ValueError):
             raise EnvelopeError("decrypt", "the sealed request does not authenticate (altered in transit)") from None
-        if len(pt) < 32:
-            raise EnvelopeError("envelope", "sealed request content carries no reply key")
         self.replay.check(hdr.request_id, hdr.timestamp_ms, now_ms if now_ms is not None else int(time.time() * 1000))
-        ctx = ReplicaCallContext(self.function, hdr.request_id, hashlib.sha256(envelope).digest(), pt[:32],
+        ctx = ReplicaCallContext(self.function, hdr.request_id, hashlib.sha256(envelope).digest(), keys[32:],
                                  self.key_id)
-        return OpenedRequest(pt[32:], ctx)
+        return OpenedRequest(args, ctx)
 
     # -- responses -----------------------------------------------------------------------------------------
 
