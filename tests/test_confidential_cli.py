@@ -59,3 +59,22 @@ def test_expired_and_bad_time():
     res = _run(str(TDX / "gotdx_v5.bin"), "--at", "2060-01-01")
     assert res.exit_code == 1 and json.loads(res.stdout)["failed_check"] == "pck_chain"
     assert _run(str(TDX / "gotdx_v5.bin"), "--at", "yesterday").exit_code == 2
+
+
+def test_document_command_marks_dev_as_not_secure(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from cocoon_faas.confidential.document import dev_public_key_hex
+    from cocoon_faas.confidential.replica import ReplicaIdentity
+
+    key = Ed25519PrivateKey.generate()
+    rep = ReplicaIdentity.create("embed", "ab" * 32, "0.1", dev_key=key)
+    p = tmp_path / "doc.json"
+    p.write_bytes(rep.document_json)
+    ok = CliRunner().invoke(main, ["attest", "document", str(p), "--allow-dev-key", dev_public_key_hex(key),
+                                   "--measurement", "ab" * 32])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["secure"] is False and "NOT SECURE" in ok.stderr
+    refused = CliRunner().invoke(main, ["attest", "document", str(p)])
+    assert refused.exit_code == 1 and json.loads(refused.stdout)["failed_check"] == "tee_kind"
+    assert "NOT SECURE" in refused.stderr

@@ -81,3 +81,32 @@ def register(main: click.Group) -> None:
         if not result["verified"]:
             click.echo(f"error: attestation check failed, {result['error']}", err=True)
             sys.exit(1)
+
+    @attest.command("document")
+    @click.argument("document", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+    @click.option("--measurement", multiple=True, metavar="HEX", help="allowed measurement (default: any)")
+    @click.option("--allow-dev-key", multiple=True, metavar="HEX", help="trust this dev attestation key")
+    @click.option("--at", "at_", metavar="ISO-8601", help="evaluation time (default: now)")
+    def document(document: Path, measurement: tuple[str, ...], allow_dev_key: tuple[str, ...],
+                 at_: str | None) -> None:
+        """Verify a replica's attestation DOCUMENT (JSON) and print what it binds."""
+        from cocoon_faas.confidential.document import INSECURE_WARNING, ClientPolicy, verify_document
+        from cocoon_faas.confidential.errors import CheckFailed
+
+        policy = ClientPolicy.build(measurement or None, allow_dev_keys=allow_dev_key)
+        raw = document.read_bytes()
+        try:
+            v = verify_document(raw, policy, _parse_at(at_))
+        except CheckFailed as exc:
+            click.echo(json.dumps({"verified": False, "failed_check": exc.check, "error": exc.message}, indent=2))
+            if '"kind":"dev"' in raw.decode(errors="replace").replace(" ", ""):
+                click.echo(INSECURE_WARNING, err=True)
+            click.echo(f"error: {exc.message}", err=True)
+            sys.exit(1)
+        out = {"verified": True, "function": v.function, "measurement": v.measurement, "tee": v.tee,
+               "key_id": v.key_id, "runtime_version": v.runtime_version, "expires_at": v.expires_at,
+               "secure": not v.insecure}
+        if v.insecure:
+            out["warning"] = INSECURE_WARNING
+            click.echo(INSECURE_WARNING, err=True)
+        click.echo(json.dumps(out, indent=2))
