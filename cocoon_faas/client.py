@@ -68,8 +68,16 @@ class Client:
     """Talks to a gateway (default: COCOON_GATEWAY_URL) with an API key (default: the local key file)."""
 
     def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 330.0,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, payer: Any = "auto") -> None:
+        """`payer`: a `PayingClient` to pay every call from a channel; "auto" (default) uses the channel
+        `cocoon channel open` recorded under COCOON_HOME, if any; None sends no payment."""
         s = get_settings()
+        if payer == "auto":
+            from cocoon_faas.payer import default_payer
+
+            payer = default_payer(s.home)
+        self.payer = payer
+        self._holds: dict[str, int] = {}
         self.url = (url or s.gateway_url).rstrip("/")
         self.api_key = api_key or s.api_key or read_local_key(s.home)
         h = {"User-Agent": "cocoon-faas"}
@@ -120,12 +128,34 @@ class Client:
 
     def call_raw(self, name: str, args: dict[str, Any] | None = None, *,
                  headers: dict[str, str] | None = None) -> httpx.Response:
-        return self._request("POST", f"/fn/{name}", content=_body(args), headers=_json_headers(headers))
+        return self._paid("POST", f"/fn/{name}", name, content=_body(args), headers=_json_headers(headers))
 
     def spawn(self, name: str, args: dict[str, Any] | None = None) -> FunctionCall:
-        r = self._request("POST", f"/fn/{name}", content=_body(args),
-                          headers=_json_headers({"Prefer": "respond-async"}))
+        r = self._paid("POST", f"/fn/{name}", name, content=_body(args),
+                       headers=_json_headers({"Prefer": "respond-async"}))
         return FunctionCall(self, r.json()["id"])
+
+    def hold_for(self, name: str) -> int:
+        """The most one call of `name` can cost (the gateway's quote), cached per function."""
+        if name not in self._holds:
+            self._holds[name] = int(self.function(name)["pricing"]["max_cost_nanoton"])
+        return self._holds[name]
+
+    def _paid(self, method: str, path: str, name: str, **kw: Any) -> httpx.Response:
+        """A request that carries a signed channel state when this client pays; books the charge after."""
+        if self.payer is None:
+            return self._request(method, path, **kw)
+        pay, ticket = self.payer.headers(self.hold_for(name))
+        kw["headers"] = {**kw.get("headers", {}), **pay}
+        try:
+            r = self._http.request(method, path, **kw)
+        except httpx.TransportError as exc:
+            self.payer.settle(ticket, None)
+            raise GatewayUnreachableError(f"cannot reach the gateway at {self.url} ({exc})") from None
+        self.payer.settle(ticket, dict(r.headers))
+        if r.status_code >= 400:
+            raise self._error(r)
+        return r
 
     def stream(self, name: str, args: dict[str, Any] | None = None) -> Iterator[Any]:
         """Yield a generator function's items as the gateway relays them (SSE)."""

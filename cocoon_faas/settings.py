@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     replica_start_timeout_s: float = Field(120.0, description="time a replica may take to start")
     drain_timeout_s: float = Field(60.0, description="time old replicas get to finish calls on redeploy")
 
+    # payments
+    payments_required: bool = Field(False, description="refuse unpaid /fn calls even with an API key (402)")
+    operator_fee_bps: int = Field(500, description="operator fee in basis points of provider pay + royalty")
+    cpu_price_nanoton: int = Field(1_000, description="local provider price, nanoton per CPU-second")
+    gpu_price_nanoton: int = Field(100_000, description="local provider price, nanoton per GPU-second")
+
     @field_validator("gateway_url")
     @classmethod
     def _strip_slash(cls, v: str) -> str:

@@ -17,11 +17,13 @@ from starlette.routing import Route
 
 from cocoon_faas.errors import CocoonError, NotFoundError
 from cocoon_faas.gateway import routes_control, routes_fn
+from cocoon_faas.gateway.billing import Billing
 from cocoon_faas.gateway.controller import Controller, FunctionRuntime, RayBackend
 from cocoon_faas.gateway.http import error_response, json_response
 from cocoon_faas.gateway.invoke import Invoker, Outcome
 from cocoon_faas.gateway.metrics import Metrics
 from cocoon_faas.gateway.openapi import openapi_document
+from cocoon_faas.gateway.payments_routes import payment_routes
 from cocoon_faas.gateway.routes_fn import CallRecord
 from cocoon_faas.gateway.store import Store, hash_key
 from cocoon_faas.settings import Settings
@@ -56,6 +58,8 @@ class Gateway:
         self.store: Store = None  # type: ignore[assignment]
         self.controller: Controller = None  # type: ignore[assignment]
         self.invoker: Invoker = None  # type: ignore[assignment]
+        settings.home.mkdir(parents=True, exist_ok=True)
+        self.billing = Billing(settings)
         self.keys: dict[str, str] = {}
         self.calls: dict[str, CallRecord] = {}
         self.metrics = Metrics()
@@ -109,7 +113,16 @@ class Gateway:
     # -- call bookkeeping ----------------------------------------------------------------------------
     def finish_call(self, fr: FunctionRuntime, call_id: str, caller: str | None, t0: float,
                     outcome: Outcome | None, err: CocoonError | None, meta: dict[str, Any],
-                    result_kept: bool = False) -> None:
+                    result_kept: bool = False, hold: Any = None) -> dict[str, str]:
+        """Record the call (stats, logs, call record) and charge or release its payment; response headers."""
+        paid: dict[str, str] = {}
+        if hold is not None:
+            exec_ms = outcome.exec_ms if outcome is not None else meta.get("ms")
+            provider = outcome.provider if outcome is not None else meta.get("provider", "local")
+            try:
+                paid = self.billing.finish(hold, fr.spec, fr.owner, provider, exec_ms, err, fr.measurement)
+            except CocoonError as exc:  # never lose the answer over bookkeeping; the hold stays for recovery
+                log.error("charging call %s failed: %s", call_id, exc.message)
         elapsed = time.monotonic() - t0
         fr.calls += 1
         status = "succeeded" if err is None else ("cancelled" if err.type == "cancelled" else "failed")
@@ -129,8 +142,10 @@ class Gateway:
         self.store.record_call(call_id, fr.name, fr.version, status, now - elapsed, now,
                                outcome.exec_ms if outcome else None, err.to_dict()["error"] if err else None,
                                outcome.body if (outcome and result_kept) else None, caller)
+        return paid
 
-    def submit_async(self, fr: FunctionRuntime, body: bytes, call_id: str, caller: str) -> CallRecord:
+    def submit_async(self, fr: FunctionRuntime, body: bytes, call_id: str, caller: str,
+                     hold: Any = None) -> CallRecord:
         rec = CallRecord(call_id, fr.name, fr.version)
         self.calls[call_id] = rec
         self.store.record_call(call_id, fr.name, fr.version, "queued", rec.created, None, None, None, None, caller)
@@ -153,7 +168,9 @@ class Gateway:
             else:
                 rec.status = "cancelled" if err.type == "cancelled" else "failed"
                 rec.error = err.to_dict()["error"]
-            self.finish_call(fr, call_id, caller, t0, outcome, err, meta, result_kept=True)
+            paid = self.finish_call(fr, call_id, caller, t0, outcome, err, meta, result_kept=True, hold=hold)
+            if "X-Cocoon-Charge" in paid:
+                rec.charge = int(paid["X-Cocoon-Charge"])
 
         rec.task = asyncio.get_running_loop().create_task(run())
         return rec
@@ -199,6 +216,7 @@ def create_app(settings: Settings, backend: Any = None, extra_routes: list[Any] 
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
+        *payment_routes(gw.billing.gate, gw.billing.operator_key),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         *routes_fn.routes,

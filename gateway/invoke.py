@@ -33,6 +33,7 @@ class Outcome:
     exec_ms: float
     replica: str
     attempts: int
+    provider: str = "local"
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -88,9 +89,10 @@ class Invoker:
                 if call:
                     r.finish(call)
                 self.controller.release(fr, r)
-            last_meta = frame.meta
+            last_meta = {**frame.meta, "provider": r.node or "local"}
             if frame.type == P.RESULT:
-                return Outcome(frame.body, float(frame.meta.get("ms", 0.0)), r.id, attempt, frame.meta), None, last_meta
+                return (Outcome(frame.body, float(frame.meta.get("ms", 0.0)), r.id, attempt, r.node or "local",
+                                frame.meta), None, last_meta)
             return None, error_from_frame(fr, frame), last_meta
         raise AssertionError("unreachable")
 
@@ -120,6 +122,7 @@ class Invoker:
                         sent_any = True
                         yield item
                     elif item.type == P.END:
+                        item.meta["provider"] = r.node or "local"
                         yield item
                         return
                     else:

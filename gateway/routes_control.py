@@ -44,6 +44,7 @@ def summary(request: Request, fr: FunctionRuntime, full: bool = False) -> dict[s
     if fr.problem is not None:
         d["problem"] = fr.problem.message
     if full:
+        d["pricing"] = request.app.state.gw.billing.quote(fr.spec)
         d["spec"] = fr.spec.to_json()
         d["signature"] = fr.signature.to_json()
         d["versions"] = [{"version": v, "measurement": m, "created": c}

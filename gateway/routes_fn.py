@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 from cocoon_faas import protocol as P
 from cocoon_faas.errors import CocoonError, ConflictError, InvalidRequestError, NotFoundError
+from cocoon_faas.gateway.billing import PAYMENT_HEADER
 from cocoon_faas.gateway.controller import FunctionRuntime
 from cocoon_faas.gateway.http import developer_of, error_response, json_response, read_body
 from cocoon_faas.gateway.invoke import Outcome
@@ -36,6 +37,7 @@ class CallRecord:
     finished: float | None = None
     result: bytes | None = None
     error: dict[str, Any] | None = None
+    charge: int | None = None
     task: asyncio.Task[None] | None = None
 
     def view(self) -> dict[str, Any]:
@@ -45,6 +47,8 @@ class CallRecord:
             d["result"] = json.loads(self.result)
         if self.error is not None:
             d["error"] = self.error
+        if self.charge is not None:
+            d["charge"] = self.charge
         return d
 
 
@@ -52,9 +56,12 @@ def _gw(request: Request) -> Any:
     return request.app.state.gw
 
 
-async def _prepare(request: Request) -> tuple[Any, FunctionRuntime, bytes, str]:
+async def _prepare(request: Request, call_id: str) -> tuple[Any, FunctionRuntime, bytes, str, Any]:
+    """Authenticate (API key or payment state), check the arguments, then hold the payment (last: bad input
+    changes no state and charges nothing)."""
     gw = _gw(request)
-    caller = developer_of(request)
+    paid = PAYMENT_HEADER in request.headers
+    caller = None if paid else developer_of(request)
     fr = gw.controller.get(request.path_params["name"])
     body = await read_body(request, gw.settings.max_body_bytes)
     try:
@@ -63,26 +70,27 @@ async def _prepare(request: Request) -> tuple[Any, FunctionRuntime, bytes, str]:
         raise InvalidRequestError(f"request body is not valid JSON ({exc}); send a JSON object of arguments, "
                                   f"e.g. {fr.signature.example()}") from None
     fr.signature.check(fr.name, args)
-    return gw, fr, body, caller
+    hold = gw.billing.begin(request.headers, fr.name, fr.spec, call_id)
+    return gw, fr, body, caller or f"channel:{hold.channel_id}", hold
 
 
 async def call_function(request: Request) -> Response:
     call_id = uuid.uuid4().hex
     try:
-        gw, fr, body, caller = await _prepare(request)
+        gw, fr, body, caller, hold = await _prepare(request, call_id)
     except CocoonError as exc:
         return error_response(exc, {"X-Cocoon-Call-Id": call_id})
     headers = {"X-Cocoon-Call-Id": call_id}
     if "respond-async" in request.headers.get("prefer", "").lower():
-        rec = gw.submit_async(fr, body, call_id, caller)
+        rec = gw.submit_async(fr, body, call_id, caller, hold)
         url = f"{str(request.base_url).rstrip('/')}/v1/calls/{rec.id}"
         return json_response({"id": rec.id, "status": rec.status, "status_url": url}, 202,
                              {**headers, "Location": url})
     if fr.spec.streams:
-        return await _stream(gw, fr, body, call_id, caller, headers)
+        return await _stream(gw, fr, body, call_id, caller, headers, hold)
     t0 = time.monotonic()
     outcome, err, meta = await gw.invoker.call(fr, body, {"id": call_id})
-    gw.finish_call(fr, call_id, caller, t0, outcome, err, meta)
+    headers.update(gw.finish_call(fr, call_id, caller, t0, outcome, err, meta, hold=hold))
     if err is not None:
         return error_response(err, headers)
     assert outcome is not None
@@ -91,13 +99,13 @@ async def call_function(request: Request) -> Response:
 
 
 async def _stream(gw: Any, fr: FunctionRuntime, body: bytes, call_id: str, caller: str,
-                  headers: dict[str, str]) -> Response:
+                  headers: dict[str, str], hold: Any) -> Response:
     t0 = time.monotonic()
     agen = gw.invoker.stream(fr, body, {"id": call_id})
     try:
         first = await agen.__anext__()
     except CocoonError as exc:
-        gw.finish_call(fr, call_id, caller, t0, None, exc, {})
+        headers.update(gw.finish_call(fr, call_id, caller, t0, None, exc, {}, hold=hold))
         return error_response(exc, headers)
 
     async def events() -> AsyncIterator[bytes]:
@@ -107,14 +115,18 @@ async def _stream(gw: Any, fr: FunctionRuntime, body: bytes, call_id: str, calle
                 if frame.type == P.CHUNK:
                     yield b"data: " + frame.body + b"\n\n"
                 else:
-                    end = {"call_id": call_id, "items": frame.meta.get("seq", 0), "exec_ms": frame.meta.get("ms")}
+                    end: dict[str, Any] = {"call_id": call_id, "items": frame.meta.get("seq", 0),
+                                           "exec_ms": frame.meta.get("ms")}
+                    paid = gw.finish_call(fr, call_id, caller, t0, Outcome(b"", float(frame.meta.get("ms", 0)), "", 1,
+                                          frame.meta.get("provider", "local")), None, frame.meta, hold=hold)
+                    if paid:
+                        end["charge"] = int(paid["X-Cocoon-Charge"])
+                        end["receipt"] = paid.get("X-Cocoon-Receipt")
                     yield b"event: end\ndata: " + json.dumps(end).encode() + b"\n\n"
-                    gw.finish_call(fr, call_id, caller, t0, Outcome(b"", float(frame.meta.get("ms", 0)), "", 1),
-                                   None, frame.meta)
                     return
                 frame = await agen.__anext__()
         except CocoonError as exc:
-            gw.finish_call(fr, call_id, caller, t0, None, exc, {})
+            gw.finish_call(fr, call_id, caller, t0, None, exc, {}, hold=hold)
             yield b"event: error\ndata: " + json.dumps(exc.to_dict()).encode() + b"\n\n"
         finally:
             await agen.aclose()

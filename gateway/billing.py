@@ -1,0 +1,105 @@
+"""Billing around each call: hold before dispatch, charge the metered cost after, sign a receipt.
+
+A call with `X-Cocoon-Payment` is paid from the caller's channel: `PaymentGate.authorize` makes the state and the
+hold durable before the call is dispatched; afterwards the metered cost (replica execution seconds × the
+provider's price per second for the function's resources) plus the developer's royalty plus the operator fee is
+charged in one transaction, never above the hold. Failed calls (platform fault, timeout, replica death,
+cancellation) are released, not charged; the user's own exception is charged for the time it used.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from cocoon_faas.errors import CocoonError, PaymentRequiredError
+from cocoon_faas.gateway.ledger import Ledger
+from cocoon_faas.gateway.payments import FeePolicy, Hold, PaymentGate
+from cocoon_faas.settings import Settings
+from cocoon_faas.spec import FunctionSpec
+from cocoon_faas.ton.keys import PrivateKey
+
+PAYMENT_HEADER = "x-cocoon-payment"
+
+
+@dataclass(frozen=True)
+class Price:
+    """Provider prices in nanoton per second of one CPU and of one GPU."""
+
+    cpu_per_s: int
+    gpu_per_s: int
+
+    def per_second(self, spec: FunctionSpec) -> float:
+        gpus = spec.gpu.count if spec.gpu else 0
+        return spec.cpu * self.cpu_per_s + gpus * self.gpu_per_s
+
+
+def load_operator_key(settings: Settings) -> PrivateKey:
+    """The operator's Ed25519 key (channel party B, receipt signer), created on first start (0600)."""
+    f = settings.home / "operator_key"
+    if f.exists():
+        return PrivateKey.from_bytes(bytes.fromhex(f.read_text().strip()))
+    key = PrivateKey.generate()
+    fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key.to_bytes().hex() + "\n")
+    return key
+
+
+class Billing:
+    """The gateway's payment hook: `begin` before dispatch, `finish` after."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.operator_key = load_operator_key(settings)
+        self.ledger = Ledger(settings.home / "ledger.db")
+        self.gate = PaymentGate(self.ledger, self.operator_key, FeePolicy(bps=settings.operator_fee_bps))
+        self.local_price = Price(settings.cpu_price_nanoton, settings.gpu_price_nanoton)
+
+    def price_for(self, provider: str) -> Price:
+        """The provider's price; the marketplace overrides this when providers have joined."""
+        return self.local_price
+
+    def max_cost(self, spec: FunctionSpec, provider: str | None = None) -> int:
+        """The most one call can cost: the whole time limit at the highest price, plus royalty and fee."""
+        compute = math.ceil(spec.timeout * self.price_for(provider or "local").per_second(spec))
+        return compute + spec.price + self.gate.fees.fee(compute, spec.price)
+
+    def quote(self, spec: FunctionSpec) -> dict[str, Any]:
+        p = self.price_for("local")
+        return {"max_cost_nanoton": self.max_cost(spec), "royalty_nanoton": spec.price,
+                "cpu_price_nanoton_per_s": p.cpu_per_s, "gpu_price_nanoton_per_s": p.gpu_per_s,
+                "operator_fee_bps": self.gate.fees.bps}
+
+    def begin(self, headers: Any, function: str, spec: FunctionSpec, call_id: str) -> Hold | None:
+        """Verify and persist the caller's state and hold; None when the call carries no payment."""
+        value = headers.get(PAYMENT_HEADER)
+        if value is None:
+            if self.settings.payments_required:
+                raise PaymentRequiredError(
+                    f"calls to {function!r} must be paid: open a channel with `cocoon channel open --deposit 5` "
+                    "and send X-Cocoon-Payment", needed=self.max_cost(spec))
+            return None
+        return self.gate.authorize(value, call_id, function, self.max_cost(spec))
+
+    def finish(self, hold: Hold | None, spec: FunctionSpec, developer: str, provider: str, exec_ms: float | None,
+               err: CocoonError | None, measurement: str) -> dict[str, str]:
+        """Charge (success or the user's own exception) or release (platform failure); response headers."""
+        if hold is None:
+            return {}
+        if err is not None and err.type != "function_error":
+            self.gate.release(hold)
+            return {"X-Cocoon-Charge": "0"}
+        compute = math.ceil((exec_ms or 0.0) / 1000 * self.price_for(provider).per_second(spec))
+        total = self.gate.settle(hold, provider, compute, developer, spec.price)
+        receipt = {"call_id": hold.call_id, "function": hold.function, "measurement": measurement,
+                   "channel_id": hold.channel_id, "seqno": hold.seqno, "exec_ms": exec_ms, "charge": total,
+                   "provider": provider}
+        payload = json.dumps(receipt, sort_keys=True, separators=(",", ":")).encode()
+        sig = self.operator_key.sign(payload)
+        return {"X-Cocoon-Charge": str(total),
+                "X-Cocoon-Receipt": base64.b64encode(payload).decode() + "." + base64.b64encode(sig).decode()}
