@@ -52,3 +52,15 @@ class Counter:
     @cocoon.method()
     def hello(self, who: str = "world") -> dict:
         return {"text": f"{self.greeting} {who}", "loaded_at": self.loaded_at}
+
+
+# What `bash scripts/demo` calls (name, keyword arguments).
+DEMO_CALLS = [
+    ("greet", {"name": "Ada", "excited": True}),
+    ("add", {"a": 1.5, "b": 2}),
+    ("countdown", {"start": 3}),
+    ("sleepy", {"seconds": 0.1}),
+    ("divide", {"a": 1, "b": 0}),
+    ("Counter.hello", {"who": "Ada"}),
+]
+DEMO_EXPECTED_ERRORS = {"divide": "FunctionError"}

@@ -236,15 +236,14 @@ class Controller:
         self.store.set_current(new.name, new.version)
         if old is not None:
             new.calls, new.errors, new.latencies = old.calls, old.errors, old.latencies
-            new.waiters, new.queued = old.waiters, old.queued
         new.ready = started
         new.all = set(started)
         for r in started:
             r.state = "ready"
             r.on_lost = self._on_lost
         self.functions[new.name] = new
-        new.wake()
         if old is not None:
+            old.wake()  # its queued calls move over to the new version
             for r in list(old.all):
                 self._spawn(self._retire(old, r))
         return status
@@ -292,7 +291,8 @@ class Controller:
         if info.get("logs"):
             self.store.record_logs(fr.name, fr.version, None, info["logs"])
         await r.connect(info["host"], info["port"])
-        r.extra = {"pid": info.get("pid"), "setup_s": info.get("setup_s")}
+        r.extra = {"pid": info.get("pid"), "setup_s": info.get("setup_s"),  # + the attestation facts (public)
+                   **{k: info[k] for k in ("key_id", "document", "code_locked") if k in info}}
         return r
 
     def _kill(self, r: ReplicaHandle) -> None:
@@ -389,6 +389,17 @@ class Controller:
             self._reconcile(fr)
             loop = asyncio.get_running_loop()
             while True:
+                current = self.functions.get(fr.name)
+                if current is None:
+                    raise NotFoundError(f"function {fr.name!r} was deleted while the call waited")
+                if current is not fr:  # redeployed or rolled back while queued: wait on the new version
+                    fr.queued -= 1
+                    current.queued += 1
+                    fr = current
+                    r = choose(fr.ready, fr.spec.max_concurrency, self.rng)
+                    if r is not None:
+                        r.inflight += 1
+                        return r
                 if fr.problem is not None and not fr.ready and not fr.starting:
                     raise fr.problem
                 remaining = deadline - time.monotonic()
@@ -413,8 +424,9 @@ class Controller:
     def release(self, fr: FunctionRuntime, r: ReplicaHandle) -> None:
         r.inflight -= 1
         r.calls += 1
-        if fr.waiters:
-            fr.wake(1)
+        current = self.functions.get(r.function, fr)
+        if current.waiters:
+            current.wake(1)
 
 
 def _parse_bundle(item: Any) -> tuple[str, FunctionSpec, Signature, bytes, str, dict[str, Any]]:
@@ -431,11 +443,15 @@ def _parse_bundle(item: Any) -> tuple[str, FunctionSpec, Signature, bytes, str, 
         code = base64.b64decode(item["code"], validate=True)
     except (binascii.Error, ValueError, TypeError):
         raise InvalidRequestError("deployment 'code' is not valid base64") from None
-    if measurement_of(code, spec.canonical()) != item["measurement"]:
-        raise InvalidRequestError("deployment measurement does not match SHA-256(code || spec); rebuild the bundle")
     meta = item.get("meta") or {}
     if not isinstance(meta, dict):
         raise InvalidRequestError("deployment 'meta' must be an object")
+    if meta.get("confidential"):  # sealed code: the gateway checks only the sealed header, never the plaintext
+        from cocoon_faas.gateway.routes_attest import check_sealed_bundle
+
+        check_sealed_bundle(code, spec.name, item["measurement"])
+    elif measurement_of(code, spec.canonical()) != item["measurement"]:
+        raise InvalidRequestError("deployment measurement does not match SHA-256(code || spec); rebuild the bundle")
     return spec.name, spec, sig, code, item["measurement"], meta
 
 
