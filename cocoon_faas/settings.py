@@ -39,12 +39,21 @@ class Settings(BaseSettings):
     idle_timeout_s: float = Field(300.0, description="idle time before a min_replicas=0 function scales to zero")
     replica_start_timeout_s: float = Field(120.0, description="time a replica may take to start")
     drain_timeout_s: float = Field(60.0, description="time old replicas get to finish calls on redeploy")
+    attestation: str = Field("auto", description="replica TEE evidence: auto (tdx with configfs-tsm, else dev), "
+                             "tdx, dev")
+    capture_forwarded: Path | None = Field(None, description="audit/test aid: append every sealed body the "
+                                           "gateway forwards (both directions) to this file")
 
     # payments
     payments_required: bool = Field(False, description="refuse unpaid /fn calls even with an API key (402)")
     operator_fee_bps: int = Field(500, description="operator fee in basis points of provider pay + royalty")
     cpu_price_nanoton: int = Field(1_000, description="local provider price, nanoton per CPU-second")
     gpu_price_nanoton: int = Field(100_000, description="local provider price, nanoton per GPU-second")
+    settlement: str = Field("local", description="settlement backend: 'local' (SQLite dev chain) or 'ton'")
+    chain_path: Path | None = Field(None, description="the local chain's SQLite file; default home/chain.db "
+                                    "(a caller on another home points this at the gateway's)")
+    ton_network: str = Field("testnet", description="'testnet' or 'mainnet' for the 'ton' backend")
+    ton_config: Path | None = Field(None, description="TON global config JSON for the 'ton' backend (pytonlib)")
 
     @field_validator("gateway_url")
     @classmethod

@@ -21,6 +21,7 @@ from cocoon_faas.gateway.ledger import Ledger
 from cocoon_faas.gateway.payments import FeePolicy, Hold, PaymentGate
 from cocoon_faas.settings import Settings
 from cocoon_faas.spec import FunctionSpec
+from cocoon_faas.ton.chain import backend_from_settings
 from cocoon_faas.ton.keys import PrivateKey
 
 PAYMENT_HEADER = "x-cocoon-payment"
@@ -57,7 +58,9 @@ class Billing:
         self.settings = settings
         self.operator_key = load_operator_key(settings)
         self.ledger = Ledger(settings.home / "ledger.db")
-        self.gate = PaymentGate(self.ledger, self.operator_key, FeePolicy(bps=settings.operator_fee_bps))
+        self.chain = backend_from_settings(settings)
+        self.gate = PaymentGate(self.ledger, self.operator_key, FeePolicy(bps=settings.operator_fee_bps),
+                                chain=self.chain)
         self.local_price = Price(settings.cpu_price_nanoton, settings.gpu_price_nanoton)
 
     def price_for(self, provider: str) -> Price:

@@ -139,6 +139,17 @@ class Ledger:
         with self.transaction() as db:
             db.execute("UPDATE pay_channels SET status=? WHERE channel_id=?", (status, channel_id))
 
+    def call(self, call_id: str) -> dict[str, Any] | None:
+        """One paid call with its charge split (None when the ledger never saw it)."""
+        rows = self.query("SELECT c.call_id, c.channel_id, c.seqno, c.function, c.hold, c.status, c.charged, "
+                          "g.provider_id, g.provider_nanoton, g.developer_id, g.royalty_nanoton, g.operator_nanoton "
+                          "FROM pay_calls c LEFT JOIN pay_charges g USING (call_id) WHERE c.call_id=?", (call_id,))
+        if not rows:
+            return None
+        keys = ("call_id", "channel_id", "seqno", "function", "hold", "status", "charged", "provider_id",
+                "provider_nanoton", "developer_id", "royalty_nanoton", "operator_nanoton")
+        return dict(zip(keys, rows[0], strict=True))
+
     def held_calls(self) -> list[tuple[str, int, int]]:
         return [(r[0], r[1], r[2]) for r in self.query(
             "SELECT call_id, channel_id, hold FROM pay_calls WHERE status='held'")]

@@ -11,6 +11,10 @@ deposit, enough uncharged credit. Out-of-order arrival is fine (the client signs
 every hold in flight): a state older than the newest is accepted once if it was never used and lies within
 `REORDER_WINDOW`; credit is always measured against the newest `sent`. `authorize` persists the state and the
 hold in one transaction before it returns; bad input raises and changes nothing.
+
+Channels are registered from the settlement backend, never from the caller's word: `register` recomputes the
+channel's address from its config (our operator key as party B), reads its storage from the chain and takes the
+deposit, keys and committed seqno from there (`channel_on_chain`).
 """
 
 from __future__ import annotations
@@ -21,13 +25,22 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from cocoon_faas.errors import ConflictError, NotFoundError, PaymentError, PaymentRequiredError
-from cocoon_faas.ton.channel import SignedSemiChannel
+from cocoon_faas.errors import (
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    PaymentError,
+    PaymentRequiredError,
+)
+from cocoon_faas.ton.address import Address
+from cocoon_faas.ton.channel import ChannelConfig, ChannelData, SignedSemiChannel
 from cocoon_faas.ton.keys import PrivateKey, PublicKey
+from cocoon_faas.ton.wallet import Wallet
 
 from .ledger import OPERATOR_ID, ChannelRow, Ledger
 
 REORDER_WINDOW = 4096
+MAX_CHANNEL_ID = 2**63 - 1  # the ledger keys channels by SQLite INTEGER
 
 
 @dataclass(frozen=True)
@@ -113,14 +126,37 @@ def check_state(st: SignedSemiChannel, ch: ChannelRow, operator_key: PublicKey, 
             "sign a state with a higher sent", needed=max_cost - available, channel_id=ch.channel_id)
 
 
+def channel_on_chain(data: ChannelData | None, cfg: ChannelConfig, claimed_deposit: int | None) -> ChannelData:
+    """Check the channel's on-chain storage against what the gateway expects; raise naming the mismatch."""
+    cid = cfg.channel_id
+    if data is None:
+        raise _bad(f"channel {cid} is not deployed at {cfg.address.friendly()} on the settlement chain; top it up "
+                   "and init it first (`cocoon channel open` does both)", "not_on_chain", 409)
+    if data.channel_id != cid or data.key_a != cfg.key_a or data.key_b != cfg.key_b:
+        raise _bad(f"the contract at {cfg.address.friendly()} holds other keys or another channel id", "mismatch", 409)
+    if data.payment.dest_a != cfg.dest_a or data.payment.dest_b != cfg.dest_b:
+        raise _bad(f"channel {cid} pays out to other addresses than registered", "mismatch", 409)
+    if not data.inited:
+        raise _bad(f"channel {cid} is deployed but not initialised; send its init message", "not_inited", 409)
+    if data.quarantine is not None:
+        raise _bad(f"channel {cid} is being closed on chain; open a new channel", "closed", 409)
+    if claimed_deposit is not None and claimed_deposit != data.balance_a:
+        raise _bad(f"claimed deposit {claimed_deposit} does not match the {data.balance_a} nanoton locked on chain "
+                   f"for channel {cid}", "mismatch", 409, on_chain=data.balance_a)
+    if data.balance_a <= 0:
+        raise _bad(f"channel {cid} holds no deposit from the caller; top it up", "no_deposit", 409)
+    return data
+
+
 class PaymentGate:
     """The gateway's payment check around each call (see module docstring)."""
 
     def __init__(self, ledger: Ledger, operator_key: PrivateKey | PublicKey, fee_policy: FeePolicy | None = None,
-                 recover: bool = True) -> None:
+                 recover: bool = True, chain: Any = None) -> None:
         self.ledger = ledger
         self.operator_key = operator_key.public_key() if isinstance(operator_key, PrivateKey) else operator_key
         self.fees = fee_policy or FeePolicy()
+        self.chain = chain
         self._reserved: dict[int, int] = {}
         if recover:
             self.recover()
@@ -222,6 +258,23 @@ class PaymentGate:
                                  "status='held'", (time.time(), hold.call_id))
             if cur.rowcount:
                 self._finish(hold)
+
+    def register(self, channel_id: int, key_a: PublicKey, dest_a: Address, address: str | None = None,
+                 deposit: int | None = None) -> ChannelRow:
+        """Register a caller's channel to this operator after reading it from the settlement chain."""
+        if self.chain is None:
+            raise ConflictError("this gateway has no settlement backend to check channels against; set "
+                                "COCOON_SETTLEMENT")
+        if not 0 <= channel_id <= MAX_CHANNEL_ID:
+            raise InvalidRequestError(f"channel id {channel_id} is out of range; use 0..2^63-1")
+        cfg = ChannelConfig(channel_id, key_a, self.operator_key, dest_a, Wallet(self.operator_key).address)
+        if address is not None and Address.parse(address) != cfg.address:
+            raise _bad(f"channel address {address} is not the address of channel {channel_id} between key_a and "
+                       f"this operator ({cfg.address.friendly()}); build the config with GET /v1/payments/operator",
+                       "mismatch", 409)
+        data = channel_on_chain(self.chain.channel_data(cfg), cfg, deposit)
+        return self.ledger.add_channel(channel_id, key_a, self.operator_key, cfg.address.raw, dest_a.friendly(),
+                                       data.balance_a, min_seqno=data.committed_seqno_a)
 
     def channel_summary(self, channel_id: int) -> dict[str, Any]:
         ch = self.ledger.channel(channel_id)

@@ -1,31 +1,66 @@
-"""HTTP routes for channels and the ledger; the lead mounts ``payment_routes(gate)`` in the gateway app.
+"""HTTP routes for channels and the ledger; the gateway mounts ``payment_routes(gate, operator_key)``.
 
     GET  /v1/payments/operator      the operator's public key and payout address (to build a channel config)
-    POST /v1/channels               register an opened channel {channel_id, key_a, address, caller, deposit}
+    POST /v1/channels               register a channel opened on chain {channel_id, key_a, dest_a[, address, deposit]}
     GET  /v1/channels/{id}          channel summary (seqno, sent, charged, reserved, credit)
-    POST /v1/channels/{id}/close    the operator's close signature for {balance_a, balance_b, seqno_a, seqno_b}
-    GET  /v1/ledger[?verify=1]      balances per party, optionally the verify report
+    POST /v1/channels/{id}/close    the operator's close signature; the caller proves itself with signature_a
+    GET  /v1/ledger[?verify=1]      operator only: balances per party, optionally the verify report
+    GET  /v1/ledger/calls/{id}      operator only: one paid call and its charge
+
+Registration trusts nothing the caller claims: keys, deposit and committed seqno come from the settlement chain
+(`PaymentGate.register`). The operator is the gateway's ``default`` developer, whose API key `cocoon serve` writes
+to ``$COCOON_HOME/api_key`` on the gateway machine (any key created for that developer works too).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
-from cocoon_faas.errors import CocoonError, InvalidRequestError
+from cocoon_faas.errors import (
+    AuthenticationError,
+    CocoonError,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+from cocoon_faas.ton.address import Address
 from cocoon_faas.ton.keys import PrivateKey, PublicKey
-from cocoon_faas.ton.messages import sign_close
+from cocoon_faas.ton.messages import CooperativeClose, sign_close
 from cocoon_faas.ton.wallet import Wallet
 
+from .http import developer_of
 from .payments import PaymentGate
 
+OPERATOR_DEVELOPER = "default"
 
-def payment_routes(gate: PaymentGate, operator_key: PrivateKey | None = None) -> list[BaseRoute]:
+
+def gateway_operator(request: Request) -> bool:
+    """True when the request carries an API key of the gateway's default developer (401 without a key)."""
+    gw = getattr(request.app.state, "gw", None)
+    if gw is None:
+        return False
+    return developer_of(request) == gw.store.developer_id(OPERATOR_DEVELOPER)
+
+
+def payment_routes(gate: PaymentGate, operator_key: PrivateKey | None = None,
+                   is_operator: Callable[[Request], bool] = gateway_operator) -> list[BaseRoute]:
     def err(exc: CocoonError) -> JSONResponse:
         return JSONResponse(exc.to_dict(), status_code=exc.status)
+
+    def require_operator(request: Request) -> None:
+        try:
+            allowed = is_operator(request)
+        except AuthenticationError as exc:
+            raise AuthenticationError(f"the ledger is for the gateway operator: {exc.message}") from None
+        if not allowed:
+            raise PermissionDeniedError("the ledger is for the gateway operator; send the API key in the gateway's "
+                                        "$COCOON_HOME/api_key")
 
     async def body(request: Request) -> dict[str, Any]:
         try:
@@ -43,15 +78,16 @@ def payment_routes(gate: PaymentGate, operator_key: PrivateKey | None = None) ->
     async def register(request: Request) -> JSONResponse:
         try:
             d = await body(request)
-            row = gate.ledger.add_channel(int(d["channel_id"]), PublicKey(bytes.fromhex(d["key_a"])),
-                                          gate.operator_key, str(d["address"]), str(d.get("caller", "")),
-                                          int(d["deposit"]))
+            dep = d.get("deposit")
+            row = gate.register(int(d["channel_id"]), PublicKey(bytes.fromhex(d["key_a"])),
+                                Address.parse(str(d["dest_a"])), d.get("address"),
+                                None if dep is None else int(dep))
             return JSONResponse(row.to_dict(), status_code=201)
         except CocoonError as exc:
             return err(exc)
         except (KeyError, ValueError, TypeError) as exc:
-            return err(InvalidRequestError(f"bad channel registration ({exc}); send channel_id, key_a (hex), "
-                                           "address, caller, deposit (nanoton)"))
+            return err(InvalidRequestError(f"bad channel registration ({exc!r}); send channel_id, key_a (hex), "
+                                           "dest_a (the caller's wallet address), optionally address and deposit"))
 
     async def show(request: Request) -> JSONResponse:
         try:
@@ -65,23 +101,49 @@ def payment_routes(gate: PaymentGate, operator_key: PrivateKey | None = None) ->
                 raise InvalidRequestError("this gateway has no operator signing key configured")
             cid = int(request.path_params["cid"])
             d = await body(request)
+            try:
+                args = (cid, int(d["balance_a"]), int(d["balance_b"]), int(d["seqno_a"]), int(d["seqno_b"]))
+                sig_a = bytes.fromhex(str(d["signature_a"]))
+            except (KeyError, ValueError, TypeError):
+                raise InvalidRequestError("send balance_a, balance_b, seqno_a, seqno_b and signature_a (hex, the "
+                                          "caller's signature of the cooperative close)") from None
             ch = gate.ledger.channel(cid)
-            bal_a, bal_b = int(d["balance_a"]), int(d["balance_b"])
-            if bal_b != ch.charged or bal_a + bal_b != ch.deposit:
-                raise InvalidRequestError(f"close must pay the operator exactly the charged {ch.charged} nanoton "
-                                          f"and return {ch.deposit - ch.charged} to the caller")
-            sig = sign_close(operator_key, cid, bal_a, bal_b, int(d["seqno_a"]), int(d["seqno_b"]))
-            gate.ledger.set_status(cid, "closing")
-            return JSONResponse({"signature_b": sig.hex()})
+            if not ch.key_a.is_valid(sig_a, CooperativeClose.payload(*args).hash):
+                raise PermissionDeniedError(f"signature_a does not verify with channel {cid}'s payer key; only the "
+                                            "caller may close its channel")
+            with gate.ledger.lock:
+                ch = gate.ledger.channel(cid)
+                if gate.ledger.reserved(cid):
+                    raise ConflictError(f"channel {cid} has calls in flight; close it when they have finished")
+                if args[2] != ch.charged or args[1] + args[2] != ch.deposit:
+                    raise InvalidRequestError(f"close must pay the operator exactly the charged {ch.charged} "
+                                              f"nanoton and return {ch.deposit - ch.charged} to the caller",
+                                              charged=ch.charged)
+                gate.ledger.set_status(cid, "closing")
+            return JSONResponse({"signature_b": sign_close(operator_key, *args).hex(), "charged": ch.charged})
         except CocoonError as exc:
             return err(exc)
 
     async def ledger(request: Request) -> JSONResponse:
+        try:
+            require_operator(request)
+        except CocoonError as exc:
+            return err(exc)
         out: dict[str, Any] = {"balances": gate.ledger.balances()}
         if request.query_params.get("verify"):
             out["verify"] = gate.ledger.verify()
         return JSONResponse(out)
 
+    async def ledger_call(request: Request) -> JSONResponse:
+        try:
+            require_operator(request)
+            row = gate.ledger.call(request.path_params["call_id"])
+            if row is None:
+                raise NotFoundError(f"no paid call {request.path_params['call_id']!r} in the ledger")
+            return JSONResponse(row)
+        except CocoonError as exc:
+            return err(exc)
+
     return [Route("/v1/payments/operator", operator), Route("/v1/channels", register, methods=["POST"]),
             Route("/v1/channels/{cid:int}", show), Route("/v1/channels/{cid:int}/close", close, methods=["POST"]),
-            Route("/v1/ledger", ledger)]
+            Route("/v1/ledger", ledger), Route("/v1/ledger/calls/{call_id}", ledger_call)]

@@ -1,39 +1,119 @@
-"""payment_routes: register a channel, pay, read the ledger and get the operator's close signature."""
+"""payment_routes: channels are registered from the chain (claims are checked), the ledger is operator-only, and
+a close needs the caller's signature and pays out exactly the ledger's balances on the local chain."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from starlette.applications import Starlette
+from starlette.requests import Request
 from starlette.testclient import TestClient
 
 from cocoon_faas.gateway.ledger import Ledger
 from cocoon_faas.gateway.payments import PaymentGate
 from cocoon_faas.gateway.payments_routes import payment_routes
+from cocoon_faas.ton.chain import LocalChain, require_ok
+from cocoon_faas.ton.channel import ChannelConfig
 from cocoon_faas.ton.client import ChannelSigner
 from cocoon_faas.ton.keys import PrivateKey
-from cocoon_faas.ton.messages import CooperativeClose
+from cocoon_faas.ton.messages import CooperativeClose, InitChannel, TopUp, sign_close
+from cocoon_faas.ton.wallet import Wallet
+
+OP, CALLER = PrivateKey(b"\x07" * 32), PrivateKey(b"\x08" * 32)
+DEP, GAS = 10**9, 50_000_000
+TOKEN = {"Authorization": "Bearer op-token"}
 
 
-def test_routes(tmp_path: Path) -> None:
-    op, caller = PrivateKey.generate(), PrivateKey.generate()
-    gate = PaymentGate(Ledger(tmp_path / "l.db"), op)
-    client = TestClient(Starlette(routes=payment_routes(gate, op)))
-    assert client.get("/v1/payments/operator").json()["public_key"] == op.public_key().hex()
-    r = client.post("/v1/channels", json={"channel_id": 9, "key_a": caller.public_key().hex(), "address": "0:00",
-                                          "caller": "bob", "deposit": 10**9})
-    assert r.status_code == 201
+def _open_on_chain(chain: LocalChain, cid: int, key: PrivateKey, op_key: PrivateKey, init: bool = True
+                   ) -> ChannelConfig:
+    w = Wallet(key.public_key())
+    chain.faucet(w.address, 3 * DEP)
+    cfg = ChannelConfig(cid, key.public_key(), op_key.public_key(), w.address, Wallet(op_key.public_key()).address)
+    require_ok(chain.send_to_channel(key, w, cfg, TopUp(DEP).to_cell(), DEP + GAS), "top-up")
+    if init:
+        require_ok(chain.send_to_channel(key, w, cfg, InitChannel.signed(key, True, cid, DEP, 0).to_cell(), GAS),
+                   "init")
+    return cfg
+
+
+@pytest.fixture()
+def env(tmp_path: Path):  # type: ignore[no-untyped-def]
+    chain = LocalChain(tmp_path / "chain.db")
+    gate = PaymentGate(Ledger(tmp_path / "l.db"), OP, chain=chain)
+
+    def is_op(request: Request) -> bool:
+        return request.headers.get("authorization") == TOKEN["Authorization"]
+
+    return chain, gate, TestClient(Starlette(routes=payment_routes(gate, OP, is_operator=is_op)))
+
+
+def _reg(client: TestClient, cfg: ChannelConfig, **extra: object):  # type: ignore[no-untyped-def]
+    return client.post("/v1/channels", json={"channel_id": cfg.channel_id, "key_a": cfg.key_a.hex(),
+                                             "dest_a": cfg.dest_a.raw, **extra})
+
+
+def test_registration_reads_the_chain_and_refuses_mismatches(env) -> None:  # type: ignore[no-untyped-def]
+    chain, gate, client = env
+    assert client.get("/v1/payments/operator").json()["public_key"] == OP.public_key().hex()
+    cfg = _open_on_chain(chain, 9, CALLER, OP)
+    lie = _reg(client, cfg, deposit=DEP * 100)
+    assert lie.status_code == 409 and lie.json()["error"]["problem"] == "mismatch"
+    assert lie.json()["error"]["on_chain"] == DEP
+    wrong_addr = _reg(client, cfg, address=Wallet(CALLER.public_key()).address.raw)
+    assert wrong_addr.status_code == 409 and "not the address" in wrong_addr.json()["error"]["message"]
+    assert gate.ledger.channels() == []
+    # a channel that exists only in the caller's imagination, one to another operator, one never initialised
+    ghost = ChannelConfig(10, cfg.key_a, cfg.key_b, cfg.dest_a, cfg.dest_b)
+    assert _reg(client, ghost).json()["error"]["problem"] == "not_on_chain"
+    other_op = _open_on_chain(chain, 11, CALLER, PrivateKey(b"\x09" * 32))
+    assert _reg(client, other_op).json()["error"]["problem"] == "not_on_chain"
+    half = _open_on_chain(chain, 12, CALLER, OP, init=False)
+    assert _reg(client, half).json()["error"]["problem"] == "not_inited"
+    assert client.post("/v1/channels", json={"channel_id": 2**64, "key_a": cfg.key_a.hex(),
+                                             "dest_a": cfg.dest_a.raw}).status_code == 400
+    assert gate.ledger.channels() == []
+    ok = _reg(client, cfg, address=cfg.address.friendly())
+    assert ok.status_code == 201 and ok.json()["deposit"] == DEP
+    assert _reg(client, cfg).status_code == 409  # once
     assert client.post("/v1/channels", json={"channel_id": 9}).status_code == 400
-    signer = ChannelSigner(tmp_path / "c.json", caller, 9, 10**9)
+
+
+def test_ledger_is_operator_only_and_close_pays_the_ledger(env) -> None:  # type: ignore[no-untyped-def]
+    chain, gate, client = env
+    cfg = _open_on_chain(chain, 9, CALLER, OP)
+    assert _reg(client, cfg).status_code == 201
+    signer = ChannelSigner(Path(gate.ledger.path).with_name("c.json"), CALLER, 9, DEP)
     t = signer.sign_for_call(1000)
     gate.settle(gate.authorize(t.header, "c1", "f", 1000), "p", 500, "d", 0)
     assert client.get("/v1/channels/9").json()["charged"] == 525
-    led = client.get("/v1/ledger?verify=1").json()
-    assert led["verify"]["ok"] and led["balances"]["caller"] == {"bob": 525}
-    bad = client.post("/v1/channels/9/close", json={"balance_a": 10**9, "balance_b": 0, "seqno_a": 1, "seqno_b": 1})
-    assert bad.status_code == 400
-    ok = client.post("/v1/channels/9/close", json={"balance_a": 10**9 - 525, "balance_b": 525, "seqno_a": 1,
-                                                   "seqno_b": 1})
+    assert client.get("/v1/ledger").status_code == 403
+    assert client.get("/v1/ledger/calls/c1").status_code == 403
+    led = client.get("/v1/ledger?verify=1", headers=TOKEN).json()
+    assert led["verify"]["ok"] and led["balances"]["caller"] == {cfg.dest_a.friendly(): 525}
+    call = client.get("/v1/ledger/calls/c1", headers=TOKEN).json()
+    assert call["charged"] == 525 and call["provider_nanoton"] == 500 and call["status"] == "charged"
+    assert client.get("/v1/ledger/calls/nope", headers=TOKEN).status_code == 404
+
+    args = (9, DEP - 525, 525, 1, 1)
+    fields = {"balance_a": args[1], "balance_b": args[2], "seqno_a": 1, "seqno_b": 1}
+    stranger = sign_close(PrivateKey(b"\x0a" * 32), *args).hex()
+    assert client.post("/v1/channels/9/close", json={**fields, "signature_a": stranger}).status_code == 403
+    greedy = (9, DEP, 0, 1, 1)
+    bad = client.post("/v1/channels/9/close", json={"balance_a": DEP, "balance_b": 0, "seqno_a": 1, "seqno_b": 1,
+                                                    "signature_a": sign_close(CALLER, *greedy).hex()})
+    assert bad.status_code == 400 and bad.json()["error"]["charged"] == 525
+    assert gate.ledger.channel(9).status == "open"
+    sig_a = sign_close(CALLER, *args)
+    ok = client.post("/v1/channels/9/close", json={**fields, "signature_a": sig_a.hex()})
     sig_b = bytes.fromhex(ok.json()["signature_b"])
-    msg = CooperativeClose(b"\0" * 64, sig_b, 9, 10**9 - 525, 525, 1, 1)
-    assert op.public_key().is_valid(sig_b, msg.payload_hash())
+    assert gate.ledger.channel(9).status == "closing"
+    op_addr = Wallet(OP.public_key()).address
+    caller_before = chain.balance(cfg.dest_a)
+    contract = chain.contract_balance(cfg)
+    res = require_ok(chain.send_to_channel(CALLER, Wallet(CALLER.public_key()), cfg,
+                                           CooperativeClose(sig_a, sig_b, *args).to_cell(), GAS), "close")
+    assert chain.balance(op_addr) == 525  # exactly the ledger's charge
+    # the caller gets the rest: its deposit minus the charge, plus the gas left in the contract, minus fees
+    assert chain.balance(cfg.dest_a) == caller_before - GAS - 5_000_000 + contract + GAS - 525
+    assert [p.dest for p in res.payouts] == [op_addr, cfg.dest_a]

@@ -17,7 +17,7 @@ from cocoon_faas.errors import CocoonError, InvalidRequestError, error_from_body
 from cocoon_faas.settings import get_settings
 from cocoon_faas.ton.address import Address
 from cocoon_faas.ton.amounts import format_ton, to_nano
-from cocoon_faas.ton.chain import open_backend, require_ok
+from cocoon_faas.ton.chain import backend_from_settings, require_ok
 from cocoon_faas.ton.channel import ChannelConfig
 from cocoon_faas.ton.client import ChannelSigner
 from cocoon_faas.ton.keys import PrivateKey, PublicKey, new_mnemonic
@@ -46,6 +46,19 @@ def _load_wallet() -> tuple[PrivateKey, Wallet]:
         raise InvalidRequestError("no wallet yet; run `cocoon wallet create`")
     key = PrivateKey.from_mnemonic(json.loads(f.read_text())["words"])
     return key, Wallet(key.public_key())
+
+
+def _chain() -> Any:
+    return backend_from_settings(get_settings())
+
+
+def _operator_headers() -> dict[str, str]:
+    """The gateway operator's API key (COCOON_API_KEY or the key file `cocoon serve` wrote)."""
+    from cocoon_faas.client import read_local_key
+
+    s = get_settings()
+    key = s.api_key or read_local_key(s.home)
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def _gateway(method: str, path: str, **kw: Any) -> Any:
@@ -94,7 +107,7 @@ def register(main: click.Group) -> None:
     def wallet_show() -> None:
         try:
             key, w = _load_wallet()
-            bal = open_backend("local", _home()).balance(w.address)
+            bal = _chain().balance(w.address)
             _out({"address": w.address.friendly(), "raw": w.address.raw, "balance_ton": format_ton(bal)})
         except CocoonError as exc:
             _fail(exc)
@@ -105,7 +118,11 @@ def register(main: click.Group) -> None:
         """Fund the wallet on the local development chain."""
         try:
             _, w = _load_wallet()
-            bal = open_backend("local", _home()).faucet(w.address, to_nano(amount))
+            chain = _chain()
+            if not hasattr(chain, "faucet"):
+                raise InvalidRequestError("the faucet exists only on the local chain (COCOON_SETTLEMENT=local); "
+                                          "fund a testnet wallet from a testnet faucet")
+            bal = chain.faucet(w.address, to_nano(amount))
             _out({"address": w.address.friendly(), "balance_ton": format_ton(bal)})
         except CocoonError as exc:
             _fail(exc)
@@ -122,14 +139,14 @@ def register(main: click.Group) -> None:
             dep = to_nano(deposit)
             op = _gateway("GET", "/v1/payments/operator")
             op_key = PublicKey(bytes.fromhex(op["public_key"]))
-            cid = secrets.randbits(64)
+            cid = secrets.randbits(63)
             cfg = ChannelConfig(cid, key.public_key(), op_key, w.address, Address.parse(op["address"]))
-            chain = open_backend("local", _home())
+            chain = _chain()
             require_ok(chain.send_to_channel(key, w, cfg, TopUp(dep).to_cell(), dep + GAS), "top-up")
             require_ok(chain.send_to_channel(key, w, cfg, InitChannel.signed(key, True, cid, dep, 0).to_cell(), GAS),
                        "init")
             _gateway("POST", "/v1/channels", json={"channel_id": cid, "key_a": key.public_key().hex(),
-                                                   "address": cfg.address.raw, "caller": w.address.friendly(),
+                                                   "dest_a": w.address.raw, "address": cfg.address.raw,
                                                    "deposit": dep})
             ChannelSigner(_home() / "channels" / f"{cid}.json", key, cid, dep)
             state = {"channel_id": cid, "key_a": key.public_key().hex(), "key_b": op_key.hex(),
@@ -159,13 +176,23 @@ def register(main: click.Group) -> None:
             key, w = _load_wallet()
             cid = c["channel_id"]
             s = ChannelSigner(_home() / "channels" / f"{cid}.json", key)
-            args = (cid, s.deposit - s.charged, s.charged, max(s.seqno, 1), 1)
+            # The gateway's count wins when it differs from ours (a response lost in a crash was still charged),
+            # but never above what we signed: that is all the operator could claim on chain anyway.
+            charged = int(_gateway("GET", f"/v1/channels/{cid}")["charged"])
+            if charged > s.sent:
+                raise InvalidRequestError(f"the gateway claims {charged} nanoton, more than the {s.sent} you signed "
+                                          "for; do not close cooperatively (dispute with your latest state)")
+            args = (cid, s.deposit - charged, charged, max(s.seqno, 1), 1)
+            sig_a = sign_close(key, *args)
             sig_b = bytes.fromhex(_gateway("POST", f"/v1/channels/{cid}/close", json={
-                "balance_a": args[1], "balance_b": args[2], "seqno_a": args[3], "seqno_b": args[4]})["signature_b"])
-            msg = CooperativeClose(sign_close(key, *args), sig_b, *args)
-            require_ok(open_backend("local", _home()).send_to_channel(key, w, _cfg(c), msg.to_cell(), GAS), "close")
+                "balance_a": args[1], "balance_b": args[2], "seqno_a": args[3], "seqno_b": args[4],
+                "signature_a": sig_a.hex()})["signature_b"])
+            msg = CooperativeClose(sig_a, sig_b, *args)
+            res = require_ok(_chain().send_to_channel(key, w, _cfg(c), msg.to_cell(), GAS), "close")
             (_home() / "channel.json").unlink()
-            _out({"closed": cid, "refund_ton": format_ton(args[1]), "paid_ton": format_ton(args[2])})
+            _out({"closed": cid, "refund_ton": format_ton(args[1]), "paid_ton": format_ton(args[2]),
+                  "charged_locally_ton": format_ton(s.charged),
+                  "payouts": [{"to": p.dest.friendly(), "nanoton": p.amount, "mode": p.mode} for p in res.payouts]})
         except CocoonError as exc:
             _fail(exc)
 
@@ -174,7 +201,7 @@ def register(main: click.Group) -> None:
     def ledger_cmd(verify: bool) -> None:
         """Balances per party (caller, providers, developers, operator)."""
         try:
-            out = _gateway("GET", "/v1/ledger" + ("?verify=1" if verify else ""))
+            out = _gateway("GET", "/v1/ledger" + ("?verify=1" if verify else ""), headers=_operator_headers())
             _out(out)
             if verify and not out["verify"]["ok"]:
                 sys.exit(1)

@@ -3,8 +3,11 @@
 The local chain holds wallet balances (funded by a faucet, for development) and channel contracts whose
 storage is the exact contract data cell; every message runs through `rules.apply`, which accepts exactly what
 the real contract accepts, with the same exit codes (tests/test_ton_contract.py). A rejected message bounces:
-its value returns to the sender, minus the flat fee. The `ton` backend (testnet/mainnet over pytonlib) has not
-been built yet; `open_backend('ton')` says so.
+its value returns to the sender, minus the flat fee.
+
+The local chain is one file, ``COCOON_CHAIN_PATH`` (default ``$COCOON_HOME/chain.db``). The gateway reads channel
+states from it; a caller whose COCOON_HOME differs from the gateway's (another user on the same machine) points
+COCOON_CHAIN_PATH at the gateway's file. The `ton` backend (cocoon_faas/ton/tonlib.py) talks to testnet/mainnet.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from pytoniq_core import Cell
 
@@ -49,7 +52,7 @@ class LocalChain:
     """SQLite chain at `path` (default ``$COCOON_HOME/chain.db``)."""
 
     def __init__(self, path: Path | str, clock: object = time.time) -> None:
-        self._db = sqlite3.connect(Path(path), isolation_level=None, check_same_thread=False)
+        self._db = sqlite3.connect(Path(path), isolation_level=None, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(
             "CREATE TABLE IF NOT EXISTS accounts (address TEXT PRIMARY KEY, balance INTEGER NOT NULL);"
@@ -114,13 +117,23 @@ class LocalChain:
         return SendResult(out.exit_code, out.payouts)
 
 
-def open_backend(kind: str, home: Path) -> LocalChain:
+def open_backend(kind: str, home: Path, chain_path: Path | None = None, **ton: Any) -> Any:
+    """The settlement backend `kind` ('local' or 'ton'); `ton` keywords go to `TonChain`."""
     if kind == "local":
-        home.mkdir(parents=True, exist_ok=True)
-        return LocalChain(home / "chain.db")
+        path = Path(chain_path) if chain_path else home / "chain.db"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return LocalChain(path)
     if kind == "ton":
-        raise ConflictError("the 'ton' settlement backend (pytonlib) is not built yet; use the local chain")
-    raise InvalidRequestError(f"unknown chain backend {kind!r}; use 'local' or 'ton'")
+        from cocoon_faas.ton.tonlib import TonChain
+
+        return TonChain(**ton)
+    raise InvalidRequestError(f"unknown settlement backend {kind!r}; set COCOON_SETTLEMENT to 'local' or 'ton'")
+
+
+def backend_from_settings(settings: Any) -> Any:
+    """The backend the settings choose (COCOON_SETTLEMENT, COCOON_CHAIN_PATH, COCOON_TON_*)."""
+    return open_backend(settings.settlement, settings.home, settings.chain_path,
+                        network=settings.ton_network, config_path=settings.ton_config)
 
 
 def require_ok(result: SendResult, what: str) -> SendResult:

@@ -1,0 +1,239 @@
+"""End-to-end paid calls on a real gateway: a caller with its own COCOON_HOME (no API key, sharing only the local
+chain with the gateway) opens a channel with the CLI and pays per call; bad states charge nothing; the ledger
+verifies; a cooperative close pays out exactly the ledger's balances; a SIGKILL under paid load loses no charge.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from cocoon_faas.client import Client
+from cocoon_faas.ton.chain import LocalChain
+from cocoon_faas.ton.channel import SemiChannel, SemiChannelBody
+from cocoon_faas.ton.client import ChannelSigner, PayingClient
+from cocoon_faas.ton.keys import PrivateKey, PublicKey
+from cocoon_faas.ton.wallet import Wallet
+from tests.conftest import ROOT, GatewayProc
+
+pytestmark = pytest.mark.e2e
+
+
+class Caller:
+    """A caller on its own COCOON_HOME: the CLI and an in-process SDK client see the same files."""
+
+    def __init__(self, home: Path, gw: GatewayProc) -> None:
+        self.home, self.gw = home, gw
+        home.mkdir(parents=True, exist_ok=True)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("COCOON_")}
+        self.env.update(COCOON_HOME=str(home), COCOON_GATEWAY_URL=gw.url,
+                        COCOON_CHAIN_PATH=str(gw.home / "chain.db"), PYTHONUNBUFFERED="1")
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run([sys.executable, "-m", "cocoon_faas", *args], env=self.env, capture_output=True,
+                           text=True, timeout=120)
+        if check and r.returncode != 0:
+            raise AssertionError(f"cocoon {' '.join(args)} failed ({r.returncode}): {r.stdout}\n{r.stderr}")
+        return r
+
+    def channel(self) -> dict[str, Any]:
+        return dict(json.loads((self.home / "channel.json").read_text()))
+
+    def key(self) -> PrivateKey:
+        return PrivateKey.from_mnemonic(json.loads((self.home / "wallet.json").read_text())["words"])
+
+    def signer(self) -> ChannelSigner:
+        return ChannelSigner(self.home / "channels" / f"{self.channel()['channel_id']}.json", self.key())
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    g = GatewayProc(tmp_path_factory.mktemp("paygw") / "home", env={"COCOON_QUEUE_LIMIT": "64"}).start()
+    g.cli("deploy", str(ROOT / "examples" / "hello.py"))
+    g.cli("deploy", str(ROOT / "tests" / "apps" / "edge.py"))
+    yield g
+    g.stop()
+
+
+@pytest.fixture(scope="module")
+def caller(gw: GatewayProc, tmp_path_factory: pytest.TempPathFactory) -> Caller:
+    c = Caller(tmp_path_factory.mktemp("caller") / "home", gw)
+    c.cli("wallet", "create")
+    assert json.loads(c.cli("wallet", "faucet", "10").stdout)["balance_ton"] == "10"
+    opened = json.loads(c.cli("channel", "open", "--deposit", "5").stdout)
+    assert opened["deposit_ton"] == "5"
+    return c
+
+
+def ledger(gw: GatewayProc, verify: bool = False) -> dict[str, Any]:
+    r = httpx.get(gw.url + "/v1/ledger" + ("?verify=1" if verify else ""), headers=gw.headers(), timeout=30)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def ledger_call(gw: GatewayProc, call_id: str) -> dict[str, Any]:
+    return dict(httpx.get(f"{gw.url}/v1/ledger/calls/{call_id}", headers=gw.headers(), timeout=30).json())
+
+
+def summary(gw: GatewayProc, cid: int) -> dict[str, Any]:
+    return dict(httpx.get(f"{gw.url}/v1/channels/{cid}", timeout=30).json())
+
+
+def hold(gw: GatewayProc, name: str) -> int:
+    return int(httpx.get(f"{gw.url}/v1/functions/{name}", timeout=30).json()["pricing"]["max_cost_nanoton"])
+
+
+def paid_post(gw: GatewayProc, payer: PayingClient, name: str, args: dict[str, Any]) -> httpx.Response:
+    headers, ticket = payer.headers(hold(gw, name))
+    r = httpx.post(f"{gw.url}/fn/{name}", json=args, headers=headers, timeout=60)
+    payer.settle(ticket, dict(r.headers))
+    return r
+
+
+def test_cli_pays_for_a_call_without_an_api_key(gw: GatewayProc, caller: Caller) -> None:
+    assert not (caller.home / "api_key").exists() and "COCOON_API_KEY" not in caller.env
+    assert httpx.post(gw.url + "/fn/greet", json={"name": "Ada"}).status_code == 401  # unpaid, no key
+    before = ledger(gw)["balances"]["caller"]
+    out = caller.cli("call", "greet", '{"name":"Ada"}').stdout
+    assert json.loads(out) == {"message": "Hello, Ada."}
+    cid = caller.channel()["channel_id"]
+    s = summary(gw, cid)
+    assert s["charged"] > 0 and s["seqno"] == 1 and s["reserved"] == 0
+    assert caller.signer().charged == s["charged"]  # the CLI booked the X-Cocoon-Charge the ledger holds
+    after = ledger(gw)["balances"]["caller"]
+    assert sum(after.values()) - sum(before.values()) == s["charged"]
+    shown = json.loads(caller.cli("channel", "show").stdout)
+    assert shown["seqno"] == 1 and shown["gateway"]["charged"] == s["charged"]
+    denied = caller.cli("ledger", check=False)  # the ledger is the operator's
+    assert denied.returncode == 1 and "operator" in denied.stderr
+
+
+def test_charge_header_receipt_and_what_is_charged(gw: GatewayProc, caller: Caller) -> None:
+    payer = PayingClient(caller.signer())
+    op_key = PublicKey(bytes.fromhex(httpx.get(gw.url + "/v1/payments/operator").json()["public_key"]))
+    r = paid_post(gw, payer, "greet", {"name": "Grace"})
+    assert r.status_code == 200 and r.json() == {"message": "Hello, Grace."}
+    row = ledger_call(gw, r.headers["X-Cocoon-Call-Id"])
+    assert row["status"] == "charged" and int(r.headers["X-Cocoon-Charge"]) == row["charged"] > 0
+    assert row["provider_nanoton"] + row["royalty_nanoton"] + row["operator_nanoton"] == row["charged"]
+    payload_b64, sig_b64 = r.headers["X-Cocoon-Receipt"].split(".")
+    payload = base64.b64decode(payload_b64)
+    op_key.verify(base64.b64decode(sig_b64), payload)
+    assert json.loads(payload)["charge"] == row["charged"]
+
+    err = paid_post(gw, payer, "divide", {"a": 1, "b": 0})  # the user's exception: charged for its time
+    assert err.status_code == 500 and err.json()["error"]["type"] == "function_error"
+    row = ledger_call(gw, err.headers["X-Cocoon-Call-Id"])
+    assert row["status"] == "charged" and int(err.headers["X-Cocoon-Charge"]) == row["charged"] > 0
+
+    slow = paid_post(gw, payer, "too_slow", {"seconds": 5})  # a timeout is the platform's: not charged
+    assert slow.status_code == 504 and slow.headers["X-Cocoon-Charge"] == "0"
+    row = ledger_call(gw, slow.headers["X-Cocoon-Call-Id"])
+    assert row["status"] == "released" and row["charged"] == 0
+    assert payer.signer.charged == summary(gw, payer.signer.channel_id)["charged"]
+    assert ledger(gw, verify=True)["verify"]["ok"]
+
+
+def _state(key: PrivateKey, cid: int, seqno: int, sent: int) -> str:
+    st = SemiChannel(cid, SemiChannelBody(seqno, sent), SemiChannelBody(0, 0)).sign(key)
+    return base64.b64encode(st.to_boc()).decode()
+
+
+def test_bad_states_are_refused_by_name_and_charge_nothing(gw: GatewayProc, caller: Caller) -> None:
+    signer = caller.signer()
+    payer = PayingClient(signer)
+    good = paid_post(gw, payer, "add", {"a": 1, "b": 2})
+    assert good.status_code == 200
+    replay_header = good.request.headers["X-Cocoon-Payment"]
+    cid, key = signer.channel_id, caller.key()
+    before_ledger, before = ledger(gw, verify=True), summary(gw, cid)
+    assert before["reserved"] == 0
+    h = hold(gw, "greet")
+
+    def post(header: str) -> httpx.Response:
+        return httpx.post(gw.url + "/fn/greet", json={"name": "x"}, headers={"X-Cocoon-Payment": header})
+
+    over = post(_state(key, cid, before["seqno"] + 5, 5 * 10**9 + 7))  # more than the deposit
+    assert over.status_code == 402 and over.json()["error"]["needed"] == 7
+    # a channel whose whole deposit is less than one call's hold: the CLI refuses locally, the gateway with 402
+    poor = Caller(caller.home.parent / "poor", gw)
+    poor.cli("wallet", "create")
+    poor.cli("wallet", "faucet", "1")
+    poor.cli("channel", "open", "--deposit", "0.00002")
+    local = poor.cli("call", "greet", '{"name":"x"}', check=False)
+    assert local.returncode == 1 and "credit" in local.stderr
+    p = poor.channel()["channel_id"]
+    short = post(_state(poor.key(), p, 1, 20_000))
+    assert short.status_code == 402 and short.json()["error"]["needed"] == h - 20_000
+    assert summary(gw, p)["seqno"] == 0 and summary(gw, p)["charged"] == 0
+    cases = {
+        "replayed": (post(replay_header), 409),
+        "stale": (post(_state(key, cid, before["seqno"] + 1, before["sent"] - 1)), 409),
+        "forged": (post(_state(PrivateKey.generate(), cid, before["seqno"] + 1, before["sent"] + h)), 401),
+        "foreign": (post(_state(key, cid + 1, 1, h)), 400),
+        "malformed": (post("not base64!"), 400),
+    }
+    for problem, (r, status) in cases.items():
+        assert r.status_code == status, (problem, r.text)
+        assert r.json()["error"]["problem"] == problem and r.json()["error"]["type"] == "invalid_payment"
+    too_old = post(_state(key, cid, 0, before["sent"] + h))
+    assert too_old.status_code == 409 and too_old.json()["error"]["problem"] == "stale"
+    after_ledger = ledger(gw, verify=True)
+    assert after_ledger["balances"] == before_ledger["balances"]
+    assert after_ledger["verify"]["charges"] == before_ledger["verify"]["charges"]
+    assert summary(gw, cid) == before
+
+
+def test_concurrent_paid_calls_on_one_channel_at_full_speed(gw: GatewayProc, caller: Caller) -> None:
+    n, threads = 64, 8
+    with Client(gw.url, payer=PayingClient(caller.signer())) as paid, gw.http() as unpaid:
+        assert "Authorization" not in paid._http.headers
+        paid.call("echo", {"n": -1})
+        unpaid.post("/fn/echo", json={"n": -1})
+
+        def run(fn: Any) -> float:
+            t0 = time.perf_counter()
+            with cf.ThreadPoolExecutor(threads) as ex:
+                results = list(ex.map(fn, range(n)))
+            assert [x["n"] for x in results] == list(range(n))
+            return time.perf_counter() - t0
+
+        unpaid_s = run(lambda i: unpaid.post("/fn/echo", json={"n": i}).json())
+        paid_s = run(lambda i: paid.call("echo", {"n": i}))
+        signer = paid.payer.signer
+    s = summary(gw, signer.channel_id)
+    assert s["reserved"] == 0 and signer.charged == s["charged"]
+    assert s["seqno"] == signer.seqno  # every call carried its own state, none was refused
+    assert paid_s < 2.0 * unpaid_s + 0.5, (paid_s, unpaid_s)  # concurrent, not serialised per channel
+    assert ledger(gw, verify=True)["verify"]["ok"]
+
+
+def test_ledger_verify_and_close_pay_out_the_ledger(gw: GatewayProc, caller: Caller) -> None:
+    out = json.loads(gw.cli("ledger", "--verify").stdout)
+    assert out["verify"]["ok"] and out["verify"]["charges"] > 0
+    ch = caller.channel()
+    charged = summary(gw, ch["channel_id"])["charged"]
+    chain = LocalChain(gw.home / "chain.db")
+    op_wallet = Wallet(PublicKey(bytes.fromhex(ch["key_b"]))).address
+    me = Wallet(caller.key().public_key()).address
+    op_before, me_before = chain.balance(op_wallet), chain.balance(me)
+    closed = json.loads(caller.cli("channel", "close").stdout)
+    assert closed["closed"] == ch["channel_id"]
+    assert chain.balance(op_wallet) - op_before == charged  # the operator gets exactly the ledger's charge
+    refund = 5 * 10**9 - charged
+    assert chain.balance(me) - me_before == refund + 2 * 50_000_000 - 5_000_000  # + gas of top-up/init, - fee
+    assert not (caller.home / "channel.json").exists()
+    assert summary(gw, ch["channel_id"])["status"] == "closing"
+    late = paid_post(gw, PayingClient(ChannelSigner(caller.home / "channels" / f"{ch['channel_id']}.json",
+                                                    caller.key())), "greet", {"name": "late"})
+    assert late.status_code == 409 and late.json()["error"]["problem"] == "closed"
