@@ -249,3 +249,51 @@ def test_deploy_errors_are_clear(gateway, tmp_path):
     r = gateway.cli("deploy", str(tmp_path / "missing.py"), check=False)
     assert r.returncode != 0
     assert Path(gateway.home / "api_key").stat().st_mode & 0o777 == 0o600
+
+
+def test_autoscaling_up_under_load_and_back_down(gateway):
+    def hit(_):
+        return httpx.post(gateway.url + "/fn/scalable", json={"seconds": 1.5}, headers=gateway.headers(),
+                          timeout=60)
+
+    with cf.ThreadPoolExecutor(4) as ex:
+        rs = list(ex.map(hit, range(8)))
+    assert {r.status_code for r in rs} == {200}
+    assert len({r.json() for r in rs}) >= 2  # served by more than one replica process
+    with gateway.http() as c:
+        peak = c.get("/v1/functions/scalable").json()["replicas"]
+        assert 2 <= peak <= 3  # never above max_replicas
+        for _ in range(100):  # scale-down delay is 3 s in tests; one replica stays warm for the idle window
+            if c.get("/v1/functions/scalable").json()["replicas"] == 1:
+                break
+            time.sleep(0.2)
+        assert c.get("/v1/functions/scalable").json()["replicas"] == 1
+
+
+def test_sdk_remote_spawn_stream_and_errors(gateway, monkeypatch):
+    import importlib.util
+
+    import cocoon_faas as cocoon
+    from cocoon_faas.settings import reload_settings
+
+    monkeypatch.setenv("COCOON_GATEWAY_URL", gateway.url)
+    monkeypatch.setenv("COCOON_HOME", str(gateway.home))
+    reload_settings()
+    try:
+        spec = importlib.util.spec_from_file_location("hello_sdk", ROOT / "examples" / "hello.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        assert mod.greet.remote(name="SDK") == {"message": "Hello, SDK."}
+        assert mod.greet(name="local") == {"message": "Hello, local."}
+        assert [x["n"] for x in mod.countdown.stream(start=2, delay=0)] == [2, 1, 0]
+        call = mod.add.spawn(a=1, b=2)
+        assert call.get(timeout=30) == 3
+        with pytest.raises(cocoon.FunctionError, match="ZeroDivisionError"):
+            mod.divide.remote(a=1, b=0)
+        with pytest.raises(cocoon.InvalidRequestError, match="did you mean 'name'"):
+            cocoon.Client().call("greet", {"nam": "x"})
+        with pytest.raises(cocoon.NotFoundError):
+            cocoon.Client().call("missing_fn", {})
+    finally:
+        monkeypatch.undo()
+        reload_settings()

@@ -51,3 +51,9 @@ def needs_h100() -> str:
 @cocoon.function(cpu=0.25, timeout=10, max_concurrency=16)
 def echo(data: str = "", n: int = 0) -> dict:
     return {"len": len(data), "n": n}
+
+
+@cocoon.function(cpu=0.25, timeout=30, max_concurrency=1, min_replicas=0, max_replicas=3)
+def scalable(seconds: float = 0.5) -> int:
+    time.sleep(seconds)
+    return os.getpid()
