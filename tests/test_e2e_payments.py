@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import httpx
 import pytest
 
 from cocoon_faas.client import Client
+from cocoon_faas.errors import CocoonError
 from cocoon_faas.ton.chain import LocalChain
 from cocoon_faas.ton.channel import SemiChannel, SemiChannelBody
 from cocoon_faas.ton.client import ChannelSigner, PayingClient
@@ -237,3 +239,60 @@ def test_ledger_verify_and_close_pay_out_the_ledger(gw: GatewayProc, caller: Cal
     late = paid_post(gw, PayingClient(ChannelSigner(caller.home / "channels" / f"{ch['channel_id']}.json",
                                                     caller.key())), "greet", {"name": "late"})
     assert late.status_code == 409 and late.json()["error"]["problem"] == "closed"
+
+
+def test_sigkill_under_paid_load_loses_no_charge(gw: GatewayProc, caller: Caller) -> None:
+    """Last in this module: it kills and restarts the module's gateway."""
+    c = Caller(caller.home.parent / "crash", gw)
+    c.cli("wallet", "create")
+    c.cli("wallet", "faucet", "10")
+    c.cli("channel", "open", "--deposit", "5")
+    served: dict[str, int] = {}
+    failures: list[str] = []
+    stop = threading.Event()
+    client = Client(gw.url, payer=PayingClient(c.signer()), timeout=30)
+    client.hold_for("echo")
+
+    def load(t: int) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                r = client.call_raw("echo", {"n": t * 100_000 + i})
+            except CocoonError as exc:
+                failures.append(exc.type)
+                continue
+            assert r.json()["n"] == t * 100_000 + i
+            served[r.headers["X-Cocoon-Call-Id"]] = int(r.headers["X-Cocoon-Charge"])
+
+    threads = [threading.Thread(target=load, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    while len(served) < 40 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    gw.kill()
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert len(served) >= 40 and failures, (len(served), failures[:3])  # killed mid-load, calls were in flight
+    gw.proc = None
+    gw.start()
+    out = json.loads(gw.cli("ledger", "--verify").stdout)
+    assert out["verify"]["ok"], out["verify"]["problems"]
+    for call_id, charge in served.items():  # every call a client got a 200 for is in the ledger, charged once
+        row = ledger_call(gw, call_id)
+        assert row["status"] == "charged" and row["charged"] == charge > 0, row
+    signer = client.payer.signer
+    s = summary(gw, signer.channel_id)
+    assert s["reserved"] == 0  # calls cut off by the crash were released, not charged
+    assert sum(served.values()) <= s["charged"] <= signer.sent
+    assert client.call("add", {"a": 2, "b": 2}) == 4  # the channel goes on after the restart
+    client.close()
+    s = summary(gw, signer.channel_id)
+    op_wallet = Wallet(PublicKey(bytes.fromhex(c.channel()["key_b"]))).address
+    chain = LocalChain(gw.home / "chain.db")
+    op_before = chain.balance(op_wallet)
+    c.cli("channel", "close")
+    assert chain.balance(op_wallet) - op_before == s["charged"]
+    assert ledger(gw, verify=True)["verify"]["ok"]
