@@ -78,6 +78,7 @@ class Client:
             payer = default_payer(s.home)
         self.payer = payer
         self._holds: dict[str, int] = {}
+        self.last_receipt: Any = None  # the verified receipt of the last confidential call
         self.url = (url or s.gateway_url).rstrip("/")
         self.api_key = api_key or s.api_key or read_local_key(s.home)
         h = {"User-Agent": "cocoon-faas"}
@@ -185,6 +186,38 @@ class Client:
         except httpx.TransportError as exc:
             raise GatewayUnreachableError(f"stream from {self.url} broke off: {exc}") from None
 
+    # -- confidential calls (cocoon_faas/confidential_client.py, docs/confidential.md) ------------------
+    def _policy(self, name: str, policy: Any, allow_dev_attestation: Any, measurement: Any) -> Any:
+        from cocoon_faas.confidential_client import build_policy
+
+        return policy or build_policy(get_settings().home, self.url, name, measurement=measurement,
+                                      allow_dev_attestation=allow_dev_attestation)
+
+    def call_confidential(self, name: str, args: dict[str, Any] | None = None, *, policy: Any = None,
+                          allow_dev_attestation: Any = False, measurement: Any = None) -> Any:
+        """Call `name` sealed end to end: only replicas whose attestation passes `policy` (default: the
+        measurement `cocoon deploy` printed here, TDX; `allow_dev_attestation=True` also trusts this machine's
+        NOT SECURE dev key) can read the arguments. The verified receipt is left in `self.last_receipt`."""
+        from cocoon_faas.confidential_client import call_confidential
+
+        result, self.last_receipt = call_confidential(
+            self, name, args, self._policy(name, policy, allow_dev_attestation, measurement))
+        return result
+
+    def stream_confidential(self, name: str, args: dict[str, Any] | None = None, *, policy: Any = None,
+                            allow_dev_attestation: Any = False, measurement: Any = None) -> Iterator[Any]:
+        """Like `call_confidential` for generator functions: yields each item; ends at the authenticated end."""
+        from cocoon_faas.confidential_client import stream_confidential
+
+        return stream_confidential(self, name, args, self._policy(name, policy, allow_dev_attestation, measurement))
+
+    def spawn_confidential(self, name: str, args: dict[str, Any] | None = None, *, policy: Any = None,
+                           allow_dev_attestation: Any = False, measurement: Any = None) -> Any:
+        """Submit a sealed async call; `.get()` on the handle opens the sealed result."""
+        from cocoon_faas.confidential_client import spawn_confidential
+
+        return spawn_confidential(self, name, args, self._policy(name, policy, allow_dev_attestation, measurement))
+
     def get_call(self, call_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/calls/{call_id}").json()
 
@@ -207,6 +240,9 @@ class Client:
             r = self._request("POST", "/v1/deployments", json={"functions": [b.to_json()]})
             rec = r.json()["functions"][0]
             out.append(rec)
+            from cocoon_faas.confidential_client import record_deployment
+
+            record_deployment(get_settings().home, self.url, rec)  # the measurement confidential calls pin
             if progress:
                 progress(fn.name, "done")
         return out

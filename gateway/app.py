@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from cocoon_faas.errors import CocoonError, NotFoundError
-from cocoon_faas.gateway import openai_routes, routes_control, routes_fn
+from cocoon_faas.gateway import openai_routes, routes_attest, routes_control, routes_fn
 from cocoon_faas.gateway.billing import Billing
 from cocoon_faas.gateway.controller import Controller, FunctionRuntime, RayBackend
 from cocoon_faas.gateway.http import error_response, json_response
@@ -220,6 +220,7 @@ def create_app(settings: Settings, backend: Any = None, extra_routes: list[Any] 
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         *routes_fn.routes,
+        *routes_attest.routes,
         *routes_control.routes,
         *openai_routes.routes,
         *(extra_routes or []),

@@ -47,7 +47,8 @@ def error_from_frame(fr: FunctionRuntime, frame: Frame) -> CocoonError:
     if kind == "function_error":
         return FunctionError(f"{m.get('exc_type', 'Exception')}: {m.get('message', '')}",
                              exc_type=m.get("exc_type"), function=fr.name)
-    return CocoonError(str(m.get("message", "replica error")), **{k: v for k, v in m.items() if k != "logs"})
+    return CocoonError(str(m.get("message", "replica error")),
+                       **{k: v for k, v in m.items() if k not in ("logs", "message")})
 
 
 class Invoker:

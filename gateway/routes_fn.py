@@ -23,6 +23,7 @@ from cocoon_faas.gateway.billing import PAYMENT_HEADER
 from cocoon_faas.gateway.controller import FunctionRuntime
 from cocoon_faas.gateway.http import developer_of, error_response, json_response, read_body
 from cocoon_faas.gateway.invoke import Outcome
+from cocoon_faas.gateway.sealed import call_sealed, is_sealed
 
 
 @dataclass
@@ -63,6 +64,9 @@ async def _prepare(request: Request, call_id: str) -> tuple[Any, FunctionRuntime
     paid = PAYMENT_HEADER in request.headers
     caller = None if paid else developer_of(request)
     fr = gw.controller.get(request.path_params["name"])
+    if fr.meta.get("confidential"):
+        raise InvalidRequestError(f"function {fr.name!r} is a confidential deployment: it accepts only sealed "
+                                  "calls (`cocoon call --confidential`, Client.call_confidential)")
     body = await read_body(request, gw.settings.max_body_bytes)
     try:
         args = json.loads(body) if body.strip() else {}
@@ -75,6 +79,8 @@ async def _prepare(request: Request, call_id: str) -> tuple[Any, FunctionRuntime
 
 
 async def call_function(request: Request) -> Response:
+    if is_sealed(request):  # confidential: routed on the envelope's clear header only (gateway/sealed.py)
+        return await call_sealed(request)
     call_id = uuid.uuid4().hex
     try:
         gw, fr, body, caller, hold = await _prepare(request, call_id)

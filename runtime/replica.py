@@ -3,17 +3,30 @@
 Ray creates the actor with the spec's resources and restarts nothing on its own: the gateway's controller
 decides. On `start()` the actor unpickles the code blob (inside the worker: the gateway never does), runs the
 setup hooks, and opens a TCP port; the gateway then keeps one persistent multiplexed connection to it.
+
+Confidential calls (docs/confidential.md): `start()` also creates the replica's `ReplicaIdentity` here, inside
+the worker (TDX evidence when configfs-tsm exists, else a NOT SECURE dev attestation), and returns its document.
+A CALL whose meta says `"sealed": true` carries a sealed envelope: it is opened here, and every answer leaves
+sealed to the caller's reply key with a signed receipt. Output printed during a sealed call is never forwarded.
+A confidential deployment's code arrives sealed ("CSC1"); it stays locked until `unlock(grant)` delivers the
+code key (from the developer's release agent or a peer replica, `peer_grant`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from cocoon_faas import protocol as P
+from cocoon_faas.bundle import measurement_of
+from cocoon_faas.confidential.errors import EnvelopeError
+from cocoon_faas.confidential.keyrelease import CODE_MAGIC, peek_sealed_code
+from cocoon_faas.confidential.replica import TSM_REPORT_DIR, ReplicaCallContext, ReplicaIdentity
 from cocoon_faas.runtime.executor import (
     CallInterrupted,
     CallLog,
@@ -55,6 +68,32 @@ class _ServerConn:
             self.proto.send(data)
 
 
+def _evidence_kind() -> str:
+    """`tdx` inside a TDX guest (configfs-tsm present), else `dev`; COCOON_ATTESTATION=dev|tdx overrides."""
+    from cocoon_faas.settings import get_settings
+
+    choice = getattr(get_settings(), "attestation", "auto")
+    if choice in ("dev", "tdx"):
+        return choice
+    return "tdx" if TSM_REPORT_DIR.is_dir() else "dev"
+
+
+def _create_identity(function: str, measurement: str) -> ReplicaIdentity:
+    """Fresh keys and a document; the dev key file is created under a lock (replicas start concurrently)."""
+    import fcntl
+
+    from cocoon_faas.settings import get_settings
+
+    kind = _evidence_kind()
+    if kind == "tdx":
+        return ReplicaIdentity.create(function, measurement, RUNTIME_VERSION, evidence="tdx")
+    home = Path(get_settings().home)
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "dev_attestation_key.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return ReplicaIdentity.create(function, measurement, RUNTIME_VERSION, evidence="dev", dev_key=home)
+
+
 class Replica:
     """Actor body; wrapped with `ray.remote` by the controller (so importing this needs no Ray)."""
 
@@ -70,28 +109,96 @@ class Replica:
         self.inflight = 0
         self.calls = 0
         self._server: asyncio.AbstractServer | None = None
+        self.ident: ReplicaIdentity | None = None
+        self._ident_error = ""
+        self._sealed_code: bytes | None = None  # a confidential deployment's code, until and after unlock
+        self._unlocked: asyncio.Event | None = None
 
     async def start(self) -> dict[str, Any]:
-        """Load the function, run setup hooks, open the data port; returns where to connect."""
+        """Create the identity, load the function (unless its code is sealed), run setup hooks, open the data
+        port; returns where to connect and the attestation document."""
         install_output_capture()
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
+        sealed = self._blob[:4] == CODE_MAGIC
+        self._unlocked = asyncio.Event()
         try:
-            self.loaded = LoadedFunction(self._blob, self.spec)
-            log = await loop.run_in_executor(self.loaded.pool, self.loaded.setup)
+            if sealed:
+                hdr = peek_sealed_code(self._blob)
+                if hdr.function != self.function:
+                    raise EnvelopeError("function", f"sealed code is for {hdr.function!r}, not {self.function!r}")
+                measurement = hdr.measurement
+            else:
+                measurement = measurement_of(self._blob, self.spec.canonical())
+            try:
+                self.ident = await loop.run_in_executor(None, _create_identity, self.function, measurement)
+            except Exception as exc:  # noqa: BLE001 - plain calls still work; sealed ones are refused
+                if sealed:
+                    raise
+                self._ident_error = f"{type(exc).__name__}: {exc}"
+            log_lines: list[Any] = []
+            if sealed:
+                self._sealed_code = self._blob
+            else:
+                self.loaded = LoadedFunction(self._blob, self.spec)
+                log = await loop.run_in_executor(self.loaded.pool, self.loaded.setup)
+                log_lines = log.lines
+                self._unlocked.set()
         except Exception as exc:  # noqa: BLE001 - reported to the gateway, which refuses the version
             return {"ok": False, "error_type": type(exc).__name__, "message": str(exc),
                     "traceback": trimmed_traceback(exc)}
         self._blob = b""
         self._server = await loop.create_server(lambda: _ServerConn(self).proto, self._host, 0)
         port = self._server.sockets[0].getsockname()[1]
-        return {"ok": True, "host": self._host, "port": port, "pid": os.getpid(),
-                "setup_s": time.monotonic() - t0, "logs": log.lines, "runtime": RUNTIME_VERSION}
+        info: dict[str, Any] = {"ok": True, "host": self._host, "port": port, "pid": os.getpid(),
+                                "setup_s": time.monotonic() - t0, "logs": log_lines if self._forward_logs else [],
+                                "runtime": RUNTIME_VERSION, "code_locked": sealed}
+        if self.ident is not None:
+            info.update(key_id=self.ident.key_id, document=self.ident.document)
+        else:
+            info["attestation_error"] = self._ident_error
+        return info
+
+    async def unlock(self, grant: bytes) -> dict[str, Any]:
+        """Open the sealed code with a key grant addressed to this replica, then load it and run setup hooks."""
+        if self._sealed_code is None or self.ident is None:
+            return {"ok": False, "check": "not_sealed", "message": "this replica's code is not sealed"}
+        if self.loaded is not None:
+            return {"ok": True, "already": True}
+        loop = asyncio.get_running_loop()
+        try:
+            code = self.ident.open_code(self._sealed_code, grant)
+            if measurement_of(code, self.spec.canonical()) != self.ident.measurement:
+                raise EnvelopeError("measurement", "the opened code and spec do not hash to the sealed measurement")
+            loaded = LoadedFunction(code, self.spec)
+            await loop.run_in_executor(loaded.pool, loaded.setup)  # setup output of sealed code stays here
+        except Exception as exc:  # noqa: BLE001 - reported to whoever delivered the grant
+            return {"ok": False, "check": getattr(exc, "check", type(exc).__name__), "message": str(exc)}
+        self.loaded = loaded
+        assert self._unlocked is not None
+        self._unlocked.set()
+        return {"ok": True}
+
+    async def peer_grant(self, peer_document: dict[str, Any]) -> bytes:
+        """Release the code key this replica holds to a peer whose document passes the sealed code's policy."""
+        if self.ident is None or self._sealed_code is None:
+            raise EnvelopeError("no_code_key", "this replica's code is not sealed; nothing to release")
+        return self.ident.peer_grant(self._sealed_code, peer_document)
+
+    async def document(self) -> dict[str, Any] | None:
+        return self.ident.document if self.ident is not None else None
 
     async def stats(self) -> dict[str, Any]:
         return {"inflight": self.inflight, "calls": self.calls, "pid": os.getpid()}
 
     async def handle(self, conn: _ServerConn, call: int, meta: dict[str, Any], body: bytes) -> None:
+        if meta.get("sealed"):
+            return await self._handle_sealed(conn, call, meta, body)
+        if self._sealed_code is not None:
+            conn.send(P.encode(call, P.ERROR, {
+                "type": "invalid_request", "status": 400, "message": f"function {self.function!r} is a "
+                "confidential deployment: it accepts only sealed calls (`cocoon call --confidential`)"}))
+            return
         loaded = self.loaded
         assert loaded is not None
         self.inflight += 1
@@ -123,6 +230,84 @@ class Replica:
                 "ms": _ms(t0), **self._log_meta(log)}))
         finally:
             self.inflight -= 1
+
+    async def _handle_sealed(self, conn: _ServerConn, call: int, meta: dict[str, Any], body: bytes) -> None:
+        """A sealed call: open the envelope, run, answer with sealed frames. Nothing readable leaves: no logs, no
+        error text from user code; plain ERROR frames carry only platform facts (check names, timeouts).
+
+        Frames: unary -> RESULT whose body is a sealed `res` or `err` frame (meta "sealed" names the kind);
+        stream -> CHUNK per sealed item, then END whose body is the sealed `end` (or `err`) frame."""
+        ident = self.ident
+        t0 = time.monotonic()
+        if ident is None:
+            conn.send(P.encode(call, P.ERROR, {"type": "attestation_error", "status": 503, "check": "identity",
+                                               "message": f"this replica has no attestation identity "
+                                               f"({self._ident_error}); it serves plain calls only"}))
+            return
+        try:
+            opened = ident.open_request(body)
+        except EnvelopeError as exc:
+            conn.send(P.encode(call, P.ERROR, {"type": exc.type, "status": exc.status, "check": exc.check,
+                                               "message": exc.message}))
+            return
+        timeout = float(meta.get("t", self.spec.timeout))
+        self.inflight += 1
+        self.calls += 1
+        try:
+            if self.loaded is None:
+                assert self._unlocked is not None
+                try:
+                    await asyncio.wait_for(self._unlocked.wait(), max(timeout, 0.001))
+                except asyncio.TimeoutError:
+                    conn.send(P.encode(call, P.ERROR, {
+                        "type": "no_capacity", "status": 503, "check": "code_locked", "message":
+                        f"the code key of confidential function {self.function!r} was not released to this replica "
+                        "in time; the developer runs `cocoon deploy --confidential` (or a release agent)"}))
+                    return
+            await self._run_sealed(conn, call, meta, opened.args_json, opened.ctx, ident, t0, timeout)
+        finally:
+            self.inflight -= 1
+
+    async def _run_sealed(self, conn: _ServerConn, call: int, meta: dict[str, Any], args_json: bytes,
+                          ctx: ReplicaCallContext, ident: ReplicaIdentity, t0: float, timeout: float) -> None:
+        loaded = self.loaded
+        assert loaded is not None
+        call_id = str(meta.get("id", call))
+        rate, royalty = float(meta.get("rate", 0.0)), int(meta.get("royalty", 0))
+        stream = bool(meta.get("stream"))
+        log = CallLog()  # sealed calls' output is captured so it is not lost in worker logs, and never forwarded
+
+        def price(ms: float) -> int:
+            return math.ceil(round(ms, 3) / 1000 * rate) + royalty
+
+        seq = 0
+        try:
+            kwargs = json.loads(args_json) if args_json.strip() else {}
+            if not isinstance(kwargs, dict):
+                raise TypeError("sealed arguments must be a JSON object of keyword arguments")
+            if stream:
+                async for item in loaded.stream(kwargs, log, t0 + timeout):
+                    conn.send(P.encode(call, P.CHUNK, {"seq": seq, "sealed": "chunk"},
+                                       ident.seal_chunk(ctx, seq, _dumps(item))))
+                    seq += 1
+                ms = _ms(t0)
+                conn.send(P.encode(call, P.END, {"ms": ms, "seq": seq, "sealed": "end"},
+                                   ident.seal_end(ctx, call_id, ms, price(ms))))
+            else:
+                result = _dumps(await loaded.run(kwargs, log, timeout))
+                ms = _ms(t0)
+                conn.send(P.encode(call, P.RESULT, {"ms": ms, "sealed": "res"},
+                                   ident.seal_response(ctx, call_id, result, ms, price(ms))))
+        except asyncio.CancelledError:
+            conn.send(P.encode(call, P.ERROR, {"type": "cancelled", "message": "call cancelled", "ms": _ms(t0)}))
+        except (CallInterrupted, asyncio.TimeoutError):
+            conn.send(P.encode(call, P.ERROR, {
+                "type": "timeout", "message": f"call exceeded its time limit of {timeout:g}s", "ms": _ms(t0)}))
+        except Exception as exc:  # noqa: BLE001 - the user's exception, sealed: its text may hold user data
+            ms = _ms(t0)
+            frame = ident.seal_error(ctx, call_id, type(exc).__name__, str(exc)[:2000], ms, price(ms))
+            conn.send(P.encode(call, P.END if stream else P.RESULT,
+                               {"ms": ms, "seq": seq, "sealed": "err"}, frame))
 
     def _log_meta(self, log: CallLog) -> dict[str, Any]:
         return {"logs": log.lines} if self._forward_logs and log.lines else {}

@@ -69,16 +69,20 @@ def serve(host: str | None, port: int | None, ray_address: str | None) -> None:
 @click.command()
 @click.argument("app", type=click.Path(dir_okay=False))
 @click.option("--confidential", is_flag=True, help="seal the code so only attested replicas can open it")
+@click.option("--allow-dev-attestation", is_flag=True,
+              help="with --confidential: release the code key to replicas with this machine's NOT SECURE dev key")
 @handles_errors
-def deploy(app: str, confidential: bool) -> None:
+def deploy(app: str, confidential: bool, allow_dev_attestation: bool) -> None:
     """Deploy every function in APP (a Python file); prints each URL and measurement."""
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
     if confidential:
-        from cocoon_faas.confidential_deploy import deploy_confidential  # type: ignore[import-not-found]
+        from cocoon_faas.confidential_client import deploy_confidential
 
-        records = deploy_confidential(app)
+        if allow_dev_attestation:
+            click.echo("warning: trusting development attestation: NOT SECURE, no TEE protects the code", err=True)
+        records = deploy_confidential(app, allow_dev_attestation=allow_dev_attestation)
     else:
         console = Console(stderr=True)
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=console, transient=True) as prog:
@@ -101,8 +105,14 @@ def deploy(app: str, confidential: bool) -> None:
 @click.argument("args", required=False, default="{}")
 @click.option("--async", "is_async", is_flag=True, help="submit and print the call id and status URL")
 @click.option("--stream", is_flag=True, help="print a generator function's items as they arrive")
+@click.option("--confidential", is_flag=True, help="seal the call to attested replicas (the gateway sees no data)")
+@click.option("--allow-dev-attestation", is_flag=True,
+              help="with --confidential: trust this machine's development attestation key (NOT SECURE)")
+@click.option("--measurement", multiple=True, metavar="HEX",
+              help="with --confidential: allowed measurement (default: the one `cocoon deploy` printed here)")
 @handles_errors
-def call(name: str, args: str, is_async: bool, stream: bool) -> None:
+def call(name: str, args: str, is_async: bool, stream: bool, confidential: bool, allow_dev_attestation: bool,
+         measurement: tuple[str, ...]) -> None:
     """Call function NAME with ARGS, a JSON object of keyword arguments."""
     try:
         kwargs = json.loads(args)
@@ -111,7 +121,9 @@ def call(name: str, args: str, is_async: bool, stream: bool) -> None:
     if not isinstance(kwargs, dict):
         fail("ARGS must be a JSON object of keyword arguments, like '{\"name\": \"Ada\"}'", 2)
     c = client()
-    if is_async:
+    if confidential:
+        _call_confidential(c, name, kwargs, is_async, stream, allow_dev_attestation, list(measurement) or None)
+    elif is_async:
         fc = c.spawn(name, kwargs)
         print_json({"id": fc.id, "status_url": f"{c.url}/v1/calls/{fc.id}"})
     elif stream:
@@ -119,6 +131,20 @@ def call(name: str, args: str, is_async: bool, stream: bool) -> None:
             click.echo(json.dumps(item))
     else:
         print_json(c.call(name, kwargs))
+
+
+def _call_confidential(c: Any, name: str, kwargs: dict[str, Any], is_async: bool, stream: bool, allow_dev: bool,
+                       measurement: list[str] | None) -> None:
+    if allow_dev:
+        click.echo("warning: trusting development attestation: NOT SECURE, no TEE protects this call", err=True)
+    kw = {"allow_dev_attestation": allow_dev, "measurement": measurement}
+    if stream:
+        for item in c.stream_confidential(name, kwargs, **kw):
+            click.echo(json.dumps(item))
+    elif is_async:
+        print_json(c.spawn_confidential(name, kwargs, **kw).get())
+    else:
+        print_json(c.call_confidential(name, kwargs, **kw))
 
 
 @click.command(name="ls")

@@ -1,0 +1,320 @@
+"""The SDK side of confidential calls and deployments, over `cocoon_faas.confidential` (docs/confidential.md).
+
+Calls: fetch the attestation documents of the function's live replicas, verify each against the caller's policy
+(by default: the measurement `cocoon deploy` printed on this machine, recorded in `$COCOON_HOME/deployments.json`,
+and TDX evidence; `dev` evidence only with `allow_dev_attestation`, which trusts the development key under this
+machine's COCOON_HOME or the hex keys given), seal the arguments to every verified replica and open the sealed
+answer (receipt checked). Verified replicas are cached until their documents near expiry; a `421 stale_keys`
+drops the cache, refetches and reseals once, transparently.
+
+Deployments (`deploy_confidential`): each function's code blob is sealed under a fresh code key whose release
+policy pins its measurement; the gateway stores only ciphertext. The key stays under `$COCOON_HOME/code_keys/`
+(0600); `release_code_keys` grants it to each replica whose document passes that policy (the deploying CLI does
+this at once; replicas started later get it from a peer, see gateway/routes_attest.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+import weakref
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from cocoon_faas.confidential import (
+    SEALED_CONTENT_TYPE,
+    CheckFailed,
+    ClientCallContext,
+    ClientPolicy,
+    EnvelopeError,
+    Receipt,
+    VerifiedReplica,
+    grant_code_key,
+    seal_code,
+    seal_request,
+    verify_document,
+)
+from cocoon_faas.confidential.document import DEV_KEY_FILE, dev_public_key_hex
+from cocoon_faas.errors import AttestationError, CocoonError, StaleKeysError, error_from_body
+
+DEPLOYMENTS_FILE = "deployments.json"
+CODE_KEYS_DIR = "code_keys"
+_cache: weakref.WeakKeyDictionary[Any, dict[Any, tuple[float, list[VerifiedReplica]]]] = weakref.WeakKeyDictionary()
+
+
+# -- deployment records (what `cocoon deploy` printed, pinned by default) ------------------------------------
+
+def record_deployment(home: Path, gateway_url: str, rec: dict[str, Any], confidential: bool = False) -> None:
+    """Remember a deployed function's measurement for this gateway (atomic rewrite of deployments.json)."""
+    path = Path(home) / DEPLOYMENTS_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    data.setdefault(gateway_url.rstrip("/"), {})[rec["name"]] = {
+        "measurement": rec["measurement"], "version": rec.get("version"), "confidential": confidential,
+        "deployed_at": int(time.time())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def pinned_measurement(home: Path, gateway_url: str, name: str) -> str | None:
+    try:
+        data = json.loads((Path(home) / DEPLOYMENTS_FILE).read_text())
+        return str(data[gateway_url.rstrip("/")][name]["measurement"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def local_dev_key(home: Path) -> str:
+    """The public half of this machine's development attestation key (hex); never creates one."""
+    path = Path(home) / DEV_KEY_FILE
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        raise AttestationError(f"no development attestation key at {path}: --allow-dev-attestation trusts the key "
+                               "of a gateway on this machine (same COCOON_HOME); pass its public key in "
+                               "allow_dev_attestation=['<hex>'] otherwise") from None
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return dev_public_key_hex(Ed25519PrivateKey.from_private_bytes(raw))
+
+
+def build_policy(home: Path, gateway_url: str, name: str, *, measurement: str | Iterable[str] | None = None,
+                 allow_dev_attestation: bool | str | Iterable[str] = False) -> ClientPolicy:
+    """The default policy for calling `name`: the pinned (or given) measurement, TDX evidence, plus dev evidence
+    signed by trusted keys when `allow_dev_attestation` (True: this machine's dev key; else hex keys)."""
+    ms: list[str]
+    if measurement is None:
+        pinned = pinned_measurement(home, gateway_url, name)
+        if pinned is None:
+            raise AttestationError(f"no measurement pinned for {name!r} on {gateway_url}: deploy it from this "
+                                   "machine with `cocoon deploy`, or pass the measurement `cocoon deploy` printed "
+                                   "(measurement=... / --measurement HEX)")
+        ms = [pinned]
+    else:
+        ms = [measurement] if isinstance(measurement, str) else list(measurement)
+    if allow_dev_attestation is True:
+        dev = [local_dev_key(home)]
+    elif allow_dev_attestation is False:
+        dev = []
+    elif isinstance(allow_dev_attestation, str):
+        dev = [allow_dev_attestation]
+    else:
+        dev = list(allow_dev_attestation)
+    return ClientPolicy.build(ms, allow_dev_keys=dev, function=name)
+
+
+# -- calls ---------------------------------------------------------------------------------------------------
+
+def _policy_key(name: str, p: ClientPolicy) -> Any:
+    return (name, p.measurements, p.tee_kinds, p.trusted_dev_keys, p.require_gpu, id(p.tdx), id(p.collateral))
+
+
+def verified_replicas(client: Any, name: str, policy: ClientPolicy, refresh: bool = False) -> list[VerifiedReplica]:
+    """The function's live replicas whose documents pass `policy` (cached until 60 s before the first expiry)."""
+    cache = _cache.setdefault(client, {})
+    key = _policy_key(name, policy)
+    hit = cache.get(key)
+    now = time.time()
+    if hit is not None and not refresh and hit[0] > now:
+        return hit[1]
+    docs = client._request("GET", f"/v1/functions/{name}/attestation").json().get("documents", [])
+    good: list[VerifiedReplica] = []
+    refused: list[CheckFailed] = []
+    for d in docs:
+        try:
+            good.append(verify_document(d, policy, now))
+        except CheckFailed as exc:
+            refused.append(exc)
+    if not good:
+        cache.pop(key, None)
+        if refused:
+            if refused[0].check == "tee_kind" and all(d.get("tee") == "dev" for d in docs):
+                raise CheckFailed("tee_kind", f"the replicas of {name!r} offer only development attestation "
+                                  "(NOT SECURE, no TEE); to trust it anyway pass --allow-dev-attestation "
+                                  "(allow_dev_attestation=True)")
+            raise refused[0]
+        raise AttestationError(f"function {name!r} has no live replica documents to seal to; retry shortly")
+    cache[key] = (min(r.expires_at for r in good) - 60.0, good)
+    return good
+
+
+def _sealed_post(client: Any, name: str, args: dict[str, Any] | None, policy: ClientPolicy,
+                 headers: dict[str, str] | None = None) -> tuple[Any, ClientCallContext]:
+    """POST a sealed request; on 421 stale_keys refetch the documents and reseal once."""
+    from cocoon_faas.client import _body
+
+    args_json = _body(args)
+    for attempt in (0, 1):
+        replicas = verified_replicas(client, name, policy, refresh=attempt > 0)
+        body, ctx = seal_request(args_json, name, replicas)
+        try:
+            r = client._paid("POST", f"/fn/{name}", name, content=body,
+                             headers={"Content-Type": SEALED_CONTENT_TYPE, **(headers or {})})
+        except StaleKeysError:
+            if attempt:
+                raise
+            continue
+        return r, ctx
+    raise AssertionError("unreachable")
+
+
+def call_confidential(client: Any, name: str, args: dict[str, Any] | None, policy: ClientPolicy
+                      ) -> tuple[Any, Receipt]:
+    """(result, verified receipt) of a sealed call."""
+    r, ctx = _sealed_post(client, name, args, policy)
+    result_json, receipt = ctx.open_response(r.content)
+    return json.loads(result_json), receipt
+
+
+class SealedCall:
+    """Handle on an async sealed call: the gateway's call record holds only the sealed frame."""
+
+    def __init__(self, client: Any, call_id: str, ctx: ClientCallContext) -> None:
+        self.client, self.id, self.ctx = client, call_id, ctx
+        self.receipt: Receipt | None = None
+
+    def get(self, timeout: float | None = None, poll: float = 0.05) -> Any:
+        from cocoon_faas.client import FunctionCall
+
+        try:
+            FunctionCall(self.client, self.id).get(timeout, poll)
+        except CocoonError as exc:
+            frame = exc.details.get("sealed_frame")
+            if not frame:
+                raise
+            self.ctx.open_response(base64.b64decode(frame))  # raises the sealed FunctionError
+            raise
+        st = self.client.get_call(self.id)
+        result_json, self.receipt = self.ctx.open_response(base64.b64decode(st["result"]["sealed_frame"]))
+        return json.loads(result_json)
+
+
+def spawn_confidential(client: Any, name: str, args: dict[str, Any] | None, policy: ClientPolicy) -> SealedCall:
+    r, ctx = _sealed_post(client, name, args, policy, {"Prefer": "respond-async"})
+    return SealedCall(client, r.json()["id"], ctx)
+
+
+def stream_confidential(client: Any, name: str, args: dict[str, Any] | None, policy: ClientPolicy
+                        ) -> Iterator[Any]:
+    """Yield a sealed stream's items in order; ends only at the authenticated end frame."""
+    import httpx
+
+    from cocoon_faas.client import _body
+
+    args_json = _body(args)
+    for attempt in (0, 1):
+        replicas = verified_replicas(client, name, policy, refresh=attempt > 0)
+        body, ctx = seal_request(args_json, name, replicas)
+        with client._http.stream("POST", f"/fn/{name}", content=body,
+                                 headers={"Content-Type": SEALED_CONTENT_TYPE, "Accept": "text/event-stream"}) as r:
+            if r.status_code >= 400:
+                r.read()
+                exc = client._error(r)
+                if isinstance(exc, StaleKeysError) and not attempt:
+                    continue
+                raise exc
+            event = "message"
+            try:
+                for line in r.iter_lines():
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data = line[5:].strip()
+                        if event == "frame":
+                            opened = ctx.open_chunk(base64.b64decode(data))
+                            if not isinstance(opened, Receipt):
+                                yield json.loads(opened)
+                        elif event == "error":
+                            raise error_from_body(500, json.loads(data))
+                        elif event == "end":
+                            break
+                        event = "message"
+            except httpx.TransportError as exc:
+                from cocoon_faas.errors import GatewayUnreachableError
+
+                raise GatewayUnreachableError(f"sealed stream from {client.url} broke off: {exc}") from None
+        if not ctx.finished:
+            raise EnvelopeError("truncated", "the sealed stream ended without its authenticated end frame")
+        return
+
+
+# -- confidential deployments ----------------------------------------------------------------------------------
+
+def _key_paths(home: Path, name: str, measurement: str) -> tuple[Path, Path]:
+    d = Path(home) / CODE_KEYS_DIR
+    stem = f"{name}-{measurement[:16]}"
+    return d / f"{stem}.key", d / f"{stem}.sealed"
+
+
+def _save_code_key(home: Path, name: str, measurement: str, key: bytes, sealed: bytes) -> None:
+    kp, sp = _key_paths(home, name, measurement)
+    kp.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(kp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    sp.write_bytes(sealed)
+
+
+def release_code_keys(client: Any, name: str, measurement: str, home: Path) -> dict[str, Any]:
+    """Grant the code key to every locked replica of `name` whose document passes the sealed code's policy."""
+    kp, sp = _key_paths(home, name, measurement)
+    try:
+        key, sealed = kp.read_bytes(), sp.read_bytes()
+    except OSError:
+        raise AttestationError(f"no code key for {name!r} ({measurement[:16]}...) under {kp.parent}; only the "
+                               "machine that ran `cocoon deploy --confidential` can release it") from None
+    att = client._request("GET", f"/v1/functions/{name}/attestation").json()
+    locked = {r["key_id"] for r in att.get("replicas", []) if r.get("code_locked")}
+    grants: dict[str, str] = {}
+    refused: dict[str, str] = {}
+    for doc in att.get("documents", []):
+        if doc.get("key_id") not in locked:
+            continue
+        try:
+            grant, _ = grant_code_key(key, sealed, doc)
+        except CheckFailed as exc:
+            refused[str(doc.get("key_id"))] = exc.message
+            continue
+        grants[doc["key_id"]] = base64.b64encode(grant).decode()
+    out: dict[str, Any] = {"unlocked": [], "failed": dict(refused)}
+    if grants:
+        res = client._request("POST", f"/v1/functions/{name}/grants", json={"grants": grants}).json()
+        out["unlocked"] = res.get("unlocked", [])
+        out["failed"].update(res.get("failed", {}))
+    return out
+
+
+def deploy_confidential(path: str | Path, client: Any = None, *,
+                        allow_dev_attestation: bool | str | Iterable[str] = False,
+                        tee_kinds: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """Deploy every function in an app file with its code sealed; release the key to the attested replicas."""
+    from cocoon_faas.bundle import bundle, load_app
+    from cocoon_faas.client import Client
+    from cocoon_faas.settings import get_settings
+
+    home = get_settings().home
+    c = client or Client()
+    _, functions = load_app(path)
+    out = []
+    for fn in functions:
+        b = bundle(fn)
+        policy = build_policy(home, c.url, fn.name, measurement=b.measurement,
+                              allow_dev_attestation=allow_dev_attestation)
+        if tee_kinds is not None:
+            policy = ClientPolicy.build([b.measurement], allow_dev_keys=policy.trusted_dev_keys,
+                                        tee_kinds=tee_kinds, function=fn.name)
+        sealed, key = seal_code(b.blob, fn.name, b.measurement, policy)
+        _save_code_key(home, fn.name, b.measurement, key, sealed)
+        item = {**b.to_json(), "code": base64.b64encode(sealed).decode(), "meta": {"confidential": True}}
+        rec = c._request("POST", "/v1/deployments", json={"functions": [item]}).json()["functions"][0]
+        record_deployment(home, c.url, rec, confidential=True)
+        rec["key_release"] = release_code_keys(c, fn.name, b.measurement, home)
+        out.append(rec)
+    return out
