@@ -37,9 +37,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cocoon_faas.runtime.hardware import GIB, Hardware, normalize_model
-
 from cocoon_faas.errors import InvalidRequestError, NoCapacityError, NotFoundError
+from cocoon_faas.runtime.hardware import GIB, Hardware, normalize_model
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +257,7 @@ class Marketplace:
         self._replicas: dict[str, list[tuple[str, Requirements]]] = {}  # function -> [(node id, req)]
         self._by_node: dict[str, dict[str, int]] = {}  # node id -> {function: replica count}
         self._subscribers: list[Callable[[MarketEvent], None]] = []
+        self._ray_ids: dict[str, str] = {}  # node id -> Ray node id, learned by sync_ray_nodes
         self._lock = threading.RLock()
 
     # --- membership -----------------------------------------------------------------------------------
@@ -279,8 +279,8 @@ class Marketplace:
     def heartbeat(self, node_id: str, load: float = 0.0) -> str:
         """Keep a node listed; a down node that heartbeats again comes back up. Returns its status."""
         st = self._state(node_id)
-        if st.status == LEFT:
-            raise NotFoundError(f"node {node_id!r} has left; run `cocoon provider join` again")
+        if st.status == LEFT:  # the agent stops on this; joining again is a new registration
+            return LEFT
         st.last_seen = self._clock()
         st.utilisation = max(0.0, float(load))
         if st.status == DOWN:
@@ -332,21 +332,24 @@ class Marketplace:
         return stale
 
     def sync_ray_nodes(self, ray_nodes: Iterable[dict[str, Any]]) -> list[str]:
-        """Mark down nodes whose Ray node (found by its ``cocoon-node:<id>`` resource) is dead or gone.
+        """Mark down nodes whose Ray node died or vanished; call it with ``ray.nodes()`` periodically.
 
-        ``ray_nodes`` is ``ray.nodes()``: dicts with ``Alive`` and ``Resources``. Returns the ids marked down.
+        A live Ray node is matched to its provider node by its ``cocoon-node:<id>`` resource and remembered by
+        Ray node id, because Ray lists a dead node without its resources. Returns the ids marked down.
         """
-        alive: set[str] = set()
-        seen: set[str] = set()
+        alive_ray: set[str] = set()
         for rn in ray_nodes:
+            if not rn.get("Alive"):
+                continue
+            rid = str(rn.get("NodeID", ""))
+            alive_ray.add(rid)
             for res in (rn.get("Resources") or {}):
-                if res.startswith("cocoon-node:"):
-                    nid = res.split(":", 1)[1]
-                    seen.add(nid)
-                    if rn.get("Alive"):
-                        alive.add(nid)
-        dead = [nid for nid in seen - alive if nid in self._nodes and self._nodes[nid].status in (UP, DRAINING)]
+                if res.startswith("cocoon-node:") and res[12:] in self._nodes:
+                    self._ray_ids[res[12:]] = rid
+        dead = [nid for nid, rid in self._ray_ids.items()
+                if rid not in alive_ray and self._nodes[nid].status in (UP, DRAINING)]
         for nid in dead:
+            self._ray_ids.pop(nid, None)
             self.mark_down(nid, "its Ray node died")
         return dead
 

@@ -1,7 +1,8 @@
 """HTTP edge of the provider marketplace: join, heartbeat, leave and the public listing.
 
     POST /v1/providers                    signed registration (runtime/registration.py) -> node id, token,
-                                          the Ray address to join, the heartbeat interval, the Ray resources
+                                          the Ray address (and auth token) to join, the heartbeat interval,
+                                          the Ray resources to advertise
     POST /v1/providers/{id}/heartbeat     Bearer <token>; {"load": 0..n} -> {"status": ...}
     POST /v1/providers/{id}/leave         Bearer <token> -> {"status": "draining" | "left"}
     GET  /v1/providers                    every listed node: hardware, price, load, health, reputation, earnings
@@ -17,18 +18,20 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
-from cocoon_faas.gateway.marketplace import Marketplace, Node
-from cocoon_faas.runtime.registration import MAX_SKEW_S, Registration
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
 from cocoon_faas.errors import AuthenticationError, CocoonError, InvalidRequestError, NoCapacityError
+from cocoon_faas.gateway.marketplace import Marketplace, Node
+from cocoon_faas.runtime.registration import MAX_SKEW_S, Registration
 
 MAX_BODY = 64 * 1024
 
@@ -61,9 +64,29 @@ def _default_ray_address() -> str | None:
     return get_settings().ray_address
 
 
+def _default_ray_token() -> str | None:
+    """The cluster's Ray auth token when token auth is on (Ray's own variables and default file)."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
 def provider_routes(market: Marketplace, *, ray_address: str | Callable[[], str | None] | None = None,
+                    ray_token: str | Callable[[], str | None] | None = None,
                     clock: Callable[[], float] = time.time) -> list[BaseRoute]:
-    """The provider endpoints over ``market``; ``ray_address`` is what joining nodes are told to join."""
+    """The provider endpoints over ``market``.
+
+    ``ray_address`` is the GCS address joining nodes are told to join (default: this process's Ray, else
+    ``COCOON_RAY_ADDRESS``); ``ray_token`` the cluster's auth token they need when Ray token auth is on
+    (default: read from Ray's ``RAY_AUTH_*`` variables). Note that a Ray cluster trusts its nodes: the token
+    lets a provider's node run cluster work, which is why confidential calls are sealed to attested workers.
+    """
     tokens: dict[str, bytes] = {}
     nonces = _Nonces()
 
@@ -106,8 +129,10 @@ def provider_routes(market: Marketplace, *, ray_address: str | Callable[[], str 
         market.register(node)
         token = secrets.token_urlsafe(32)
         tokens[node.node_id] = hashlib.sha256(token.encode()).digest()
+        ray_tok = ray_token() if callable(ray_token) else ray_token
         return JSONResponse({
             "node_id": node.node_id, "token": token, "ray_address": ray_addr,
+            "ray_token": ray_tok if ray_tok is not None else _default_ray_token(),
             "heartbeat_interval_s": market.heartbeat_interval,
             "resources": node.hardware.ray_resources(node.node_id), "status": market.status(node.node_id),
         }, status_code=201)

@@ -22,9 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from cocoon_faas.runtime.hardware import Hardware
-
 from cocoon_faas.errors import AuthenticationError, InvalidRequestError
+from cocoon_faas.runtime.hardware import Hardware
 
 DOMAIN = b"cocoon-provider-registration-v1\n"
 MAX_SKEW_S = 300

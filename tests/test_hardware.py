@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from cocoon_faas.runtime import hardware
-from cocoon_faas.runtime.hardware import GIB, Hardware
 
 from cocoon_faas.errors import InvalidRequestError
+from cocoon_faas.runtime import hardware
+from cocoon_faas.runtime.hardware import GIB, Hardware
 
 # The shape nvidia-smi prints for --query-gpu=name,memory.total,driver_version --format=csv,noheader,nounits
 NVIDIA_SMI = """NVIDIA H100 80GB HBM3, 81559, 550.54.15

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+
+from cocoon_faas.errors import InvalidRequestError, NoCapacityError, NotFoundError
 from cocoon_faas.gateway.marketplace import (
     DOWN,
     DRAINING,
@@ -17,8 +19,6 @@ from cocoon_faas.gateway.marketplace import (
     ton_to_nanoton,
 )
 from cocoon_faas.runtime.hardware import GIB, Hardware
-
-from cocoon_faas.errors import InvalidRequestError, NoCapacityError, NotFoundError
 
 
 class Clock:
@@ -250,8 +250,9 @@ def test_leave_drains_then_leaves_when_empty(market: Marketplace) -> None:
     assert market.status("a") == LEFT
     assert events == ["joined:a", "joined:b", "draining:a", "left:a"]
     assert [v.node_id for v in market.listing()] == ["b"]
+    assert market.heartbeat("a") == LEFT  # the agent stops on this
     with pytest.raises(NotFoundError, match="join"):
-        market.heartbeat("a")
+        market.heartbeat("never-joined")
 
 
 def test_attestation_failure_excludes_from_confidential_only(market: Marketplace) -> None:
@@ -274,12 +275,16 @@ def test_earnings_accumulate_per_provider(market: Marketplace) -> None:
 def test_sync_ray_nodes_marks_dead_raylets_down(market: Marketplace) -> None:
     market.register(node("a", "H100"))
     market.register(node("b", "A100"))
-    dead = market.sync_ray_nodes([
-        {"Alive": False, "Resources": {"cocoon-node:a": 1000.0, "gpu:H100": 1.0}},
-        {"Alive": True, "Resources": {"cocoon-node:b": 1000.0}},
-        {"Alive": True, "Resources": {"CPU": 1.0}},
-    ])
-    assert dead == ["a"] and market.status("a") == DOWN and market.status("b") == UP
+    alive = [
+        {"NodeID": "ra", "Alive": True, "Resources": {"cocoon-node:a": 1000.0, "gpu:H100": 1.0}},
+        {"NodeID": "rb", "Alive": True, "Resources": {"cocoon-node:b": 1000.0}},
+        {"NodeID": "head", "Alive": True, "Resources": {"CPU": 1.0}},
+    ]
+    assert market.sync_ray_nodes(alive) == []
+    # Ray lists a dead node without its resources; a vanished one not at all
+    dead = market.sync_ray_nodes([{"NodeID": "ra", "Alive": False, "Resources": {}}, alive[2]])
+    assert sorted(dead) == ["a", "b"]
+    assert market.status("a") == DOWN and market.status("b") == DOWN
 
 
 def test_reregistration_keeps_counters(market: Marketplace) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 
 import pytest
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
+
 from cocoon_faas.gateway.marketplace import Marketplace, Requirements
 from cocoon_faas.gateway.provider_routes import provider_routes
 from cocoon_faas.runtime.hardware import GIB, Hardware
 from cocoon_faas.runtime.registration import Registration
-from starlette.applications import Starlette
-from starlette.testclient import TestClient
-
 from cocoon_faas.ton.keys import PrivateKey
 from cocoon_faas.ton.wallet import Wallet
 
