@@ -1,0 +1,217 @@
+"""`cocoon provider join | leave | ls | earnings`: rent this machine's GPUs (or CPUs) to the cluster.
+
+A thin layer over runtime/node_agent.py (join runs the agent in the foreground, like ``ray start --block``) and the
+gateway's provider routes (gateway/provider_routes.py). The wallet key signs the registration: by default the
+wallet `cocoon wallet create` made (``$COCOON_HOME/wallet.json``), else ``--key-file`` (that JSON, 24 words, or a
+64-hex seed). The running node's session (id, token, gateway) is kept in ``$COCOON_HOME/provider.json`` so
+``leave`` and ``earnings`` from another shell find it. Payouts go through the operator's payment channels
+(gateway/payments.py); a ``payout`` command belongs here once the gateway exposes a provider payout route.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cocoon_faas.errors import CocoonError, InvalidRequestError
+from cocoon_faas.settings import get_settings
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _session_file() -> Path:
+    return get_settings().home / "provider.json"
+
+
+def load_key(path: Path) -> Any:
+    """The wallet key from wallet.json ({"words": [...]}), a 24-word phrase, or a 64-hex Ed25519 seed."""
+    from cocoon_faas.ton.keys import PrivateKey
+
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        raise InvalidRequestError(f"no wallet key at {path}; run `cocoon wallet create` or pass --key-file") from None
+    if text.startswith("{"):
+        return PrivateKey.from_mnemonic(json.loads(text)["words"])
+    words = text.split()
+    if len(words) == 24:
+        return PrivateKey.from_mnemonic(words)
+    try:
+        return PrivateKey.from_bytes(bytes.fromhex(text))
+    except ValueError:
+        raise InvalidRequestError(f"{path} holds neither wallet JSON, 24 words nor a 64-hex seed") from None
+
+
+def _session() -> dict[str, Any]:
+    f = _session_file()
+    if not f.exists():
+        raise InvalidRequestError(f"no provider node runs from this machine ({f} is missing); "
+                                  "start one with `cocoon provider join`")
+    return dict(json.loads(f.read_text()))
+
+
+def _link(gateway: str | None) -> Any:
+    from cocoon_faas.runtime.node_agent import GatewayLink
+
+    return GatewayLink(gateway or get_settings().gateway_url)
+
+
+def _gpus_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from cocoon_faas.runtime.hardware import parse_gpus_flag
+
+    if value is not None:
+        try:
+            parse_gpus_flag(value)
+        except InvalidRequestError as exc:
+            raise click.BadParameter(exc.message) from None
+    return value
+
+
+def _price_option(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    from cocoon_faas.gateway.marketplace import ton_to_nanoton
+
+    try:
+        return ton_to_nanoton(value)
+    except InvalidRequestError as exc:
+        raise click.BadParameter(exc.message) from None
+
+
+def _ton(nano: int) -> str:
+    from decimal import Decimal
+
+    return f"{Decimal(nano) / Decimal(10**9):f}"
+
+
+def register(main: click.Group) -> None:
+    @main.group("provider")
+    def provider() -> None:
+        """Offer this machine's GPUs to the cluster and earn TON per GPU-second."""
+
+    @provider.command("join")
+    @click.option("--gateway", default=None, help="gateway URL (default COCOON_GATEWAY_URL)")
+    @click.option("--wallet", required=True, help="your TON wallet address (earnings are paid to it)")
+    @click.option("--price", required=True, callback=_price_option, help="TON per GPU-second, e.g. 0.0005")
+    @click.option("--cpu-price", default="0", show_default=True, callback=_price_option, help="TON per CPU-second")
+    @click.option("--gpus", default=None, metavar="MODEL:COUNT", callback=_gpus_option,
+                  help="declare GPUs instead of detecting them, e.g. H100:2")
+    @click.option("--cpus", default=None, type=int, help="CPUs to offer (default: all)")
+    @click.option("--name", default=None, help="node name (default: host name; keeps the node id across joins)")
+    @click.option("--key-file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+                  help="wallet key (default $COCOON_HOME/wallet.json)")
+    @click.option("--wallet-version", default="v3r2", show_default=True, help="the wallet contract version")
+    @click.option("--temp-dir", default=None, help="Ray's --temp-dir for this node")
+    def join(gateway: str | None, wallet: str, price: int, cpu_price: int, gpus: str | None, cpus: int | None,
+             name: str | None, key_file: Path | None, wallet_version: str, temp_dir: str | None) -> None:
+        """Detect the hardware, register (signed by the wallet key), join Ray, heartbeat until stopped."""
+        from cocoon_faas.runtime import hardware
+        from cocoon_faas.runtime.node_agent import NodeAgent
+        from cocoon_faas.runtime.registration import wallet_owner_matches
+
+        try:
+            key = load_key(key_file or get_settings().home / "wallet.json")
+            if not wallet_owner_matches(wallet, key.public_key().to_bytes(), wallet_version):
+                raise InvalidRequestError(f"this key does not own {wallet} as a {wallet_version} wallet; pass the "
+                                          "wallet's own key with --key-file or its version with --wallet-version")
+            hw = hardware.detect(gpus, cpus=cpus)
+            agent = NodeAgent(_link(gateway), key, wallet=wallet, hardware=hw, gpu_price=price,
+                              cpu_price=cpu_price, wallet_version=wallet_version, name=name,
+                              temp_dir=temp_dir)
+            info = agent.register()
+        except CocoonError as exc:
+            _fail(exc.message)
+            return
+        f = _session_file()
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps({"node_id": info.node_id, "token": info.token, "gateway": agent.link.url,
+                                 "pid": os.getpid()}))
+        os.chmod(f, 0o600)
+        click.echo(json.dumps({"node_id": info.node_id, "hardware": hw.label, "ray_address": info.ray_address,
+                               "resources": info.resources, "price_ton_per_gpu_s": _ton(price)}, indent=2))
+
+        def on_signal(signum: int, frame: Any) -> None:
+            click.echo("leaving: draining in-flight calls…", err=True)
+            agent.leave()
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        log = Path(temp_dir or get_settings().home) / f"ray-node-{info.node_id}.log"
+        agent.start_ray(log)
+        try:
+            status = agent.run()
+        finally:
+            agent.stop_ray()
+            if f.exists() and json.loads(f.read_text()).get("pid") == os.getpid():
+                f.unlink()
+        if status == "ray-died":
+            _fail(f"the Ray node stopped (see {log}); run `cocoon provider join` again")
+        click.echo(json.dumps({"node_id": info.node_id, "status": status}))
+
+    @provider.command("leave")
+    @click.option("--timeout", default=300.0, show_default=True, help="seconds to wait for in-flight calls")
+    def leave(timeout: float) -> None:
+        """Drain this machine's node (replicas move, calls finish), then the running `join` stops Ray."""
+        try:
+            s = _session()
+            link = _link(s["gateway"])
+            ans = link.call("POST", f"/v1/providers/{s['node_id']}/leave", token=s["token"])
+            deadline = time.monotonic() + timeout
+            status = ans["status"]
+            while status not in ("left", "down") and time.monotonic() < deadline:
+                time.sleep(0.5)
+                status = link.call("GET", f"/v1/providers/{s['node_id']}")["status"]
+        except CocoonError as exc:
+            if exc.status == 404:
+                status = "left"
+            else:
+                _fail(exc.message)
+                return
+        if status not in ("left", "down"):
+            _fail(f"node still {status} after {timeout:g}s; run `cocoon provider leave` again to keep waiting")
+        click.echo(json.dumps({"node_id": s["node_id"], "status": status}))
+
+    @provider.command("ls")
+    @click.option("--gateway", default=None, help="gateway URL (default COCOON_GATEWAY_URL)")
+    @click.option("--json", "as_json", is_flag=True, help="print JSON")
+    def ls(gateway: str | None, as_json: bool) -> None:
+        """Every provider node: hardware, price, load, health, success rate, latency, earnings."""
+        try:
+            rows = _link(gateway).call("GET", "/v1/providers")["providers"]
+        except CocoonError as exc:
+            _fail(exc.message)
+            return
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table("node", "name", "gpu", "TON/GPU-s", "status", "load", "replicas", "success", "latency",
+                  "calls", "earned TON")
+        for r in rows:
+            t.add_row(r["node_id"], r["name"], r["gpu"], _ton(r["gpu_price"]),
+                      r["status"] + ("" if r["healthy"] or r["status"] != "up" else " (silent)"),
+                      f"{r['load']:.2f}", str(r["replicas"]), f"{r['success_rate']:.1%}",
+                      f"{r['mean_latency_s'] * 1000:.0f} ms", str(r["calls"]), _ton(r["earned"]))
+        Console(width=None if sys.stdout.isatty() else 200).print(t)
+
+    @provider.command("earnings")
+    def earnings() -> None:
+        """What this machine's node has earned so far (nanoton and TON)."""
+        try:
+            s = _session()
+            row = _link(s["gateway"]).call("GET", f"/v1/providers/{s['node_id']}")
+        except CocoonError as exc:
+            _fail(exc.message)
+            return
+        click.echo(json.dumps({"node_id": s["node_id"], "earned_nanoton": row["earned"],
+                               "earned_ton": _ton(row["earned"]), "calls": row["calls"]}, indent=2))
