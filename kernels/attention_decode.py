@@ -124,11 +124,10 @@ def attention_decode_reference(
     group = _check(q, k_cache, v_cache, lengths)
     t = k_cache.shape[2] if max_len is None else min(max_len, k_cache.shape[2])
     k, v = k_cache[:, :, :t], v_cache[:, :, :t]
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
     mask = torch.arange(t, device=q.device)[None, :] < lengths.to(q.device)[:, None]
-    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    out = F.scaled_dot_product_attention(
+        q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=group > 1
+    )
     return out[:, :, 0, :]
 
 

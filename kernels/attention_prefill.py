@@ -121,11 +121,10 @@ def attention_prefill_reference(
     lengths: torch.Tensor | None = None, scale: float | None = None,
 ) -> torch.Tensor:
     group = _check(q, k, v)
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
+    if causal and lengths is None and q.shape[2] == k.shape[2]:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=group > 1)
     mask = key_mask(q.shape[0], q.shape[2], k.shape[2], lengths, causal, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1)
 
 
 def attention_prefill(
