@@ -126,7 +126,9 @@ def open_backend(kind: str, home: Path, chain_path: Path | None = None, **ton: A
     if kind == "ton":
         from cocoon_faas.ton.tonlib import TonChain
 
-        return TonChain(**ton)
+        code = home / "payment_channel.boc"  # tonweb's PAYMENT_CHANNEL_CODE_HEX as a BOC, to deploy channels
+        return TonChain(channel_code=Cell.one_from_boc(code.read_bytes()) if code.exists() else None, wait_s=30.0,
+                        **ton)
     raise InvalidRequestError(f"unknown settlement backend {kind!r}; set COCOON_SETTLEMENT to 'local' or 'ton'")
 
 
