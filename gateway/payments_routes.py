@@ -6,6 +6,9 @@
     POST /v1/channels/{id}/close    the operator's close signature; the caller proves itself with signature_a
     GET  /v1/ledger[?verify=1]      operator only: balances per party, optionally the verify report
     GET  /v1/ledger/calls/{id}      operator only: one paid call and its charge
+    GET  /v1/ledger/providers       operator only: per provider earned, paid out, due
+    POST /v1/ledger/providers/{id}/payout   operator only: pay what is due through the operator's channel to the
+                                    provider {public_key, wallet[, amount, deposit]} -> the signed state
 
 Registration trusts nothing the caller claims: keys, deposit and committed seqno come from the settlement chain
 (`PaymentGate.register`). The operator is the gateway's ``default`` developer, whose API key `cocoon serve` writes
@@ -35,7 +38,7 @@ from cocoon_faas.ton.messages import CooperativeClose, sign_close
 from cocoon_faas.ton.wallet import Wallet
 
 from .http import developer_of
-from .payments import PaymentGate
+from .payments import PaymentGate, payout_signer, provider_earnings, provider_payout
 
 OPERATOR_DEVELOPER = "default"
 
@@ -144,6 +147,38 @@ def payment_routes(gate: PaymentGate, operator_key: PrivateKey | None = None,
         except CocoonError as exc:
             return err(exc)
 
+    async def earnings(request: Request) -> JSONResponse:
+        try:
+            require_operator(request)
+            return JSONResponse({"providers": provider_earnings(gate.ledger)})
+        except CocoonError as exc:
+            return err(exc)
+
+    async def payout(request: Request) -> JSONResponse:
+        try:
+            require_operator(request)
+            if operator_key is None or gate.chain is None:
+                raise ConflictError("payouts need the operator's key and a settlement backend")
+            pid = request.path_params["provider_id"]
+            d = await body(request)
+            try:
+                key, wallet = PublicKey(bytes.fromhex(str(d["public_key"]))), Address.parse(str(d["wallet"]))
+                amount = None if d.get("amount") is None else int(d["amount"])
+                deposit = None if d.get("deposit") is None else int(d["deposit"])
+            except (KeyError, ValueError, TypeError):
+                raise InvalidRequestError("send public_key (hex) and wallet of the provider, optionally amount and "
+                                          "deposit (nanoton)") from None
+            due = next((e["due"] for e in provider_earnings(gate.ledger) if e["provider_id"] == pid), 0)
+            if due <= 0:
+                raise ConflictError(f"provider {pid!r} is due nothing; see GET /v1/ledger/providers")
+            signer = payout_signer(gate.ledger, gate.chain, operator_key, pid, key, wallet,
+                                   deposit if deposit is not None else max(10 * due, 10**9))
+            return JSONResponse(provider_payout(gate.ledger, pid, signer, amount))
+        except CocoonError as exc:
+            return err(exc)
+
     return [Route("/v1/payments/operator", operator), Route("/v1/channels", register, methods=["POST"]),
             Route("/v1/channels/{cid:int}", show), Route("/v1/channels/{cid:int}/close", close, methods=["POST"]),
-            Route("/v1/ledger", ledger), Route("/v1/ledger/calls/{call_id}", ledger_call)]
+            Route("/v1/ledger", ledger), Route("/v1/ledger/calls/{call_id}", ledger_call),
+            Route("/v1/ledger/providers", earnings),
+            Route("/v1/ledger/providers/{provider_id}/payout", payout, methods=["POST"])]

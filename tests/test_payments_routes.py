@@ -117,3 +117,44 @@ def test_ledger_is_operator_only_and_close_pays_the_ledger(env) -> None:  # type
     # the caller gets the rest: its deposit minus the charge, plus the gas left in the contract, minus fees
     assert chain.balance(cfg.dest_a) == caller_before - GAS - 5_000_000 + contract + GAS - 525
     assert [p.dest for p in res.payouts] == [op_addr, cfg.dest_a]
+
+
+def test_provider_earnings_and_payout_through_a_channel(env) -> None:  # type: ignore[no-untyped-def]
+    chain, gate, client = env
+    cfg = _open_on_chain(chain, 9, CALLER, OP)
+    assert _reg(client, cfg).status_code == 201
+    signer = ChannelSigner(Path(gate.ledger.path).with_name("c.json"), CALLER, 9, DEP)
+    for i in range(3):
+        t = signer.sign_for_call(10**6)
+        gate.settle(gate.authorize(t.header, f"c{i}", "f", 10**6), "gpu-1", 400_000, "d", 0)
+    assert client.get("/v1/ledger/providers").status_code == 403
+    (e,) = client.get("/v1/ledger/providers", headers=TOKEN).json()["providers"]
+    assert e == {"provider_id": "gpu-1", "earned": 1_200_000, "paid": 0, "due": 1_200_000}
+    prov = PrivateKey(b"\x0b" * 32)
+    prov_wallet = Wallet(prov.public_key()).address
+    body = {"public_key": prov.public_key().hex(), "wallet": prov_wallet.raw, "deposit": DEP // 2}
+    assert client.post("/v1/ledger/providers/gpu-1/payout", json=body).status_code == 403
+    broke = client.post("/v1/ledger/providers/gpu-1/payout", json=body, headers=TOKEN)  # operator wallet is empty
+    assert broke.status_code == 402 and gate.ledger.paid_out() == {}
+    op_wallet = Wallet(OP.public_key())
+    chain.faucet(op_wallet.address, DEP)
+    paid = client.post("/v1/ledger/providers/gpu-1/payout", json={**body, "amount": 700_000}, headers=TOKEN).json()
+    assert paid["amount"] == 700_000
+    paid = client.post("/v1/ledger/providers/gpu-1/payout", json=body, headers=TOKEN).json()
+    assert paid["amount"] == 500_000
+    assert client.post("/v1/ledger/providers/gpu-1/payout", json=body, headers=TOKEN).status_code == 409
+    (e,) = client.get("/v1/ledger/providers", headers=TOKEN).json()["providers"]
+    assert e["paid"] == 1_200_000 and e["due"] == 0
+    # the provider holds the operator's signed state for the cumulative 1.2M and claims it on chain
+    from cocoon_faas.gateway.payments import decode_header
+
+    st = decode_header(paid["state"])
+    assert st.is_signed_by(OP.public_key()) and st.state.data.sent >= 1_200_000
+    pcfg = ChannelConfig(paid["channel_id"], OP.public_key(), prov.public_key(), op_wallet.address, prov_wallet)
+    on_chain = chain.channel_data(pcfg)
+    assert on_chain is not None and on_chain.inited and on_chain.balance_a == DEP // 2
+    args = (paid["channel_id"], DEP // 2 - 1_200_000, 1_200_000, st.state.data.seqno, 1)
+    close = CooperativeClose(sign_close(OP, *args), sign_close(prov, *args), *args)
+    require_ok(chain.send_to_channel(OP, op_wallet, pcfg, close.to_cell(), GAS), "payout close")
+    assert chain.balance(prov_wallet) == 1_200_000
+    assert gate.ledger.verify()["ok"]

@@ -196,6 +196,41 @@ def register(main: click.Group) -> None:
         except CocoonError as exc:
             _fail(exc)
 
+    provider = main.commands.get("provider")
+    if not isinstance(provider, click.Group):  # cli/provider.py may define the group; add to it when it does
+
+        @main.group("provider")
+        def provider() -> None:
+            """Providers: what they earned and payouts to them (operator)."""
+
+    @provider.command("earnings")
+    def provider_earnings_cmd() -> None:
+        """Per provider: earned, paid out and due, from the gateway's ledger (operator key)."""
+        try:
+            _out(_gateway("GET", "/v1/ledger/providers", headers=_operator_headers())["providers"])
+        except CocoonError as exc:
+            _fail(exc)
+
+    @provider.command("payout")
+    @click.argument("provider_id")
+    @click.option("--key", "public_key", required=True, help="the provider's Ed25519 public key (hex)")
+    @click.option("--wallet", required=True, help="the provider's wallet address (payouts land there on close)")
+    @click.option("--amount", default=None, help="TON to pay (default: all that is due)")
+    @click.option("--deposit", default=None, help="TON to lock in a new payout channel (default: 10x due, >= 1)")
+    def provider_payout_cmd(provider_id: str, public_key: str, wallet: str, amount: str | None,
+                            deposit: str | None) -> None:
+        """Pay a provider what it is due through the operator's channel to it (opened on first payout)."""
+        try:
+            body: dict[str, Any] = {"public_key": public_key, "wallet": wallet}
+            if amount is not None:
+                body["amount"] = to_nano(amount)
+            if deposit is not None:
+                body["deposit"] = to_nano(deposit)
+            _out(_gateway("POST", f"/v1/ledger/providers/{provider_id}/payout", json=body,
+                          headers=_operator_headers()))
+        except CocoonError as exc:
+            _fail(exc)
+
     @main.command("ledger")
     @click.option("--verify", is_flag=True, help="check conservation and state coverage")
     def ledger_cmd(verify: bool) -> None:
