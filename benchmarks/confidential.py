@@ -4,10 +4,12 @@
    Client seal = one content encryption plus one HPKE wrap per replica; replica open/seal and client open
    measured the same way.
 2. Crypto added to one call in-process (seal request, open it, seal the answer with a receipt, open and verify
-   it) for a no-op payload and a 64 KiB echo. The end-to-end plain vs confidential latency through a real
-   gateway is measured by `--gateway URL` once the gateway serves sealed calls.
+   it) for a no-op payload and a 64 KiB echo.
+3. `--gateway`: plain vs confidential calls through a real gateway and local Ray started here (dev attestation),
+   sequential, for a no-op and a 64 KiB echo: p50/p99 of each, the added latency and the ratio. The client's
+   verified replica documents are cached (as in the SDK), so the sealed call costs one round trip like a plain one.
 
-Run: `python benchmarks/confidential.py [--quick]`.
+Run: `python benchmarks/confidential.py [--quick] [--gateway]`.
 """
 
 from __future__ import annotations
@@ -48,7 +50,11 @@ def _pcts(fn, n: int) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--gateway", action="store_true", help="also plain vs confidential through a real gateway")
+    ap.add_argument("--only-gateway", action="store_true", help="only the gateway comparison")
     args = ap.parse_args()
+    if args.only_gateway:
+        return gateway_compare(300 if args.quick else 2000)
     dev = Ed25519PrivateKey.generate()
     reps = [ReplicaIdentity.create("echo", M, "bench", dev_key=dev) for _ in range(3)]
     policy = ClientPolicy.build([M], allow_dev_keys=[dev_public_key_hex(dev)])
@@ -100,6 +106,71 @@ def main() -> None:
             ctx.open_response(rep.seal_response(o.ctx, "c", o.args_json, 1.0, 1))
         p50, p99 = _pcts(call, n)
         print(f"{label:>12}: {p50:8.1f} / {p99:8.1f}")
+    if args.gateway:
+        gateway_compare(300 if args.quick else 2000)
+
+
+def gateway_compare(n: int) -> None:
+    """Plain vs confidential through `cocoon serve` (own COCOON_HOME, local Ray, dev attestation)."""
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import httpx
+
+    root = Path(__file__).resolve().parents[1]
+    home = Path(tempfile.mkdtemp(prefix="cocoon-bench-conf-"))
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "COCOON_HOME": str(home), "COCOON_GATEWAY_URL": url, "COCOON_ATTESTATION": "dev",
+           "COCOON_RAY_NUM_CPUS": "4"}
+    env.pop("COCOON_API_KEY", None)
+    os.environ.update({k: env[k] for k in ("COCOON_HOME", "COCOON_GATEWAY_URL")})
+    proc = subprocess.Popen([sys.executable, "-m", "cocoon_faas", "serve", "--port", str(port)], env=env,
+                            stdout=open(home / "gateway.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        subprocess.run([sys.executable, "-m", "cocoon_faas", "deploy", str(root / "benchmarks/apps/sealed_bench.py")],
+                       env=env, check=True, capture_output=True)
+        from cocoon_faas.client import Client
+        from cocoon_faas.settings import reload_settings
+
+        reload_settings()
+        c = Client(url=url, payer=None)
+        echo = "a" * (64 << 10)
+        print(f"\n== plain vs confidential through the gateway ({n} sequential calls each; µs p50 / p99) ==")
+        print(f"{'call':>12} {'plain':>19} {'confidential':>19} {'added p50':>10} {'ratio p50':>10}")
+        for label, name, args in (("no-op", "bench_noop", {}), ("echo 64 KiB", "bench_echo", {"data": echo})):
+            for _ in range(20):  # warm both paths (connection, document cache)
+                c.call(name, args)
+                c.call_confidential(name, args, allow_dev_attestation=True)
+            plain = _pcts(lambda: c.call(name, args), n)  # noqa: B023
+            conf = _pcts(lambda: c.call_confidential(name, args, allow_dev_attestation=True), n)  # noqa: B023
+            print(f"{label:>12} {plain[0]:8.0f} / {plain[1]:8.0f} {conf[0]:8.0f} / {conf[1]:8.0f} "
+                  f"{conf[0] - plain[0]:10.0f} {conf[0] / plain[0]:10.2f}")
+        c.close()
+    finally:
+        import signal
+
+        try:
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 if __name__ == "__main__":

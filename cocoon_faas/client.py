@@ -188,10 +188,10 @@ class Client:
 
     # -- confidential calls (cocoon_faas/confidential_client.py, docs/confidential.md) ------------------
     def _policy(self, name: str, policy: Any, allow_dev_attestation: Any, measurement: Any) -> Any:
-        from cocoon_faas.confidential_client import build_policy
+        from cocoon_faas.confidential_client import cached_policy
 
-        return policy or build_policy(get_settings().home, self.url, name, measurement=measurement,
-                                      allow_dev_attestation=allow_dev_attestation)
+        return policy or cached_policy(get_settings().home, self.url, name, measurement=measurement,
+                                       allow_dev_attestation=allow_dev_attestation)
 
     def call_confidential(self, name: str, args: dict[str, Any] | None = None, *, policy: Any = None,
                           allow_dev_attestation: Any = False, measurement: Any = None) -> Any:

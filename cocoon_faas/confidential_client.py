@@ -85,6 +85,27 @@ def local_dev_key(home: Path) -> str:
     return dev_public_key_hex(Ed25519PrivateKey.from_private_bytes(raw))
 
 
+_policies: dict[Any, tuple[float, ClientPolicy]] = {}
+
+
+def cached_policy(home: Path, gateway_url: str, name: str, *, measurement: Any = None,
+                  allow_dev_attestation: Any = False) -> ClientPolicy:
+    """`build_policy`, memoized until deployments.json changes (a redeploy re-pins the measurement)."""
+    try:
+        mtime = (Path(home) / DEPLOYMENTS_FILE).stat().st_mtime_ns
+    except OSError:
+        mtime = 0
+    m = measurement if measurement is None or isinstance(measurement, str) else tuple(measurement)
+    d = allow_dev_attestation if isinstance(allow_dev_attestation, (bool, str)) else tuple(allow_dev_attestation)
+    key = (str(home), gateway_url, name, m, d)
+    hit = _policies.get(key)
+    if hit is not None and hit[0] == mtime:
+        return hit[1]
+    pol = build_policy(home, gateway_url, name, measurement=measurement, allow_dev_attestation=allow_dev_attestation)
+    _policies[key] = (mtime, pol)
+    return pol
+
+
 def build_policy(home: Path, gateway_url: str, name: str, *, measurement: str | Iterable[str] | None = None,
                  allow_dev_attestation: bool | str | Iterable[str] = False) -> ClientPolicy:
     """The default policy for calling `name`: the pinned (or given) measurement, TDX evidence, plus dev evidence
@@ -113,7 +134,8 @@ def build_policy(home: Path, gateway_url: str, name: str, *, measurement: str | 
 # -- calls ---------------------------------------------------------------------------------------------------
 
 def _policy_key(name: str, p: ClientPolicy) -> Any:
-    return (name, p.measurements, p.tee_kinds, p.trusted_dev_keys, p.require_gpu, id(p.tdx), id(p.collateral))
+    return (name, p.measurements, p.tee_kinds, p.trusted_dev_keys, p.require_gpu, repr(p.tdx),
+            None if p.collateral is None else id(p.collateral), None if p.root is None else id(p.root))
 
 
 def verified_replicas(client: Any, name: str, policy: ClientPolicy, refresh: bool = False) -> list[VerifiedReplica]:

@@ -136,7 +136,9 @@ def test_replay_is_refused(gw):
     h = {**gw.headers(), "Content-Type": "application/cocoon-sealed+json"}  # the alternative name is accepted
     first = httpx.post(f"{gw.url}/fn/shout", content=body, headers=h)
     assert first.status_code == 200 and first.headers["X-Cocoon-Sealed-Kind"] == "res"
-    assert json.loads(ctx.open_response(first.content)[0]) == {"shout": "ECNO", "n": 4}
+    result, receipt = ctx.open_response(first.content)
+    assert json.loads(result) == {"shout": "ECNO", "n": 4}
+    assert float(first.headers["X-Cocoon-Exec-Ms"]) == pytest.approx(receipt.exec_ms)  # metered from the receipt
     again = httpx.post(f"{gw.url}/fn/shout", content=body, headers=h)
     assert again.status_code == 409 and again.json()["error"]["check"] == "replay"
     with pytest.raises(EnvelopeError) as e:  # the gateway replaying the old answer into the same context
@@ -215,6 +217,33 @@ def test_confidential_deploy_stores_only_ciphertext(gw):
     for name in ("cocoon.db", "cocoon.db-wal", "gateway.log"):
         p = gw.home / name
         assert not p.exists() or marker not in p.read_bytes(), name
+    c.close()
+
+
+def test_replacement_replica_gets_the_code_key_from_a_peer(gw):
+    """The developer is offline: a replica replacing a dead one is unlocked by a peer (same sealed policy)."""
+    c = client(gw)
+    pol = policy(gw, "vault")
+    a, b = verified_replicas(c, "vault", pol, refresh=True)
+    body, _ = seal_request(b"{\"x\": -1}", "vault", [a])
+    r = httpx.post(f"{gw.url}/fn/vault", content=body, headers={**gw.headers(), "Content-Type": SEALED_CONTENT_TYPE},
+                   timeout=60)
+    assert r.status_code in (421, 502), r.text  # its replica died; no other replica holds that key
+    deadline = time.monotonic() + 90
+    att: dict = {}
+    while time.monotonic() < deadline:
+        with gw.http() as h:
+            att = h.get("/v1/functions/vault/attestation").json()
+        kids = {d["key_id"] for d in att["documents"]}
+        if len(kids) == 2 and a.key_id not in kids and not any(x["code_locked"] for x in att["replicas"]):
+            break
+        time.sleep(0.5)
+    new = [d for d in att["documents"] if d["key_id"] not in (a.key_id, b.key_id)]
+    assert len(new) == 1 and not any(x["code_locked"] for x in att["replicas"]), att["replicas"]
+    fresh = verify_document(new[0], pol)
+    body, ctx = seal_request(b"{\"x\": 1}", "vault", [fresh])
+    r = httpx.post(f"{gw.url}/fn/vault", content=body, headers={**gw.headers(), "Content-Type": SEALED_CONTENT_TYPE})
+    assert r.status_code == 200 and json.loads(ctx.open_response(r.content)[0])["x"] == 2
     c.close()
 
 
