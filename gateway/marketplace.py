@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import re
 import threading
 import time
 from collections import deque
@@ -37,100 +36,16 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cocoon_faas.errors import InvalidRequestError, NoCapacityError, NotFoundError
-from cocoon_faas.runtime.hardware import GIB, Hardware, normalize_model
+from cocoon_faas.errors import NoCapacityError, NotFoundError
+from cocoon_faas.gateway.requirements import NANOTON, Requirements, ton_to_nanoton
+from cocoon_faas.runtime.hardware import GIB, Hardware
 
 log = logging.getLogger(__name__)
+__all__ = ["DOWN", "DRAINING", "LEFT", "NANOTON", "UP", "MarketEvent", "Marketplace", "Node", "ProviderView",
+           "Requirements", "ton_to_nanoton"]
 
-NANOTON = 1_000_000_000
 UP, DRAINING, DOWN, LEFT = "up", "draining", "down", "left"
 _PLACE_CANDIDATES = 32  # placement scores at most this many cheapest fitting nodes: flat in inventory size
-
-
-def ton_to_nanoton(value: str | float | int) -> int:
-    """"0.0005" TON -> 500000 nanoton; exact for decimal strings."""
-    from decimal import Decimal, InvalidOperation
-
-    try:
-        d = Decimal(str(value))
-    except InvalidOperation:
-        raise InvalidRequestError(f"price {value!r} is not a number of TON") from None
-    if d < 0 or not d.is_finite():
-        raise InvalidRequestError(f"price {value!r} must be a non-negative number of TON")
-    return int(d * NANOTON)
-
-
-@dataclass(frozen=True)
-class Requirements:
-    """What one replica of a function needs. ``gpu_model`` None with ``gpu_count`` > 0 means any GPU."""
-
-    gpu_model: str | None = None
-    gpu_count: int = 0
-    gpu_min_gb: int = 0
-    cpus: float = 0.0
-    memory: int = 0
-    confidential: bool = False
-
-    @classmethod
-    def parse(cls, gpu: str | None = None, *, cpus: float = 0.0, memory: int = 0,
-              confidential: bool = False) -> Requirements:
-        """``gpu`` as users write it: "H100", "A100-80GB:2", "any", "any:4", or None for CPU-only."""
-        if gpu is None or gpu == "":
-            return cls(None, 0, 0, float(cpus), int(memory), confidential)
-        model, _, count_s = str(gpu).partition(":")
-        try:
-            count = int(count_s) if count_s else 1
-        except ValueError:
-            raise InvalidRequestError(f"gpu={gpu!r}: count must be an integer, e.g. gpu='A100-80GB:2'") from None
-        if count < 1:
-            raise InvalidRequestError(f"gpu={gpu!r}: count must be >= 1")
-        return cls.from_parts(model, count, cpus=cpus, memory=memory, confidential=confidential)
-
-    @classmethod
-    def from_parts(cls, model: str | None, count: int, *, cpus: float = 0.0, memory: int = 0,
-                   confidential: bool = False) -> Requirements:
-        if count <= 0:
-            return cls(None, 0, 0, float(cpus), int(memory), confidential)
-        if model is None or model.strip().lower() in ("", "any"):
-            return cls(None, count, 0, float(cpus), int(memory), confidential)
-        m = re.search(r"(\d+)\s*GB\b", model, re.IGNORECASE)
-        return cls(normalize_model(model), count, int(m.group(1)) if m else 0, float(cpus), int(memory),
-                   confidential)
-
-    @classmethod
-    def from_spec(cls, spec: Any) -> Requirements:
-        """From a ``cocoon_faas.spec.FunctionSpec`` (duck-typed: gpu.model/gpu.count, cpu, memory)."""
-        gpu = getattr(spec, "gpu", None)
-        model = getattr(gpu, "model", None) if gpu is not None else None
-        count = int(getattr(gpu, "count", 0) or 0) if gpu is not None else 0
-        return cls.from_parts(model, count, cpus=float(getattr(spec, "cpu", 0) or 0),
-                              memory=int(getattr(spec, "memory", 0) or 0),
-                              confidential=bool(getattr(spec, "confidential", False)))
-
-    @property
-    def label(self) -> str:
-        """``gpu:H100 x2``, ``gpu:A100-80GB x1``, ``gpu:any x1`` or ``cpu x2``."""
-        if not self.gpu_count:
-            return f"cpu x{self.cpus:g}"
-        name = (self.gpu_model or "any") + (f"-{self.gpu_min_gb}GB" if self.gpu_min_gb else "")
-        return f"gpu:{name} x{self.gpu_count}"
-
-    def hardware_fits(self, hw: Hardware) -> bool:
-        """Does the machine, empty, satisfy this requirement?"""
-        if self.gpu_count:
-            if hw.gpu_count < self.gpu_count or not hw.gpu_model:
-                return False
-            if self.gpu_model is not None and hw.gpu_model != self.gpu_model:
-                return False
-            if self.gpu_min_gb and hw.gpu_gb < self.gpu_min_gb:
-                return False
-        return hw.cpus >= self.cpus and hw.memory >= self.memory
-
-    def join_hint(self) -> str:
-        if not self.gpu_count:
-            return "cocoon provider join"
-        name = (self.gpu_model or "H100") + (f"-{self.gpu_min_gb}GB" if self.gpu_min_gb else "")
-        return f"cocoon provider join --gpus {name}:{self.gpu_count}"
 
 
 @dataclass(frozen=True)
@@ -254,6 +169,7 @@ class Marketplace:
         self._rng = rng or random.Random()
         self._nodes: dict[str, _State] = {}
         self._fits: dict[Requirements, list[str]] = {}  # hardware-eligible node ids, cheapest first
+        self._full_prefix: dict[Requirements, int] = {}  # how many of those, from the front, are full
         self._replicas: dict[str, list[tuple[str, Requirements]]] = {}  # function -> [(node id, req)]
         self._by_node: dict[str, dict[str, int]] = {}  # node id -> {function: replica count}
         self._subscribers: list[Callable[[MarketEvent], None]] = []
@@ -272,7 +188,7 @@ class Marketplace:
             else:
                 old.node, old.status, old.last_seen = node, UP, now
                 kind = "updated"
-            self._fits.clear()
+            self._invalidate()
         self._emit(kind, node)
         return node
 
@@ -286,7 +202,7 @@ class Marketplace:
         if st.status == DOWN:
             with self._lock:
                 st.status = UP
-                self._fits.clear()
+                self._invalidate()
             self._emit("up", st.node)
         return st.status
 
@@ -296,7 +212,7 @@ class Marketplace:
         if st.status in (UP, DOWN):
             with self._lock:
                 st.status = DRAINING
-                self._fits.clear()
+                self._invalidate()
             self._emit("draining", st.node)
         self._maybe_left(st)
         return st.status
@@ -309,7 +225,7 @@ class Marketplace:
         with self._lock:
             draining = st.status == DRAINING
             st.status = DOWN
-            self._fits.clear()
+            self._invalidate()
         log.warning("provider node %s is down%s", node_id, f": {reason}" if reason else "")
         self._emit("down", st.node)
         if draining:  # a draining node that dies has left
@@ -319,7 +235,7 @@ class Marketplace:
         """Record the node's attestation result; a failed one excludes it from confidential functions."""
         with self._lock:
             self._state(node_id).attested = ok
-            self._fits.clear()
+            self._invalidate()
 
     def sweep(self, now: float | None = None) -> list[str]:
         """Mark down every node silent for 3 heartbeat intervals; returns their ids (call it periodically)."""
@@ -386,10 +302,21 @@ class Marketplace:
         skip = set(exclude)
         best: tuple[float, str] | None = None
         seen = 0
-        for nid in self._fitting(req):  # cheapest first, so the first few fitting nodes hold the best score
+        ids = self._fitting(req)
+        start = self._full_prefix.get(req, 0)
+        prefix = True
+        # cheapest first, so the first few fitting nodes hold the best score; nodes at the front that are full
+        # for this requirement are skipped from then on (until an unassign frees room anywhere)
+        for i in range(start, len(ids)):
+            nid = ids[i]
+            st = self._nodes[nid]
+            if not self._has_room(st, req):
+                if prefix:
+                    self._full_prefix[req] = i + 1
+                continue
+            prefix = False
             if nid in skip or not self._usable(nid, req, max_price, now):
                 continue
-            st = self._nodes[nid]
             cand = (st.score(st.node.rate(req)), nid)
             if best is None or cand < best:
                 best = cand
@@ -427,12 +354,17 @@ class Marketplace:
             if not per[function]:
                 del per[function]
             st = self._nodes.get(node_id)
+            self._full_prefix.clear()
             if st is not None:
                 st.used_gpus -= req.gpu_count
                 st.used_cpus -= req.cpus
                 st.used_memory -= req.memory
         if st is not None:
             self._maybe_left(st)
+
+    def replica_nodes(self, function: str) -> list[str]:
+        """The nodes holding replicas of ``function`` (one entry per replica)."""
+        return [nid for nid, _ in self._replicas.get(function, ())]
 
     def replicas_on(self, node_id: str) -> dict[str, int]:
         """Functions with replicas on the node, and how many (the controller replaces these on down/drain)."""
@@ -541,6 +473,10 @@ class Marketplace:
             return False
         if max_price is not None and st.node.rate(req) > max_price:
             return False
+        return self._has_room(st, req)
+
+    @staticmethod
+    def _has_room(st: _State, req: Requirements) -> bool:
         hw = st.node.hardware
         return (hw.gpu_count - st.used_gpus >= req.gpu_count and hw.cpus - st.used_cpus >= req.cpus
                 and hw.memory - st.used_memory >= req.memory)
@@ -578,6 +514,10 @@ class Marketplace:
         return NoCapacityError(f"every provider offering {req.label} is full ({len(up)} nodes); retry when "
                                f"replicas free up or start one with `{hint}`", missing=req.label)
 
+    def _invalidate(self) -> None:
+        self._fits.clear()
+        self._full_prefix.clear()
+
     def _maybe_left(self, st: _State) -> None:
         nid = st.node.node_id
         if st.status == DRAINING and not st.inflight and not self._by_node.get(nid):
@@ -586,7 +526,7 @@ class Marketplace:
     def _finish_leave(self, st: _State) -> None:
         with self._lock:
             st.status = LEFT
-            self._fits.clear()
+            self._invalidate()
         self._emit("left", st.node)
 
     def _emit(self, kind: str, node: Node) -> None:
