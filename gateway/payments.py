@@ -91,12 +91,15 @@ def _bad(message: str, problem: str, status: int = 400, **details: Any) -> Payme
 
 def decode_header(value: str) -> SignedSemiChannel:
     """X-Cocoon-Payment (base64 BOC) -> SignedSemiChannel; PaymentError 'malformed' otherwise."""
+    return SignedSemiChannel.from_boc(_raw_header(value))
+
+
+def _raw_header(value: str) -> bytes:
     try:
-        raw = base64.b64decode(value.strip(), validate=True)
+        return base64.b64decode(value.strip(), validate=True)
     except (binascii.Error, ValueError):
         raise _bad("X-Cocoon-Payment is not base64; send base64 of the SignedSemiChannel BOC",
                    "malformed") from None
-    return SignedSemiChannel.from_boc(raw)
 
 
 def check_state(st: SignedSemiChannel, ch: ChannelRow, operator_key: PublicKey, reserved: int,
@@ -178,7 +181,8 @@ class PaymentGate:
     def authorize(self, header_value: str, call_id: str, function: str, max_cost_nanoton: int) -> Hold:
         if max_cost_nanoton < 0:
             raise ValueError("max_cost_nanoton must be >= 0")
-        st = decode_header(header_value)
+        raw = _raw_header(header_value)
+        st = SignedSemiChannel.from_boc(raw)  # stored as received: the bytes the caller signed, not re-encoded
         cid, body = st.state.channel_id, st.state.data
         with self.ledger.lock:
             try:
@@ -199,7 +203,7 @@ class PaymentGate:
                     if db.execute("SELECT 1 FROM pay_calls WHERE call_id=?", (call_id,)).fetchone():
                         raise ConflictError(f"call id {call_id!r} was already paid for; use a fresh call id")
                     db.execute("INSERT INTO pay_states VALUES (?,?,?,?,?,?)",
-                               (cid, body.seqno, body.sent, st.to_boc(), call_id, now))
+                               (cid, body.seqno, body.sent, raw, call_id, now))
                     db.execute("INSERT INTO pay_calls (call_id, channel_id, seqno, function, hold, status, "
                                "created_at) VALUES (?,?,?,?,?,'held',?)",
                                (call_id, cid, body.seqno, function, max_cost_nanoton, now))

@@ -180,6 +180,9 @@ class SignedSemiChannel:
 
     @classmethod
     def from_boc(cls, data: bytes) -> SignedSemiChannel:
+        fast = _fast_signed_state(data)
+        if fast is not None:
+            return fast
         try:
             cell = Cell.one_from_boc(data)
         except Exception as exc:
@@ -192,6 +195,90 @@ class SignedSemiChannel:
         except Exception as exc:
             raise PaymentError(f"payment state does not parse as a SignedSemiChannel ({exc})",
                                problem="malformed") from None
+
+
+def _bits(data: bytes, d2: int) -> int:
+    """Bit length of a cell's data from its d2 descriptor and completion tag."""
+    if d2 % 2 == 0:
+        return len(data) * 8
+    last = data[-1]
+    if last == 0:
+        raise ValueError("bad completion tag")
+    return len(data) * 8 - ((last & -last).bit_length())
+
+
+def _coins(v: int, nbits: int, pos: int) -> tuple[int, int]:
+    """Read Coins (4-bit length, then that many bytes) from the big-endian bit string `v` of `nbits` at `pos`."""
+    ln = (v >> (nbits - pos - 4)) & 0xF
+    pos += 4
+    amount = (v >> (nbits - pos - 8 * ln)) & ((1 << (8 * ln)) - 1) if ln else 0
+    return amount, pos + 8 * ln
+
+
+def _fast_signed_state(boc: bytes) -> SignedSemiChannel | None:
+    """The hot path of `from_boc`: a plain BOC of one SignedSemiChannel (no conditionals; counterparty body in at
+    most one ref) read straight from its bytes, with the signed hash computed from the raw cell data. Anything
+    else returns None and takes the general pytoniq-core path; tests check both agree."""
+    try:
+        if len(boc) < 12 or boc[:4] != b"\xb5\xee\x9c\x72":
+            return None
+        flags, off = boc[4], boc[5]
+        size = flags & 7
+        if flags & 0xE0 & ~0x40 or size != 1 or off < 1:  # only has_crc32c may be set; 1-byte cell indices
+            return None
+        n, roots, absent = boc[6], boc[7], boc[8]
+        pos = 9 + off
+        if roots != 1 or absent != 0 or n not in (1, 2) or boc[pos] != 0:
+            return None
+        pos += 1
+        cells = []
+        for _ in range(n):
+            d1, d2 = boc[pos], boc[pos + 1]
+            if d1 & 0xF8:  # exotic or with levels
+                return None
+            nbytes = (d2 + 1) // 2
+            data = boc[pos + 2:pos + 2 + nbytes]
+            refs = list(boc[pos + 2 + nbytes:pos + 2 + nbytes + (d1 & 7)])
+            cells.append((d1, d2, data, refs))
+            pos += 2 + nbytes + (d1 & 7)
+        if pos + (4 if flags & 0x40 else 0) != len(boc):
+            return None
+        d1, d2, data, refs = cells[0]
+        if refs not in ([], [1]) or (n == 2) != (refs == [1]):
+            return None
+        nbits = _bits(data, d2)
+        v = int.from_bytes(data, "big") >> (len(data) * 8 - nbits)
+        if nbits < 512 + 32 + 128 + 64 + 4 + 2 or (v >> (nbits - 544)) & 0xFFFFFFFF != TAG_SEMICHANNEL:
+            return None
+        cid = (v >> (nbits - 672)) & ((1 << 128) - 1)
+        seqno = (v >> (nbits - 736)) & ((1 << 64) - 1)
+        sent, p = _coins(v, nbits, 736)
+        if nbits - p != 2 or (v >> 1) & 1:  # conditionals bit must be 0; then the counterparty Maybe bit
+            return None
+        has_cp = v & 1
+        cp = None
+        ref_parts: list[bytes] = []
+        if has_cp:
+            if n != 2:
+                return None
+            cd1, cd2, cdata, crefs = cells[1]
+            if crefs or cd1:
+                return None
+            cbits = _bits(cdata, cd2)
+            cv = int.from_bytes(cdata, "big") >> (len(cdata) * 8 - cbits)
+            cseq = cv >> (cbits - 64)
+            csent, cp_end = _coins(cv, cbits, 64)
+            if cbits - cp_end != 1 or cv & 1:
+                return None
+            cp = SemiChannelBody(cseq, csent)
+            ref_parts = [b"\0\0", hashlib.sha256(bytes([cd1, cd2]) + cdata).digest()]
+        elif n != 1:
+            return None
+        signed = hashlib.sha256(bytes([d1, d2 - 128]) + data[64:] + b"".join(ref_parts)).digest()
+        st = SemiChannel(cid, SemiChannelBody(seqno, sent), cp)
+        return SignedSemiChannel(data[:64], st, signed)
+    except (IndexError, ValueError):
+        return None
 
 
 def _tail_hash(cell: Cell, skip: int) -> bytes:
