@@ -38,11 +38,16 @@ from typing import Any
 
 from cocoon_faas.errors import NoCapacityError, NotFoundError
 from cocoon_faas.gateway.requirements import NANOTON, Requirements, ton_to_nanoton
-from cocoon_faas.runtime.hardware import GIB, Hardware
+from cocoon_faas.runtime.hardware import GIB, NODE_RESOURCE_UNITS, Hardware
 
 log = logging.getLogger(__name__)
 __all__ = ["DOWN", "DRAINING", "LEFT", "NANOTON", "UP", "MarketEvent", "Marketplace", "Node", "ProviderView",
-           "Requirements", "ton_to_nanoton"]
+           "Requirements", "pin", "ton_to_nanoton"]
+
+
+def pin(node_id: str) -> dict[str, float]:
+    """Ray resources that pin an actor to a provider node: a sliver of its ``cocoon-node:<id>`` resource."""
+    return {f"cocoon-node:{node_id}": 1 / NODE_RESOURCE_UNITS}
 
 UP, DRAINING, DOWN, LEFT = "up", "draining", "down", "left"
 _PLACE_CANDIDATES = 32  # placement scores at most this many cheapest fitting nodes: flat in inventory size
@@ -113,6 +118,7 @@ class _State:
     utilisation: float = 0.0
     inflight: int = 0
     attested: bool | None = None  # None: not checked; False excludes it from confidential functions
+    revivable: bool = True  # a heartbeat may bring it back from down
     used_gpus: int = 0
     used_cpus: float = 0.0
     used_memory: int = 0
@@ -199,7 +205,7 @@ class Marketplace:
             return LEFT
         st.last_seen = self._clock()
         st.utilisation = max(0.0, float(load))
-        if st.status == DOWN:
+        if st.status == DOWN and st.revivable:
             with self._lock:
                 st.status = UP
                 self._invalidate()
@@ -217,14 +223,16 @@ class Marketplace:
         self._maybe_left(st)
         return st.status
 
-    def mark_down(self, node_id: str, reason: str = "") -> None:
-        """Take a node out of routing and placement now (dead raylet, failed health check)."""
+    def mark_down(self, node_id: str, reason: str = "", *, revivable: bool = True) -> None:
+        """Take a node out of routing and placement now (dead raylet, failed health check). A node down for
+        silence comes back with its next heartbeat; one not ``revivable`` (its Ray node died) only by joining."""
         st = self._nodes.get(node_id)
         if st is None or st.status in (DOWN, LEFT):
             return
         with self._lock:
             draining = st.status == DRAINING
             st.status = DOWN
+            st.revivable = revivable
             self._invalidate()
         log.warning("provider node %s is down%s", node_id, f": {reason}" if reason else "")
         self._emit("down", st.node)
@@ -266,7 +274,7 @@ class Marketplace:
                 if rid not in alive_ray and self._nodes[nid].status in (UP, DRAINING)]
         for nid in dead:
             self._ray_ids.pop(nid, None)
-            self.mark_down(nid, "its Ray node died")
+            self.mark_down(nid, "its Ray node died", revivable=False)
         return dead
 
     def subscribe(self, callback: Callable[[MarketEvent], None]) -> Callable[[], None]:

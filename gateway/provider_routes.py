@@ -77,6 +77,25 @@ def _default_ray_token() -> str | None:
         return None
 
 
+async def health_loop(market: Marketplace, *, interval: float | None = None,
+                      ray_nodes: Callable[[], list[dict[str, Any]]] | None = None) -> None:
+    """Run forever (as a task of the gateway): sweep silent nodes down and, given ``ray_nodes`` (``ray.nodes``),
+    mark down nodes whose Ray node died. Subscribers hear ``down`` and replace the replicas."""
+    import asyncio
+
+    period = interval or market.heartbeat_interval / 2
+    while True:
+        market.sweep()
+        if ray_nodes is not None:
+            try:
+                nodes = await asyncio.to_thread(ray_nodes)
+            except Exception:  # Ray briefly unreachable: heartbeats still cover node health
+                nodes = None
+            if nodes is not None:
+                market.sync_ray_nodes(nodes)
+        await asyncio.sleep(period)
+
+
 def provider_routes(market: Marketplace, *, ray_address: str | Callable[[], str | None] | None = None,
                     ray_token: str | Callable[[], str | None] | None = None,
                     clock: Callable[[], float] = time.time) -> list[BaseRoute]:

@@ -52,7 +52,8 @@ class RayCluster:
         env = {**self.env, **FAST_HEALTH}
         subprocess.run([RAY, "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
                         "--num-cpus=1", f"--temp-dir={self.temp_dir}", "--include-dashboard=false",
-                        "--disable-usage-stats", "--object-store-memory=80000000"],
+                        "--disable-usage-stats", "--object-store-memory=80000000",
+                        f"--ray-client-server-port={free_port()}", *node_ports()],
                        env=env, check=True, capture_output=True, timeout=60)
         # Ray resolves 127.0.0.1 to this host's own address; read back what the GCS listens on.
         self.address = Path(self.temp_dir, "ray_current_cluster").read_text().strip() \

@@ -285,6 +285,9 @@ def test_sync_ray_nodes_marks_dead_raylets_down(market: Marketplace) -> None:
     dead = market.sync_ray_nodes([{"NodeID": "ra", "Alive": False, "Resources": {}}, alive[2]])
     assert sorted(dead) == ["a", "b"]
     assert market.status("a") == DOWN and market.status("b") == DOWN
+    assert market.heartbeat("a") == DOWN  # its agent still talks, but only a new join brings a new Ray node
+    market.register(node("a", "H100"))
+    assert market.status("a") == UP
 
 
 def test_reregistration_keeps_counters(market: Marketplace) -> None:

@@ -126,3 +126,32 @@ def test_no_ray_address_is_a_clear_503(market: Marketplace, key: PrivateKey, mon
     reload_settings()
     assert r.status_code == 503 and "COCOON_RAY_ADDRESS" in r.json()["error"]["message"]
     assert market.listing() == []
+
+
+def test_health_loop_sweeps_silent_nodes_and_dead_ray_nodes(key: PrivateKey) -> None:
+    import asyncio
+
+    from cocoon_faas.gateway.marketplace import Node, pin
+    from cocoon_faas.gateway.provider_routes import health_loop
+
+    market = Marketplace(heartbeat_interval=0.05)
+    market.register(Node("quiet", "w", "00" * 32, H100, 1, 0))
+    market.register(Node("raydead", "w", "00" * 32, H100, 1, 0))
+    ray_view = [{"NodeID": "r1", "Alive": True, "Resources": {"cocoon-node:raydead": 1000.0}}]
+    events: list[tuple[str, str]] = []
+    market.subscribe(lambda e: events.append((e.kind, e.node.node_id)))
+
+    async def scenario() -> None:
+        task = asyncio.create_task(health_loop(market, ray_nodes=lambda: list(ray_view)))
+        for _ in range(3):
+            market.heartbeat("raydead")
+            await asyncio.sleep(0.03)
+        ray_view[0] = {"NodeID": "r1", "Alive": False, "Resources": {}}
+        for _ in range(10):
+            market.heartbeat("raydead")  # the agent still talks, but its Ray node is gone
+            await asyncio.sleep(0.03)
+        task.cancel()
+
+    asyncio.run(scenario())
+    assert ("down", "quiet") in events and ("down", "raydead") in events
+    assert pin("abc") == {"cocoon-node:abc": 0.001}
