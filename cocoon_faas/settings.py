@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     gateway_url: str = Field("http://127.0.0.1:8000", description="where the CLI and SDK reach the gateway")
     api_key: str | None = Field(None, description="API key; default: the key file under home")
 
+    models_dir: Path | None = Field(None, description="converted model weights cache (default: home/models)")
+
     # gateway
     host: str = "127.0.0.1"
     port: int = 8000

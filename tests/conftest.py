@@ -42,6 +42,8 @@ class GatewayProc:
             "COCOON_QUEUE_LIMIT": "4",
             "COCOON_SCALE_DOWN_DELAY_S": "3",
             "PYTHONUNBUFFERED": "1",
+            # converted model weights are shared by every test gateway (convert once, ~0.5 GB)
+            "COCOON_MODELS_DIR": os.environ.get("COCOON_MODELS_DIR", str(Path.home() / ".cache" / "cocoon-models")),
             **(env or {}),
         }
         self.env.pop("COCOON_API_KEY", None)

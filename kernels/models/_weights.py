@@ -35,7 +35,8 @@ def package_file(package: str, relative: str, pip_name: str) -> Path:
 
 
 def cache_dir() -> Path:
-    return get_settings().home / "models"
+    s = get_settings()
+    return s.models_dir or s.home / "models"
 
 
 def cached_convert(
