@@ -1,4 +1,4 @@
-"""`cocoon provider ls | leave | earnings | join` against a real provider-routes server on loopback."""
+"""`cocoon provider ls | leave | status | join` against a real provider-routes server on loopback."""
 
 from __future__ import annotations
 
@@ -74,8 +74,17 @@ def test_ls_shows_hardware_price_health_and_earnings(server: tuple[str, Marketpl
         ("H100-80GB x2", 500_000, 3_000_000, 1, "up")
     r = CliRunner().invoke(main, ["provider", "ls", "--gateway", url])
     assert r.exit_code == 0 and "H100-80GB x2" in r.output and "0.003" in r.output
-    r = CliRunner().invoke(main, ["provider", "earnings"])
-    assert r.exit_code == 0 and json.loads(r.output)["earned_ton"] == "0.003"
+    r = CliRunner().invoke(main, ["provider", "status"])
+    assert r.exit_code == 0, r.output
+    mine = json.loads(r.output)
+    assert (mine["earned_ton"], mine["status"], mine["calls"]) == ("0.003", "up", 1)
+
+
+def test_provider_group_keeps_the_payment_commands() -> None:
+    cmds = set(main.commands["provider"].commands)  # type: ignore[attr-defined]
+    assert {"join", "leave", "ls", "status"} <= cmds
+    if "cocoon_faas.cli.pay" in __import__("sys").modules:
+        assert {"earnings", "payout"} <= cmds
 
 
 def test_leave_drains_then_reports_left(server: tuple[str, Marketplace], home: Path) -> None:

@@ -1,11 +1,11 @@
-"""`cocoon provider join | leave | ls | earnings`: rent this machine's GPUs (or CPUs) to the cluster.
+"""`cocoon provider join | leave | ls | status`: rent this machine's GPUs (or CPUs) to the cluster.
 
 A thin layer over runtime/node_agent.py (join runs the agent in the foreground, like ``ray start --block``) and the
 gateway's provider routes (gateway/provider_routes.py). The wallet key signs the registration: by default the
 wallet `cocoon wallet create` made (``$COCOON_HOME/wallet.json``), else ``--key-file`` (that JSON, 24 words, or a
 64-hex seed). The running node's session (id, token, gateway) is kept in ``$COCOON_HOME/provider.json`` so
-``leave`` and ``earnings`` from another shell find it. Payouts go through the operator's payment channels
-(gateway/payments.py); a ``payout`` command belongs here once the gateway exposes a provider payout route.
+``leave`` and ``status`` from another shell find it. ``earnings`` and ``payout`` (the operator's ledger view and
+payouts over payment channels) live in cli/pay.py, in the same ``provider`` group.
 """
 
 from __future__ import annotations
@@ -93,9 +93,14 @@ def _ton(nano: int) -> str:
 
 
 def register(main: click.Group) -> None:
-    @main.group("provider")
-    def provider() -> None:
-        """Offer this machine's GPUs to the cluster and earn TON per GPU-second."""
+    existing = main.commands.get("provider")  # cli/pay.py adds `earnings` and `payout` (operator) to the group
+    if isinstance(existing, click.Group):
+        provider = existing
+        provider.help = "Offer this machine's GPUs to the cluster and earn TON per GPU-second; payouts."
+    else:
+        @main.group("provider")
+        def provider() -> None:
+            """Offer this machine's GPUs to the cluster and earn TON per GPU-second."""
 
     @provider.command("join")
     @click.option("--gateway", default=None, help="gateway URL (default COCOON_GATEWAY_URL)")
@@ -204,14 +209,15 @@ def register(main: click.Group) -> None:
                       f"{r['mean_latency_s'] * 1000:.0f} ms", str(r["calls"]), _ton(r["earned"]))
         Console(width=None if sys.stdout.isatty() else 200).print(t)
 
-    @provider.command("earnings")
-    def earnings() -> None:
-        """What this machine's node has earned so far (nanoton and TON)."""
+    @provider.command("status")
+    def status() -> None:
+        """This machine's node as the gateway sees it: health, load, calls and earnings so far."""
         try:
             s = _session()
             row = _link(s["gateway"]).call("GET", f"/v1/providers/{s['node_id']}")
         except CocoonError as exc:
             _fail(exc.message)
             return
-        click.echo(json.dumps({"node_id": s["node_id"], "earned_nanoton": row["earned"],
-                               "earned_ton": _ton(row["earned"]), "calls": row["calls"]}, indent=2))
+        click.echo(json.dumps({**{k: row[k] for k in ("node_id", "status", "healthy", "gpu", "load", "replicas",
+                                                      "calls", "success_rate", "mean_latency_s")},
+                               "earned_nanoton": row["earned"], "earned_ton": _ton(row["earned"])}, indent=2))
