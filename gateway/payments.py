@@ -337,6 +337,7 @@ def provider_payout(ledger: Ledger, provider_id: str, signer: Any, amount: int |
         raise ConflictError(f"provider {provider_id!r} is due {due} nanoton; cannot pay {amount}")
     ticket = signer.sign_for_call(amount)
     signer.complete(ticket, amount)
+    signer.flush()
     with ledger.transaction() as db:
         db.execute("INSERT INTO pay_payouts (provider_id, amount, channel_id, seqno, boc, at) VALUES (?,?,?,?,?,?)",
                    (provider_id, amount, signer.channel_id, ticket.seqno, ticket.state.to_boc(), time.time()))

@@ -8,6 +8,7 @@ gateway may see them in any order). ``sent`` never decreases. The header value i
 
 from __future__ import annotations
 
+import atexit
 import base64
 import json
 import os
@@ -52,6 +53,8 @@ class ChannelSigner:
         self.key = key
         self._lock = threading.Lock()
         self._inflight: dict[int, int] = {}
+        self._dirty = False
+        atexit.register(self.flush)
         if self.path.exists():
             self._s = _Saved(**json.loads(self.path.read_text()))
         else:
@@ -82,6 +85,7 @@ class ChannelSigner:
         return self._s.sent
 
     def _save(self) -> None:
+        self._dirty = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".tmp{threading.get_ident()}")
         tmp.write_text(json.dumps(asdict(self._s)))
@@ -114,7 +118,14 @@ class ChannelSigner:
         with self._lock:
             self._inflight.pop(ticket.seqno, None)
             self._s.charged += min(charged, ticket.hold)
-            self._save()
+            # not saved here: the next signed state saves it, and a lost booking is harmless (the gateway's
+            # count is what a close uses, checked against the signed `sent`); `flush()` saves now
+            self._dirty = True
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._dirty:
+                self._save()
 
     def latest(self) -> SignedSemiChannel:
         """The state for the current seqno and sent (what a close or a dispute would use)."""
