@@ -36,7 +36,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,7 @@ class Stats:
     seconds: float
     p50_ms: float
     p99_ms: float
+    cpu_us: float | None = None  # CPU time the system's processes spent per successful request
 
     @property
     def rps(self) -> float:
@@ -312,6 +313,20 @@ def _session_members(sid: int) -> list[int]:
     return pids
 
 
+def session_cpu_s(sid: int) -> float:
+    """User+system CPU seconds of the live processes in a session (robust to other tenants' load)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in _session_members(sid):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        f = stat[stat.rindex(")") + 2:].split()
+        total += int(f[11]) + int(f[12])  # utime, stime
+    return total / tick
+
+
 def _kill_session(sid: int) -> None:
     """SIGKILL every process left in the session this benchmark created for one system (Ray workers too)."""
     for _ in range(50):
@@ -460,7 +475,13 @@ def measure(name: str, wrk: str | None, levels: list[int], seconds: float, workd
         start_s = time.monotonic() - t0
         drive = (lambda c, s: run_wrk(wrk, target, c, s)) if wrk else (lambda c, s: run_asyncio(target, c, s))
         drive(16, min(2.0, seconds))  # warm-up: JIT-free Python still has caches, pools and connections to fill
-        stats = [drive(c, seconds) for c in levels]
+        assert system.proc is not None
+        stats = []
+        for c in levels:
+            cpu0 = session_cpu_s(system.proc.pid)
+            s = drive(c, seconds)
+            cpu = session_cpu_s(system.proc.pid) - cpu0
+            stats.append(replace(s, cpu_us=cpu / s.requests * 1e6 if s.requests else None))
     finally:
         system.stop()
     return {"system": name, "title": TITLES[name], "start_s": round(start_s, 2), "deploy_s": target.deploy_s,
@@ -475,14 +496,15 @@ def _at(result: dict[str, Any] | None, c: int) -> dict[str, Any] | None:
 
 def report(results: dict[str, dict[str, Any]], levels: list[int], generator: str) -> str:
     lines = [f"load generator: {generator}", "",
-             "| system | c | req/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]
+             "| system | c | req/s | p50 ms | p99 ms | CPU µs/req | errors |", "|---|---|---|---|---|---|---|"]
     for name in SYSTEMS:
         r = results.get(name)
         if r is None:
             continue
         for s in r["stats"]:
+            cpu = f"{s['cpu_us']:,.0f}" if s["cpu_us"] is not None else "—"
             lines.append(f"| {r['title']} | {s['concurrency']} | {s['rps']:,.0f} | {s['p50_ms']:.2f} | "
-                         f"{s['p99_ms']:.2f} | {s['errors']} |")
+                         f"{s['p99_ms']:.2f} | {cpu} | {s['errors']} |")
     lines += ["", "| ratio | " + " | ".join(f"c={c}" for c in levels) + " |", "|---|" + "---|" * len(levels)]
     ours = results.get("ours")
 
@@ -506,6 +528,11 @@ def report(results: dict[str, dict[str, Any]], levels: list[int], generator: str
         a, b = _at(ours, c), best_serve(c)
         cells.append(f"{a['p99_ms']:.1f} vs {b['p99_ms']:.1f}" if a and b else "—")
     lines.append("| p99 ms, ours vs Ray Serve best | " + " | ".join(cells) + " |")
+    cells = []
+    for c in levels:
+        a, b = _at(ours, c), best_serve(c)
+        cells.append(f"{a['cpu_us']:,.0f} vs {b['cpu_us']:,.0f}" if a and b and a["cpu_us"] and b["cpu_us"] else "—")
+    lines.append("| CPU µs/req, ours vs Ray Serve best | " + " | ".join(cells) + " |")
     lines += ["", "| deploy to first response (Ray already up) | seconds |", "|---|---|"]
     for name in ("ours", "serve-proxy", "serve-direct"):
         r = results.get(name)
@@ -575,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             for s in results[name]["stats"]:
                 print(f"   c={s['concurrency']:>3}  {s['rps']:>9,.0f} req/s  p50 {s['p50_ms']:8.2f} ms  "
-                      f"p99 {s['p99_ms']:8.2f} ms  errors {s['errors']}", flush=True)
+                      f"p99 {s['p99_ms']:8.2f} ms  cpu/req {s['cpu_us'] or 0:6.0f} µs  errors {s['errors']}",
+                      flush=True)
             print(f"   ({time.monotonic() - t0:.0f}s incl. start and stop)", flush=True)
     print()
     print(report(results, levels, generator))
