@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     idle_timeout_s: float = Field(300.0, description="idle time before a min_replicas=0 function scales to zero")
     replica_start_timeout_s: float = Field(120.0, description="time a replica may take to start")
     drain_timeout_s: float = Field(60.0, description="time old replicas get to finish calls on redeploy")
+    provider_heartbeat_s: float = Field(5.0, description="provider heartbeat interval; 3 missed = down")
     attestation: str = Field("auto", description="replica TEE evidence: auto (tdx with configfs-tsm, else dev), "
                              "tdx, dev")
     capture_forwarded: Path | None = Field(None, description="audit/test aid: append every sealed body the "

@@ -21,9 +21,11 @@ from cocoon_faas.gateway.billing import Billing
 from cocoon_faas.gateway.controller import Controller, FunctionRuntime, RayBackend
 from cocoon_faas.gateway.http import error_response, json_response
 from cocoon_faas.gateway.invoke import Invoker, Outcome
+from cocoon_faas.gateway.marketplace import Marketplace, Requirements
 from cocoon_faas.gateway.metrics import Metrics
 from cocoon_faas.gateway.openapi import openapi_document
 from cocoon_faas.gateway.payments_routes import payment_routes
+from cocoon_faas.gateway.provider_routes import health_loop, provider_routes
 from cocoon_faas.gateway.routes_fn import CallRecord
 from cocoon_faas.gateway.store import Store, hash_key
 from cocoon_faas.settings import Settings
@@ -60,6 +62,7 @@ class Gateway:
         self.invoker: Invoker = None  # type: ignore[assignment]
         settings.home.mkdir(parents=True, exist_ok=True)
         self.billing = Billing(settings)
+        self.market = Marketplace(heartbeat_interval=settings.provider_heartbeat_s)
         self.keys: dict[str, str] = {}
         self.calls: dict[str, CallRecord] = {}
         self.metrics = Metrics()
@@ -75,6 +78,8 @@ class Gateway:
         self.keys = self.store.keys()
         backend = self._backend or RayBackend(self.settings)
         self.controller = Controller(self.store, self.settings, backend)
+        self.controller.market = self.market
+        self.market.subscribe(self.controller.on_market_event)
         await self.controller.start()
         for name, (calls, errors) in self.store.call_counts().items():
             fr = self.controller.functions.get(name)
@@ -82,7 +87,8 @@ class Gateway:
                 fr.calls, fr.errors = calls, errors
         self.invoker = Invoker(self.controller)
         loop = asyncio.get_running_loop()
-        self._bg = [loop.create_task(self._flusher()), loop.create_task(self._sweeper())]
+        self._bg = [loop.create_task(self._flusher()), loop.create_task(self._sweeper()),
+                    loop.create_task(health_loop(self.market, ray_nodes=getattr(backend, "ray_nodes", None)))]
 
     async def stop(self) -> None:
         for t in self._bg:
@@ -123,6 +129,13 @@ class Gateway:
                 paid = self.billing.finish(hold, fr.spec, fr.owner, provider, exec_ms, err, fr.measurement)
             except CocoonError as exc:  # never lose the answer over bookkeeping; the hold stays for recovery
                 log.error("charging call %s failed: %s", call_id, exc.message)
+        provider = outcome.provider if outcome is not None else meta.get("provider", "local")
+        if provider != "local" and (err is None or err.type == "function_error"):
+            ms = outcome.exec_ms if outcome is not None else float(meta.get("ms") or 0.0)
+            try:  # the provider's earnings view (the ledger books the money when the call is paid)
+                self.market.credit(provider, Requirements.from_spec(fr.spec), int(ms * 1e6))
+            except CocoonError:
+                pass  # the node left meanwhile
         elapsed = time.monotonic() - t0
         fr.calls += 1
         status = "succeeded" if err is None else ("cancelled" if err.type == "cancelled" else "failed")
@@ -217,6 +230,7 @@ def create_app(settings: Settings, backend: Any = None, extra_routes: list[Any] 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         *payment_routes(gw.billing.gate, gw.billing.operator_key),
+        *provider_routes(gw.market),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         *routes_fn.routes,

@@ -64,6 +64,7 @@ class FunctionRuntime:
     waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
     scale: ScaleState = field(default_factory=ScaleState)
     problem: CocoonError | None = None  # why replicas cannot start now
+    problem_at: float = 0.0
     calls: int = 0
     errors: int = 0
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
@@ -96,13 +97,17 @@ class RayBackend:
     def cluster_resources(self) -> dict[str, float]:
         return self.ray.cluster_resources()
 
+    def ray_nodes(self) -> list[dict[str, Any]]:
+        return self.ray.nodes()
+
     def options(self, spec: FunctionSpec, extra_resources: dict[str, float] | None = None) -> dict[str, Any]:
         opts: dict[str, Any] = {"num_cpus": spec.cpu, "memory": spec.memory, "max_concurrency": 10_000,
                                 "max_restarts": 0}
         resources = dict(extra_resources or {})
+        pinned = any(k.startswith("cocoon-node:") for k in resources)
         if spec.gpu is not None:
             opts["num_gpus"] = spec.gpu.count
-            if spec.gpu.resource:
+            if spec.gpu.resource and not pinned:  # a pinned node was matched by the marketplace already
                 resources[spec.gpu.resource] = float(spec.gpu.count)
         if resources:
             opts["resources"] = resources
@@ -145,7 +150,7 @@ class Controller:
         self.rng = random.Random()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop_task: asyncio.Task[None] | None = None
-        self.placer: Any = None  # marketplace hook: placer(spec) -> extra Ray resources pinning a node
+        self.market: Any = None  # the provider marketplace (gateway/marketplace.py), when the gateway has one
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -258,17 +263,51 @@ class Controller:
         fr.wake()
 
     # -- replicas ------------------------------------------------------------------------------------
-    async def _start_replica(self, fr: FunctionRuntime) -> ReplicaHandle:
+    def _place(self, fr: FunctionRuntime) -> tuple[str, dict[str, float] | None]:
+        """(node, extra Ray resources): a provider node chosen by the marketplace, else the local cluster."""
+        market = self.market
+        if market is not None and market.listing():
+            from cocoon_faas.gateway.marketplace import Requirements, pin
+
+            try:
+                node = market.place(Requirements.from_spec(fr.spec))
+                return node.node_id, pin(node.node_id)
+            except NoCapacityError:
+                if fr.spec.gpu is not None:
+                    raise
         missing = self.backend.missing_resource(fr.spec)
         if missing is not None:
             raise NoCapacityError(
                 f"no node in the cluster offers {missing} for function {fr.name!r}; add a provider with "
-                f"`cocoon provider join` or change the function's resources",
+                f"`cocoon provider join --gpus MODEL:COUNT` or change the function's resources",
                 missing=missing,
             )
-        extra = self.placer(fr.spec) if self.placer is not None else None
+        return "local", None
+
+    async def _start_replica(self, fr: FunctionRuntime) -> ReplicaHandle:
+        node, extra = self._place(fr)
         actor = self.backend.create(fr, forward_logs=not fr.meta.get("confidential", False), extra_resources=extra)
-        r = ReplicaHandle(id=uuid.uuid4().hex[:12], function=fr.name, version=fr.version, actor=actor)
+        r = ReplicaHandle(id=uuid.uuid4().hex[:12], function=fr.name, version=fr.version, actor=actor, node=node)
+        self._assign(r, fr)
+        try:
+            return await self._boot(fr, r)
+        except BaseException:
+            self._unassign(r)
+            raise
+
+    def _assign(self, r: ReplicaHandle, fr: FunctionRuntime) -> None:
+        if self.market is not None and r.node != "local":
+            from cocoon_faas.gateway.marketplace import Requirements
+
+            self.market.assign(fr.name, r.node, Requirements.from_spec(fr.spec))
+            r.extra["assigned"] = True
+
+    def _unassign(self, r: ReplicaHandle) -> None:
+        if r.extra.pop("assigned", False) and self.market is not None:
+            self.market.unassign(r.function, r.node)
+
+    async def _boot(self, fr: FunctionRuntime, r: ReplicaHandle) -> ReplicaHandle:
+        actor = r.actor
         try:
             info = await asyncio.wait_for(actor.start.remote(), self.settings.replica_start_timeout_s)
         except asyncio.TimeoutError:
@@ -277,9 +316,10 @@ class Controller:
                 f"a replica of {fr.name!r} did not start within {self.settings.replica_start_timeout_s:g}s "
                 "(the cluster may be full); retry later or add capacity"
             ) from None
-        except Exception as exc:  # noqa: BLE001 - Ray errors mapped into ours
+        except Exception as exc:  # noqa: BLE001 - Ray errors (node died, unschedulable) are transient
             self.backend.kill(actor)
-            raise StartupError(f"replica of {fr.name!r} failed to start: {exc}") from None
+            raise NoCapacityError(f"a replica of {fr.name!r} could not start on node {r.node}: "
+                                  f"{type(exc).__name__}: {str(exc)[:300]}") from None
         if not info.get("ok"):
             self.backend.kill(actor)
             self.store.record_logs(fr.name, fr.version, None, [("stderr", info.get("traceback", ""))])
@@ -291,14 +331,15 @@ class Controller:
         if info.get("logs"):
             self.store.record_logs(fr.name, fr.version, None, info["logs"])
         await r.connect(info["host"], info["port"])
-        r.extra = {"pid": info.get("pid"), "setup_s": info.get("setup_s"),  # + the attestation facts (public)
-                   **{k: info[k] for k in ("key_id", "document", "code_locked") if k in info}}
+        r.extra.update({"pid": info.get("pid"), "setup_s": info.get("setup_s"),  # + the attestation facts (public)
+                        **{k: info[k] for k in ("key_id", "document", "code_locked") if k in info}})
         return r
 
     def _kill(self, r: ReplicaHandle) -> None:
         r.state = "dead"
         r.on_lost = None
         r.close()
+        self._unassign(r)
         self.backend.kill(r.actor)
 
     def _on_lost(self, r: ReplicaHandle) -> None:
@@ -308,9 +349,32 @@ class Controller:
         if r in fr.ready:
             fr.ready.remove(r)
         fr.all.discard(r)
-        log.warning("replica %s of %s died; replacing it", r.id, r.function)
+        log.warning("replica %s of %s on node %s died; replacing it", r.id, r.function, r.node)
+        self._unassign(r)
         self.backend.kill(r.actor)
         self._reconcile(fr)
+
+    # -- provider events (marketplace) ---------------------------------------------------------------
+    def on_market_event(self, event: Any) -> None:
+        """A node went down: drop its replicas at once (their calls retry elsewhere). Draining: replace its
+        replicas and retire them when their calls finish. Joined/up: retry functions waiting for capacity."""
+        nid = event.node.node_id
+        for fr in list(self.functions.values()):
+            if event.kind == "down":
+                for r in [r for r in fr.all if r.node == nid]:
+                    r.close()  # connection loss -> _on_lost: removed from routing, retried, replaced
+            elif event.kind == "draining":
+                for r in [r for r in fr.ready if r.node == nid]:
+                    self._spawn(self._retire(fr, r))
+                self._reconcile(fr)
+            elif event.kind in ("joined", "up", "updated") and isinstance(fr.problem, NoCapacityError):
+                fr.problem = None
+                self._reconcile(fr)
+                fr.wake()
+
+    def record(self, r: ReplicaHandle, ok: bool, latency_s: float) -> None:
+        if self.market is not None and r.node != "local":
+            self.market.record_result(r.node, ok, latency_s)
 
     async def _retire(self, fr: FunctionRuntime, r: ReplicaHandle) -> None:
         if r in fr.ready:
@@ -327,7 +391,7 @@ class Controller:
         try:
             r = await self._start_replica(fr)
         except CocoonError as exc:
-            fr.problem = exc
+            fr.problem, fr.problem_at = exc, time.monotonic()
             fr.wake()
             return
         finally:
@@ -355,6 +419,8 @@ class Controller:
         if target > current:
             if fr.problem is not None and isinstance(fr.problem, StartupError):
                 return  # broken code: don't spin; the version must be redeployed
+            if isinstance(fr.problem, NoCapacityError) and now - fr.problem_at < 5.0:
+                return  # nothing offers the resources: retry every 5 s, or at once when a provider joins
             for _ in range(target - current):
                 self._spawn(self._add_replica(fr))
         elif target < len(fr.ready):

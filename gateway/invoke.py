@@ -67,6 +67,7 @@ class Invoker:
             except CocoonError as exc:
                 return None, exc, last_meta
             call = 0
+            sent_at = time.monotonic()
             try:
                 remaining = max(deadline - time.monotonic(), 0.001)
                 call, pending = r.send_call({"t": remaining, **call_meta}, body, streaming=False)
@@ -75,6 +76,7 @@ class Invoker:
                 assert pending.future is not None
                 frame = await asyncio.wait_for(pending.future, remaining + GRACE_S)
             except ReplicaLostError as exc:
+                self.controller.record(r, False, time.monotonic() - sent_at)
                 if attempt < attempts:
                     continue
                 return None, ReplicaLostError(f"{exc}; no retries left (retries={fr.spec.retries})"), last_meta
@@ -91,6 +93,8 @@ class Invoker:
                     r.finish(call)
                 self.controller.release(fr, r)
             last_meta = {**frame.meta, "provider": r.node or "local"}
+            self.controller.record(r, frame.type == P.RESULT or frame.meta.get("type") == "function_error",
+                                   time.monotonic() - sent_at)
             if frame.type == P.RESULT:
                 return (Outcome(frame.body, float(frame.meta.get("ms", 0.0)), r.id, attempt, r.node or "local",
                                 frame.meta), None, last_meta)
