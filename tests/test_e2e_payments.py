@@ -99,6 +99,7 @@ def paid_post(gw: GatewayProc, payer: PayingClient, name: str, args: dict[str, A
     headers, ticket = payer.headers(hold(gw, name))
     r = httpx.post(f"{gw.url}/fn/{name}", json=args, headers=headers, timeout=60)
     payer.settle(ticket, dict(r.headers))
+    payer.signer.flush()  # bookings are saved lazily; the next signer on this file must see this one
     return r
 
 
