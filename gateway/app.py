@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import time
@@ -64,6 +65,7 @@ class Gateway:
         self.billing = Billing(settings)
         self.market = Marketplace(heartbeat_interval=settings.provider_heartbeat_s)
         self.keys: dict[str, str] = {}
+        self.auth_cache: dict[str | None, str] = {}
         self.calls: dict[str, CallRecord] = {}
         self.metrics = Metrics()
         self._bg: list[asyncio.Task[None]] = []
@@ -87,6 +89,8 @@ class Gateway:
                 fr.calls, fr.errors = calls, errors
         self.invoker = Invoker(self.controller)
         loop = asyncio.get_running_loop()
+        gc.collect()
+        gc.freeze()  # start-up objects (Ray's included) leave the GC's scans: full collections stalled calls
         self._bg = [loop.create_task(self._flusher()), loop.create_task(self._sweeper()),
                     loop.create_task(health_loop(self.market, ray_nodes=getattr(backend, "ray_nodes", None)))]
 
@@ -143,8 +147,7 @@ class Gateway:
             fr.errors += 1
         else:
             fr.latencies.append(elapsed * 1000)
-        self.metrics.calls.labels(fr.name, status).inc()
-        self.metrics.latency.labels(fr.name).observe(elapsed)
+        self.metrics.observe(fr.name, status, elapsed)
         if meta.get("logs"):
             self.store.record_logs(fr.name, fr.version, call_id, meta["logs"])
         if err is not None and err.type not in ("function_error",):
@@ -216,7 +219,7 @@ async def method_not_allowed(request: Request, exc: Exception) -> Response:
     return error_response(err)
 
 
-def create_app(settings: Settings, backend: Any = None, extra_routes: list[Any] | None = None) -> Starlette:
+def create_app(settings: Settings, backend: Any = None, extra_routes: list[Any] | None = None) -> FastPath:
     gw = Gateway(settings, backend)
 
     @contextlib.asynccontextmanager
@@ -242,4 +245,31 @@ def create_app(settings: Settings, backend: Any = None, extra_routes: list[Any] 
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={404: not_found, 405: method_not_allowed})
     app.state.gw = gw
-    return app
+    return FastPath(app)
+
+
+class FastPath:
+    """The ASGI entry: `POST /fn/{name}` goes straight to its handler; everything else through Starlette.
+
+    The per-call path is the product's hot path; Starlette's middleware stack and router scan cost more than
+    the rest of the gateway's work for a no-op call, and none of it applies to this one route."""
+
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+        self.state = app.state
+        self.router = app.router
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith("/fn/"):
+            name = scope["path"][4:]
+            if name and "/" not in name:
+                scope["app"] = self.app
+                scope["path_params"] = {"name": name}
+                try:
+                    response = await routes_fn.call_function(Request(scope, receive, send))
+                except Exception:  # noqa: BLE001 - one JSON shape even for our own bugs
+                    log.exception("unhandled error in POST %s", scope["path"])
+                    response = error_response(CocoonError("internal error in the gateway; see its log"))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

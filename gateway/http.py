@@ -27,6 +27,10 @@ def error_response(exc: CocoonError, headers: dict[str, str] | None = None) -> R
 def developer_of(request: Request) -> str:
     """The developer id behind the request's `Authorization: Bearer <key>`; 401 otherwise."""
     auth = request.headers.get("authorization")
+    gw = request.app.state.gw
+    dev = gw.auth_cache.get(auth)
+    if dev is not None:  # keys are never revoked, so a header once resolved stays valid
+        return dev
     if not auth:
         raise AuthenticationError(
             "missing API key; send `Authorization: Bearer <key>` (the key is in $COCOON_HOME/api_key on the "
@@ -35,9 +39,11 @@ def developer_of(request: Request) -> str:
     scheme, _, key = auth.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise AuthenticationError("malformed Authorization header; use `Authorization: Bearer <key>`")
-    dev = request.app.state.gw.keys.get(hash_key(key.strip()))
+    dev = gw.keys.get(hash_key(key.strip()))
     if dev is None:
         raise AuthenticationError("unknown API key; create one with `cocoon keys create --name NAME`")
+    if len(gw.auth_cache) < 10_000:
+        gw.auth_cache[auth] = dev
     return dev
 
 

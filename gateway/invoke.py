@@ -51,6 +51,20 @@ def error_from_frame(fr: FunctionRuntime, frame: Frame) -> CocoonError:
                        **{k: v for k, v in m.items() if k not in ("logs", "message")})
 
 
+async def _within(fut: asyncio.Future[Any], timeout: float) -> Any:
+    """`await fut` with a time limit: one timer, no extra task (asyncio.wait_for costs a task per call)."""
+
+    def expire() -> None:
+        if not fut.done():
+            fut.set_exception(asyncio.TimeoutError())
+
+    timer = asyncio.get_running_loop().call_later(timeout, expire)
+    try:
+        return await fut
+    finally:
+        timer.cancel()
+
+
 class Invoker:
     def __init__(self, controller: Controller) -> None:
         self.controller = controller
@@ -74,7 +88,7 @@ class Invoker:
                 if on_running is not None:
                     on_running()
                 assert pending.future is not None
-                frame = await asyncio.wait_for(pending.future, remaining + GRACE_S)
+                frame = await _within(pending.future, remaining + GRACE_S)
             except ReplicaLostError as exc:
                 self.controller.record(r, False, time.monotonic() - sent_at)
                 if attempt < attempts:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
@@ -15,6 +17,16 @@ class Metrics:
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.inflight = Gauge("cocoon_inflight_calls", "Calls in flight", ["function"], registry=self.registry)
         self.replicas = Gauge("cocoon_replicas", "Ready replicas", ["function"], registry=self.registry)
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def observe(self, function: str, status: str, seconds: float) -> None:
+        """Count one call; the labelled children are cached (labels() per call is measurable on the hot path)."""
+        key = (function, status)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = (self.calls.labels(function, status), self.latency.labels(function))
+        child[0].inc()
+        child[1].observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,7 +81,7 @@ async def _prepare(request: Request, call_id: str) -> tuple[Any, FunctionRuntime
 async def call_function(request: Request) -> Response:
     if is_sealed(request):  # confidential: routed on the envelope's clear header only (gateway/sealed.py)
         return await call_sealed(request)
-    call_id = uuid.uuid4().hex
+    call_id = os.urandom(16).hex()
     try:
         gw, fr, body, caller, hold = await _prepare(request, call_id)
     except CocoonError as exc:

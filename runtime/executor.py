@@ -146,13 +146,12 @@ class LoadedFunction:
         return await self._in_thread(lambda: fn(**kwargs), log, timeout)
 
     async def _in_thread(self, work: Callable[[], Any], log: CallLog, timeout: float) -> Any:
+        """Run `work` in the pool; a timer (not wait_for/shield: two tasks per call) enforces the limit."""
         loop = asyncio.get_running_loop()
-        started = threading.Event()
         ident: list[int] = []
 
         def runner() -> Any:
             ident.append(threading.get_ident())
-            started.set()
             token = _current_log.set(log)
             try:
                 return work()
@@ -160,15 +159,33 @@ class LoadedFunction:
                 _current_log.reset(token)
 
         fut = loop.run_in_executor(self.pool, runner)
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+        waiter: asyncio.Future[Any] = loop.create_future()
+
+        def done(f: asyncio.Future[Any]) -> None:
+            if waiter.done():
+                return
+            exc = f.exception()
+            if exc is not None:
+                waiter.set_exception(exc)
+            else:
+                waiter.set_result(f.result())
+
+        def expire() -> None:
             if ident and not fut.done():
                 _interrupt_thread(ident[0])
-            fut.add_done_callback(lambda f: f.exception())  # silence "never retrieved"
-            if isinstance(exc, asyncio.TimeoutError):
-                raise CallInterrupted("timeout") from None
+            if not waiter.done():
+                waiter.set_exception(CallInterrupted("timeout"))
+
+        fut.add_done_callback(done)
+        timer = loop.call_later(timeout, expire)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if ident and not fut.done():
+                _interrupt_thread(ident[0])
             raise
+        finally:
+            timer.cancel()
 
     async def stream(self, kwargs: dict[str, Any], log: CallLog, deadline: float) -> AsyncIterator[Any]:
         """Yield a generator function's items as they are produced."""

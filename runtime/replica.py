@@ -15,6 +15,7 @@ code key (from the developer's release agent or a peer replica, `peer_grant`).
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import math
 import os
@@ -157,6 +158,7 @@ class Replica:
             info.update(key_id=self.ident.key_id, document=self.ident.document)
         else:
             info["attestation_error"] = self._ident_error
+        _settle_process()
         return info
 
     async def unlock(self, grant: bytes) -> dict[str, Any]:
@@ -280,7 +282,15 @@ class Replica:
         def price(ms: float) -> int:
             return math.ceil(round(ms, 3) / 1000 * rate) + royalty
 
+        def final(kind: str) -> dict[str, Any]:  # meta of the last frame: the receipt's MAC for the gateway
+            meta_out: dict[str, Any] = {"ms": ms, "sealed": kind}
+            tag = ident.gateway_tag(ctx, meta.get("gk"))
+            if tag is not None:
+                meta_out["gm"] = tag
+            return meta_out
+
         seq = 0
+        ms = 0.0
         try:
             kwargs = json.loads(args_json) if args_json.strip() else {}
             if not isinstance(kwargs, dict):
@@ -291,13 +301,13 @@ class Replica:
                                        ident.seal_chunk(ctx, seq, _dumps(item))))
                     seq += 1
                 ms = _ms(t0)
-                conn.send(P.encode(call, P.END, {"ms": ms, "seq": seq, "sealed": "end"},
-                                   ident.seal_end(ctx, call_id, ms, price(ms))))
+                frame = ident.seal_end(ctx, call_id, ms, price(ms))
+                conn.send(P.encode(call, P.END, {**final("end"), "seq": seq}, frame))
             else:
                 result = _dumps(await loaded.run(kwargs, log, timeout))
                 ms = _ms(t0)
-                conn.send(P.encode(call, P.RESULT, {"ms": ms, "sealed": "res"},
-                                   ident.seal_response(ctx, call_id, result, ms, price(ms))))
+                frame = ident.seal_response(ctx, call_id, result, ms, price(ms))
+                conn.send(P.encode(call, P.RESULT, final("res"), frame))
         except asyncio.CancelledError:
             conn.send(P.encode(call, P.ERROR, {"type": "cancelled", "message": "call cancelled", "ms": _ms(t0)}))
         except (CallInterrupted, asyncio.TimeoutError):
@@ -306,14 +316,27 @@ class Replica:
         except Exception as exc:  # noqa: BLE001 - the user's exception, sealed: its text may hold user data
             ms = _ms(t0)
             frame = ident.seal_error(ctx, call_id, type(exc).__name__, str(exc)[:2000], ms, price(ms))
-            conn.send(P.encode(call, P.END if stream else P.RESULT,
-                               {"ms": ms, "seq": seq, "sealed": "err"}, frame))
+            conn.send(P.encode(call, P.END if stream else P.RESULT, {**final("err"), "seq": seq}, frame))
+        finally:
+            asyncio.get_running_loop().call_soon(ident.prepare)  # the next response's ephemeral, made while idle
 
     def _log_meta(self, log: CallLog) -> dict[str, Any]:
         return {"logs": log.lines} if self._forward_logs and log.lines else {}
 
     def _done_meta(self, t0: float, log: CallLog, **extra: Any) -> dict[str, Any]:
         return {"ms": _ms(t0), **self._log_meta(log), **extra}
+
+
+def _settle_process() -> None:
+    """After loading: freeze what start-up allocated out of the GC's reach (full collections of a model-sized
+    heap stall calls for 100s of ms, as Ray Serve found), and serve at normal priority (Ray starts workers
+    at nice 15, which starves latency-sensitive replicas on a busy node). Both best effort."""
+    gc.collect()
+    gc.freeze()
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _ms(t0: float) -> float:
