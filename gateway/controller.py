@@ -151,6 +151,7 @@ class Controller:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self.market: Any = None  # the provider marketplace (gateway/marketplace.py), when the gateway has one
+        self._on_node: dict[str, set[ReplicaHandle]] = {}  # provider node -> its replicas, starting ones too
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -301,9 +302,13 @@ class Controller:
 
             self.market.assign(fr.name, r.node, Requirements.from_spec(fr.spec))
             r.extra["assigned"] = True
+            self._on_node.setdefault(r.node, set()).add(r)
 
     def _unassign(self, r: ReplicaHandle) -> None:
         if r.extra.pop("assigned", False) and self.market is not None:
+            self._on_node.get(r.node, set()).discard(r)
+            if r.on_lost is not None:  # from _on_lost: it died, not retired; its node may be dying
+                self.market.replica_lost(r.node)
             self.market.unassign(r.function, r.node)
 
     async def _boot(self, fr: FunctionRuntime, r: ReplicaHandle) -> ReplicaHandle:
@@ -359,6 +364,9 @@ class Controller:
         """A node went down: drop its replicas at once (their calls retry elsewhere). Draining: replace its
         replicas and retire them when their calls finish. Joined/up: retry functions waiting for capacity."""
         nid = event.node.node_id
+        if event.kind == "down":  # a replica still starting there would wait for the dead node forever
+            for r in [r for r in self._on_node.get(nid, ()) if r.state == "starting"]:
+                self.backend.kill(r.actor)
         for fr in list(self.functions.values()):
             if event.kind == "down":
                 for r in [r for r in fr.all if r.node == nid]:

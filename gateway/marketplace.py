@@ -125,6 +125,7 @@ class _State:
     earned: int = 0
     calls: int = 0
     rep: _Reputation = field(default_factory=lambda: _Reputation(100))
+    lost_at: float = -math.inf  # when a replica on it last died unexpectedly (the node may be dying)
 
     def load(self) -> float:
         slots = self.node.hardware.gpu_count or max(1, self.node.hardware.cpus)
@@ -156,9 +157,12 @@ class ProviderView:
     earned: int
     last_seen_s: float
     attested: bool | None
+    functions: dict[str, int] = field(default_factory=dict)  # replicas per function on the node
+    ray_node_id: str | None = None  # its Ray node, once the gateway has seen it alive in ray.nodes()
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "hardware"}
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("hardware", "functions")}
+        d["functions"] = dict(self.functions)
         d["hardware"] = self.hardware.to_dict()
         d["gpu"] = self.hardware.label
         return d
@@ -309,6 +313,7 @@ class Marketplace:
         now = self._clock()
         skip = set(exclude)
         best: tuple[float, str] | None = None
+        suspect: tuple[float, str] | None = None
         seen = 0
         ids = self._fitting(req)
         start = self._full_prefix.get(req, 0)
@@ -326,11 +331,16 @@ class Marketplace:
             if nid in skip or not self._usable(nid, req, max_price, now):
                 continue
             cand = (st.score(st.node.rate(req)), nid)
+            if now - st.lost_at <= 3 * self.heartbeat_interval:
+                if suspect is None or cand < suspect:
+                    suspect = cand
+                continue
             if best is None or cand < best:
                 best = cand
             seen += 1
             if seen >= _PLACE_CANDIDATES:
                 break
+        best = best or suspect
         if best is None:
             raise self._no_capacity(req, max_price, skip)
         return self._nodes[best[1]].node
@@ -369,6 +379,14 @@ class Marketplace:
                 st.used_memory -= req.memory
         if st is not None:
             self._maybe_left(st)
+
+    def replica_lost(self, node_id: str) -> None:
+        """A replica on the node died unexpectedly. Its node may be dying (a killed raylet takes its workers
+        first and its heartbeats stop a moment later), so placement prefers other nodes until the node has had
+        3 heartbeat intervals to be swept down; it is still used when nothing else fits."""
+        st = self._nodes.get(node_id)
+        if st is not None:
+            st.lost_at = self._clock()
 
     def replica_nodes(self, function: str) -> list[str]:
         """The nodes holding replicas of ``function`` (one entry per replica)."""
@@ -461,7 +479,8 @@ class Marketplace:
             n.node_id, n.name, n.wallet, n.hardware, n.gpu_price, n.cpu_price, st.status,
             self.routable(n.node_id, now), round(st.load(), 4), st.inflight,
             sum(self._by_node.get(n.node_id, {}).values()), round(st.rep.success if st.rep.calls else 1.0, 4),
-            round(st.rep.mean_latency, 6), st.calls, st.earned, round(now - st.last_seen, 3), st.attested)
+            round(st.rep.mean_latency, 6), st.calls, st.earned, round(now - st.last_seen, 3), st.attested,
+            dict(self._by_node.get(n.node_id, {})), self._ray_ids.get(n.node_id))
 
     def _fitting(self, req: Requirements) -> list[str]:
         ids = self._fits.get(req)

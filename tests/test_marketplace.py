@@ -304,3 +304,32 @@ def test_subscriber_errors_do_not_break_membership(market: Marketplace) -> None:
     market.subscribe(boom)
     market.register(node("a", "H100"))
     assert market.status("a") == UP
+
+
+def test_node_that_just_lost_a_replica_is_placed_on_last(market: Marketplace, clock: Clock) -> None:
+    """A killed raylet takes its workers before its heartbeats stop: a replacement must not go back there."""
+    market.register(node("cheap", "H100", price=1000))
+    market.register(node("dear", "H100", price=3000))
+    req = Requirements.parse("H100")
+    market.assign("f", "cheap", req)
+    market.unassign("f", "cheap")
+    market.replica_lost("cheap")
+    assert market.place(req).node_id == "dear"
+    market.assign("g", "dear", req)  # the only other node is full: the suspect one is still used
+    assert market.place(req).node_id == "cheap"
+    market.unassign("g", "dear")
+    clock.t += 3.1  # 3 heartbeat intervals later it would have been swept down had it died
+    market.heartbeat("cheap")
+    market.heartbeat("dear")
+    assert market.place(req).node_id == "cheap"
+
+
+def test_view_lists_functions_and_ray_node(market: Marketplace) -> None:
+    market.register(node("a", "H100", 2))
+    req = Requirements.parse("H100")
+    market.assign("f", "a", req)
+    market.assign("f", "a", req)
+    assert market.view("a").to_dict()["functions"] == {"f": 2}
+    assert market.view("a").ray_node_id is None
+    market.sync_ray_nodes([{"Alive": True, "NodeID": "ray1", "Resources": {"cocoon-node:a": 1000.0}}])
+    assert market.view("a").to_dict()["ray_node_id"] == "ray1"

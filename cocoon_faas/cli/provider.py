@@ -115,8 +115,13 @@ def register(main: click.Group) -> None:
                   help="wallet key (default $COCOON_HOME/wallet.json)")
     @click.option("--wallet-version", default="v3r2", show_default=True, help="the wallet contract version")
     @click.option("--temp-dir", default=None, help="Ray's --temp-dir for this node")
+    @click.option("--object-store-memory", default=None, type=int, help="Ray object store size in bytes")
+    @click.option("--ray-arg", "ray_args", multiple=True, metavar="ARG",
+                  help="extra `ray start` argument, repeatable, e.g. --ray-arg=--node-manager-port=6380 "
+                       "(several nodes on one machine need distinct ports)")
     def join(gateway: str | None, wallet: str, price: int, cpu_price: int, gpus: str | None, cpus: int | None,
-             name: str | None, key_file: Path | None, wallet_version: str, temp_dir: str | None) -> None:
+             name: str | None, key_file: Path | None, wallet_version: str, temp_dir: str | None,
+             object_store_memory: int | None, ray_args: tuple[str, ...]) -> None:
         """Detect the hardware, register (signed by the wallet key), join Ray, heartbeat until stopped."""
         from cocoon_faas.runtime import hardware
         from cocoon_faas.runtime.node_agent import NodeAgent
@@ -130,7 +135,7 @@ def register(main: click.Group) -> None:
             hw = hardware.detect(gpus, cpus=cpus)
             agent = NodeAgent(_link(gateway), key, wallet=wallet, hardware=hw, gpu_price=price,
                               cpu_price=cpu_price, wallet_version=wallet_version, name=name,
-                              temp_dir=temp_dir)
+                              temp_dir=temp_dir, object_store_memory=object_store_memory, ray_args=ray_args)
             info = agent.register()
         except CocoonError as exc:
             _fail(exc.message)
