@@ -18,6 +18,8 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -110,6 +112,58 @@ def main() -> None:
         gateway_compare(300 if args.quick else 2000)
 
 
+def _pct(ts: list[float]) -> tuple[float, float]:
+    ts = sorted(ts)
+    return statistics.median(ts), ts[int(0.99 * (len(ts) - 1))]
+
+
+def _server_procs(root_pid: int) -> list[list[Any]]:
+    """[[gateway], [replica workers]] as psutil processes (empty when psutil is missing)."""
+    try:
+        import psutil
+    except ImportError:
+        return []
+    gw = psutil.Process(root_pid)
+    reps = [p for p in gw.children(recursive=True) if "Replica" in " ".join(p.cmdline()[:1])]
+    return [[gw], reps]
+
+
+def _cpu(procs: list[list[Any]]) -> list[float]:
+    out = [time.process_time()]
+    for group in procs:
+        total = 0.0
+        for p in group:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except Exception:  # noqa: BLE001 - a worker that went away
+                pass
+        out.append(total)
+    return out
+
+
+def _interleaved(plain: Callable[[], Any], conf: Callable[[], Any], n: int, procs: list[list[Any]]
+                 ) -> tuple[tuple[float, float], tuple[float, float], list[float], list[float]]:
+    """Alternate blocks of plain and confidential calls, so both see the same machine load; returns the
+    percentiles of each and the CPU time per call (µs) of client, gateway and replicas for each."""
+    tp: list[float] = []
+    tc: list[float] = []
+    cpu_p = [0.0] * (1 + len(procs))
+    cpu_c = [0.0] * (1 + len(procs))
+    block = 50
+    for _ in range(max(1, n // block)):
+        for fn, ts, acc in ((plain, tp, cpu_p), (conf, tc, cpu_c)):
+            c0 = _cpu(procs)
+            for _ in range(block):
+                t = time.perf_counter()
+                fn()
+                ts.append((time.perf_counter() - t) * 1e6)
+            for i, (a, b) in enumerate(zip(c0, _cpu(procs), strict=True)):
+                acc[i] += b - a
+    calls = len(tp)
+    return _pct(tp), _pct(tc), [x / calls * 1e6 for x in cpu_p], [x / calls * 1e6 for x in cpu_c]
+
+
 def gateway_compare(n: int) -> None:
     """Plain vs confidential through `cocoon serve` (own COCOON_HOME, local Ray, dev attestation)."""
     import socket
@@ -148,16 +202,21 @@ def gateway_compare(n: int) -> None:
         reload_settings()
         c = Client(url=url, payer=None)
         echo = "a" * (64 << 10)
-        print(f"\n== plain vs confidential through the gateway ({n} sequential calls each; µs p50 / p99) ==")
-        print(f"{'call':>12} {'plain':>19} {'confidential':>19} {'added p50':>10} {'ratio p50':>10}")
+        procs = _server_procs(proc.pid)
+        print(f"\n== plain vs confidential through the gateway ({n} calls each, interleaved; µs p50 / p99) ==")
+        print(f"{'call':>12} {'plain':>19} {'confidential':>19} {'added p50':>10} {'ratio p50':>10}   "
+              "CPU µs/call plain -> confidential (client, gateway, replica)")
         for label, name, args in (("no-op", "bench_noop", {}), ("echo 64 KiB", "bench_echo", {"data": echo})):
-            for _ in range(20):  # warm both paths (connection, document cache)
+            for _ in range(50):  # warm both paths (connection, document cache)
                 c.call(name, args)
                 c.call_confidential(name, args, allow_dev_attestation=True)
-            plain = _pcts(lambda: c.call(name, args), n)  # noqa: B023
-            conf = _pcts(lambda: c.call_confidential(name, args, allow_dev_attestation=True), n)  # noqa: B023
+            plain, conf, cpu_p, cpu_c = _interleaved(
+                lambda: c.call(name, args),  # noqa: B023
+                lambda: c.call_confidential(name, args, allow_dev_attestation=True),  # noqa: B023
+                n, procs)
+            cpu = "  ".join(f"{a:.0f}->{b:.0f}" for a, b in zip(cpu_p, cpu_c, strict=True))
             print(f"{label:>12} {plain[0]:8.0f} / {plain[1]:8.0f} {conf[0]:8.0f} / {conf[1]:8.0f} "
-                  f"{conf[0] - plain[0]:10.0f} {conf[0] / plain[0]:10.2f}")
+                  f"{conf[0] - plain[0]:10.0f} {conf[0] / plain[0]:10.2f}   {cpu}")
         c.close()
     finally:
         import signal

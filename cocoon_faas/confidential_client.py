@@ -167,6 +167,12 @@ def verified_replicas(client: Any, name: str, policy: ClientPolicy, refresh: boo
     return good
 
 
+def _sealed_headers(body: bytearray, extra: dict[str, str] | None) -> dict[str, str]:
+    """The body goes as one chunk of the buffer it was sealed into (no copy); the explicit length keeps httpx
+    from switching to chunked transfer encoding."""
+    return {"Content-Type": SEALED_CONTENT_TYPE, "Content-Length": str(len(body)), **(extra or {})}
+
+
 def _sealed_post(client: Any, name: str, args: dict[str, Any] | None, policy: ClientPolicy,
                  headers: dict[str, str] | None = None) -> tuple[Any, ClientCallContext]:
     """POST a sealed request; on 421 stale_keys refetch the documents and reseal once."""
@@ -177,8 +183,7 @@ def _sealed_post(client: Any, name: str, args: dict[str, Any] | None, policy: Cl
         replicas = verified_replicas(client, name, policy, refresh=attempt > 0)
         body, ctx = seal_request(args_json, name, replicas)
         try:
-            r = client._paid("POST", f"/fn/{name}", name, content=body,
-                             headers={"Content-Type": SEALED_CONTENT_TYPE, **(headers or {})})
+            r = client._paid("POST", f"/fn/{name}", name, content=[body], headers=_sealed_headers(body, headers))
         except StaleKeysError:
             if attempt:
                 raise
@@ -234,8 +239,8 @@ def stream_confidential(client: Any, name: str, args: dict[str, Any] | None, pol
     for attempt in (0, 1):
         replicas = verified_replicas(client, name, policy, refresh=attempt > 0)
         body, ctx = seal_request(args_json, name, replicas)
-        with client._http.stream("POST", f"/fn/{name}", content=body,
-                                 headers={"Content-Type": SEALED_CONTENT_TYPE, "Accept": "text/event-stream"}) as r:
+        with client._http.stream("POST", f"/fn/{name}", content=[body],
+                                 headers=_sealed_headers(body, {"Accept": "text/event-stream"})) as r:
             if r.status_code >= 400:
                 r.read()
                 exc = client._error(r)

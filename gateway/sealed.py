@@ -14,16 +14,20 @@ and reseals once. Answers:
   call id, the metered time and the charge.
 * `Prefer: respond-async`: 202 as usual; the call record's result is `{"sealed_frame": base64}`.
 
-The charge uses the receipt's metered execution time, after the receipt's signature is checked against the
-replica's attested receipt key; the replica prices it from the rate the gateway sends (`rate` nanoton per
-second, `royalty`), so receipt price + operator fee = the charge. Nothing here ever decrypts or unpickles.
+The charge uses the receipt's metered execution time, after the receipt is authenticated: by an HMAC under a key
+the gateway sealed (HPKE) to the replica's attested key and sends with each call (`gk`; the replica answers with
+the tag `gm`), or, when a replica gives no tag, by its Ed25519 signature against the attested receipt key. The
+replica prices it from the rate the gateway sends (`rate` nanoton per second, `royalty`), so receipt price +
+operator fee = the charge. Nothing here ever decrypts or unpickles.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import json
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -34,12 +38,15 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from cocoon_faas import protocol as P
+from cocoon_faas.confidential import hpke
 from cocoon_faas.confidential.envelope import (
+    GATEWAY_MAC_INFO,
     SEALED_CONTENT_TYPE,
     SEALED_FRAME_CONTENT_TYPE,
     Receipt,
     peek_envelope,
     peek_response,
+    receipt_mac,
 )
 from cocoon_faas.errors import (
     CocoonError,
@@ -114,6 +121,11 @@ class KeyedController:
         r.inflight += 1
         self.used[r.id], self.last = r, r
         self.call_meta["rate"] = self.billing.price_for(r.node or "local").per_second(fr.spec)
+        mac = gateway_mac_key(r)
+        if mac is not None:
+            self.call_meta["gk"] = mac[1]
+        else:
+            self.call_meta.pop("gk", None)
         return r
 
     async def acquire(self, fr: FunctionRuntime, deadline: float) -> ReplicaHandle:
@@ -150,6 +162,11 @@ class KeyedController:
     def release(self, fr: FunctionRuntime, r: ReplicaHandle) -> None:
         self.controller.release(fr, r)
 
+    def record(self, r: ReplicaHandle, ok: bool, latency_s: float) -> None:
+        record = getattr(self.controller, "record", None)  # node health feedback, when the controller keeps it
+        if record is not None:
+            record(r, ok, latency_s)
+
 
 def platform_error(err: CocoonError) -> CocoonError:
     """A replica's plain ERROR frame for a sealed call carries its HTTP status and type (stale keys 421, replay
@@ -162,15 +179,38 @@ def platform_error(err: CocoonError) -> CocoonError:
     return error_from_body(status, {"error": fields})
 
 
-def check_receipt(frame_body: bytes, r: ReplicaHandle | None, call_id: str) -> tuple[str, Receipt]:
-    """(frame kind, receipt) of a final sealed frame, after checking the receipt's signature against the
-    replica's attested receipt key and that it names this call and replica."""
+def gateway_mac_key(r: ReplicaHandle) -> tuple[bytes, str] | None:
+    """(key, wrapped hex) of the receipt MAC key this gateway shares with replica `r`: made once per replica,
+    HPKE-sealed to the HPKE key of its attested document (aad: its key id), so only that replica can open it."""
+    mac = r.extra.get("receipt_mac")
+    if mac is None:
+        doc = r.extra.get("document")
+        try:
+            key = os.urandom(32)
+            wrapped = hpke.seal(bytes.fromhex(doc["hpke_public_key"]), GATEWAY_MAC_INFO,
+                                bytes.fromhex(doc["key_id"]), key)
+        except (TypeError, KeyError, ValueError):
+            return None
+        mac = r.extra["receipt_mac"] = (key, wrapped.hex())
+    return mac  # type: ignore[no-any-return]
+
+
+def check_receipt(frame_body: bytes, r: ReplicaHandle | None, call_id: str, tag: str | None = None
+                  ) -> tuple[str, Receipt]:
+    """(frame kind, receipt) of a final sealed frame, after authenticating the receipt (the replica's MAC `tag`
+    under the key from `gateway_mac_key`, else its signature against the attested receipt key) and checking
+    that it names this call and replica."""
     try:
         f = peek_response(frame_body)
         doc = r.extra.get("document") if r is not None else None
-        if f.receipt is None or not doc:
+        if f.receipt is None or not doc or r is None:
             raise ValueError("the final frame has no receipt, or the replica has no document")
-        f.receipt.verify(bytes.fromhex(doc["receipt_public_key"]))
+        mac = r.extra.get("receipt_mac")
+        if tag and mac is not None:
+            if not hmac.compare_digest(receipt_mac(mac[0], f.receipt.raw), bytes.fromhex(tag)):
+                raise ValueError("the receipt's MAC does not match the key shared with this replica")
+        else:
+            f.receipt.verify(bytes.fromhex(doc["receipt_public_key"]))
         if f.receipt.call_id != call_id or f.receipt.key_id != doc.get("key_id") or f.key_id != doc.get("key_id"):
             raise ValueError("the receipt names another call or replica")
     except (CocoonError, ValueError, KeyError) as exc:
@@ -229,7 +269,7 @@ async def _unary(fr: FunctionRuntime, body: bytes, call_id: str, kc: KeyedContro
         return None, platform_error(err), meta, ""
     capture("from_replica", call_id, outcome.meta, outcome.body)
     try:
-        kind, receipt = check_receipt(outcome.body, kc.used.get(outcome.replica), call_id)
+        kind, receipt = check_receipt(outcome.body, kc.used.get(outcome.replica), call_id, outcome.meta.get("gm"))
     except CocoonError as exc:
         return None, exc, {}, ""
     outcome.exec_ms = float(receipt.exec_ms)
@@ -257,7 +297,7 @@ async def _stream(gw: Any, fr: FunctionRuntime, body: bytes, call_id: str, calle
                 capture("from_replica", call_id, frame.meta, frame.body)
                 if frame.type == P.END:
                     try:
-                        kind, receipt = check_receipt(frame.body, kc.last, call_id)
+                        kind, receipt = check_receipt(frame.body, kc.last, call_id, frame.meta.get("gm"))
                     except CocoonError as exc:
                         gw.finish_call(fr, call_id, caller, t0, None, exc, {}, hold=hold)
                         yield b"event: error\ndata: " + json.dumps(exc.to_dict()).encode() + b"\n\n"

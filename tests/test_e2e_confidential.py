@@ -106,7 +106,7 @@ def test_marker_never_reaches_the_gateway(gw):
     held = gateway_holdings(gw)
     held["api:call"] = async_rec
     assert any(control.encode() in v for v in held.values()), "the scan must see what the gateway does hold"
-    assert "forwarded.bin" in held and b"CSQ1" in held["forwarded.bin"] and b"CSR1" in held["forwarded.bin"]
+    assert "forwarded.bin" in held and b"CSQ\x02" in held["forwarded.bin"] and b"CSR\x02" in held["forwarded.bin"]
     assert "gateway.log" in held and "cocoon.db" in held
     for secret in (MARKER, ANSWER, MARKER.upper(), MARKER[::-1]):
         leaks = [k for k, v in held.items() if secret.encode() in v]
@@ -123,7 +123,7 @@ def test_flipped_byte_is_refused(gw):
     r = httpx.post(f"{gw.url}/fn/shout", content=bytes(bad), headers={**gw.headers(),
                                                                         "Content-Type": SEALED_CONTENT_TYPE})
     assert r.status_code == 400 and r.json()["error"]["check"] == "decrypt", r.text
-    r = httpx.post(f"{gw.url}/fn/shout", content=b"CSQ1junk", headers={**gw.headers(),
+    r = httpx.post(f"{gw.url}/fn/shout", content=b"CSQ\x02junk", headers={**gw.headers(),
                                                                         "Content-Type": SEALED_CONTENT_TYPE})
     assert r.status_code == 400 and r.json()["error"]["check"] == "envelope"
     c.close()
@@ -134,12 +134,12 @@ def test_replay_is_refused(gw):
     replicas = verified_replicas(c, "shout", policy(gw, "shout"), refresh=True)
     body, ctx = seal_request(json.dumps({"text": "once"}).encode(), "shout", replicas)
     h = {**gw.headers(), "Content-Type": "application/cocoon-sealed+json"}  # the alternative name is accepted
-    first = httpx.post(f"{gw.url}/fn/shout", content=body, headers=h)
+    first = httpx.post(f"{gw.url}/fn/shout", content=bytes(body), headers=h)
     assert first.status_code == 200 and first.headers["X-Cocoon-Sealed-Kind"] == "res"
     result, receipt = ctx.open_response(first.content)
     assert json.loads(result) == {"shout": "ECNO", "n": 4}
     assert float(first.headers["X-Cocoon-Exec-Ms"]) == pytest.approx(receipt.exec_ms)  # metered from the receipt
-    again = httpx.post(f"{gw.url}/fn/shout", content=body, headers=h)
+    again = httpx.post(f"{gw.url}/fn/shout", content=bytes(body), headers=h)
     assert again.status_code == 409 and again.json()["error"]["check"] == "replay"
     with pytest.raises(EnvelopeError) as e:  # the gateway replaying the old answer into the same context
         ctx.open_response(first.content)
@@ -151,7 +151,7 @@ def test_response_from_another_replica_is_refused(gw):
     c = client(gw)
     a, b = sorted(verified_replicas(c, "pair", policy(gw, "pair"), refresh=True), key=lambda r: r.key_id)
     body, ctx = seal_request(b"{\"x\": 21}", "pair", [a])
-    r = httpx.post(f"{gw.url}/fn/pair", content=body, headers={**gw.headers(),
+    r = httpx.post(f"{gw.url}/fn/pair", content=bytes(body), headers={**gw.headers(),
                                                                  "Content-Type": SEALED_CONTENT_TYPE})
     assert r.status_code == 200
     forged = dataclasses.replace(ctx, replicas={b.key_id: b})  # the call as if sealed to the other replica only
@@ -169,7 +169,7 @@ def test_stale_keys_421_and_transparent_retry(gw, tmp_path):
     gone = ReplicaIdentity.create("shout", live[0].measurement, "x", evidence="dev", home=gw.home)
     stale = verify_document(gone.document, pol)
     body, _ = seal_request(b"{\"text\": \"x\"}", "shout", [stale])
-    r = httpx.post(f"{gw.url}/fn/shout", content=body, headers={**gw.headers(), "Content-Type": SEALED_CONTENT_TYPE})
+    r = httpx.post(f"{gw.url}/fn/shout", content=bytes(body), headers={**gw.headers(), "Content-Type": SEALED_CONTENT_TYPE})
     assert r.status_code == 421 and r.json()["error"]["type"] == "stale_keys"
     from cocoon_faas import confidential_client as cc
 
@@ -226,7 +226,7 @@ def test_replacement_replica_gets_the_code_key_from_a_peer(gw):
     pol = policy(gw, "vault")
     a, b = verified_replicas(c, "vault", pol, refresh=True)
     body, _ = seal_request(b"{\"x\": -1}", "vault", [a])
-    r = httpx.post(f"{gw.url}/fn/vault", content=body, headers={**gw.headers(), "Content-Type": SEALED_CONTENT_TYPE},
+    r = httpx.post(f"{gw.url}/fn/vault", content=bytes(body), headers={**gw.headers(), "Content-Type": SEALED_CONTENT_TYPE},
                    timeout=60)
     assert r.status_code in (421, 502), r.text  # its replica died; no other replica holds that key
     deadline = time.monotonic() + 90
@@ -242,7 +242,7 @@ def test_replacement_replica_gets_the_code_key_from_a_peer(gw):
     assert len(new) == 1 and not any(x["code_locked"] for x in att["replicas"]), att["replicas"]
     fresh = verify_document(new[0], pol)
     body, ctx = seal_request(b"{\"x\": 1}", "vault", [fresh])
-    r = httpx.post(f"{gw.url}/fn/vault", content=body, headers={**gw.headers(), "Content-Type": SEALED_CONTENT_TYPE})
+    r = httpx.post(f"{gw.url}/fn/vault", content=bytes(body), headers={**gw.headers(), "Content-Type": SEALED_CONTENT_TYPE})
     assert r.status_code == 200 and json.loads(ctx.open_response(r.content)[0])["x"] == 2
     c.close()
 

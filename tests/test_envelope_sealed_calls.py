@@ -16,6 +16,7 @@ from cocoon_faas.confidential.document import ClientPolicy, dev_public_key_hex, 
 from cocoon_faas.confidential.envelope import (
     CONTENT_NONCE,
     WRAP_INFO,
+    Receipt,
     peek_envelope,
     peek_response,
     wrap_aad,
@@ -54,7 +55,7 @@ def _verified(rep, dev_key, measurements=(M,)):
 
 def _call(rep, v, args=b'{"text":"hi"}', **kw):
     body, ctx = seal_request(args, rep.function, v if isinstance(v, list) else [v], now_ms=NOW * 1000, **kw)
-    _CTX_CACHE[body] = ctx
+    _CTX_CACHE[bytes(body)] = ctx
     return body, ctx
 
 
@@ -76,8 +77,27 @@ def test_known_answer(dev_key):
                       wrap_aad("echo", rid, rep.key_id), hdr.recipients[0].wrapped_key)
     assert keys[:32] == content_key
     assert keys[32:] == hpke.public_bytes(hpke.derive_key_pair(crng(32)).public_key())  # the reply key
-    inner = ChaCha20Poly1305(content_key).decrypt(CONTENT_NONCE, body[hdr.header_end:], body[:hdr.header_end])
+    inner = ChaCha20Poly1305(content_key).decrypt(CONTENT_NONCE, bytes(body[hdr.header_end:]),
+                                                  bytes(body[:hdr.header_end]))
     assert inner == b'{"text":"hi"}'
+    # v2 header layout: magic+version, hlen, fn, rid, ts, one recipient (kid, enc ‖ wrapped ct)
+    assert body[:4] == b"CSQ\x02" and struct.unpack_from(">I", body, 4)[0] == hdr.header_end - 8
+    assert body[8:14] == b"\x00\x04echo" and body[14:30].hex() == rid
+    assert struct.unpack_from(">QB", body, 30) == (NOW * 1000, 1) and body[39:55].hex() == rep.key_id
+    # the response frame: head (= AAD), ciphertext under the HPKE context to the reply key, signed receipt
+    assert frame[:5] == b"CSR\x02\x01" and frame[5:21].hex() == rid and frame[21:37].hex() == rep.key_id
+    clen = struct.unpack_from(">I", frame, 73)[0]
+    c2 = fixed_rng(b"client")
+    c2(32), c2(16)
+    rctx = hpke.setup_receiver(frame[37:69], hpke.derive_key_pair(c2(32)),
+                               b"cocoon/v2 response\x00" + hashlib.sha256(body).digest())
+    assert rctx.open(frame[:73], frame[77:77 + clen]) == b'{"echo":"hi"}'
+    receipt = Receipt.from_bytes(frame[77 + clen + 4:])
+    assert (receipt.call_id, receipt.request_id, receipt.function, receipt.measurement, receipt.exec_ms,
+            receipt.price_nanoton, receipt.frames) == ("call-1", rid, "echo", M, 1.25, 1000, 1)
+    assert receipt.request_sha256 == hashlib.sha256(body).hexdigest()
+    receipt.verify(rep.receipt_public_key)
+    assert receipt.to_bytes() == frame[77 + clen + 4:]
     # Pinned bytes: any change to the format or the derivations changes these.
     assert hashlib.sha256(body).hexdigest() == KAT_REQUEST_SHA256
     assert hashlib.sha256(frame).hexdigest() == KAT_FRAME_SHA256
@@ -86,8 +106,8 @@ def test_known_answer(dev_key):
 
 
 KAT_KEY_ID = "9b7decc212539aee4f4e853c8b3036a7"
-KAT_REQUEST_SHA256 = "df4d209d9b66ce9bb472c5645f9b35ca2a3c39b4961a394da4c6826a36efcc3f"
-KAT_FRAME_SHA256 = "b7a42536aa87dc1fb3682fe51e9df588deec484fa5d59a6fcc9c111054ffb4ba"
+KAT_REQUEST_SHA256 = "e729cd08c3fb4afa02f6eb4f0185fb29878cd93d1743d6e0570cf195bc6842ea"
+KAT_FRAME_SHA256 = "3d716530e6cfc282766c13d1b300c52292bbd3ba668c838d9b70b3eef3fc932a"
 
 
 def test_round_trip_to_several_replicas(dev_key):
@@ -173,7 +193,7 @@ def test_every_byte_of_the_response_is_authenticated(dev_key):
 
 def _fresh_ctx(body, v):
     """A pristine context for an already-sealed body (same reply key), to open a frame again."""
-    c = _CTX_CACHE[body]
+    c = _CTX_CACHE[bytes(body)]
     return ClientCallContext(c.function, c.request_id, c.body, c.replicas, c.reply_key)
 
 
@@ -255,11 +275,75 @@ def test_gateway_views_need_no_keys(dev_key):
         assert ei.value.check == "envelope" and ei.value.status == 400
 
 
-def test_zero_copy_body_is_identical(dev_key):
+def test_body_is_the_buffer_the_content_was_encrypted_into(dev_key):
     rep = _replica(dev_key, seed=b"replica")
     v = _verified(rep, dev_key)
-    a, _ = seal_request(b'{"z":1}', "echo", [v], rng=fixed_rng(b"c"), now_ms=NOW * 1000)
-    b, ctx = seal_request(b'{"z":1}', "echo", [v], rng=fixed_rng(b"c"), now_ms=NOW * 1000, zero_copy=True)
-    assert isinstance(b, bytearray) and bytes(b) == a
-    o = rep.open_request(b, now_ms=NOW * 1000)
+    body, ctx = seal_request(b'{"z":1}', "echo", [v], rng=fixed_rng(b"c"), now_ms=NOW * 1000)
+    again, _ = seal_request(b'{"z":1}', "echo", [v], rng=fixed_rng(b"c"), now_ms=NOW * 1000)
+    assert isinstance(body, bytearray) and body == again  # deterministic under fixed randomness
+    hdr = peek_envelope(body)
+    assert len(body) == hdr.header_end + len(b'{"z":1}') + 16  # one buffer: prefix, ciphertext, tag
+    o = rep.open_request(bytes(body), now_ms=NOW * 1000)
     assert ctx.open_response(rep.seal_response(o.ctx, "z", b"1", 1, 1))[0] == b"1"
+
+
+def test_version_1_envelopes_are_refused_by_version(dev_key):
+    rep = _replica(dev_key)
+    body, _ = _call(rep, _verified(rep, dev_key))
+    with pytest.raises(EnvelopeError) as ei:
+        peek_envelope(b"CSQ\x01" + bytes(body[4:]))
+    assert ei.value.check == "envelope" and "version 1" in ei.value.message
+
+
+class _Handle:
+    def __init__(self, rep):
+        self.extra = {"document": rep.document, "key_id": rep.key_id}
+
+
+def test_gateway_checks_receipts_with_a_mac_sealed_to_the_replica(dev_key):
+    from cocoon_faas.gateway.sealed import check_receipt, gateway_mac_key
+
+    rep, other = _replica(dev_key), _replica(dev_key)
+    handle = _Handle(rep)
+    key, wrapped = gateway_mac_key(handle)
+    assert gateway_mac_key(handle) == (key, wrapped)  # one key per replica
+    body, ctx = _call(rep, _verified(rep, dev_key))
+    o = rep.open_request(body, now_ms=NOW * 1000)
+    frame = rep.seal_response(o.ctx, "call-9", b"1", 2.5, 10)
+    tag = rep.gateway_tag(o.ctx, wrapped)
+    assert tag is not None and rep.gateway_tag(o.ctx, wrapped) == tag
+    kind, receipt = check_receipt(frame, handle, "call-9", tag)
+    assert kind == "res" and receipt.exec_ms == 2.5 and receipt.price_nanoton == 10
+    assert other.gateway_tag(o.ctx, wrapped) is None  # sealed to rep's key only
+    for bad_tag in ("00" * 32, tag[:-2] + ("00" if tag[-2:] != "00" else "01")):
+        with pytest.raises(CocoonError) as ei:
+            check_receipt(frame, handle, "call-9", bad_tag)
+        assert ei.value.status == 502
+    with pytest.raises(CocoonError):
+        check_receipt(frame, handle, "another-call", tag)  # names another call
+    # an edited receipt (exec time) fails the MAC, and without a tag the signature check catches it
+    rb = peek_response(frame).receipt.raw
+    edited = bytearray(frame)
+    pos = len(frame) - 64 - 16
+    edited[pos] ^= 1
+    assert bytes(edited[-len(rb):]) != rb
+    for t in (tag, None):
+        with pytest.raises(CocoonError):
+            check_receipt(bytes(edited), handle, "call-9", t)
+    assert check_receipt(frame, handle, "call-9", None)[0] == "res"  # signature fallback
+    assert ctx.open_response(frame)[0] == b"1"
+
+
+def test_replica_ephemerals_are_made_ahead_and_used_once(dev_key):
+    rep = _replica(dev_key)
+    v = _verified(rep, dev_key)
+    rep.prepare()
+    encs = set()
+    for _ in range(3):
+        body, ctx = _call(rep, v)
+        o = rep.open_request(body, now_ms=NOW * 1000)
+        frame = rep.seal_response(o.ctx, "c", b"1", 1, 1)
+        encs.add(peek_response(frame).enc)
+        assert ctx.open_response(frame)[0] == b"1"
+        rep.prepare()
+    assert len(encs) == 3

@@ -14,21 +14,22 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from cocoon_faas.confidential import hpke
 from cocoon_faas.confidential.document import VerifiedReplica
 from cocoon_faas.confidential.envelope import (
     CONTENT_NONCE,
-    VERSION,
     WRAP_INFO,
     Frame,
     Receipt,
     ResponseHash,
     decode_frame,
-    encode_request,
+    encode_prefix,
     response_info,
     wrap_aad,
 )
@@ -36,6 +37,18 @@ from cocoon_faas.confidential.errors import EnvelopeError
 from cocoon_faas.errors import FunctionError
 
 Rng = Callable[[int], bytes]
+_X25519: dict[bytes, X25519PublicKey] = {}
+_ED25519: dict[bytes, Ed25519PublicKey] = {}
+
+
+def _cached(cache: dict[bytes, Any], raw: bytes, load: Callable[[bytes], Any]) -> Any:
+    """Parsed public keys of verified replicas, kept per process (parsing costs more than using them)."""
+    key = cache.get(raw)
+    if key is None:
+        if len(cache) > 256:
+            cache.clear()
+        key = cache[raw] = load(raw)
+    return key
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,11 @@ class ClientCallContext:
     _ctx: hpke.Context | None = None
     _next_seq: int = 0
     _hash: ResponseHash = field(default_factory=ResponseHash)
+    _reply_public: bytes = b""
+
+    def __post_init__(self) -> None:
+        if not self._reply_public:
+            self._reply_public = hpke.public_bytes(self.reply_key.public_key())
 
     @property
     def request_sha256(self) -> bytes:
@@ -80,7 +98,8 @@ class ClientCallContext:
             raise EnvelopeError("replica", "the response comes from a replica this call was not sealed to")
         if self._ctx is None:
             self.key_id, self._enc = f.key_id, f.enc
-            self._ctx = hpke.setup_receiver(f.enc, self.reply_key, response_info(self.request_sha256))
+            self._ctx = hpke.setup_receiver(f.enc, self.reply_key, response_info(self.request_sha256),
+                                            self._reply_public)
         elif f.key_id != self.key_id or f.enc != self._enc:
             raise EnvelopeError("replica", "frames of one call come from different replicas or sessions")
         if f.seq != self._next_seq:
@@ -95,7 +114,7 @@ class ClientCallContext:
         return OpenedFrame(f.kind, pt, f.receipt)
 
     def _check_receipt(self, f: Frame, r: Receipt, replica: VerifiedReplica) -> None:
-        r.verify(replica.receipt_public_key)
+        r.verify(_cached(_ED25519, replica.receipt_public_key, Ed25519PublicKey.from_public_bytes))
         if r.measurement != replica.measurement:
             raise EnvelopeError("measurement", f"the receipt names measurement {r.measurement[:16]}..., the "
                                 f"verified replica runs {replica.measurement[:16]}...")
@@ -138,39 +157,37 @@ class ClientCallContext:
 
 
 def seal_request(args_json: bytes, function: str, replicas: Sequence[VerifiedReplica], *,
-                 rng: Rng | None = None, now_ms: int | None = None,
-                 zero_copy: bool = False) -> tuple[bytes, ClientCallContext]:
+                 rng: Rng | None = None, now_ms: int | None = None) -> tuple[bytearray, ClientCallContext]:
     """Seal `args_json` for `function` to every replica; returns (body to POST, context to open the answer).
-    `zero_copy=True` encrypts straight into a `bytearray` body (no second copy of a large payload; send it as
-    `content=[body]` with httpx). `rng`/`now_ms` are for known-answer tests only."""
+    The body is the `bytearray` the content was encrypted into, so a large payload is never copied: send it as
+    `content=[body]` with a `Content-Length` header (httpx), or `bytes(body)`. `rng`/`now_ms` are for
+    known-answer tests only."""
     if not replicas:
         raise EnvelopeError("no_replica", f"no verified replica of '{function}' to seal to; fetch and verify its "
                             "attestation documents first")
+    rand = rng or os.urandom
+    content_key, rid = rand(32), rand(16)
+    request_id = rid.hex()
+    reply_key = hpke.derive_key_pair(rand(32)) if rng else X25519PrivateKey.generate()
+    reply_public = hpke.public_bytes(reply_key.public_key())
+    key_and_reply = content_key + reply_public
+    wraps: list[tuple[bytes, bytes]] = []
+    by_kid: dict[str, VerifiedReplica] = {}
     for r in replicas:
         if r.function != function:
             raise EnvelopeError("function", f"replica {r.key_id} runs '{r.function}', not '{function}'")
-    rand = rng or os.urandom
-    content_key, request_id = rand(32), rand(16).hex()
-    reply_key = hpke.derive_key_pair(rand(32)) if rng else X25519PrivateKey.generate()
-    key_and_reply = content_key + hpke.public_bytes(reply_key.public_key())
-    to = []
-    by_kid: dict[str, VerifiedReplica] = {}
-    for r in replicas:
         if r.key_id in by_kid:
             continue
         eph = hpke.derive_key_pair(rand(32)) if rng else None
-        wk = hpke.seal(r.hpke_public_key, WRAP_INFO, wrap_aad(function, request_id, r.key_id), key_and_reply,
-                       ephemeral=eph)
-        to.append({"kid": r.key_id, "wk": wk.hex()})
+        enc, wctx = hpke.setup_sender(_cached(_X25519, r.hpke_public_key, X25519PublicKey.from_public_bytes),
+                                      WRAP_INFO, ephemeral=eph)
+        wraps.append((bytes.fromhex(r.key_id), enc + wctx.seal(wrap_aad(function, request_id, r.key_id),
+                                                                key_and_reply)))
         by_kid[r.key_id] = r
     ts = now_ms if now_ms is not None else int(time.time() * 1000)
-    header = {"v": VERSION, "t": "req", "fn": function, "rid": request_id, "ts": ts, "to": to}
-    prefix, _ = encode_request(header, b"")
-    aead = ChaCha20Poly1305(content_key)
-    if zero_copy:
-        buf = bytearray(len(prefix) + len(args_json) + 16)
-        buf[:len(prefix)] = prefix
-        aead.encrypt_into(CONTENT_NONCE, args_json, prefix, memoryview(buf)[len(prefix):])
-        return buf, ClientCallContext(function, request_id, buf, by_kid, reply_key)  # type: ignore[return-value]
-    body = prefix + aead.encrypt(CONTENT_NONCE, args_json, prefix)
-    return body, ClientCallContext(function, request_id, body, by_kid, reply_key)
+    prefix = encode_prefix(function, rid, ts, wraps)
+    n = len(prefix)
+    body = bytearray(n + len(args_json) + 16)
+    body[:n] = prefix
+    ChaCha20Poly1305(content_key).encrypt_into(CONTENT_NONCE, args_json, prefix, memoryview(body)[n:])
+    return body, ClientCallContext(function, request_id, body, by_kid, reply_key, _reply_public=reply_public)

@@ -1,51 +1,67 @@
-"""Sealed-call wire formats, version 1: request envelopes, response frames and receipts (docs/confidential.md).
+"""Sealed-call wire formats, version 2: request envelopes, response frames and receipts (docs/confidential.md).
 
-Binary, big-endian lengths, each part authenticated before it is used:
+Binary, big-endian integers, fixed-size ids (16-byte request and key ids, 32-byte keys and hashes); every part is
+authenticated before it is used:
 
-    request  = "CSQ1" ‖ u32 hlen ‖ header ‖ content
-      header  = canonical JSON {"v":1, "t":"req", "fn", "rid", "ts", "to": [{"kid", "wk"}, ...]}
-                (routing-visible: the gateway reads `fn` and the key ids `kid` without any key)
-      wk      = HPKE(replica key, info "cocoon/v1 content-key", aad fn‖rid‖kid, content key ‖ reply_pk), hex
-      content = ChaCha20-Poly1305(content key, nonce 0, aad "CSQ1"‖hlen‖header, args JSON)
-    frame    = "CSR1" ‖ u32 hlen ‖ header ‖ u32 clen ‖ ct ‖ u32 rlen ‖ receipt JSON (rlen may be 0)
-      header  = canonical JSON {"v":1, "t":"res"|"chunk"|"end"|"err", "rid", "kid", "enc", "seq"}
-      ct      = HPKE context to reply_pk (info "cocoon/v1 response" ‖ SHA-256(request)), sequence = seq,
-                aad "CSR1" ‖ header
-    receipt  = canonical JSON of `Receipt` plus "sig": Ed25519 by the replica's receipt key over
-               "cocoon-receipt/v1" ‖ 0x00 ‖ canonical JSON without "sig"
+    request  = "CSQ" 0x02 ‖ u32 hlen ‖ header ‖ content
+      header  = u16 fnlen ‖ fn ‖ rid(16) ‖ u64 ts_ms ‖ u8 n ‖ n × (kid(16) ‖ wk(112))
+                (routing-visible: the gateway reads `fn` and the key ids without any key)
+      wk      = HPKE(replica key, info "cocoon/v2 content-key", aad fn‖0‖rid‖0‖kid (hex ids),
+                content key ‖ reply_pk) = enc(32) ‖ ct(80)
+      content = ChaCha20-Poly1305(content key, nonce 0, aad "CSQ" 0x02 ‖ hlen ‖ header, args JSON)
+    frame    = "CSR" 0x02 ‖ u8 kind ‖ rid(16) ‖ kid(16) ‖ enc(32) ‖ u32 seq ‖ u32 clen ‖ ct ‖ u32 rlen ‖ receipt
+      aad     = the 73 bytes before clen
+      ct      = HPKE context to reply_pk (info "cocoon/v2 response" ‖ 0 ‖ SHA-256(request)), sequence = seq
+    receipt  = u8 2 ‖ u8 len ‖ call_id ‖ rid(16) ‖ u16 len ‖ fn ‖ measurement(32) ‖ kid(16) ‖ SHA-256(request) ‖
+               SHA-256(response) ‖ u64 exec_us ‖ u64 price_nanoton ‖ u32 frames ‖ signature(64)
+      signature = Ed25519 by the replica's receipt key over "cocoon-receipt/v2" ‖ 0 ‖ receipt without signature
 
+Version 1 used canonical JSON headers and receipts; version 2 carries the same fields in binary so that no side
+spends its time in JSON, hex or dataclass conversions (the version byte tells them apart; v1 is refused).
 The content key is fresh per request, so the fixed nonce never repeats under one key. The content key and the
-caller's fresh X25519 reply key travel inside the HPKE wraps, which only the listed replicas can open (so the
-payload is encrypted once and never copied to prepend the key); the header is bound into the content's AAD, so any
-edit of a routing field breaks decryption.
+caller's fresh X25519 reply key travel inside the HPKE wraps, which only the listed replicas can open; the header
+is bound into the content's AAD, so any edit of a routing field breaks decryption.
+
+The gateway checks a receipt with a MAC instead of the signature (`receipt_mac`): its MAC key reaches the replica
+HPKE-sealed to the replica's attested key (`GATEWAY_MAC_INFO`), so only that replica can tag a receipt; the
+caller still verifies the Ed25519 signature, which anyone can check later.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import hmac
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from cocoon_faas.confidential.document import canonical_json
+from cocoon_faas.confidential import hpke
 from cocoon_faas.confidential.errors import EnvelopeError
 
 SEALED_CONTENT_TYPE = "application/cocoon-sealed"
 SEALED_FRAME_CONTENT_TYPE = "application/cocoon-sealed-frame"
-REQUEST_MAGIC = b"CSQ1"
-FRAME_MAGIC = b"CSR1"
-VERSION = 1
+VERSION = 2
+REQUEST_MAGIC = b"CSQ" + bytes([VERSION])
+FRAME_MAGIC = b"CSR" + bytes([VERSION])
 CONTENT_NONCE = bytes(12)
-WRAP_INFO = b"cocoon/v1 content-key"
-RESPONSE_INFO = b"cocoon/v1 response\x00"
-RECEIPT_DOMAIN = b"cocoon-receipt/v1\x00"
+WRAP_INFO = b"cocoon/v2 content-key"
+RESPONSE_INFO = b"cocoon/v2 response\x00"
+RECEIPT_DOMAIN = b"cocoon-receipt/v2\x00"
+GATEWAY_MAC_INFO = b"cocoon/v2 gateway-receipt-mac"
+RECEIPT_MAC_DOMAIN = b"cocoon-receipt-mac/v2\x00"
 FRAME_KINDS = ("res", "chunk", "end", "err")
 FINAL_KINDS = ("res", "end", "err")
+_KIND_CODE = {k: i + 1 for i, k in enumerate(FRAME_KINDS)}
+WRAP_LEN = hpke.N_ENC + 64 + 16
+RECIPIENT_LEN = 16 + WRAP_LEN
+FRAME_HEAD_LEN = 4 + 1 + 16 + 16 + 32 + 4
 MAX_HEADER = 1 << 20
+_FRAME_HEAD = struct.Struct(">4sB16s16s32sI")
+_RECEIPT_TAIL = struct.Struct(">16s32s32sQQI")
+hpke.remember_info(WRAP_INFO)
 
 
 def wrap_aad(function: str, request_id: str, kid: str) -> bytes:
@@ -56,23 +72,12 @@ def response_info(request_sha256: bytes) -> bytes:
     return RESPONSE_INFO + request_sha256
 
 
-def _split_header(data: bytes, magic: bytes, what: str) -> tuple[dict[str, Any], int]:
+def _magic(data: bytes, magic: bytes, what: str) -> None:
     if data[:4] != magic:
-        raise EnvelopeError("envelope", f"not a Cocoon sealed {what} (magic {data[:4]!r}, want {magic!r}); "
+        if data[:3] == magic[:3] and len(data) >= 4:
+            raise EnvelopeError("envelope", f"sealed {what} version {data[3]} is not {VERSION}; upgrade the client")
+        raise EnvelopeError("envelope", f"not a Cocoon sealed {what} (magic {bytes(data[:4])!r}, want {magic!r}); "
                             "upgrade the client or send plain JSON")
-    if len(data) < 8:
-        raise EnvelopeError("envelope", f"sealed {what} truncated")
-    hlen = struct.unpack_from(">I", data, 4)[0]
-    if hlen > MAX_HEADER or 8 + hlen > len(data):
-        raise EnvelopeError("envelope", f"sealed {what} header length {hlen} exceeds the body")
-    try:
-        header = json.loads(data[8:8 + hlen])
-    except ValueError:
-        raise EnvelopeError("envelope", f"sealed {what} header is not JSON") from None
-    if not isinstance(header, dict) or header.get("v") != VERSION:
-        raise EnvelopeError("envelope", f"sealed {what} version {header.get('v') if isinstance(header, dict) else '?'}"
-                            f" is not {VERSION}")
-    return header, 8 + hlen
 
 
 @dataclass(frozen=True)
@@ -95,35 +100,71 @@ class EnvelopeHeader:
     def key_ids(self) -> tuple[str, ...]:
         return tuple(r.key_id for r in self.recipients)
 
+    def wrapped_for(self, key_id: str) -> bytes | None:
+        for r in self.recipients:
+            if r.key_id == key_id:
+                return r.wrapped_key
+        return None
 
-def peek_envelope(body: bytes) -> EnvelopeHeader:
+
+def peek_envelope(body: bytes | bytearray | memoryview) -> EnvelopeHeader:
     """Parse a sealed request's header without decrypting anything (the gateway's view)."""
-    h, end = _split_header(body, REQUEST_MAGIC, "request")
+    _magic(body, REQUEST_MAGIC, "request")
     try:
-        if h["t"] != "req":
-            raise ValueError("t")
-        fn, rid, ts = h["fn"], h["rid"], h["ts"]
-        if not (isinstance(fn, str) and isinstance(rid, str) and len(rid) == 32 and isinstance(ts, int)):
-            raise ValueError("fields")
-        recips = tuple(Recipient(str(r["kid"]), bytes.fromhex(r["wk"])) for r in h["to"])
-    except (KeyError, TypeError, ValueError) as exc:
+        hlen, fnlen = struct.unpack_from(">IH", body, 4)
+        end = 8 + hlen
+        if hlen > MAX_HEADER or end > len(body):
+            raise EnvelopeError("envelope", f"sealed request header length {hlen} exceeds the body")
+        pos = 10 + fnlen
+        fn = bytes(body[10:pos]).decode()
+        rid, ts, n = struct.unpack_from(">16sQB", body, pos)
+        pos += 25
+        recips = []
+        for _ in range(n):
+            recips.append(Recipient(bytes(body[pos:pos + 16]).hex(), bytes(body[pos + 16:pos + RECIPIENT_LEN])))
+            pos += RECIPIENT_LEN
+        if pos != end:
+            raise ValueError(f"the header holds {pos - 8} bytes of fields, hlen says {hlen}")
+    except (struct.error, UnicodeDecodeError, ValueError) as exc:
         raise EnvelopeError("envelope", f"sealed request header is malformed ({exc}); reseal with a current "
                             "client") from None
     if not recips:
         raise EnvelopeError("envelope", "sealed request names no replica key")
-    return EnvelopeHeader(fn, rid, ts, recips, end)
+    return EnvelopeHeader(fn, rid.hex(), ts, tuple(recips), end)
 
 
-def encode_request(header: dict[str, Any], content: bytes) -> tuple[bytes, bytes]:
-    """(prefix, body): the prefix (magic ‖ hlen ‖ header) is the content's AAD."""
-    hb = canonical_json(header)
-    prefix = REQUEST_MAGIC + struct.pack(">I", len(hb)) + hb
-    return prefix, b"".join((prefix, content))
+def encode_prefix(function: str, request_id: bytes, timestamp_ms: int, wraps: list[tuple[bytes, bytes]]) -> bytes:
+    """magic ‖ hlen ‖ header for `wraps` = [(kid, wk), ...]; it is also the content's AAD."""
+    fn = function.encode()
+    parts = [struct.pack(">H", len(fn)), fn, struct.pack(">16sQB", request_id, timestamp_ms, len(wraps))]
+    for kid, wk in wraps:
+        if len(kid) != 16 or len(wk) != WRAP_LEN:
+            raise ValueError("a recipient is a 16-byte key id and a 112-byte wrapped key")
+        parts += (kid, wk)
+    header = b"".join(parts)
+    return REQUEST_MAGIC + struct.pack(">I", len(header)) + header
+
+
+def encode_request(prefix: bytes, content: bytes) -> bytes:
+    return prefix + content
+
+
+# -- receipts ----------------------------------------------------------------------------------------------
+
+def encode_receipt(call_id: str, request_id: bytes, function: str, measurement: bytes, key_id: bytes,
+                   request_sha256: bytes, response_sha256: bytes, exec_us: int, price_nanoton: int,
+                   frames: int) -> bytes:
+    """The receipt's bytes without the signature (sign RECEIPT_DOMAIN ‖ these)."""
+    cid, fn = call_id.encode(), function.encode()
+    if len(cid) > 255 or len(measurement) != 32:
+        raise ValueError("call ids are at most 255 bytes and measurements are SHA-256 digests")
+    return b"".join((bytes([VERSION, len(cid)]), cid, request_id, struct.pack(">H", len(fn)), fn, measurement,
+                     _RECEIPT_TAIL.pack(key_id, request_sha256, response_sha256, exec_us, price_nanoton, frames)))
 
 
 @dataclass(frozen=True)
 class Receipt:
-    """What a replica attests about one call; the gateway's charge must match it."""
+    """What a replica attests about one call; the gateway's charge must match it. `raw` holds the wire bytes."""
 
     call_id: str
     request_id: str
@@ -137,40 +178,81 @@ class Receipt:
     frames: int
     signature: str = ""
     v: int = VERSION
+    raw: bytes = field(default=b"", repr=False, compare=False)
 
-    def _unsigned(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("signature")
-        return d
+    def _unsigned_bytes(self) -> bytes:
+        if self.raw:
+            return self.raw[:-64]
+        return encode_receipt(self.call_id, bytes.fromhex(self.request_id), self.function,
+                              bytes.fromhex(self.measurement), bytes.fromhex(self.key_id),
+                              bytes.fromhex(self.request_sha256), bytes.fromhex(self.response_sha256),
+                              round(self.exec_ms * 1000), self.price_nanoton, self.frames)
 
     def signed_message(self) -> bytes:
-        return RECEIPT_DOMAIN + canonical_json(self._unsigned())
+        return RECEIPT_DOMAIN + self._unsigned_bytes()
 
     def sign(self, key: Ed25519PrivateKey) -> Receipt:
-        return Receipt(**{**self._unsigned(), "signature": key.sign(self.signed_message()).hex()})
+        unsigned = self._unsigned_bytes()
+        return Receipt.from_bytes(unsigned + key.sign(RECEIPT_DOMAIN + unsigned))
 
     def verify(self, public_key: Ed25519PublicKey | bytes) -> None:
-        if isinstance(public_key, bytes):
-            public_key = Ed25519PublicKey.from_public_bytes(public_key)
         try:
+            if isinstance(public_key, bytes):
+                public_key = Ed25519PublicKey.from_public_bytes(public_key)
             public_key.verify(bytes.fromhex(self.signature), self.signed_message())
         except (ValueError, InvalidSignature):
             raise EnvelopeError("receipt_signature", "the receipt is not signed by the replica's receipt key "
                                 "(forged, or from another replica)") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"call_id": self.call_id, "request_id": self.request_id, "function": self.function,
+                "measurement": self.measurement, "key_id": self.key_id, "request_sha256": self.request_sha256,
+                "response_sha256": self.response_sha256, "exec_ms": self.exec_ms,
+                "price_nanoton": self.price_nanoton, "frames": self.frames, "signature": self.signature,
+                "v": self.v}
 
     def to_bytes(self) -> bytes:
-        return canonical_json(self.to_dict())
+        return self.raw or self._unsigned_bytes() + bytes.fromhex(self.signature)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Receipt:
+        try:
+            if data[0] != VERSION:
+                raise ValueError(f"version {data[0]}")
+            n = data[1]
+            cid = data[2:2 + n].decode()
+            pos = 2 + n
+            rid = data[pos:pos + 16]
+            (fnlen,) = struct.unpack_from(">H", data, pos + 16)
+            pos += 18
+            fn = data[pos:pos + fnlen].decode()
+            pos += fnlen
+            m = data[pos:pos + 32]
+            kid, req, resp, exec_us, price, frames = _RECEIPT_TAIL.unpack_from(data, pos + 32)
+            pos += 32 + _RECEIPT_TAIL.size
+            sig = data[pos:]
+            if len(rid) != 16 or len(m) != 32 or len(sig) != 64:
+                raise ValueError("lengths")
+        except (IndexError, struct.error, UnicodeDecodeError, ValueError) as exc:
+            raise EnvelopeError("receipt", f"receipt is malformed ({exc})") from None
+        return cls(cid, rid.hex(), fn, m.hex(), kid.hex(), req.hex(), resp.hex(), exec_us / 1000, price, frames,
+                   sig.hex(), VERSION, bytes(data))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Receipt:
         try:
-            return cls(**{k: d[k] for k in cls.__dataclass_fields__})
-        except (KeyError, TypeError) as exc:
+            r = cls(**{k: d[k] for k in cls.__dataclass_fields__ if k != "raw"})
+            return cls.from_bytes(r.to_bytes())
+        except (KeyError, TypeError, ValueError) as exc:
             raise EnvelopeError("receipt", f"receipt is malformed ({exc})") from None
 
+
+def receipt_mac(key: bytes, receipt: bytes) -> bytes:
+    """The gateway's MAC over a receipt's bytes, under the key it sealed to the replica."""
+    return hmac.digest(key, RECEIPT_MAC_DOMAIN + receipt, "sha256")
+
+
+# -- response frames ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Frame:
@@ -182,65 +264,63 @@ class Frame:
     enc: bytes
     seq: int
     aad: bytes
-    ciphertext: bytes
+    ciphertext: bytes | memoryview
     receipt: Receipt | None
 
-
-def frame_aad(header: dict[str, Any]) -> tuple[bytes, bytes]:
-    """(header bytes, AAD) of a response frame."""
-    hb = canonical_json(header)
-    return hb, FRAME_MAGIC + hb
+    @property
+    def receipt_bytes(self) -> bytes:
+        return self.receipt.raw if self.receipt is not None else b""
 
 
-def assemble_frame(hb: bytes, ct: bytes, receipt: Receipt | None) -> bytes:
-    rb = receipt.to_bytes() if receipt else b""
-    return b"".join((FRAME_MAGIC, struct.pack(">I", len(hb)), hb, struct.pack(">I", len(ct)), ct,
-                     struct.pack(">I", len(rb)), rb))
+def frame_head(kind: str, request_id: bytes, key_id: bytes, enc: bytes, seq: int) -> bytes:
+    """The frame's first 73 bytes, which are also its AAD."""
+    return _FRAME_HEAD.pack(FRAME_MAGIC, _KIND_CODE[kind], request_id, key_id, enc, seq)
+
+
+def assemble_frame(head: bytes, ct: bytes, receipt: bytes = b"") -> bytes:
+    return b"".join((head, struct.pack(">I", len(ct)), ct, struct.pack(">I", len(receipt)), receipt))
 
 
 def decode_frame(data: bytes) -> Frame:
     """Parse a response frame; nothing is authenticated yet (the client opens it, the gateway may peek)."""
-    h, pos = _split_header(data, FRAME_MAGIC, "response")
+    _magic(data, FRAME_MAGIC, "response")
     try:
-        clen = struct.unpack_from(">I", data, pos)[0]
-        ct = data[pos + 4:pos + 4 + clen]
-        pos += 4 + clen
-        rlen = struct.unpack_from(">I", data, pos)[0]
-        rb = data[pos + 4:pos + 4 + rlen]
-        if len(ct) != clen or len(rb) != rlen or pos + 4 + rlen != len(data):
+        _, code, rid, kid, enc, seq = _FRAME_HEAD.unpack_from(data, 0)
+        (clen,) = struct.unpack_from(">I", data, FRAME_HEAD_LEN)
+        pos = FRAME_HEAD_LEN + 4 + clen
+        (rlen,) = struct.unpack_from(">I", data, pos)
+        if pos + 4 + rlen != len(data):
             raise ValueError("lengths")
-        kind, seq = h["t"], h["seq"]
-        if kind not in FRAME_KINDS or not isinstance(seq, int) or seq < 0:
-            raise ValueError("kind/seq")
-        enc = bytes.fromhex(h["enc"])
-        rid, kid = str(h["rid"]), str(h["kid"])
-        receipt = Receipt.from_dict(json.loads(rb)) if rlen else None
-        if receipt is not None and (receipt.to_bytes() != rb or bytes.fromhex(receipt.signature).hex()
-                                    != receipt.signature):
-            raise ValueError("receipt is not in canonical form")
-    except (struct.error, KeyError, TypeError, ValueError) as exc:
+        if not 1 <= code <= len(FRAME_KINDS):
+            raise ValueError(f"kind {code}")
+        kind = FRAME_KINDS[code - 1]
+        ct = memoryview(data)[FRAME_HEAD_LEN + 4:pos]
+    except (struct.error, ValueError) as exc:
         raise EnvelopeError("envelope", f"sealed response frame is malformed ({exc})") from None
+    receipt = Receipt.from_bytes(data[pos + 4:]) if rlen else None
     if (receipt is None) == (kind in FINAL_KINDS):
         raise EnvelopeError("envelope", f"a '{kind}' frame must {'' if kind in FINAL_KINDS else 'not '}carry a receipt")
-    hb = data[8:8 + struct.unpack_from(">I", data, 4)[0]]
-    return Frame(kind, rid, kid, enc, seq, FRAME_MAGIC + hb, ct, receipt)
+    return Frame(kind, rid.hex(), kid.hex(), enc, seq, bytes(data[:FRAME_HEAD_LEN]), ct, receipt)
 
 
 def peek_response(frame: bytes) -> Frame:
-    """The gateway's view of a response frame: kind, ids, and the (unverified) receipt; verify it with
-    `frame.receipt.verify(replica.receipt_public_key)` before charging."""
+    """The gateway's view of a response frame: kind, ids, and the (unverified) receipt; check it with
+    `receipt_mac` (the gateway's key) or `frame.receipt.verify(replica.receipt_public_key)` before charging."""
     return decode_frame(frame)
 
 
 class ResponseHash:
-    """SHA-256 over a call's frame ciphertexts in order, each length-prefixed (the receipt's response_sha256)."""
+    """SHA-256 over a call's frame ciphertexts in order, each length-prefixed (the receipt's response hash)."""
 
     def __init__(self) -> None:
         self._h = hashlib.sha256()
 
-    def update(self, ct: bytes) -> None:
+    def update(self, ct: bytes | memoryview) -> None:
         self._h.update(struct.pack(">I", len(ct)))
         self._h.update(ct)
+
+    def digest(self) -> bytes:
+        return self._h.digest()
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()

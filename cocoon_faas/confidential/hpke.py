@@ -10,7 +10,6 @@ fixed ephemerals. This module is RFC 9180 §4-§5.2 for the suite above, checked
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -30,6 +29,8 @@ def _extract(salt: bytes, ikm: bytes) -> bytes:
 
 
 def _expand(prk: bytes, info: bytes, length: int) -> bytes:
+    if length <= N_H:  # one block: the common case, one HMAC
+        return hmac.digest(prk, info + b"\x01", "sha256")[:length]
     out, t, i = b"", b"", 1
     while len(out) < length:
         t = hmac.digest(prk, t + info + bytes([i]), "sha256")
@@ -56,26 +57,46 @@ def derive_key_pair(ikm: bytes) -> X25519PrivateKey:
     return X25519PrivateKey.from_private_bytes(labeled_expand(_KEM_SUITE, prk, b"sk", b"", 32))
 
 
+# Constant parts of the key schedule, hashed once (the HMAC inputs are the RFC's, only computed ahead).
+_EAE_PREFIX = b"HPKE-v1" + _KEM_SUITE + b"eae_prk"
+_SS_PREFIX = N_H.to_bytes(2, "big") + b"HPKE-v1" + _KEM_SUITE + b"shared_secret"
+_PSK_ID_HASH = labeled_extract(_SUITE, b"", b"psk_id_hash", b"")
+_SECRET_IKM = b"HPKE-v1" + _SUITE + b"secret"
+_KEY_PREFIX = N_K.to_bytes(2, "big") + b"HPKE-v1" + _SUITE + b"key"
+_NONCE_PREFIX = N_N.to_bytes(2, "big") + b"HPKE-v1" + _SUITE + b"base_nonce"
+_INFO_HASHES: dict[bytes, bytes] = {}
+
+
+def remember_info(info: bytes) -> None:
+    """Hash a constant `info` once (protocol constants such as the content-key wrap's)."""
+    _INFO_HASHES[info] = labeled_extract(_SUITE, b"", b"info_hash", info)
+
+
 def _shared_secret(dh: bytes, kem_context: bytes) -> bytes:
-    prk = labeled_extract(_KEM_SUITE, b"", b"eae_prk", dh)
-    return labeled_expand(_KEM_SUITE, prk, b"shared_secret", kem_context, N_H)
+    prk = hmac.digest(bytes(N_H), _EAE_PREFIX + dh, "sha256")
+    return hmac.digest(prk, _SS_PREFIX + kem_context + b"\x01", "sha256")
 
 
-@dataclass
 class Context:
     """An HPKE encryption context (§5.2): seal/open with the sequence number as the nonce counter."""
 
-    key: bytes
-    base_nonce: bytes
-    exporter_secret: bytes
-    seq: int = 0
-    _aead: ChaCha20Poly1305 = field(init=False, repr=False)
+    __slots__ = ("key", "base_nonce", "_nonce_int", "_secret", "_ksc", "_exporter", "seq", "_aead")
 
-    def __post_init__(self) -> None:
-        self._aead = ChaCha20Poly1305(self.key)
+    def __init__(self, key: bytes, base_nonce: bytes, exporter_secret: bytes | None = None, seq: int = 0, *,
+                 secret: bytes = b"", ksc: bytes = b"") -> None:
+        self.key, self.base_nonce, self.seq = key, base_nonce, seq
+        self._nonce_int = int.from_bytes(base_nonce, "big")
+        self._exporter, self._secret, self._ksc = exporter_secret, secret, ksc
+        self._aead = ChaCha20Poly1305(key)
+
+    @property
+    def exporter_secret(self) -> bytes:
+        if self._exporter is None:  # derived on first use: most contexts never export
+            self._exporter = labeled_expand(_SUITE, self._secret, b"exp", self._ksc, N_H)
+        return self._exporter
 
     def _nonce(self) -> bytes:
-        return (int.from_bytes(self.base_nonce, "big") ^ self.seq).to_bytes(N_N, "big")
+        return (self._nonce_int ^ self.seq).to_bytes(N_N, "big")
 
     def seal(self, aad: bytes, pt: bytes) -> bytes:
         ct = self._aead.encrypt(self._nonce(), pt, aad)
@@ -96,35 +117,36 @@ class Context:
 
 
 def _key_schedule(shared_secret: bytes, info: bytes) -> Context:
-    psk_id_hash = labeled_extract(_SUITE, b"", b"psk_id_hash", b"")
-    info_hash = labeled_extract(_SUITE, b"", b"info_hash", info)
-    ksc = b"\x00" + psk_id_hash + info_hash
-    secret = labeled_extract(_SUITE, shared_secret, b"secret", b"")
-    return Context(labeled_expand(_SUITE, secret, b"key", ksc, N_K),
-                   labeled_expand(_SUITE, secret, b"base_nonce", ksc, N_N),
-                   labeled_expand(_SUITE, secret, b"exp", ksc, N_H))
+    info_hash = _INFO_HASHES.get(info) or labeled_extract(_SUITE, b"", b"info_hash", info)
+    ksc = b"\x00" + _PSK_ID_HASH + info_hash
+    secret = hmac.digest(shared_secret, _SECRET_IKM, "sha256")
+    return Context(hmac.digest(secret, _KEY_PREFIX + ksc + b"\x01", "sha256"),
+                   hmac.digest(secret, _NONCE_PREFIX + ksc + b"\x01", "sha256")[:N_N], secret=secret, ksc=ksc)
 
 
-def setup_sender(pk_r: X25519PublicKey | bytes, info: bytes, *,
-                 ephemeral: X25519PrivateKey | None = None) -> tuple[bytes, Context]:
-    """SetupBaseS: returns (enc, context). `ephemeral` is for known-answer tests only."""
-    if isinstance(pk_r, bytes):
-        pk_r = X25519PublicKey.from_public_bytes(pk_r)
+def setup_sender(pk_r: X25519PublicKey | bytes, info: bytes, *, ephemeral: X25519PrivateKey | None = None,
+                 ephemeral_public: bytes | None = None) -> tuple[bytes, Context]:
+    """SetupBaseS: returns (enc, context). `ephemeral`: a fresh key made ahead of time (or a fixed one for
+    known-answer tests), `ephemeral_public` its public bytes when already known."""
+    if isinstance(pk_r, (bytes, bytearray)):
+        pk_bytes, pk_r = bytes(pk_r), X25519PublicKey.from_public_bytes(pk_r)
+    else:
+        pk_bytes = public_bytes(pk_r)
     sk_e = ephemeral or X25519PrivateKey.generate()
-    enc = public_bytes(sk_e.public_key())
+    enc = ephemeral_public or public_bytes(sk_e.public_key())
     dh = sk_e.exchange(pk_r)
-    return enc, _key_schedule(_shared_secret(dh, enc + public_bytes(pk_r)), info)
+    return enc, _key_schedule(_shared_secret(dh, enc + pk_bytes), info)
 
 
-def setup_receiver(enc: bytes, sk_r: X25519PrivateKey, info: bytes) -> Context:
-    """SetupBaseR."""
+def setup_receiver(enc: bytes, sk_r: X25519PrivateKey, info: bytes, pk_r: bytes | None = None) -> Context:
+    """SetupBaseR. `pk_r`: the receiver's public bytes when already known."""
     if len(enc) != N_ENC:
         raise EnvelopeError("decrypt", f"HPKE enc must be {N_ENC} bytes, got {len(enc)}")
     try:
         dh = sk_r.exchange(X25519PublicKey.from_public_bytes(enc))
     except ValueError:
         raise EnvelopeError("decrypt", "HPKE enc is not a usable X25519 public key") from None
-    return _key_schedule(_shared_secret(dh, enc + public_bytes(sk_r.public_key())), info)
+    return _key_schedule(_shared_secret(dh, bytes(enc) + (pk_r or public_bytes(sk_r.public_key()))), info)
 
 
 def seal(pk_r: X25519PublicKey | bytes, info: bytes, aad: bytes, pt: bytes, *,
@@ -134,6 +156,6 @@ def seal(pk_r: X25519PublicKey | bytes, info: bytes, aad: bytes, pt: bytes, *,
     return enc + ctx.seal(aad, pt)
 
 
-def open_(sk_r: X25519PrivateKey, info: bytes, aad: bytes, data: bytes) -> bytes:
+def open_(sk_r: X25519PrivateKey, info: bytes, aad: bytes, data: bytes, pk_r: bytes | None = None) -> bytes:
     """Single-shot open of enc ‖ ciphertext."""
-    return setup_receiver(data[:N_ENC], sk_r, info).open(aad, data[N_ENC:])
+    return setup_receiver(data[:N_ENC], sk_r, info, pk_r).open(aad, data[N_ENC:])

@@ -34,12 +34,15 @@ from cocoon_faas.confidential.document import (
 )
 from cocoon_faas.confidential.envelope import (
     CONTENT_NONCE,
+    GATEWAY_MAC_INFO,
+    RECEIPT_DOMAIN,
     WRAP_INFO,
-    Receipt,
     ResponseHash,
     assemble_frame,
-    frame_aad,
+    encode_receipt,
+    frame_head,
     peek_envelope,
+    receipt_mac,
     response_info,
     wrap_aad,
 )
@@ -98,7 +101,8 @@ class ReplayGuard:
 
 @dataclass
 class ReplicaCallContext:
-    """Per-call state for sealing the answer: reply key, response HPKE context, frame counter, hash."""
+    """Per-call state for sealing the answer: reply key, response HPKE context, frame counter, hash, and the
+    final frame's receipt bytes (for the gateway's MAC)."""
 
     function: str
     request_id: str
@@ -107,6 +111,7 @@ class ReplicaCallContext:
     key_id: str
     next_seq: int = 0
     finished: bool = False
+    receipt: bytes = b""
     _enc: bytes = b""
     _ctx: hpke.Context | None = None
     _hash: ResponseHash = field(default_factory=ResponseHash)
@@ -130,12 +135,15 @@ class ReplicaIdentity:
         self.hpke_public_key = hpke.public_bytes(hpke_key.public_key())
         self.receipt_public_key = receipt_key.public_key().public_bytes_raw()
         self.key_id = key_id(self.hpke_public_key)
+        self._kid = bytes.fromhex(self.key_id)
         self.document = document
         self.evidence_kind = evidence
         self._dev_key, self._gpu, self._tsm_dir = dev_key, gpu, tsm_dir
         self.replay = replay
         self._rng = rng
         self._code_key: bytes | None = None
+        self._next_ephemeral: tuple[X25519PrivateKey, bytes] | None = None
+        self._gateway_keys: OrderedDict[bytes, bytes] = OrderedDict()
 
     @classmethod
     def create(cls, function: str, measurement: str, runtime_version: str, evidence: str = "dev",
@@ -148,6 +156,11 @@ class ReplicaIdentity:
         `rng` (known-answer tests only) makes the keys and response ephemerals deterministic."""
         if evidence not in ("dev", "tdx"):
             raise ValueError(f"evidence must be 'dev' or 'tdx', not {evidence!r}")
+        try:
+            if len(bytes.fromhex(measurement)) != 32:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"measurement must be a SHA-256 digest in hex, not {measurement!r}") from None
         if rng is None:
             hpke_key, receipt_key = X25519PrivateKey.generate(), Ed25519PrivateKey.generate()
         else:
@@ -206,11 +219,12 @@ class ReplicaIdentity:
         if hdr.function != self.function:
             raise EnvelopeError("function", f"request is sealed for '{hdr.function}', this replica runs "
                                 f"'{self.function}'")
-        wrapped = next((r.wrapped_key for r in hdr.recipients if r.key_id == self.key_id), None)
+        wrapped = hdr.wrapped_for(self.key_id)
         if wrapped is None:
             raise NotSealedToThisReplica("key_id", "the request is not sealed to this replica's key; refetch "
                                          "the attestation documents and reseal")
-        keys = hpke.open_(self._hpke_key, WRAP_INFO, wrap_aad(hdr.function, hdr.request_id, self.key_id), wrapped)
+        keys = hpke.open_(self._hpke_key, WRAP_INFO, wrap_aad(hdr.function, hdr.request_id, self.key_id), wrapped,
+                          self.hpke_public_key)
         if len(keys) != 64:
             raise EnvelopeError("envelope", "the wrapped key must hold a content key and a reply key")
         view = memoryview(envelope)
@@ -224,33 +238,68 @@ class ReplicaIdentity:
                                  self.key_id)
         return OpenedRequest(args, ctx)
 
+    def prepare(self) -> None:
+        """Make the next response's ephemeral key ahead of time (call when idle, e.g. after sending a frame);
+        each key is still used for one response only."""
+        if self._next_ephemeral is None and self._rng is None:
+            k = X25519PrivateKey.generate()
+            self._next_ephemeral = (k, hpke.public_bytes(k.public_key()))
+
+    def _ephemeral(self) -> tuple[X25519PrivateKey, bytes]:
+        if self._rng is not None:
+            k = hpke.derive_key_pair(self._rng(32))
+            return k, hpke.public_bytes(k.public_key())
+        if self._next_ephemeral is None:
+            self.prepare()
+        eph, self._next_ephemeral = self._next_ephemeral, None
+        assert eph is not None
+        return eph
+
+    def gateway_tag(self, ctx: ReplicaCallContext, wrapped_key: bytes | str | None) -> str | None:
+        """The gateway's MAC over this call's receipt, under the key the gateway sealed to this replica
+        (unwrapped once, then remembered); None without a final frame or a usable key (the gateway then
+        verifies the signature instead)."""
+        if not ctx.receipt or not wrapped_key:
+            return None
+        try:
+            wk = bytes.fromhex(wrapped_key) if isinstance(wrapped_key, str) else wrapped_key
+            key = self._gateway_keys.get(wk)
+            if key is None:
+                key = hpke.open_(self._hpke_key, GATEWAY_MAC_INFO, self._kid, wk, self.hpke_public_key)
+                self._gateway_keys[wk] = key
+                if len(self._gateway_keys) > 16:
+                    self._gateway_keys.popitem(last=False)
+        except (EnvelopeError, ValueError):
+            return None
+        return receipt_mac(key, ctx.receipt).hex()
+
     # -- responses -----------------------------------------------------------------------------------------
 
     def _frame(self, ctx: ReplicaCallContext, kind: str, pt: bytes, receipt_fields: dict[str, Any] | None) -> bytes:
         if ctx.finished:
             raise EnvelopeError("order", "this call's response is already complete")
         if ctx._ctx is None:
-            eph = hpke.derive_key_pair(self._rng(32)) if self._rng else None
+            eph, eph_pub = self._ephemeral()
             ctx._enc, ctx._ctx = hpke.setup_sender(ctx.reply_public_key, response_info(ctx.request_sha256),
-                                                   ephemeral=eph)
+                                                   ephemeral=eph, ephemeral_public=eph_pub)
         seq = ctx.next_seq
-        hb, aad = frame_aad({"v": 1, "t": kind, "rid": ctx.request_id, "kid": ctx.key_id,
-                             "enc": ctx._enc.hex(), "seq": seq})
-        ct = ctx._ctx.seal(aad, pt)
+        rid = bytes.fromhex(ctx.request_id)
+        head = frame_head(kind, rid, self._kid, ctx._enc, seq)
+        ct = ctx._ctx.seal(head, pt)
         ctx._hash.update(ct)
         ctx.next_seq += 1
-        receipt = None
+        receipt = b""
         if receipt_fields is not None:
             ctx.finished = True
-            receipt = Receipt(request_id=ctx.request_id, function=self.function, measurement=self.measurement,
-                              key_id=self.key_id, request_sha256=ctx.request_sha256.hex(),
-                              response_sha256=ctx._hash.hexdigest(), frames=seq + 1,
-                              **receipt_fields).sign(self._receipt_key)
-        return assemble_frame(hb, ct, receipt)
+            unsigned = encode_receipt(receipt_fields["call_id"], rid, self.function, bytes.fromhex(self.measurement),
+                                      self._kid, ctx.request_sha256, ctx._hash.digest(), receipt_fields["exec_us"],
+                                      receipt_fields["price_nanoton"], seq + 1)
+            receipt = ctx.receipt = unsigned + self._receipt_key.sign(RECEIPT_DOMAIN + unsigned)
+        return assemble_frame(head, ct, receipt)
 
     @staticmethod
     def _meter(call_id: str, exec_ms: float, price_nanoton: int) -> dict[str, Any]:
-        return {"call_id": str(call_id), "exec_ms": round(float(exec_ms), 3), "price_nanoton": int(price_nanoton)}
+        return {"call_id": str(call_id), "exec_us": round(float(exec_ms) * 1000), "price_nanoton": int(price_nanoton)}
 
     def seal_response(self, ctx: ReplicaCallContext, call_id: str, result_json: bytes, exec_ms: float,
                       price_nanoton: int) -> bytes:
