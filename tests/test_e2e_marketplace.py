@@ -320,9 +320,9 @@ def test_killed_raylet_under_load_loses_no_call(market: Market) -> None:
         wait_for(lambda: load.served() >= n + 20, 30, "calls on the replacement")
     assert load.served() > served_at_kill + 20
     assert load.failures() == [], load.failures()[:5]
-    assert down_s < 6, down_s
+    assert down_s < 8, down_s  # 3 heartbeats of 0.5 s, or Ray's own health check
     assert victim.proc is not None and victim.proc.wait(30) == 1  # the agent saw its Ray node die
-    assert "ray" in victim.log().lower()
+    assert "the Ray node stopped" in victim.log()
 
     # every call counted and credited exactly once, to the node that answered it (a retried call's lost attempt
     # earns nothing): the earnings moved by exactly CPU-seconds x price of the answered calls
@@ -371,7 +371,7 @@ def test_listing_shows_hardware_price_load_health_reputation_earnings(market: Ma
     assert rows["h100-cheap"]["status"] == "down" and rows["h100-cheap"]["healthy"] is False
     for name in ("h100-dear", "h100-big"):
         row = rows[name]
-        assert row["status"] == "up" and row["healthy"] is True and row["last_seen_s"] < 2
+        assert row["status"] == "up" and row["healthy"] is True and row["last_seen_s"] < 3
         assert row["calls"] > 0 and row["earned"] > 0 and row["success_rate"] > 0.5
         assert 0 < row["mean_latency_s"] < 5 and row["load"] >= 0
     assert rows["h100-big"]["hardware"]["gpu_count"] == 8 and rows["h100-big"]["gpu_price"] == 2 * NANOTON
