@@ -50,6 +50,7 @@ class FrameProtocol(asyncio.Protocol):
         self._on_frame = on_frame
         self._on_lost = on_lost
         self._buf = bytearray()
+        self._out: list[bytes] = []
         self.transport: asyncio.Transport | None = None
         self.closed = False
 
@@ -87,9 +88,17 @@ class FrameProtocol(asyncio.Protocol):
             del buf[:pos]
 
     def send(self, data: bytes) -> None:
+        """Queue a frame; frames queued in one loop pass go out in one write (one syscall under load)."""
         if self.transport is None or self.closed:
             raise ConnectionError("replica connection is closed")
-        self.transport.write(data)
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(data)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self.transport is not None and not self.closed and out:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _fail(self, exc: Exception) -> None:
         if self.transport is not None:
