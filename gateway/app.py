@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from cocoon_faas.errors import CocoonError, NotFoundError
 from cocoon_faas.gateway import openai_routes, routes_attest, routes_control, routes_fn
-from cocoon_faas.gateway.billing import Billing
+from cocoon_faas.gateway.billing import Billing, Price
 from cocoon_faas.gateway.controller import Controller, FunctionRuntime, RayBackend
 from cocoon_faas.gateway.http import error_response, json_response
 from cocoon_faas.gateway.invoke import Invoker, Outcome
@@ -64,11 +64,25 @@ class Gateway:
         settings.home.mkdir(parents=True, exist_ok=True)
         self.billing = Billing(settings)
         self.market = Marketplace(heartbeat_interval=settings.provider_heartbeat_s)
+        self.billing.price_for = self.provider_price  # type: ignore[method-assign]  # nodes charge their own price
         self.keys: dict[str, str] = {}
         self.auth_cache: dict[str | None, str] = {}
         self.calls: dict[str, CallRecord] = {}
         self.metrics = Metrics()
         self._bg: list[asyncio.Task[None]] = []
+
+    def provider_price(self, provider: str) -> Price:
+        """What the node that answers a call charges per second: a provider node its own prices, the gateway's
+        own Ray the local ones; "any" (a hold, taken before a node is chosen) the highest any of them asks."""
+        local = self.billing.local_price
+        if provider == "any":
+            gpu, cpu = self.market.max_prices()
+            return Price(max(cpu, local.cpu_per_s), max(gpu, local.gpu_per_s))
+        try:
+            node = self.market.node(provider) if provider != "local" else None
+        except CocoonError:
+            node = None
+        return Price(node.cpu_price, node.gpu_price) if node is not None else local
 
     async def start(self) -> None:
         self.settings.home.mkdir(parents=True, exist_ok=True)

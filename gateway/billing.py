@@ -69,7 +69,7 @@ class Billing:
 
     def max_cost(self, spec: FunctionSpec, provider: str | None = None) -> int:
         """The most one call can cost: the whole time limit at the highest price, plus royalty and fee."""
-        compute = math.ceil(spec.timeout * self.price_for(provider or "local").per_second(spec))
+        compute = math.ceil(spec.timeout * self.price_for(provider or "any").per_second(spec))
         return compute + spec.price + self.gate.fees.fee(compute, spec.price)
 
     def quote(self, spec: FunctionSpec) -> dict[str, Any]:

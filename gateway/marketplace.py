@@ -184,6 +184,7 @@ class Marketplace:
         self._by_node: dict[str, dict[str, int]] = {}  # node id -> {function: replica count}
         self._subscribers: list[Callable[[MarketEvent], None]] = []
         self._ray_ids: dict[str, str] = {}  # node id -> Ray node id, learned by sync_ray_nodes
+        self._max_prices: tuple[int, int] | None = None
         self._lock = threading.RLock()
 
     # --- membership -----------------------------------------------------------------------------------
@@ -299,6 +300,15 @@ class Marketplace:
         if st is None or st.status != UP:
             return False
         return (self._clock() if now is None else now) - st.last_seen <= 3 * self.heartbeat_interval
+
+    def max_prices(self) -> tuple[int, int]:
+        """The highest (GPU, CPU) prices any listed node asks: what a call's hold must cover before the node
+        that answers it is known."""
+        if self._max_prices is None:
+            live = [st.node for st in self._nodes.values() if st.status != LEFT]
+            self._max_prices = (max((n.gpu_price for n in live), default=0),
+                                max((n.cpu_price for n in live), default=0))
+        return self._max_prices
 
     def eligible(self, req: Requirements, max_price: int | None = None) -> list[Node]:
         """Every node that can take a replica of ``req`` now, best first."""
@@ -542,6 +552,7 @@ class Marketplace:
                                f"replicas free up or start one with `{hint}`", missing=req.label)
 
     def _invalidate(self) -> None:
+        self._max_prices = None
         self._fits.clear()
         self._full_prefix.clear()
 

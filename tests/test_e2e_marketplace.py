@@ -391,3 +391,51 @@ def test_listing_shows_hardware_price_load_health_reputation_earnings(market: Ma
     assert status.returncode == 0, status.stderr
     mine = json.loads(status.stdout)
     assert mine["node_id"] == p.node_id and mine["earned_nanoton"] >= rows["h100-dear"]["earned"] > 0
+
+
+def test_paid_calls_charge_the_serving_providers_own_price(market: Market) -> None:
+    """With payments, the ledger books each call to the node that answered it at that node's own price, exactly
+    what the marketplace shows it earned (not the gateway's local default price)."""
+    from cocoon_faas.ton.client import ChannelSigner, PayingClient
+    from cocoon_faas.ton.keys import PrivateKey
+
+    gw = market.gw
+    home = gw.home.parent / "caller"
+    home.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COCOON_", "RAY_AUTH"))}
+    env.update(COCOON_HOME=str(home), COCOON_GATEWAY_URL=gw.url, COCOON_CHAIN_PATH=str(gw.home / "chain.db"))
+
+    def cli(*args: str) -> dict[str, Any]:
+        r = subprocess.run([sys.executable, "-m", "cocoon_faas", *args], env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+        return dict(json.loads(r.stdout))
+
+    cli("wallet", "create")
+    cli("wallet", "faucet", "10")
+    cid = cli("channel", "open", "--deposit", "5")["channel_id"]
+    key = PrivateKey.from_mnemonic(json.loads((home / "wallet.json").read_text())["words"])
+    payer = PayingClient(ChannelSigner(home / "channels" / f"{cid}.json", key))
+    op = gw.headers()
+    hold = int(market.fn("steady")["pricing"]["max_cost_nanoton"])
+    earned0 = {nid: market.row(nid)["earned"] for nid in market.names()}
+    price = {p.node_id: int(float(p.cpu_price) * NANOTON) for p in market.providers.values()}
+    booked: Counter[str] = Counter()
+    for _ in range(6):
+        headers, ticket = payer.headers(hold)
+        r = httpx.post(f"{gw.url}/fn/steady", json={"ms": 20}, headers=headers, timeout=60)
+        payer.settle(ticket, dict(r.headers))
+        assert r.status_code == 200, r.text
+        nid = r.json()["node"]
+        row = httpx.get(f"{gw.url}/v1/ledger/calls/{r.headers['X-Cocoon-Call-Id']}", headers=op, timeout=30).json()
+        assert row["status"] == "charged" and row["charged"] == int(r.headers["X-Cocoon-Charge"])
+        ms = float(r.headers["X-Cocoon-Exec-Ms"])
+        want = 2 * price[nid] * ms / 1000  # CPU-seconds x this node's CPU price
+        assert abs(row["provider_nanoton"] - want) <= 2 * price[nid] / 1e6 + 1, (row, want)
+        booked[nid] += row["provider_nanoton"]
+    assert len(booked) >= 1 and set(booked) <= {market.providers[n].node_id for n in ("h100-dear", "h100-big")}
+    for nid, amount in booked.items():  # the provider's own view agrees with the ledger to the call
+        got = market.row(nid)["earned"] - earned0[nid]
+        assert abs(got - amount) <= 6, (got, amount)
+    dues = httpx.get(f"{gw.url}/v1/ledger/providers", headers=op, timeout=30).json()
+    assert set(booked) <= {d.get("provider") or d.get("provider_id") for d in dues.get("providers", dues)}
