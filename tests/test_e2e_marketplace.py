@@ -273,8 +273,8 @@ def test_joining_node_picks_up_waiting_replicas(market: Market) -> None:
     market.join(market.provider("h100-big", "H100:8", "2", "0.004"))
     big = market.providers["h100-big"].node_id
     # without a redeploy: the 4-GPU function gets its replica and the pair its second one, both on the new node
-    wait_for(lambda: market.fn("on_h100x4")["replicas"] == 1 and market.fn("pair")["replicas"] == 2, 60,
-             "replicas on the joining node")
+    wait_for(lambda: market.fn("on_h100x4")["replicas"] == 1 and market.fn("pair")["replicas"] == 2, 120,
+             "replicas on the joining node")  # generous: other suites may load this 2-core machine
     picked_up_s = time.monotonic() - t0
     assert market.placement("on_h100x4") == Counter({"h100-big": 1})
     assert market.placement("pair") == Counter({"h100-dear": 1, "h100-big": 1})
@@ -282,7 +282,7 @@ def test_joining_node_picks_up_waiting_replicas(market: Market) -> None:
     assert r.status_code == 200 and r.json() == {"node": big}, r.text
     assert {fn: market.fn(fn)["version"] for fn in before} == before
     assert market.rows()["h100-big"]["functions"] == {"on_h100x4": 1, "pair": 1}
-    assert picked_up_s < 60
+    assert picked_up_s < 120
 
 
 def _expected_earnings(market: Market, results: list[tuple[int, Any, float]], cpus: float) -> Counter[str]:
