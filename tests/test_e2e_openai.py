@@ -23,7 +23,7 @@ def oa(gateway):
 
 
 def _cos(a, b):
-    return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+    return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
 
 
 def test_models_lists_served_models(oa):
@@ -38,7 +38,7 @@ def test_embeddings_match_the_model_run_locally(oa):
     r = oa.embeddings.create(model="all-MiniLM-L6-v2", input=texts)
     assert [d.index for d in r.data] == [0, 1, 2] and len(r.data[0].embedding) == 384
     local = MiniLM.load().embed(texts).tolist()
-    for d, ref in zip(r.data, local):
+    for d, ref in zip(r.data, local, strict=True):
         assert _cos(d.embedding, ref) >= 0.9999
     assert r.usage.prompt_tokens == sum(MiniLM.load().count_tokens(texts))
     b64 = oa.embeddings.create(model="all-MiniLM-L6-v2", input="a", encoding_format="base64").data[0].embedding
