@@ -1,7 +1,7 @@
 """The caller side of confidential calls: seal a request to every verified replica, open the sealed answer.
 
 `seal_request` encrypts the arguments once under a fresh content key and wraps that key to each replica
-(formats: `envelope.py`). The returned `ClientCallContext` holds the reply key and checks every frame: request
+(formats: `envelope.py`); its fresh reply key and wrap ephemerals are made ahead of time (`prepared.py`). The returned `ClientCallContext` holds the reply key and checks every frame: request
 id, which replica answered (one of those sealed to, and only one per call), frame order, decryption, and on the
 final frame the receipt (signature by that replica's receipt key, measurement, request and response hashes).
 """
@@ -14,10 +14,8 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from cocoon_faas.confidential import hpke
@@ -34,21 +32,12 @@ from cocoon_faas.confidential.envelope import (
     wrap_aad,
 )
 from cocoon_faas.confidential.errors import EnvelopeError
+from cocoon_faas.confidential.prepared import Prepared
 from cocoon_faas.errors import FunctionError
 
 Rng = Callable[[int], bytes]
-_X25519: dict[bytes, X25519PublicKey] = {}
-_ED25519: dict[bytes, Ed25519PublicKey] = {}
-
-
-def _cached(cache: dict[bytes, Any], raw: bytes, load: Callable[[bytes], Any]) -> Any:
-    """Parsed public keys of verified replicas, kept per process (parsing costs more than using them)."""
-    key = cache.get(raw)
-    if key is None:
-        if len(cache) > 256:
-            cache.clear()
-        key = cache[raw] = load(raw)
-    return key
+_PREPARED = Prepared(WRAP_INFO)  # reply keys and wrap contexts made ahead, each used once (prepared.py)
+PREPARE_AHEAD = True  # False: make them inline (benchmarks compare both)
 
 
 @dataclass(frozen=True)
@@ -66,7 +55,7 @@ class ClientCallContext:
     request_id: str
     body: bytes = field(repr=False)
     replicas: dict[str, VerifiedReplica] = field(repr=False)
-    reply_key: X25519PrivateKey = field(repr=False)
+    reply_key: X25519PrivateKey | bytes = field(repr=False)
     key_id: str | None = None
     finished: bool = False
     _request_sha256: bytes | None = None
@@ -78,7 +67,8 @@ class ClientCallContext:
 
     def __post_init__(self) -> None:
         if not self._reply_public:
-            self._reply_public = hpke.public_bytes(self.reply_key.public_key())
+            k = self.reply_key
+            self._reply_public = hpke.generate_public(k) if isinstance(k, bytes) else hpke.public_bytes(k.public_key())
 
     @property
     def request_sha256(self) -> bytes:
@@ -114,7 +104,7 @@ class ClientCallContext:
         return OpenedFrame(f.kind, pt, f.receipt)
 
     def _check_receipt(self, f: Frame, r: Receipt, replica: VerifiedReplica) -> None:
-        r.verify(_cached(_ED25519, replica.receipt_public_key, Ed25519PublicKey.from_public_bytes))
+        r.verify(replica.receipt_public_key)
         if r.measurement != replica.measurement:
             raise EnvelopeError("measurement", f"the receipt names measurement {r.measurement[:16]}..., the "
                                 f"verified replica runs {replica.measurement[:16]}...")
@@ -168,8 +158,13 @@ def seal_request(args_json: bytes, function: str, replicas: Sequence[VerifiedRep
     rand = rng or os.urandom
     content_key, rid = rand(32), rand(16)
     request_id = rid.hex()
-    reply_key = hpke.derive_key_pair(rand(32)) if rng else X25519PrivateKey.generate()
-    reply_public = hpke.public_bytes(reply_key.public_key())
+    if rng is None and PREPARE_AHEAD:
+        reply_key, reply_public = _PREPARED.take_key()
+    elif rng is None:
+        reply_key, reply_public = hpke.generate()
+    else:
+        reply_key = hpke.derive_key_pair(rand(32))
+        reply_public = hpke.public_bytes(reply_key.public_key())
     key_and_reply = content_key + reply_public
     wraps: list[tuple[bytes, bytes]] = []
     by_kid: dict[str, VerifiedReplica] = {}
@@ -178,9 +173,13 @@ def seal_request(args_json: bytes, function: str, replicas: Sequence[VerifiedRep
             raise EnvelopeError("function", f"replica {r.key_id} runs '{r.function}', not '{function}'")
         if r.key_id in by_kid:
             continue
-        eph = hpke.derive_key_pair(rand(32)) if rng else None
-        enc, wctx = hpke.setup_sender(_cached(_X25519, r.hpke_public_key, X25519PublicKey.from_public_bytes),
-                                      WRAP_INFO, ephemeral=eph)
+        pk = r.hpke_public_key
+        if rng is None and PREPARE_AHEAD:
+            enc, wctx = _PREPARED.take_sender(pk)
+        elif rng is None:
+            enc, wctx = hpke.setup_sender(pk, WRAP_INFO)
+        else:
+            enc, wctx = hpke.setup_sender(pk, WRAP_INFO, ephemeral=hpke.derive_key_pair(rand(32)))
         wraps.append((bytes.fromhex(r.key_id), enc + wctx.seal(wrap_aad(function, request_id, r.key_id),
                                                                 key_and_reply)))
         by_kid[r.key_id] = r

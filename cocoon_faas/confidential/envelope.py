@@ -35,8 +35,9 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from nacl.bindings import crypto_sign, crypto_sign_open, crypto_sign_seed_keypair
+from nacl.exceptions import CryptoError
 
 from cocoon_faas.confidential import hpke
 from cocoon_faas.confidential.errors import EnvelopeError
@@ -197,12 +198,10 @@ class Receipt:
 
     def verify(self, public_key: Ed25519PublicKey | bytes) -> None:
         try:
-            if isinstance(public_key, bytes):
-                public_key = Ed25519PublicKey.from_public_bytes(public_key)
-            public_key.verify(bytes.fromhex(self.signature), self.signed_message())
-        except (ValueError, InvalidSignature):
-            raise EnvelopeError("receipt_signature", "the receipt is not signed by the replica's receipt key "
-                                "(forged, or from another replica)") from None
+            sig = self.raw[-64:] if self.raw else bytes.fromhex(self.signature)
+        except ValueError:
+            sig = b""
+        verify_signature(public_key, sig, self.signed_message())
 
     def to_dict(self) -> dict[str, Any]:
         return {"call_id": self.call_id, "request_id": self.request_id, "function": self.function,
@@ -245,6 +244,30 @@ class Receipt:
             return cls.from_bytes(r.to_bytes())
         except (KeyError, TypeError, ValueError) as exc:
             raise EnvelopeError("receipt", f"receipt is malformed ({exc})") from None
+
+
+class ReceiptSigner:
+    """Ed25519 signing (RFC 8032: deterministic, so libsodium and OpenSSL give the same bytes) with libsodium,
+    which signs in two thirds of OpenSSL's time; the key is expanded once."""
+
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self.key = key
+        self._sk = crypto_sign_seed_keypair(key.private_bytes_raw())[1]
+
+    def sign(self, message: bytes) -> bytes:
+        return crypto_sign(message, self._sk)[:64]
+
+
+def verify_signature(public_key: Ed25519PublicKey | bytes, signature: bytes, message: bytes) -> None:
+    """Ed25519 verification with libsodium (half of OpenSSL's time); raises EnvelopeError(receipt_signature)."""
+    try:
+        raw = public_key if isinstance(public_key, bytes) else public_key.public_bytes_raw()
+        if len(raw) != 32 or len(signature) != 64:
+            raise ValueError("lengths")
+        crypto_sign_open(signature + message, raw)
+    except (ValueError, CryptoError):
+        raise EnvelopeError("receipt_signature", "the receipt is not signed by the replica's receipt key "
+                            "(forged, or from another replica)") from None
 
 
 def receipt_mac(key: bytes, receipt: bytes) -> bytes:

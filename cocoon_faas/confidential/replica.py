@@ -37,6 +37,7 @@ from cocoon_faas.confidential.envelope import (
     GATEWAY_MAC_INFO,
     RECEIPT_DOMAIN,
     WRAP_INFO,
+    ReceiptSigner,
     ResponseHash,
     assemble_frame,
     encode_receipt,
@@ -132,6 +133,8 @@ class ReplicaIdentity:
                  gpu: tuple[bytes, bytes] | None, tsm_dir: Path) -> None:
         self.function, self.measurement, self.runtime_version = function, measurement, runtime_version
         self._hpke_key, self._receipt_key = hpke_key, receipt_key
+        self._hpke_raw = hpke_key.private_bytes_raw()
+        self._signer = ReceiptSigner(receipt_key)
         self.hpke_public_key = hpke.public_bytes(hpke_key.public_key())
         self.receipt_public_key = receipt_key.public_key().public_bytes_raw()
         self.key_id = key_id(self.hpke_public_key)
@@ -142,7 +145,7 @@ class ReplicaIdentity:
         self.replay = replay
         self._rng = rng
         self._code_key: bytes | None = None
-        self._next_ephemeral: tuple[X25519PrivateKey, bytes] | None = None
+        self._next_ephemeral: tuple[bytes, bytes] | None = None
         self._gateway_keys: OrderedDict[bytes, bytes] = OrderedDict()
 
     @classmethod
@@ -223,7 +226,7 @@ class ReplicaIdentity:
         if wrapped is None:
             raise NotSealedToThisReplica("key_id", "the request is not sealed to this replica's key; refetch "
                                          "the attestation documents and reseal")
-        keys = hpke.open_(self._hpke_key, WRAP_INFO, wrap_aad(hdr.function, hdr.request_id, self.key_id), wrapped,
+        keys = hpke.open_(self._hpke_raw, WRAP_INFO, wrap_aad(hdr.function, hdr.request_id, self.key_id), wrapped,
                           self.hpke_public_key)
         if len(keys) != 64:
             raise EnvelopeError("envelope", "the wrapped key must hold a content key and a reply key")
@@ -242,13 +245,12 @@ class ReplicaIdentity:
         """Make the next response's ephemeral key ahead of time (call when idle, e.g. after sending a frame);
         each key is still used for one response only."""
         if self._next_ephemeral is None and self._rng is None:
-            k = X25519PrivateKey.generate()
-            self._next_ephemeral = (k, hpke.public_bytes(k.public_key()))
+            self._next_ephemeral = hpke.generate()
 
-    def _ephemeral(self) -> tuple[X25519PrivateKey, bytes]:
+    def _ephemeral(self) -> tuple[bytes, bytes]:
         if self._rng is not None:
             k = hpke.derive_key_pair(self._rng(32))
-            return k, hpke.public_bytes(k.public_key())
+            return k.private_bytes_raw(), hpke.public_bytes(k.public_key())
         if self._next_ephemeral is None:
             self.prepare()
         eph, self._next_ephemeral = self._next_ephemeral, None
@@ -265,7 +267,7 @@ class ReplicaIdentity:
             wk = bytes.fromhex(wrapped_key) if isinstance(wrapped_key, str) else wrapped_key
             key = self._gateway_keys.get(wk)
             if key is None:
-                key = hpke.open_(self._hpke_key, GATEWAY_MAC_INFO, self._kid, wk, self.hpke_public_key)
+                key = hpke.open_(self._hpke_raw, GATEWAY_MAC_INFO, self._kid, wk, self.hpke_public_key)
                 self._gateway_keys[wk] = key
                 if len(self._gateway_keys) > 16:
                     self._gateway_keys.popitem(last=False)
@@ -294,7 +296,9 @@ class ReplicaIdentity:
             unsigned = encode_receipt(receipt_fields["call_id"], rid, self.function, bytes.fromhex(self.measurement),
                                       self._kid, ctx.request_sha256, ctx._hash.digest(), receipt_fields["exec_us"],
                                       receipt_fields["price_nanoton"], seq + 1)
-            receipt = ctx.receipt = unsigned + self._receipt_key.sign(RECEIPT_DOMAIN + unsigned)
+            if self._signer.key is not self._receipt_key:
+                self._signer = ReceiptSigner(self._receipt_key)
+            receipt = ctx.receipt = unsigned + self._signer.sign(RECEIPT_DOMAIN + unsigned)
         return assemble_frame(head, ct, receipt)
 
     @staticmethod
