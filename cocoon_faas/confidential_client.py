@@ -92,7 +92,7 @@ def cached_policy(home: Path, gateway_url: str, name: str, *, measurement: Any =
                   allow_dev_attestation: Any = False) -> ClientPolicy:
     """`build_policy`, memoized until deployments.json changes (a redeploy re-pins the measurement)."""
     try:
-        mtime = (Path(home) / DEPLOYMENTS_FILE).stat().st_mtime_ns
+        mtime = os.stat(os.path.join(home, DEPLOYMENTS_FILE)).st_mtime_ns  # no pathlib: this runs per call
     except OSError:
         mtime = 0
     m = measurement if measurement is None or isinstance(measurement, str) else tuple(measurement)

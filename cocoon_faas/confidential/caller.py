@@ -53,7 +53,7 @@ class ClientCallContext:
 
     function: str
     request_id: str
-    body: bytes = field(repr=False)
+    body: bytes | bytearray = field(repr=False)
     replicas: dict[str, VerifiedReplica] = field(repr=False)
     reply_key: X25519PrivateKey | bytes = field(repr=False)
     key_id: str | None = None
@@ -158,13 +158,14 @@ def seal_request(args_json: bytes, function: str, replicas: Sequence[VerifiedRep
     rand = rng or os.urandom
     content_key, rid = rand(32), rand(16)
     request_id = rid.hex()
+    reply_key: X25519PrivateKey | bytes
     if rng is None and PREPARE_AHEAD:
         reply_key, reply_public = _PREPARED.take_key()
     elif rng is None:
         reply_key, reply_public = hpke.generate()
     else:
-        reply_key = hpke.derive_key_pair(rand(32))
-        reply_public = hpke.public_bytes(reply_key.public_key())
+        derived = hpke.derive_key_pair(rand(32))
+        reply_key, reply_public = derived, hpke.public_bytes(derived.public_key())
     key_and_reply = content_key + reply_public
     wraps: list[tuple[bytes, bytes]] = []
     by_kid: dict[str, VerifiedReplica] = {}

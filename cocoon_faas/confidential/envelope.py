@@ -73,7 +73,7 @@ def response_info(request_sha256: bytes) -> bytes:
     return RESPONSE_INFO + request_sha256
 
 
-def _magic(data: bytes, magic: bytes, what: str) -> None:
+def _magic(data: bytes | bytearray | memoryview, magic: bytes, what: str) -> None:
     if data[:4] != magic:
         if data[:3] == magic[:3] and len(data) >= 4:
             raise EnvelopeError("envelope", f"sealed {what} version {data[3]} is not {VERSION}; upgrade the client")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import os
+from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -29,6 +30,12 @@ from cocoon_faas.confidential.errors import EnvelopeError
 PrivateKey = X25519PrivateKey | bytes
 PublicKey = X25519PublicKey | bytes
 
+_hmac: Callable[..., bytes] = hmac.digest
+try:  # what hmac.digest calls, without its per-call dispatch (a dozen HMACs per sealed call)
+    from _hashlib import hmac_digest as _hmac
+except ImportError:  # pragma: no cover - Python builds without OpenSSL's hashlib
+    pass
+
 KEM_ID, KDF_ID, AEAD_ID = 0x0020, 0x0001, 0x0003
 _KEM_SUITE = b"KEM" + KEM_ID.to_bytes(2, "big")
 _SUITE = b"HPKE" + KEM_ID.to_bytes(2, "big") + KDF_ID.to_bytes(2, "big") + AEAD_ID.to_bytes(2, "big")
@@ -36,15 +43,15 @@ N_ENC, N_K, N_N, N_H = 32, 32, 12, 32
 
 
 def _extract(salt: bytes, ikm: bytes) -> bytes:
-    return hmac.digest(salt or bytes(N_H), ikm, "sha256")
+    return _hmac(salt or bytes(N_H), ikm, "sha256")
 
 
 def _expand(prk: bytes, info: bytes, length: int) -> bytes:
     if length <= N_H:  # one block: the common case, one HMAC
-        return hmac.digest(prk, info + b"\x01", "sha256")[:length]
+        return _hmac(prk, info + b"\x01", "sha256")[:length]
     out, t, i = b"", b"", 1
     while len(out) < length:
-        t = hmac.digest(prk, t + info + bytes([i]), "sha256")
+        t = _hmac(prk, t + info + bytes([i]), "sha256")
         out += t
         i += 1
     return out[:length]
@@ -84,8 +91,8 @@ def remember_info(info: bytes) -> None:
 
 
 def _shared_secret(dh: bytes, kem_context: bytes) -> bytes:
-    prk = hmac.digest(bytes(N_H), _EAE_PREFIX + dh, "sha256")
-    return hmac.digest(prk, _SS_PREFIX + kem_context + b"\x01", "sha256")
+    prk = _hmac(bytes(N_H), _EAE_PREFIX + dh, "sha256")
+    return _hmac(prk, _SS_PREFIX + kem_context + b"\x01", "sha256")
 
 
 class Context:
@@ -114,7 +121,7 @@ class Context:
         self.seq += 1
         return ct
 
-    def open(self, aad: bytes, ct: bytes) -> bytes:
+    def open(self, aad: bytes, ct: bytes | memoryview) -> bytes:
         try:
             pt = self._aead.decrypt(self._nonce(), ct, aad)
         except InvalidTag:
@@ -130,9 +137,9 @@ class Context:
 def _key_schedule(shared_secret: bytes, info: bytes) -> Context:
     info_hash = _INFO_HASHES.get(info) or labeled_extract(_SUITE, b"", b"info_hash", info)
     ksc = b"\x00" + _PSK_ID_HASH + info_hash
-    secret = hmac.digest(shared_secret, _SECRET_IKM, "sha256")
-    return Context(hmac.digest(secret, _KEY_PREFIX + ksc + b"\x01", "sha256"),
-                   hmac.digest(secret, _NONCE_PREFIX + ksc + b"\x01", "sha256")[:N_N], secret=secret, ksc=ksc)
+    secret = _hmac(shared_secret, _SECRET_IKM, "sha256")
+    return Context(_hmac(secret, _KEY_PREFIX + ksc + b"\x01", "sha256"),
+                   _hmac(secret, _NONCE_PREFIX + ksc + b"\x01", "sha256")[:N_N], secret=secret, ksc=ksc)
 
 
 def generate() -> tuple[bytes, bytes]:
