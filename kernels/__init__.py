@@ -7,8 +7,9 @@ Triton on CPU under ``TRITON_INTERPRET=1``; `backend("torch" | "triton" | "auto"
 from ._dispatch import HAS_TRITON, backend, current_backend, use_triton
 from .attention_decode import attention_decode, attention_decode_reference
 from .attention_prefill import attention_prefill, attention_prefill_reference
-from .bias_gelu import bias_gelu, bias_gelu_reference
+from .bias_gelu import bias_gelu, bias_gelu_reference, linear_bias_gelu
 from .layernorm import layer_norm, layer_norm_reference
+from .linear import linear_t, transposed
 from .rmsnorm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from .rotary import rope_tables, rotary, rotary_reference
 from .softmax import softmax, softmax_reference
@@ -28,6 +29,8 @@ __all__ = [
     "current_backend",
     "layer_norm",
     "layer_norm_reference",
+    "linear_bias_gelu",
+    "linear_t",
     "rms_norm",
     "rms_norm_reference",
     "rope_tables",
@@ -37,5 +40,6 @@ __all__ = [
     "softmax_reference",
     "swiglu",
     "swiglu_reference",
+    "transposed",
     "use_triton",
 ]

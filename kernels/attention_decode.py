@@ -124,10 +124,12 @@ def attention_decode_reference(
     group = _check(q, k_cache, v_cache, lengths)
     t = k_cache.shape[2] if max_len is None else min(max_len, k_cache.shape[2])
     k, v = k_cache[:, :, :t], v_cache[:, :, :t]
-    mask = torch.arange(t, device=q.device)[None, :] < lengths.to(q.device)[:, None]
-    out = F.scaled_dot_product_attention(
-        q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=group > 1
-    )
+    mask = None
+    # Host lengths covering all t positions (every decode step at batch 1) need no mask: reading them back is
+    # free on CPU, and SDPA's unmasked path skips building an additive mask per call.
+    if lengths.device.type != "cpu" or (lengths.numel() > 0 and int(lengths.min()) < t):
+        mask = (torch.arange(t, device=q.device)[None, :] < lengths.to(q.device)[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1)
     return out[:, :, 0, :]
 
 

@@ -103,16 +103,18 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
 def key_mask(
     batch: int, sq: int, sk: int, lengths: torch.Tensor | None, causal: bool, device
 ) -> torch.Tensor | None:
-    """Boolean [B, 1, Sq, Sk] mask (True = attend) for the reference path; None when nothing is masked."""
+    """Boolean mask (True = attend) for the reference path, broadcastable to [B, 1, Sq, Sk]: [B, 1, 1, Sk] for
+    padding alone (SDPA then converts Sk values per sequence, not Sq * Sk), [B, 1, Sq, Sk] when causal; None when
+    nothing is masked."""
     if lengths is None and not causal:
         return None
     cols = torch.arange(sk, device=device)
-    mask = torch.ones(batch, 1, sq, sk, dtype=torch.bool, device=device)
+    if not causal:
+        return (cols[None, :] < lengths.to(device)[:, None])[:, None, None, :]
+    rows = torch.arange(sq, device=device)
+    mask = (cols[None, :] <= rows[:, None] + (sk - sq))[None, None]
     if lengths is not None:
         mask = mask & (cols[None, None, None, :] < lengths.to(device)[:, None, None, None])
-    if causal:
-        rows = torch.arange(sq, device=device)
-        mask = mask & (cols[None, :] <= rows[:, None] + (sk - sq))[None, None]
     return mask
 
 

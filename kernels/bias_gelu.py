@@ -5,6 +5,10 @@ computed in fp32. The bias broadcasts along the last dimension.
 
 Memory traffic: read M*N (x) + N (bias, cached), write M*N: a pure streaming op, bandwidth-bound; fusing saves the
 extra read+write of the unfused bias add that a separate GEMM epilogue-free linear would need.
+
+`linear_bias_gelu` is the whole step (GEMM, bias, GELU) as a model calls it: on the Triton path the GEMM runs
+bias-free and the bias rides in our fused kernel; on the torch path the bias rides in the GEMM itself (addmm
+initializes the output with it, no extra pass), which is the cheaper place on CPU.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import HAS_TRITON, check_dtype, use_triton
+from .linear import linear_t
 
 if HAS_TRITON:
     import triton
@@ -48,3 +53,11 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         block = 1024
         _bias_gelu_kernel[(triton.cdiv(numel, block),)](xc, bias.contiguous(), y, numel, n, BLOCK=block, num_warps=4)
     return y
+
+
+def linear_bias_gelu(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """gelu(x @ weight_t + bias), `weight_t` [in, out] (see `linear`): a BERT layer's up-projection."""
+    if not use_triton(x, weight_t, bias):
+        check_dtype(x, "bias_gelu")
+        return F.gelu(linear_t(x, weight_t, bias))
+    return bias_gelu(linear_t(x, weight_t), bias)

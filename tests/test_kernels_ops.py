@@ -151,3 +151,55 @@ def test_dispatch_rules():
         K.softmax(torch.ones(2, 2, dtype=torch.int32))
     with pytest.raises(ValueError, match="multiple of Hkv"):
         K.attention_prefill(torch.randn(1, 3, 4, 32), torch.randn(1, 2, 4, 32), torch.randn(1, 2, 4, 32))
+
+
+def _naive_attention(q, k, v, lengths, causal):
+    """softmax(q k^T / sqrt(D)) v in float64, one (batch, head) at a time: the definition, no shortcuts."""
+    b, hq, sq, d = q.shape
+    group = hq // k.shape[1]
+    out = torch.zeros(b, hq, sq, d, dtype=torch.float64, device=q.device)
+    for i in range(b):
+        n = int(lengths[i])
+        for h in range(hq):
+            s = q[i, h].double() @ k[i, h // group, :n].double().T / d**0.5
+            if causal:
+                off = k.shape[2] - sq
+                s = s.masked_fill(torch.arange(n, device=q.device)[None] > torch.arange(sq, device=q.device)[:, None]
+                                  + off, float("-inf"))
+            out[i, h] = torch.softmax(s, -1) @ v[i, h // group, :n].double()
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_references_against_the_definition(causal):
+    """The CPU fast paths of the references (padding mask as [B, 1, 1, Sk], no mask when nothing is padded,
+    decode with every cached position valid) agree with attention computed from its definition."""
+    q, k, v = (_rand(2, h, 9, 32, dtype=torch.float32) for h in (6, 2, 2))
+    for lengths in (torch.tensor([9, 4]), torch.tensor([9, 9])):
+        got = K.attention_prefill_reference(q, k, v, causal=causal, lengths=lengths.to(DEVICE))
+        want = _naive_attention(q, k, v, lengths, causal)
+        rows = slice(None) if not causal else slice(0, 4)  # causal rows past a short length see no keys
+        torch.testing.assert_close(got[:, :, rows].double(), want[:, :, rows], atol=1e-5, rtol=1e-5)
+    full = torch.full((2,), 9, device=DEVICE)
+    dec = K.attention_decode_reference(q[:, :, -1], k, v, full)
+    torch.testing.assert_close(dec.double(), _naive_attention(q[:, :, -1:], k, v, full, False)[:, :, 0],
+                               atol=1e-5, rtol=1e-5)
+    short = torch.tensor([3, 9], device=DEVICE)
+    dec = K.attention_decode_reference(q[:, :, -1], k, v, short)
+    torch.testing.assert_close(dec.double(), _naive_attention(q[:, :, -1:], k, v, short, False)[:, :, 0],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_linear_bias_gelu_paths_agree():
+    """Weights transposed once to [in, out]; both paths give gelu(x W^T + b) from its definition."""
+    x, w, b = _rand(7, 33, dtype=torch.float32), _rand(40, 33, dtype=torch.float32), _rand(40, dtype=torch.float32)
+    h = x.double() @ w.double().T + b.double()
+    want = 0.5 * h * (1 + torch.erf(h / 2**0.5))
+    wt = K.transposed(w)
+    assert wt.shape == (33, 40) and wt.is_contiguous()
+    torch.testing.assert_close(K.linear_t(x[None], wt, b)[0].double(), h, atol=1e-4, rtol=1e-4)
+    for path in ("torch", "triton"):
+        with K.backend(path):
+            torch.testing.assert_close(K.linear_bias_gelu(x, wt, b).double(), want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"\[in, out\]"):
+        K.linear_t(x, w)

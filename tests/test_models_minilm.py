@@ -91,4 +91,4 @@ def test_converted_weights_are_cached(cache):
     again = MiniLM.load(device="cpu", cache_dir=cache)
     assert time.perf_counter() - start < 10
     assert list(cache.glob("all-MiniLM-L6-v2-*.safetensors")) == files
-    assert again.config.layers == 6 and again.w["0.qkv.w"].shape == (3 * 384, 384)
+    assert again.config.layers == 6 and again.w["0.qkv.w"].shape == (384, 3 * 384)

