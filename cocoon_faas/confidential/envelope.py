@@ -146,10 +146,6 @@ def encode_prefix(function: str, request_id: bytes, timestamp_ms: int, wraps: li
     return REQUEST_MAGIC + struct.pack(">I", len(header)) + header
 
 
-def encode_request(prefix: bytes, content: bytes) -> bytes:
-    return prefix + content
-
-
 # -- receipts ----------------------------------------------------------------------------------------------
 
 def encode_receipt(call_id: str, request_id: bytes, function: str, measurement: bytes, key_id: bytes,
