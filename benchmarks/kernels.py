@@ -4,8 +4,10 @@ device's peak, and the ratio to each baseline.
     python benchmarks/kernels.py                 # GPU if present, else CPU (our path = the torch reference)
     python benchmarks/kernels.py --no-compile --ops softmax,attention_prefill
 
-On a GPU "ours" is the Triton kernel. On CPU "ours" is what the dispatch runs there (the torch reference) and
-"peak" is the measured copy bandwidth of this machine (no vendor figure exists for a shared VM).
+On a GPU "ours" is the Triton kernel, timed with triton's do_bench (median). On CPU "ours" is what the dispatch
+runs there (the torch reference), "peak" is the measured copy bandwidth of this machine (no vendor figure exists
+for a shared VM), and ours and the baselines take turns call by call (`cocoon_faas.kernels.timing.interleaved`,
+medians, one pinned thread count); the load average at start and end is printed so the reader can judge.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import cocoon_faas.kernels as K
+from cocoon_faas.kernels.timing import interleaved, load_average, pin_threads
 
 # vendor peaks: (HBM bytes/s, dense 16-bit tensor FLOP/s)
 PEAKS = {
@@ -28,34 +31,21 @@ PEAKS = {
 }
 
 
-def bench_all(fns: list[Callable[[], object]], device: str, reps: int) -> list[float]:
-    """`bench` for several fns; on CPU they take turns call by call, so a noisy neighbour hits them alike."""
-    if device == "cuda":
-        return [bench(fn, device, reps) for fn in fns]
-    best = [float("inf")] * len(fns)
-    for rep in range(reps + 1):
-        for i, fn in enumerate(fns):
-            t = time.perf_counter()
-            fn()
-            if rep:
-                best[i] = min(best[i], time.perf_counter() - t)
-    return best
-
-
-def bench(fn: Callable[[], object], device: str, reps: int) -> float:
-    """Seconds per call: triton's do_bench median on a GPU; on CPU the minimum over `reps` calls, which is the
-    figure least disturbed by other processes on a shared machine."""
+def bench_all(fns: list[Callable[[], object]], device: str, reps: int, threads: int | None) -> list[float]:
+    """Median seconds per call of each fn. GPU: triton's do_bench (its own warm-up, median of many launches).
+    CPU: `interleaved`, the fns taking turns call by call after a warm-up round, so load from other processes
+    hits them alike; `inner` calls per sample keep each sample above a millisecond."""
     if device == "cuda":
         import triton.testing
 
-        return triton.testing.do_bench(fn, warmup=25, rep=100) / 1e3
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
+        return [triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3 for fn in fns]
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    t = time.perf_counter()
+    fns[0]()
+    inner = max(1, min(50, int(2e-3 / max(time.perf_counter() - t, 1e-7))))
+    r = interleaved({str(i): fn for i, fn in enumerate(fns)}, reps=reps, inner=inner, threads=threads)
+    return [r.median(str(i)) for i in range(len(fns))]
 
 
 def peaks(device: str, dtype: torch.dtype) -> tuple[float | None, float | None, str]:
@@ -67,7 +57,7 @@ def peaks(device: str, dtype: torch.dtype) -> tuple[float | None, float | None, 
         return None, None, name
     x = torch.empty(64 * 2**20, dtype=torch.uint8)
     y = torch.empty_like(x)
-    t = bench(lambda: y.copy_(x), "cpu", 10)
+    (t,) = bench_all([lambda: y.copy_(x)], "cpu", 10, None)
     return 2 * x.numel() / t, None, "CPU (peak = measured copy bandwidth)"
 
 
@@ -116,12 +106,15 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="float16 | bfloat16 | float32 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--ops", default="", help="comma-separated substrings of op names to run")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=15, help="interleaved samples per candidate (CPU)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (CPU)")
     args = ap.parse_args()
+    pin_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     bw, flops_peak, name = peaks(args.device, dtype)
     print(f"device: {name}; dtype: {dtype}; torch {torch.__version__}"
-          + (f"; peak {bw / 1e9:.0f} GB/s" if bw else "") + (f", {flops_peak / 1e12:.0f} TFLOP/s" if flops_peak else ""))
+          + (f"; peak {bw / 1e9:.0f} GB/s" if bw else "") + (f", {flops_peak / 1e12:.0f} TFLOP/s" if flops_peak else "")
+          + f"; threads {torch.get_num_threads()}; load average at start {'/'.join(f'{x:.2f}' for x in load_average())}")
     print(f"{'op':32} {'ours':>10} {'eager':>10} {'compile':>10} {'unit':>8} {'%peak':>6} {'x eager':>8} {'x compile':>9}")
     for op, unit, work, ours, eager in cases(args.device, dtype, args.device == "cuda"):
         if args.ops and not any(s and s in op for s in args.ops.split(",")):
@@ -135,12 +128,14 @@ def main() -> None:
                 fns.append(compiled)
             except Exception as e:  # inductor needs a C++ compiler / triton; report, keep going
                 print(f"  torch.compile failed for {op}: {type(e).__name__}: {str(e)[:80]}")
-        t_ours, t_eager, *rest = bench_all(fns, args.device, args.reps)
+        t_ours, t_eager, *rest = bench_all(fns, args.device, args.reps, args.threads)
         t_comp = rest[0] if rest else math.nan
         peak = bw if unit == "GB/s" else flops_peak
         frac = f"{work / t_ours / peak * 100:5.0f}%" if peak else "   n/a"
         print(f"{op:32} {work / t_ours / scale:10.3g} {work / t_eager / scale:10.3g} {work / t_comp / scale:10.3g} "
               f"{unit:>8} {frac:>6} {t_eager / t_ours:8.2f} {t_comp / t_ours:9.2f}")
+    print(f"load average at end {'/'.join(f'{x:.2f}' for x in load_average())}; ratios are of medians (> 1: ours "
+          "is faster)")
 
 
 if __name__ == "__main__":
