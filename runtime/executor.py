@@ -136,14 +136,34 @@ class LoadedFunction:
         fn = self.target
         assert fn is not None
         if self.spec.kind == "async":
-            ctx = contextvars.copy_context()
-            ctx.run(_current_log.set, log)
-            task = asyncio.get_running_loop().create_task(fn(**kwargs), context=ctx)
-            try:
-                return await asyncio.wait_for(task, timeout)
-            except asyncio.TimeoutError:
-                raise CallInterrupted("timeout") from None
+            return await self._in_task(fn, kwargs, log, timeout)
         return await self._in_thread(lambda: fn(**kwargs), log, timeout)
+
+    async def _in_task(self, fn: Callable[..., Any], kwargs: dict[str, Any], log: CallLog, timeout: float) -> Any:
+        """Await an async function in the calling task (each call already has its own task and context): no
+        second task and no wait_for; a timer cancels this task when the time limit passes."""
+        task = asyncio.current_task()
+        assert task is not None
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        token = _current_log.set(log)
+        timer = asyncio.get_running_loop().call_later(timeout, expire)
+        try:
+            return await fn(**kwargs)
+        except asyncio.CancelledError:
+            if expired:
+                if hasattr(task, "uncancel"):  # 3.11+: this cancellation is consumed here
+                    task.uncancel()
+                raise CallInterrupted("timeout") from None
+            raise
+        finally:
+            timer.cancel()
+            _current_log.reset(token)
 
     async def _in_thread(self, work: Callable[[], Any], log: CallLog, timeout: float) -> Any:
         """Run `work` in the pool; a timer (not wait_for/shield: two tasks per call) enforces the limit."""
