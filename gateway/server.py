@@ -19,7 +19,8 @@ def init_ray(settings: Settings) -> dict[str, Any]:
         ctx = ray.init(address=settings.ray_address, **common)
     else:
         ctx = ray.init(num_cpus=settings.ray_num_cpus, _node_ip_address="127.0.0.1", **common)
-    return {"address": ctx.address_info.get("gcs_address") or ctx.address_info.get("address")}
+    info = getattr(ctx, "address_info", {})
+    return {"address": info.get("gcs_address") or info.get("address")}
 
 
 def serve(settings: Settings) -> None:

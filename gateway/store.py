@@ -103,7 +103,9 @@ class Store:
         else:
             dev = "dev_" + secrets.token_hex(8)
         key = new_key()
-        stmts = [] if row else [("INSERT INTO developers VALUES (?,?,?)", (dev, name, time.time()))]
+        stmts: list[tuple[str, tuple[Any, ...]]] = []
+        if not row:
+            stmts.append(("INSERT INTO developers VALUES (?,?,?)", (dev, name, time.time())))
         stmts.append(("INSERT INTO api_keys VALUES (?,?,?,?)", (hash_key(key), dev, name, time.time())))
         self._tx(stmts)
         return key, dev

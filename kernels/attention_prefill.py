@@ -110,6 +110,7 @@ def key_mask(
         return None
     cols = torch.arange(sk, device=device)
     if not causal:
+        assert lengths is not None  # checked above: bidirectional without lengths needs no mask
         return (cols[None, :] < lengths.to(device)[:, None])[:, None, None, :]
     rows = torch.arange(sq, device=device)
     mask = (cols[None, :] <= rows[:, None] + (sk - sq))[None, None]

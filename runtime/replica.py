@@ -53,11 +53,11 @@ class _ServerConn:
         if ftype == P.CALL:
             task = asyncio.get_running_loop().create_task(self.replica.handle(self, call, meta, body))
             self.tasks[call] = task
-            task.add_done_callback(lambda _t, c=call: self.tasks.pop(c, None))
+            task.add_done_callback(lambda _t: self.tasks.pop(call, None))
         elif ftype == P.CANCEL:
-            task = self.tasks.get(call)
-            if task is not None:
-                task.cancel()
+            running = self.tasks.get(call)
+            if running is not None:
+                running.cancel()
         elif ftype == P.PING:
             self.proto.send(P.encode(call, P.PONG, {"inflight": self.replica.inflight}))
 
@@ -153,7 +153,7 @@ class Replica:
         self._blob = b""
         self._data_loop = _data_plane_loop()
 
-        async def listen() -> asyncio.AbstractServer:
+        async def listen() -> asyncio.Server:
             return await asyncio.get_running_loop().create_server(lambda: _ServerConn(self).proto, self._host, 0)
 
         self._server = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(listen(), self._data_loop))

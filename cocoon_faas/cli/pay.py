@@ -196,12 +196,16 @@ def register(main: click.Group) -> None:
         except CocoonError as exc:
             _fail(exc)
 
-    provider = main.commands.get("provider")
-    if not isinstance(provider, click.Group):  # cli/provider.py may define the group; add to it when it does
+    existing = main.commands.get("provider")
+    if isinstance(existing, click.Group):  # cli/provider.py may define the group; add to it when it does
+        provider: click.Group = existing
+    else:
 
         @main.group("provider")
-        def provider() -> None:
+        def _provider() -> None:
             """Providers: what they earned and payouts to them (operator)."""
+
+        provider = _provider
 
     @provider.command("earnings")
     def provider_earnings_cmd() -> None:

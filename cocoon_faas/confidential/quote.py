@@ -95,7 +95,8 @@ class TdReport:
                                      (184, 48), (232, 48), (280, 48))]
         rtmr = (b[328:376], b[376:424], b[424:472], b[472:520])
         extra = (b[584:600], b[600:648]) if len(b) == TD15_LEN else (None, None)
-        return cls(*f, rtmr=rtmr, report_data=b[520:584], tee_tcb_svn2=extra[0], mr_service_td=extra[1])
+        return cls(f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], rtmr=rtmr, report_data=b[520:584],
+                   tee_tcb_svn2=extra[0], mr_service_td=extra[1])
 
     def to_dict(self) -> dict[str, object]:
         """Hex fields, named as operators and trustee name them."""

@@ -188,18 +188,18 @@ def _apply(d: ChannelData, body: Cell, balance: int, now: int) -> tuple[ChannelD
         _check(not q.challenged, 115)
         if q.committed_by_a:
             misbehaved = a.seqno > q.state_a.seqno or a.sent > q.state_a.sent
-            new_a, new_b = a, q.state_b
+            fin_a, fin_b = a, q.state_b
         else:
             misbehaved = b.seqno > q.state_b.seqno or b.sent > q.state_b.sent
-            new_a, new_b = q.state_a, b
+            fin_a, fin_b = q.state_a, b
         _check(q.committed_by_a != by_a, 109)
         if misbehaved:
             fine = d.closing.misbehavior_fine
             if q.committed_by_a:
-                new_a = replace(new_a, sent=new_a.sent + fine)
+                fin_a = replace(fin_a, sent=fin_a.sent + fine)
             else:
-                new_b = replace(new_b, sent=new_b.sent + fine)
-        return replace(d, quarantine=QuarantinedState(new_a, new_b, q.quarantine_starts, by_a, True)), ()
+                fin_b = replace(fin_b, sent=fin_b.sent + fine)
+        return replace(d, quarantine=QuarantinedState(fin_a, fin_b, q.quarantine_starts, by_a, True)), ()
     if op == OP_SETTLE_CONDITIONALS:
         _check(d.quarantine is not None, 107)
         _, s = _one_sig(d, s, TAG_SETTLE)

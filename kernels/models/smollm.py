@@ -183,6 +183,7 @@ class SmolLM:
             cache.k[i, :, :, past:total] = k.transpose(1, 2)
             cache.v[i, :, :, past:total] = v.transpose(1, 2)
             if seq == 1:
+                assert lengths is not None
                 a = attention_decode(q[:, 0], cache.k[i], cache.v[i], lengths, max_len=total)
                 a = a.reshape(bsz, 1, q_dim)
             else:
@@ -209,7 +210,7 @@ class SmolLM:
         elif isinstance(prompt, str):
             ids = self.encode(prompt)
         else:
-            ids = [int(t) for t in prompt]
+            ids = [int(t) for t in prompt]  # type: ignore[arg-type]  # token ids here
         if not ids:
             raise ValueError("the prompt is empty")
         if max_tokens < 1:
