@@ -19,6 +19,17 @@ _COMMAND_MODULES = [
 @click.version_option(package_name="cocoon-faas")
 def main() -> None:
     """Cocoon FaaS: confidential, pay-per-call AI functions."""
+    from pydantic import ValidationError
+
+    from cocoon_faas.settings import get_settings
+
+    try:  # read the settings once up front, so a bad COCOON_* variable is one clear line for every command
+        get_settings()
+    except ValidationError as exc:
+        click.echo("error: " + "; ".join(
+            f"COCOON_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()), err=True)
+        raise SystemExit(2) from None
 
 
 for _name in _COMMAND_MODULES:

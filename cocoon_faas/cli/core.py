@@ -9,7 +9,6 @@ from functools import wraps
 from typing import Any
 
 import click
-from pydantic import ValidationError
 
 from cocoon_faas.errors import CocoonError
 from cocoon_faas.settings import reload_settings
@@ -29,9 +28,6 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except CocoonError as exc:
             fail(exc.message)
-        except ValidationError as exc:  # settings: name the variable and the fix, on one line
-            fail("; ".join(f"COCOON_{'_'.join(str(p) for p in e['loc']).upper()}: "
-                           f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors()))
         except ValueError as exc:
             fail(str(exc))
 
