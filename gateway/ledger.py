@@ -128,6 +128,13 @@ class Ledger:
             raise NotFoundError(f"unknown channel {channel_id}; open one with `cocoon channel open`")
         return _row(rows[0])
 
+    def channel_and_seen(self, channel_id: int, seqno: int) -> tuple[ChannelRow, bool] | None:
+        """The channel and whether a state with `seqno` is stored for it, in one query (the per-call path);
+        None for an unknown channel."""
+        rows = self.query(f"SELECT {_CH_COLS}, EXISTS(SELECT 1 FROM pay_states WHERE channel_id=? AND seqno=?) "
+                          "FROM pay_channels WHERE channel_id=?", (channel_id, seqno, channel_id))
+        return (_row(rows[0]), bool(rows[0][-1])) if rows else None
+
     def channels(self) -> list[ChannelRow]:
         return [_row(r) for r in self.query(f"SELECT {_CH_COLS} FROM pay_channels ORDER BY channel_id")]
 

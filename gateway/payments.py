@@ -24,14 +24,17 @@ import binascii
 import hashlib
 import json
 import secrets
+import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from nacl.bindings import crypto_sign_open
+from nacl.exceptions import CryptoError
+
 from cocoon_faas.errors import (
     ConflictError,
     InvalidRequestError,
-    NotFoundError,
     PaymentError,
     PaymentRequiredError,
 )
@@ -102,6 +105,15 @@ def _raw_header(value: str) -> bytes:
                    "malformed") from None
 
 
+def _signed_by(st: SignedSemiChannel, key: PublicKey) -> bool:
+    """Ed25519 over the state's signed hash, through libsodium (half of OpenSSL's time, stricter encodings)."""
+    try:
+        crypto_sign_open(st.signature + st.signed_hash(), key.raw)
+    except (CryptoError, ValueError, TypeError):
+        return False
+    return True
+
+
 def check_state(st: SignedSemiChannel, ch: ChannelRow, operator_key: PublicKey, reserved: int,
                 max_cost: int) -> None:
     """Raise PaymentError/PaymentRequiredError unless `st` may pay a call costing up to `max_cost`."""
@@ -109,7 +121,7 @@ def check_state(st: SignedSemiChannel, ch: ChannelRow, operator_key: PublicKey, 
         raise _bad(f"channel {ch.channel_id} pays another operator; open a channel to this gateway", "foreign")
     if ch.status != "open":
         raise _bad(f"channel {ch.channel_id} is {ch.status}; open a new channel", "closed", 409)
-    if not st.is_signed_by(ch.key_a):
+    if not _signed_by(st, ch.key_a):
         raise _bad(f"payment state for channel {ch.channel_id} is not signed by the channel's payer key",
                    "forged", 401)
     body = st.state.data
@@ -167,6 +179,7 @@ class PaymentGate:
         self.fees = fee_policy or FeePolicy()
         self.chain = chain
         self._reserved: dict[int, int] = {}
+        self._callers: dict[int, str] = {}  # channel -> caller id (fixed at registration)
         if recover:
             self.recover()
 
@@ -185,23 +198,21 @@ class PaymentGate:
         st = SignedSemiChannel.from_boc(raw)  # stored as received: the bytes the caller signed, not re-encoded
         cid, body = st.state.channel_id, st.state.data
         with self.ledger.lock:
-            try:
-                ch = self.ledger.channel(cid)
-            except NotFoundError:
+            found = self.ledger.channel_and_seen(cid, body.seqno)
+            if found is None:
                 raise _bad(f"payment state is for channel {cid}, unknown to this gateway; register it with "
-                           "`cocoon channel open`", "foreign") from None
+                           "`cocoon channel open`", "foreign")
+            ch, seen = found
             reserved = self._reserved.get(cid)
             if reserved is None:
                 reserved = self._reserved[cid] = self.ledger.reserved(cid)
-            if self.ledger.query("SELECT 1 FROM pay_states WHERE channel_id=? AND seqno=?", (cid, body.seqno)):
+            if seen:
                 raise _bad(f"replayed payment state: channel {cid} seqno {body.seqno} already paid for a call; "
                            "sign a new state for each call", "replayed", 409)
             check_state(st, ch, self.operator_key, reserved, max_cost_nanoton)
             now = time.time()
             try:
-                with self.ledger.transaction() as db:
-                    if db.execute("SELECT 1 FROM pay_calls WHERE call_id=?", (call_id,)).fetchone():
-                        raise ConflictError(f"call id {call_id!r} was already paid for; use a fresh call id")
+                with self.ledger.transaction() as db:  # a taken seqno or call id fails its UNIQUE key
                     db.execute("INSERT INTO pay_states VALUES (?,?,?,?,?,?)",
                                (cid, body.seqno, body.sent, raw, call_id, now))
                     db.execute("INSERT INTO pay_calls (call_id, channel_id, seqno, function, hold, status, "
@@ -210,9 +221,9 @@ class PaymentGate:
                     if body.seqno > ch.max_seqno:
                         db.execute("UPDATE pay_channels SET max_seqno=?, max_sent=? WHERE channel_id=?",
                                    (body.seqno, body.sent, cid))
-            except ConflictError:
-                raise
-            except Exception as exc:
+            except sqlite3.IntegrityError as exc:
+                if "pay_calls.call_id" in str(exc):
+                    raise ConflictError(f"call id {call_id!r} was already paid for; use a fresh call id") from None
                 if "UNIQUE" in str(exc):
                     raise _bad(f"replayed payment state: channel {cid} seqno {body.seqno} already paid for a "
                                "call; sign a new state for each call", "replayed", 409) from None
@@ -237,26 +248,26 @@ class PaymentGate:
         """Charge the call once, in one transaction; returns the total (for X-Cocoon-Charge)."""
         c = self.split(hold, provider_nanoton, royalty_nanoton)
         with self.ledger.lock:
+            caller = self._callers.get(hold.channel_id)
+            if caller is None:
+                caller = self._callers[hold.channel_id] = self.ledger.channel(hold.channel_id).caller
             with self.ledger.transaction() as db:
-                row = db.execute("SELECT status FROM pay_calls WHERE call_id=?", (hold.call_id,)).fetchone()
-                if row is None or row[0] != "held":
+                now = time.time()
+                # the status guard makes the charge happen at most once
+                if not db.execute("UPDATE pay_calls SET status='charged', charged=?, finished_at=? "
+                                  "WHERE call_id=? AND status='held'", (c.total, now, hold.call_id)).rowcount:
+                    row = db.execute("SELECT status FROM pay_calls WHERE call_id=?", (hold.call_id,)).fetchone()
                     raise ConflictError(f"call {hold.call_id!r} is {row[0] if row else 'unknown'}; it cannot be "
                                         "charged again")
-                caller = db.execute("SELECT caller FROM pay_channels WHERE channel_id=?",
-                                    (hold.channel_id,)).fetchone()[0]
-                now = time.time()
-                db.execute("UPDATE pay_calls SET status='charged', charged=?, finished_at=? WHERE call_id=?",
-                           (c.total, now, hold.call_id))
                 db.execute("INSERT INTO pay_charges VALUES (?,?,?,?,?,?,?,?,?)",
                            (hold.call_id, hold.channel_id, provider_id, c.provider, developer_id, c.royalty,
                             c.operator, c.total, now))
                 db.execute("UPDATE pay_channels SET charged = charged + ? WHERE channel_id=?",
                            (c.total, hold.channel_id))
-                for party, pid, amount in (("caller", caller, c.total), ("provider", provider_id, c.provider),
-                                           ("developer", developer_id, c.royalty),
-                                           ("operator", OPERATOR_ID, c.operator)):
-                    db.execute("INSERT INTO pay_balances VALUES (?,?,?) ON CONFLICT(party, party_id) "
-                               "DO UPDATE SET amount = amount + excluded.amount", (party, pid, amount))
+                db.executemany("INSERT INTO pay_balances VALUES (?,?,?) ON CONFLICT(party, party_id) "
+                               "DO UPDATE SET amount = amount + excluded.amount",
+                               (("caller", caller, c.total), ("provider", provider_id, c.provider),
+                                ("developer", developer_id, c.royalty), ("operator", OPERATOR_ID, c.operator)))
             self._finish(hold)
         return c.total
 

@@ -197,6 +197,52 @@ class SignedSemiChannel:
                                problem="malformed") from None
 
 
+def _pack_bits(v: int, nbits: int) -> tuple[int, bytes]:
+    """(d2 descriptor, data bytes with completion tag) of an ordinary cell holding the `nbits` of `v`."""
+    pad = -nbits % 8
+    if pad:
+        v = (v << pad) | (1 << (pad - 1))
+    return nbits // 8 + (nbits + 7) // 8, v.to_bytes((nbits + 7) // 8, "big")
+
+
+class StateTemplate:
+    """The caller's hot path: serialise and sign ``SignedSemiChannel(channel_id, (seqno, sent), counterparty)``
+    straight to BOC bytes, without building cells. The counterparty cell (fixed per template) and the BOC frame
+    are laid out once; per state only the root cell's bits are packed. The bytes equal pytoniq-core's
+    ``to_cell().to_boc()`` (no index, no CRC, 1-byte cell indices), and the signed hash equals
+    ``SemiChannel.to_cell().hash``; tests check both against the general path."""
+
+    def __init__(self, channel_id: int, counterparty: SemiChannelBody) -> None:
+        if counterparty.conditionals is not None:
+            raise ValueError("a state template carries no conditional payments")
+        if not 0 <= channel_id < 1 << 128:
+            raise ValueError("channel id must fit uint128")
+        self.channel_id, self.counterparty = channel_id, counterparty
+        clen = (counterparty.sent.bit_length() + 7) // 8
+        cbits = 64 + 4 + 8 * clen + 1
+        cv = ((counterparty.seqno << 4 | clen) << 8 * clen | counterparty.sent) << 1
+        cd2, cdata = _pack_bits(cv, cbits)
+        self._cp_ser = bytes([0, cd2]) + cdata
+        self._cp_ref = b"\0\0" + hashlib.sha256(self._cp_ser).digest()  # depth 0, representation hash
+        self._head = (TAG_SEMICHANNEL << 128 | channel_id) << 64
+
+    def build(self, seqno: int, sent: int, sign: object) -> tuple[bytes, SignedSemiChannel]:
+        """(BOC, state) for one state; `sign(hash) -> 64-byte signature` (callable)."""
+        if not 0 <= seqno < 1 << 64 or not 0 <= sent < 1 << 120:
+            raise ValueError("seqno must fit uint64 and sent Coins")
+        ln = (sent.bit_length() + 7) // 8
+        nbits = 32 + 128 + 64 + 4 + 8 * ln + 2
+        v = (((self._head | seqno) << 4 | ln) << 8 * ln | sent) << 2 | 1  # no conditionals, counterparty ref
+        d2, data = _pack_bits(v, nbits)
+        signed = hashlib.sha256(bytes([1, d2]) + data + self._cp_ref).digest()
+        sig = sign(signed)  # type: ignore[operator]
+        root = bytes([1, d2 + 128]) + sig + data + b"\x01"
+        size = len(root) + len(self._cp_ser)
+        boc = b"\xb5\xee\x9c\x72\x01\x01\x02\x01\x00" + bytes([size, 0]) + root + self._cp_ser
+        st = SemiChannel(self.channel_id, SemiChannelBody(seqno, sent), self.counterparty)
+        return boc, SignedSemiChannel(sig, st, signed)
+
+
 def _bits(data: bytes, d2: int) -> int:
     """Bit length of a cell's data from its d2 descriptor and completion tag."""
     if d2 % 2 == 0:

@@ -4,6 +4,12 @@ Each call gets a fresh state ``seqno+1`` whose ``sent`` covers everything charge
 flight, this call's included (so concurrent calls each carry a state that pays for all of them, and the
 gateway may see them in any order). ``sent`` never decreases. The header value is the base64 BOC of the
 ``SignedSemiChannel`` (``X-Cocoon-Payment``). State lives in ``$COCOON_HOME/channels/<id>.json``.
+
+The state file is not written per call: the signer leases a block of seqnos and a ceiling on ``sent``
+(``lease_seqno``, ``lease_sent``), writes the lease once, and signs within it. A process that dies mid-lease
+resumes at the lease's end, so a seqno is never signed twice and ``sent`` never goes down; a clean exit
+(``flush``) writes the exact figures and gives the rest of the lease back. States are serialised from a
+`StateTemplate` and signed with libsodium (PyNaCl), byte for byte what the cell path builds.
 """
 
 from __future__ import annotations
@@ -16,12 +22,16 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from nacl.bindings import crypto_sign, crypto_sign_seed_keypair
+
 from cocoon_faas.errors import PaymentRequiredError
-from cocoon_faas.ton.channel import SemiChannel, SemiChannelBody, SignedSemiChannel
+from cocoon_faas.ton.channel import SemiChannelBody, SignedSemiChannel, StateTemplate
 from cocoon_faas.ton.keys import PrivateKey
 
 HEADER = "X-Cocoon-Payment"
 CHARGE_HEADER = "X-Cocoon-Charge"
+LEASE_SEQNOS = 256  # seqnos per state-file write
+LEASE_HOLDS = 8  # headroom of `sent` per lease, in holds of the call that takes the lease
 
 
 @dataclass
@@ -33,6 +43,8 @@ class _Saved:
     charged: int = 0
     counterparty_seqno: int = 0
     counterparty_sent: int = 0
+    lease_seqno: int = 0  # seqnos up to this one may have been signed
+    lease_sent: int = 0  # and `sent` up to this much
 
 
 @dataclass(frozen=True)
@@ -57,12 +69,19 @@ class ChannelSigner:
         atexit.register(self.flush)
         if self.path.exists():
             self._s = _Saved(**json.loads(self.path.read_text()))
+            # a lease not given back: some of it may have been signed and sent, so resume past all of it
+            self._s.seqno = max(self._s.seqno, self._s.lease_seqno)
+            self._s.sent = max(self._s.sent, self._s.lease_sent)
         else:
             if channel_id is None or deposit is None:
                 raise PaymentRequiredError(f"no channel state at {self.path}; open one with "
                                            "`cocoon channel open --deposit 5`")
             self._s = _Saved(channel_id, deposit)
             self._save()
+        self._lease_released()
+        self._template = StateTemplate(self._s.channel_id, SemiChannelBody(self._s.counterparty_seqno,
+                                                                           self._s.counterparty_sent))
+        self._sk = crypto_sign_seed_keypair(key.to_bytes())[1]
 
     @property
     def channel_id(self) -> int:
@@ -84,6 +103,12 @@ class ChannelSigner:
     def sent(self) -> int:
         return self._s.sent
 
+    def _lease_released(self) -> None:
+        self._s.lease_seqno, self._s.lease_sent = self._s.seqno, self._s.sent
+
+    def _sign(self, message: bytes) -> bytes:
+        return crypto_sign(message, self._sk)[:64]
+
     def _save(self) -> None:
         self._dirty = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,8 +117,7 @@ class ChannelSigner:
         os.replace(tmp, self.path)
 
     def state_for(self, seqno: int, sent: int) -> SignedSemiChannel:
-        cp = SemiChannelBody(self._s.counterparty_seqno, self._s.counterparty_sent)
-        return SemiChannel(self._s.channel_id, SemiChannelBody(seqno, sent), cp).sign(self.key)
+        return self._template.build(seqno, sent, self._sign)[1]
 
     def sign_for_call(self, hold: int) -> Ticket:
         """A new state covering all charges, all holds in flight and `hold`; raises 402 past the deposit."""
@@ -105,26 +129,30 @@ class ChannelSigner:
                     f"channel {self._s.channel_id} has {self._s.deposit - self._s.sent} nanoton of credit left, "
                     f"this call may cost {hold}; close it and open a new one with a larger deposit",
                     needed=sent - self._s.deposit)
-            self._s.seqno += 1
+            seqno = self._s.seqno = self._s.seqno + 1
             self._s.sent = sent
-            state = self.state_for(self._s.seqno, sent)
-            self._save()
-            self._inflight[self._s.seqno] = hold
-        header = base64.b64encode(state.to_boc()).decode()
-        return Ticket(state.state.data.seqno, hold, header, state)
+            if seqno > self._s.lease_seqno or sent > self._s.lease_sent:  # durable before it leaves
+                self._s.lease_seqno = seqno + LEASE_SEQNOS - 1
+                self._s.lease_sent = min(self._s.deposit, sent + LEASE_HOLDS * hold)
+                self._save()
+            self._inflight[seqno] = hold
+        boc, state = self._template.build(seqno, sent, self._sign)
+        return Ticket(seqno, hold, base64.b64encode(boc).decode(), state)
 
     def complete(self, ticket: Ticket, charged: int) -> None:
         """Release the ticket's hold and book what the gateway charged (0 for a failed call)."""
         with self._lock:
             self._inflight.pop(ticket.seqno, None)
             self._s.charged += min(charged, ticket.hold)
-            # not saved here: the next signed state saves it, and a lost booking is harmless (the gateway's
-            # count is what a close uses, checked against the signed `sent`); `flush()` saves now
+            # not saved here: the next lease or `flush()` saves it, and a lost booking is harmless (the
+            # gateway's count is what a close uses, checked against the signed `sent`)
             self._dirty = True
 
     def flush(self) -> None:
+        """Write the exact figures and give back the unused lease (at exit; before a close)."""
         with self._lock:
-            if self._dirty:
+            if self._dirty or self._s.lease_seqno != self._s.seqno or self._s.lease_sent != self._s.sent:
+                self._lease_released()
                 self._save()
 
     def latest(self) -> SignedSemiChannel:

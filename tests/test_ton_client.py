@@ -1,0 +1,87 @@
+"""The caller's signer: template-built states equal the cell path, seqno leases survive a crash."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+from pathlib import Path
+
+from cocoon_faas.gateway.ledger import Ledger
+from cocoon_faas.gateway.payments import PaymentGate
+from cocoon_faas.ton.channel import SemiChannel, SemiChannelBody, SignedSemiChannel, StateTemplate
+from cocoon_faas.ton.client import LEASE_SEQNOS, ChannelSigner
+from cocoon_faas.ton.keys import PrivateKey
+
+KEY, OP = PrivateKey(b"\x08" * 32), PrivateKey(b"\x07" * 32)
+
+
+def test_template_bytes_equal_pytoniq_core() -> None:
+    rng = random.Random(11)
+    for _ in range(600):
+        cp = SemiChannelBody(rng.getrandbits(rng.choice([0, 8, 64])), rng.getrandbits(rng.choice([0, 1, 8, 40, 119])))
+        cid = rng.getrandbits(rng.choice([1, 64, 128]))
+        seqno, sent = rng.getrandbits(rng.choice([0, 1, 64])), rng.getrandbits(rng.choice([0, 7, 9, 64, 119]))
+        boc, st = StateTemplate(cid, cp).build(seqno, sent, KEY.sign)
+        ref = SemiChannel(cid, SemiChannelBody(seqno, sent), cp).sign(KEY)
+        assert boc == ref.to_boc()
+        assert st == ref and st.signed_hash() == ref.state.to_cell().hash
+        assert SignedSemiChannel.from_boc(boc).is_signed_by(KEY.public_key())
+
+
+def test_signer_states_verify_and_match_cell_path(tmp_path: Path) -> None:
+    s = ChannelSigner(tmp_path / "c.json", KEY, 77, 10**12)
+    t = s.sign_for_call(1000)
+    ref = SemiChannel(77, SemiChannelBody(1, 1000), SemiChannelBody(0, 0)).sign(KEY)
+    assert base64.b64decode(t.header) == ref.to_boc() and t.state.signature == ref.signature
+
+
+def _saved(path: Path) -> dict[str, int]:
+    return dict(json.loads(path.read_text()))
+
+
+def test_lease_written_once_per_block_and_skipped_after_crash(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    s = ChannelSigner(path, KEY, 5, 10**12)
+    first = s.sign_for_call(1000)
+    lease = _saved(path)
+    assert lease["lease_seqno"] == LEASE_SEQNOS and lease["lease_sent"] >= 1000
+    for _ in range(10):
+        s.complete(s.sign_for_call(1000), 10)
+    assert _saved(path) == lease  # within the lease: no write per call
+    last_seqno, last_sent = s.seqno, s.sent
+    assert first.seqno == 1 and last_seqno == 11
+    # the process dies without flushing: a new signer resumes past the whole lease
+    s2 = ChannelSigner(path, KEY)
+    t = s2.sign_for_call(1000)
+    assert t.seqno == LEASE_SEQNOS + 1 > last_seqno and t.state.state.data.sent >= last_sent
+    assert _saved(path)["lease_seqno"] == 2 * LEASE_SEQNOS
+
+
+def test_flush_gives_the_lease_back(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    s = ChannelSigner(path, KEY, 5, 10**12)
+    for _ in range(3):
+        s.complete(s.sign_for_call(1000), 10)
+    s.flush()
+    saved = _saved(path)
+    assert saved["seqno"] == saved["lease_seqno"] == 3 and saved["sent"] == saved["lease_sent"] == s.sent
+    assert saved["charged"] == 30
+    assert ChannelSigner(path, KEY).sign_for_call(1000).seqno == 4
+
+
+def test_resumed_signer_is_accepted_by_the_gateway(tmp_path: Path) -> None:
+    """After a crash mid-lease the next state is neither stale nor a replay at the gateway."""
+    ledger = Ledger(tmp_path / "ledger.db")
+    ledger.add_channel(5, KEY.public_key(), OP.public_key(), "0:" + "00" * 32, "caller", 10**12)
+    gate = PaymentGate(ledger, OP)
+    path = tmp_path / "c.json"
+    s = ChannelSigner(path, KEY, 5, 10**12)
+    for i in range(20):
+        t = s.sign_for_call(10_000)
+        s.complete(t, gate.settle(gate.authorize(t.header, f"a{i}", "f", 10_000), "p", 3000, "d", 0))
+    s2 = ChannelSigner(path, KEY)  # no flush: as after SIGKILL
+    for i in range(3):
+        t = s2.sign_for_call(10_000)
+        gate.settle(gate.authorize(t.header, f"b{i}", "f", 10_000), "p", 3000, "d", 0)
+    assert ledger.verify()["ok"]
