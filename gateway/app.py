@@ -169,9 +169,14 @@ class Gateway:
         elif err is not None:
             self.store.record_logs(fr.name, fr.version, call_id, [("error", err.message)])
         now = time.time()
-        self.store.record_call(call_id, fr.name, fr.version, status, now - elapsed, now,
-                               outcome.exec_ms if outcome else None, err.to_dict()["error"] if err else None,
-                               outcome.body if (outcome and result_kept) else None, caller)
+        error = err.to_dict()["error"] if err else None
+        if result_kept:  # async: kept by id for GET /v1/calls/{id}
+            self.store.record_call(call_id, fr.name, fr.version, status, now - elapsed, now,
+                                   outcome.exec_ms if outcome else None, error, outcome.body if outcome else None,
+                                   caller)
+        else:
+            self.store.log_call(call_id, fr.name, fr.version, status, now - elapsed, now,
+                                outcome.exec_ms if outcome else None, error, caller)
         return paid
 
     def submit_async(self, fr: FunctionRuntime, body: bytes, call_id: str, caller: str,

@@ -21,12 +21,13 @@ def test_versions_ownership_and_call_records(tmp_path):
     s.record_call("c1", "f", 1, "succeeded", 1.0, 2.0, 3.0, None, b'{"ok":1}', dev)
     s.record_call("c2", "f", 1, "running", 1.0, None, None, None, None, dev)
     s.record_logs("f", 1, "c1", [("stdout", "hello")])
+    s.log_call("c3", "f", 1, "failed", 1.0, 2.0, 1.0, {"type": "timeout", "message": "m"}, dev)
     s.flush()
     assert s.get_call("c1")["result"] == b'{"ok":1}'
     assert s.logs("f", 10)[0]["text"] == "hello"
     assert s.mark_unfinished_failed() == 1
     assert s.get_call("c2")["status"] == "failed"
-    assert s.call_counts() == {"f": (2, 1)}
+    assert s.call_counts() == {"f": (3, 2)}  # async records and the sync call log together
     s.close()
     s2 = Store(tmp_path / "db.sqlite")  # durable
     assert s2.version("f", 2).code == b"code2"
