@@ -165,11 +165,16 @@ class Client:
                 yield data
 
     def stream_events(self, name: str, args: dict[str, Any] | None = None) -> Iterator[tuple[str, Any]]:
+        headers = _json_headers({"Accept": "text/event-stream"})
+        ticket, charged = None, 0
+        if self.payer is not None:  # paid streams: the charge comes in the `end` event (headers went out first)
+            pay, ticket = self.payer.headers(self.hold_for(name))
+            headers.update(pay)
         try:
-            with self._http.stream("POST", f"/fn/{name}", content=_body(args),
-                                   headers=_json_headers({"Accept": "text/event-stream"})) as r:
+            with self._http.stream("POST", f"/fn/{name}", content=_body(args), headers=headers) as r:
                 if r.status_code >= 400:
                     r.read()
+                    charged = int(r.headers.get("x-cocoon-charge") or 0)
                     raise self._error(r)
                 event = "message"
                 for line in r.iter_lines():
@@ -179,12 +184,17 @@ class Client:
                         data = json.loads(line[5:].strip() or "null")
                         if event == "error":
                             raise error_from_body(500, data)
+                        if event == "end" and isinstance(data, dict):
+                            charged = int(data.get("charge") or 0)
                         yield event, data
                         if event == "end":
                             return
                         event = "message"
         except httpx.TransportError as exc:
             raise GatewayUnreachableError(f"stream from {self.url} broke off: {exc}") from None
+        finally:
+            if ticket is not None:
+                self.payer.settle(ticket, {"X-Cocoon-Charge": str(charged)})
 
     # -- confidential calls (cocoon_faas/confidential_client.py, docs/confidential.md) ------------------
     def _policy(self, name: str, policy: Any, allow_dev_attestation: Any, measurement: Any) -> Any:

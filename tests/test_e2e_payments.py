@@ -121,6 +121,16 @@ def test_cli_pays_for_a_call_without_an_api_key(gw: GatewayProc, caller: Caller)
     assert denied.returncode == 1 and "operator" in denied.stderr
 
 
+def test_cli_pays_for_a_stream_without_an_api_key(gw: GatewayProc, caller: Caller) -> None:
+    cid = caller.channel()["channel_id"]
+    before = summary(gw, cid)["charged"]
+    out = caller.cli("call", "countdown", '{"start": 2, "delay": 0}', "--stream").stdout.splitlines()
+    assert [json.loads(x)["n"] for x in out] == [2, 1, 0]
+    s = summary(gw, cid)
+    assert s["charged"] > before and s["reserved"] == 0  # charged once, at the stream's end, hold released
+    assert caller.signer().charged == s["charged"]  # the charge from the `end` event was booked by the client
+
+
 def test_charge_header_receipt_and_what_is_charged(gw: GatewayProc, caller: Caller) -> None:
     payer = PayingClient(caller.signer())
     op_key = PublicKey(bytes.fromhex(httpx.get(gw.url + "/v1/payments/operator").json()["public_key"]))
