@@ -50,11 +50,18 @@ class RayCluster:
 
     def start_head(self) -> str:
         env = {**self.env, **FAST_HEALTH}
-        subprocess.run([RAY, "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
-                        "--num-cpus=1", f"--temp-dir={self.temp_dir}", "--include-dashboard=false",
-                        "--disable-usage-stats", "--object-store-memory=80000000",
-                        f"--ray-client-server-port={free_port()}", *node_ports()],
-                       env=env, check=True, capture_output=True, timeout=60)
+        for attempt in range(3):  # free ports are picked before Ray binds them: another process may win one
+            proc = subprocess.run([RAY, "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
+                                   "--num-cpus=1", f"--temp-dir={self.temp_dir}", "--include-dashboard=false",
+                                   "--disable-usage-stats", "--object-store-memory=80000000",
+                                   f"--ray-client-server-port={free_port()}", *node_ports()],
+                                  env=env, capture_output=True, text=True, timeout=60)
+            if proc.returncode == 0:
+                break
+            if attempt == 2:
+                raise RuntimeError(f"ray start --head failed: {(proc.stderr or proc.stdout)[-2000:]}")
+            self.port = free_port()
+            time.sleep(1)
         # Ray resolves 127.0.0.1 to this host's own address; read back what the GCS listens on.
         self.address = Path(self.temp_dir, "ray_current_cluster").read_text().strip() \
             if Path(self.temp_dir, "ray_current_cluster").exists() else f"127.0.0.1:{self.port}"

@@ -286,7 +286,9 @@ def test_sigkill_under_paid_load_loses_no_charge(gw: GatewayProc, caller: Caller
     stop.set()
     for t in threads:
         t.join(30)
-    assert len(served) >= 40 and failures, (len(served), failures[:3])  # killed mid-load, calls were in flight
+    # killed mid-load: the threads were still calling when the gateway died (whether a call was caught in
+    # flight at that instant depends on timing; the checks below hold either way)
+    assert len(served) >= 40 and set(failures) <= {"gateway_unreachable"}, (len(served), failures[:3])
     gw.proc = None
     gw.start()
     out = json.loads(gw.cli("ledger", "--verify").stdout)
