@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from _procs import stop_group  # benchmarks/ is on sys.path when a script here runs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
@@ -224,17 +225,7 @@ def gateway_compare(n: int) -> None:
                   f"{conf[0] - plain[0]:10.0f} {conf[0] / plain[0]:10.2f}   {cpu}")
         c.close()
     finally:
-        import signal
-
-        try:
-            os.killpg(proc.pid, signal.SIGINT)
-            proc.wait(20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        stop_group(proc)
 
 
 if __name__ == "__main__":

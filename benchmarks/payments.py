@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import httpx
+from _procs import stop_group  # benchmarks/ is on sys.path when a script here runs
 
 from cocoon_faas.gateway.ledger import Ledger
 from cocoon_faas.gateway.payments import PaymentGate, check_state, decode_header
@@ -148,15 +148,7 @@ def gateway_calls(calls: int, tmp: Path) -> None:
         print(f"  added by paying:   p50 {pp - up:+.3f} ms   target < 0.5 ms   (ledger verified: {led['charges']} "
               "charges)")
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGINT)
-            proc.wait(20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        stop_group(proc)
 
 
 def main() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from cocoon_faas.ton.client import ChannelSigner, PayingClient
 from cocoon_faas.ton.keys import PrivateKey
@@ -19,6 +18,3 @@ def default_payer(home: Path) -> PayingClient | None:
     key = PrivateKey.from_mnemonic(json.loads(wallet.read_text())["words"])
     return PayingClient(ChannelSigner(home / "channels" / f"{cid}.json", key))
 
-
-def payment_headers(payer: PayingClient, hold: int) -> tuple[dict[str, str], Any]:
-    return payer.headers(hold)

@@ -21,7 +21,6 @@ from cocoon_faas.bundle import measurement_of
 from cocoon_faas.errors import (
     CallTimeoutError,
     CocoonError,
-    FunctionError,
     InvalidRequestError,
     NoCapacityError,
     NotFoundError,
@@ -529,4 +528,4 @@ def _parse_bundle(item: Any) -> tuple[str, FunctionSpec, Signature, bytes, str, 
     return spec.name, spec, sig, code, item["measurement"], meta
 
 
-__all__ = ["Controller", "FunctionRuntime", "RayBackend", "StartupError", "FunctionError"]
+__all__ = ["Controller", "FunctionRuntime", "RayBackend", "StartupError"]
