@@ -38,7 +38,9 @@ from cocoon_faas.confidential import (
     verify_document,
 )
 from cocoon_faas.confidential.document import DEV_KEY_FILE, dev_public_key_hex
-from cocoon_faas.errors import AttestationError, CocoonError, StaleKeysError, error_from_body
+from cocoon_faas.errors import AttestationError, CocoonError, StaleKeysError
+from cocoon_faas.settings import get_settings
+from cocoon_faas.transport import Transport, json_args
 
 DEPLOYMENTS_FILE = "deployments.json"
 CODE_KEYS_DIR = "code_keys"
@@ -138,7 +140,7 @@ def _policy_key(name: str, p: ClientPolicy) -> Any:
             None if p.collateral is None else id(p.collateral), None if p.root is None else id(p.root))
 
 
-def verified_replicas(client: Any, name: str, policy: ClientPolicy, refresh: bool = False) -> list[VerifiedReplica]:
+def verified_replicas(client: Transport, name: str, policy: ClientPolicy, refresh: bool = False) -> list[VerifiedReplica]:
     """The function's live replicas whose documents pass `policy` (cached until 60 s before the first expiry)."""
     cache = _cache.setdefault(client, {})
     key = _policy_key(name, policy)
@@ -146,7 +148,7 @@ def verified_replicas(client: Any, name: str, policy: ClientPolicy, refresh: boo
     now = time.time()
     if hit is not None and not refresh and hit[0] > now:
         return hit[1]
-    docs = client._request("GET", f"/v1/functions/{name}/attestation").json().get("documents", [])
+    docs = client.request("GET", f"/v1/functions/{name}/attestation").json().get("documents", [])
     good: list[VerifiedReplica] = []
     refused: list[CheckFailed] = []
     for d in docs:
@@ -173,17 +175,15 @@ def _sealed_headers(body: bytearray, extra: dict[str, str] | None) -> dict[str, 
     return {"Content-Type": SEALED_CONTENT_TYPE, "Content-Length": str(len(body)), **(extra or {})}
 
 
-def _sealed_post(client: Any, name: str, args: dict[str, Any] | None, policy: ClientPolicy,
+def _sealed_post(client: Transport, name: str, args: dict[str, Any] | None, policy: ClientPolicy,
                  headers: dict[str, str] | None = None) -> tuple[Any, ClientCallContext]:
-    """POST a sealed request; on 421 stale_keys refetch the documents and reseal once."""
-    from cocoon_faas.client import _body
-
-    args_json = _body(args)
+    """POST a sealed request (paid like any call); on 421 stale_keys refetch the documents and reseal once."""
+    args_json = json_args(args)
     for attempt in (0, 1):
         replicas = verified_replicas(client, name, policy, refresh=attempt > 0)
         body, ctx = seal_request(args_json, name, replicas)
         try:
-            r = client._paid("POST", f"/fn/{name}", name, content=[body], headers=_sealed_headers(body, headers))
+            r = client.call("POST", f"/fn/{name}", name, content=[body], headers=_sealed_headers(body, headers))
         except StaleKeysError:
             if attempt:
                 raise
@@ -192,7 +192,7 @@ def _sealed_post(client: Any, name: str, args: dict[str, Any] | None, policy: Cl
     raise AssertionError("unreachable")
 
 
-def call_confidential(client: Any, name: str, args: dict[str, Any] | None, policy: ClientPolicy
+def call_confidential(client: Transport, name: str, args: dict[str, Any] | None, policy: ClientPolicy
                       ) -> tuple[Any, Receipt]:
     """(result, verified receipt) of a sealed call."""
     r, ctx = _sealed_post(client, name, args, policy)
@@ -203,76 +203,58 @@ def call_confidential(client: Any, name: str, args: dict[str, Any] | None, polic
 class SealedCall:
     """Handle on an async sealed call: the gateway's call record holds only the sealed frame."""
 
-    def __init__(self, client: Any, call_id: str, ctx: ClientCallContext) -> None:
+    def __init__(self, client: Transport, call_id: str, ctx: ClientCallContext) -> None:
         self.client, self.id, self.ctx = client, call_id, ctx
         self.receipt: Receipt | None = None
 
     def get(self, timeout: float | None = None, poll: float = 0.05) -> Any:
-        from cocoon_faas.client import FunctionCall
-
         try:
-            FunctionCall(self.client, self.id).get(timeout, poll)
+            st = self.client.poll(self.id, timeout, poll)
         except CocoonError as exc:
             frame = exc.details.get("sealed_frame")
             if not frame:
                 raise
             self.ctx.open_response(base64.b64decode(frame))  # raises the sealed FunctionError
             raise
-        st = self.client.get_call(self.id)
         result_json, self.receipt = self.ctx.open_response(base64.b64decode(st["result"]["sealed_frame"]))
         return json.loads(result_json)
 
 
-def spawn_confidential(client: Any, name: str, args: dict[str, Any] | None, policy: ClientPolicy) -> SealedCall:
+def spawn_confidential(client: Transport, name: str, args: dict[str, Any] | None, policy: ClientPolicy) -> SealedCall:
     r, ctx = _sealed_post(client, name, args, policy, {"Prefer": "respond-async"})
     return SealedCall(client, r.json()["id"], ctx)
 
 
-def stream_confidential(client: Any, name: str, args: dict[str, Any] | None, policy: ClientPolicy
+def stream_confidential(client: Transport, name: str, args: dict[str, Any] | None, policy: ClientPolicy
                         ) -> Iterator[Any]:
-    """Yield a sealed stream's items in order; ends only at the authenticated end frame."""
-    import httpx
-
-    from cocoon_faas.client import _body
-
-    args_json = _body(args)
+    """Yield a sealed stream's items in order (paid like any call); ends only at the authenticated end frame."""
+    args_json = json_args(args)
     for attempt in (0, 1):
         replicas = verified_replicas(client, name, policy, refresh=attempt > 0)
         body, ctx = seal_request(args_json, name, replicas)
-        with client._http.stream("POST", f"/fn/{name}", content=[body],
-                                 headers=_sealed_headers(body, {"Accept": "text/event-stream"})) as r:
-            if r.status_code >= 400:
-                r.read()
-                exc = client._error(r)
-                if isinstance(exc, StaleKeysError) and not attempt:
-                    continue
-                raise exc
-            event = "message"
-            try:
-                for line in r.iter_lines():
-                    if line.startswith("event:"):
-                        event = line[6:].strip()
-                    elif line.startswith("data:"):
-                        data = line[5:].strip()
-                        if event == "frame":
-                            opened = ctx.open_chunk(base64.b64decode(data))
-                            if not isinstance(opened, Receipt):
-                                yield json.loads(opened)
-                        elif event == "error":
-                            raise error_from_body(500, json.loads(data))
-                        elif event == "end":
-                            break
-                        event = "message"
-            except httpx.TransportError as exc:
-                from cocoon_faas.errors import GatewayUnreachableError
-
-                raise GatewayUnreachableError(f"sealed stream from {client.url} broke off: {exc}") from None
+        try:
+            for event, data in client.events(f"/fn/{name}", name, content=[body], headers=_sealed_headers(body, None)):
+                if event == "frame":
+                    opened = ctx.open_chunk(base64.b64decode(data))
+                    if not isinstance(opened, Receipt):
+                        yield json.loads(opened)
+        except StaleKeysError:
+            if attempt:
+                raise
+            continue
         if not ctx.finished:
             raise EnvelopeError("truncated", "the sealed stream ended without its authenticated end frame")
         return
 
 
 # -- confidential deployments ----------------------------------------------------------------------------------
+
+def _local_key(home: Path) -> str | None:
+    try:
+        return (Path(home) / "api_key").read_text().strip() or None
+    except OSError:
+        return None
+
 
 def _key_paths(home: Path, name: str, measurement: str) -> tuple[Path, Path]:
     d = Path(home) / CODE_KEYS_DIR
@@ -289,7 +271,7 @@ def _save_code_key(home: Path, name: str, measurement: str, key: bytes, sealed: 
     sp.write_bytes(sealed)
 
 
-def release_code_keys(client: Any, name: str, measurement: str, home: Path) -> dict[str, Any]:
+def release_code_keys(client: Transport, name: str, measurement: str, home: Path) -> dict[str, Any]:
     """Grant the code key to every locked replica of `name` whose document passes the sealed code's policy."""
     kp, sp = _key_paths(home, name, measurement)
     try:
@@ -297,7 +279,7 @@ def release_code_keys(client: Any, name: str, measurement: str, home: Path) -> d
     except OSError:
         raise AttestationError(f"no code key for {name!r} ({measurement[:16]}...) under {kp.parent}; only the "
                                "machine that ran `cocoon deploy --confidential` can release it") from None
-    att = client._request("GET", f"/v1/functions/{name}/attestation").json()
+    att = client.request("GET", f"/v1/functions/{name}/attestation").json()
     locked = {r["key_id"] for r in att.get("replicas", []) if r.get("code_locked")}
     grants: dict[str, str] = {}
     refused: dict[str, str] = {}
@@ -312,7 +294,7 @@ def release_code_keys(client: Any, name: str, measurement: str, home: Path) -> d
         grants[doc["key_id"]] = base64.b64encode(grant).decode()
     out: dict[str, Any] = {"unlocked": [], "failed": dict(refused)}
     if grants:
-        res = client._request("POST", f"/v1/functions/{name}/grants", json={"grants": grants}).json()
+        res = client.request("POST", f"/v1/functions/{name}/grants", json={"grants": grants}).json()
         out["unlocked"] = res.get("unlocked", [])
         out["failed"].update(res.get("failed", {}))
     return out
@@ -323,11 +305,10 @@ def deploy_confidential(path: str | Path, client: Any = None, *,
                         tee_kinds: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """Deploy every function in an app file with its code sealed; release the key to the attested replicas."""
     from cocoon_faas.bundle import bundle, load_app
-    from cocoon_faas.client import Client
-    from cocoon_faas.settings import get_settings
 
-    home = get_settings().home
-    c = client or Client()
+    s = get_settings()
+    home = s.home
+    c = client.transport if client is not None else Transport(s.gateway_url, s.api_key or _local_key(home))
     _, functions = load_app(path)
     out = []
     for fn in functions:
@@ -340,7 +321,7 @@ def deploy_confidential(path: str | Path, client: Any = None, *,
         sealed, key = seal_code(b.blob, fn.name, b.measurement, policy)
         _save_code_key(home, fn.name, b.measurement, key, sealed)
         item = {**b.to_json(), "code": base64.b64encode(sealed).decode(), "meta": {"confidential": True}}
-        rec = c._request("POST", "/v1/deployments", json={"functions": [item]}).json()["functions"][0]
+        rec = c.request("POST", "/v1/deployments", json={"functions": [item]}).json()["functions"][0]
         record_deployment(home, c.url, rec, confidential=True)
         rec["key_release"] = release_code_keys(c, fn.name, b.measurement, home)
         out.append(rec)

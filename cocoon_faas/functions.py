@@ -64,23 +64,23 @@ class Function:
     # -- remote ------------------------------------------------------------------------------------
     def remote(self, **kwargs: Any) -> Any:
         """Call the deployed function through the gateway and return its result."""
-        from cocoon_faas.client import Client
+        from cocoon_faas.client import default_client
 
         if self.spec.streams:
-            return list(Client().stream(self.name, kwargs))
-        return Client().call(self.name, kwargs)
+            return list(default_client().stream(self.name, kwargs))
+        return default_client().call(self.name, kwargs)
 
     def stream(self, **kwargs: Any) -> Iterator[Any]:
         """Iterate over a deployed generator function's items as they arrive."""
-        from cocoon_faas.client import Client
+        from cocoon_faas.client import default_client
 
-        return Client().stream(self.name, kwargs)
+        return default_client().stream(self.name, kwargs)
 
     def spawn(self, **kwargs: Any) -> Any:
         """Start an async call; returns a `FunctionCall` with `.get()`, `.status()` and `.cancel()`."""
-        from cocoon_faas.client import Client
+        from cocoon_faas.client import default_client
 
-        return Client().spawn(self.name, kwargs)
+        return default_client().spawn(self.name, kwargs)
 
     def __repr__(self) -> str:
         return f"<cocoon.Function {self.name} {self.spec.kind}>"

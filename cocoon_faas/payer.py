@@ -1,20 +1,41 @@
-"""Paying for calls from the caller's open channel (the one `cocoon channel open` recorded under COCOON_HOME)."""
+"""Paying for calls from the caller's open channel (the one `cocoon channel open` recorded under COCOON_HOME).
+
+One `ChannelSigner` per channel per process: every `Client` of the process that pays from the same channel
+shares it. A second signer on the same file would resume past the first one's lease (it cannot know what the
+first signed), so the signed `sent` would climb by a lease's headroom per signer: money the caller signed away.
+"""
 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 from cocoon_faas.ton.client import ChannelSigner, PayingClient
 from cocoon_faas.ton.keys import PrivateKey
 
+_payers: dict[Path, PayingClient] = {}
+_lock = threading.Lock()
+
 
 def default_payer(home: Path) -> PayingClient | None:
-    """A PayingClient for the channel in `home/channel.json`, or None when the caller has no open channel."""
+    """The process's PayingClient for the channel in `home/channel.json`, or None when the caller has none."""
     current, wallet = home / "channel.json", home / "wallet.json"
     if not current.exists() or not wallet.exists():
         return None
     cid = json.loads(current.read_text())["channel_id"]
-    key = PrivateKey.from_mnemonic(json.loads(wallet.read_text())["words"])
-    return PayingClient(ChannelSigner(home / "channels" / f"{cid}.json", key))
+    path = (home / "channels" / f"{cid}.json").resolve()
+    with _lock:
+        payer = _payers.get(path)
+        if payer is None:
+            key = PrivateKey.from_mnemonic(json.loads(wallet.read_text())["words"])  # PBKDF2: once per process
+            payer = _payers[path] = PayingClient(ChannelSigner(path, key))
+        return payer
 
+
+def forget_payers() -> None:
+    """Flush and drop the process's signers (after `cocoon channel close`, or a test that swaps homes)."""
+    with _lock:
+        for p in _payers.values():
+            p.signer.flush()
+        _payers.clear()

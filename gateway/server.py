@@ -18,7 +18,10 @@ def init_ray(settings: Settings) -> dict[str, Any]:
     if settings.ray_address:
         ctx = ray.init(address=settings.ray_address, **common)
     else:
-        ctx = ray.init(num_cpus=settings.ray_num_cpus, _node_ip_address="127.0.0.1", **common)
+        # address="local": always a new cluster of our own. A bare ray.init() would join whatever cluster
+        # /tmp/ray/ray_current_cluster (or RAY_ADDRESS) names, even a dead one left by an old `ray start`, and
+        # then refuses num_cpus ("When connecting to an existing cluster, num_cpus ... must not be provided").
+        ctx = ray.init(address="local", num_cpus=settings.ray_num_cpus, _node_ip_address="127.0.0.1", **common)
     info = getattr(ctx, "address_info", {})
     return {"address": info.get("gcs_address") or info.get("address")}
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 TESTDATA = SHARED / "testdata"
+# Converted model weights are shared by every test gateway (convert once, ~0.5 GB).
+MODELS_DIR = os.environ.get("COCOON_MODELS_DIR", str(Path.home() / ".cache" / "cocoon-models"))
+
+
+def _isolate_from_the_users_home() -> None:
+    """Tests never read the user's own ~/.cocoon (its API key, channel or config.env would change what a client
+    sends): the test process gets a fresh COCOON_HOME and none of the user's COCOON_* settings, before
+    cocoon_faas.settings is first imported."""
+    for k in [k for k in os.environ if k.startswith("COCOON_") and k != "COCOON_MODELS_DIR"]:
+        del os.environ[k]
+    home = tempfile.mkdtemp(prefix="cocoon-test-home-")
+    atexit.register(shutil.rmtree, home, True)
+    os.environ["COCOON_HOME"] = home
+    os.environ["COCOON_MODELS_DIR"] = MODELS_DIR  # a cache of converted public weights, not the user's settings
+
+
+_isolate_from_the_users_home()
 
 
 def free_port() -> int:
@@ -42,8 +62,7 @@ class GatewayProc:
             "COCOON_QUEUE_LIMIT": "4",
             "COCOON_SCALE_DOWN_DELAY_S": "3",
             "PYTHONUNBUFFERED": "1",
-            # converted model weights are shared by every test gateway (convert once, ~0.5 GB)
-            "COCOON_MODELS_DIR": os.environ.get("COCOON_MODELS_DIR", str(Path.home() / ".cache" / "cocoon-models")),
+            "COCOON_MODELS_DIR": MODELS_DIR,
             **(env or {}),
         }
         self.env.pop("COCOON_API_KEY", None)
@@ -108,7 +127,9 @@ class GatewayProc:
 
 @pytest.fixture(scope="session")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    gw = GatewayProc(tmp_path_factory.mktemp("gw") / "home").start()
+    # RAY_ADDRESS names a dead cluster, as /tmp/ray/ray_current_cluster does on any machine where `ray start`
+    # once ran: the embedded default must start its own Ray anyway (it used to join that one and die).
+    gw = GatewayProc(tmp_path_factory.mktemp("gw") / "home", env={"RAY_ADDRESS": "127.0.0.1:9"}).start()
     gw.cli("deploy", str(ROOT / "examples" / "hello.py"))
     gw.cli("deploy", str(ROOT / "tests" / "apps" / "edge.py"))
     yield gw

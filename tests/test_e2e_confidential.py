@@ -116,7 +116,7 @@ def test_marker_never_reaches_the_gateway(gw):
 
 def test_flipped_byte_is_refused(gw):
     c = client(gw)
-    replicas = verified_replicas(c, "shout", policy(gw, "shout"), refresh=True)
+    replicas = verified_replicas(c.transport, "shout", policy(gw, "shout"), refresh=True)
     body, _ = seal_request(json.dumps({"text": MARKER}).encode(), "shout", replicas)
     bad = bytearray(body)
     bad[-3] ^= 1
@@ -131,7 +131,7 @@ def test_flipped_byte_is_refused(gw):
 
 def test_replay_is_refused(gw):
     c = client(gw)
-    replicas = verified_replicas(c, "shout", policy(gw, "shout"), refresh=True)
+    replicas = verified_replicas(c.transport, "shout", policy(gw, "shout"), refresh=True)
     body, ctx = seal_request(json.dumps({"text": "once"}).encode(), "shout", replicas)
     h = {**gw.headers(), "Content-Type": "application/cocoon-sealed+json"}  # the alternative name is accepted
     first = httpx.post(f"{gw.url}/fn/shout", content=bytes(body), headers=h)
@@ -149,7 +149,7 @@ def test_replay_is_refused(gw):
 
 def test_response_from_another_replica_is_refused(gw):
     c = client(gw)
-    a, b = sorted(verified_replicas(c, "pair", policy(gw, "pair"), refresh=True), key=lambda r: r.key_id)
+    a, b = sorted(verified_replicas(c.transport, "pair", policy(gw, "pair"), refresh=True), key=lambda r: r.key_id)
     body, ctx = seal_request(b"{\"x\": 21}", "pair", [a])
     r = httpx.post(f"{gw.url}/fn/pair", content=bytes(body), headers={**gw.headers(),
                                                                  "Content-Type": SEALED_CONTENT_TYPE})
@@ -165,7 +165,7 @@ def test_response_from_another_replica_is_refused(gw):
 def test_stale_keys_421_and_transparent_retry(gw, tmp_path):
     c = client(gw)
     pol = policy(gw, "shout")
-    live = verified_replicas(c, "shout", pol, refresh=True)
+    live = verified_replicas(c.transport, "shout", pol, refresh=True)
     gone = ReplicaIdentity.create("shout", live[0].measurement, "x", evidence="dev", home=gw.home)
     stale = verify_document(gone.document, pol)
     body, _ = seal_request(b"{\"text\": \"x\"}", "shout", [stale])
@@ -174,9 +174,9 @@ def test_stale_keys_421_and_transparent_retry(gw, tmp_path):
     from cocoon_faas import confidential_client as cc
 
     key = cc._policy_key("shout", pol)
-    cc._cache[c][key] = (time.time() + 600, [stale])  # the client still believes in the gone replica
+    cc._cache[c.transport][key] = (time.time() + 600, [stale])  # the client still believes in the gone replica
     assert c.call_confidential("shout", {"text": "retry"}, policy=pol)["shout"] == "YRTER"
-    assert [r.key_id for r in cc._cache[c][key][1]] == [live[0].key_id]
+    assert [r.key_id for r in cc._cache[c.transport][key][1]] == [live[0].key_id]
     c.close()
 
 
@@ -224,7 +224,7 @@ def test_replacement_replica_gets_the_code_key_from_a_peer(gw):
     """The developer is offline: a replica replacing a dead one is unlocked by a peer (same sealed policy)."""
     c = client(gw)
     pol = policy(gw, "vault")
-    a, b = verified_replicas(c, "vault", pol, refresh=True)
+    a, b = verified_replicas(c.transport, "vault", pol, refresh=True)
     body, _ = seal_request(b"{\"x\": -1}", "vault", [a])
     r = httpx.post(f"{gw.url}/fn/vault", content=bytes(body), headers={**gw.headers(), "Content-Type": SEALED_CONTENT_TYPE},
                    timeout=60)

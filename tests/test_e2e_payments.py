@@ -210,7 +210,7 @@ def test_bad_states_are_refused_by_name_and_charge_nothing(gw: GatewayProc, call
 def test_concurrent_paid_calls_on_one_channel_at_full_speed(gw: GatewayProc, caller: Caller) -> None:
     n, threads = 64, 8
     with Client(gw.url, payer=PayingClient(caller.signer())) as paid, gw.http() as unpaid:
-        assert "Authorization" not in paid._http.headers
+        assert paid.api_key is None  # the caller's own home holds no developer key
         paid.call("echo", {"n": -1})
         unpaid.post("/fn/echo", json={"n": -1})
 
@@ -229,6 +229,46 @@ def test_concurrent_paid_calls_on_one_channel_at_full_speed(gw: GatewayProc, cal
     assert s["seqno"] == signer.seqno  # every call carried its own state, none was refused
     assert paid_s < 2.0 * unpaid_s + 0.5, (paid_s, unpaid_s)  # concurrent, not serialised per channel
     assert ledger(gw, verify=True)["verify"]["ok"]
+
+
+def test_100_paid_remote_calls_sign_at_most_the_charges_plus_one_hold(gw: GatewayProc, caller: Caller,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fn.remote()` reuses one client and one channel signer per process: the signed `sent` grows by what was
+    charged plus at most one hold, not by a fresh signer's lease per call. A stray API key in the caller's home
+    (what `scripts/demo` leaves in ~/.cocoon) is not sent with paid calls."""
+    import importlib.util
+
+    from cocoon_faas.client import default_client
+    from cocoon_faas.payer import forget_payers
+    from cocoon_faas.settings import reload_settings
+
+    (caller.home / "api_key").write_text("not-a-key-of-this-gateway\n")
+    for k, v in caller.env.items():
+        if k.startswith("COCOON_"):
+            monkeypatch.setenv(k, v)
+    reload_settings()
+    try:
+        spec = importlib.util.spec_from_file_location("hello_paid", ROOT / "examples" / "hello.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        cid = caller.channel()["channel_id"]
+        state = json.loads((caller.home / "channels" / f"{cid}.json").read_text())
+        sent0, charged0 = state["sent"], summary(gw, cid)["charged"]
+        for i in range(100):
+            assert mod.greet.remote(name=f"n{i}") == {"message": f"Hello, n{i}."}
+        client = default_client()
+        assert client is default_client() and client.payer is not None
+        signer = client.payer.signer
+        s = summary(gw, cid)
+        charges = s["charged"] - charged0
+        assert s["reserved"] == 0 and charges > 0 and signer.charged - charges == state["charged"]
+        assert signer.sent - sent0 <= charges + hold(gw, "greet"), (signer.sent - sent0, charges)
+    finally:
+        forget_payers()  # flush: the CLI in later tests resumes from the exact figures
+        (caller.home / "api_key").unlink()
+        monkeypatch.undo()
+        reload_settings()
 
 
 def test_ledger_verify_and_close_pay_out_the_ledger(gw: GatewayProc, caller: Caller) -> None:

@@ -46,7 +46,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("COCOON_HOME", str(tmp_path))
     reload_settings()
     yield tmp_path
-    monkeypatch.delenv("COCOON_HOME")
+    monkeypatch.undo()  # back to the test session's own home, never the user's
     reload_settings()
 
 

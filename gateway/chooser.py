@@ -1,0 +1,142 @@
+"""Choosing a replica for a call and queueing when none is free: `acquire` / `release`.
+
+Power of two choices on in-flight counts among the replicas a call may use. Which ones it may use is the call's
+`Eligibility` (every ready replica for a plain call; for a sealed call only those holding one of the keys the
+envelope is sealed to, preferring ones whose code is unlocked). A call that finds no free slot waits in the
+function's queue (bounded by COCOON_QUEUE_LIMIT) until a release wakes it or its deadline passes; a call queued
+across a redeploy moves to the new version, unless its eligibility says the new replicas cannot serve it.
+
+Pure of Ray and HTTP: the controller owns the function table and autoscaling and passes them in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+from cocoon_faas.errors import CallTimeoutError, CocoonError, NotFoundError, OverloadedError
+
+if TYPE_CHECKING:
+    from cocoon_faas.gateway.controller import FunctionRuntime
+    from cocoon_faas.gateway.replica_client import ReplicaHandle
+
+
+class Loaded(Protocol):
+    inflight: int
+
+
+R = TypeVar("R", bound=Loaded)
+
+
+def choose(replicas: Sequence[R], capacity: int, rng: random.Random) -> R | None:
+    """Pick the less loaded of two random replicas with a free slot; None when all are full."""
+    n = len(replicas)
+    if n == 0:
+        return None
+    if n == 1:
+        r = replicas[0]
+        return r if r.inflight < capacity else None
+    i = rng.randrange(n)
+    j = rng.randrange(n - 1)
+    if j >= i:
+        j += 1
+    a, b = replicas[i], replicas[j]
+    best = a if a.inflight <= b.inflight else b
+    if best.inflight < capacity:
+        return best
+    free = [r for r in replicas if r.inflight < capacity]
+    return min(free, key=lambda r: r.inflight) if free else None
+
+
+@dataclass(frozen=True)
+class Eligibility:
+    """Which replicas one call may use. `accept` filters; `prefer` ranks a subset first (tried before the rest);
+    `none_left` is raised when no replica of the function is acceptable at all (waiting would not help)."""
+
+    accept: Callable[[ReplicaHandle], bool]
+    none_left: Callable[[FunctionRuntime], CocoonError]
+    prefer: Callable[[ReplicaHandle], bool] | None = None
+
+
+class Chooser:
+    """acquire/release over the controller's function table."""
+
+    def __init__(self, functions: dict[str, FunctionRuntime], queue_limit: int,
+                 on_queue: Callable[[FunctionRuntime], None], rng: random.Random | None = None) -> None:
+        self.functions = functions
+        self.queue_limit = queue_limit
+        self.on_queue = on_queue  # the autoscaler's hook: a call had to wait
+        self.rng = rng or random.Random()
+
+    def _pick(self, fr: FunctionRuntime, want: Eligibility | None) -> ReplicaHandle | None:
+        cap = fr.spec.max_concurrency
+        if want is None:
+            r = choose(fr.ready, cap, self.rng)
+        else:
+            cands = [r for r in fr.ready if want.accept(r)]
+            if not cands:
+                raise want.none_left(fr)
+            r = None
+            if want.prefer is not None:
+                r = choose([c for c in cands if want.prefer(c)], cap, self.rng)
+            r = r or choose(cands, cap, self.rng)
+        if r is not None:
+            r.inflight += 1
+        return r
+
+    async def acquire(self, fr: FunctionRuntime, deadline: float, want: Eligibility | None = None
+                      ) -> ReplicaHandle:
+        """A replica with a free slot (its in-flight count already taken), waiting in the queue if needed."""
+        r = self._pick(fr, want)
+        if r is not None:
+            return r
+        if fr.queued >= self.queue_limit:
+            raise OverloadedError(
+                f"every replica of {fr.name!r} is busy and {fr.queued} calls are queued; retry shortly",
+                retry_after=1,
+            )
+        fr.queued += 1
+        try:
+            self.on_queue(fr)
+            loop = asyncio.get_running_loop()
+            while True:
+                current = self.functions.get(fr.name)
+                if current is None:
+                    raise NotFoundError(f"function {fr.name!r} was deleted while the call waited")
+                if current is not fr:  # redeployed or rolled back while queued: wait on the new version
+                    fr.queued -= 1
+                    current.queued += 1
+                    fr = current
+                    r = self._pick(fr, want)
+                    if r is not None:
+                        return r
+                if fr.problem is not None and not fr.ready and not fr.starting:
+                    raise fr.problem
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise CallTimeoutError(
+                        f"no replica of {fr.name!r} became free within the call's time limit "
+                        f"({fr.spec.timeout:g}s)"
+                    )
+                fut: asyncio.Future[None] = loop.create_future()
+                fr.waiters.append(fut)
+                try:
+                    await asyncio.wait_for(fut, min(remaining, 1.0))
+                except asyncio.TimeoutError:
+                    pass
+                r = self._pick(fr, want)
+                if r is not None:
+                    return r
+        finally:
+            fr.queued -= 1
+
+    def release(self, fr: FunctionRuntime, r: ReplicaHandle) -> None:
+        r.inflight -= 1
+        r.calls += 1
+        current = self.functions.get(r.function, fr)
+        if current.waiters:
+            current.wake(1)
