@@ -1,0 +1,118 @@
+// Paying for calls from a TON payment channel (Python: cocoon_faas/ton/channel.py and client.py). The caller (party
+// A) signs cumulative states: each call gets `seqno+1` whose `sent` covers every charge so far plus every hold in
+// flight, this call's included; `sent` never decreases. @ton/core builds the cells; the BOC goes base64 in
+// `X-Cocoon-Payment`. The gateway answers the charge in `X-Cocoon-Charge` (or a stream's `end` event).
+import { beginCell, type Cell } from "@ton/core";
+import { ed25519 } from "@noble/curves/ed25519.js";
+import { Buffer } from "buffer";
+import { type Bytes, b64 } from "./bytes.js";
+import { CocoonError } from "./errors.js";
+
+export const PAYMENT_HEADER = "X-Cocoon-Payment";
+export const CHARGE_HEADER = "X-Cocoon-Charge";
+const TAG_SEMICHANNEL = 0x43685374; // "ChSt"
+
+export interface SemiChannelBody {
+  seqno: bigint;
+  sent: bigint;
+}
+
+function bodyCell(b: SemiChannelBody): Cell {
+  return beginCell().storeUint(b.seqno, 64).storeCoins(b.sent).storeMaybeRef(null).endCell();
+}
+
+/** semichannel_state#43685374 channel_id:uint128 data:SemiChannelBody counterparty_data:(Maybe ^SemiChannelBody) */
+export function semiChannelCell(channelId: bigint, data: SemiChannelBody, counterparty: SemiChannelBody | null): Cell {
+  return beginCell().storeUint(TAG_SEMICHANNEL, 32).storeUint(channelId, 128)
+    .storeUint(data.seqno, 64).storeCoins(data.sent).storeMaybeRef(null)
+    .storeMaybeRef(counterparty ? bodyCell(counterparty) : null).endCell();
+}
+
+/** signed_schs#_ signature:bits512 state:SemiChannel (state inline); the signature covers the state cell's hash. */
+export function signedStateBoc(channelId: bigint, data: SemiChannelBody, counterparty: SemiChannelBody | null,
+                               secretKey: Bytes): { boc: Bytes; signature: Bytes; hash: Bytes } {
+  const state = semiChannelCell(channelId, data, counterparty);
+  const hash = new Uint8Array(state.hash());
+  const signature = ed25519.sign(hash, secretKey);
+  const signed = beginCell().storeBuffer(Buffer.from(signature)).storeSlice(state.beginParse()).endCell();
+  return { boc: new Uint8Array(signed.toBoc({ idx: false, crc32: false })), signature, hash };
+}
+
+export interface ChannelState {
+  channelId: string;
+  deposit: string;
+  seqno: string;
+  sent: string;
+  charged: string;
+  counterpartySeqno: string;
+  counterpartySent: string;
+}
+
+export interface Ticket {
+  seqno: bigint;
+  hold: bigint;
+  header: string;
+}
+
+/** Signs payment states for one channel. `save` persists the state before a signed state leaves (e.g. into
+ *  localStorage), so a reloaded page never signs a seqno twice or lowers `sent`. */
+export class ChannelPayer {
+  private inflight = new Map<bigint, bigint>();
+  channelId: bigint;
+  deposit: bigint;
+  seqno: bigint;
+  sent: bigint;
+  charged: bigint;
+  private counterparty: SemiChannelBody;
+
+  constructor(private readonly secretKey: Bytes, state: Partial<ChannelState> & { channelId: string | bigint;
+    deposit: string | bigint }, private readonly save: (s: ChannelState) => void = () => {}) {
+    if (secretKey.length !== 32) throw new CocoonError("a channel key is a 32-byte Ed25519 seed");
+    this.channelId = BigInt(state.channelId);
+    this.deposit = BigInt(state.deposit);
+    this.seqno = BigInt(state.seqno ?? 0);
+    this.sent = BigInt(state.sent ?? 0);
+    this.charged = BigInt(state.charged ?? 0);
+    this.counterparty = { seqno: BigInt(state.counterpartySeqno ?? 0), sent: BigInt(state.counterpartySent ?? 0) };
+  }
+
+  get publicKey(): Bytes {
+    return ed25519.getPublicKey(this.secretKey);
+  }
+
+  state(): ChannelState {
+    return {
+      channelId: String(this.channelId), deposit: String(this.deposit), seqno: String(this.seqno),
+      sent: String(this.sent), charged: String(this.charged), counterpartySeqno: String(this.counterparty.seqno),
+      counterpartySent: String(this.counterparty.sent),
+    };
+  }
+
+  /** The BOC of the signed state (seqno, sent) with this channel's counterparty body. */
+  stateFor(seqno: bigint, sent: bigint): Bytes {
+    return signedStateBoc(this.channelId, { seqno, sent }, this.counterparty, this.secretKey).boc;
+  }
+
+  /** A new state covering all charges, all holds in flight and `hold`; 402 past the deposit. */
+  signForCall(hold: bigint): Ticket {
+    let want = this.charged + hold;
+    for (const h of this.inflight.values()) want += h;
+    const sent = want > this.sent ? want : this.sent;
+    if (sent > this.deposit) {
+      throw new CocoonError(`channel ${this.channelId} has ${this.deposit - this.sent} nanoton of credit left, this `
+        + `call may cost ${hold}; open a channel with a larger deposit`, 402, "payment_required");
+    }
+    this.seqno += 1n;
+    this.sent = sent;
+    this.inflight.set(this.seqno, hold);
+    this.save(this.state());
+    return { seqno: this.seqno, hold, header: b64(this.stateFor(this.seqno, sent)) };
+  }
+
+  /** Release the ticket's hold and book what the gateway charged (0 for a failed call). */
+  complete(t: Ticket, charged: bigint): void {
+    this.inflight.delete(t.seqno);
+    this.charged += charged < t.hold ? charged : t.hold;
+    this.save(this.state());
+  }
+}

@@ -1,0 +1,49 @@
+// Payment states built here with @ton/core are byte-identical to cocoon_faas.ton's (cell path and hot-path
+// template), their signed hash is the same, and Python accepts a state built here as signed by the caller's key.
+import assert from "node:assert/strict";
+import { after, test } from "node:test";
+import { ed25519 } from "@noble/curves/ed25519.js";
+import { fromB64, fromHex, hex } from "../src/bytes.js";
+import { ChannelPayer, signedStateBoc } from "../src/payments.js";
+import { CocoonError } from "../src/errors.js";
+import { closePy, py } from "./helpers.js";
+
+after(closePy);
+
+const CASES = [
+  { channel_id: "1", seqno: "1", sent: "0", cp_seqno: "0", cp_sent: "0" },
+  { channel_id: "9223372036854775807", seqno: "42", sent: "1500000000", cp_seqno: "0", cp_sent: "0" },
+  { channel_id: "340282366920938463463374607431768211455", seqno: "18446744073709551615",
+    sent: "1329227995784915872903807060280344575", cp_seqno: "7", cp_sent: "255" },
+];
+
+test("payment states are byte-identical to cocoon_faas.ton (cells and template) and sign the same hash", async () => {
+  for (const c of CASES) {
+    const want = await py("payment", { seed: `payer-${c.seqno}`, ...c });
+    const got = signedStateBoc(BigInt(c.channel_id), { seqno: BigInt(c.seqno), sent: BigInt(c.sent) },
+      { seqno: BigInt(c.cp_seqno), sent: BigInt(c.cp_sent) }, fromHex(want.secret_key));
+    assert.equal(hex(got.hash), want.hash);
+    assert.equal(hex(got.boc), want.boc);
+    assert.equal(hex(got.boc), want.template_boc);
+  }
+});
+
+test("the payer signs cumulative states Python accepts, refuses past the deposit, and books charges", async () => {
+  const sk = fromHex("11".repeat(32));
+  const saved: string[] = [];
+  const p = new ChannelPayer(sk, { channelId: "5", deposit: "1000" }, (s) => saved.push(s.seqno));
+  const t1 = p.signForCall(300n);
+  const t2 = p.signForCall(300n); // in flight together: the second covers both
+  const chk = await py("payment_check", { boc: hex(fromB64(t2.header)), public_key: hex(ed25519.getPublicKey(sk)) });
+  assert.deepEqual(chk, { channel_id: "5", seqno: "2", sent: "600", cp_seqno: "0", signed_by: true });
+  const other = await py("payment_check", { boc: hex(fromB64(t1.header)), public_key: "22".repeat(32) });
+  assert.equal(other.signed_by, false);
+  p.complete(t1, 120n);
+  p.complete(t2, 0n);
+  assert.equal(p.charged, 120n);
+  const t3 = p.signForCall(300n);
+  assert.equal(p.sent, 600n); // sent never goes down
+  p.complete(t3, 300n);
+  assert.throws(() => p.signForCall(600n), (e: unknown) => e instanceof CocoonError && e.status === 402);
+  assert.deepEqual(saved, ["1", "2", "2", "2", "3", "3"]);
+});
