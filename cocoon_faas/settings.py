@@ -44,6 +44,31 @@ class Settings(BaseSettings):
     provider_heartbeat_s: float = Field(5.0, description="provider heartbeat interval; 3 missed = down")
     attestation: str = Field("auto", description="replica TEE evidence: auto (tdx with configfs-tsm, else dev), "
                              "tdx, dev")
+    max_frame_bytes: int = Field(16 * 1024 * 1024, description="largest frame a replica may send the gateway")
+    max_connections: int = Field(2048, description="open HTTP connections the gateway serves at once "
+                                 "(more get 503 from uvicorn)")
+    max_header_bytes: int = Field(64 * 1024, description="largest total size of a request's headers (431 above)")
+
+    # providers (see docs/security.md, "Providers and the operator")
+    provider_admission: str = Field("auto", description="who may join the Ray cluster as a provider: attested "
+                                    "(TEE evidence of the measured worker), approved (`cocoon provider approve "
+                                    "WALLET`), open (loopback development only); auto: attested unless the "
+                                    "gateway listens on loopback only, then open")
+    max_price_nanoton: int = Field(10**9, description="highest price per GPU- or CPU-second a provider may ask")
+    provider_expiry_s: float = Field(3600.0, description="a provider node down this long is forgotten (joins "
+                                     "again as new)")
+
+    # quotas and retention
+    max_functions_per_developer: int = Field(200, description="functions one developer may have deployed")
+    max_versions_kept: int = Field(20, description="versions kept per function (older, non-current ones pruned)")
+    max_replicas_per_developer: int = Field(64, description="max_replicas summed over one developer's functions")
+    call_retention_s: float = Field(7 * 86400.0, description="how long call records are kept")
+    log_retention_s: float = Field(7 * 86400.0, description="how long function logs are kept")
+    max_log_rows_per_function: int = Field(100_000, description="log lines kept per function (oldest dropped)")
+    max_pending_async_calls: int = Field(10_000, description="async calls queued or running at once")
+    hold_grace_s: float = Field(60.0, description="a paid call's hold left held this long past its function's "
+                                "time limit is released by the sweeper")
+    hold_sweep_interval_s: float = Field(30.0, description="how often the holds sweeper runs")
     capture_forwarded: Path | None = Field(None, description="audit/test aid: append every sealed body the "
                                            "gateway forwards (both directions) to this file")
 
@@ -57,6 +82,13 @@ class Settings(BaseSettings):
                                     "(a caller on another home points this at the gateway's)")
     ton_network: str = Field("testnet", description="'testnet' or 'mainnet' for the 'ton' backend")
     ton_config: Path | None = Field(None, description="TON global config JSON for the 'ton' backend (pytonlib)")
+
+    @field_validator("provider_admission")
+    @classmethod
+    def _admission(cls, v: str) -> str:
+        if v not in ("auto", "attested", "approved", "open"):
+            raise ValueError(f"COCOON_PROVIDER_ADMISSION must be attested, approved, open or auto; got {v!r}")
+        return v
 
     @field_validator("gateway_url")
     @classmethod

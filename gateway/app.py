@@ -20,8 +20,10 @@ from cocoon_faas.errors import CocoonError, NotFoundError
 from cocoon_faas.gateway import openai_routes, routes_attest, routes_control, routes_fn
 from cocoon_faas.gateway.billing import Billing, Price
 from cocoon_faas.gateway.controller import Controller, FunctionRuntime, RayBackend
+from cocoon_faas.gateway.holds_sweeper import sweep_forever
 from cocoon_faas.gateway.http import error_response, json_response
 from cocoon_faas.gateway.invoke import Invoker, Outcome
+from cocoon_faas.gateway.limits import BodyLimit
 from cocoon_faas.gateway.marketplace import Marketplace, Requirements
 from cocoon_faas.gateway.metrics import Metrics
 from cocoon_faas.gateway.openapi import openapi_document
@@ -106,7 +108,14 @@ class Gateway:
         gc.collect()
         gc.freeze()  # start-up objects (Ray's included) leave the GC's scans: full collections stalled calls
         self._bg = [loop.create_task(self._flusher()), loop.create_task(self._sweeper()),
-                    loop.create_task(health_loop(self.market, ray_nodes=getattr(backend, "ray_nodes", None)))]
+                    loop.create_task(health_loop(self.market, ray_nodes=getattr(backend, "ray_nodes", None))),
+                    loop.create_task(sweep_forever(self.billing.gate, self.hold_limit_s, self.settings.hold_grace_s,
+                                                   self.settings.hold_sweep_interval_s))]
+
+    def hold_limit_s(self, function: str) -> float:
+        """How long a call of ``function`` may hold its payment: its time limit (an hour when unknown: deleted)."""
+        fr = self.controller.functions.get(function)
+        return float(fr.spec.timeout) if fr is not None else 3600.0
 
     async def stop(self) -> None:
         for t in self._bg:
@@ -232,6 +241,13 @@ async def not_found(request: Request, exc: Exception) -> Response:
     return error_response(NotFoundError(f"no route {request.method} {request.url.path}; see /openapi.json"))
 
 
+async def cocoon_error(request: Request, exc: Exception) -> Response:
+    """A CocoonError a route let through (a body over the limit seen mid-stream, say) keeps its own status."""
+    if not isinstance(exc, CocoonError):
+        raise exc
+    return error_response(exc)
+
+
 async def method_not_allowed(request: Request, exc: Exception) -> Response:
     err = CocoonError(f"{request.method} is not allowed on {request.url.path}; see /openapi.json")
     err.status, err.type = 405, "method_not_allowed"
@@ -262,7 +278,7 @@ def create_app(settings: Settings, backend: Any = None, extra_routes: list[Any] 
         *(extra_routes or []),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={404: not_found, 405: method_not_allowed})
+                    exception_handlers={404: not_found, 405: method_not_allowed, CocoonError: cocoon_error})
     app.state.gw = gw
     return FastPath(app)
 
@@ -277,8 +293,18 @@ class FastPath:
         self.app = app
         self.state = app.state
         self.router = app.router
+        max_body = app.state.gw.settings.max_body_bytes
+        self.max_header_bytes = app.state.gw.settings.max_header_bytes
+        # one limit for every other route; a deployment carries code bundles, hence its larger allowance
+        self.limited = BodyLimit(app, lambda path: max_body * 10 if path == "/v1/deployments" else max_body)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and sum(len(k) + len(v) for k, v in scope["headers"]) > self.max_header_bytes:
+            err = CocoonError(f"the request's headers are over {self.max_header_bytes} bytes; send fewer or "
+                              "shorter headers (or raise COCOON_MAX_HEADER_BYTES on the gateway)")
+            err.status, err.type = 431, "headers_too_large"
+            await error_response(err, {"Connection": "close"})(scope, receive, send)
+            return
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith("/fn/"):
             name = scope["path"][4:]
             if name and "/" not in name:
@@ -291,4 +317,4 @@ class FastPath:
                     response = error_response(CocoonError("internal error in the gateway; see its log"))
                 await response(scope, receive, send)
                 return
-        await self.app(scope, receive, send)
+        await self.limited(scope, receive, send)

@@ -8,7 +8,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from cocoon_faas.errors import AuthenticationError, CocoonError, InvalidRequestError, PayloadTooLargeError
+from cocoon_faas.errors import AuthenticationError, CocoonError, InvalidRequestError
+from cocoon_faas.gateway.limits import loads_bounded, too_large
 from cocoon_faas.gateway.store import hash_key
 
 
@@ -55,24 +56,20 @@ async def read_body(request: Request, limit: int) -> bytes:
         except ValueError:
             raise InvalidRequestError("Content-Length is not a number") from None
         if n > limit:
-            raise PayloadTooLargeError(f"request body of {n} bytes is over the {limit}-byte limit; send less data "
-                                       "or raise COCOON_MAX_BODY_BYTES", limit=limit)
+            raise too_large(limit, n)
     chunks = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLargeError(f"request body is over the {limit}-byte limit; send less data or raise "
-                                       "COCOON_MAX_BODY_BYTES", limit=limit)
+            raise too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
 
 
 async def read_json(request: Request, limit: int) -> Any:
+    """The body as bounded JSON (:func:`~cocoon_faas.gateway.limits.loads_bounded`); ``{}`` when empty."""
     body = await read_body(request, limit)
     if not body.strip():
         return {}
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"request body is not valid JSON ({exc}); send a JSON object") from None
+    return loads_bounded(body)

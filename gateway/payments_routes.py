@@ -37,10 +37,11 @@ from cocoon_faas.ton.keys import PrivateKey, PublicKey
 from cocoon_faas.ton.messages import CooperativeClose, sign_close
 from cocoon_faas.ton.wallet import Wallet
 
-from .http import developer_of
+from .http import developer_of, read_json
 from .payments import PaymentGate, payout_signer, provider_earnings, provider_payout
 
 OPERATOR_DEVELOPER = "default"
+MAX_BODY = 64 * 1024  # channel registrations and closes are a few hundred bytes
 
 
 def gateway_operator(request: Request) -> bool:
@@ -66,10 +67,7 @@ def payment_routes(gate: PaymentGate, operator_key: PrivateKey | None = None,
                                         "$COCOON_HOME/api_key")
 
     async def body(request: Request) -> dict[str, Any]:
-        try:
-            data = await request.json()
-        except ValueError:
-            raise InvalidRequestError("body must be a JSON object") from None
+        data = await read_json(request, MAX_BODY)
         if not isinstance(data, dict):
             raise InvalidRequestError("body must be a JSON object")
         return data

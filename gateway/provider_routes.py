@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 import secrets
 import time
@@ -30,6 +29,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
 from cocoon_faas.errors import AuthenticationError, CocoonError, InvalidRequestError, NoCapacityError
+from cocoon_faas.gateway.http import read_json
 from cocoon_faas.gateway.marketplace import Marketplace, Node
 from cocoon_faas.runtime.registration import MAX_SKEW_S, Registration
 
@@ -127,15 +127,7 @@ def provider_routes(market: Marketplace, *, ray_address: str | Callable[[], str 
             raise AuthenticationError("missing or wrong node token; use the token the registration returned")
 
     async def body_of(request: Request) -> Any:
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise InvalidRequestError(f"body over {MAX_BODY} bytes")
-        if not raw:
-            return {}
-        try:
-            return json.loads(raw)
-        except ValueError:
-            raise InvalidRequestError("body is not JSON") from None
+        return await read_json(request, MAX_BODY)
 
     async def register(request: Request) -> JSONResponse:
         reg, sig = Registration.from_wire(await body_of(request))

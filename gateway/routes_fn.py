@@ -18,11 +18,18 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from cocoon_faas import protocol as P
-from cocoon_faas.errors import CocoonError, ConflictError, InvalidRequestError, NotFoundError
+from cocoon_faas.errors import (
+    CallCancelledError,
+    CocoonError,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+)
 from cocoon_faas.gateway.billing import PAYMENT_HEADER
 from cocoon_faas.gateway.controller import FunctionRuntime
 from cocoon_faas.gateway.http import developer_of, error_response, json_response, read_body
 from cocoon_faas.gateway.invoke import Outcome
+from cocoon_faas.gateway.limits import check_args
 from cocoon_faas.gateway.sealed import call_sealed, is_sealed
 
 
@@ -70,9 +77,12 @@ async def _prepare(request: Request, call_id: str) -> tuple[Any, FunctionRuntime
     body = await read_body(request, gw.settings.max_body_bytes)
     try:
         args = json.loads(body) if body.strip() else {}
+    except RecursionError:
+        raise InvalidRequestError("the arguments are nested too deeply; flatten them") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"request body is not valid JSON ({exc}); send a JSON object of arguments, "
                                   f"e.g. {fr.signature.example()}") from None
+    check_args(body, args)
     fr.signature.check(fr.name, args)
     hold = gw.billing.begin(request.headers, fr.name, fr.spec, call_id)
     return gw, fr, body, caller or f"channel:{hold.channel_id}", hold
@@ -116,13 +126,17 @@ async def _stream(gw: Any, fr: FunctionRuntime, body: bytes, call_id: str, calle
 
     async def events() -> AsyncIterator[bytes]:
         frame = first
+        settled = False
+        sent = 0
         try:
             while True:
                 if frame.type == P.CHUNK:
                     yield b"data: " + frame.body + b"\n\n"
+                    sent += 1
                 else:
                     end: dict[str, Any] = {"call_id": call_id, "items": frame.meta.get("seq", 0),
                                            "exec_ms": frame.meta.get("ms")}
+                    settled = True
                     paid = gw.finish_call(fr, call_id, caller, t0, Outcome(b"", float(frame.meta.get("ms", 0)), "", 1,
                                           frame.meta.get("provider", "local")), None, frame.meta, hold=hold)
                     if paid:
@@ -132,9 +146,15 @@ async def _stream(gw: Any, fr: FunctionRuntime, body: bytes, call_id: str, calle
                     return
                 frame = await agen.__anext__()
         except CocoonError as exc:
+            settled = True
             gw.finish_call(fr, call_id, caller, t0, None, exc, {}, hold=hold)
             yield b"event: error\ndata: " + json.dumps(exc.to_dict()).encode() + b"\n\n"
         finally:
+            # the client went away mid-stream (the server cancels this generator) or the gateway failed: the
+            # call ends here and its hold is released, never left held (the channel could not close)
+            if not settled:
+                gw.finish_call(fr, call_id, caller, t0, None, CallCancelledError(
+                    f"call {call_id} ended after {sent} streamed items: the client disconnected"), {}, hold=hold)
             await agen.aclose()
 
     return StreamingResponse(events(), media_type="text/event-stream",

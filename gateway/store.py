@@ -40,6 +40,16 @@ CREATE INDEX IF NOT EXISTS logs_by_function ON logs (function, id);
 """
 
 
+def storable(text: str) -> str:
+    """Text SQLite can hold: UTF-8 that cannot be encoded (a lone surrogate) is kept escaped, never refused
+    (a log line is the function's output; losing the batch over it would lose every call record in it)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -92,8 +102,17 @@ class Store:
                     self._db.execute(sql, args)
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
+
+    def _rollback(self) -> None:
+        """End a failed transaction whatever failed (a rollback that itself fails must not hide the cause):
+        a connection left inside a transaction would refuse every later write until restart."""
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
 
     # -- developers and keys -------------------------------------------------------------------------
     def create_key(self, name: str, *, for_developer: str | None = None) -> tuple[str, str]:
@@ -150,7 +169,7 @@ class Store:
                 self._db.execute("COMMIT")
                 return int(v)
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
 
     def set_current(self, name: str, version: int) -> None:
@@ -201,7 +220,7 @@ class Store:
                     lines: list[tuple[str, str]] | list[list[str]]) -> None:
         now = time.time()
         for stream, text in lines:
-            self._pending_logs.append((function, version, call_id, now, stream, text))
+            self._pending_logs.append((function, version, call_id, now, storable(stream), storable(text)))
 
     def flush(self) -> None:
         calls, self._pending_calls = self._pending_calls, []
@@ -211,11 +230,15 @@ class Store:
             return
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.executemany("INSERT INTO call_log VALUES (?,?,?,?,?,?,?,?,?)", done)
-            self._db.executemany("INSERT OR REPLACE INTO calls VALUES (?,?,?,?,?,?,?,?,?,?)", calls)
-            self._db.executemany(
-                "INSERT INTO logs (function, version, call_id, ts, stream, text) VALUES (?,?,?,?,?,?)", logs)
-            self._db.execute("COMMIT")
+            try:
+                self._db.executemany("INSERT INTO call_log VALUES (?,?,?,?,?,?,?,?,?)", done)
+                self._db.executemany("INSERT OR REPLACE INTO calls VALUES (?,?,?,?,?,?,?,?,?,?)", calls)
+                self._db.executemany(
+                    "INSERT INTO logs (function, version, call_id, ts, stream, text) VALUES (?,?,?,?,?,?)", logs)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
 
     def get_call(self, call_id: str) -> dict[str, Any] | None:
         self.flush()

@@ -131,6 +131,35 @@ def test_cli_pays_for_a_stream_without_an_api_key(gw: GatewayProc, caller: Calle
     assert caller.signer().charged == s["charged"]  # the charge from the `end` event was booked by the client
 
 
+def test_paid_stream_cut_after_two_events_holds_nothing(gw: GatewayProc, caller: Caller) -> None:
+    """A client that hangs up mid-stream: the hold is released (not left held until restart)."""
+    payer = PayingClient(caller.signer())
+    cid = payer.signer.channel_id
+    headers, ticket = payer.headers(hold(gw, "slow_stream"))
+    events = []
+    with httpx.Client(timeout=60) as http, http.stream("POST", gw.url + "/fn/slow_stream", json={"n": 6, "gap": 0.5},
+                                                       headers=headers) as r:
+        assert r.status_code == 200
+        call_id = r.headers["X-Cocoon-Call-Id"]
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line)
+            if len(events) == 2:
+                break  # leaving the block closes the connection with the stream still running
+    payer.settle(ticket, None)
+    payer.signer.flush()
+    assert len(events) == 2
+    deadline = time.monotonic() + 30
+    while ledger_call(gw, call_id)["status"] == "held" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    row = ledger_call(gw, call_id)
+    assert row["status"] == "released" and row["charged"] == 0
+    assert summary(gw, cid)["reserved"] == 0
+    assert ledger(gw, verify=True)["verify"]["ok"]
+    after = paid_post(gw, payer, "greet", {"name": "after"})  # the channel is usable, its credit whole
+    assert after.status_code == 200 and summary(gw, cid)["reserved"] == 0
+
+
 def test_charge_header_receipt_and_what_is_charged(gw: GatewayProc, caller: Caller) -> None:
     payer = PayingClient(caller.signer())
     op_key = PublicKey(bytes.fromhex(httpx.get(gw.url + "/v1/payments/operator").json()["public_key"]))

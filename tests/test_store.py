@@ -31,3 +31,19 @@ def test_versions_ownership_and_call_records(tmp_path):
     s.close()
     s2 = Store(tmp_path / "db.sqlite")  # durable
     assert s2.version("f", 2).code == b"code2"
+
+
+def test_a_failed_write_never_leaves_the_store_inside_a_transaction(tmp_path):
+    s = Store(tmp_path / "db.sqlite")
+    _, dev = s.create_key("alice")
+    with pytest.raises(UnicodeEncodeError):  # a name SQLite cannot take, inside the version transaction
+        s.add_version("f\ud800", dev, {"name": "f"}, {"params": []}, b"code", "m", {})
+    s.record_call("c1", "f", 1, "succeeded", 1.0, 2.0, 3.0, None, b"1", "x\ud800")  # fails the batch's insert
+    with pytest.raises(UnicodeEncodeError):
+        s.flush()
+    # every later write still works: no "cannot start a transaction within a transaction"
+    assert s.add_version("g", dev, {"name": "g"}, {"params": []}, b"code", "m", {}) == 1
+    s.create_key("bob")
+    s.record_logs("g", 1, "c2", [("stdout", "lone \ud800 surrogate")])  # function output: kept escaped
+    s.flush()
+    assert s.logs("g", 10)[0]["text"] == "lone \\ud800 surrogate"
