@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from cocoon_faas.errors import CocoonError, NotFoundError
-from cocoon_faas.gateway import openai_routes, routes_attest, routes_control, routes_fn
+from cocoon_faas.gateway import dashboard, openai_routes, routes_attest, routes_control, routes_fn
 from cocoon_faas.gateway.billing import Billing, Price
 from cocoon_faas.gateway.controller import Controller, FunctionRuntime, RayBackend
 from cocoon_faas.gateway.holds_sweeper import sweep_forever
@@ -275,6 +275,7 @@ def create_app(settings: Settings, backend: Any = None, extra_routes: list[Any] 
         *routes_attest.routes,
         *routes_control.routes,
         *openai_routes.routes,
+        *dashboard.routes,
         *(extra_routes or []),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,

@@ -22,6 +22,10 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1], 3)
 
 
+# replica facts that never leave the gateway: the receipt-MAC key it sealed to the replica (gateway/sealed.py)
+PRIVATE_EXTRA = frozenset({"receipt_mac"})
+
+
 def summary(request: Request, fr: FunctionRuntime, full: bool = False) -> dict[str, Any]:
     lat = list(fr.latencies)
     d: dict[str, Any] = {
@@ -50,7 +54,8 @@ def summary(request: Request, fr: FunctionRuntime, full: bool = False) -> dict[s
         d["versions"] = [{"version": v, "measurement": m, "created": c}
                          for v, m, c in request.app.state.gw.store.versions(fr.name)]
         d["replica_list"] = [{"id": r.id, "state": r.state, "in_flight": r.inflight, "calls": r.calls,
-                              "version": r.version, **r.extra} for r in fr.all]
+                              "version": r.version, **{k: v for k, v in r.extra.items() if k not in PRIVATE_EXTRA}}
+                             for r in fr.all]
     return d
 
 

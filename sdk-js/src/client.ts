@@ -212,7 +212,9 @@ export class Client {
   /** The live replicas whose documents pass `policy` (cached until 60 s before the first expiry). The first
    *  refusal is thrown when none passes: nothing is sealed to a replica that failed verification. */
   async verifiedReplicas(name: string, policy: ClientPolicy, refresh = false): Promise<VerifiedReplica[]> {
-    const hit = this.replicas.get(name);
+    // cached per function AND policy: replicas verified under one policy say nothing about another
+    const key = `${name}\u0000${JSON.stringify(policy, (_k, v) => (v instanceof Uint8Array ? Array.from(v) : v))}`;
+    const hit = this.replicas.get(key);
     const now = Date.now() / 1000;
     if (hit && !refresh && hit.until > now) return hit.list;
     const docs = (await this.attestation(name)).documents ?? [];
@@ -227,11 +229,11 @@ export class Client {
       }
     }
     if (!good.length) {
-      this.replicas.delete(name);
+      this.replicas.delete(key);
       if (refused.length) throw refused[0];
       throw new CocoonError(`function '${name}' has no live replica documents to seal to; retry shortly`, 503, "attestation");
     }
-    this.replicas.set(name, { until: Math.min(...good.map((r) => r.expiresAt)) - 60, list: good });
+    this.replicas.set(key, { until: Math.min(...good.map((r) => r.expiresAt)) - 60, list: good });
     return good;
   }
 

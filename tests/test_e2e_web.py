@@ -1,0 +1,295 @@
+"""Telegram and the web, end to end on one real gateway (dev attestation, local chain): the JS SDK from Node, the
+Mini App and the dashboard in a real headless Chromium (Debian's chromium + chromium-driver through selenium), and
+the bot example against a local stand-in of the Bot API. Screenshots are taken on every run;
+`COCOON_SCREENSHOTS=docs/screenshots` refreshes the committed ones the README shows. One gateway for the whole module keeps this within CI's budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, GatewayProc, free_port
+
+pytestmark = pytest.mark.e2e
+
+SDK_DIST = ROOT / "sdk-js" / "dist"
+# screenshots: to a temporary folder, or where COCOON_SCREENSHOTS says (docs/screenshots refreshes the committed ones)
+SHOTS = Path(os.environ.get("COCOON_SCREENSHOTS") or Path(tempfile.gettempdir()) / "cocoon-web-screenshots")
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+BOT_TOKEN = "123456:TEST-token-for-the-local-stand-in"
+MARKER = "plaintext-marker-7f3a"
+
+
+def _dev_key(gw: GatewayProc) -> str:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    raw = (gw.home / "dev_attestation_key").read_bytes()
+    return Ed25519PrivateKey.from_private_bytes(raw).public_key().public_bytes_raw().hex()
+
+
+def _ledger(gw: GatewayProc) -> dict[str, Any]:
+    r = httpx.get(gw.url + "/v1/ledger?verify=1", headers=gw.headers(), timeout=30)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+class Caller:
+    """A paying caller with its own COCOON_HOME on the gateway's local chain (the CLI opens its channel)."""
+
+    def __init__(self, home: Path, gw: GatewayProc) -> None:
+        self.home = home
+        home.mkdir(parents=True, exist_ok=True)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("COCOON_")}
+        self.env.update(COCOON_HOME=str(home), COCOON_GATEWAY_URL=gw.url, COCOON_CHAIN_PATH=str(gw.home / "chain.db"))
+        for args in (("wallet", "create"), ("wallet", "faucet", "3"), ("channel", "open", "--deposit", "2")):
+            r = subprocess.run([sys.executable, "-m", "cocoon_faas", *args], env=self.env, capture_output=True,
+                               text=True, timeout=120)
+            assert r.returncode == 0, r.stderr
+        from cocoon_faas.ton.keys import PrivateKey
+
+        self.channel = json.loads((home / "channel.json").read_text())
+        self.seed = PrivateKey.from_mnemonic(json.loads((home / "wallet.json").read_text())["words"]).to_bytes()
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProc]:
+    home = tmp_path_factory.mktemp("webgw") / "home"
+    g = GatewayProc(home, env={"COCOON_ATTESTATION": "dev", "COCOON_QUEUE_LIMIT": "32",
+                               "COCOON_CAPTURE_FORWARDED": str(home.parent / "gateway-capture.bin")}).start()
+    g.cli("deploy", str(ROOT / "examples" / "hello.py"))
+    g.cli("deploy", str(ROOT / "tests" / "apps" / "web_chat.py"))
+    yield g
+    g.stop()
+
+
+def test_js_sdk_against_the_gateway(gw: GatewayProc, tmp_path: Path) -> None:
+    """call, stream, spawn/poll/cancel, sealed calls verified in JS, refusals, and paid calls from a channel."""
+    if not (SDK_DIST / "test" / "gateway.e2e.js").exists():
+        pytest.skip("the JS SDK is not built (scripts/test builds it: cd sdk-js && npm ci && npm run build)")
+    payer = Caller(tmp_path / "payer", gw)
+    r = subprocess.run(["node", str(SDK_DIST / "test" / "gateway.e2e.js"), gw.url, gw.key, _dev_key(gw),
+                        str(payer.channel["channel_id"]), payer.seed.hex(), str(2 * 10**9)],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["call"] == {"message": "Hello, Ada!"}
+    assert out["stream"] == [{"n": 2}, {"n": 1}, {"n": 0, "liftoff": True}]
+    assert out["cancelled"] == "cancelled"
+    assert out["spawned"] == 3.5
+    assert out["sealed"]["result"] == {"message": "Hello, sealed-Ada."} and out["sealed"]["insecure"] is True
+    assert out["sealed_stream"]["text"] == "You said: fed cba" and out["sealed_stream"]["frames"] == 6  # 4 words, usage, end
+    assert out["wrong_measurement"] == "measurement"
+    assert out["untrusted_dev"] == "tee_kind"
+    paid = out["paid"]
+    assert out["paid_call"] == {"message": "Hello, payer."} and paid["sealed_result"] == {"message": "Hello, paid-sealed."}
+    assert paid["stream_items"] == 2 and int(paid["sealed_charge"]) > 0
+    summary = httpx.get(f"{gw.url}/v1/channels/{payer.channel['channel_id']}", timeout=30).json()
+    assert str(summary["charged"]) == paid["charged"] and str(summary["seqno"]) == paid["seqno"] == "3"
+    assert _ledger(gw)["verify"]["ok"]
+    fn = httpx.get(f"{gw.url}/v1/functions/greet", timeout=30)  # after sealed calls: no gateway secret in it
+    assert fn.status_code == 200 and "receipt_mac" not in fn.text
+
+
+# -- the browser -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (scripts/system-deps installs them)")
+    if not (SDK_DIST / "cocoon-sdk.js").exists():
+        pytest.skip("the JS SDK bundle is not built (cd sdk-js && npm ci && npm run build)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1100,900",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def _wait(driver: Any, cond: Any, timeout: float = 90) -> Any:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(cond)
+
+
+def _shot(driver: Any, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(SHOTS / name))
+
+
+class MiniApp:
+    """examples/miniapp/server.py as a subprocess on a free port."""
+
+    def __init__(self, gw: GatewayProc, data: Path, **env: str) -> None:
+        self.port, self.data = free_port(), data
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.capture = data / "relayed.bin"
+        data.mkdir(parents=True, exist_ok=True)
+        e = {**os.environ, "MINIAPP_BOT_TOKEN": BOT_TOKEN, "COCOON_GATEWAY_URL": gw.url, "MINIAPP_DATA": str(data),
+             "MINIAPP_TRUSTED_DEV_KEY": _dev_key(gw), "COCOON_CHAIN_PATH": str(gw.home / "chain.db"),
+             "MINIAPP_CAPTURE": str(self.capture), **env}
+        e.pop("COCOON_HOME", None)
+        self.log = open(data / "server.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "examples" / "miniapp" / "server.py"), "--port",
+                                      str(self.port)], env=e, stdout=self.log, stderr=subprocess.STDOUT)
+        for _ in range(300):
+            try:
+                if httpx.get(self.url + "/", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise RuntimeError((data / "server.log").read_text())
+
+    def init_data(self, user_id: int, token: str = BOT_TOKEN, age_s: int = 0) -> str:
+        sys.path.insert(0, str(ROOT / "examples" / "miniapp"))
+        from initdata import sign_init_data
+
+        user = json.dumps({"id": user_id, "first_name": "Ada", "username": "ada_tg"}, separators=(",", ":"))
+        return sign_init_data({"auth_date": str(int(time.time()) - age_s), "query_id": "AAF", "user": user}, token)
+
+    def open(self, driver: Any, init_data: str) -> None:
+        from urllib.parse import quote
+
+        # a fresh query each time: a change of fragment alone would not reload the page
+        driver.get(f"{self.url}/?visit={time.monotonic_ns()}#tgWebAppData={quote(init_data)}&tgWebAppVersion=8.0")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(20)
+        self.log.close()
+
+
+def _ask(driver: Any, text: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    _wait(driver, lambda d: d.find_element(By.ID, "prompt").is_enabled())
+    box = driver.find_element(By.ID, "prompt")
+    box.send_keys(text)
+    driver.find_element(By.ID, "send").click()
+
+
+def test_miniapp_sealed_paid_streamed_chat(gw: GatewayProc, browser: Any, tmp_path: Path) -> None:
+    """Telegram initData checked by the backend; the prompt sealed in the browser to the attested replica; tokens
+    stream in; the receipt verified in the page and the charge shown; neither the Mini App's server nor the gateway
+    ever holds the prompt or the answer; the ledger verifies."""
+    from selenium.webdriver.common.by import By
+
+    app = MiniApp(gw, tmp_path / "miniapp")
+    try:
+        app.open(browser, app.init_data(4242))
+        _ask(browser, f"hello {MARKER}")
+        _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, ".msg.bot").get_attribute("data-done") == "1")
+        answer = browser.find_element(By.CSS_SELECTOR, ".msg.bot").text
+        assert answer == f"You said: {MARKER[::-1]} olleh"
+        charge = browser.find_element(By.ID, "charge").text
+        assert int(charge.split()[0]) > 0
+        assert "verified" in browser.find_element(By.ID, "receipt-ok").text
+        assert browser.find_element(By.ID, "r-tee").text.startswith("dev — NOT SECURE")
+        _shot(browser, "miniapp.png")
+        relayed = app.capture.read_bytes()
+        forwarded = Path(gw.env["COCOON_CAPTURE_FORWARDED"]).read_bytes()
+        assert b"application/cocoon-sealed" not in relayed and len(relayed) > 500  # sealed bodies went through
+        for secret in (MARKER.encode(), MARKER[::-1].encode()):
+            assert secret not in relayed and secret not in forwarded
+        cid = json.loads(next((app.data / "users" / "4242").glob("channel.json")).read_text())["channel_id"]
+        summary = httpx.get(f"{gw.url}/v1/channels/{cid}", timeout=30).json()
+        assert str(summary["charged"]) == charge.split()[0] and summary["seqno"] == 1
+        assert _ledger(gw)["verify"]["ok"]
+    finally:
+        app.stop()
+
+
+def test_miniapp_refuses_forged_initdata_and_tampered_attestation(gw: GatewayProc, browser: Any,
+                                                                  tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    error = (By.ID, "error")
+    app = MiniApp(gw, tmp_path / "honest")
+    try:
+        for init, reason in ((app.init_data(1, token="999:another-bot"), "forged"),
+                             (app.init_data(1, age_s=7200), "stale"), ("", "missing")):
+            app.open(browser, init)
+            _wait(browser, lambda d: d.find_element(*error).is_displayed())
+            assert browser.find_element(*error).get_attribute("data-check") == reason
+            assert browser.find_element(By.ID, "prompt").is_enabled() is False
+    finally:
+        app.stop()
+    bad = MiniApp(gw, tmp_path / "tampering", MINIAPP_TAMPER_ATTESTATION="1")
+    try:
+        bad.open(browser, bad.init_data(77))
+        _ask(browser, f"do not send {MARKER}")
+        _wait(browser, lambda d: d.find_element(*error).is_displayed())
+        assert browser.find_element(*error).get_attribute("data-check") == "dev_signature"
+        assert "refused to send" in browser.find_element(*error).text
+        _shot(browser, "miniapp-tampered.png")
+        assert not bad.capture.exists() or MARKER.encode() not in bad.capture.read_bytes()
+        assert not bad.capture.exists() or b"request " not in bad.capture.read_bytes()  # nothing was sent
+    finally:
+        bad.stop()
+
+
+DASH_APP = '''
+import cocoon_faas as cocoon
+
+
+@cocoon.function(cpu=0.25, timeout=10, max_concurrency=4, min_replicas=1, max_replicas=1)
+def whoami() -> dict:
+    return {"version": "VERSION"}
+'''
+
+
+def test_dashboard_login_chart_and_rollback(gw: GatewayProc, browser: Any, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    for v in ("one", "two"):
+        (tmp_path / "dash_app.py").write_text(DASH_APP.replace("VERSION", v))
+        gw.cli("deploy", str(tmp_path / "dash_app.py"))
+    with gw.http() as h:
+        assert h.post("/fn/whoami", json={}).json() == {"version": "two"}
+        browser.get(gw.url + "/dashboard")
+        browser.find_element(By.ID, "key").send_keys("not-a-key")
+        browser.find_element(By.ID, "login").click()
+        _wait(browser, lambda d: "refused" in d.find_element(By.ID, "login-error").text)
+        key = browser.find_element(By.ID, "key")
+        key.clear()
+        key.send_keys(gw.key)
+        browser.find_element(By.ID, "login").click()
+        row = (By.CSS_SELECTOR, 'tr.fn[data-name="whoami"]')
+        _wait(browser, lambda d: d.find_elements(*row))
+        names = {e.get_attribute("data-name") for e in browser.find_elements(By.CSS_SELECTOR, "tr.fn")}
+        assert {"whoami", "greet", "Chat.generate"} <= names
+        browser.find_element(*row).click()
+        for _ in range(6):  # calls between the dashboard's samples, so the chart has a line
+            for _ in range(5):
+                h.post("/fn/whoami", json={})
+            time.sleep(1.1)
+        _wait(browser, lambda d: int(d.find_element(By.ID, "chart-latency").get_attribute("data-points") or 0) >= 3)
+        assert browser.find_elements(By.CSS_SELECTOR, "#chart-latency canvas")
+        _wait(browser, lambda d: d.find_element(*row).find_elements(By.TAG_NAME, "td")[4].text not in ("0", "1"))
+        _shot(browser, "dashboard.png")
+        button = (By.CSS_SELECTOR, 'button.rollback[data-version="1"]')
+        _wait(browser, lambda d: d.find_elements(*button))
+        browser.find_element(*button).click()
+        _wait(browser, lambda d: "rolled back" in d.find_element(By.ID, "rollback-result").text)
+        assert h.post("/fn/whoami", json={}).json() == {"version": "one"}
+        _shot(browser, "dashboard-rollback.png")
