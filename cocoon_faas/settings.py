@@ -72,6 +72,14 @@ class Settings(BaseSettings):
     capture_forwarded: Path | None = Field(None, description="audit/test aid: append every sealed body the "
                                            "gateway forwards (both directions) to this file")
 
+    # several gateways (README "Running more than one gateway")
+    database_url: str | None = Field(None, description="postgresql://user@host/db: state shared by several "
+                                     "gateways (default: SQLite files under home)")
+    db_pool_size: int = Field(8, description="PostgreSQL connections per gateway process")
+    workers: int = Field(1, description="gateway processes sharing the port on this machine (`serve --workers`)")
+    gateway_lease_s: float = Field(10.0, description="a gateway silent this long is presumed dead: its leadership, "
+                                   "async calls and payment holds pass to the others")
+
     # payments
     payments_required: bool = Field(False, description="refuse unpaid /fn calls even with an API key (402)")
     operator_fee_bps: int = Field(500, description="operator fee in basis points of provider pay + royalty")
@@ -96,6 +104,14 @@ class Settings(BaseSettings):
         if not v.startswith(("http://", "https://")):
             raise ValueError(f"COCOON_GATEWAY_URL must start with http:// or https://, got {v!r}")
         return v.rstrip("/")
+
+    @field_validator("database_url")
+    @classmethod
+    def _db_url(cls, v: str | None) -> str | None:
+        if v and not v.startswith(("postgresql://", "postgres://", "sqlite:///")):
+            raise ValueError(f"COCOON_DATABASE_URL must start with postgresql:// (or sqlite:///), got "
+                             f"{v.split('://')[0]}://…")
+        return v or None
 
     @property
     def db_path(self) -> Path:

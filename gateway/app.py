@@ -7,6 +7,8 @@ import contextlib
 import gc
 import logging
 import os
+import secrets
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +21,9 @@ from starlette.routing import Route
 from cocoon_faas.errors import CocoonError, NotFoundError
 from cocoon_faas.gateway import dashboard, openai_routes, routes_attest, routes_control, routes_fn
 from cocoon_faas.gateway.billing import Billing, Price
+from cocoon_faas.gateway.cluster import Cluster
 from cocoon_faas.gateway.controller import Controller, FunctionRuntime, RayBackend
+from cocoon_faas.gateway.db import open_database
 from cocoon_faas.gateway.holds_sweeper import sweep_forever
 from cocoon_faas.gateway.http import error_response, json_response
 from cocoon_faas.gateway.invoke import Invoker, Outcome
@@ -60,11 +64,16 @@ class Gateway:
     def __init__(self, settings: Settings, backend: Any = None) -> None:
         self.settings = settings
         self._backend = backend
+        # this process among the gateways sharing the database: it owns the async calls and holds it takes
+        self.gateway_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.store: Store = None  # type: ignore[assignment]
         self.controller: Controller = None  # type: ignore[assignment]
         self.invoker: Invoker = None  # type: ignore[assignment]
         settings.home.mkdir(parents=True, exist_ok=True)
-        self.billing = Billing(settings)
+        # a sole gateway (SQLite, one process) releases every open hold when it restarts; gateways sharing a
+        # database own their holds by id and lease (gateway/cluster.py releases a dead one's)
+        self.shared = bool(settings.database_url) or settings.workers > 1
+        self.billing = Billing(settings, gateway_id=self.gateway_id if self.shared else None)
         self.market = Marketplace(heartbeat_interval=settings.provider_heartbeat_s)
         self.billing.price_for = self.provider_price  # type: ignore[method-assign]  # nodes charge their own price
         self.keys: dict[str, str] = {}
@@ -72,6 +81,7 @@ class Gateway:
         self.calls: dict[str, CallRecord] = {}
         self.metrics = Metrics()
         self._bg: list[asyncio.Task[None]] = []
+        self.cluster: Cluster | None = None
 
     def provider_price(self, provider: str) -> Price:
         """What the node that answers a call charges per second: a provider node its own prices, the gateway's
@@ -88,8 +98,14 @@ class Gateway:
 
     async def start(self) -> None:
         self.settings.home.mkdir(parents=True, exist_ok=True)
-        self.store = Store(self.settings.db_path)
-        lost = self.store.mark_unfinished_failed()
+        self.store = Store(open_database(self.settings.database_url or self.settings.db_path,
+                                         self.settings.db_pool_size), gateway_id=self.gateway_id)
+        if self.shared:
+            self.cluster = Cluster(self.store.db, self.gateway_id, self.settings.gateway_lease_s,
+                                   f"http://{self.settings.host}:{self.settings.port}")
+            lost = self.store.mark_unfinished_failed(alive=[g.id for g in self.cluster.alive()])
+        else:
+            lost = self.store.mark_unfinished_failed()
         if lost:
             log.warning("%d calls were in flight when the gateway stopped; marked failed", lost)
         ensure_local_key(self.store, self.settings)
@@ -107,10 +123,12 @@ class Gateway:
         loop = asyncio.get_running_loop()
         gc.collect()
         gc.freeze()  # start-up objects (Ray's included) leave the GC's scans: full collections stalled calls
-        self._bg = [loop.create_task(self._flusher()), loop.create_task(self._sweeper()),
-                    loop.create_task(health_loop(self.market, ray_nodes=getattr(backend, "ray_nodes", None))),
-                    loop.create_task(sweep_forever(self.billing.gate, self.hold_limit_s, self.settings.hold_grace_s,
-                                                   self.settings.hold_sweep_interval_s))]
+        if self.cluster is not None:
+            self._bg.append(loop.create_task(self._coordinate()))
+        self._bg += [loop.create_task(self._flusher()), loop.create_task(self._sweeper()),
+                     loop.create_task(health_loop(self.market, ray_nodes=getattr(backend, "ray_nodes", None))),
+                     loop.create_task(sweep_forever(self.billing.gate, self.hold_limit_s, self.settings.hold_grace_s,
+                                                    self.settings.hold_sweep_interval_s))]
 
     def hold_limit_s(self, function: str) -> float:
         """How long a call of ``function`` may hold its payment: its time limit (an hour when unknown: deleted)."""
@@ -122,8 +140,50 @@ class Gateway:
             t.cancel()
         if self.controller is not None:
             await self.controller.stop()
+        if self.cluster is not None:
+            self.cluster.close()
         if self.store is not None:
             self.store.close()
+        self.billing.ledger.close()
+
+    async def _coordinate(self) -> None:
+        """Gateways sharing a database: heartbeat with load figures, renew this gateway's hold leases, pick up
+        cancel requests made on other gateways; as leader, clean up after dead gateways."""
+        loop = asyncio.get_running_loop()
+        beat = max(0.2, min(1.0, self.settings.gateway_lease_s / 5))
+        while True:
+            load = {fr.name: {"demand": fr.inflight + fr.queued, "ready": len(fr.ready)}
+                    for fr in self.controller.functions.values()}
+            running = [cid for cid, rec in self.calls.items() if rec.finished is None]
+            try:
+                cancel = await loop.run_in_executor(None, self._coordinate_once, load, running)
+            except Exception:  # noqa: BLE001 - the database may be briefly unreachable; keep beating
+                log.exception("gateway heartbeat failed")
+                cancel = []
+            for cid in cancel:
+                rec = self.calls.get(cid)
+                if rec is not None and rec.task is not None:
+                    rec.task.cancel()
+            await asyncio.sleep(beat)
+
+    def _coordinate_once(self, load: dict[str, Any], running: list[str]) -> list[str]:
+        """One beat, off the event loop; returns the ids of this gateway's calls to cancel."""
+        cluster = self.cluster
+        assert cluster is not None
+        cluster.beat(load)
+        self.billing.gate.renew_leases()
+        cancel = self.store.cancel_requests(running)
+        was = cluster.is_leader
+        if cluster.try_lead():
+            if not was:
+                log.warning("gateway %s is now the leader", self.gateway_id)
+            released = self.billing.gate.release_orphans(cluster.is_dead)
+            failed = self.store.mark_unfinished_failed(alive=[g.id for g in cluster.alive()])
+            gone = cluster.forget_dead()
+            if released or failed or gone:
+                log.warning("gateways %s are gone: released %d holds, failed %d async calls", gone, released,
+                            failed)
+        return cancel
 
     async def _flusher(self) -> None:
         loop = asyncio.get_running_loop()
@@ -192,7 +252,8 @@ class Gateway:
                      hold: Any = None) -> CallRecord:
         rec = CallRecord(call_id, fr.name, fr.version)
         self.calls[call_id] = rec
-        self.store.record_call(call_id, fr.name, fr.version, "queued", rec.created, None, None, None, None, caller)
+        self.store.record_call(call_id, fr.name, fr.version, "queued", rec.created, None, None, None, None, caller,
+                               durable=self.shared)  # another gateway may be asked about it at once
 
         def running() -> None:
             rec.status = "running"
@@ -222,7 +283,8 @@ class Gateway:
 
 async def healthz(request: Request) -> Response:
     gw = request.app.state.gw
-    return json_response({"status": "ok", "functions": len(gw.controller.functions)})
+    return json_response({"status": "ok", "functions": len(gw.controller.functions), "gateway": gw.gateway_id,
+                          "leader": gw.cluster.is_leader if gw.cluster is not None else True})
 
 
 async def metrics(request: Request) -> Response:

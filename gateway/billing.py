@@ -56,14 +56,14 @@ def load_operator_key(settings: Settings) -> PrivateKey:
 class Billing:
     """The gateway's payment hook: `begin` before dispatch, `finish` after."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, gateway_id: str | None = None) -> None:
         self.settings = settings
         self.operator_key = load_operator_key(settings)
         self._receipt_sk = crypto_sign_seed_keypair(self.operator_key.to_bytes())[1]
-        self.ledger = Ledger(settings.home / "ledger.db")
+        self.ledger = Ledger(settings.database_url or settings.home / "ledger.db", home=settings.home)
         self.chain = backend_from_settings(settings)
         self.gate = PaymentGate(self.ledger, self.operator_key, FeePolicy(bps=settings.operator_fee_bps),
-                                chain=self.chain)
+                                chain=self.chain, gateway_id=gateway_id)
         self.local_price = Price(settings.cpu_price_nanoton, settings.gpu_price_nanoton)
 
     def price_for(self, provider: str) -> Price:

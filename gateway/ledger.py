@@ -1,6 +1,12 @@
-"""The gateway's money ledger: channels, received payment states, calls, charges and balances, in SQLite (WAL).
+"""The gateway's money ledger: channels, received payment states, calls, charges and balances, in SQLite (WAL,
+the embedded default) or in the PostgreSQL database several gateways share (`db.Database`; schema versioned by
+`LEDGER_MIGRATIONS`).
 
-Every write that moves money is one transaction. Parties: ``caller`` (debited, one row per channel payer),
+Every write that moves money is one transaction; writes that depend on a channel's state lock its row
+(`SELECT … FOR UPDATE` on PostgreSQL; SQLite serializes every writer), so gateways sharing the database never
+accept the same seqno twice nor hold more than a channel's credit. A hold belongs to the gateway that took it
+and carries a lease (``lease_until``) that gateway renews; another gateway releases it once the lease expires
+or its owner is provably gone. Parties: ``caller`` (debited, one row per channel payer),
 ``provider``, ``developer`` and ``operator`` (credited). `verify` checks conservation to the nanoton (caller
 debits = provider + developer + operator credits), that each charge is covered by a stored, correctly signed
 state, and that no call is charged twice. See DESIGN.md "Pay" and "Invariants".
@@ -8,10 +14,9 @@ state, and that no call is charged twice. See DESIGN.md "Pay" and "Invariants".
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +26,10 @@ from cocoon_faas.errors import ConflictError, NotFoundError
 from cocoon_faas.ton.channel import SignedSemiChannel
 from cocoon_faas.ton.keys import PublicKey
 
-SCHEMA = """
+from .db import Database, SqliteDatabase, Tx, open_database
+from .migrations import Migration, migrate
+
+_V1 = """
 CREATE TABLE IF NOT EXISTS pay_channels (
     channel_id INTEGER PRIMARY KEY, key_a BLOB NOT NULL, key_b BLOB NOT NULL, address TEXT NOT NULL,
     caller TEXT NOT NULL, deposit INTEGER NOT NULL, status TEXT NOT NULL DEFAULT 'open',
@@ -42,8 +50,26 @@ CREATE TABLE IF NOT EXISTS pay_balances (
     party TEXT NOT NULL, party_id TEXT NOT NULL, amount INTEGER NOT NULL, PRIMARY KEY (party, party_id));
 CREATE TABLE IF NOT EXISTS pay_payouts (
     id INTEGER PRIMARY KEY AUTOINCREMENT, provider_id TEXT NOT NULL, amount INTEGER NOT NULL,
-    channel_id INTEGER NOT NULL, seqno INTEGER NOT NULL, boc BLOB NOT NULL, at REAL NOT NULL);
+    channel_id INTEGER NOT NULL, seqno INTEGER NOT NULL, boc BLOB NOT NULL, at REAL NOT NULL)
 """
+
+
+def _backfill_reserved(tx: Tx, db: Database) -> None:
+    tx.execute("UPDATE pay_channels SET reserved = (SELECT COALESCE(SUM(hold), 0) FROM pay_calls c "
+               "WHERE c.channel_id = pay_channels.channel_id AND c.status = 'held')")
+
+
+LEDGER_MIGRATIONS = [
+    Migration(1, "channels, states, calls, charges, balances, payouts", _V1),
+    # several gateways: the credit a channel has on hold is a column read under the channel's row lock (no
+    # per-process cache), and each hold names its gateway and lease
+    Migration(2, "holds: reserved per channel, owning gateway and lease", """
+ALTER TABLE pay_channels ADD COLUMN reserved INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE pay_calls ADD COLUMN gateway TEXT;
+ALTER TABLE pay_calls ADD COLUMN lease_until REAL;
+CREATE INDEX IF NOT EXISTS pay_calls_held ON pay_calls (status, lease_until)
+""", _backfill_reserved),
+]
 
 PARTIES = ("caller", "provider", "developer", "operator")
 OPERATOR_ID = "operator"
@@ -69,45 +95,43 @@ class ChannelRow:
                 "charged": self.charged, "key_a": self.key_a.hex(), "key_b": self.key_b.hex()}
 
 
-def _row(r: sqlite3.Row | tuple[Any, ...]) -> ChannelRow:
+def channel_row(r: tuple[Any, ...]) -> ChannelRow:
     return ChannelRow(r[0], PublicKey(bytes(r[1])), PublicKey(bytes(r[2])), r[3], r[4], r[5], r[6], r[7], r[8],
                       r[9], r[10])
 
 
-_CH_COLS = "channel_id, key_a, key_b, address, caller, deposit, status, max_seqno, max_sent, charged, min_seqno"
+CHANNEL_COLS = "channel_id, key_a, key_b, address, caller, deposit, status, max_seqno, max_sent, charged, min_seqno"
 
 
 class Ledger:
-    """SQLite ledger. ``synchronous='FULL'`` makes every commit survive power loss; the default ``NORMAL`` in
-    WAL mode survives a killed process (what a crashed gateway is) at a fraction of the cost."""
+    """The ledger over a `Database`: a path opens SQLite (``synchronous='FULL'`` makes every commit survive power
+    loss; the default ``NORMAL`` in WAL mode survives a killed process, what a crashed gateway is, at a fraction
+    of the cost). `home` is where per-gateway files live (payout channel signers); default: the file's folder."""
 
-    def __init__(self, path: Path | str, synchronous: str = "NORMAL") -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={synchronous}")
-        self._db.executescript(SCHEMA)
-        self.lock = threading.RLock()
+    def __init__(self, where: Path | str | Database, synchronous: str = "NORMAL", home: Path | None = None) -> None:
+        if isinstance(where, str) and where.startswith(("postgres://", "postgresql://")):
+            self.db: Database = open_database(where)
+        elif isinstance(where, (str, Path)):
+            self.db = SqliteDatabase(Path(where), synchronous)
+        else:
+            self.db = where
+        sqlite_path = getattr(self.db, "path", None)
+        self.path = Path(sqlite_path) if sqlite_path is not None else (home or Path(".")) / "ledger.db"
+        self.home = home or self.path.parent
+        migrate(self.db, "ledger", LEDGER_MIGRATIONS)
+        self.lock = threading.RLock()  # in-process order; the database serializes across processes
 
     def close(self) -> None:
-        self._db.close()
+        self.db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[Tx]:
         """One atomic, durable write; rolls back on any exception."""
-        with self.lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self.lock, self.db.transaction() as tx:
+            yield tx
 
     def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self.lock:
-            return self._db.execute(sql, args).fetchall()
+        return self.db.query(sql, args)
 
     # channels
     def add_channel(self, channel_id: int, key_a: PublicKey, key_b: PublicKey, address: str, caller: str,
@@ -117,30 +141,43 @@ class Ledger:
             if old is not None:
                 raise ConflictError(f"channel {channel_id} is already registered ({old[0]}); "
                                     "open a new channel with a fresh id")
-            db.execute(f"INSERT INTO pay_channels ({_CH_COLS}, opened_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            db.execute(f"INSERT INTO pay_channels ({CHANNEL_COLS}, opened_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                        (channel_id, key_a.raw, key_b.raw, address, caller, deposit, "open", min_seqno, 0, 0,
-                        min_seqno, time.time()))
+                        min_seqno, time.time()))  # a concurrent registration fails the primary key
         return self.channel(channel_id)
 
     def channel(self, channel_id: int) -> ChannelRow:
-        rows = self.query(f"SELECT {_CH_COLS} FROM pay_channels WHERE channel_id=?", (channel_id,))
+        rows = self.query(f"SELECT {CHANNEL_COLS} FROM pay_channels WHERE channel_id=?", (channel_id,))
         if not rows:
             raise NotFoundError(f"unknown channel {channel_id}; open one with `cocoon channel open`")
-        return _row(rows[0])
+        return channel_row(rows[0])
 
     def channel_and_seen(self, channel_id: int, seqno: int) -> tuple[ChannelRow, bool] | None:
         """The channel and whether a state with `seqno` is stored for it, in one query (the per-call path);
         None for an unknown channel."""
-        rows = self.query(f"SELECT {_CH_COLS}, EXISTS(SELECT 1 FROM pay_states WHERE channel_id=? AND seqno=?) "
+        rows = self.query(f"SELECT {CHANNEL_COLS}, EXISTS(SELECT 1 FROM pay_states WHERE channel_id=? AND seqno=?) "
                           "FROM pay_channels WHERE channel_id=?", (channel_id, seqno, channel_id))
-        return (_row(rows[0]), bool(rows[0][-1])) if rows else None
+        return (channel_row(rows[0]), bool(rows[0][-1])) if rows else None
 
     def channels(self) -> list[ChannelRow]:
-        return [_row(r) for r in self.query(f"SELECT {_CH_COLS} FROM pay_channels ORDER BY channel_id")]
+        return [channel_row(r) for r in self.query(f"SELECT {CHANNEL_COLS} FROM pay_channels ORDER BY channel_id")]
 
     def reserved(self, channel_id: int) -> int:
         return int(self.query("SELECT COALESCE(SUM(hold),0) FROM pay_calls WHERE channel_id=? AND status='held'",
                               (channel_id,))[0][0])
+
+    def set_status_checked(self, channel_id: int, status: str, check: Callable[[ChannelRow, int], None]) -> ChannelRow:
+        """Change a channel's status after `check(channel, reserved)` passes, under the channel's row lock (a
+        hold taken on another gateway meanwhile waits for this, then sees the new status)."""
+        with self.transaction() as tx:
+            row = tx.execute(f"SELECT {CHANNEL_COLS}, reserved FROM pay_channels WHERE channel_id=?"
+                             f"{self.db.for_update}", (channel_id,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"unknown channel {channel_id}; open one with `cocoon channel open`")
+            ch = channel_row(row)
+            check(ch, int(row[-1]))
+            tx.execute("UPDATE pay_channels SET status=? WHERE channel_id=?", (status, channel_id))
+        return ch
 
     def set_status(self, channel_id: int, status: str) -> None:
         with self.transaction() as db:
@@ -205,6 +242,11 @@ class Ledger:
             if (not st.is_signed_by(row.key_a) or st.state.channel_id != row.channel_id
                     or st.state.data.sent != best[0][1]):
                 problems.append(f"channel {row.channel_id}: stored state {best[0][0]} does not verify")
+        for cid, off in self.query(
+                "SELECT c.channel_id, c.reserved - COALESCE((SELECT SUM(hold) FROM pay_calls h WHERE "
+                "h.channel_id=c.channel_id AND h.status='held'),0) FROM pay_channels c"):
+            if off != 0:
+                problems.append(f"channel {cid}: reserved counter differs from its open holds by {off}")
         for (cid,) in self.query("SELECT g.call_id FROM pay_charges g LEFT JOIN pay_calls c USING (call_id) "
                                  "WHERE c.call_id IS NULL OR c.status != 'charged' OR c.charged != g.total"):
             problems.append(f"charge for call {cid} has no matching charged call")

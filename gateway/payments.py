@@ -24,7 +24,6 @@ import binascii
 import hashlib
 import json
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -46,10 +45,12 @@ from cocoon_faas.ton.keys import PrivateKey, PublicKey
 from cocoon_faas.ton.messages import InitChannel, TopUp
 from cocoon_faas.ton.wallet import Wallet
 
-from .ledger import OPERATOR_ID, ChannelRow, Ledger
+from .db import IntegrityError
+from .ledger import CHANNEL_COLS, OPERATOR_ID, ChannelRow, Ledger, channel_row
 
 REORDER_WINDOW = 4096
-MAX_CHANNEL_ID = 2**63 - 1  # the ledger keys channels by SQLite INTEGER
+MAX_CHANNEL_ID = 2**63 - 1  # the ledger keys channels by a signed 64-bit integer (SQLite INTEGER, BIGINT)
+HOLD_LEASE_S = 30.0  # a hold's gateway renews its lease well within this; another releases it after
 
 
 @dataclass(frozen=True)
@@ -173,23 +174,54 @@ class PaymentGate:
     """The gateway's payment check around each call (see module docstring)."""
 
     def __init__(self, ledger: Ledger, operator_key: PrivateKey | PublicKey, fee_policy: FeePolicy | None = None,
-                 recover: bool = True, chain: Any = None) -> None:
+                 recover: bool = True, chain: Any = None, gateway_id: str | None = None,
+                 lease_s: float = HOLD_LEASE_S) -> None:
+        """`gateway_id` None: the only gateway on this ledger (its holds are all released at its next start);
+        else holds carry the id and a lease (`renew_leases`, `release_orphans`)."""
         self.ledger = ledger
         self.operator_key = operator_key.public_key() if isinstance(operator_key, PrivateKey) else operator_key
         self.fees = fee_policy or FeePolicy()
         self.chain = chain
-        self._reserved: dict[int, int] = {}
-        self._callers: dict[int, str] = {}  # channel -> caller id (fixed at registration)
+        self.gateway_id = gateway_id
+        self.lease_s = lease_s
         if recover:
             self.recover()
 
-    def recover(self) -> int:
-        """After a crash: calls still held were never answered, so release them (not charged)."""
-        held = self.ledger.held_calls()
-        with self.ledger.transaction() as db:
-            db.execute("UPDATE pay_calls SET status='released', finished_at=? WHERE status='held'", (time.time(),))
-        self._reserved.clear()
-        return len(held)
+    def recover(self, is_dead: Any = None) -> int:
+        """At start-up: holds no live gateway can finish were never answered, so release them (not charged):
+        those of a sole gateway (no id), those whose lease expired, those whose gateway `is_dead`."""
+        return self.release_orphans(is_dead, include_unowned=True)
+
+    def renew_leases(self) -> int:
+        """Extend the lease of every hold this gateway still has open (its periodic heartbeat)."""
+        if self.gateway_id is None:
+            return 0
+        return self.ledger.db.execute("UPDATE pay_calls SET lease_until=? WHERE gateway=? AND status='held'",
+                                      (time.time() + self.lease_s, self.gateway_id))
+
+    def release_orphans(self, is_dead: Any = None, include_unowned: bool = False) -> int:
+        """Release holds whose gateway is gone: lease expired, or `is_dead(gateway_id)` says so. Each release
+        is guarded by status='held', so a gateway settling the same call concurrently wins or loses cleanly."""
+        now = time.time()
+        rows = self.ledger.query("SELECT call_id, channel_id, hold, gateway, lease_until FROM pay_calls "
+                                 "WHERE status='held'")
+        dead: dict[str, bool] = {}
+        n = 0
+        for call_id, cid, amount, gw, lease in rows:
+            if gw is None:
+                if not include_unowned:
+                    continue
+            elif gw == self.gateway_id:
+                continue
+            elif not (lease is not None and lease < now):
+                if is_dead is None:
+                    continue
+                if gw not in dead:
+                    dead[gw] = bool(is_dead(gw))
+                if not dead[gw]:
+                    continue
+            n += self._release(Hold(call_id, cid, 0, amount, ""))
+        return n
 
     def authorize(self, header_value: str, call_id: str, function: str, max_cost_nanoton: int) -> Hold:
         if max_cost_nanoton < 0:
@@ -197,42 +229,41 @@ class PaymentGate:
         raw = _raw_header(header_value)
         st = SignedSemiChannel.from_boc(raw)  # stored as received: the bytes the caller signed, not re-encoded
         cid, body = st.state.channel_id, st.state.data
-        with self.ledger.lock:
-            found = self.ledger.channel_and_seen(cid, body.seqno)
-            if found is None:
-                raise _bad(f"payment state is for channel {cid}, unknown to this gateway; register it with "
-                           "`cocoon channel open`", "foreign")
-            ch, seen = found
-            reserved = self._reserved.get(cid)
-            if reserved is None:
-                reserved = self._reserved[cid] = self.ledger.reserved(cid)
-            if seen:
-                raise _bad(f"replayed payment state: channel {cid} seqno {body.seqno} already paid for a call; "
-                           "sign a new state for each call", "replayed", 409)
-            check_state(st, ch, self.operator_key, reserved, max_cost_nanoton)
-            now = time.time()
-            try:
-                with self.ledger.transaction() as db:  # a taken seqno or call id fails its UNIQUE key
-                    db.execute("INSERT INTO pay_states VALUES (?,?,?,?,?,?)",
-                               (cid, body.seqno, body.sent, raw, call_id, now))
-                    db.execute("INSERT INTO pay_calls (call_id, channel_id, seqno, function, hold, status, "
-                               "created_at) VALUES (?,?,?,?,?,'held',?)",
-                               (call_id, cid, body.seqno, function, max_cost_nanoton, now))
-                    if body.seqno > ch.max_seqno:
-                        db.execute("UPDATE pay_channels SET max_seqno=?, max_sent=? WHERE channel_id=?",
-                                   (body.seqno, body.sent, cid))
-            except sqlite3.IntegrityError as exc:
-                if "pay_calls.call_id" in str(exc):
-                    raise ConflictError(f"call id {call_id!r} was already paid for; use a fresh call id") from None
-                if "UNIQUE" in str(exc):
-                    raise _bad(f"replayed payment state: channel {cid} seqno {body.seqno} already paid for a "
-                               "call; sign a new state for each call", "replayed", 409) from None
-                raise
-            self._reserved[cid] = reserved + max_cost_nanoton
+        db = self.ledger.db
+        now = time.time()
+        lease = now + self.lease_s if self.gateway_id is not None else None
+        try:
+            with self.ledger.transaction() as tx:
+                # the channel's row lock orders every hold on this channel across gateways: reserved, max_seqno
+                # and the replay check are read and updated under it
+                row = tx.execute(f"SELECT {CHANNEL_COLS}, reserved, EXISTS(SELECT 1 FROM pay_states WHERE "
+                                 f"channel_id=? AND seqno=?) FROM pay_channels WHERE channel_id=?{db.for_update}",
+                                 (cid, body.seqno, cid)).fetchone()
+                if row is None:
+                    raise _bad(f"payment state is for channel {cid}, unknown to this gateway; register it with "
+                               "`cocoon channel open`", "foreign")
+                ch, reserved, seen = channel_row(row), int(row[-2]), bool(row[-1])
+                if seen:
+                    raise _bad(f"replayed payment state: channel {cid} seqno {body.seqno} already paid for a call; "
+                               "sign a new state for each call", "replayed", 409)
+                check_state(st, ch, self.operator_key, reserved, max_cost_nanoton)
+                tx.execute("INSERT INTO pay_states VALUES (?,?,?,?,?,?)", (cid, body.seqno, body.sent, raw, call_id,
+                                                                          now))
+                tx.execute("INSERT INTO pay_calls (call_id, channel_id, seqno, function, hold, status, created_at, "
+                           "gateway, lease_until) VALUES (?,?,?,?,?,'held',?,?,?)",
+                           (call_id, cid, body.seqno, function, max_cost_nanoton, now, self.gateway_id, lease))
+                if body.seqno > ch.max_seqno:
+                    tx.execute("UPDATE pay_channels SET max_seqno=?, max_sent=?, reserved=reserved+? "
+                               "WHERE channel_id=?", (body.seqno, body.sent, max_cost_nanoton, cid))
+                else:
+                    tx.execute("UPDATE pay_channels SET reserved=reserved+? WHERE channel_id=?",
+                               (max_cost_nanoton, cid))
+        except IntegrityError as exc:  # a taken seqno or call id fails its unique key
+            if exc.table == "pay_calls":
+                raise ConflictError(f"call id {call_id!r} was already paid for; use a fresh call id") from None
+            raise _bad(f"replayed payment state: channel {cid} seqno {body.seqno} already paid for a "
+                       "call; sign a new state for each call", "replayed", 409) from None
         return Hold(call_id, cid, body.seqno, max_cost_nanoton, function)
-
-    def _finish(self, hold: Hold) -> None:
-        self._reserved[hold.channel_id] = max(0, self._reserved.get(hold.channel_id, hold.amount) - hold.amount)
 
     def split(self, hold: Hold, provider: int, royalty: int) -> Charge:
         """Metered cost -> split, never above the hold: the fee gives way first, then royalty, then provider."""
@@ -247,38 +278,39 @@ class PaymentGate:
                royalty_nanoton: int) -> int:
         """Charge the call once, in one transaction; returns the total (for X-Cocoon-Charge)."""
         c = self.split(hold, provider_nanoton, royalty_nanoton)
-        with self.ledger.lock:
-            caller = self._callers.get(hold.channel_id)
-            if caller is None:
-                caller = self._callers[hold.channel_id] = self.ledger.channel(hold.channel_id).caller
-            with self.ledger.transaction() as db:
-                now = time.time()
-                # the status guard makes the charge happen at most once
-                if not db.execute("UPDATE pay_calls SET status='charged', charged=?, finished_at=? "
-                                  "WHERE call_id=? AND status='held'", (c.total, now, hold.call_id)).rowcount:
-                    row = db.execute("SELECT status FROM pay_calls WHERE call_id=?", (hold.call_id,)).fetchone()
-                    raise ConflictError(f"call {hold.call_id!r} is {row[0] if row else 'unknown'}; it cannot be "
-                                        "charged again")
-                db.execute("INSERT INTO pay_charges VALUES (?,?,?,?,?,?,?,?,?)",
-                           (hold.call_id, hold.channel_id, provider_id, c.provider, developer_id, c.royalty,
-                            c.operator, c.total, now))
-                db.execute("UPDATE pay_channels SET charged = charged + ? WHERE channel_id=?",
-                           (c.total, hold.channel_id))
-                db.executemany("INSERT INTO pay_balances VALUES (?,?,?) ON CONFLICT(party, party_id) "
-                               "DO UPDATE SET amount = amount + excluded.amount",
-                               (("caller", caller, c.total), ("provider", provider_id, c.provider),
-                                ("developer", developer_id, c.royalty), ("operator", OPERATOR_ID, c.operator)))
-            self._finish(hold)
+        with self.ledger.transaction() as db:
+            now = time.time()
+            # the status guard makes the charge happen at most once, on whichever gateway gets there first
+            if not db.execute("UPDATE pay_calls SET status='charged', charged=?, finished_at=? "
+                              "WHERE call_id=? AND status='held'", (c.total, now, hold.call_id)).rowcount:
+                row = db.execute("SELECT status FROM pay_calls WHERE call_id=?", (hold.call_id,)).fetchone()
+                raise ConflictError(f"call {hold.call_id!r} is {row[0] if row else 'unknown'}; it cannot be "
+                                    "charged again")
+            caller = db.execute("UPDATE pay_channels SET charged = charged + ?, reserved = reserved - ? "
+                                "WHERE channel_id=? RETURNING caller", (c.total, hold.amount, hold.channel_id)
+                                ).fetchone()[0]
+            db.execute("INSERT INTO pay_charges VALUES (?,?,?,?,?,?,?,?,?)",
+                       (hold.call_id, hold.channel_id, provider_id, c.provider, developer_id, c.royalty,
+                        c.operator, c.total, now))
+            db.executemany("INSERT INTO pay_balances VALUES (?,?,?) ON CONFLICT(party, party_id) "
+                           "DO UPDATE SET amount = pay_balances.amount + excluded.amount",
+                           (("caller", caller, c.total), ("provider", provider_id, c.provider),
+                            ("developer", developer_id, c.royalty), ("operator", OPERATOR_ID, c.operator)))
         return c.total
 
     def release(self, hold: Hold) -> None:
         """A failed call: free its hold, charge nothing. Idempotent."""
-        with self.ledger.lock:
-            with self.ledger.transaction() as db:
-                cur = db.execute("UPDATE pay_calls SET status='released', finished_at=? WHERE call_id=? AND "
-                                 "status='held'", (time.time(), hold.call_id))
-            if cur.rowcount:
-                self._finish(hold)
+        self._release(hold)
+
+    def _release(self, hold: Hold) -> int:
+        with self.ledger.transaction() as db:
+            row = db.execute("UPDATE pay_calls SET status='released', finished_at=? WHERE call_id=? AND "
+                             "status='held' RETURNING hold", (time.time(), hold.call_id)).fetchone()
+            if row is None:
+                return 0
+            db.execute("UPDATE pay_channels SET reserved = reserved - ? WHERE channel_id=?", (row[0],
+                                                                                           hold.channel_id))
+        return 1
 
     def register(self, channel_id: int, key_a: PublicKey, dest_a: Address, address: str | None = None,
                  deposit: int | None = None) -> ChannelRow:
@@ -315,7 +347,7 @@ def payout_signer(ledger: Ledger, chain: Any, operator_key: PrivateKey, provider
                   provider_wallet: Address, deposit: int) -> Any:
     """The operator's channel to a provider (operator = party A), opened and funded from the operator's wallet on
     the settlement chain the first time; its signer state lives next to the ledger in ``payout_channels/``."""
-    d = ledger.path.parent / "payout_channels"
+    d = ledger.home / "payout_channels"
     stem = hashlib.sha256(provider_id.encode()).hexdigest()[:32]
     state, conf = d / f"{stem}.json", d / f"{stem}.channel.json"
     if conf.exists():

@@ -112,15 +112,16 @@ def payment_routes(gate: PaymentGate, operator_key: PrivateKey | None = None,
             if not ch.key_a.is_valid(sig_a, CooperativeClose.payload(*args).hash):
                 raise PermissionDeniedError(f"signature_a does not verify with channel {cid}'s payer key; only the "
                                             "caller may close its channel")
-            with gate.ledger.lock:
-                ch = gate.ledger.channel(cid)
-                if gate.ledger.reserved(cid):
+
+            def idle(ch: Any, reserved: int) -> None:  # under the channel's row lock: no hold can slip in
+                if reserved:
                     raise ConflictError(f"channel {cid} has calls in flight; close it when they have finished")
                 if args[2] != ch.charged or args[1] + args[2] != ch.deposit:
                     raise InvalidRequestError(f"close must pay the operator exactly the charged {ch.charged} "
                                               f"nanoton and return {ch.deposit - ch.charged} to the caller",
                                               charged=ch.charged)
-                gate.ledger.set_status(cid, "closing")
+
+            ch = gate.ledger.set_status_checked(cid, "closing", idle)
             return JSONResponse({"signature_b": sign_close(operator_key, *args).hex(), "charged": ch.charged})
         except CocoonError as exc:
             return err(exc)

@@ -184,9 +184,13 @@ async def cancel_call(request: Request) -> Response:
     cid = request.path_params["id"]
     rec = gw.calls.get(cid)
     if rec is None:
-        if gw.store.get_call(cid) is not None:
-            return error_response(ConflictError(f"call {cid!r} already finished; nothing to cancel"))
-        return error_response(NotFoundError(f"no call {cid!r}"))
+        row = gw.store.get_call(cid)
+        if row is None:
+            return error_response(NotFoundError(f"no call {cid!r}"))
+        if gw.store.request_cancel(cid):  # running on another gateway: it picks the request up within a beat
+            return json_response({"id": cid, "function": row["function"], "version": row["version"],
+                                  "status": "cancelling", "created": row["created"], "finished": None}, 202)
+        return error_response(ConflictError(f"call {cid!r} already finished; nothing to cancel"))
     if rec.status in ("succeeded", "failed", "cancelled"):
         return error_response(ConflictError(f"call {cid!r} already {rec.status}; nothing to cancel"))
     if rec.task is not None:

@@ -1,4 +1,6 @@
-"""The gateway's durable state: API keys, functions and versions, call records, logs (SQLite, WAL).
+"""The gateway's durable state: API keys, functions and versions, call records, logs — in SQLite (one WAL file,
+the embedded default) or PostgreSQL (shared by several gateways), through `db.Database`; the schema is
+versioned (`STORE_MIGRATIONS`, applied at start-up).
 
 Control-plane writes commit at once. Call records and logs are written in small batches by a background flusher
 so the call path never waits for a disk sync; async call results are durable within one flush interval.
@@ -9,16 +11,20 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import sqlite3
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cocoon_faas.errors import ConflictError, NotFoundError
+from cocoon_faas.errors import ConflictError, NotFoundError, PermissionDeniedError
 
-SCHEMA = """
+from .db import Database, IntegrityError, open_database
+from .migrations import Migration, migrate
+
+STORE_MIGRATIONS = [
+    Migration(1, "developers, keys, functions, versions, call records, logs", """
 CREATE TABLE IF NOT EXISTS developers (id TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS api_keys (
     hash TEXT PRIMARY KEY, developer_id TEXT NOT NULL REFERENCES developers(id), name TEXT, created REAL NOT NULL);
@@ -36,12 +42,19 @@ CREATE TABLE IF NOT EXISTS call_log (
 CREATE TABLE IF NOT EXISTS logs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, function TEXT NOT NULL, version INTEGER, call_id TEXT, ts REAL NOT NULL,
     stream TEXT NOT NULL, text TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS logs_by_function ON logs (function, id);
-"""
+CREATE INDEX IF NOT EXISTS logs_by_function ON logs (function, id)
+"""),
+    # several gateways: an async call belongs to the gateway running it (others fail it only when that gateway
+    # is gone) and may be cancelled from any gateway (the owner polls for the request)
+    Migration(2, "calls: owning gateway, cancel requests", """
+ALTER TABLE calls ADD COLUMN gateway TEXT;
+ALTER TABLE calls ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0
+"""),
+]
 
 
 def storable(text: str) -> str:
-    """Text SQLite can hold: UTF-8 that cannot be encoded (a lone surrogate) is kept escaped, never refused
+    """Text the database can hold: UTF-8 that cannot be encoded (a lone surrogate) is kept escaped, never refused
     (a log line is the function's output; losing the batch over it would lose every call record in it)."""
     try:
         text.encode()
@@ -71,70 +84,62 @@ class VersionRow:
 
 
 class Store:
-    """SQLite-backed state; one connection guarded by a lock (the gateway is one process)."""
+    """The gateway's records over a `Database` (SQLite file by default, PostgreSQL shared by several gateways).
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(SCHEMA)
-        self._lock = threading.Lock()
+    `gateway_id` names this gateway process: it owns the async calls it runs."""
+
+    def __init__(self, db: Database | Path, gateway_id: str = "local") -> None:
+        self.db: Database = open_database(db) if isinstance(db, Path) else db
+        self.gateway_id = gateway_id
+        migrate(self.db, "store", STORE_MIGRATIONS)
         self._pending_calls: list[tuple[Any, ...]] = []
         self._pending_log: list[tuple[Any, ...]] = []
         self._pending_logs: list[tuple[Any, ...]] = []
+        self._flush_lock = threading.Lock()
+
+    @property
+    def path(self) -> Path | None:
+        return getattr(self.db, "path", None)
 
     def close(self) -> None:
         self.flush()
-        self._db.close()
+        self.db.close()
 
     def _q(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        return self.db.query(sql, args)
 
     def _tx(self, stmts: list[tuple[str, tuple[Any, ...]]]) -> None:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for sql, args in stmts:
-                    self._db.execute(sql, args)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._rollback()
-                raise
-
-    def _rollback(self) -> None:
-        """End a failed transaction whatever failed (a rollback that itself fails must not hide the cause):
-        a connection left inside a transaction would refuse every later write until restart."""
-        if self._db.in_transaction:
-            try:
-                self._db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+        with self.db.transaction() as tx:
+            for sql, args in stmts:
+                tx.execute(sql, args)
 
     # -- developers and keys -------------------------------------------------------------------------
     def create_key(self, name: str, *, for_developer: str | None = None) -> tuple[str, str]:
         """A new key for developer `name` (created if new); returns (key, developer_id)."""
-        row = self._q("SELECT id FROM developers WHERE name=?", (name,))
-        if row:
-            dev = row[0][0]
-            if for_developer is not None and dev != for_developer:
-                raise ConflictError(f"developer name {name!r} is taken by another developer; pick another --name")
-        else:
-            dev = "dev_" + secrets.token_hex(8)
         key = new_key()
-        stmts: list[tuple[str, tuple[Any, ...]]] = []
-        if not row:
-            stmts.append(("INSERT INTO developers VALUES (?,?,?)", (dev, name, time.time())))
-        stmts.append(("INSERT INTO api_keys VALUES (?,?,?,?)", (hash_key(key), dev, name, time.time())))
-        self._tx(stmts)
+        with self.db.transaction() as tx:
+            row = tx.execute(f"SELECT id FROM developers WHERE name=?{self.db.for_update}", (name,)).fetchone()
+            if row:
+                dev = row[0]
+                if for_developer is not None and dev != for_developer:
+                    raise ConflictError(f"developer name {name!r} is taken by another developer; pick another --name")
+            else:
+                dev = "dev_" + secrets.token_hex(8)
+                try:
+                    tx.execute("INSERT INTO developers VALUES (?,?,?)", (dev, name, time.time()))
+                except IntegrityError:  # another gateway created the same name a moment ago
+                    raise ConflictError(f"developer {name!r} was just created on another gateway; retry") from None
+            tx.execute("INSERT INTO api_keys VALUES (?,?,?,?)", (hash_key(key), dev, name, time.time()))
         return key, dev
 
     def keys(self) -> dict[str, str]:
         """key hash -> developer id"""
-        return dict(self._q("SELECT hash, developer_id FROM api_keys"))
+        return dict(self._q("SELECT hash, developer_id FROM api_keys"))  # type: ignore[arg-type]
+
+    def key_developer(self, key_hash: str) -> str | None:
+        """One key's developer (a key created on another gateway after this one loaded `keys()`)."""
+        row = self._q("SELECT developer_id FROM api_keys WHERE hash=?", (key_hash,))
+        return row[0][0] if row else None
 
     def developer_id(self, name: str) -> str | None:
         row = self._q("SELECT id FROM developers WHERE name=?", (name,))
@@ -148,29 +153,31 @@ class Store:
     def add_version(self, name: str, owner: str, spec: dict[str, Any], signature: dict[str, Any], code: bytes,
                     measurement: str, meta: dict[str, Any]) -> int:
         """Store a new version (not yet current); returns its number."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        for attempt in range(3):  # two gateways deploying the same new name race on the primary key: retry
             try:
-                row = self._db.execute("SELECT owner FROM functions WHERE name=?", (name,)).fetchone()
-                if row and row[0] != owner:
-                    from cocoon_faas.errors import PermissionDeniedError
+                return self._add_version(name, owner, spec, signature, code, measurement, meta)
+            except IntegrityError:
+                if attempt == 2:
+                    raise ConflictError(f"function {name!r} is being deployed on another gateway at the same "
+                                        "time; retry the deploy") from None
+        raise AssertionError("unreachable")
 
-                    raise PermissionDeniedError(
-                        f"function {name!r} belongs to another developer; deploy it under another name"
-                    )
-                v = self._db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE name=?",
-                                     (name,)).fetchone()[0]
-                self._db.execute(
-                    "INSERT INTO versions VALUES (?,?,?,?,?,?,?,?)",
-                    (name, v, json.dumps(spec), json.dumps(signature), code, measurement, json.dumps(meta), time.time()),
+    def _add_version(self, name: str, owner: str, spec: dict[str, Any], signature: dict[str, Any], code: bytes,
+                     measurement: str, meta: dict[str, Any]) -> int:
+        with self.db.transaction() as tx:
+            row = tx.execute(f"SELECT owner FROM functions WHERE name=?{self.db.for_update}", (name,)).fetchone()
+            if row and row[0] != owner:
+                raise PermissionDeniedError(
+                    f"function {name!r} belongs to another developer; deploy it under another name"
                 )
-                if row is None:
-                    self._db.execute("INSERT INTO functions VALUES (?,?,?,?)", (name, owner, 0, time.time()))
-                self._db.execute("COMMIT")
-                return int(v)
-            except BaseException:
-                self._rollback()
-                raise
+            if row is None:
+                tx.execute("INSERT INTO functions VALUES (?,?,?,?)", (name, owner, 0, time.time()))
+            v = tx.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE name=?", (name,)).fetchone()[0]
+            tx.execute(
+                "INSERT INTO versions VALUES (?,?,?,?,?,?,?,?)",
+                (name, v, json.dumps(spec), json.dumps(signature), code, measurement, json.dumps(meta), time.time()),
+            )
+            return int(v)
 
     def set_current(self, name: str, version: int) -> None:
         self._tx([("UPDATE functions SET current_version=? WHERE name=?", (version, name))])
@@ -181,7 +188,7 @@ class Store:
                   ("DELETE FROM functions WHERE name=? AND current_version=0", (name,))])
 
     def functions(self) -> list[tuple[str, str, int]]:
-        return [tuple(r) for r in self._q(  # type: ignore[misc]
+        return [(r[0], r[1], int(r[2])) for r in self._q(
             "SELECT name, owner, current_version FROM functions WHERE current_version > 0 ORDER BY name")]
 
     def owner(self, name: str) -> str | None:
@@ -189,14 +196,16 @@ class Store:
         return row[0][0] if row else None
 
     def version(self, name: str, version: int) -> VersionRow:
-        row = self._q("SELECT * FROM versions WHERE name=? AND version=?", (name, version))
+        row = self._q("SELECT name, version, spec, signature, code, measurement, meta, created FROM versions "
+                      "WHERE name=? AND version=?", (name, version))
         if not row:
             raise NotFoundError(f"function {name!r} has no version {version}; see `cocoon ls` for versions")
         r = row[0]
-        return VersionRow(r[0], r[1], json.loads(r[2]), json.loads(r[3]), r[4], r[5], json.loads(r[6]), r[7])
+        return VersionRow(r[0], int(r[1]), json.loads(r[2]), json.loads(r[3]), bytes(r[4]), r[5], json.loads(r[6]),
+                          r[7])
 
     def versions(self, name: str) -> list[tuple[int, str, float]]:
-        return [tuple(r) for r in self._q(  # type: ignore[misc]
+        return [(int(r[0]), r[1], r[2]) for r in self._q(
             "SELECT version, measurement, created FROM versions WHERE name=? ORDER BY version", (name,))]
 
     def delete_function(self, name: str) -> None:
@@ -205,9 +214,15 @@ class Store:
     # -- calls and logs (batched) ---------------------------------------------------------------------
     def record_call(self, call_id: str, function: str, version: int | None, status: str, created: float,
                     finished: float | None, duration_ms: float | None, error: dict[str, Any] | None,
-                    result: bytes | None, caller: str | None) -> None:
-        self._pending_calls.append((call_id, function, version, status, created, finished, duration_ms,
-                                    json.dumps(error) if error else None, result, caller))
+                    result: bytes | None, caller: str | None, *, durable: bool = False) -> None:
+        """An async call's record (kept by id for polling). `durable` writes it at once (a new call: another
+        gateway may be asked about it before the next flush)."""
+        row = (call_id, function, version, status, created, finished, duration_ms,
+               json.dumps(error) if error else None, result, caller, self.gateway_id)
+        if durable:
+            self.db.execute(_UPSERT_CALL, row)
+        else:
+            self._pending_calls.append(row)
 
     def log_call(self, call_id: str, function: str, version: int | None, status: str, created: float,
                  finished: float, duration_ms: float | None, error: dict[str, Any] | None, caller: str | None) -> None:
@@ -223,48 +238,65 @@ class Store:
             self._pending_logs.append((function, version, call_id, now, storable(stream), storable(text)))
 
     def flush(self) -> None:
-        calls, self._pending_calls = self._pending_calls, []
-        logs, self._pending_logs = self._pending_logs, []
-        done, self._pending_log = self._pending_log, []
-        if not calls and not logs and not done:
-            return
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                self._db.executemany("INSERT INTO call_log VALUES (?,?,?,?,?,?,?,?,?)", done)
-                self._db.executemany("INSERT OR REPLACE INTO calls VALUES (?,?,?,?,?,?,?,?,?,?)", calls)
-                self._db.executemany(
-                    "INSERT INTO logs (function, version, call_id, ts, stream, text) VALUES (?,?,?,?,?,?)", logs)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._rollback()
-                raise
+        with self._flush_lock:  # the flusher thread and a reader's flush must not interleave batches
+            calls, self._pending_calls = self._pending_calls, []
+            logs, self._pending_logs = self._pending_logs, []
+            done, self._pending_log = self._pending_log, []
+            if not calls and not logs and not done:
+                return
+            with self.db.transaction() as tx:
+                if done:
+                    tx.executemany("INSERT INTO call_log VALUES (?,?,?,?,?,?,?,?,?)", done)
+                if calls:
+                    tx.executemany(_UPSERT_CALL, calls)
+                if logs:
+                    tx.executemany(
+                        "INSERT INTO logs (function, version, call_id, ts, stream, text) VALUES (?,?,?,?,?,?)", logs)
 
     def get_call(self, call_id: str) -> dict[str, Any] | None:
         self.flush()
-        row = self._q("SELECT id, function, version, status, created, finished, duration_ms, error, result "
-                      "FROM calls WHERE id=?", (call_id,))
+        row = self._q("SELECT id, function, version, status, created, finished, duration_ms, error, result, "
+                      "gateway, cancel_requested FROM calls WHERE id=?", (call_id,))
         if not row:
             return None
         r = row[0]
         return {"id": r[0], "function": r[1], "version": r[2], "status": r[3], "created": r[4], "finished": r[5],
-                "duration_ms": r[6], "error": json.loads(r[7]) if r[7] else None, "result": r[8]}
+                "duration_ms": r[6], "error": json.loads(r[7]) if r[7] else None,
+                "result": bytes(r[8]) if r[8] is not None else None, "gateway": r[9],
+                "cancel_requested": bool(r[10])}
+
+    def request_cancel(self, call_id: str) -> bool:
+        """Ask the gateway running an unfinished async call to cancel it; False when it is not unfinished."""
+        return self.db.execute("UPDATE calls SET cancel_requested=1 WHERE id=? AND status IN ('queued','running')",
+                               (call_id,)) > 0
+
+    def cancel_requests(self, call_ids: list[str]) -> list[str]:
+        """Of this gateway's unfinished calls, those another gateway was asked to cancel."""
+        if not call_ids:
+            return []
+        marks = ",".join("?" * len(call_ids))
+        return [r[0] for r in self._q(f"SELECT id FROM calls WHERE cancel_requested=1 AND id IN ({marks})",
+                                      tuple(call_ids))]
 
     def call_counts(self) -> dict[str, tuple[int, int]]:
         """function -> (calls, errors) over all recorded calls."""
+        failed = "SUM(CASE WHEN status='failed' THEN 1 ELSE 0 END)"
         rows = self._q("SELECT function, SUM(n), SUM(e) FROM ("
-                       "SELECT function, COUNT(*) AS n, SUM(status='failed') AS e FROM calls GROUP BY function "
-                       "UNION ALL SELECT function, COUNT(*), SUM(status='failed') FROM call_log GROUP BY function) "
+                       f"SELECT function, COUNT(*) AS n, {failed} AS e FROM calls GROUP BY function "
+                       f"UNION ALL SELECT function, COUNT(*), {failed} FROM call_log GROUP BY function) AS u "
                        "GROUP BY function")
         return {r[0]: (int(r[1]), int(r[2] or 0)) for r in rows}
 
-    def mark_unfinished_failed(self) -> int:
-        """At start-up: calls that were queued/running when the gateway died can never finish."""
-        err = json.dumps({"type": "replica_lost", "message": "the gateway restarted while the call was running"})
-        with self._lock:
-            cur = self._db.execute("UPDATE calls SET status='failed', error=? WHERE status IN ('queued','running')",
-                                   (err,))
-            return cur.rowcount
+    def mark_unfinished_failed(self, alive: Collection[str] = ()) -> int:
+        """Calls that were queued/running on a gateway that died can never finish: fail them (at start-up and
+        whenever a gateway's lease expires). Calls of gateways in `alive` (this one included) are left alone."""
+        err = json.dumps({"type": "replica_lost", "message": "the gateway running the call stopped"})
+        keep = [g for g in alive if g != ""]
+        marks = ",".join("?" * len(keep))
+        sql = "UPDATE calls SET status='failed', error=?, finished=? WHERE status IN ('queued','running')"
+        if keep:
+            sql += f" AND (gateway IS NULL OR gateway NOT IN ({marks}))"
+        return self.db.execute(sql, (err, time.time(), *keep))
 
     def logs(self, function: str, limit: int) -> list[dict[str, Any]]:
         self.flush()
@@ -273,4 +305,12 @@ class Store:
         return [{"ts": r[0], "version": r[1], "call_id": r[2], "stream": r[3], "text": r[4]} for r in rows]
 
     def expire_results(self, older_than: float) -> None:
-        self._q("UPDATE calls SET result=NULL WHERE finished < ? AND result IS NOT NULL", (older_than,))
+        self.db.execute("UPDATE calls SET result=NULL WHERE finished < ? AND result IS NOT NULL", (older_than,))
+
+
+_UPSERT_CALL = (
+    "INSERT INTO calls (id, function, version, status, created, finished, duration_ms, error, result, caller, "
+    "gateway) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET function=excluded.function, "
+    "version=excluded.version, status=excluded.status, created=excluded.created, finished=excluded.finished, "
+    "duration_ms=excluded.duration_ms, error=excluded.error, result=excluded.result, caller=excluded.caller, "
+    "gateway=excluded.gateway")

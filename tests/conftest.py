@@ -147,3 +147,43 @@ def sse_events(text: str) -> list[tuple[str, Any]]:
                 data = json.loads(line[5:].strip())
         out.append((event, data))
     return out
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Any:
+    """One throwaway PostgreSQL server for the session (tests/pg.py); skipped only where it cannot run."""
+    from tests.pg import PgCluster, unavailable
+
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    cluster = PgCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """A fresh, empty database on each backend: a factory returning a new `Database` to the same place (as a
+    second gateway or a restarted one would open it). Every database it opened is closed afterwards."""
+    from cocoon_faas.gateway.db import open_database
+
+    where: Any = tmp_path / "db.sqlite" if request.param == "sqlite" else \
+        request.getfixturevalue("pg_cluster").new_database()
+    opened: list[Any] = []
+
+    def connect() -> Any:
+        db = open_database(where)
+        opened.append(db)
+        return db
+
+    connect.backend = request.param  # type: ignore[attr-defined]
+    yield connect
+    for db in opened:
+        try:
+            db.close()
+        except Exception:  # noqa: BLE001 - already closed by the test
+            pass
