@@ -293,3 +293,52 @@ def test_dashboard_login_chart_and_rollback(gw: GatewayProc, browser: Any, tmp_p
         _wait(browser, lambda d: "rolled back" in d.find_element(By.ID, "rollback-result").text)
         assert h.post("/fn/whoami", json={}).json() == {"version": "one"}
         _shot(browser, "dashboard-rollback.png")
+
+
+# -- the bot --------------------------------------------------------------------------------------------------
+
+def _until(cond: Any, timeout: float = 90, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_telegram_bot_streams_pays_and_answers_errors_politely(gw: GatewayProc, tmp_path: Path) -> None:
+    """examples/telegram_bot.py (python-telegram-bot) against a local Bot API stand-in set by its base URL: a
+    message in, a paid streamed call, the answer edited in place; /summarize; an error answered politely; the
+    bot's channel is charged and the ledger verifies."""
+    pytest.importorskip("telegram", reason="python-telegram-bot not installed (scripts/test installs it)")
+    from tests.botapi_standin import BotApiStandIn
+
+    api = BotApiStandIn("42:bot-token", free_port()).start()
+    payer = Caller(tmp_path / "bot", gw)
+    env = {**payer.env, "TELEGRAM_BOT_TOKEN": "42:bot-token", "TELEGRAM_API_URL": api.url, "BOT_EDIT_EVERY_S": "0",
+           "BOT_POLL_TIMEOUT_S": "1", "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "bot.log", "wb")
+    bot = subprocess.Popen([sys.executable, str(ROOT / "examples" / "telegram_bot.py")], env=env, stdout=log,
+                           stderr=subprocess.STDOUT)
+    chat = 5150
+    try:
+        api.user_says(chat, "hello marker")
+        final = "You said: rekram olleh"
+        sent = _until(lambda: [s for s in api.replies(chat) if s.edits and s.edits[-1] == final], what="the answer")[0]
+        assert sent.text == "…" and len(sent.edits) >= 2  # streamed: the reply grew in place
+        assert "sendChatAction" in api.methods()
+        api.user_says(chat, "/summarize one two three")
+        _until(lambda: any(s.text == "Summary (3 words): one two three" for s in api.replies(chat)), what="summary")
+        api.user_says(chat, "fail: this one")
+        polite = _until(lambda: [s for s in api.replies(chat) if s.edits and s.edits[-1].startswith("Sorry")],
+                        what="the polite error")[0].edits[-1]
+        assert "couldn't answer" in polite and "Traceback" not in polite
+    finally:
+        bot.terminate()
+        bot.wait(20)
+        log.close()
+        api.stop()
+    summary = httpx.get(f"{gw.url}/v1/channels/{payer.channel['channel_id']}", timeout=30).json()
+    assert summary["seqno"] == 3 and summary["charged"] > 0, summary
+    assert _ledger(gw)["verify"]["ok"]
