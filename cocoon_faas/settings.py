@@ -90,6 +90,15 @@ class Settings(BaseSettings):
                                     "(a caller on another home points this at the gateway's)")
     ton_network: str = Field("testnet", description="'testnet' or 'mainnet' for the 'ton' backend")
     ton_config: Path | None = Field(None, description="TON global config JSON for the 'ton' backend (pytonlib)")
+    channel_quarantine_s: int = Field(86_400, ge=0, description="operator: the dispute window of new channels (a "
+                                      "forced close waits this long; the watchtower challenges within it)")
+    channel_conditional_close_s: int = Field(0, ge=0, description="operator: the contract's conditional-payment "
+                                             "window after the quarantine (Cocoon sends none)")
+    channel_fine_bps: int = Field(1000, ge=0, le=2500, description="operator: misbehaviour fine of new channels, "
+                                  "basis points of the deposit")
+    channel_max_close_s: int = Field(7 * 86_400, ge=1, description="caller: the longest forced close (quarantine + "
+                                     "conditional window) it accepts before funding a channel")
+    watchtower_interval_s: float = Field(10.0, gt=0, description="how often the gateway checks its channels on chain")
 
     @field_validator("provider_admission")
     @classmethod

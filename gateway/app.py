@@ -128,7 +128,10 @@ class Gateway:
         self._bg += [loop.create_task(self._flusher()), loop.create_task(self._sweeper()),
                      loop.create_task(health_loop(self.market, ray_nodes=getattr(backend, "ray_nodes", None))),
                      loop.create_task(sweep_forever(self.billing.gate, self.hold_limit_s, self.settings.hold_grace_s,
-                                                    self.settings.hold_sweep_interval_s))]
+                                                    self.settings.hold_sweep_interval_s)),
+                     # gateways sharing a database: only the leader watches the chain (one challenge, one finish)
+                     loop.create_task(self.billing.watchtower.run(
+                         lambda: self.cluster is None or self.cluster.is_leader))]
 
     def hold_limit_s(self, function: str) -> float:
         """How long a call of ``function`` may hold its payment: its time limit (an hour when unknown: deleted)."""
@@ -329,7 +332,7 @@ def create_app(settings: Settings, backend: Any = None, extra_routes: list[Any] 
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
-        *payment_routes(gw.billing.gate, gw.billing.operator_key),
+        *payment_routes(gw.billing.gate, gw.billing.operator_key, watchtower=gw.billing.watchtower),
         *provider_routes(gw.market),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),

@@ -21,9 +21,11 @@ from nacl.bindings import crypto_sign, crypto_sign_seed_keypair
 from cocoon_faas.errors import CocoonError, PaymentRequiredError
 from cocoon_faas.gateway.ledger import Ledger
 from cocoon_faas.gateway.payments import FeePolicy, Hold, PaymentGate
+from cocoon_faas.gateway.watchtower import Watchtower
 from cocoon_faas.settings import Settings
 from cocoon_faas.spec import FunctionSpec
 from cocoon_faas.ton.chain import backend_from_settings
+from cocoon_faas.ton.closing import ClosingTerms
 from cocoon_faas.ton.keys import PrivateKey
 
 PAYMENT_HEADER = "x-cocoon-payment"
@@ -63,7 +65,10 @@ class Billing:
         self.ledger = Ledger(settings.database_url or settings.home / "ledger.db", home=settings.home)
         self.chain = backend_from_settings(settings)
         self.gate = PaymentGate(self.ledger, self.operator_key, FeePolicy(bps=settings.operator_fee_bps),
-                                chain=self.chain, gateway_id=gateway_id)
+                                chain=self.chain, gateway_id=gateway_id,
+                                terms=ClosingTerms(settings.channel_quarantine_s, settings.channel_conditional_close_s,
+                                                   settings.channel_fine_bps))
+        self.watchtower = Watchtower(self.ledger, self.chain, self.operator_key, settings.watchtower_interval_s)
         self.local_price = Price(settings.cpu_price_nanoton, settings.gpu_price_nanoton)
 
     def price_for(self, provider: str) -> Price:

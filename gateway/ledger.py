@@ -9,7 +9,8 @@ and carries a lease (``lease_until``) that gateway renews; another gateway relea
 or its owner is provably gone. Parties: ``caller`` (debited, one row per channel payer),
 ``provider``, ``developer`` and ``operator`` (credited). `verify` checks conservation to the nanoton (caller
 debits = provider + developer + operator credits), that each charge is covered by a stored, correctly signed
-state, and that no call is charged twice. See DESIGN.md "Pay" and "Invariants".
+state, that no call is charged twice, and that each channel closed on chain paid the operator its charges plus
+the booked close adjustment (`record_close`). See DESIGN.md "Pay" and "Invariants".
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from cocoon_faas.errors import ConflictError, NotFoundError
-from cocoon_faas.ton.channel import SignedSemiChannel
+from cocoon_faas.ton.channel import ClosingConfig, SignedSemiChannel
+from cocoon_faas.ton.closing import closing_to_dict, spendable
 from cocoon_faas.ton.keys import PublicKey
 
 from .db import Database, SqliteDatabase, Tx, open_database
@@ -69,6 +71,17 @@ ALTER TABLE pay_calls ADD COLUMN gateway TEXT;
 ALTER TABLE pay_calls ADD COLUMN lease_until REAL;
 CREATE INDEX IF NOT EXISTS pay_calls_held ON pay_calls (status, lease_until)
 """, _backfill_reserved),
+    # channels both sides can exit: each channel's closing config (part of its address: the watchtower rebuilds
+    # it), the last quarantine seen on chain, and what each close paid
+    Migration(3, "channel exits: closing config, quarantine seen, closes", """
+ALTER TABLE pay_channels ADD COLUMN quarantine_s INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE pay_channels ADD COLUMN conditional_s INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE pay_channels ADD COLUMN fine INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE pay_channels ADD COLUMN chain_q BLOB;
+CREATE TABLE IF NOT EXISTS pay_closes (
+    channel_id INTEGER PRIMARY KEY, how TEXT NOT NULL, charged INTEGER NOT NULL, paid_a INTEGER,
+    paid_b INTEGER, adjustment INTEGER NOT NULL DEFAULT 0, at REAL NOT NULL)
+"""),
 ]
 
 PARTIES = ("caller", "provider", "developer", "operator")
@@ -88,19 +101,28 @@ class ChannelRow:
     max_sent: int
     charged: int
     min_seqno: int
+    closing: ClosingConfig = ClosingConfig()
+    chain_q: bytes | None = None  # the last quarantine the watchtower saw on chain (a QuarantinedState cell BOC)
+
+    @property
+    def spendable(self) -> int:
+        """The most a state may send: the fine on top of it must still fit the deposit (closing.spendable)."""
+        return spendable(self.deposit, self.closing)
 
     def to_dict(self) -> dict[str, Any]:
         return {"channel_id": self.channel_id, "address": self.address, "caller": self.caller,
                 "deposit": self.deposit, "status": self.status, "seqno": self.max_seqno, "sent": self.max_sent,
-                "charged": self.charged, "key_a": self.key_a.hex(), "key_b": self.key_b.hex()}
+                "charged": self.charged, "key_a": self.key_a.hex(), "key_b": self.key_b.hex(),
+                "closing": closing_to_dict(self.closing), "spendable": self.spendable}
 
 
 def channel_row(r: tuple[Any, ...]) -> ChannelRow:
     return ChannelRow(r[0], PublicKey(bytes(r[1])), PublicKey(bytes(r[2])), r[3], r[4], r[5], r[6], r[7], r[8],
-                      r[9], r[10])
+                      r[9], r[10], ClosingConfig(r[11], r[13], r[12]), bytes(r[14]) if r[14] is not None else None)
 
 
-CHANNEL_COLS = "channel_id, key_a, key_b, address, caller, deposit, status, max_seqno, max_sent, charged, min_seqno"
+CHANNEL_COLS = ("channel_id, key_a, key_b, address, caller, deposit, status, max_seqno, max_sent, charged, min_seqno, "
+                "quarantine_s, conditional_s, fine, chain_q")
 
 
 class Ledger:
@@ -135,15 +157,16 @@ class Ledger:
 
     # channels
     def add_channel(self, channel_id: int, key_a: PublicKey, key_b: PublicKey, address: str, caller: str,
-                    deposit: int, min_seqno: int = 0) -> ChannelRow:
+                    deposit: int, min_seqno: int = 0, closing: ClosingConfig = ClosingConfig()) -> ChannelRow:
         with self.transaction() as db:
             old = db.execute("SELECT status FROM pay_channels WHERE channel_id=?", (channel_id,)).fetchone()
             if old is not None:
                 raise ConflictError(f"channel {channel_id} is already registered ({old[0]}); "
                                     "open a new channel with a fresh id")
-            db.execute(f"INSERT INTO pay_channels ({CHANNEL_COLS}, opened_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            db.execute(f"INSERT INTO pay_channels ({CHANNEL_COLS}, opened_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                        (channel_id, key_a.raw, key_b.raw, address, caller, deposit, "open", min_seqno, 0, 0,
-                        min_seqno, time.time()))  # a concurrent registration fails the primary key
+                        min_seqno, closing.quarantine_duration, closing.conditional_close_duration,
+                        closing.misbehavior_fine, None, time.time()))  # a concurrent registration fails the primary key
         return self.channel(channel_id)
 
     def channel(self, channel_id: int) -> ChannelRow:
@@ -182,6 +205,62 @@ class Ledger:
     def set_status(self, channel_id: int, status: str) -> None:
         with self.transaction() as db:
             db.execute("UPDATE pay_channels SET status=? WHERE channel_id=?", (status, channel_id))
+
+    def watched_channels(self) -> list[ChannelRow]:
+        """Channels the watchtower still follows on chain (every one not yet closed)."""
+        return [channel_row(r) for r in self.query(f"SELECT {CHANNEL_COLS} FROM pay_channels WHERE status != 'closed' "
+                                                   "ORDER BY channel_id")]
+
+    def saw_quarantine(self, channel_id: int, quarantine_boc: bytes) -> None:
+        """The watchtower saw a close under way: no more calls on the channel (a hold taken meanwhile on another
+        gateway waits for the row lock, then sees the status), and remember the split."""
+        with self.transaction() as db:
+            db.execute("UPDATE pay_channels SET status='quarantine', chain_q=? WHERE channel_id=?",
+                       (quarantine_boc, channel_id))
+
+    def best_state(self, channel_id: int, covering: int) -> tuple[int, int, bytes] | None:
+        """(seqno, sent, boc) of the stored state with the smallest `sent` >= `covering`, else the largest one:
+        what the operator closes or challenges with, claiming what it is owed and no more than it must."""
+        rows = self.query("SELECT seqno, sent, boc FROM pay_states WHERE channel_id=? AND sent >= ? "
+                          "ORDER BY sent, seqno DESC LIMIT 1", (channel_id, covering))
+        if not rows:
+            rows = self.query("SELECT seqno, sent, boc FROM pay_states WHERE channel_id=? "
+                              "ORDER BY sent DESC, seqno DESC LIMIT 1", (channel_id,))
+        return (int(rows[0][0]), int(rows[0][1]), bytes(rows[0][2])) if rows else None
+
+    def state_by_seqno(self, channel_id: int, seqno: int) -> int | None:
+        """`sent` of the stored state with `seqno` (None when the gateway never received it)."""
+        rows = self.query("SELECT sent FROM pay_states WHERE channel_id=? AND seqno=?", (channel_id, seqno))
+        return int(rows[0][0]) if rows else None
+
+    def record_close(self, channel_id: int, how: str, paid_a: int | None, paid_b: int | None) -> dict[str, Any]:
+        """The channel closed on chain paying the operator `paid_b` (None: unknown, the gateway did not watch the
+        close). What the chain paid beyond the charges (a fine, holds the caller signed for) or short of them is
+        booked as an adjustment between the caller and the operator, so the ledger matches the chain's payout to
+        the nanoton. Once per channel (the primary key and the status guard)."""
+        with self.transaction() as db:
+            row = db.execute(f"SELECT charged, caller, status FROM pay_channels WHERE channel_id=?{self.db.for_update}",
+                             (channel_id,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"unknown channel {channel_id}")
+            charged, caller, status = int(row[0]), str(row[1]), str(row[2])
+            if status == "closed":
+                raise ConflictError(f"channel {channel_id} is already recorded as closed")
+            adj = 0 if paid_b is None else paid_b - charged
+            db.execute("INSERT INTO pay_closes (channel_id, how, charged, paid_a, paid_b, adjustment, at) "
+                       "VALUES (?,?,?,?,?,?,?)", (channel_id, how, charged, paid_a, paid_b, adj, time.time()))
+            db.execute("UPDATE pay_channels SET status='closed' WHERE channel_id=?", (channel_id,))
+            if adj:
+                db.executemany("INSERT INTO pay_balances VALUES (?,?,?) ON CONFLICT(party, party_id) "
+                               "DO UPDATE SET amount = pay_balances.amount + excluded.amount",
+                               (("caller", caller, adj), ("operator", OPERATOR_ID, adj)))
+        return {"channel_id": channel_id, "how": how, "charged": charged, "paid_a": paid_a, "paid_b": paid_b,
+                "adjustment": adj}
+
+    def closes(self) -> list[dict[str, Any]]:
+        keys = ("channel_id", "how", "charged", "paid_a", "paid_b", "adjustment")
+        return [dict(zip(keys, r, strict=True)) for r in self.query(
+            "SELECT channel_id, how, charged, paid_a, paid_b, adjustment FROM pay_closes ORDER BY channel_id")]
 
     def call(self, call_id: str) -> dict[str, Any] | None:
         """One paid call with its charge split (None when the ledger never saw it)."""
@@ -223,8 +302,20 @@ class Ledger:
             "COALESCE(SUM(royalty_nanoton),0), COALESCE(SUM(operator_nanoton),0) FROM pay_charges")
         if prov + roy + op != total:
             problems.append(f"charge splits {prov}+{roy}+{op} do not add up to {total}")
-        if total != debits:
-            problems.append(f"charges total {total} != caller balances {debits}")
+        (adjusted,), = self.query("SELECT COALESCE(SUM(adjustment),0) FROM pay_closes")
+        if total + adjusted != debits:
+            problems.append(f"charges total {total} + close adjustments {adjusted} != caller balances {debits}")
+        for c in self.closes():
+            if c["paid_b"] is None:
+                problems.append(f"channel {c['channel_id']} closed on chain while the gateway was not watching; "
+                                "what the operator was paid is unknown")
+            elif c["charged"] + c["adjustment"] != c["paid_b"]:
+                problems.append(f"channel {c['channel_id']}: chain paid {c['paid_b']}, ledger books "
+                                f"{c['charged']} + {c['adjustment']}")
+        for cid, charged, at_close in self.query(
+                "SELECT c.channel_id, c.charged, x.charged FROM pay_channels c JOIN pay_closes x "
+                "ON x.channel_id = c.channel_id WHERE c.charged != x.charged"):
+            problems.append(f"channel {cid}: {charged - at_close} nanoton charged after the channel closed on chain")
         for cid, charged in self.query(
                 "SELECT c.channel_id, c.charged - COALESCE((SELECT SUM(total) FROM pay_charges g "
                 "WHERE g.channel_id=c.channel_id),0) FROM pay_channels c"):
@@ -254,5 +345,6 @@ class Ledger:
                                  "ON s.channel_id=c.channel_id AND s.seqno=c.seqno WHERE s.seqno IS NULL"):
             problems.append(f"call {cid} has no stored payment state")
         return {"ok": not problems, "problems": problems, "charges": n, "caller_debits": debits,
+                "close_adjustments": adjusted, "closes": len(self.closes()),
                 "provider_credits": sum(bal["provider"].values()), "developer_credits": sum(
                     bal["developer"].values()), "operator_fees": sum(bal["operator"].values())}

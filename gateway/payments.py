@@ -14,7 +14,8 @@ hold in one transaction before it returns; bad input raises and changes nothing.
 
 Channels are registered from the settlement backend, never from the caller's word: `register` recomputes the
 channel's address from its config (our operator key as party B), reads its storage from the chain and takes the
-deposit, keys and committed seqno from there (`channel_on_chain`).
+deposit, keys and committed seqno from there (`channel_on_chain`), and its closing config must meet the operator's
+`ClosingTerms`. No state may send more than ``deposit - fine`` (closing.spendable).
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ from cocoon_faas.errors import (
 )
 from cocoon_faas.ton.address import Address
 from cocoon_faas.ton.chain import require_ok
-from cocoon_faas.ton.channel import ChannelConfig, ChannelData, SignedSemiChannel
+from cocoon_faas.ton.channel import ChannelConfig, ChannelData, ClosingConfig, SignedSemiChannel
 from cocoon_faas.ton.client import ChannelSigner
+from cocoon_faas.ton.closing import ClosingTerms
 from cocoon_faas.ton.keys import PrivateKey, PublicKey
 from cocoon_faas.ton.messages import InitChannel, TopUp
 from cocoon_faas.ton.wallet import Wallet
@@ -115,13 +117,23 @@ def _signed_by(st: SignedSemiChannel, key: PublicKey) -> bool:
     return True
 
 
+_CLOSED = {
+    "closing": "channel {cid} is being closed cooperatively",
+    "quarantine": "channel {cid} is closing on chain (a forced close is under way; `cocoon channel show` says when "
+                  "it can finish)",
+    "closed": "channel {cid} is closed on chain",
+}
+
+
 def check_state(st: SignedSemiChannel, ch: ChannelRow, operator_key: PublicKey, reserved: int,
                 max_cost: int) -> None:
     """Raise PaymentError/PaymentRequiredError unless `st` may pay a call costing up to `max_cost`."""
     if ch.key_b != operator_key:
         raise _bad(f"channel {ch.channel_id} pays another operator; open a channel to this gateway", "foreign")
     if ch.status != "open":
-        raise _bad(f"channel {ch.channel_id} is {ch.status}; open a new channel", "closed", 409)
+        raise _bad(_CLOSED.get(ch.status, f"channel {ch.channel_id} is {ch.status}").format(cid=ch.channel_id)
+                   + "; no calls are served on it: open a new channel (`cocoon channel open`)", "closed", 409,
+                   channel_status=ch.status)
     if not _signed_by(st, ch.key_a):
         raise _bad(f"payment state for channel {ch.channel_id} is not signed by the channel's payer key",
                    "forged", 401)
@@ -137,10 +149,11 @@ def check_state(st: SignedSemiChannel, ch: ChannelRow, operator_key: PublicKey, 
     if body.seqno < ch.max_seqno and body.sent > ch.max_sent:
         raise _bad(f"payment state seqno {body.seqno} sends more than the newer seqno {ch.max_seqno}",
                    "stale", 409)
-    if body.sent > ch.deposit:
+    if body.sent > ch.spendable:
         raise PaymentRequiredError(
-            f"state sends {body.sent} nanoton, over the channel's deposit {ch.deposit}; close the channel and "
-            "open one with a larger deposit", needed=body.sent - ch.deposit, channel_id=ch.channel_id)
+            f"state sends {body.sent} nanoton, over the channel's spendable {ch.spendable} (deposit {ch.deposit} "
+            f"less the misbehaviour fine {ch.closing.misbehavior_fine}, which must fit beside it); close the channel "
+            "and open one with a larger deposit", needed=body.sent - ch.spendable, channel_id=ch.channel_id)
     available = max(body.sent, ch.max_sent) - ch.charged - reserved
     if available < max_cost:
         raise PaymentRequiredError(
@@ -175,7 +188,7 @@ class PaymentGate:
 
     def __init__(self, ledger: Ledger, operator_key: PrivateKey | PublicKey, fee_policy: FeePolicy | None = None,
                  recover: bool = True, chain: Any = None, gateway_id: str | None = None,
-                 lease_s: float = HOLD_LEASE_S) -> None:
+                 lease_s: float = HOLD_LEASE_S, terms: ClosingTerms | None = None) -> None:
         """`gateway_id` None: the only gateway on this ledger (its holds are all released at its next start);
         else holds carry the id and a lease (`renew_leases`, `release_orphans`)."""
         self.ledger = ledger
@@ -184,6 +197,7 @@ class PaymentGate:
         self.chain = chain
         self.gateway_id = gateway_id
         self.lease_s = lease_s
+        self.terms = terms or ClosingTerms()
         if recover:
             self.recover()
 
@@ -313,21 +327,30 @@ class PaymentGate:
         return 1
 
     def register(self, channel_id: int, key_a: PublicKey, dest_a: Address, address: str | None = None,
-                 deposit: int | None = None) -> ChannelRow:
-        """Register a caller's channel to this operator after reading it from the settlement chain."""
+                 deposit: int | None = None, closing: ClosingConfig | None = None) -> ChannelRow:
+        """Register a caller's channel to this operator after reading it from the settlement chain. Its closing
+        config (part of its address) must give the watchtower at least the operator's quarantine and fine."""
         if self.chain is None:
             raise ConflictError("this gateway has no settlement backend to check channels against; set "
                                 "COCOON_SETTLEMENT")
         if not 0 <= channel_id <= MAX_CHANNEL_ID:
             raise InvalidRequestError(f"channel id {channel_id} is out of range; use 0..2^63-1")
-        cfg = ChannelConfig(channel_id, key_a, self.operator_key, dest_a, Wallet(self.operator_key).address)
+        closing = closing or ClosingConfig()
+        cfg = ChannelConfig(channel_id, key_a, self.operator_key, dest_a, Wallet(self.operator_key).address, closing)
         if address is not None and Address.parse(address) != cfg.address:
             raise _bad(f"channel address {address} is not the address of channel {channel_id} between key_a and "
-                       f"this operator ({cfg.address.friendly()}); build the config with GET /v1/payments/operator",
-                       "mismatch", 409)
+                       f"this operator with this closing config ({cfg.address.friendly()}); build the config with "
+                       "GET /v1/payments/operator", "mismatch", 409)
         data = channel_on_chain(self.chain.channel_data(cfg), cfg, deposit)
+        want = self.terms.config_for(data.balance_a)
+        if closing.quarantine_duration < want.quarantine_duration or closing.misbehavior_fine < want.misbehavior_fine:
+            raise _bad(f"channel {channel_id} closes with a {closing.quarantine_duration} s quarantine and a "
+                       f"{closing.misbehavior_fine} nanoton fine; this operator needs at least "
+                       f"{want.quarantine_duration} s and {want.misbehavior_fine} to contest a stale close (close it "
+                       "and open one with the terms of GET /v1/payments/operator)", "terms", 409,
+                       quarantine_s=want.quarantine_duration, fine=want.misbehavior_fine)
         return self.ledger.add_channel(channel_id, key_a, self.operator_key, cfg.address.raw, dest_a.friendly(),
-                                       data.balance_a, min_seqno=data.committed_seqno_a)
+                                       data.balance_a, min_seqno=data.committed_seqno_a, closing=closing)
 
     def channel_summary(self, channel_id: int) -> dict[str, Any]:
         ch = self.ledger.channel(channel_id)

@@ -1,7 +1,10 @@
 """HTTP routes for channels and the ledger; the gateway mounts ``payment_routes(gate, operator_key)``.
 
-    GET  /v1/payments/operator      the operator's public key and payout address (to build a channel config)
-    POST /v1/channels               register a channel opened on chain {channel_id, key_a, dest_a[, address, deposit]}
+    GET  /v1/payments/operator[?channel_id=N]   the operator's public key, payout address and closing terms (to
+                                    build a channel config); with channel_id also `exit_state`: the operator's signed
+                                    seqno-0 state of that channel, the caller's key to a forced close of its own
+    POST /v1/channels               register a channel opened on chain {channel_id, key_a, dest_a[, address, deposit,
+                                    closing: {quarantine_s, conditional_close_s, fine}]}
     GET  /v1/channels/{id}          channel summary (seqno, sent, charged, reserved, credit)
     POST /v1/channels/{id}/close    the operator's close signature; the caller proves itself with signature_a
     GET  /v1/ledger[?verify=1]      operator only: balances per party, optionally the verify report
@@ -9,6 +12,8 @@
     GET  /v1/ledger/providers       operator only: per provider earned, paid out, due
     POST /v1/ledger/providers/{id}/payout   operator only: pay what is due through the operator's channel to the
                                     provider {public_key, wallet[, amount, deposit]} -> the signed state
+    POST /v1/ledger/channels/{id}/close     operator only: start a forced close of a caller's channel with the
+                                    state covering its charges (the watchtower finishes it after the quarantine)
 
 Registration trusts nothing the caller claims: keys, deposit and committed seqno come from the settlement chain
 (`PaymentGate.register`). The operator is the gateway's ``default`` developer, whose API key `cocoon serve` writes
@@ -17,6 +22,7 @@ to ``$COCOON_HOME/api_key`` on the gateway machine (any key created for that dev
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from typing import Any
 
@@ -33,12 +39,14 @@ from cocoon_faas.errors import (
     PermissionDeniedError,
 )
 from cocoon_faas.ton.address import Address
+from cocoon_faas.ton.closing import closing_from_dict, operator_exit_state
 from cocoon_faas.ton.keys import PrivateKey, PublicKey
 from cocoon_faas.ton.messages import CooperativeClose, sign_close
 from cocoon_faas.ton.wallet import Wallet
 
 from .http import developer_of, read_json
 from .payments import PaymentGate, payout_signer, provider_earnings, provider_payout
+from .watchtower import Watchtower
 
 OPERATOR_DEVELOPER = "default"
 MAX_BODY = 64 * 1024  # channel registrations and closes are a few hundred bytes
@@ -53,7 +61,8 @@ def gateway_operator(request: Request) -> bool:
 
 
 def payment_routes(gate: PaymentGate, operator_key: PrivateKey | None = None,
-                   is_operator: Callable[[Request], bool] = gateway_operator) -> list[BaseRoute]:
+                   is_operator: Callable[[Request], bool] = gateway_operator,
+                   watchtower: Watchtower | None = None) -> list[BaseRoute]:
     def err(exc: CocoonError) -> JSONResponse:
         return JSONResponse(exc.to_dict(), status_code=exc.status)
 
@@ -73,16 +82,32 @@ def payment_routes(gate: PaymentGate, operator_key: PrivateKey | None = None,
         return data
 
     async def operator(request: Request) -> JSONResponse:
-        return JSONResponse({"public_key": gate.operator_key.hex(),
-                             "address": Wallet(gate.operator_key).address.friendly()})
+        out: dict[str, Any] = {"public_key": gate.operator_key.hex(),
+                               "address": Wallet(gate.operator_key).address.friendly(),
+                               "closing": gate.terms.to_dict()}
+        raw = request.query_params.get("channel_id")
+        if raw is not None:
+            try:
+                cid = int(raw)
+                if not 0 <= cid < 2**128:
+                    raise ValueError
+            except ValueError:
+                return err(InvalidRequestError(f"channel_id {raw!r} is not a uint128 channel id"))
+            if operator_key is None:
+                return err(ConflictError("this gateway has no operator signing key to sign an exit state with"))
+            out["exit_state"] = base64.b64encode(operator_exit_state(operator_key, cid).to_boc()).decode()
+        return JSONResponse(out)
 
     async def register(request: Request) -> JSONResponse:
         try:
             d = await body(request)
             dep = d.get("deposit")
+            closing = d.get("closing")
+            if closing is not None and not isinstance(closing, dict):
+                raise InvalidRequestError("closing must be {quarantine_s, conditional_close_s, fine}")
             row = gate.register(int(d["channel_id"]), PublicKey(bytes.fromhex(d["key_a"])),
                                 Address.parse(str(d["dest_a"])), d.get("address"),
-                                None if dep is None else int(dep))
+                                None if dep is None else int(dep), closing_from_dict(closing))
             return JSONResponse(row.to_dict(), status_code=201)
         except CocoonError as exc:
             return err(exc)
@@ -131,7 +156,7 @@ def payment_routes(gate: PaymentGate, operator_key: PrivateKey | None = None,
             require_operator(request)
         except CocoonError as exc:
             return err(exc)
-        out: dict[str, Any] = {"balances": gate.ledger.balances()}
+        out: dict[str, Any] = {"balances": gate.ledger.balances(), "closes": gate.ledger.closes()}
         if request.query_params.get("verify"):
             out["verify"] = gate.ledger.verify()
         return JSONResponse(out)
@@ -176,7 +201,17 @@ def payment_routes(gate: PaymentGate, operator_key: PrivateKey | None = None,
         except CocoonError as exc:
             return err(exc)
 
-    return [Route("/v1/payments/operator", operator), Route("/v1/channels", register, methods=["POST"]),
+    async def operator_close(request: Request) -> JSONResponse:
+        try:
+            require_operator(request)
+            if watchtower is None:
+                raise ConflictError("this gateway runs no watchtower (no settlement backend or operator key)")
+            return JSONResponse(watchtower.start_operator_close(int(request.path_params["cid"])))
+        except CocoonError as exc:
+            return err(exc)
+
+    return [Route("/v1/payments/operator", operator),
+            Route("/v1/ledger/channels/{cid:int}/close", operator_close, methods=["POST"]), Route("/v1/channels", register, methods=["POST"]),
             Route("/v1/channels/{cid:int}", show), Route("/v1/channels/{cid:int}/close", close, methods=["POST"]),
             Route("/v1/ledger", ledger), Route("/v1/ledger/calls/{call_id}", ledger_call),
             Route("/v1/ledger/providers", earnings),

@@ -14,22 +14,25 @@ from cocoon_faas.gateway.ledger import Ledger
 from cocoon_faas.gateway.payments import PaymentGate
 from cocoon_faas.gateway.payments_routes import payment_routes
 from cocoon_faas.ton.chain import LocalChain, require_ok
-from cocoon_faas.ton.channel import ChannelConfig
+from cocoon_faas.ton.channel import ChannelConfig, ClosingConfig
 from cocoon_faas.ton.client import ChannelSigner
+from cocoon_faas.ton.closing import ClosingTerms, closing_to_dict
 from cocoon_faas.ton.keys import PrivateKey
 from cocoon_faas.ton.messages import CooperativeClose, InitChannel, TopUp, sign_close
 from cocoon_faas.ton.wallet import Wallet
 
 OP, CALLER = PrivateKey(b"\x07" * 32), PrivateKey(b"\x08" * 32)
 DEP, GAS = 10**9, 50_000_000
+TERMS = ClosingTerms(quarantine_s=100, conditional_close_s=0, fine_bps=1000)
 TOKEN = {"Authorization": "Bearer op-token"}
 
 
-def _open_on_chain(chain: LocalChain, cid: int, key: PrivateKey, op_key: PrivateKey, init: bool = True
-                   ) -> ChannelConfig:
+def _open_on_chain(chain: LocalChain, cid: int, key: PrivateKey, op_key: PrivateKey, init: bool = True,
+                   closing: ClosingConfig = TERMS.config_for(DEP)) -> ChannelConfig:
     w = Wallet(key.public_key())
     chain.faucet(w.address, 3 * DEP)
-    cfg = ChannelConfig(cid, key.public_key(), op_key.public_key(), w.address, Wallet(op_key.public_key()).address)
+    cfg = ChannelConfig(cid, key.public_key(), op_key.public_key(), w.address, Wallet(op_key.public_key()).address,
+                        closing)
     require_ok(chain.send_to_channel(key, w, cfg, TopUp(DEP).to_cell(), DEP + GAS), "top-up")
     if init:
         require_ok(chain.send_to_channel(key, w, cfg, InitChannel.signed(key, True, cid, DEP, 0).to_cell(), GAS),
@@ -40,7 +43,7 @@ def _open_on_chain(chain: LocalChain, cid: int, key: PrivateKey, op_key: Private
 @pytest.fixture()
 def env(tmp_path: Path):  # type: ignore[no-untyped-def]
     chain = LocalChain(tmp_path / "chain.db")
-    gate = PaymentGate(Ledger(tmp_path / "l.db"), OP, chain=chain)
+    gate = PaymentGate(Ledger(tmp_path / "l.db"), OP, chain=chain, terms=TERMS)
 
     def is_op(request: Request) -> bool:
         return request.headers.get("authorization") == TOKEN["Authorization"]
@@ -50,12 +53,15 @@ def env(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def _reg(client: TestClient, cfg: ChannelConfig, **extra: object):  # type: ignore[no-untyped-def]
     return client.post("/v1/channels", json={"channel_id": cfg.channel_id, "key_a": cfg.key_a.hex(),
-                                             "dest_a": cfg.dest_a.raw, **extra})
+                                             "dest_a": cfg.dest_a.raw, "closing": closing_to_dict(cfg.closing),
+                                             **extra})
 
 
 def test_registration_reads_the_chain_and_refuses_mismatches(env) -> None:  # type: ignore[no-untyped-def]
     chain, gate, client = env
-    assert client.get("/v1/payments/operator").json()["public_key"] == OP.public_key().hex()
+    op = client.get("/v1/payments/operator").json()
+    assert op["public_key"] == OP.public_key().hex() and op["closing"] == TERMS.to_dict()
+    assert "exit_state" not in op
     cfg = _open_on_chain(chain, 9, CALLER, OP)
     lie = _reg(client, cfg, deposit=DEP * 100)
     assert lie.status_code == 409 and lie.json()["error"]["problem"] == "mismatch"
@@ -72,6 +78,12 @@ def test_registration_reads_the_chain_and_refuses_mismatches(env) -> None:  # ty
     assert _reg(client, half).json()["error"]["problem"] == "not_inited"
     assert client.post("/v1/channels", json={"channel_id": 2**64, "key_a": cfg.key_a.hex(),
                                              "dest_a": cfg.dest_a.raw}).status_code == 400
+    # a channel without a dispute window, or with a fine below the operator's: the watchtower could not defend it
+    for closing in (ClosingConfig(), ClosingConfig(100, 0, 0), ClosingConfig(10, DEP // 10, 0)):
+        weak = _open_on_chain(chain, 13, CALLER, OP, closing=closing)
+        refused = _reg(client, weak)
+        assert refused.status_code == 409 and refused.json()["error"]["problem"] == "terms", refused.text
+        assert refused.json()["error"]["quarantine_s"] == 100 and refused.json()["error"]["fine"] == DEP // 10
     assert gate.ledger.channels() == []
     ok = _reg(client, cfg, address=cfg.address.friendly())
     assert ok.status_code == 201 and ok.json()["deposit"] == DEP
@@ -158,3 +170,38 @@ def test_provider_earnings_and_payout_through_a_channel(env) -> None:  # type: i
     require_ok(chain.send_to_channel(OP, op_wallet, pcfg, close.to_cell(), GAS), "payout close")
     assert chain.balance(prov_wallet) == 1_200_000
     assert gate.ledger.verify()["ok"]
+
+
+def test_exit_state_and_the_operators_forced_close(tmp_path: Path) -> None:
+    from cocoon_faas.gateway.payments import decode_header
+    from cocoon_faas.gateway.watchtower import Watchtower
+    from cocoon_faas.ton.closing import check_exit_state
+
+    chain = LocalChain(tmp_path / "chain.db")
+    gate = PaymentGate(Ledger(tmp_path / "l.db"), OP, chain=chain, terms=TERMS)
+    tower = Watchtower(gate.ledger, chain, OP)
+
+    def is_op(request: Request) -> bool:
+        return request.headers.get("authorization") == TOKEN["Authorization"]
+
+    client = TestClient(Starlette(routes=payment_routes(gate, OP, is_operator=is_op, watchtower=tower)))
+    op = client.get("/v1/payments/operator?channel_id=21").json()
+    check_exit_state(decode_header(op["exit_state"]), OP.public_key(), 21)  # signed, seqno 0, nothing sent
+    assert client.get("/v1/payments/operator?channel_id=-1").status_code == 400
+    assert client.get("/v1/payments/operator?channel_id=x").json()["error"]["type"] == "invalid_request"
+    cfg = _open_on_chain(chain, 21, CALLER, OP)
+    assert _reg(client, cfg).status_code == 201
+    assert client.post("/v1/ledger/channels/21/close").status_code == 403
+    never_paid = client.post("/v1/ledger/channels/21/close", headers=TOKEN)
+    assert never_paid.status_code == 409 and "never paid" in never_paid.json()["error"]["message"]
+    signer = ChannelSigner(tmp_path / "c.json", CALLER, 21, DEP, limit=DEP - DEP // 10)
+    t = signer.sign_for_call(1000)
+    gate.settle(gate.authorize(t.header, "c1", "f", 1000), "p", 500, "d", 0)
+    started = client.post("/v1/ledger/channels/21/close", headers=TOKEN)
+    assert started.status_code == 200 and started.json()["phase"] == "quarantine", started.text
+    assert client.get("/v1/channels/21").json()["status"] == "quarantine"
+    again = client.post("/v1/ledger/channels/21/close", headers=TOKEN)
+    assert again.status_code == 409
+    late = signer.sign_for_call(1000)
+    with pytest.raises(Exception, match="closing on chain"):
+        gate.authorize(late.header, "c2", "f", 1000)

@@ -26,6 +26,7 @@ from cocoon_faas.ton import rules
 from cocoon_faas.ton.address import Address
 from cocoon_faas.ton.chain import backend_from_settings
 from cocoon_faas.ton.channel import ChannelConfig, ClosingConfig, SemiChannel, SemiChannelBody
+from cocoon_faas.ton.closing import ClosingTerms
 from cocoon_faas.ton.keys import PrivateKey
 from cocoon_faas.ton.messages import InitChannel, StartUncooperativeClose, TopUp
 from cocoon_faas.ton.tonlib import TonChain, parse_channel_data, plain, stack_from_tonlib
@@ -185,7 +186,8 @@ def test_gateway_registers_a_channel_read_from_the_ton_backend(code: Cell, tmp_p
     for body in (TopUp(2 * T).to_cell(), InitChannel.signed(KA, True, 505, 2 * T, 0).to_cell()):
         data = rules.apply(data, body, 2 * T + T // 10, NOW).data
     net.accounts[cfg.address.raw] = (code, data.to_cell())
-    gate = PaymentGate(Ledger(tmp_path / "l.db"), KB, chain=TonChain(net))
+    # an operator that asks for no dispute window (quarantine 0) accepts the all-zero closing config
+    gate = PaymentGate(Ledger(tmp_path / "l.db"), KB, chain=TonChain(net), terms=ClosingTerms(0, 0, 0))
     with pytest.raises(Exception) as lie:
         gate.register(505, KA.public_key(), WA.address, deposit=5 * T)
     assert "does not match" in str(lie.value)

@@ -3,6 +3,7 @@ payment routes (gateway/payments_routes.py). Wallet and channel state live under
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -13,15 +14,31 @@ from typing import Any
 import click
 import httpx
 
-from cocoon_faas.errors import CocoonError, InvalidRequestError, error_from_body
+from cocoon_faas.errors import CocoonError, ConflictError, InvalidRequestError, error_from_body
 from cocoon_faas.settings import get_settings
 from cocoon_faas.ton.address import Address
 from cocoon_faas.ton.amounts import format_ton, to_nano
 from cocoon_faas.ton.chain import backend_from_settings, require_ok
-from cocoon_faas.ton.channel import ChannelConfig
+from cocoon_faas.ton.channel import ChannelConfig, SignedSemiChannel
 from cocoon_faas.ton.client import ChannelSigner
+from cocoon_faas.ton.closing import (
+    ClosingTerms,
+    check_closing,
+    check_exit_state,
+    closing_from_dict,
+    closing_to_dict,
+    phase_of,
+    spendable,
+)
 from cocoon_faas.ton.keys import PrivateKey, PublicKey, new_mnemonic
-from cocoon_faas.ton.messages import CooperativeClose, InitChannel, TopUp, sign_close
+from cocoon_faas.ton.messages import (
+    CooperativeClose,
+    FinishUncooperativeClose,
+    InitChannel,
+    StartUncooperativeClose,
+    TopUp,
+    sign_close,
+)
 from cocoon_faas.ton.wallet import Wallet
 
 GAS = 50_000_000  # 0.05 TON attached to each channel message
@@ -81,7 +98,7 @@ def _current() -> dict[str, Any]:
 
 def _cfg(c: dict[str, Any]) -> ChannelConfig:
     return ChannelConfig(c["channel_id"], PublicKey(bytes.fromhex(c["key_a"])), PublicKey(bytes.fromhex(c["key_b"])),
-                         Address.parse(c["dest_a"]), Address.parse(c["dest_b"]))
+                         Address.parse(c["dest_a"]), Address.parse(c["dest_b"]), closing_from_dict(c.get("closing")))
 
 
 def register(main: click.Group) -> None:
@@ -134,44 +151,77 @@ def register(main: click.Group) -> None:
     @channel.command("open")
     @click.option("--deposit", required=True, help="TON to lock in the channel, e.g. 5")
     def channel_open(deposit: str) -> None:
+        """Fund a channel to the gateway operator, after checking its closing terms and taking the operator's
+        exit state (what lets you close it alone later)."""
         try:
             key, w = _load_wallet()
             dep = to_nano(deposit)
-            op = _gateway("GET", "/v1/payments/operator")
-            op_key = PublicKey(bytes.fromhex(op["public_key"]))
             cid = secrets.randbits(63)
-            cfg = ChannelConfig(cid, key.public_key(), op_key, w.address, Address.parse(op["address"]))
+            op = _gateway("GET", f"/v1/payments/operator?channel_id={cid}")
+            op_key = PublicKey(bytes.fromhex(op["public_key"]))
+            closing = ClosingTerms.from_dict(op.get("closing") or {}).config_for(dep)
+            check_closing(closing, dep, get_settings().channel_max_close_s)  # before any money moves
+            exit_state = SignedSemiChannel.from_boc(base64.b64decode(str(op.get("exit_state", ""))))
+            check_exit_state(exit_state, op_key, cid)
+            cfg = ChannelConfig(cid, key.public_key(), op_key, w.address, Address.parse(op["address"]), closing)
             chain = _chain()
             require_ok(chain.send_to_channel(key, w, cfg, TopUp(dep).to_cell(), dep + GAS), "top-up")
             require_ok(chain.send_to_channel(key, w, cfg, InitChannel.signed(key, True, cid, dep, 0).to_cell(), GAS),
                        "init")
-            _gateway("POST", "/v1/channels", json={"channel_id": cid, "key_a": key.public_key().hex(),
-                                                   "dest_a": w.address.raw, "address": cfg.address.raw,
-                                                   "deposit": dep})
-            ChannelSigner(_home() / "channels" / f"{cid}.json", key, cid, dep)
+            # saved before registering: a gateway that refuses it now cannot lock the deposit in
+            ChannelSigner(_home() / "channels" / f"{cid}.json", key, cid, dep, limit=spendable(dep, closing))
             state = {"channel_id": cid, "key_a": key.public_key().hex(), "key_b": op_key.hex(),
-                     "dest_a": w.address.raw, "dest_b": cfg.dest_b.raw, "address": cfg.address.friendly()}
+                     "dest_a": w.address.raw, "dest_b": cfg.dest_b.raw, "address": cfg.address.friendly(),
+                     "deposit": dep, "closing": closing_to_dict(closing),
+                     "exit_state": base64.b64encode(exit_state.to_boc()).decode()}
             (_home() / "channel.json").write_text(json.dumps(state))
-            _out({**state, "deposit_ton": format_ton(dep)})
+            try:
+                _gateway("POST", "/v1/channels", json={"channel_id": cid, "key_a": key.public_key().hex(),
+                                                       "dest_a": w.address.raw, "address": cfg.address.raw,
+                                                       "deposit": dep, "closing": closing_to_dict(closing)})
+            except CocoonError as exc:
+                raise type(exc)(f"{exc.message} (the channel is funded; leave with `cocoon channel close --force`)"
+                                ) from None
+            _out({**{k: v for k, v in state.items() if k != "exit_state"}, "deposit_ton": format_ton(dep),
+                  "spendable_ton": format_ton(spendable(dep, closing))})
         except CocoonError as exc:
             _fail(exc)
 
     @channel.command("show")
     def channel_show() -> None:
+        """The channel's phase on chain, what you were charged, and when the next step becomes possible."""
         try:
             c = _current()
             key, _ = _load_wallet()
             s = ChannelSigner(_home() / "channels" / f"{c['channel_id']}.json", key)
-            _out({"channel_id": c["channel_id"], "address": c["address"], "deposit_ton": format_ton(s.deposit),
-                  "charged_ton": format_ton(s.charged), "seqno": s.seqno,
-                  "gateway": _gateway("GET", f"/v1/channels/{c['channel_id']}")})
+            chain = _chain()
+            now = int(chain.now())
+            ph = phase_of(chain.channel_data(_cfg(c)), now)
+            out: dict[str, Any] = {
+                "channel_id": c["channel_id"], "address": c["address"], "deposit_ton": format_ton(s.deposit),
+                "charged_ton": format_ton(s.charged), "seqno": s.seqno, "phase": ph.name,
+                "next_step": ph.describe(now), "closing": c.get("closing")}
+            if ph.finish_after is not None:
+                out.update(started_by=ph.started_by, challenged=ph.challenged, challenge_until=ph.challenge_until,
+                           finish_possible_at=ph.finish_after + 1, finish_in_s=max(0, ph.finish_after + 1 - now))
+            try:
+                out["gateway"] = _gateway("GET", f"/v1/channels/{c['channel_id']}")
+            except CocoonError as exc:  # the chain is the authority; the gateway may be gone
+                out["gateway"] = {"error": exc.message}
+            _out(out)
         except CocoonError as exc:
             _fail(exc)
 
     @channel.command("close")
-    def channel_close() -> None:
-        """Cooperative close: you get back the deposit minus what was charged."""
+    @click.option("--force", is_flag=True, help="close without the operator: start an uncooperative close on chain "
+                  "(finish it with `cocoon channel finish` after the quarantine)")
+    def channel_close(force: bool) -> None:
+        """Cooperative close: you get back the deposit minus what was charged. --force: the same, without the
+        operator, after the channel's quarantine."""
         try:
+            if force:
+                _force_close()
+                return
             c = _current()
             key, w = _load_wallet()
             cid = c["channel_id"]
@@ -181,7 +231,8 @@ def register(main: click.Group) -> None:
             charged = int(_gateway("GET", f"/v1/channels/{cid}")["charged"])
             if charged > s.sent:
                 raise InvalidRequestError(f"the gateway claims {charged} nanoton, more than the {s.sent} you signed "
-                                          "for; do not close cooperatively (dispute with your latest state)")
+                                          "for; do not close cooperatively: `cocoon channel close --force` pays "
+                                          "only what you were charged")
             args = (cid, s.deposit - charged, charged, max(s.seqno, 1), 1)
             sig_a = sign_close(key, *args)
             sig_b = bytes.fromhex(_gateway("POST", f"/v1/channels/{cid}/close", json={
@@ -193,6 +244,62 @@ def register(main: click.Group) -> None:
             _out({"closed": cid, "refund_ton": format_ton(args[1]), "paid_ton": format_ton(args[2]),
                   "charged_locally_ton": format_ton(s.charged),
                   "payouts": [{"to": p.dest.friendly(), "nanoton": p.amount, "mode": p.mode} for p in res.payouts]})
+        except CocoonError as exc:
+            _fail(exc)
+
+    def _force_close() -> None:
+        c = _current()
+        if not c.get("exit_state"):
+            raise InvalidRequestError("this channel was opened without the operator's exit state (an older "
+                                      "version): close it cooperatively with `cocoon channel close`")
+        key, w = _load_wallet()
+        cid = c["channel_id"]
+        s = ChannelSigner(_home() / "channels" / f"{cid}.json", key)
+        owed, source = s.charged, "local"
+        try:  # the gateway's count, when it answers, covers a charge whose response we lost
+            theirs = int(_gateway("GET", f"/v1/channels/{cid}")["charged"])
+            if s.charged < theirs <= s.sent:
+                owed, source = theirs, "gateway"
+        except (CocoonError, KeyError, ValueError):
+            pass
+        mine = s.close_state(owed)
+        op_state = SignedSemiChannel.from_boc(base64.b64decode(c["exit_state"]))
+        chain = _chain()
+        cfg = _cfg(c)
+        res = chain.send_to_channel(key, w, cfg, StartUncooperativeClose.signed(key, True, cid, mine, op_state)
+                                    .to_cell(), GAS)
+        if res.exit_code == 106:
+            raise ConflictError(f"a close of channel {cid} is already under way; `cocoon channel show` says when "
+                                "`cocoon channel finish` becomes possible", exit_code=106)
+        require_ok(res, "forced close")
+        now = int(chain.now())
+        ph = phase_of(chain.channel_data(cfg), now)
+        _out({"channel_id": cid, "phase": ph.name, "pays_operator_ton": format_ton(owed), "counted_by": source,
+              "refund_ton": format_ton(s.deposit - owed), "finish_possible_at": (ph.finish_after or now) + 1,
+              "next_step": ph.describe(now)})
+
+    @channel.command("finish")
+    def channel_finish() -> None:
+        """Complete a forced close once its quarantine is over: the contract pays both sides."""
+        try:
+            c = _current()
+            key, w = _load_wallet()
+            chain = _chain()
+            cfg = _cfg(c)
+            now = int(chain.now())
+            ph = phase_of(chain.channel_data(cfg), now)
+            res = chain.send_to_channel(key, w, cfg, FinishUncooperativeClose().to_cell(), GAS)
+            if res.exit_code == 113:
+                raise ConflictError(f"too early: the quarantine of channel {c['channel_id']} ends at "
+                                    f"{(ph.finish_after or now) + 1} (in {(ph.finish_after or now) + 1 - now} s); "
+                                    "run `cocoon channel finish` then", exit_code=113)
+            if res.exit_code == 107:
+                raise ConflictError(f"no close of channel {c['channel_id']} is under way; start one with `cocoon "
+                                    "channel close --force`", exit_code=107)
+            require_ok(res, "finish")
+            (_home() / "channel.json").unlink()
+            _out({"closed": c["channel_id"], "payouts": [{"to": p.dest.friendly(), "nanoton": p.amount}
+                                                         for p in res.payouts]})
         except CocoonError as exc:
             _fail(exc)
 

@@ -42,6 +42,7 @@ class SendResult:
 
 
 class ChainBackend(Protocol):
+    def now(self) -> int: ...
     def balance(self, address: Address) -> int: ...
     def send_to_channel(self, key: PrivateKey, wallet: Wallet, cfg: ChannelConfig, body: Cell,
                         value: int) -> SendResult: ...
@@ -57,7 +58,9 @@ class LocalChain:
         self._db.executescript(
             "CREATE TABLE IF NOT EXISTS accounts (address TEXT PRIMARY KEY, balance INTEGER NOT NULL);"
             "CREATE TABLE IF NOT EXISTS contracts (address TEXT PRIMARY KEY, data BLOB NOT NULL, "
-            "balance INTEGER NOT NULL);")
+            "balance INTEGER NOT NULL);"
+            "CREATE TABLE IF NOT EXISTS payouts (id INTEGER PRIMARY KEY AUTOINCREMENT, contract TEXT NOT NULL, "
+            "dest TEXT NOT NULL, amount INTEGER NOT NULL, at INTEGER NOT NULL);")
         self._lock = threading.Lock()
         self._clock = clock
 
@@ -81,6 +84,12 @@ class LocalChain:
     def contract_balance(self, cfg: ChannelConfig) -> int:
         row = self._db.execute("SELECT balance FROM contracts WHERE address=?", (cfg.address.raw,)).fetchone()
         return int(row[0]) if row else 0
+
+    def payouts(self, cfg: ChannelConfig) -> list[tuple[Address, int]]:
+        """Every payout the channel's contract has made: (destination, nanoton), oldest first."""
+        rows = self._db.execute("SELECT dest, amount FROM payouts WHERE contract=? ORDER BY id",
+                                (cfg.address.raw,)).fetchall()
+        return [(Address.parse(d), int(a)) for d, a in rows]
 
     def send_to_channel(self, key: PrivateKey, wallet: Wallet, cfg: ChannelConfig, body: Cell,
                         value: int) -> SendResult:
@@ -107,6 +116,8 @@ class LocalChain:
                         balance -= amount
                         db.execute("INSERT INTO accounts VALUES (?,?) ON CONFLICT(address) DO UPDATE SET "
                                    "balance = balance + excluded.balance", (p.dest.raw, amount))
+                        db.execute("INSERT INTO payouts (contract, dest, amount, at) VALUES (?,?,?,?)",
+                                   (cfg.address.raw, p.dest.raw, amount, self.now()))
                     db.execute("INSERT INTO contracts VALUES (?,?,?) ON CONFLICT(address) DO UPDATE SET "
                                "data=excluded.data, balance=excluded.balance",
                                (cfg.address.raw, out.data.to_cell().to_boc(), balance))

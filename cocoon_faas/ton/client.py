@@ -45,6 +45,7 @@ class _Saved:
     counterparty_sent: int = 0
     lease_seqno: int = 0  # seqnos up to this one may have been signed
     lease_sent: int = 0  # and `sent` up to this much
+    limit: int = 0  # the most a state may send (deposit less the channel's fine); 0: the deposit
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,8 @@ class Ticket:
 class ChannelSigner:
     """Signs payment states for one channel; thread-safe; persists before handing a state out."""
 
-    def __init__(self, path: Path, key: PrivateKey, channel_id: int | None = None, deposit: int | None = None):
+    def __init__(self, path: Path, key: PrivateKey, channel_id: int | None = None, deposit: int | None = None,
+                 limit: int | None = None):
         self.path = Path(path)
         self.key = key
         self._lock = threading.Lock()
@@ -76,7 +78,7 @@ class ChannelSigner:
             if channel_id is None or deposit is None:
                 raise PaymentRequiredError(f"no channel state at {self.path}; open one with "
                                            "`cocoon channel open --deposit 5`")
-            self._s = _Saved(channel_id, deposit)
+            self._s = _Saved(channel_id, deposit, limit=deposit if limit is None else limit)
             self._save()
         self._lease_released()
         self._template = StateTemplate(self._s.channel_id, SemiChannelBody(self._s.counterparty_seqno,
@@ -90,6 +92,11 @@ class ChannelSigner:
     @property
     def deposit(self) -> int:
         return self._s.deposit
+
+    @property
+    def limit(self) -> int:
+        """The most any state may send: the deposit less the fine that must fit beside it."""
+        return self._s.limit or self._s.deposit
 
     @property
     def charged(self) -> int:
@@ -124,16 +131,16 @@ class ChannelSigner:
         with self._lock:
             want = self._s.charged + sum(self._inflight.values()) + hold
             sent = max(self._s.sent, want)
-            if sent > self._s.deposit:
+            if sent > self.limit:
                 raise PaymentRequiredError(
-                    f"channel {self._s.channel_id} has {self._s.deposit - self._s.sent} nanoton of credit left, "
+                    f"channel {self._s.channel_id} has {self.limit - self._s.sent} nanoton of credit left, "
                     f"this call may cost {hold}; close it and open a new one with a larger deposit",
-                    needed=sent - self._s.deposit)
+                    needed=sent - self.limit)
             seqno = self._s.seqno = self._s.seqno + 1
             self._s.sent = sent
             if seqno > self._s.lease_seqno or sent > self._s.lease_sent:  # durable before it leaves
                 self._s.lease_seqno = seqno + LEASE_SEQNOS - 1
-                self._s.lease_sent = min(self._s.deposit, sent + LEASE_HOLDS * hold)
+                self._s.lease_sent = min(self.limit, sent + LEASE_HOLDS * hold)
                 self._save()
             self._inflight[seqno] = hold
         boc, state = self._template.build(seqno, sent, self._sign)
@@ -154,6 +161,18 @@ class ChannelSigner:
             if self._dirty or self._s.lease_seqno != self._s.seqno or self._s.lease_sent != self._s.sent:
                 self._lease_released()
                 self._save()
+
+    def close_state(self, sent: int) -> SignedSemiChannel:
+        """A fresh state (next seqno, saved before it leaves) sending `sent`: what a forced close commits. `sent`
+        may be below earlier states' (the charges, not the holds that covered calls in flight); the operator's
+        watchtower contests a close that pays less than was charged, and the contract then fines the caller."""
+        with self._lock:
+            if not 0 <= sent <= self.limit:
+                raise ValueError(f"sent must be within 0..{self.limit}")
+            seqno = self._s.seqno = self._s.seqno + 1
+            self._lease_released()
+            self._save()
+        return self.state_for(seqno, sent)
 
     def latest(self) -> SignedSemiChannel:
         """The state for the current seqno and sent (what a close or a dispute would use)."""

@@ -7,7 +7,7 @@ Exit codes: 100 already inited / 101 bad signature / 102 balances / 104 wrong ta
 106 quarantine already active / 107 no quarantine / 108 seqno regress / 109 wrong challenger /
 110 quarantine not finished / 111 quarantine already finished / 112 too late to settle /
 113 too early to finish / 114 wrong channel id / 115 already challenged / 0xffff unknown op /
-9 cell underflow (a truncated message).
+9 cell underflow (a truncated message) / 5 integer out of range (a finish that would pay A a negative amount).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from cocoon_faas.ton.messages import (
 )
 
 ERR_NAMES = {
-    0: "ok", 9: "cell underflow", 100: "already inited", 101: "wrong signature", 102: "wrong balances",
+    0: "ok", 5: "integer out of range", 9: "cell underflow", 100: "already inited", 101: "wrong signature", 102: "wrong balances",
     104: "wrong tag", 105: "outdated state", 106: "quarantine already active", 107: "no quarantine",
     108: "seqno regress", 109: "wrong challenger", 110: "quarantine not finished",
     111: "quarantine already finished", 112: "too late to settle conditionals", 113: "too early to finish",
@@ -222,8 +222,8 @@ def _apply(d: ChannelData, body: Cell, balance: int, now: int) -> tuple[ChannelD
         bal_b = d.balance_b + q.state_a.sent - q.state_b.sent
         if bal_b < 0:
             bal_a, bal_b = bal_a + bal_b, 0
-        if bal_a < 0:  # the contract zeroes B here too (sic), leaving A negative; a payout then fails
-            bal_b = 0
+        if bal_a < 0:  # the contract zeroes B here too (sic), leaving A negative: storing it fails the range
+            raise ContractExit(5)  # check, so the close can never finish (closing.spendable keeps clear of it)
         d = replace(d, balance_a=bal_a, balance_b=bal_b, committed_seqno_a=q.state_a.seqno + 1,
                     committed_seqno_b=q.state_b.seqno + 1)
         return _close(d, balance)

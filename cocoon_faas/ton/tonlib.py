@@ -110,6 +110,10 @@ class TonChain:
     def balance(self, address: Address) -> int:
         return self.transport.balance(address)
 
+    def now(self) -> int:
+        """Chain time as the contract sees it (block time tracks wall time within seconds)."""
+        return int(self.clock())
+
     def wallet_seqno(self, wallet: Wallet) -> int:
         """The wallet's next seqno; 0 when it is not deployed yet (its first transfer deploys it)."""
         code, stack = self.transport.run_get_method(wallet.address, "seqno")
