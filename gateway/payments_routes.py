@@ -139,6 +139,10 @@ def payment_routes(gate: PaymentGate, operator_key: PrivateKey | None = None,
                                             "caller may close its channel")
 
             def idle(ch: Any, reserved: int) -> None:  # under the channel's row lock: no hold can slip in
+                if ch.status not in ("open", "closing"):
+                    raise ConflictError(f"channel {cid} is {ch.status}: a forced close is under way or done on "
+                                        "chain, so a cooperative close no longer applies; `cocoon channel show` "
+                                        "says when `cocoon channel finish` becomes possible")
                 if reserved:
                     raise ConflictError(f"channel {cid} has calls in flight; close it when they have finished")
                 if args[2] != ch.charged or args[1] + args[2] != ch.deposit:

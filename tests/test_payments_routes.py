@@ -205,3 +205,8 @@ def test_exit_state_and_the_operators_forced_close(tmp_path: Path) -> None:
     late = signer.sign_for_call(1000)
     with pytest.raises(Exception, match="closing on chain"):
         gate.authorize(late.header, "c2", "f", 1000)
+    # a forced close under way: the cooperative close no longer applies
+    args = (21, DEP - 525, 525, 1, 1)
+    coop = client.post("/v1/channels/21/close", json={"balance_a": args[1], "balance_b": args[2], "seqno_a": 1,
+                                                      "seqno_b": 1, "signature_a": sign_close(CALLER, *args).hex()})
+    assert coop.status_code == 409 and "forced close" in coop.json()["error"]["message"]
