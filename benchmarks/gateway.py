@@ -13,6 +13,11 @@ server for the two cores: its numbers are lower bounds, and the report says whic
 
     python benchmarks/gateway.py                       # all five systems, c = 1, 16, 64, 5 s each
     python benchmarks/gateway.py --only ours,echo --duration 3 --json /tmp/gw.json
+    python benchmarks/gateway.py --function plain --only ours,serve-direct   # a plain `def`, default settings
+
+`--function plain` serves what a user writes first (benchmarks/apps/plain.py: a plain `def`, no options) on our
+gateway and, the same function with Ray Serve's defaults (`@serve.deployment` and nothing else), on Ray Serve;
+after the usual warm-up (which also lets our autoscaler reach its default replica count).
 
 Ray Serve's direct ingress (ray/serve/_private/replica.py, ``_maybe_start_direct_ingress_servers``): with
 ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (which turns on ``RAY_SERVE_ENABLE_DIRECT_INGRESS``) every ingress replica
@@ -42,6 +47,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 NOOP_APP = ROOT / "benchmarks" / "apps" / "noop.py"
+PLAIN_APP = ROOT / "benchmarks" / "apps" / "plain.py"
+FUNCTION = {"name": "noop"}  # --function: noop (async, tuned like the peers) or plain (a default `def`)
 SYSTEMS = ("ours", "serve-proxy", "serve-direct", "echo", "actor")
 TITLES = {
     "ours": "cocoon gateway",
@@ -229,7 +236,7 @@ class System:
         ready = self.workdir / f"{self.name}.ready"
         env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"} if self.name == "serve-direct" else {}
         self._spawn([sys.executable, str(Path(__file__).resolve()), "_child", self.name, str(free_port()),
-                     str(ready)], env)
+                     str(ready), FUNCTION["name"]], env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if ready.exists():
@@ -260,10 +267,12 @@ class System:
         started_s = time.monotonic() - t_start
         key = (home / "api_key").read_text().strip()
         headers = {"Authorization": f"Bearer {key}"}
-        url = f"http://127.0.0.1:{port}/fn/noop"
+        fn = FUNCTION["name"]
+        url = f"http://127.0.0.1:{port}/fn/{'hello' if fn == 'plain' else 'noop'}"
         # Deploy-to-first-response, as a user sees it: the `cocoon deploy` command, then the first call.
         t0 = time.monotonic()
-        r = subprocess.run([sys.executable, "-m", "cocoon_faas", "deploy", str(NOOP_APP)], cwd=ROOT,
+        app = PLAIN_APP if fn == "plain" else NOOP_APP
+        r = subprocess.run([sys.executable, "-m", "cocoon_faas", "deploy", str(app)], cwd=ROOT,
                            env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
         cli_s = time.monotonic() - t0
         if r.returncode != 0:
@@ -369,18 +378,24 @@ def _init_ray() -> None:
              logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
 
 
-def child_serve(name: str, port: int, ready: str) -> None:
+def child_serve(name: str, port: int, ready: str, function: str = "noop") -> None:
     import ray
     from ray import serve
     from starlette.requests import Request
 
     _init_ray()
     try:
-        @serve.deployment(num_replicas=1, max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
-        class Noop:
-            async def __call__(self, request: Request) -> int:
-                json.loads(await request.body() or b"{}")
-                return 0
+        if function == "plain":
+            @serve.deployment
+            class Noop:  # the same plain function, every Ray Serve setting at its default
+                def __call__(self, request: Request) -> dict[str, str]:
+                    return {"message": "Hello, world."}
+        else:
+            @serve.deployment(num_replicas=1, max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
+            class Noop:  # type: ignore[no-redef]
+                async def __call__(self, request: Request) -> int:
+                    json.loads(await request.body() or b"{}")
+                    return 0
 
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         proxy_url = f"http://127.0.0.1:{port}/"
@@ -561,7 +576,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_child"]:
         name, port, ready = argv[1], int(argv[2]), argv[3]
-        (child_serve if name.startswith("serve") else child_starlette)(name, port, ready)
+        if name.startswith("serve"):
+            child_serve(name, port, ready, argv[4] if len(argv) > 4 else "noop")
+        else:
+            child_starlette(name, port, ready)
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
@@ -569,7 +587,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per concurrency level")
     ap.add_argument("--client", choices=("auto", "wrk", "asyncio"), default="auto")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
+    ap.add_argument("--function", choices=("noop", "plain"), default="noop",
+                    help="noop: an async no-op tuned like its peers; plain: a plain def with default settings")
     args = ap.parse_args(argv)
+    FUNCTION["name"] = args.function
     names = [n for n in args.only.split(",") if n]
     unknown = set(names) - set(SYSTEMS)
     if unknown:

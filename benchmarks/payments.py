@@ -8,6 +8,8 @@
 3. Paid vs unpaid no-op calls through one real gateway (`cocoon serve` + local Ray) in the same run, alternating
    one unpaid (API key) and one paid (signed channel state) call, so load from anything else hits both alike.
    Target: < 0.5 ms added at p50; >= 5,000 states/s/core.
+4. The same for the OpenAI path: `POST /v1/chat/completions` (non-streaming) on a tiny per-token priced chat
+   function, unpaid (API key) vs paid (channel), alternating; the paid one is charged per token.
 """
 
 from __future__ import annotations
@@ -36,6 +38,14 @@ import cocoon_faas as cocoon
 @cocoon.function(cpu=0.25, timeout=10, max_concurrency=32)
 def noop() -> int:
     return 0
+
+
+@cocoon.function(cpu=0.25, timeout=10, max_concurrency=32, min_replicas=1, serves="chat:bench-echo",
+                 price_per_million_prompt_tokens="1", price_per_million_completion_tokens="2")
+def bench_chat(messages: list, max_tokens: int = 16, temperature: float = 1.0, top_p: float = 1.0,
+               seed: int | None = None, stop: list | None = None):
+    yield {"delta": "ok"}
+    yield {"finish_reason": "stop", "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
 '''
 
 
@@ -143,6 +153,31 @@ def gateway_calls(calls: int, tmp: Path) -> None:
         assert led["ok"], led
         up, pp = pct(unpaid_lat, .5) * 1e3, pct(paid_lat, .5) * 1e3
         print(f"no-op call through the gateway, {calls} each, alternating (client signing included in paid):")
+        print(f"  unpaid (API key):  p50 {up:.3f} ms  p99 {pct(unpaid_lat, .99) * 1e3:.3f} ms")
+        print(f"  paid (channel):    p50 {pp:.3f} ms  p99 {pct(paid_lat, .99) * 1e3:.3f} ms")
+        print(f"  added by paying:   p50 {pp - up:+.3f} ms   target < 0.5 ms   (ledger verified: {led['charges']} "
+              "charges)")
+        chat_hold = int(httpx.get(url + "/v1/functions/bench_chat").json()["pricing"]["max_cost_nanoton"])
+        body = b'{"model":"bench-echo","messages":[{"role":"user","content":"hi"}],"max_tokens":4}'
+        paid_lat, unpaid_lat = [], []
+        with httpx.Client(base_url=url, timeout=30) as c:
+            for i in range(calls + 50):
+                t0 = time.perf_counter()
+                r = c.post("/v1/chat/completions", content=body, headers=unpaid_h)
+                t1 = time.perf_counter()
+                assert r.status_code == 200, r.text
+                h, ticket = payer.headers(chat_hold)
+                r = c.post("/v1/chat/completions", content=body, headers={**h, "Content-Type": "application/json"})
+                payer.settle(ticket, dict(r.headers))
+                t2 = time.perf_counter()
+                assert r.status_code == 200 and int(r.headers["X-Cocoon-Charge"]) > 0, r.text
+                if i >= 50:
+                    unpaid_lat.append(t1 - t0)
+                    paid_lat.append(t2 - t1)
+        led = httpx.get(url + "/v1/ledger?verify=1", headers=unpaid_h).json()["verify"]
+        assert led["ok"], led
+        up, pp = pct(unpaid_lat, .5) * 1e3, pct(paid_lat, .5) * 1e3
+        print(f"OpenAI chat completion (per-token priced), {calls} each, alternating:")
         print(f"  unpaid (API key):  p50 {up:.3f} ms  p99 {pct(unpaid_lat, .99) * 1e3:.3f} ms")
         print(f"  paid (channel):    p50 {pp:.3f} ms  p99 {pct(paid_lat, .99) * 1e3:.3f} ms")
         print(f"  added by paying:   p50 {pp - up:+.3f} ms   target < 0.5 ms   (ledger verified: {led['charges']} "

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field, replace
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
-from cocoon_faas.errors import InvalidSpecError
+from cocoon_faas.errors import CocoonError, InvalidSpecError
+from cocoon_faas.pricing import TokenPrices, ton_literal
 
 NANO = 10**9
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
@@ -67,6 +68,16 @@ class FunctionSpec:
     kind: str = "function"  # function | async | generator | asyncgen
     batch: BatchSpec | None = None
     serves: tuple[str, ...] = field(default_factory=tuple)  # OpenAI-style "embeddings:<model>", "chat:<model>"
+    # per-token pricing (nanoton per million tokens); when either is set, calls are charged per token, not per second
+    price_per_million_prompt_tokens: int = 0
+    price_per_million_completion_tokens: int = 0
+
+    @property
+    def token_prices(self) -> TokenPrices | None:
+        """The function's per-token prices, or None when it is priced per second of compute."""
+        if not (self.price_per_million_prompt_tokens or self.price_per_million_completion_tokens):
+            return None
+        return TokenPrices(self.price_per_million_prompt_tokens, self.price_per_million_completion_tokens)
 
     @property
     def streams(self) -> bool:
@@ -75,6 +86,9 @@ class FunctionSpec:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["serves"] = list(self.serves)
+        for k in ("price_per_million_prompt_tokens", "price_per_million_completion_tokens"):
+            if not d[k]:  # absent when unset: specs (and so measurements) of per-second functions are unchanged
+                del d[k]
         return d
 
     def canonical(self) -> bytes:
@@ -102,6 +116,8 @@ class FunctionSpec:
             timeout=spec.timeout, retries=spec.retries, max_concurrency=spec.max_concurrency,
             min_replicas=spec.min_replicas, max_replicas=spec.max_replicas, price=Decimal(spec.price) / NANO,
             kind=spec.kind, batch=spec.batch, serves=spec.serves,
+            price_per_million_prompt_tokens=Decimal(spec.price_per_million_prompt_tokens) / NANO,
+            price_per_million_completion_tokens=Decimal(spec.price_per_million_completion_tokens) / NANO,
         )
 
     def with_(self, **changes: Any) -> FunctionSpec:
@@ -144,18 +160,13 @@ def parse_memory(value: Any) -> int:
     return n
 
 
-def parse_price(value: Any) -> int:
-    """A royalty in TON (`0.001`, `"0.001"`, `Decimal`) -> nanoton, exactly."""
-    if isinstance(value, bool):
-        raise InvalidSpecError(f"price={value!r} is not an amount of TON; write price=0.001 (TON per call)")
+def parse_price(value: Any, name: str = "price", unit: str = "TON per call") -> int:
+    """A price in TON (`0.001`, `"0.001"`, `Decimal`) -> nanoton, exactly (cocoon_faas.pricing's parser)."""
     try:
-        dec = Decimal(str(value))
-    except (InvalidOperation, ValueError):
-        raise InvalidSpecError(f"price={value!r} is not an amount of TON; write price=0.001 (TON per call)") from None
-    nano = dec * NANO
-    if not dec.is_finite() or nano < 0 or nano != nano.to_integral_value():
-        raise InvalidSpecError(f"price={value!r} must be a non-negative TON amount with at most 9 decimals")
-    return int(nano)
+        return ton_literal(value)
+    except CocoonError:
+        raise InvalidSpecError(f"{name}={value!r} must be a non-negative amount of TON with at most 9 decimals; "
+                               f"write {name}=0.001 ({unit})") from None
 
 
 def _number(name: str, value: Any, lo: float, hi: float, integer: bool = False) -> Any:
@@ -183,6 +194,8 @@ def make_spec(
     kind: str = "function",
     batch: BatchSpec | None = None,
     serves: Any = (),
+    price_per_million_prompt_tokens: Any = 0,
+    price_per_million_completion_tokens: Any = 0,
 ) -> FunctionSpec:
     """Validate decorator arguments into a FunctionSpec; raise InvalidSpecError naming the fix."""
     if not isinstance(name, str) or not NAME_RE.match(name):
@@ -198,8 +211,9 @@ def make_spec(
         serves = (serves,)
     serves_t = tuple(serves)
     for s in serves_t:
-        if not isinstance(s, str) or not re.fullmatch(r"(embeddings|chat):[\w./-]+", s):
-            raise InvalidSpecError(f"serves entry {s!r} must look like 'embeddings:<model>' or 'chat:<model>'")
+        if not isinstance(s, str) or not re.fullmatch(r"(embeddings|chat|completions):[\w./-]+", s):
+            raise InvalidSpecError(f"serves entry {s!r} must look like 'embeddings:<model>', 'chat:<model>' or "
+                                   "'completions:<model>'")
     if kind not in ("function", "async", "generator", "asyncgen"):
         raise InvalidSpecError(f"unknown function kind {kind!r}")
     return FunctionSpec(
@@ -216,4 +230,9 @@ def make_spec(
         kind=kind,
         batch=batch,
         serves=serves_t,
+        price_per_million_prompt_tokens=parse_price(price_per_million_prompt_tokens,
+                                                    "price_per_million_prompt_tokens", "TON per million tokens"),
+        price_per_million_completion_tokens=parse_price(price_per_million_completion_tokens,
+                                                        "price_per_million_completion_tokens",
+                                                        "TON per million tokens"),
     )

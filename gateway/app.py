@@ -20,21 +20,21 @@ from starlette.routing import Route
 
 from cocoon_faas.errors import CocoonError, NotFoundError
 from cocoon_faas.gateway import dashboard, openai_routes, routes_attest, routes_control, routes_fn
-from cocoon_faas.gateway.billing import Billing, Price
+from cocoon_faas.gateway.billing import Billing
 from cocoon_faas.gateway.cluster import Cluster
-from cocoon_faas.gateway.controller import Controller, FunctionRuntime, RayBackend
+from cocoon_faas.gateway.controller import Controller, RayBackend
 from cocoon_faas.gateway.db import open_database
 from cocoon_faas.gateway.holds_sweeper import sweep_forever
 from cocoon_faas.gateway.http import error_response, json_response
-from cocoon_faas.gateway.invoke import Invoker, Outcome
 from cocoon_faas.gateway.limits import BodyLimit
-from cocoon_faas.gateway.marketplace import Marketplace, Requirements
+from cocoon_faas.gateway.marketplace import Marketplace
 from cocoon_faas.gateway.metrics import Metrics
 from cocoon_faas.gateway.openapi import openapi_document
 from cocoon_faas.gateway.payments_routes import payment_routes
+from cocoon_faas.gateway.pipeline import Pipeline
 from cocoon_faas.gateway.provider_routes import health_loop, provider_routes
-from cocoon_faas.gateway.routes_fn import CallRecord
 from cocoon_faas.gateway.store import Store, hash_key
+from cocoon_faas.pricing import Price
 from cocoon_faas.settings import Settings
 
 log = logging.getLogger("cocoon.gateway")
@@ -68,7 +68,7 @@ class Gateway:
         self.gateway_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.store: Store = None  # type: ignore[assignment]
         self.controller: Controller = None  # type: ignore[assignment]
-        self.invoker: Invoker = None  # type: ignore[assignment]
+        self.pipeline: Pipeline = None  # type: ignore[assignment]
         settings.home.mkdir(parents=True, exist_ok=True)
         # a sole gateway (SQLite, one process) releases every open hold when it restarts; gateways sharing a
         # database own their holds by id and lease (gateway/cluster.py releases a dead one's)
@@ -78,7 +78,6 @@ class Gateway:
         self.billing.price_for = self.provider_price  # type: ignore[method-assign]  # nodes charge their own price
         self.keys: dict[str, str] = {}
         self.auth_cache: dict[str | None, str] = {}
-        self.calls: dict[str, CallRecord] = {}
         self.metrics = Metrics()
         self._bg: list[asyncio.Task[None]] = []
         self.cluster: Cluster | None = None
@@ -119,7 +118,8 @@ class Gateway:
             fr = self.controller.functions.get(name)
             if fr is not None:
                 fr.calls, fr.errors = calls, errors
-        self.invoker = Invoker(self.controller)
+        self.pipeline = Pipeline(self.controller, self.billing, self.store, self.metrics, self.market,
+                                 self.settings.max_body_bytes, shared=self.shared)
         loop = asyncio.get_running_loop()
         gc.collect()
         gc.freeze()  # start-up objects (Ray's included) leave the GC's scans: full collections stalled calls
@@ -157,14 +157,14 @@ class Gateway:
         while True:
             load = {fr.name: {"demand": fr.inflight + fr.queued, "ready": len(fr.ready)}
                     for fr in self.controller.functions.values()}
-            running = [cid for cid, rec in self.calls.items() if rec.finished is None]
+            running = [cid for cid, rec in self.pipeline.calls.items() if rec.finished is None]
             try:
                 cancel = await loop.run_in_executor(None, self._coordinate_once, load, running)
             except Exception:  # noqa: BLE001 - the database may be briefly unreachable; keep beating
                 log.exception("gateway heartbeat failed")
                 cancel = []
             for cid in cancel:
-                rec = self.calls.get(cid)
+                rec = self.pipeline.calls.get(cid)
                 if rec is not None and rec.task is not None:
                     rec.task.cancel()
             await asyncio.sleep(beat)
@@ -201,87 +201,11 @@ class Gateway:
         while True:
             await asyncio.sleep(5)
             cutoff = time.time() - self.settings.result_ttl_s
-            for cid, rec in list(self.calls.items()):
+            calls = self.pipeline.calls
+            for cid, rec in list(calls.items()):
                 if rec.finished is not None and rec.finished < time.time() - 60:
-                    del self.calls[cid]  # kept in SQLite until the TTL
+                    del calls[cid]  # kept in SQLite until the TTL
             self.store.expire_results(cutoff)
-
-    # -- call bookkeeping ----------------------------------------------------------------------------
-    def finish_call(self, fr: FunctionRuntime, call_id: str, caller: str | None, t0: float,
-                    outcome: Outcome | None, err: CocoonError | None, meta: dict[str, Any],
-                    result_kept: bool = False, hold: Any = None) -> dict[str, str]:
-        """Record the call (stats, logs, call record) and charge or release its payment; response headers."""
-        paid: dict[str, str] = {}
-        if hold is not None:
-            exec_ms = outcome.exec_ms if outcome is not None else meta.get("ms")
-            provider = outcome.provider if outcome is not None else meta.get("provider", "local")
-            try:
-                paid = self.billing.finish(hold, fr.spec, fr.owner, provider, exec_ms, err, fr.measurement)
-            except CocoonError as exc:  # never lose the answer over bookkeeping; the hold stays for recovery
-                log.error("charging call %s failed: %s", call_id, exc.message)
-        provider = outcome.provider if outcome is not None else meta.get("provider", "local")
-        if provider != "local" and (err is None or err.type == "function_error"):
-            ms = outcome.exec_ms if outcome is not None else float(meta.get("ms") or 0.0)
-            try:  # the provider's earnings view (the ledger books the money when the call is paid)
-                self.market.credit(provider, Requirements.from_spec(fr.spec), int(ms * 1e6))
-            except CocoonError:
-                pass  # the node left meanwhile
-        elapsed = time.monotonic() - t0
-        fr.calls += 1
-        status = "succeeded" if err is None else ("cancelled" if err.type == "cancelled" else "failed")
-        if err is not None:
-            fr.errors += 1
-        else:
-            fr.latencies.append(elapsed * 1000)
-        self.metrics.observe(fr.name, status, elapsed)
-        if meta.get("logs"):
-            self.store.record_logs(fr.name, fr.version, call_id, meta["logs"])
-        if err is not None and err.type not in ("function_error",):
-            self.store.record_logs(fr.name, fr.version, call_id, [("error", f"{err.type}: {err.message}")])
-        elif err is not None:
-            self.store.record_logs(fr.name, fr.version, call_id, [("error", err.message)])
-        now = time.time()
-        error = err.to_dict()["error"] if err else None
-        if result_kept:  # async: kept by id for GET /v1/calls/{id}
-            self.store.record_call(call_id, fr.name, fr.version, status, now - elapsed, now,
-                                   outcome.exec_ms if outcome else None, error, outcome.body if outcome else None,
-                                   caller)
-        else:
-            self.store.log_call(call_id, fr.name, fr.version, status, now - elapsed, now,
-                                outcome.exec_ms if outcome else None, error, caller)
-        return paid
-
-    def submit_async(self, fr: FunctionRuntime, body: bytes, call_id: str, caller: str,
-                     hold: Any = None) -> CallRecord:
-        rec = CallRecord(call_id, fr.name, fr.version)
-        self.calls[call_id] = rec
-        self.store.record_call(call_id, fr.name, fr.version, "queued", rec.created, None, None, None, None, caller,
-                               durable=self.shared)  # another gateway may be asked about it at once
-
-        def running() -> None:
-            rec.status = "running"
-
-        async def run() -> None:
-            t0 = time.monotonic()
-            try:
-                outcome, err, meta = await self.invoker.call(fr, body, {"id": call_id}, on_running=running)
-            except asyncio.CancelledError:
-                from cocoon_faas.errors import CallCancelledError
-
-                outcome, err, meta = None, CallCancelledError(f"call {call_id} was cancelled"), {}
-            rec.finished = time.time()
-            if err is None:
-                assert outcome is not None
-                rec.status, rec.result = "succeeded", outcome.body
-            else:
-                rec.status = "cancelled" if err.type == "cancelled" else "failed"
-                rec.error = err.to_dict()["error"]
-            paid = self.finish_call(fr, call_id, caller, t0, outcome, err, meta, result_kept=True, hold=hold)
-            if "X-Cocoon-Charge" in paid:
-                rec.charge = int(paid["X-Cocoon-Charge"])
-
-        rec.task = asyncio.get_running_loop().create_task(run())
-        return rec
 
 
 async def healthz(request: Request) -> Response:

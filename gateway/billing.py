@@ -13,15 +13,15 @@ import base64
 import json
 import math
 import os
-from dataclasses import dataclass
 from typing import Any
 
 from nacl.bindings import crypto_sign, crypto_sign_seed_keypair
 
-from cocoon_faas.errors import CocoonError, PaymentRequiredError
+from cocoon_faas.errors import PaymentRequiredError
 from cocoon_faas.gateway.ledger import Ledger
 from cocoon_faas.gateway.payments import FeePolicy, Hold, PaymentGate
 from cocoon_faas.gateway.watchtower import Watchtower
+from cocoon_faas.pricing import Price, Usage, compute_cost
 from cocoon_faas.settings import Settings
 from cocoon_faas.spec import FunctionSpec
 from cocoon_faas.ton.chain import backend_from_settings
@@ -29,18 +29,6 @@ from cocoon_faas.ton.closing import ClosingTerms
 from cocoon_faas.ton.keys import PrivateKey
 
 PAYMENT_HEADER = "x-cocoon-payment"
-
-
-@dataclass(frozen=True)
-class Price:
-    """Provider prices in nanoton per second of one CPU and of one GPU."""
-
-    cpu_per_s: int
-    gpu_per_s: int
-
-    def per_second(self, spec: FunctionSpec) -> float:
-        gpus = spec.gpu.count if spec.gpu else 0
-        return spec.cpu * self.cpu_per_s + gpus * self.gpu_per_s
 
 
 def load_operator_key(settings: Settings) -> PrivateKey:
@@ -75,42 +63,58 @@ class Billing:
         """The provider's price; the marketplace overrides this when providers have joined."""
         return self.local_price
 
-    def max_cost(self, spec: FunctionSpec, provider: str | None = None) -> int:
-        """The most one call can cost: the whole time limit at the highest price, plus royalty and fee."""
-        compute = math.ceil(spec.timeout * self.price_for(provider or "any").per_second(spec))
+    def max_cost(self, spec: FunctionSpec, provider: str | None = None, units: int = 1) -> int:
+        """The most one call can cost: the whole time limit at the highest price (per-token functions: the
+        token limits at their prices), plus royalty and fee; `units` replica calls in one request."""
+        tokens = spec.token_prices
+        if tokens is not None:
+            compute = tokens.max_cost() * units
+        else:
+            compute = math.ceil(spec.timeout * self.price_for(provider or "any").per_second(spec)) * units
         return compute + spec.price + self.gate.fees.fee(compute, spec.price)
 
     def quote(self, spec: FunctionSpec) -> dict[str, Any]:
         p = self.price_for("local")
-        return {"max_cost_nanoton": self.max_cost(spec), "royalty_nanoton": spec.price,
-                "cpu_price_nanoton_per_s": p.cpu_per_s, "gpu_price_nanoton_per_s": p.gpu_per_s,
-                "operator_fee_bps": self.gate.fees.bps}
+        q: dict[str, Any] = {"max_cost_nanoton": self.max_cost(spec), "royalty_nanoton": spec.price,
+                             "cpu_price_nanoton_per_s": p.cpu_per_s, "gpu_price_nanoton_per_s": p.gpu_per_s,
+                             "operator_fee_bps": self.gate.fees.bps}
+        if spec.token_prices is not None:
+            q["per_token"] = {"prompt_nanoton_per_million": spec.token_prices.prompt_per_million,
+                              "completion_nanoton_per_million": spec.token_prices.completion_per_million}
+        return q
 
-    def begin(self, headers: Any, function: str, spec: FunctionSpec, call_id: str) -> Hold | None:
+    def begin(self, headers: Any, function: str, spec: FunctionSpec, call_id: str, units: int = 1) -> Hold | None:
         """Verify and persist the caller's state and hold; None when the call carries no payment."""
         value = headers.get(PAYMENT_HEADER)
         if value is None:
             if self.settings.payments_required:
                 raise PaymentRequiredError(
                     f"calls to {function!r} must be paid: open a channel with `cocoon channel open --deposit 5` "
-                    "and send X-Cocoon-Payment", needed=self.max_cost(spec))
+                    "and send X-Cocoon-Payment", needed=self.max_cost(spec, units=units))
             return None
-        return self.gate.authorize(value, call_id, function, self.max_cost(spec))
+        return self.gate.authorize(value, call_id, function, self.max_cost(spec, units=units))
 
-    def finish(self, hold: Hold | None, spec: FunctionSpec, developer: str, provider: str, exec_ms: float | None,
-               err: CocoonError | None, measurement: str) -> dict[str, str]:
-        """Charge (success or the user's own exception) or release (platform failure); response headers."""
-        if hold is None:
-            return {}
-        if err is not None and err.type != "function_error":
+    def compute(self, spec: FunctionSpec, provider: str, exec_ms: float, usage: Usage | None) -> int:
+        """The provider's part: per token when the function declares token prices and reported its usage,
+        else per second of metered execution at the provider's price."""
+        tokens = spec.token_prices
+        if tokens is not None and usage is not None:
+            return tokens.cost(usage)
+        return compute_cost(exec_ms, self.price_for(provider).per_second(spec))
+
+    def finish(self, hold: Hold, spec: FunctionSpec, developer: str, provider: str, exec_ms: float,
+               bill: bool, measurement: str, usage: Usage | None = None) -> tuple[int, str | None]:
+        """Charge (`bill`) or release the hold; (charge, signed receipt)."""
+        if not bill:
             self.gate.release(hold)
-            return {"X-Cocoon-Charge": "0"}
-        compute = math.ceil((exec_ms or 0.0) / 1000 * self.price_for(provider).per_second(spec))
-        total = self.gate.settle(hold, provider, compute, developer, spec.price)
-        receipt = {"call_id": hold.call_id, "function": hold.function, "measurement": measurement,
-                   "channel_id": hold.channel_id, "seqno": hold.seqno, "exec_ms": exec_ms, "charge": total,
-                   "provider": provider}
+            return 0, None
+        total = self.gate.settle(hold, provider, self.compute(spec, provider, exec_ms, usage), developer,
+                                 spec.price)
+        receipt: dict[str, Any] = {"call_id": hold.call_id, "function": hold.function, "measurement": measurement,
+                                   "channel_id": hold.channel_id, "seqno": hold.seqno, "exec_ms": exec_ms,
+                                   "charge": total, "provider": provider}
+        if usage is not None:
+            receipt["usage"] = usage.to_json()
         payload = json.dumps(receipt, sort_keys=True, separators=(",", ":")).encode()
         sig = crypto_sign(payload, self._receipt_sk)[:64]  # libsodium: the operator key's Ed25519 signature
-        return {"X-Cocoon-Charge": str(total),
-                "X-Cocoon-Receipt": base64.b64encode(payload).decode() + "." + base64.b64encode(sig).decode()}
+        return total, base64.b64encode(payload).decode() + "." + base64.b64encode(sig).decode()

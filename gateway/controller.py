@@ -19,16 +19,14 @@ from typing import Any
 
 from cocoon_faas.bundle import measurement_of
 from cocoon_faas.errors import (
-    CallTimeoutError,
     CocoonError,
     InvalidRequestError,
     NoCapacityError,
     NotFoundError,
-    OverloadedError,
 )
 from cocoon_faas.gateway.autoscale import ScaleState, target_replicas
+from cocoon_faas.gateway.chooser import Chooser, Eligibility
 from cocoon_faas.gateway.replica_client import ReplicaHandle
-from cocoon_faas.gateway.router import choose
 from cocoon_faas.gateway.store import Store
 from cocoon_faas.settings import Settings
 from cocoon_faas.signature import Signature
@@ -44,6 +42,31 @@ class StartupError(CocoonError):
     type = "startup_failed"
 
 
+@dataclass(frozen=True)
+class DeploymentFlags:
+    """How a version was deployed (the bundle's "meta", parsed once): `confidential` = sealed code, sealed
+    calls only, no output forwarded, and only attested nodes may run it."""
+
+    confidential: bool = False
+
+    @classmethod
+    def from_json(cls, meta: Any) -> DeploymentFlags:
+        if meta is None:
+            return cls()
+        if not isinstance(meta, dict):
+            raise InvalidRequestError("deployment 'meta' must be an object like {\"confidential\": true}")
+        unknown = sorted(set(meta) - {"confidential"})
+        if unknown:
+            raise InvalidRequestError(f"deployment 'meta' has unknown field(s) {unknown}; known: ['confidential']")
+        conf = meta.get("confidential", False)
+        if not isinstance(conf, bool):
+            raise InvalidRequestError("deployment meta 'confidential' must be true or false")
+        return cls(confidential=conf)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"confidential": True} if self.confidential else {}
+
+
 @dataclass(eq=False)
 class FunctionRuntime:
     """One deployed function as the gateway routes it."""
@@ -55,7 +78,7 @@ class FunctionRuntime:
     signature: Signature
     measurement: str
     code: bytes
-    meta: dict[str, Any]
+    flags: DeploymentFlags
     ready: list[ReplicaHandle] = field(default_factory=list)
     all: set[ReplicaHandle] = field(default_factory=set)
     starting: int = 0
@@ -147,6 +170,7 @@ class Controller:
         self.backend = backend
         self.functions: dict[str, FunctionRuntime] = {}
         self.rng = random.Random()
+        self.chooser = Chooser(self.functions, settings.queue_limit, self._reconcile, self.rng)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self.market: Any = None  # the provider marketplace (gateway/marketplace.py), when the gateway has one
@@ -178,7 +202,7 @@ class Controller:
     def _runtime(name: str, owner: str, version: int, spec: dict[str, Any], sig: dict[str, Any], code: bytes,
                  measurement: str, meta: dict[str, Any]) -> FunctionRuntime:
         return FunctionRuntime(name, owner, version, FunctionSpec.from_json(spec), Signature.from_json(sig),
-                               measurement, code, meta)
+                               measurement, code, DeploymentFlags.from_json(meta))
 
     def get(self, name: str) -> FunctionRuntime:
         fr = self.functions.get(name)
@@ -188,9 +212,10 @@ class Controller:
 
     # -- deploy, rollback, delete --------------------------------------------------------------------
     async def deploy(self, owner: str, item: Any) -> dict[str, Any]:
-        name, spec, sig, code, measurement, meta = _parse_bundle(item)
-        version = self.store.add_version(name, owner, spec.to_json(), sig.to_json(), code, measurement, meta)
-        new = FunctionRuntime(name, owner, version, spec, sig, measurement, code, meta)
+        name, spec, sig, code, measurement, flags = _parse_bundle(item)
+        version = self.store.add_version(name, owner, spec.to_json(), sig.to_json(), code, measurement,
+                                         flags.to_json())
+        new = FunctionRuntime(name, owner, version, spec, sig, measurement, code, flags)
         try:
             status = await self._activate(new)
         except BaseException:
@@ -270,7 +295,7 @@ class Controller:
             from cocoon_faas.gateway.marketplace import Requirements, pin
 
             try:
-                node = market.place(Requirements.from_spec(fr.spec))
+                node = market.place(Requirements.from_spec(fr.spec, confidential=fr.flags.confidential))
                 return node.node_id, pin(node.node_id)
             except NoCapacityError:
                 if fr.spec.gpu is not None:
@@ -286,7 +311,7 @@ class Controller:
 
     async def _start_replica(self, fr: FunctionRuntime) -> ReplicaHandle:
         node, extra = self._place(fr)
-        actor = self.backend.create(fr, forward_logs=not fr.meta.get("confidential", False), extra_resources=extra)
+        actor = self.backend.create(fr, forward_logs=not fr.flags.confidential, extra_resources=extra)
         r = ReplicaHandle(id=uuid.uuid4().hex[:12], function=fr.name, version=fr.version, actor=actor, node=node)
         self._assign(r, fr)
         try:
@@ -299,7 +324,7 @@ class Controller:
         if self.market is not None and r.node != "local":
             from cocoon_faas.gateway.marketplace import Requirements
 
-            self.market.assign(fr.name, r.node, Requirements.from_spec(fr.spec))
+            self.market.assign(fr.name, r.node, Requirements.from_spec(fr.spec, confidential=fr.flags.confidential))
             r.extra["assigned"] = True
             self._on_node.setdefault(r.node, set()).add(r)
 
@@ -445,64 +470,16 @@ class Controller:
                 except Exception:  # noqa: BLE001 - keep the loop alive
                     log.exception("autoscaler failed for %s", fr.name)
 
-    # -- the call path -------------------------------------------------------------------------------
-    async def acquire(self, fr: FunctionRuntime, deadline: float) -> ReplicaHandle:
-        """A replica with a free slot (its in-flight count already taken), waiting in the queue if needed."""
-        r = choose(fr.ready, fr.spec.max_concurrency, self.rng)
-        if r is not None:
-            r.inflight += 1
-            return r
-        if fr.queued >= self.settings.queue_limit:
-            raise OverloadedError(
-                f"every replica of {fr.name!r} is busy and {fr.queued} calls are queued; retry shortly",
-                retry_after=1,
-            )
-        fr.queued += 1
-        try:
-            self._reconcile(fr)
-            loop = asyncio.get_running_loop()
-            while True:
-                current = self.functions.get(fr.name)
-                if current is None:
-                    raise NotFoundError(f"function {fr.name!r} was deleted while the call waited")
-                if current is not fr:  # redeployed or rolled back while queued: wait on the new version
-                    fr.queued -= 1
-                    current.queued += 1
-                    fr = current
-                    r = choose(fr.ready, fr.spec.max_concurrency, self.rng)
-                    if r is not None:
-                        r.inflight += 1
-                        return r
-                if fr.problem is not None and not fr.ready and not fr.starting:
-                    raise fr.problem
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise CallTimeoutError(
-                        f"no replica of {fr.name!r} became free within the call's time limit "
-                        f"({fr.spec.timeout:g}s)"
-                    )
-                fut: asyncio.Future[None] = loop.create_future()
-                fr.waiters.append(fut)
-                try:
-                    await asyncio.wait_for(fut, min(remaining, 1.0))
-                except asyncio.TimeoutError:
-                    pass
-                r = choose(fr.ready, fr.spec.max_concurrency, self.rng)
-                if r is not None:
-                    r.inflight += 1
-                    return r
-        finally:
-            fr.queued -= 1
+    # -- the call path (choosing and queueing live in gateway/chooser.py) ------------------------------
+    async def acquire(self, fr: FunctionRuntime, deadline: float, want: Eligibility | None = None
+                      ) -> ReplicaHandle:
+        return await self.chooser.acquire(fr, deadline, want)
 
     def release(self, fr: FunctionRuntime, r: ReplicaHandle) -> None:
-        r.inflight -= 1
-        r.calls += 1
-        current = self.functions.get(r.function, fr)
-        if current.waiters:
-            current.wake(1)
+        self.chooser.release(fr, r)
 
 
-def _parse_bundle(item: Any) -> tuple[str, FunctionSpec, Signature, bytes, str, dict[str, Any]]:
+def _parse_bundle(item: Any) -> tuple[str, FunctionSpec, Signature, bytes, str, DeploymentFlags]:
     if not isinstance(item, dict):
         raise InvalidRequestError("each deployment item must be an object with name, spec, signature, code")
     missing = [k for k in ("name", "spec", "signature", "code", "measurement") if k not in item]
@@ -516,16 +493,14 @@ def _parse_bundle(item: Any) -> tuple[str, FunctionSpec, Signature, bytes, str, 
         code = base64.b64decode(item["code"], validate=True)
     except (binascii.Error, ValueError, TypeError):
         raise InvalidRequestError("deployment 'code' is not valid base64") from None
-    meta = item.get("meta") or {}
-    if not isinstance(meta, dict):
-        raise InvalidRequestError("deployment 'meta' must be an object")
-    if meta.get("confidential"):  # sealed code: the gateway checks only the sealed header, never the plaintext
+    flags = DeploymentFlags.from_json(item.get("meta"))
+    if flags.confidential:  # sealed code: the gateway checks only the sealed header, never the plaintext
         from cocoon_faas.gateway.routes_attest import check_sealed_bundle
 
         check_sealed_bundle(code, spec.name, item["measurement"])
     elif measurement_of(code, spec.canonical()) != item["measurement"]:
         raise InvalidRequestError("deployment measurement does not match SHA-256(code || spec); rebuild the bundle")
-    return spec.name, spec, sig, code, item["measurement"], meta
+    return spec.name, spec, sig, code, item["measurement"], flags
 
 
-__all__ = ["Controller", "FunctionRuntime", "RayBackend", "StartupError"]
+__all__ = ["Controller", "DeploymentFlags", "FunctionRuntime", "RayBackend", "StartupError"]

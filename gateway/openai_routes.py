@@ -1,46 +1,48 @@
-"""OpenAI-compatible endpoints backed by deployed functions that declare what they serve.
+"""OpenAI-compatible endpoints backed by deployed functions that declare what they serve (`serves=`): adapters over
+gateway/pipeline.py, so they are authenticated, paid, held, settled and recorded exactly like `/fn` calls.
 
-A function declares `serves="embeddings:<model>"` or `serves="chat:<model>"` and follows one calling convention:
-
-- embeddings: called once per input as `{"text": str}`, returns `{"embedding": [float], "tokens": int}`.
-  Declare it `@cocoon.batched(...)` and the concurrent per-input calls of one request share a forward pass.
-- chat: a generator called as `{"messages", "max_tokens", "temperature", "top_p", "seed", "stop"}` that yields
-  `{"delta": str}` items and lastly `{"finish_reason": "stop"|"length", "usage": {"prompt_tokens",
-  "completion_tokens"}}`.
-
-Usage token counts come back in every response, so a price per token can be derived from them.
+`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings` take an API key or, instead, `X-Cocoon-Payment`, and
+honour COCOON_PAYMENTS_REQUIRED. A function that declares token prices is charged per token from the usage it
+reports (cocoon_faas/pricing.py), else per second. The charge and receipt come back as `X-Cocoon-Charge` /
+`X-Cocoon-Receipt` headers and, in the body, as `cocoon: {call_id, charge, receipt}` (for streams: on the final
+chunk, the one with `finish_reason`, and on the usage chunk). A sealed body (the envelope of sealed `/fn` calls,
+sealed by `cocoon proxy` on the caller's machine) is routed on its clear header to the function it names, which
+must serve the route's kind, and answered exactly as a sealed `/fn` call: the gateway sees only ciphertext.
+Request and response shapes live in cocoon_faas/openai_compat.py, shared with the proxy.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import struct
-import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
-from cocoon_faas import protocol as P
-from cocoon_faas.errors import CocoonError, InvalidRequestError, NotFoundError
+from cocoon_faas.errors import CallCancelledError, CocoonError, NotFoundError
 from cocoon_faas.gateway.controller import FunctionRuntime
-from cocoon_faas.gateway.http import developer_of, error_response, json_response, read_json
-from cocoon_faas.gateway.invoke import Outcome
+from cocoon_faas.gateway.http import error_response, json_response
+from cocoon_faas.gateway.limits import loads_bounded
+from cocoon_faas.gateway.pipeline import Call, Pipeline, Plan, Settlement, new_call_id
+from cocoon_faas.gateway.routes_fn import CallStreamResponse, respond
+from cocoon_faas.gateway.sealed import is_sealed, sealed_plan
+from cocoon_faas.openai_compat import (
+    Assembler,
+    chat_args,
+    completion_args,
+    embedding_inputs,
+    embeddings_response,
+    model_of,
+)
+from cocoon_faas.pricing import Usage
 
-UNSUPPORTED_CHAT = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs", "audio",
-                    "modalities", "logit_bias", "prediction", "parallel_tool_calls", "web_search_options")
-KNOWN_CHAT = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
-              "stream", "stream_options", "n", "user", "presence_penalty", "frequency_penalty", "response_format",
-              "metadata", "store", "service_tier", *UNSUPPORTED_CHAT}
-KNOWN_EMB = {"model", "input", "encoding_format", "dimensions", "user"}
+KINDS = ("chat", "completions", "embeddings")
 
 
-def _served(gw: Any, kind: str) -> dict[str, FunctionRuntime]:
+def served(gw: Any, kind: str) -> dict[str, FunctionRuntime]:
     out: dict[str, FunctionRuntime] = {}
     for fr in gw.controller.functions.values():
         for s in fr.spec.serves:
@@ -50,222 +52,181 @@ def _served(gw: Any, kind: str) -> dict[str, FunctionRuntime]:
     return out
 
 
-def _function_for(gw: Any, kind: str, model: Any) -> FunctionRuntime:
-    if not isinstance(model, str) or not model:
-        raise InvalidRequestError("'model' is required: a model id from GET /v1/models", param="model")
-    served = _served(gw, kind)
-    if model not in served:
-        raise NotFoundError(f"no deployed function serves {kind} model {model!r}; available: {sorted(served)} "
+def _function_for(gw: Any, kind: str, model: str) -> FunctionRuntime:
+    table = served(gw, kind)
+    if model not in table:
+        raise NotFoundError(f"no deployed function serves {kind} model {model!r}; available: {sorted(table)} "
                             f"(deploy one with serves=\"{kind}:{model}\")", param="model")
-    return served[model]
+    return table[model]
 
 
-async def _call(gw: Any, fr: FunctionRuntime, args: dict[str, Any], caller: str) -> Any:
-    call_id = uuid.uuid4().hex
-    t0 = time.monotonic()
-    outcome, err, meta = await gw.invoker.call(fr, json.dumps(args).encode(), {"id": call_id})
-    gw.finish_call(fr, call_id, caller, t0, outcome, err, meta)
-    if err is not None:
-        raise err
-    assert outcome is not None
-    return json.loads(outcome.body)
+def _bad_output(message: str) -> CocoonError:
+    err = CocoonError(message)
+    err.status, err.type = 502, "bad_function_output"
+    return err
+
+
+def _cocoon(call: Call, paid: Settlement) -> dict[str, Any]:
+    out: dict[str, Any] = {"call_id": call.id}
+    if paid.charge is not None:
+        out["charge"] = paid.charge
+        out["receipt"] = paid.receipt
+    return out
 
 
 async def list_models(request: Request) -> Response:
+    """What the gateway serves (public, like GET /v1/functions/{name}: a paying caller has no API key)."""
     gw = request.app.state.gw
-    try:
-        developer_of(request)
-    except CocoonError as exc:
-        return error_response(exc)
     data = []
-    for kind in ("embeddings", "chat"):
-        for model, fr in sorted(_served(gw, kind).items()):
+    for kind in KINDS:
+        for model, fr in sorted(served(gw, kind).items()):
             data.append({"id": model, "object": "model", "created": 0, "owned_by": gw.store.developer_name(fr.owner),
-                         "cocoon": {"function": fr.name, "kind": kind}})
+                         "cocoon": {"function": fr.name, "kind": kind, "measurement": fr.measurement,
+                                    "confidential": fr.flags.confidential}})
     return json_response({"object": "list", "data": data})
 
 
-async def embeddings(request: Request) -> Response:
-    gw = request.app.state.gw
+async def _sealed(request: Request, call_id: str, kinds: tuple[str, ...]) -> Response:
+    headers = {"X-Cocoon-Call-Id": call_id}
     try:
-        caller = developer_of(request)
-        body = await read_json(request, gw.settings.max_body_bytes)
-        if not isinstance(body, dict):
-            raise InvalidRequestError("body must be a JSON object with 'model' and 'input'")
-        unknown = sorted(set(body) - KNOWN_EMB)
-        if unknown:
-            raise InvalidRequestError(f"unsupported field(s) {unknown}; supported: {sorted(KNOWN_EMB)}")
-        if body.get("dimensions") is not None:
-            raise InvalidRequestError("'dimensions' is not supported: the model's embedding size is fixed",
-                                      param="dimensions")
-        fmt = body.get("encoding_format", "float")
-        if fmt not in ("float", "base64"):
-            raise InvalidRequestError("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
-        inputs = body.get("input")
-        if isinstance(inputs, str):
-            inputs = [inputs]
-        if not isinstance(inputs, list) or not inputs or not all(isinstance(x, str) for x in inputs):
-            raise InvalidRequestError("'input' must be a string or a non-empty list of strings (token arrays are "
-                                      "not supported)", param="input")
-        if len(inputs) > 2048:
-            raise InvalidRequestError("'input' may hold at most 2048 strings", param="input")
-        fr = _function_for(gw, "embeddings", body.get("model"))
-        results = await asyncio.gather(*(_call(gw, fr, {"text": t}, caller) for t in inputs))
+        call = await request.app.state.gw.pipeline.admit(request, call_id, sealed_plan(request, call_id, kinds))
     except CocoonError as exc:
-        return error_response(exc)
-    data = []
-    tokens = 0
-    for i, r in enumerate(results):
-        emb = r["embedding"]
-        tokens += int(r.get("tokens", 0))
-        if fmt == "base64":
-            emb = base64.b64encode(struct.pack(f"<{len(emb)}f", *emb)).decode()
-        data.append({"object": "embedding", "index": i, "embedding": emb})
-    return json_response({"object": "list", "data": data, "model": body["model"],
-                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        return error_response(exc, headers)
+    return await respond(request, call, headers, sealed=True)
 
 
-def _chat_args(body: Any) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise InvalidRequestError("body must be a JSON object with 'model' and 'messages'")
-    for f in UNSUPPORTED_CHAT:
-        if body.get(f) not in (None, False):
-            raise InvalidRequestError(f"'{f}' is not supported by this gateway; remove it", param=f)
-    unknown = sorted(set(body) - KNOWN_CHAT)
-    if unknown:
-        raise InvalidRequestError(f"unsupported field(s) {unknown}", param=unknown[0])
-    if body.get("n", 1) != 1:
-        raise InvalidRequestError("only n=1 is supported", param="n")
-    rf = body.get("response_format")
-    if rf is not None and (not isinstance(rf, dict) or rf.get("type") != "text"):
-        raise InvalidRequestError("only response_format {'type': 'text'} is supported", param="response_format")
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise InvalidRequestError("'messages' must be a non-empty list", param="messages")
-    clean = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
-            raise InvalidRequestError(f"messages[{i}] needs a role of system, developer, user or assistant",
-                                      param="messages")
-        content = m.get("content")
-        if isinstance(content, list):  # text parts only
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise InvalidRequestError(f"messages[{i}] has non-text content; only text is supported",
-                                          param="messages")
-            content = "".join(p.get("text", "") for p in content)
-        if not isinstance(content, str):
-            raise InvalidRequestError(f"messages[{i}].content must be a string", param="messages")
-        role = "system" if m["role"] == "developer" else m["role"]
-        clean.append({"role": role, "content": content})
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 256))
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= 4096:
-        raise InvalidRequestError("'max_tokens' must be an integer between 1 and 4096", param="max_tokens")
-    temperature = body.get("temperature", 1.0)
-    if temperature is None:
-        temperature = 1.0
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-        raise InvalidRequestError("'temperature' must be between 0 and 2", param="temperature")
-    top_p = body.get("top_p", 1.0)
-    if top_p is None:
-        top_p = 1.0
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise InvalidRequestError("'top_p' must be in (0, 1]", param="top_p")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise InvalidRequestError("'seed' must be an integer", param="seed")
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or
-                             not all(isinstance(s, str) and s for s in stop)):
-        raise InvalidRequestError("'stop' must be a string or up to 4 non-empty strings", param="stop")
-    so = body.get("stream_options")
-    if so is not None and (not isinstance(so, dict) or set(so) - {"include_usage"}):
-        raise InvalidRequestError("'stream_options' supports only include_usage", param="stream_options")
-    return {"messages": clean, "max_tokens": max_tokens, "temperature": float(temperature), "top_p": float(top_p),
-            "seed": seed, "stop": stop}
+async def embeddings(request: Request) -> Response:
+    call_id = new_call_id()
+    if is_sealed(request):
+        return await _sealed(request, call_id, ("embeddings",))
+    gw = request.app.state.gw
+    pipeline: Pipeline = gw.pipeline
+    headers = {"X-Cocoon-Call-Id": call_id}
+    req: dict[str, Any] = {}
+
+    def plan(raw: bytes) -> Plan:
+        body = loads_bounded(raw) if raw.strip() else {}
+        model = model_of(body)
+        inputs, fmt = embedding_inputs(body)
+        req.update(model=model, inputs=inputs, fmt=fmt)
+        return Plan(_function_for(gw, "embeddings", model), b"", units=len(inputs))
+
+    try:
+        call = await pipeline.admit(request, call_id, plan)
+    except CocoonError as exc:
+        return error_response(exc, headers)
+    try:  # one request, one hold, one record: a replica call per input (a @batched function shares passes)
+        answers = await asyncio.gather(*(pipeline.unary(call, json.dumps({"text": t}).encode())
+                                         for t in req["inputs"]))
+    except asyncio.CancelledError:
+        call.finish(CallCancelledError(f"call {call_id}: the client went away"), 0.0, "local")
+        raise
+    exec_ms = sum(a.exec_ms for a in answers)
+    provider = answers[0].provider
+    err = next((a.error for a in answers if a.error is not None), None)
+    if err is None:
+        try:
+            resp, tokens = embeddings_response(req["model"], [json.loads(a.body or b"null") for a in answers],
+                                               req["fmt"])
+        except (CocoonError, ValueError) as exc:
+            err = _bad_output(f"the embeddings function {call.fr.name!r} answered in the wrong shape ({exc}); "
+                              "it must return {'embedding': [float], 'tokens': int}")
+    if err is not None:
+        paid = call.finish(err, exec_ms, provider)
+        return error_response(err, {**headers, **paid.headers()})
+    paid = call.finish(None, exec_ms, provider, Usage(tokens, 0) if call.per_token else None)
+    resp["cocoon"] = _cocoon(call, paid)
+    return json_response(resp, 200, {**headers, **paid.headers()})
 
 
 async def chat_completions(request: Request) -> Response:
+    return await _generate(request, "chat")
+
+
+async def completions(request: Request) -> Response:
+    return await _generate(request, "completions")
+
+
+async def _generate(request: Request, kind: str) -> Response:
+    call_id = new_call_id()
+    if is_sealed(request):
+        return await _sealed(request, call_id, ("chat",) if kind == "chat" else ("completions", "chat"))
     gw = request.app.state.gw
+    pipeline: Pipeline = gw.pipeline
+    headers = {"X-Cocoon-Call-Id": call_id}
+    req: dict[str, Any] = {}
+
+    def plan(raw: bytes) -> Plan:
+        body = loads_bounded(raw) if raw.strip() else {}
+        model = model_of(body)
+        if kind == "chat":
+            fr, args = _function_for(gw, "chat", model), chat_args(body)
+        else:
+            own = served(gw, "completions").get(model)
+            fr = own or _function_for(gw, "chat", model)  # a chat model answers a prompt as one user message
+            args = completion_args(body, as_chat=own is None)
+        req["body"] = body
+        return Plan(fr, json.dumps(args).encode())
+
     try:
-        caller = developer_of(request)
-        body = await read_json(request, gw.settings.max_body_bytes)
-        args = _chat_args(body)
-        fr = _function_for(gw, "chat", body.get("model"))
-        stream = bool(body.get("stream"))
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        call_id = uuid.uuid4().hex
-        t0 = time.monotonic()
-        agen = gw.invoker.stream(fr, json.dumps(args).encode(), {"id": call_id})
-        first = await agen.__anext__()
+        call = await pipeline.admit(request, call_id, plan)
     except CocoonError as exc:
-        return error_response(exc)
-    cid = f"chatcmpl-{call_id}"
-    created = int(time.time())
-    model = body["model"]
-
-    async def frames() -> AsyncIterator[dict[str, Any]]:
-        frame = first
+        return error_response(exc, headers)
+    body = req["body"]
+    asm = Assembler(model_of(body), call_id, kind,
+                    include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
+    if not call.fr.spec.streams:  # a unary function answers with one item: {"text"|"delta", "usage", ...}
+        ans, paid = await pipeline.run(call)
+        headers.update(paid.headers())
+        if ans.error is not None:
+            return error_response(ans.error, headers)
+        asm.take(json.loads(ans.body or b"null"))
+        return json_response(asm.response(_cocoon(call, paid)), 200, headers)
+    st = pipeline.stream(call)
+    try:
+        await st.open()
+    except CocoonError as exc:
+        return error_response(exc, {**headers, **(call.settlement.headers() if call.settlement else {})})
+    if not body.get("stream"):
         try:
-            while frame.type == P.CHUNK:
-                yield json.loads(frame.body)
-                frame = await agen.__anext__()
-            gw.finish_call(fr, call_id, caller, t0, Outcome(b"", float(frame.meta.get("ms", 0)), "", 1), None,
-                           frame.meta)
+            async for frame in st.chunks():
+                asm.take(json.loads(frame.body))
+            paid = st.end()
         except CocoonError as exc:
-            gw.finish_call(fr, call_id, caller, t0, None, exc, {})
-            raise
+            err = st.fail(exc)
+            return error_response(err, {**headers, **(call.settlement.headers() if call.settlement else {})})
         finally:
-            await agen.aclose()
+            await st.close()
+        return json_response(asm.response(_cocoon(call, paid)), 200, {**headers, **paid.headers()})
 
-    if not stream:
-        text, finish, usage = [], "stop", {"prompt_tokens": 0, "completion_tokens": 0}
-        try:
-            async for item in frames():
-                if "delta" in item:
-                    text.append(item["delta"])
-                if "usage" in item:
-                    usage = item["usage"]
-                    finish = item.get("finish_reason", finish)
-        except CocoonError as exc:
-            return error_response(exc)
-        usage = {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
-        return json_response({
-            "id": cid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                         "finish_reason": finish, "logprobs": None}],
-            "usage": usage})
-
-    def chunk(delta: dict[str, Any], finish: str | None = None, usage: Any = None, choices: bool = True) -> bytes:
-        obj: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                               "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
-                               if choices else []}
-        if include_usage:
-            obj["usage"] = usage
-        return b"data: " + json.dumps(obj).encode() + b"\n\n"
+    def data(obj: Any) -> bytes:
+        return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
     async def sse() -> AsyncIterator[bytes]:
-        yield chunk({"role": "assistant", "content": ""})
         try:
-            async for item in frames():
-                if item.get("delta"):
-                    yield chunk({"content": item["delta"]})
-                if "usage" in item:
-                    yield chunk({}, item.get("finish_reason", "stop"))
-                    if include_usage:
-                        u = item["usage"]
-                        yield chunk({}, usage={**u, "total_tokens": u["prompt_tokens"] + u["completion_tokens"]},
-                                    choices=False)
+            if kind == "chat":
+                yield data(asm.chunk(role=True))
+            async for frame in st.chunks():
+                text = asm.take(json.loads(frame.body))
+                if text:
+                    yield data(asm.chunk(text))
+            paid = st.end()
+            cocoon = _cocoon(call, paid)
+            yield data(asm.chunk(finish=asm.finish, cocoon=cocoon))
+            if asm.include_usage:
+                yield data(asm.chunk(usage=True, cocoon=cocoon))
         except CocoonError as exc:
-            yield b"data: " + json.dumps(exc.to_dict()).encode() + b"\n\n"
+            yield data(st.fail(exc).to_dict())
+        finally:
+            await st.close()  # a client gone mid-stream: settled here (per-token: the items delivered)
         yield b"data: [DONE]\n\n"
 
-    return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return CallStreamResponse(st, sse(), headers)
 
 
 routes = [
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/v1/embeddings", embeddings, methods=["POST"]),
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
 ]

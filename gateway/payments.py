@@ -38,6 +38,7 @@ from cocoon_faas.errors import (
     PaymentError,
     PaymentRequiredError,
 )
+from cocoon_faas.pricing import FeePolicy
 from cocoon_faas.ton.address import Address
 from cocoon_faas.ton.chain import require_ok
 from cocoon_faas.ton.channel import ChannelConfig, ChannelData, ClosingConfig, SignedSemiChannel
@@ -53,17 +54,6 @@ from .ledger import CHANNEL_COLS, OPERATOR_ID, ChannelRow, Ledger, channel_row
 REORDER_WINDOW = 4096
 MAX_CHANNEL_ID = 2**63 - 1  # the ledger keys channels by a signed 64-bit integer (SQLite INTEGER, BIGINT)
 HOLD_LEASE_S = 30.0  # a hold's gateway renews its lease well within this; another releases it after
-
-
-@dataclass(frozen=True)
-class FeePolicy:
-    """Operator fee = ceil((provider + royalty) * bps / 10000) + fixed, in nanoton."""
-
-    bps: int = 500
-    fixed: int = 0
-
-    def fee(self, provider: int, royalty: int) -> int:
-        return -(-(provider + royalty) * self.bps // 10_000) + self.fixed
 
 
 @dataclass(frozen=True)

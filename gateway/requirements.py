@@ -68,14 +68,15 @@ class Requirements:
                    confidential)
 
     @classmethod
-    def from_spec(cls, spec: Any) -> Requirements:
-        """From a ``cocoon_faas.spec.FunctionSpec`` (duck-typed: gpu.model/gpu.count, cpu, memory)."""
+    def from_spec(cls, spec: Any, confidential: bool = False) -> Requirements:
+        """From a ``cocoon_faas.spec.FunctionSpec`` (duck-typed: gpu.model/gpu.count, cpu, memory) and whether the
+        deployment is confidential (a deployment flag, not a spec field: only attested nodes may run it)."""
         gpu = getattr(spec, "gpu", None)
         model = getattr(gpu, "model", None) if gpu is not None else None
         count = int(getattr(gpu, "count", 0) or 0) if gpu is not None else 0
         return cls.from_parts(model, count, cpus=float(getattr(spec, "cpu", 0) or 0),
                               memory=int(getattr(spec, "memory", 0) or 0),
-                              confidential=bool(getattr(spec, "confidential", False)))
+                              confidential=confidential)
 
     @property
     def label(self) -> str:

@@ -64,7 +64,7 @@ async def attestation(request: Request) -> Response:
         _spawn(peer_release(fr))
     return json_response({
         "function": fr.name, "version": fr.version, "measurement": fr.measurement,
-        "confidential": bool(fr.meta.get("confidential")), "documents": documents(fr),
+        "confidential": fr.flags.confidential, "documents": documents(fr),
         "replicas": [{"key_id": r.extra.get("key_id"), "code_locked": bool(r.extra.get("code_locked"))}
                      for r in fr.ready]})
 
@@ -123,6 +123,11 @@ def _spawn(coro: Any) -> None:
     t = asyncio.get_running_loop().create_task(coro)
     _tasks.add(t)
     t.add_done_callback(_tasks.discard)
+
+
+def release_to_locked(fr: FunctionRuntime) -> None:
+    """In the background, have an unlocked replica of `fr` grant the code key to its locked peers."""
+    _spawn(peer_release(fr))
 
 
 async def peer_release(fr: FunctionRuntime) -> int:

@@ -43,7 +43,7 @@ def summary(request: Request, fr: FunctionRuntime, full: bool = False) -> dict[s
         "p50_ms": _pct(lat, 50),
         "p99_ms": _pct(lat, 99),
         "status": "waiting_for_capacity" if fr.problem and not fr.ready else ("ready" if fr.ready else "idle"),
-        "confidential": bool(fr.meta.get("confidential")),
+        "confidential": fr.flags.confidential,
     }
     if fr.problem is not None:
         d["problem"] = fr.problem.message

@@ -1,170 +1,144 @@
-"""Per-function endpoints: `POST /fn/{name}` (sync, async with `Prefer: respond-async`, SSE streams) and
-`/v1/calls/{id}` (poll, cancel). The gateway checks JSON arguments against the deployed signature and forwards
-the raw bytes; it never unpickles anything.
+"""Per-function endpoints: `POST /fn/{name}` (sync, async with `Prefer: respond-async`, SSE streams; JSON or
+sealed) and `/v1/calls/{id}` (poll, cancel): adapters over gateway/pipeline.py. The gateway checks JSON arguments
+against the deployed signature and forwards the raw bytes; it never unpickles anything.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
-import os
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from cocoon_faas import protocol as P
-from cocoon_faas.errors import (
-    CallCancelledError,
-    CocoonError,
-    ConflictError,
-    InvalidRequestError,
-    NotFoundError,
-)
-from cocoon_faas.gateway.billing import PAYMENT_HEADER
-from cocoon_faas.gateway.controller import FunctionRuntime
-from cocoon_faas.gateway.http import developer_of, error_response, json_response, read_body
-from cocoon_faas.gateway.invoke import Outcome
+from cocoon_faas.confidential import SEALED_FRAME_CONTENT_TYPE
+from cocoon_faas.errors import CocoonError, ConflictError, InvalidRequestError, NotFoundError
+from cocoon_faas.gateway.http import error_response, json_response
 from cocoon_faas.gateway.limits import check_args
-from cocoon_faas.gateway.sealed import call_sealed, is_sealed
+from cocoon_faas.gateway.pipeline import Call, CallStream, Pipeline, Plan, new_call_id
+from cocoon_faas.gateway.sealed import is_sealed, sealed_plan
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-@dataclass
-class CallRecord:
-    """An async call while the gateway holds it in memory."""
-
-    id: str
-    function: str
-    version: int
-    status: str = "queued"
-    created: float = field(default_factory=time.time)
-    finished: float | None = None
-    result: bytes | None = None
-    error: dict[str, Any] | None = None
-    charge: int | None = None
-    task: asyncio.Task[None] | None = None
-
-    def view(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"id": self.id, "function": self.function, "version": self.version,
-                             "status": self.status, "created": self.created, "finished": self.finished}
-        if self.status == "succeeded" and self.result is not None:
-            d["result"] = json.loads(self.result)
-        if self.error is not None:
-            d["error"] = self.error
-        if self.charge is not None:
-            d["charge"] = self.charge
-        return d
+def _pipeline(request: Request) -> Pipeline:
+    return request.app.state.gw.pipeline  # type: ignore[no-any-return]
 
 
-def _gw(request: Request) -> Any:
-    return request.app.state.gw
+def json_plan(request: Request) -> Any:
+    """The body of a plain `/fn` call: a JSON object of arguments the deployed signature accepts."""
+    fr = request.app.state.gw.controller.get(request.path_params["name"])
 
+    def plan(body: bytes) -> Plan:
+        if fr.flags.confidential:
+            raise InvalidRequestError(f"function {fr.name!r} is a confidential deployment: it accepts only sealed "
+                                      "calls (`cocoon call --confidential`, Client.call_confidential)")
+        try:
+            args = json.loads(body) if body.strip() else {}
+        except RecursionError:
+            raise InvalidRequestError("the arguments are nested too deeply; flatten them") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidRequestError(f"request body is not valid JSON ({exc}); send a JSON object of arguments, "
+                                      f"e.g. {fr.signature.example()}") from None
+        check_args(body, args)
+        fr.signature.check(fr.name, args)
+        return Plan(fr, body)
 
-async def _prepare(request: Request, call_id: str) -> tuple[Any, FunctionRuntime, bytes, str, Any]:
-    """Authenticate (API key or payment state), check the arguments, then hold the payment (last: bad input
-    changes no state and charges nothing)."""
-    gw = _gw(request)
-    paid = PAYMENT_HEADER in request.headers
-    caller = None if paid else developer_of(request)
-    fr = gw.controller.get(request.path_params["name"])
-    if fr.meta.get("confidential"):
-        raise InvalidRequestError(f"function {fr.name!r} is a confidential deployment: it accepts only sealed "
-                                  "calls (`cocoon call --confidential`, Client.call_confidential)")
-    body = await read_body(request, gw.settings.max_body_bytes)
-    try:
-        args = json.loads(body) if body.strip() else {}
-    except RecursionError:
-        raise InvalidRequestError("the arguments are nested too deeply; flatten them") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"request body is not valid JSON ({exc}); send a JSON object of arguments, "
-                                  f"e.g. {fr.signature.example()}") from None
-    check_args(body, args)
-    fr.signature.check(fr.name, args)
-    hold = gw.billing.begin(request.headers, fr.name, fr.spec, call_id)
-    return gw, fr, body, caller or f"channel:{hold.channel_id}", hold
+    return plan
 
 
 async def call_function(request: Request) -> Response:
-    if is_sealed(request):  # confidential: routed on the envelope's clear header only (gateway/sealed.py)
-        return await call_sealed(request)
-    call_id = os.urandom(16).hex()
-    try:
-        gw, fr, body, caller, hold = await _prepare(request, call_id)
-    except CocoonError as exc:
-        return error_response(exc, {"X-Cocoon-Call-Id": call_id})
+    """`POST /fn/{name}`: JSON or sealed (routed on the envelope's clear header only), unary, stream or async."""
+    call_id = new_call_id()
     headers = {"X-Cocoon-Call-Id": call_id}
+    pipeline = _pipeline(request)
+    sealed = is_sealed(request)
+    try:
+        plan = sealed_plan(request, call_id) if sealed else json_plan(request)
+        call = await pipeline.admit(request, call_id, plan)
+    except CocoonError as exc:
+        return error_response(exc, headers)
+    return await respond(request, call, headers, sealed)
+
+
+async def respond(request: Request, call: Call, headers: dict[str, str], sealed: bool) -> Response:
+    """Run an admitted call as the request asks (async, stream or unary) and answer it the `/fn` way."""
+    pipeline = _pipeline(request)
     if "respond-async" in request.headers.get("prefer", "").lower():
-        rec = gw.submit_async(fr, body, call_id, caller, hold)
+        rec = pipeline.submit(call)
         url = f"{str(request.base_url).rstrip('/')}/v1/calls/{rec.id}"
         return json_response({"id": rec.id, "status": rec.status, "status_url": url}, 202,
                              {**headers, "Location": url})
-    if fr.spec.streams:
-        return await _stream(gw, fr, body, call_id, caller, headers, hold)
-    t0 = time.monotonic()
-    outcome, err, meta = await gw.invoker.call(fr, body, {"id": call_id})
-    headers.update(gw.finish_call(fr, call_id, caller, t0, outcome, err, meta, hold=hold))
-    if err is not None:
-        return error_response(err, headers)
-    assert outcome is not None
-    headers["X-Cocoon-Exec-Ms"] = f"{outcome.exec_ms:.3f}"
-    return Response(outcome.body, 200, headers, media_type="application/json")
+    if call.fr.spec.streams:
+        return await stream_response(pipeline.stream(call), headers, sealed)
+    ans, paid = await pipeline.run(call)
+    headers.update(paid.headers())
+    if ans.error is not None and not (sealed and ans.body is not None):
+        return error_response(ans.error, headers)
+    assert ans.body is not None
+    headers["X-Cocoon-Exec-Ms"] = f"{ans.exec_ms:.3f}"
+    if sealed:  # the replica's sealed frame: `res`, or `err` for the function's own exception
+        headers["X-Cocoon-Sealed-Kind"] = "err" if ans.error is not None else "res"
+        return Response(ans.body, 200, headers, media_type=SEALED_FRAME_CONTENT_TYPE)
+    return Response(ans.body, 200, headers, media_type="application/json")
 
 
-async def _stream(gw: Any, fr: FunctionRuntime, body: bytes, call_id: str, caller: str,
-                  headers: dict[str, str], hold: Any) -> Response:
-    t0 = time.monotonic()
-    agen = gw.invoker.stream(fr, body, {"id": call_id})
+class CallStreamResponse(StreamingResponse):
+    """An SSE response that settles its call however it ends: a client that hangs up before the body starts
+    leaves the body generator unstarted (so its own `finally` never runs); this one always closes the stream."""
+
+    def __init__(self, st: CallStream, content: AsyncIterator[bytes], headers: dict[str, str]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={**headers, **SSE_HEADERS})
+        self.st = st
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.st.close()
+
+
+def sse(event: str | None, data: bytes) -> bytes:
+    return (f"event: {event}\n".encode() if event else b"") + b"data: " + data + b"\n\n"
+
+
+async def stream_response(st: CallStream, headers: dict[str, str], sealed: bool) -> Response:
+    """SSE: each item as `data:` (sealed: `event: frame` with the base64 frame), then `event: end` with the call
+    id, metering and the charge; `event: error` when the call fails after the first item."""
+    call = st.call
     try:
-        first = await agen.__anext__()
+        await st.open()
     except CocoonError as exc:
-        headers.update(gw.finish_call(fr, call_id, caller, t0, None, exc, {}, hold=hold))
+        headers.update(call.settlement.headers() if call.settlement else {})
         return error_response(exc, headers)
 
     async def events() -> AsyncIterator[bytes]:
-        frame = first
-        settled = False
-        sent = 0
         try:
-            while True:
-                if frame.type == P.CHUNK:
-                    yield b"data: " + frame.body + b"\n\n"
-                    sent += 1
-                else:
-                    end: dict[str, Any] = {"call_id": call_id, "items": frame.meta.get("seq", 0),
-                                           "exec_ms": frame.meta.get("ms")}
-                    settled = True
-                    paid = gw.finish_call(fr, call_id, caller, t0, Outcome(b"", float(frame.meta.get("ms", 0)), "", 1,
-                                          frame.meta.get("provider", "local")), None, frame.meta, hold=hold)
-                    if paid:
-                        end["charge"] = int(paid["X-Cocoon-Charge"])
-                        end["receipt"] = paid.get("X-Cocoon-Receipt")
-                    yield b"event: end\ndata: " + json.dumps(end).encode() + b"\n\n"
-                    return
-                frame = await agen.__anext__()
+            async for frame in st.chunks():
+                yield sse("frame", base64.b64encode(frame.body)) if sealed else sse(None, frame.body)
+            paid = st.end()  # raises (settled) when a sealed end frame fails its receipt check
+            assert st.final is not None
+            if sealed:
+                yield sse("frame", base64.b64encode(st.final.body))
+            fields = call.check.end_fields() if call.check is not None else {
+                "items": st.final.meta.get("seq", st.delivered), "exec_ms": st.final.meta.get("ms")}
+            yield sse("end", json.dumps(paid.end_event(call.id, **fields)).encode())
         except CocoonError as exc:
-            settled = True
-            gw.finish_call(fr, call_id, caller, t0, None, exc, {}, hold=hold)
-            yield b"event: error\ndata: " + json.dumps(exc.to_dict()).encode() + b"\n\n"
+            yield sse("error", json.dumps(st.fail(exc).to_dict()).encode())
         finally:
-            # the client went away mid-stream (the server cancels this generator) or the gateway failed: the
-            # call ends here and its hold is released, never left held (the channel could not close)
-            if not settled:
-                gw.finish_call(fr, call_id, caller, t0, None, CallCancelledError(
-                    f"call {call_id} ended after {sent} streamed items: the client disconnected"), {}, hold=hold)
-            await agen.aclose()
+            await st.close()
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return CallStreamResponse(st, events(), headers)
 
 
 async def get_call(request: Request) -> Response:
-    gw = _gw(request)
+    gw = request.app.state.gw
     cid = request.path_params["id"]
-    rec = gw.calls.get(cid)
+    rec = gw.pipeline.calls.get(cid)
     if rec is not None:
         return json_response(rec.view())
     row = gw.store.get_call(cid)
@@ -180,9 +154,9 @@ async def get_call(request: Request) -> Response:
 
 
 async def cancel_call(request: Request) -> Response:
-    gw = _gw(request)
+    gw = request.app.state.gw
     cid = request.path_params["id"]
-    rec = gw.calls.get(cid)
+    rec = gw.pipeline.calls.get(cid)
     if rec is None:
         row = gw.store.get_call(cid)
         if row is None:

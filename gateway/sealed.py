@@ -23,26 +23,20 @@ operator fee = the charge. Nothing here ever decrypts or unpickles.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hmac
 import json
 import os
-import time
-import uuid
-from collections.abc import AsyncIterator
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
 
-from cocoon_faas import protocol as P
 from cocoon_faas.confidential import hpke
 from cocoon_faas.confidential.envelope import (
     GATEWAY_MAC_INFO,
     SEALED_CONTENT_TYPE,
-    SEALED_FRAME_CONTENT_TYPE,
     Receipt,
     peek_envelope,
     peek_response,
@@ -52,16 +46,18 @@ from cocoon_faas.errors import (
     CocoonError,
     FunctionError,
     InvalidRequestError,
-    OverloadedError,
     StaleKeysError,
     error_from_body,
 )
-from cocoon_faas.gateway.billing import PAYMENT_HEADER
-from cocoon_faas.gateway.controller import Controller, FunctionRuntime
-from cocoon_faas.gateway.http import developer_of, error_response, json_response, read_body
-from cocoon_faas.gateway.invoke import Invoker, Outcome
-from cocoon_faas.gateway.replica_client import Frame, ReplicaHandle
-from cocoon_faas.gateway.router import choose
+from cocoon_faas.gateway.chooser import Eligibility
+from cocoon_faas.gateway.controller import FunctionRuntime
+from cocoon_faas.gateway.dispatch import Route
+from cocoon_faas.gateway.pipeline import Call, Plan
+from cocoon_faas.gateway.replica_client import ReplicaHandle
+from cocoon_faas.gateway.routes_attest import release_to_locked
+
+if TYPE_CHECKING:
+    from cocoon_faas.gateway.billing import Billing
 
 SEALED_TYPES = (SEALED_CONTENT_TYPE, "application/cocoon-sealed+json")
 SEALED_ERROR_MESSAGE = "the function raised an error; its type and message are sealed to the caller"
@@ -96,76 +92,81 @@ class Capture:
             f.write(head + b"\n" + bytes(body) + b"\n")
 
 
-class KeyedController:
-    """The controller's acquire/release as the Invoker sees them, restricted to replicas the envelope is sealed
-    to. It also writes the chosen replica's price rate into the call meta (read by the replica for its receipt)."""
+class SealedRoute(Route):
+    """Only replicas holding a key the envelope is sealed to, unlocked ones first; the chosen replica's price
+    rate (it prices its own receipt) and the receipt MAC key the gateway shares with it go in the call meta."""
 
-    def __init__(self, controller: Controller, key_ids: set[str], call_meta: dict[str, Any], billing: Any) -> None:
-        self.controller, self.key_ids, self.call_meta, self.billing = controller, key_ids, call_meta, billing
-        self.used: dict[str, ReplicaHandle] = {}
-        self.last: ReplicaHandle | None = None
+    def __init__(self, key_ids: set[str], billing: Billing, fr: FunctionRuntime) -> None:
+        self.billing, self.fr = billing, fr
+        self.want = Eligibility(accept=lambda r: r.extra.get("key_id") in key_ids, none_left=_stale,
+                                prefer=lambda r: not r.extra.get("code_locked"))
 
-    def _pick(self, fr: FunctionRuntime) -> ReplicaHandle | None:
-        cands = [r for r in fr.ready if r.extra.get("key_id") in self.key_ids]
-        if not cands:
-            raise _stale(fr)
-        unlocked = [r for r in cands if not r.extra.get("code_locked")]
-        if len(unlocked) < len(cands):
-            from cocoon_faas.gateway.routes_attest import _spawn, peer_release
-
-            _spawn(peer_release(fr))
-        return choose(unlocked, fr.spec.max_concurrency, self.controller.rng) or choose(
-            cands, fr.spec.max_concurrency, self.controller.rng)
-
-    def _take(self, fr: FunctionRuntime, r: ReplicaHandle) -> ReplicaHandle:
-        r.inflight += 1
-        self.used[r.id], self.last = r, r
-        self.call_meta["rate"] = self.billing.price_for(r.node or "local").per_second(fr.spec)
+    def prepare(self, r: ReplicaHandle, meta: dict[str, Any]) -> None:
+        meta["rate"] = self.billing.price_for(r.node or "local").per_second(self.fr.spec)
         mac = gateway_mac_key(r)
         if mac is not None:
-            self.call_meta["gk"] = mac[1]
+            meta["gk"] = mac[1]
         else:
-            self.call_meta.pop("gk", None)
-        return r
+            meta.pop("gk", None)
 
-    async def acquire(self, fr: FunctionRuntime, deadline: float) -> ReplicaHandle:
-        r = self._pick(fr)
-        if r is not None:
-            return self._take(fr, r)
-        if fr.queued >= self.controller.settings.queue_limit:
-            raise OverloadedError(f"every replica of {fr.name!r} this call is sealed to is busy; retry shortly",
-                                  retry_after=1)
-        fr.queued += 1
-        try:
-            loop = asyncio.get_running_loop()
-            while True:
-                if self.controller.functions.get(fr.name) is not fr:
-                    raise _stale(fr)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    from cocoon_faas.errors import CallTimeoutError
 
-                    raise CallTimeoutError(f"no replica of {fr.name!r} this call is sealed to became free "
-                                           f"within the call's time limit ({fr.spec.timeout:g}s)")
-                fut: asyncio.Future[None] = loop.create_future()
-                fr.waiters.append(fut)
-                try:
-                    await asyncio.wait_for(fut, min(remaining, 0.25))
-                except asyncio.TimeoutError:
-                    pass
-                r = self._pick(fr)
-                if r is not None:
-                    return self._take(fr, r)
-        finally:
-            fr.queued -= 1
+class SealedCheck:
+    """The pipeline's FinalCheck for sealed calls: authenticate each final frame's receipt before it is charged."""
 
-    def release(self, fr: FunctionRuntime, r: ReplicaHandle) -> None:
-        self.controller.release(fr, r)
+    def __init__(self, capture: Capture) -> None:
+        self.capture = capture
+        self.receipt: Receipt | None = None
 
-    def record(self, r: ReplicaHandle, ok: bool, latency_s: float) -> None:
-        record = getattr(self.controller, "record", None)  # node health feedback, when the controller keeps it
-        if record is not None:
-            record(r, ok, latency_s)
+    def observe(self, call: Call, body: bytes, meta: dict[str, Any]) -> None:
+        self.capture("from_replica", call.id, meta, body)
+
+    def final(self, call: Call, body: bytes, meta: dict[str, Any], replica: ReplicaHandle | None
+              ) -> tuple[float, CocoonError | None]:
+        self.observe(call, body, meta)
+        kind, self.receipt = check_receipt(body, replica, call.id, meta.get("gm"))
+        return float(self.receipt.exec_ms), (FunctionError(SEALED_ERROR_MESSAGE, sealed=True) if kind == "err"
+                                             else None)
+
+    def platform_error(self, err: CocoonError) -> CocoonError:
+        return platform_error(err)
+
+    def kept(self, body: bytes) -> bytes:
+        return json.dumps({"sealed_frame": base64.b64encode(body).decode()}).encode()
+
+    def end_fields(self) -> dict[str, Any]:
+        r = self.receipt
+        return {} if r is None else {"frames": r.frames, "exec_ms": float(r.exec_ms)}
+
+
+def sealed_plan(request: Request, call_id: str, kinds: tuple[str, ...] = ()) -> Any:
+    """The body of a sealed call, checked on its clear header only: the function it names (the one in the path
+    for `/fn/{name}`; for the OpenAI routes, one that serves one of `kinds`), and live replicas holding its keys."""
+    gw = request.app.state.gw
+
+    def plan(body: bytes) -> Plan:
+        hdr = peek_envelope(body)
+        if kinds:
+            fr = gw.controller.get(hdr.function)
+            if not any(s.partition(":")[0] in kinds for s in fr.spec.serves):
+                raise InvalidRequestError(f"function {fr.name!r} serves none of {list(kinds)}; post its sealed "
+                                          f"calls to /fn/{fr.name}")
+        else:
+            fr = gw.controller.get(request.path_params["name"])
+            if hdr.function != fr.name:
+                raise InvalidRequestError(f"the envelope is sealed for {hdr.function!r} but was posted to "
+                                          f"/fn/{fr.name}; post it to /fn/{hdr.function}")
+        kids = set(hdr.key_ids)
+        holders = [r for r in fr.ready if r.extra.get("key_id") in kids]
+        if not holders:
+            raise _stale(fr)
+        if any(r.extra.get("code_locked") for r in holders):
+            release_to_locked(fr)
+        capture = Capture(gw.settings.capture_forwarded)
+        capture("to_replica", call_id, {"sealed": True}, body)
+        return Plan(fr, body, SealedRoute(kids, gw.billing, fr), SealedCheck(capture),
+                    meta={"sealed": True, "royalty": fr.spec.price})
+
+    return plan
 
 
 def platform_error(err: CocoonError) -> CocoonError:
@@ -179,20 +180,26 @@ def platform_error(err: CocoonError) -> CocoonError:
     return error_from_body(status, {"error": fields})
 
 
+_mac_keys: weakref.WeakKeyDictionary[ReplicaHandle, tuple[bytes, str]] = weakref.WeakKeyDictionary()
+
+
 def gateway_mac_key(r: ReplicaHandle) -> tuple[bytes, str] | None:
     """(key, wrapped hex) of the receipt MAC key this gateway shares with replica `r`: made once per replica,
-    HPKE-sealed to the HPKE key of its attested document (aad: its key id), so only that replica can open it."""
-    mac = r.extra.get("receipt_mac")
+    HPKE-sealed to the HPKE key of its attested document (aad: its key id), so only that replica can open it.
+    Kept here, beside the replica rather than in its public facts (it is a secret)."""
+    mac = _mac_keys.get(r)
     if mac is None:
         doc = r.extra.get("document")
+        if not isinstance(doc, dict):
+            return None
         try:
             key = os.urandom(32)
             wrapped = hpke.seal(bytes.fromhex(doc["hpke_public_key"]), GATEWAY_MAC_INFO,
                                 bytes.fromhex(doc["key_id"]), key)
         except (TypeError, KeyError, ValueError):
             return None
-        mac = r.extra["receipt_mac"] = (key, wrapped.hex())
-    return mac  # type: ignore[no-any-return]
+        mac = _mac_keys[r] = (key, wrapped.hex())
+    return mac
 
 
 def check_receipt(frame_body: bytes, r: ReplicaHandle | None, call_id: str, tag: str | None = None
@@ -205,7 +212,7 @@ def check_receipt(frame_body: bytes, r: ReplicaHandle | None, call_id: str, tag:
         doc = r.extra.get("document") if r is not None else None
         if f.receipt is None or not doc or r is None:
             raise ValueError("the final frame has no receipt, or the replica has no document")
-        mac = r.extra.get("receipt_mac")
+        mac = _mac_keys.get(r)
         if tag and mac is not None:
             if not hmac.compare_digest(receipt_mac(mac[0], f.receipt.raw), bytes.fromhex(tag)):
                 raise ValueError("the receipt's MAC does not match the key shared with this replica")
@@ -217,153 +224,3 @@ def check_receipt(frame_body: bytes, r: ReplicaHandle | None, call_id: str, tag:
         raise _bad_response(f"the replica's sealed answer failed the gateway's receipt check ({exc}); the call "
                             "is not charged") from None
     return f.kind, f.receipt
-
-
-async def call_sealed(request: Request) -> Response:
-    """The sealed branch of `POST /fn/{name}`."""
-    call_id = uuid.uuid4().hex
-    headers = {"X-Cocoon-Call-Id": call_id}
-    gw = request.app.state.gw
-    try:
-        caller = None if PAYMENT_HEADER in request.headers else developer_of(request)
-        fr = gw.controller.get(request.path_params["name"])
-        body = await read_body(request, gw.settings.max_body_bytes)
-        hdr = peek_envelope(body)
-        if hdr.function != fr.name:
-            raise InvalidRequestError(f"the envelope is sealed for {hdr.function!r} but was posted to "
-                                      f"/fn/{fr.name}; post it to /fn/{hdr.function}")
-        kids = set(hdr.key_ids)
-        if not any(r.extra.get("key_id") in kids for r in fr.ready):
-            raise _stale(fr)
-        hold = gw.billing.begin(request.headers, fr.name, fr.spec, call_id)
-    except CocoonError as exc:
-        return error_response(exc, headers)
-    caller = caller or f"channel:{hold.channel_id}"
-    call_meta: dict[str, Any] = {"id": call_id, "sealed": True, "royalty": fr.spec.price}
-    kc = KeyedController(gw.controller, kids, call_meta, gw.billing)
-    capture = Capture(gw.settings.capture_forwarded)
-    capture("to_replica", call_id, {"sealed": True}, body)
-    if "respond-async" in request.headers.get("prefer", "").lower():
-        return _submit_async(request, gw, fr, body, call_id, caller, hold, kc, capture, headers)
-    if fr.spec.streams:
-        return await _stream(gw, fr, body, call_id, caller, hold, kc, capture, headers)
-    t0 = time.monotonic()
-    outcome, err, meta, kind = await _unary(fr, body, call_id, kc, capture)
-    headers.update(gw.finish_call(fr, call_id, caller, t0, outcome if kind == "res" else None, err, meta,
-                                  hold=hold))
-    if outcome is None:
-        assert err is not None
-        return error_response(err, headers)
-    headers["X-Cocoon-Exec-Ms"] = f"{outcome.exec_ms:.3f}"
-    headers["X-Cocoon-Sealed-Kind"] = kind
-    return Response(outcome.body, 200, headers, media_type=SEALED_FRAME_CONTENT_TYPE)
-
-
-async def _unary(fr: FunctionRuntime, body: bytes, call_id: str, kc: KeyedController, capture: Capture
-                 ) -> tuple[Outcome | None, CocoonError | None, dict[str, Any], str]:
-    """(outcome, error, meta, kind). For a sealed function error: the outcome (its body is the sealed frame to
-    return) *and* a FunctionError for the books."""
-    outcome, err, meta = await Invoker(kc).call(fr, body, kc.call_meta)  # type: ignore[arg-type]
-    if outcome is None:
-        assert err is not None
-        return None, platform_error(err), meta, ""
-    capture("from_replica", call_id, outcome.meta, outcome.body)
-    try:
-        kind, receipt = check_receipt(outcome.body, kc.used.get(outcome.replica), call_id, outcome.meta.get("gm"))
-    except CocoonError as exc:
-        return None, exc, {}, ""
-    outcome.exec_ms = float(receipt.exec_ms)
-    meta = {**meta, "ms": outcome.exec_ms}
-    if kind == "err":
-        return outcome, FunctionError(SEALED_ERROR_MESSAGE, sealed=True), meta, kind
-    return outcome, None, meta, kind
-
-
-async def _stream(gw: Any, fr: FunctionRuntime, body: bytes, call_id: str, caller: str, hold: Any,
-                  kc: KeyedController, capture: Capture, headers: dict[str, str]) -> Response:
-    t0 = time.monotonic()
-    agen = Invoker(kc).stream(fr, body, kc.call_meta)  # type: ignore[arg-type]
-    try:
-        first = await agen.__anext__()
-    except CocoonError as exc:
-        exc = platform_error(exc)
-        headers.update(gw.finish_call(fr, call_id, caller, t0, None, exc, {}, hold=hold))
-        return error_response(exc, headers)
-
-    async def events() -> AsyncIterator[bytes]:
-        frame: Frame = first
-        try:
-            while True:
-                capture("from_replica", call_id, frame.meta, frame.body)
-                if frame.type == P.END:
-                    try:
-                        kind, receipt = check_receipt(frame.body, kc.last, call_id, frame.meta.get("gm"))
-                    except CocoonError as exc:
-                        gw.finish_call(fr, call_id, caller, t0, None, exc, {}, hold=hold)
-                        yield b"event: error\ndata: " + json.dumps(exc.to_dict()).encode() + b"\n\n"
-                        return
-                    yield b"event: frame\ndata: " + base64.b64encode(frame.body) + b"\n\n"
-                    ms = float(receipt.exec_ms)
-                    provider = frame.meta.get("provider", "local")
-                    err = FunctionError(SEALED_ERROR_MESSAGE, sealed=True) if kind == "err" else None
-                    paid = gw.finish_call(fr, call_id, caller, t0, None if err else Outcome(b"", ms, "", 1, provider),
-                                          err, {"ms": ms, "provider": provider}, hold=hold)
-                    end: dict[str, Any] = {"call_id": call_id, "frames": receipt.frames, "exec_ms": ms}
-                    if paid:
-                        end["charge"] = int(paid["X-Cocoon-Charge"])
-                        end["receipt"] = paid.get("X-Cocoon-Receipt")
-                    yield b"event: end\ndata: " + json.dumps(end).encode() + b"\n\n"
-                    return
-                yield b"event: frame\ndata: " + base64.b64encode(frame.body) + b"\n\n"
-                frame = await agen.__anext__()
-        except CocoonError as exc:
-            exc = platform_error(exc)
-            gw.finish_call(fr, call_id, caller, t0, None, exc, {}, hold=hold)
-            yield b"event: error\ndata: " + json.dumps(exc.to_dict()).encode() + b"\n\n"
-        finally:
-            await agen.aclose()
-
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def _submit_async(request: Request, gw: Any, fr: FunctionRuntime, body: bytes, call_id: str, caller: str,
-                  hold: Any, kc: KeyedController, capture: Capture, headers: dict[str, str]) -> Response:
-    from cocoon_faas.gateway.routes_fn import CallRecord
-
-    rec = CallRecord(call_id, fr.name, fr.version)
-    gw.calls[call_id] = rec
-    gw.store.record_call(call_id, fr.name, fr.version, "queued", rec.created, None, None, None, None, caller)
-
-    async def run() -> None:
-        t0 = time.monotonic()
-        rec.status = "running"
-        try:
-            outcome, err, meta, kind = await _unary(fr, body, call_id, kc, capture)
-        except asyncio.CancelledError:
-            from cocoon_faas.errors import CallCancelledError
-
-            outcome, err, meta, kind = None, CallCancelledError(f"call {call_id} was cancelled"), {}, ""
-        rec.finished = time.time()
-        kept = None
-        if outcome is not None:
-            sealed = base64.b64encode(outcome.body).decode()
-            kept = Outcome(json.dumps({"sealed_frame": sealed}).encode(), outcome.exec_ms, outcome.replica,
-                           outcome.attempts, outcome.provider)
-            if err is not None:
-                err.details["sealed_frame"] = sealed
-        if err is None:
-            assert kept is not None
-            rec.status, rec.result = "succeeded", kept.body
-        else:
-            rec.status = "cancelled" if err.type == "cancelled" else "failed"
-            rec.error = err.to_dict()["error"]
-        paid = gw.finish_call(fr, call_id, caller, t0, kept if kind == "res" else None, err, meta,
-                              result_kept=True, hold=hold)
-        if "X-Cocoon-Charge" in paid:
-            rec.charge = int(paid["X-Cocoon-Charge"])
-
-    rec.task = asyncio.get_running_loop().create_task(run())
-    url = f"{str(request.base_url).rstrip('/')}/v1/calls/{rec.id}"
-    return json_response({"id": rec.id, "status": rec.status, "status_url": url}, 202,
-                         {**headers, "Location": url})

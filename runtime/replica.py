@@ -292,11 +292,15 @@ class Replica:
         def price(ms: float) -> int:
             return math.ceil(round(ms, 3) / 1000 * rate) + royalty
 
+        usage: dict[str, int] | None = None  # token counts of a per-token priced function, for its charge
+
         def final(kind: str) -> dict[str, Any]:  # meta of the last frame: the receipt's MAC for the gateway
             meta_out: dict[str, Any] = {"ms": ms, "sealed": kind}
             tag = ident.gateway_tag(ctx, meta.get("gk"))
             if tag is not None:
                 meta_out["gm"] = tag
+            if usage is not None and kind != "err":
+                meta_out["usage"] = usage
             return meta_out
 
         seq = 0
@@ -310,11 +314,14 @@ class Replica:
                     conn.send(P.encode(call, P.CHUNK, {"seq": seq, "sealed": "chunk"},
                                        ident.seal_chunk(ctx, seq, _dumps(item))))
                     seq += 1
+                    usage = token_usage(item) or usage
                 ms = _ms(t0)
                 frame = ident.seal_end(ctx, call_id, ms, price(ms))
                 conn.send(P.encode(call, P.END, {**final("end"), "seq": seq}, frame))
             else:
-                result = _dumps(await loaded.run(kwargs, log, timeout))
+                value = await loaded.run(kwargs, log, timeout)
+                usage = token_usage(value)
+                result = _dumps(value)
                 ms = _ms(t0)
                 frame = ident.seal_response(ctx, call_id, result, ms, price(ms))
                 conn.send(P.encode(call, P.RESULT, final("res"), frame))
@@ -360,6 +367,19 @@ def _settle_process() -> None:
         os.setpriority(os.PRIO_PROCESS, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def token_usage(item: Any) -> dict[str, int] | None:
+    """The token counts a sealed item reports (what its per-token charge is computed from), else None. Only the
+    counts leave the sealed answer: the gateway prices them, the caller checks them against what it opened."""
+    if not isinstance(item, dict):
+        return None
+    u = item.get("usage")
+    if not isinstance(u, dict):
+        return None
+    out = {k: u[k] for k in ("prompt_tokens", "completion_tokens", "cached_tokens")
+           if isinstance(u.get(k), int) and not isinstance(u.get(k), bool)}
+    return out if "prompt_tokens" in out and "completion_tokens" in out else None
 
 
 def _ms(t0: float) -> float:

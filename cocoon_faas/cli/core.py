@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from cocoon_faas.errors import CocoonError
-from cocoon_faas.settings import reload_settings
+from cocoon_faas.settings import get_settings, reload_settings
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -216,6 +216,20 @@ def keys_create(name: str) -> None:
     click.echo(client().create_key(name))
 
 
+@click.command()
+@click.option("--port", default=8080, show_default=True, type=int, help="port on 127.0.0.1")
+@click.option("--allow-dev-attestation", is_flag=True,
+              help="also trust replicas with this machine's NOT SECURE development attestation key")
+@handles_errors
+def proxy(port: int, allow_dev_attestation: bool) -> None:
+    """An OpenAI-compatible API on 127.0.0.1 that seals every request to attested replicas, pays it from your
+    channel and checks each charge: point any OpenAI client's base_url at http://127.0.0.1:PORT/v1."""
+    from cocoon_faas.proxy import run_proxy
+
+    click.echo(f"cocoon proxy on http://127.0.0.1:{port}/v1 -> {get_settings().gateway_url}", err=True)
+    run_proxy(port, allow_dev_attestation)
+
+
 def register(main: click.Group) -> None:
-    for cmd in (serve, deploy, call, ls, logs, rollback, rm, keys):
+    for cmd in (serve, deploy, call, ls, logs, rollback, rm, keys, proxy):
         main.add_command(cmd)

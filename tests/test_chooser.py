@@ -2,7 +2,7 @@ import random
 from dataclasses import dataclass
 
 from cocoon_faas.gateway.autoscale import ScaleState, target_replicas
-from cocoon_faas.gateway.router import choose
+from cocoon_faas.gateway.chooser import choose
 
 
 @dataclass(eq=False)
