@@ -7,7 +7,8 @@
                                     closing: {quarantine_s, conditional_close_s, fine}]}
     GET  /v1/channels/{id}          channel summary (seqno, sent, charged, reserved, credit)
     POST /v1/channels/{id}/close    the operator's close signature; the caller proves itself with signature_a
-    GET  /v1/ledger[?verify=1]      operator only: balances per party, optionally the verify report
+    GET  /v1/ledger[?verify=1]      operator only: balances per party and closes, optionally the verify report
+                                    (with the watchtower: each close's booked payout checked against the chain)
     GET  /v1/ledger/calls/{id}      operator only: one paid call and its charge
     GET  /v1/ledger/providers       operator only: per provider earned, paid out, due
     POST /v1/ledger/providers/{id}/payout   operator only: pay what is due through the operator's channel to the
@@ -162,7 +163,11 @@ def payment_routes(gate: PaymentGate, operator_key: PrivateKey | None = None,
             return err(exc)
         out: dict[str, Any] = {"balances": gate.ledger.balances(), "closes": gate.ledger.closes()}
         if request.query_params.get("verify"):
-            out["verify"] = gate.ledger.verify()
+            out["verify"] = v = gate.ledger.verify()
+            if watchtower is not None:  # the books against the chain's own record of each close's payout
+                v["chain"] = chain = watchtower.check_payouts()
+                v["problems"] += chain["problems"]
+                v["ok"] = v["ok"] and not chain["problems"]
         return JSONResponse(out)
 
     async def ledger_call(request: Request) -> JSONResponse:

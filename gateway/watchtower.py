@@ -184,6 +184,27 @@ class Watchtower:
         log.info("watchtower: channel %s closed on chain (%s): operator paid %s", ch.channel_id, how, paid_b)
         return Action(ch.channel_id, "recorded", 0, f"{how}: paid_b {paid_b}, adjustment {rec['adjustment']}")
 
+    def check_payouts(self) -> dict[str, Any]:
+        """Each booked close against the chain's own record of what the contract paid the operator (the local
+        chain keeps one; on TON that history lives in the account's transactions, not in get methods, so there the
+        books rest on the quarantine read before the finish)."""
+        if not hasattr(self.chain, "payouts"):
+            return {"checked": 0, "problems": [], "note": "this settlement backend keeps no payout record"}
+        problems: list[str] = []
+        closes = self.ledger.closes()
+        for c in closes:
+            ch = self.ledger.channel(c["channel_id"])
+            try:
+                cfg = self.config(ch)
+            except (InvalidRequestError, ValueError):
+                problems.append(f"channel {ch.channel_id}: no payout address to look its contract up by")
+                continue
+            paid = sum(a for d, a in self.chain.payouts(cfg) if d == cfg.dest_b)
+            if c["paid_b"] is not None and paid != c["paid_b"]:
+                problems.append(f"channel {ch.channel_id}: the chain paid the operator {paid} nanoton, the ledger "
+                                f"books {c['paid_b']}")
+        return {"checked": len(closes), "problems": problems}
+
     # -- the operator's own exit ---------------------------------------------------------------------------------
     def start_operator_close(self, channel_id: int) -> dict[str, Any]:
         """Start an uncooperative close of a caller's channel with the state that covers the charges."""

@@ -287,6 +287,14 @@ def test_watchtower_wins_against_a_stale_close_on_the_local_chain(tmp_path: Path
     bal = env.ledger.balances()
     assert sum(bal["caller"].values()) == env.op_paid()  # the ledger's debit of the caller = the chain's payout
     assert env.tower.tick() == []  # closed channels are no longer watched
+    assert env.tower.check_payouts() == {"checked": 1, "problems": []}
+    # books that agree with themselves but not with the chain are caught by the chain check alone
+    with env.ledger.transaction() as tx:
+        tx.execute("UPDATE pay_closes SET paid_b = paid_b + 1, adjustment = adjustment + 1")
+        tx.execute("UPDATE pay_balances SET amount = amount + 1 WHERE party IN ('caller', 'operator')")
+    assert env.ledger.verify()["ok"]
+    (problem,) = env.tower.check_payouts()["problems"]
+    assert f"the chain paid the operator {env.op_paid()} nanoton, the ledger books {env.op_paid() + 1}" in problem
 
 
 def test_watchtower_leaves_an_honest_close_alone_and_finishes_it(tmp_path: Path) -> None:

@@ -97,6 +97,7 @@ def test_a_stale_close_loses_to_the_watchtower(gw: GatewayProc) -> None:
     out = json.loads(gw.cli("ledger", "--verify").stdout)
     assert out["verify"]["ok"], out["verify"]["problems"]
     assert out["verify"]["caller_debits"] == op_paid  # the ledger's books match the chain's payout to the nanoton
+    assert out["verify"]["chain"] == {"checked": 1, "problems": []}  # and the gateway checked them against it
     assert json.loads(c.cli("channel", "show").stdout)["phase"] == "closed"
     ledger.close()
 
