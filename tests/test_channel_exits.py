@@ -217,12 +217,38 @@ def test_caller_checks_terms_and_the_exit_state_before_funding() -> None:
 OP, CALLER = PrivateKey(b"\x17" * 32), PrivateKey(b"\x18" * 32)
 
 
-class Env:
-    """A local chain on a settable clock, the operator's ledger, gate and watchtower, and one funded caller."""
+class ContractCheckedChain(LocalChain):
+    """The local chain with every message also run in the real contract (TVM, SideBySide): the chain's verdict
+    must be the contract's (exit code, storage, payouts), so each step the watchtower or a caller takes below is
+    checked against the contract too."""
 
-    def __init__(self, tmp_path: Path, cid: int, db: object = None) -> None:
+    def __init__(self, path: Path, clock: Any, code: Cell) -> None:
+        super().__init__(path, clock=clock)
+        self.code = code
+        self.sides: dict[str, SideBySide] = {}
+        self.verdicts: list[int] = []
+
+    def send_to_channel(self, key: PrivateKey, wallet: Wallet, cfg: ChannelConfig, body: Cell,
+                        value: int) -> Any:
+        side = self.sides.get(cfg.address.raw) or self.sides.setdefault(cfg.address.raw, SideBySide(self.code, cfg))
+        side.data = self.channel_data(cfg) or cfg.initial_data()
+        side.balance, side.now = self.contract_balance(cfg), self.now()
+        contract = side.send(body, value)  # asserts our rules agree with the contract
+        res = super().send_to_channel(key, wallet, cfg, body, value)
+        assert res.exit_code == contract, (res.exit_code, contract)
+        if contract == 0:
+            assert self.channel_data(cfg) == side.data
+        self.verdicts.append(contract)
+        return res
+
+
+class Env:
+    """A local chain on a settable clock (each message checked in the real contract), the operator's ledger, gate
+    and watchtower, and one funded caller."""
+
+    def __init__(self, tmp_path: Path, cid: int, code: Cell, db: object = None) -> None:
         self.t = [1_800_000_000]
-        self.chain = LocalChain(tmp_path / "chain.db", clock=lambda: self.t[0])
+        self.chain = ContractCheckedChain(tmp_path / "chain.db", lambda: self.t[0], code)
         self.ledger = Ledger(db if db is not None else tmp_path / "ledger.db", home=tmp_path)  # type: ignore[arg-type]
         self.gate = PaymentGate(self.ledger, OP, FeePolicy(bps=500), chain=self.chain, terms=TERMS)
         self.tower = Watchtower(self.ledger, self.chain, OP, interval_s=0.01)
@@ -253,9 +279,9 @@ class Env:
         return sum(a for d, a in self.chain.payouts(self.cfg) if d == self.cfg.dest_a)
 
 
-def test_watchtower_wins_against_a_stale_close_on_the_local_chain(tmp_path: Path, database: Any) -> None:
+def test_watchtower_wins_against_a_stale_close_on_the_local_chain(code: Cell, tmp_path: Path, database: Any) -> None:
     """On both ledger backends (SQLite, PostgreSQL): the books and the chain agree after the challenge."""
-    env = Env(tmp_path, 501, database())
+    env = Env(tmp_path, 501, code, database())
     env.pay(5)
     charged = env.ledger.channel(501).charged
     assert charged == env.signer.charged > 0
@@ -287,6 +313,8 @@ def test_watchtower_wins_against_a_stale_close_on_the_local_chain(tmp_path: Path
     bal = env.ledger.balances()
     assert sum(bal["caller"].values()) == env.op_paid()  # the ledger's debit of the caller = the chain's payout
     assert env.tower.tick() == []  # closed channels are no longer watched
+    # every step, in the real contract too: top-up, init, the stale start, the challenge, an early finish, finish
+    assert env.chain.verdicts == [0, 0, 0, 0, 113, 0]
     assert env.tower.check_payouts() == {"checked": 1, "problems": []}
     # books that agree with themselves but not with the chain are caught by the chain check alone
     with env.ledger.transaction() as tx:
@@ -297,8 +325,8 @@ def test_watchtower_wins_against_a_stale_close_on_the_local_chain(tmp_path: Path
     assert f"the chain paid the operator {env.op_paid()} nanoton, the ledger books {env.op_paid() + 1}" in problem
 
 
-def test_watchtower_leaves_an_honest_close_alone_and_finishes_it(tmp_path: Path) -> None:
-    env = Env(tmp_path, 502)
+def test_watchtower_leaves_an_honest_close_alone_and_finishes_it(code: Cell, tmp_path: Path) -> None:
+    env = Env(tmp_path, 502, code)
     env.pay(3)
     charged = env.signer.charged
     env.send(StartUncooperativeClose.signed(CALLER, True, 502, env.signer.close_state(charged), env.exit_state)
@@ -317,8 +345,8 @@ def test_watchtower_leaves_an_honest_close_alone_and_finishes_it(tmp_path: Path)
     assert env.op_paid() == charged and env.ledger.verify()["ok"]
 
 
-def test_operator_closes_a_channel_alone(tmp_path: Path) -> None:
-    env = Env(tmp_path, 503)
+def test_operator_closes_a_channel_alone(code: Cell, tmp_path: Path) -> None:
+    env = Env(tmp_path, 503, code)
     env.pay(4)
     charged = env.signer.charged
     out = env.tower.start_operator_close(503)
@@ -334,8 +362,8 @@ def test_operator_closes_a_channel_alone(tmp_path: Path) -> None:
     assert env.ledger.verify()["ok"]
 
 
-def test_cooperative_close_is_booked_from_the_chain(tmp_path: Path) -> None:
-    env = Env(tmp_path, 504)
+def test_cooperative_close_is_booked_from_the_chain(code: Cell, tmp_path: Path) -> None:
+    env = Env(tmp_path, 504, code)
     env.pay(2)
     charged = env.signer.charged
     args = (504, DEP - charged, charged, env.signer.seqno, 1)
@@ -347,8 +375,9 @@ def test_cooperative_close_is_booked_from_the_chain(tmp_path: Path) -> None:
     assert env.ledger.verify()["ok"]
 
 
-def test_watchtower_errors_stay_inside_the_watchtower(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    env = Env(tmp_path, 505)
+def test_watchtower_errors_stay_inside_the_watchtower(code: Cell, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    env = Env(tmp_path, 505, code)
     env.pay(1)
     # a row with no payout address (imported by hand): skipped, never a crash
     env.ledger.add_channel(507, CALLER.public_key(), OP.public_key(), "0:" + "00" * 32, "not-an-address", DEP,
@@ -393,8 +422,8 @@ def test_watchtower_errors_stay_inside_the_watchtower(tmp_path: Path, caplog: py
     assert ticks["n"] >= 2  # the loop went on after a round raised
 
 
-def test_local_chain_charges_fees_for_refused_steps(tmp_path: Path) -> None:
-    env = Env(tmp_path, 508)
+def test_local_chain_charges_fees_for_refused_steps(code: Cell, tmp_path: Path) -> None:
+    env = Env(tmp_path, 508, code)
     before = env.chain.balance(env.wallet.address)
     env.send(FinishUncooperativeClose().to_cell(), 107)
     assert env.chain.balance(env.wallet.address) == before - MESSAGE_FEE  # a bounced message costs only the fee
