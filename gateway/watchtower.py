@@ -175,8 +175,12 @@ class Watchtower:
                 "_challenged" if q.challenged else "")
         elif ch.status == "closing":
             paid_a, paid_b, how = ch.deposit - ch.charged, ch.charged, "cooperative"
-        else:  # closed while nobody watched: known only when the caller closed with a state we hold
-            sent = self.ledger.state_by_seqno(ch.channel_id, data.committed_seqno_a - 1)
+        else:  # closed while nobody watched (the gateway was down): from the chain's payout record where it keeps
+            # one (the local chain), else from the state the close committed when we hold it, else unknown
+            if hasattr(self.chain, "payouts"):
+                sent: int | None = sum(a for d, a in self.chain.payouts(cfg) if d == cfg.dest_b)
+            else:
+                sent = self.ledger.state_by_seqno(ch.channel_id, data.committed_seqno_a - 1)
             paid_b = sent
             paid_a = None if sent is None else ch.deposit - sent
             how = "closed_unwatched"

@@ -345,6 +345,20 @@ def test_watchtower_leaves_an_honest_close_alone_and_finishes_it(code: Cell, tmp
     assert env.op_paid() == charged and env.ledger.verify()["ok"]
 
 
+def test_a_close_made_while_the_gateway_was_down_is_booked_from_the_chain(code: Cell, tmp_path: Path) -> None:
+    env = Env(tmp_path, 509, code)
+    env.pay(2)
+    charged = env.signer.charged
+    env.send(StartUncooperativeClose.signed(CALLER, True, 509, env.signer.close_state(charged), env.exit_state)
+             .to_cell(), 0)
+    env.t[0] += 121
+    env.send(FinishUncooperativeClose().to_cell(), 0)  # the watchtower never ran in between
+    assert [a.what for a in env.tower.tick()] == ["recorded"]
+    (close,) = env.ledger.closes()
+    assert close["how"] == "closed_unwatched" and close["paid_b"] == env.op_paid() == charged
+    assert env.ledger.verify()["ok"] and env.tower.check_payouts()["problems"] == []
+
+
 def test_operator_closes_a_channel_alone(code: Cell, tmp_path: Path) -> None:
     env = Env(tmp_path, 503, code)
     env.pay(4)
