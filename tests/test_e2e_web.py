@@ -149,7 +149,7 @@ class MiniApp:
              "MINIAPP_TRUSTED_DEV_KEY": _dev_key(gw), "COCOON_CHAIN_PATH": str(gw.home / "chain.db"),
              "MINIAPP_CAPTURE": str(self.capture), **env}
         e.pop("COCOON_HOME", None)
-        self.log = open(data / "server.log", "ab")
+        self.log = open(data / "server.log", "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "examples" / "miniapp" / "server.py"), "--port",
                                       str(self.port)], env=e, stdout=self.log, stderr=subprocess.STDOUT)
         for _ in range(300):
@@ -211,9 +211,16 @@ def test_miniapp_sealed_paid_streamed_chat(gw: GatewayProc, browser: Any, tmp_pa
         assert b"application/cocoon-sealed" not in relayed and len(relayed) > 500  # sealed bodies went through
         for secret in (MARKER.encode(), MARKER[::-1].encode()):
             assert secret not in relayed and secret not in forwarded
-        cid = json.loads(next((app.data / "users" / "4242").glob("channel.json")).read_text())["channel_id"]
-        summary = httpx.get(f"{gw.url}/v1/channels/{cid}", timeout=30).json()
+        rec = json.loads((app.data / "users" / "4242.json").read_text())
+        summary = httpx.get(f"{gw.url}/v1/channels/{rec['channel_id']}", timeout=30).json()
         assert str(summary["charged"]) == charge.split()[0] and summary["seqno"] == 1
+        # the channel's payer key is the one the page made and kept: the server never had it
+        page_key = browser.execute_script("return localStorage.getItem('cocoon-key-4242')")
+        assert len(page_key) == 64 and page_key.encode() not in (app.data / "server.log").read_bytes()
+        from cocoon_faas.ton.keys import PrivateKey
+
+        assert summary["key_a"] == rec["key_a"] == PrivateKey(bytes.fromhex(page_key)).public_key().hex()
+        assert not list(app.data.rglob("*.key")) or all(p.name == "funding_wallet.key" for p in app.data.rglob("*.key"))
         assert _ledger(gw)["verify"]["ok"]
     finally:
         app.stop()

@@ -116,3 +116,19 @@ export class ChannelPayer {
     this.save(this.state());
   }
 }
+
+const TAG_INIT = 0x696e6974; // "init"
+
+/** The caller's signature for the channel contract's init_channel message: Ed25519 over the hash of
+ *  `tag:#696e6974 channel_id:uint128 balance_A:Coins balance_B:Coins` (cocoon_faas.ton.messages.InitChannel). A
+ *  Mini App's page makes its own key and signs this; its server funds and deploys the channel with it. */
+export function initChannelSignature(secretKey: Bytes, channelId: bigint, balanceA: bigint, balanceB: bigint): Bytes {
+  const payload = beginCell().storeUint(TAG_INIT, 32).storeUint(channelId, 128).storeCoins(balanceA)
+    .storeCoins(balanceB).endCell();
+  return ed25519.sign(new Uint8Array(payload.hash()), secretKey);
+}
+
+/** The Ed25519 public key of a channel key (32-byte seed): what a channel names as the caller's key. */
+export function channelPublicKey(secretKey: Bytes): Bytes {
+  return ed25519.getPublicKey(secretKey);
+}

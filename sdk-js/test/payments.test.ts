@@ -4,7 +4,7 @@ import assert from "node:assert/strict";
 import { after, test } from "node:test";
 import { ed25519 } from "@noble/curves/ed25519.js";
 import { fromB64, fromHex, hex } from "../src/bytes.js";
-import { ChannelPayer, signedStateBoc } from "../src/payments.js";
+import { ChannelPayer, initChannelSignature, signedStateBoc } from "../src/payments.js";
 import { CocoonError } from "../src/errors.js";
 import { closePy, py } from "./helpers.js";
 
@@ -46,4 +46,10 @@ test("the payer signs cumulative states Python accepts, refuses past the deposit
   p.complete(t3, 300n);
   assert.throws(() => p.signForCall(600n), (e: unknown) => e instanceof CocoonError && e.status === 402);
   assert.deepEqual(saved, ["1", "2", "2", "2", "3", "3"]);
+});
+
+test("the init_channel signature made here is Python's InitChannel.signed, byte for byte", async () => {
+  const want = await py("init_sig", { seed: "browser-key", channel_id: "1234567890123", balance_a: "2000000000" });
+  const sig = initChannelSignature(fromHex(want.secret_key), 1234567890123n, 2000000000n, 0n);
+  assert.equal(hex(sig), want.signature);
 });

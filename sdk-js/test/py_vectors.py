@@ -9,6 +9,7 @@ side is checked against the Python implementation as it is now, both ways.
     answer    {seed, function, measurement, now, body, mode}  -> the replica opens a JS-sealed body and answers
     receipt   {receipt, public_key}                           -> does Python accept this (JS-signed) receipt?
     payment   {seed, channel_id, seqno, sent, cp_seqno, cp_sent} -> Python's BOC and signed hash of that state
+    init_sig  {seed, channel_id, balance_a}                   -> Python's InitChannel signature
     payment_check {boc, public_key}                           -> Python's parse of a JS-built state
     quote     {path, at, tamper}                              -> Python's verify_quote outcome for a testdata quote
 """
@@ -114,6 +115,14 @@ def cmd_payment(d: dict[str, Any]) -> dict[str, Any]:
     boc_t, _ = StateTemplate(state.channel_id, cp).build(state.data.seqno, state.data.sent, key.sign)
     return {"secret_key": key.to_bytes().hex(), "boc": signed.to_boc().hex(), "template_boc": boc_t.hex(),
             "hash": state.to_cell().hash.hex()}
+
+
+def cmd_init_sig(d: dict[str, Any]) -> dict[str, Any]:
+    from cocoon_faas.ton.messages import InitChannel
+
+    key = PrivateKey(hashlib.sha256(d["seed"].encode()).digest())
+    m = InitChannel.signed(key, True, int(d["channel_id"]), int(d["balance_a"]), 0)
+    return {"secret_key": key.to_bytes().hex(), "signature": m.signature.hex()}
 
 
 def cmd_payment_check(d: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 // the answer streams back sealed and is opened here; the receipt is verified here. The Mini App's server and the
 // gateway relay ciphertext only. Telegram passes initData in the URL fragment (tgWebAppData), which is all this
 // page needs; Telegram's WebApp object, when a page includes telegram-web-app.js, is used if present.
-import { ChannelPayer, CheckFailed, Client, fromHex } from "/sdk/cocoon-sdk.js";
+import { ChannelPayer, CheckFailed, Client, channelPublicKey, fromHex, hex, initChannelSignature } from "/sdk/cocoon-sdk.js";
 
 const $ = (s) => document.querySelector(s);
 const show = (sel, text) => { const el = $(sel); el.textContent = text; el.hidden = false; return el; };
@@ -23,24 +23,41 @@ function fail(prefix, e) {
 
 const ton = (n) => `${(Number(n) / 1e9).toFixed(9).replace(/0+$/, "").replace(/\.$/, "")} TON`;
 
+async function post(path, body) {
+  const r = await fetch(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+  return [r, await r.json()];
+}
+
 async function main() {
-  const r = await fetch("/api/session", { method: "POST", headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ init_data: initData() }) });
-  const s = await r.json();
+  const init = initData();
+  let [r, s] = await post("/api/session", { init_data: init });
   if (!r.ok) {
     $("#status").textContent = "not signed in";
     show("#error", `Telegram sign-in refused (${s.error.reason}): ${s.error.message}`).dataset.check = s.error.reason;
     return;
   }
   $("#user").textContent = s.user.username ? `@${s.user.username}` : s.user.first_name;
+  // The key that signs this user's payment states is made here and never leaves this browser.
+  const keyName = `cocoon-key-${s.user.id}`;
+  if (!localStorage.getItem(keyName)) localStorage.setItem(keyName, hex(crypto.getRandomValues(new Uint8Array(32))));
+  const sk = fromHex(localStorage.getItem(keyName));
+  const pk = hex(channelPublicKey(sk));
+  if (s.offer) { // no channel yet: sign its init message; the server pays the deposit and deploys it
+    $("#status").textContent = "opening your payment channel…";
+    const sig = initChannelSignature(sk, BigInt(s.offer.channel_id), BigInt(s.offer.deposit), 0n);
+    [r, s.channel] = await post("/api/channel", { init_data: init, public_key: pk, signature: hex(sig) }).then(([r, b]) => [r, b.channel || b]);
+    if (!r.ok) throw new Error(`the channel could not be opened: ${s.channel.error.message}`);
+  }
+  if (s.channel.key_a !== pk) throw new Error("this user's channel belongs to a key kept in another browser");
   const storeKey = `cocoon-channel-${s.channel.channel_id}`;
   const saved = JSON.parse(localStorage.getItem(storeKey) || "null");
   // resume past both what this browser signed and what the gateway has seen: a seqno is never signed twice
   const big = (a, b) => String(BigInt(a || 0) > BigInt(b || 0) ? a : b);
-  const st = { channelId: s.channel.channel_id, deposit: s.channel.deposit,
+  // `spendable`: the deposit less the closing fine, the most any state may send
+  const st = { channelId: s.channel.channel_id, deposit: s.channel.spendable || s.channel.deposit,
     seqno: big(saved && saved.seqno, s.channel.seqno), sent: big(saved && saved.sent, s.channel.sent),
     charged: big(saved && saved.charged, s.channel.charged) };
-  const payer = new ChannelPayer(fromHex(s.channel.key), st, (x) => localStorage.setItem(storeKey, JSON.stringify(x)));
+  const payer = new ChannelPayer(sk, st, (x) => localStorage.setItem(storeKey, JSON.stringify(x)));
   const client = new Client({ url: `${location.origin}/gw`, payer });
   const history = [];
   $("#status").textContent = `paying from channel ${s.channel.channel_id}; calls sealed to attested replicas of ${s.function}`;
