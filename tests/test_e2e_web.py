@@ -80,7 +80,8 @@ def test_js_sdk_against_the_gateway(gw: GatewayProc, tmp_path: Path) -> None:
         pytest.skip("the JS SDK is not built (scripts/test builds it: cd sdk-js && npm ci && npm run build)")
     payer = Caller(tmp_path / "payer", gw)
     r = subprocess.run(["node", str(SDK_DIST / "test" / "gateway.e2e.js"), gw.url, gw.key, _dev_key(gw),
-                        str(payer.channel["channel_id"]), payer.seed.hex(), str(2 * 10**9)],
+                        str(payer.channel["channel_id"]), payer.seed.hex(),
+                        str(2 * 10**9 - int(payer.channel.get("closing", {}).get("fine", 0)))],  # spendable
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
