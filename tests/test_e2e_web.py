@@ -301,6 +301,16 @@ def test_dashboard_login_chart_and_rollback(gw: GatewayProc, browser: Any, tmp_p
         _wait(browser, lambda d: "rolled back" in d.find_element(By.ID, "rollback-result").text)
         assert h.post("/fn/whoami", json={}).json() == {"version": "one"}
         _shot(browser, "dashboard-rollback.png")
+        # the operator's ledger (this key is the gateway's own) and the providers view
+        browser.find_element(By.CSS_SELECTOR, 'button[data-tab="ledger"]').click()
+        _wait(browser, lambda d: '"ok": true' in d.find_element(By.ID, "ledger-verify").text)
+        assert "operator view" in browser.find_element(By.ID, "ledger-note").text
+        _shot(browser, "dashboard-ledger.png")
+        browser.find_element(By.CSS_SELECTOR, 'button[data-tab="providers"]').click()
+        _wait(browser, lambda d: "updated" in d.find_element(By.ID, "updated").text
+              and not d.find_element(By.ID, "tab-providers").get_attribute("hidden"))
+        listed = h.get("/v1/providers").json()["providers"]
+        _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#providers tbody tr")) == len(listed))
 
 
 # -- the bot --------------------------------------------------------------------------------------------------
