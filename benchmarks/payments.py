@@ -42,8 +42,8 @@ def noop() -> int:
 
 @cocoon.function(cpu=0.25, timeout=10, max_concurrency=32, min_replicas=1, serves="chat:bench-echo",
                  price_per_million_prompt_tokens="1", price_per_million_completion_tokens="2")
-def bench_chat(messages: list, max_tokens: int = 16, temperature: float = 1.0, top_p: float = 1.0,
-               seed: int | None = None, stop: list | None = None):
+async def bench_chat(messages: list, max_tokens: int = 16, temperature: float = 1.0, top_p: float = 1.0,
+                     seed: int | None = None, stop: list | None = None):  # async: see RESULTS (executor bug)
     yield {"delta": "ok"}
     yield {"finish_reason": "stop", "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
 '''
