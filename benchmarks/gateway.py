@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOOP_APP = ROOT / "benchmarks" / "apps" / "noop.py"
 PLAIN_APP = ROOT / "benchmarks" / "apps" / "plain.py"
 FUNCTION = {"name": "noop"}  # --function: noop (async, tuned like the peers) or plain (a default `def`)
+WARMUP = {"s": 2.0}  # --warmup: seconds of load before measuring (longer lets autoscaling settle)
 SYSTEMS = ("ours", "serve-proxy", "serve-direct", "echo", "actor")
 TITLES = {
     "ours": "cocoon gateway",
@@ -489,7 +490,8 @@ def measure(name: str, wrk: str | None, levels: list[int], seconds: float, workd
         target = system.start()
         start_s = time.monotonic() - t0
         drive = (lambda c, s: run_wrk(wrk, target, c, s)) if wrk else (lambda c, s: run_asyncio(target, c, s))
-        drive(16, min(2.0, seconds))  # warm-up: JIT-free Python still has caches, pools and connections to fill
+        # warm-up: JIT-free Python still has caches, pools and connections to fill (and autoscalers replicas)
+        drive(max(levels), WARMUP["s"]) if WARMUP["s"] > 2 else drive(16, min(2.0, seconds))
         assert system.proc is not None
         stats = []
         for c in levels:
@@ -589,8 +591,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--function", choices=("noop", "plain"), default="noop",
                     help="noop: an async no-op tuned like its peers; plain: a plain def with default settings")
+    ap.add_argument("--warmup", type=float, default=2.0,
+                    help="seconds of load before measuring; above 2 s it runs at the highest concurrency")
     args = ap.parse_args(argv)
     FUNCTION["name"] = args.function
+    WARMUP["s"] = args.warmup
     names = [n for n in args.only.split(",") if n]
     unknown = set(names) - set(SYSTEMS)
     if unknown:
