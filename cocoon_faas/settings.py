@@ -54,7 +54,11 @@ class Settings(BaseSettings):
                                     "(TEE evidence of the measured worker), approved (`cocoon provider approve "
                                     "WALLET`), open (loopback development only); auto: attested unless the "
                                     "gateway listens on loopback only, then open")
-    max_price_nanoton: int = Field(10**9, description="highest price per GPU- or CPU-second a provider may ask")
+    provider_dev_keys: str = Field("", description="comma-separated development attestation keys (hex) whose "
+                                   "provider nodes attested mode admits: NOT SECURE, for machines without a TEE")
+    provider_measurements: str = Field("", description="comma-separated worker measurements attested mode "
+                                       "accepts (default: this gateway's own worker code)")
+    max_price_nanoton: int = Field(10**10, description="highest price per GPU- or CPU-second a provider may ask")
     provider_expiry_s: float = Field(3600.0, description="a provider node down this long is forgotten (joins "
                                      "again as new)")
 

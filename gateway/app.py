@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from cocoon_faas.errors import CocoonError, NotFoundError
 from cocoon_faas.gateway import dashboard, openai_routes, routes_attest, routes_control, routes_fn
+from cocoon_faas.gateway.admission import Admission, resolve_mode, startup_warning
 from cocoon_faas.gateway.billing import Billing
 from cocoon_faas.gateway.cluster import Cluster
 from cocoon_faas.gateway.controller import Controller, RayBackend
@@ -30,7 +31,7 @@ from cocoon_faas.gateway.limits import BodyLimit
 from cocoon_faas.gateway.marketplace import Marketplace
 from cocoon_faas.gateway.metrics import Metrics
 from cocoon_faas.gateway.openapi import openapi_document
-from cocoon_faas.gateway.payments_routes import payment_routes
+from cocoon_faas.gateway.payments_routes import gateway_operator, payment_routes
 from cocoon_faas.gateway.pipeline import Pipeline
 from cocoon_faas.gateway.provider_routes import health_loop, provider_routes
 from cocoon_faas.gateway.store import Store, hash_key
@@ -74,13 +75,22 @@ class Gateway:
         # database own their holds by id and lease (gateway/cluster.py releases a dead one's)
         self.shared = bool(settings.database_url) or settings.workers > 1
         self.billing = Billing(settings, gateway_id=self.gateway_id if self.shared else None)
-        self.market = Marketplace(heartbeat_interval=settings.provider_heartbeat_s)
+        self.market = Marketplace(heartbeat_interval=settings.provider_heartbeat_s,
+                                  expiry_s=settings.provider_expiry_s)
+        self.admission = Admission(
+            resolve_mode(settings.provider_admission, settings.host),
+            status_of=self._wallet_status, max_price=settings.max_price_nanoton,
+            measurements=[m for m in settings.provider_measurements.split(",") if m.strip()] or None,
+            dev_keys=settings.provider_dev_keys.split(","))
         self.billing.price_for = self.provider_price  # type: ignore[method-assign]  # nodes charge their own price
         self.keys: dict[str, str] = {}
         self.auth_cache: dict[str | None, str] = {}
         self.metrics = Metrics()
         self._bg: list[asyncio.Task[None]] = []
         self.cluster: Cluster | None = None
+
+    def _wallet_status(self, wallet: str) -> str | None:
+        return self.store.wallet_status(wallet)
 
     def provider_price(self, provider: str) -> Price:
         """What the node that answers a call charges per second: a provider node its own prices, the gateway's
@@ -99,6 +109,9 @@ class Gateway:
         self.settings.home.mkdir(parents=True, exist_ok=True)
         self.store = Store(open_database(self.settings.database_url or self.settings.db_path,
                                          self.settings.db_pool_size), gateway_id=self.gateway_id)
+        warning = startup_warning(self.admission.mode)
+        if warning:
+            log.warning("%s", warning)
         if self.shared:
             self.cluster = Cluster(self.store.db, self.gateway_id, self.settings.gateway_lease_s,
                                    f"http://{self.settings.host}:{self.settings.port}")
@@ -257,7 +270,7 @@ def create_app(settings: Settings, backend: Any = None, extra_routes: list[Any] 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         *payment_routes(gw.billing.gate, gw.billing.operator_key, watchtower=gw.billing.watchtower),
-        *provider_routes(gw.market),
+        *provider_routes(gw.market, admission=gw.admission, wallets=lambda: gw.store, is_operator=gateway_operator),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         *routes_fn.routes,

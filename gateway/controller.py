@@ -294,12 +294,9 @@ class Controller:
         if market is not None and market.listing():
             from cocoon_faas.gateway.marketplace import Requirements, pin
 
-            try:
-                node = market.place(Requirements.from_spec(fr.spec, confidential=fr.flags.confidential))
-                return node.node_id, pin(node.node_id)
-            except NoCapacityError:
-                if fr.spec.gpu is not None:
-                    raise
+            # once providers exist, tenant replicas run only on them: the head node holds the operator's keys
+            node = market.place(Requirements.from_spec(fr.spec, confidential=fr.flags.confidential))
+            return node.node_id, pin(node.node_id)
         missing = self.backend.missing_resource(fr.spec)
         if missing is not None:
             raise NoCapacityError(

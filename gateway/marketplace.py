@@ -45,6 +45,22 @@ __all__ = ["DOWN", "DRAINING", "LEFT", "NANOTON", "UP", "MarketEvent", "Marketpl
            "Requirements", "pin", "ton_to_nanoton"]
 
 
+def claims_problem(hw: Hardware, resources: dict[str, Any], node_id: str) -> str | None:
+    """What the node claimed that its Ray node does not report (None when Ray backs every claim)."""
+    want = {"CPU": float(hw.cpus), "GPU": float(hw.gpu_count), **hw.ray_resources(node_id)}
+    if hw.memory:
+        want["memory"] = float(hw.memory)
+    for name, claimed in sorted(want.items()):
+        try:
+            have = float(resources.get(name, 0.0))
+        except (TypeError, ValueError):
+            have = 0.0
+        if have + 1e-6 < claimed * (0.99 if name == "memory" else 1.0):
+            return (f"claimed {claimed:g} {name} but its Ray node reports {have:g}; join again declaring what "
+                    "the machine has")
+    return None
+
+
 def pin(node_id: str) -> dict[str, float]:
     """Ray resources that pin an actor to a provider node: a sliver of its ``cocoon-node:<id>`` resource."""
     return {f"cocoon-node:{node_id}": 1 / NODE_RESOURCE_UNITS}
@@ -126,6 +142,7 @@ class _State:
     calls: int = 0
     rep: _Reputation = field(default_factory=lambda: _Reputation(100))
     lost_at: float = -math.inf  # when a replica on it last died unexpectedly (the node may be dying)
+    excluded: str | None = None  # why it takes no replicas although up (its Ray node contradicts its claims)
 
     def load(self) -> float:
         slots = self.node.hardware.gpu_count or max(1, self.node.hardware.cpus)
@@ -159,6 +176,7 @@ class ProviderView:
     attested: bool | None
     functions: dict[str, int] = field(default_factory=dict)  # replicas per function on the node
     ray_node_id: str | None = None  # its Ray node, once the gateway has seen it alive in ray.nodes()
+    excluded: str | None = None  # why placement skips it (claims its Ray node contradicts), shown by `ls`
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("hardware", "functions")}
@@ -172,8 +190,10 @@ class Marketplace:
     """The registry of provider nodes and the matching, placement, routing and reputation over it."""
 
     def __init__(self, *, heartbeat_interval: float = 5.0, window: int = 100,
-                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
+                 expiry_s: float = 3600.0) -> None:
         self.heartbeat_interval = heartbeat_interval
+        self.expiry_s = expiry_s
         self.window = window
         self._clock = clock
         self._rng = rng or random.Random()
@@ -184,6 +204,7 @@ class Marketplace:
         self._by_node: dict[str, dict[str, int]] = {}  # node id -> {function: replica count}
         self._subscribers: list[Callable[[MarketEvent], None]] = []
         self._ray_ids: dict[str, str] = {}  # node id -> Ray node id, learned by sync_ray_nodes
+        self._ray_tracked = False  # once Ray is watched, a node counts only after its Ray node is seen
         self._max_prices: tuple[int, int] | None = None
         self._lock = threading.RLock()
 
@@ -197,7 +218,8 @@ class Marketplace:
                 self._nodes[node.node_id] = _State(node, UP, now, rep=_Reputation(self.window))
                 kind = "joined"
             else:
-                old.node, old.status, old.last_seen = node, UP, now
+                old.node, old.status, old.last_seen, old.excluded = node, UP, now, None
+                self._ray_ids.pop(node.node_id, None)  # its claims are checked again against its Ray node
                 kind = "updated"
             self._invalidate()
         self._emit(kind, node)
@@ -258,6 +280,15 @@ class Marketplace:
                  if st.status in (UP, DRAINING) and now - st.last_seen > limit]
         for nid in stale:
             self.mark_down(nid, f"no heartbeat for {now - self._nodes[nid].last_seen:.1f}s")
+        expired = [nid for nid, st in self._nodes.items() if st.status in (DOWN, LEFT)
+                   and now - st.last_seen > self.expiry_s and not self._by_node.get(nid) and not st.inflight]
+        if expired:  # stale registrations are forgotten: listing, prices and memory stay bounded
+            with self._lock:
+                for nid in expired:
+                    self._nodes.pop(nid, None)
+                    self._ray_ids.pop(nid, None)
+                    self._by_node.pop(nid, None)
+                self._invalidate()
         return stale
 
     def sync_ray_nodes(self, ray_nodes: Iterable[dict[str, Any]]) -> list[str]:
@@ -266,21 +297,38 @@ class Marketplace:
         A live Ray node is matched to its provider node by its ``cocoon-node:<id>`` resource and remembered by
         Ray node id, because Ray lists a dead node without its resources. Returns the ids marked down.
         """
+        self._ray_tracked = True
         alive_ray: set[str] = set()
         for rn in ray_nodes:
             if not rn.get("Alive"):
                 continue
             rid = str(rn.get("NodeID", ""))
             alive_ray.add(rid)
-            for res in (rn.get("Resources") or {}):
-                if res.startswith("cocoon-node:") and res[12:] in self._nodes:
-                    self._ray_ids[res[12:]] = rid
+            resources = rn.get("Resources") or {}
+            for res in resources:
+                nid = res[12:]
+                if res.startswith("cocoon-node:") and nid in self._nodes and self._ray_ids.get(nid) != rid:
+                    self._ray_ids[nid] = rid
+                    self._came_up(nid, resources)
         dead = [nid for nid, rid in self._ray_ids.items()
                 if rid not in alive_ray and self._nodes[nid].status in (UP, DRAINING)]
         for nid in dead:
             self._ray_ids.pop(nid, None)
             self.mark_down(nid, "its Ray node died", revivable=False)
         return dead
+
+    def _came_up(self, nid: str, resources: dict[str, Any]) -> None:
+        """A node's Ray node appeared: it counts for placement and pricing only if Ray reports what it claimed."""
+        st = self._nodes[nid]
+        problem = claims_problem(st.node.hardware, resources, nid)
+        with self._lock:
+            st.excluded = problem
+            self._invalidate()
+        if problem is not None:
+            log.warning("provider node %s excluded: %s", nid, problem)
+            self._emit("down", st.node)  # replicas already placed there are moved
+        elif st.status == UP:
+            self._emit("up", st.node)  # functions waiting for capacity try again
 
     def subscribe(self, callback: Callable[[MarketEvent], None]) -> Callable[[], None]:
         """Call ``callback`` on every node event; returns a function that unsubscribes."""
@@ -297,15 +345,16 @@ class Marketplace:
     def routable(self, node_id: str, now: float | None = None) -> bool:
         """Up and heard from within 3 heartbeat intervals: checked on every decision, not only by sweeps."""
         st = self._nodes.get(node_id)
-        if st is None or st.status != UP:
+        if st is None or st.status != UP or st.excluded is not None:
             return False
         return (self._clock() if now is None else now) - st.last_seen <= 3 * self.heartbeat_interval
 
     def max_prices(self) -> tuple[int, int]:
         """The highest (GPU, CPU) prices any listed node asks: what a call's hold must cover before the node
         that answers it is known."""
-        if self._max_prices is None:
-            live = [st.node for st in self._nodes.values() if st.status != LEFT]
+        if self._max_prices is None:  # only nodes that can serve: a node down, lying or not yet up sets no price
+            live = [st.node for nid, st in self._nodes.items() if st.status == UP and st.excluded is None
+                    and (not self._ray_tracked or nid in self._ray_ids)]
             self._max_prices = (max((n.gpu_price for n in live), default=0),
                                 max((n.cpu_price for n in live), default=0))
         return self._max_prices
@@ -433,7 +482,7 @@ class Marketplace:
         best_nid, best_score = None, math.inf
         for nid, req in picks:
             st = self._nodes.get(nid)
-            if (st is None or st.status != UP or now - st.last_seen > limit or nid in exclude
+            if (st is None or st.status != UP or st.excluded or now - st.last_seen > limit or nid in exclude
                     or (max_price is not None and st.node.rate(req) > max_price)):
                 continue
             s = st.score(st.node.rate(req))
@@ -490,7 +539,7 @@ class Marketplace:
             self.routable(n.node_id, now), round(st.load(), 4), st.inflight,
             sum(self._by_node.get(n.node_id, {}).values()), round(st.rep.success if st.rep.calls else 1.0, 4),
             round(st.rep.mean_latency, 6), st.calls, st.earned, round(now - st.last_seen, 3), st.attested,
-            dict(self._by_node.get(n.node_id, {})), self._ray_ids.get(n.node_id))
+            dict(self._by_node.get(n.node_id, {})), self._ray_ids.get(n.node_id), st.excluded)
 
     def _fitting(self, req: Requirements) -> list[str]:
         ids = self._fits.get(req)
@@ -504,7 +553,9 @@ class Marketplace:
 
     def _usable(self, nid: str, req: Requirements, max_price: int | None, now: float) -> bool:
         st = self._nodes[nid]
-        if st.status != UP or now - st.last_seen > 3 * self.heartbeat_interval:
+        if st.status != UP or st.excluded is not None or now - st.last_seen > 3 * self.heartbeat_interval:
+            return False
+        if self._ray_tracked and nid not in self._ray_ids:  # registered, but its Ray node never came up
             return False
         if req.confidential and st.attested is False:
             return False

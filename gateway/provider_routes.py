@@ -5,6 +5,9 @@
                                           the Ray resources to advertise
     POST /v1/providers/{id}/heartbeat     Bearer <token>; {"load": 0..n} -> {"status": ...}
     POST /v1/providers/{id}/leave         Bearer <token> -> {"status": "draining" | "left"}
+    GET  /v1/providers/approvals          operator: the admission mode and the approved/revoked wallets
+    POST /v1/providers/approvals          operator: {"wallet"} approve (`cocoon provider approve WALLET`)
+    DELETE /v1/providers/approvals/{w}    operator: revoke (its nodes go down now; `cocoon provider revoke`)
     GET  /v1/providers                    every listed node: hardware, price, load, health, reputation, earnings
     GET  /v1/providers/{id}               one node
 
@@ -28,9 +31,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
-from cocoon_faas.errors import AuthenticationError, CocoonError, InvalidRequestError, NoCapacityError
+from cocoon_faas.errors import (
+    AuthenticationError,
+    CocoonError,
+    InvalidRequestError,
+    NoCapacityError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+from cocoon_faas.gateway.admission import Admission, WalletBook, wallet_key
 from cocoon_faas.gateway.http import read_json
 from cocoon_faas.gateway.marketplace import Marketplace, Node
+from cocoon_faas.runtime.node_attestation import seal_secrets
 from cocoon_faas.runtime.registration import MAX_SKEW_S, Registration
 
 MAX_BODY = 64 * 1024
@@ -98,13 +110,17 @@ async def health_loop(market: Marketplace, *, interval: float | None = None,
 
 def provider_routes(market: Marketplace, *, ray_address: str | Callable[[], str | None] | None = None,
                     ray_token: str | Callable[[], str | None] | None = None,
-                    clock: Callable[[], float] = time.time) -> list[BaseRoute]:
+                    clock: Callable[[], float] = time.time, admission: Admission | None = None,
+                    wallets: Callable[[], WalletBook] | None = None,
+                    is_operator: Callable[[Request], bool] | None = None) -> list[BaseRoute]:
     """The provider endpoints over ``market``.
 
     ``ray_address`` is the GCS address joining nodes are told to join (default: this process's Ray, else
     ``COCOON_RAY_ADDRESS``); ``ray_token`` the cluster's auth token they need when Ray token auth is on
     (default: read from Ray's ``RAY_AUTH_*`` variables). Note that a Ray cluster trusts its nodes: the token
-    lets a provider's node run cluster work, which is why confidential calls are sealed to attested workers.
+    lets a provider's node run cluster work, which is why who may join is decided by ``admission``
+    (gateway/admission.py; None: open, for unit tests) and the secrets go sealed to an attested node's key.
+    ``wallets`` gives the operator's approvals, ``is_operator`` tells the operator's requests (for approve/revoke).
     """
     tokens: dict[str, bytes] = {}
     nonces = _Nonces()
@@ -130,9 +146,11 @@ def provider_routes(market: Marketplace, *, ray_address: str | Callable[[], str 
         return await read_json(request, MAX_BODY)
 
     async def register(request: Request) -> JSONResponse:
-        reg, sig = Registration.from_wire(await body_of(request))
+        body = await body_of(request)
+        reg, sig = Registration.from_wire(body)
         now = clock()
         reg.verify(sig, now)
+        admitted = admission.check(reg, body.get("attestation"), now) if admission is not None else None
         if not nonces.claim(reg.nonce, now):
             raise AuthenticationError("registration nonce was already used; sign a fresh registration")
         node = Node(reg.node_id, reg.wallet, reg.public_key, reg.hardware, reg.gpu_price, reg.cpu_price, reg.name)
@@ -141,12 +159,53 @@ def provider_routes(market: Marketplace, *, ray_address: str | Callable[[], str 
         token = secrets.token_urlsafe(32)
         tokens[node.node_id] = hashlib.sha256(token.encode()).digest()
         ray_tok = ray_token() if callable(ray_token) else ray_token
-        return JSONResponse({
-            "node_id": node.node_id, "token": token, "ray_address": ray_addr,
-            "ray_token": ray_tok if ray_tok is not None else _default_ray_token(),
-            "heartbeat_interval_s": market.heartbeat_interval,
+        secret = {"token": token, "ray_address": ray_addr,
+                  "ray_token": ray_tok if ray_tok is not None else _default_ray_token()}
+        answer: dict[str, Any] = {
+            "node_id": node.node_id, "heartbeat_interval_s": market.heartbeat_interval,
             "resources": node.hardware.ray_resources(node.node_id), "status": market.status(node.node_id),
-        }, status_code=201)
+            "admission": admitted.mode if admitted is not None else "open"}
+        if admitted is not None and admitted.sealing_key is not None:  # only the attested key can open it
+            answer["sealed"] = seal_secrets(admitted.sealing_key, node.node_id, secret)
+        else:
+            answer.update(secret)
+        return JSONResponse(answer, status_code=201)
+
+    def operator_only(request: Request) -> WalletBook:
+        if is_operator is None or wallets is None:
+            raise NotFoundError("this gateway has no provider approvals")
+        if not is_operator(request):
+            raise PermissionDeniedError("approving providers is for the gateway operator; send the API key in the "
+                                        "gateway's $COCOON_HOME/api_key")
+        return wallets()
+
+    async def approve(request: Request) -> JSONResponse:
+        book = operator_only(request)
+        body = await body_of(request)
+        wallet = body.get("wallet") if isinstance(body, dict) else None
+        if not isinstance(wallet, str):
+            raise InvalidRequestError('body must be {"wallet": "<TON address>"}')
+        key = wallet_key(wallet)
+        book.set_wallet_status(key, "approved")
+        return JSONResponse({"wallet": key, "status": "approved"})
+
+    async def revoke(request: Request) -> JSONResponse:
+        book = operator_only(request)
+        key = wallet_key(request.path_params["wallet"])
+        book.set_wallet_status(key, "revoked")
+        down = []
+        for view in market.listing():  # its nodes leave placement and routing now; joining again is refused
+            if wallet_key(view.wallet) == key:
+                tokens.pop(view.node_id, None)
+                market.mark_down(view.node_id, "its wallet was revoked", revivable=False)
+                down.append(view.node_id)
+        return JSONResponse({"wallet": key, "status": "revoked", "nodes_down": down})
+
+    async def approvals(request: Request) -> JSONResponse:
+        book = operator_only(request)
+        mode = admission.mode if admission is not None else "open"
+        return JSONResponse({"admission": mode, "wallets": [{"wallet": w, "status": s, "at": t}
+                                                            for w, s, t in book.wallet_statuses()]})
 
     async def heartbeat(request: Request) -> JSONResponse:
         node_id = request.path_params["node_id"]
@@ -180,6 +239,9 @@ def provider_routes(market: Marketplace, *, ray_address: str | Callable[[], str 
         return handler
 
     return [
+        Route("/v1/providers/approvals", guarded(approvals), methods=["GET"]),
+        Route("/v1/providers/approvals", guarded(approve), methods=["POST"]),
+        Route("/v1/providers/approvals/{wallet}", guarded(revoke), methods=["DELETE"]),
         Route("/v1/providers", guarded(register), methods=["POST"]),
         Route("/v1/providers", guarded(listing), methods=["GET"]),
         Route("/v1/providers/{node_id}", guarded(one), methods=["GET"]),

@@ -50,6 +50,9 @@ CREATE INDEX IF NOT EXISTS logs_by_function ON logs (function, id)
 ALTER TABLE calls ADD COLUMN gateway TEXT;
 ALTER TABLE calls ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0
 """),
+    Migration(3, "provider wallets the operator approved or revoked (provider admission)", """
+CREATE TABLE IF NOT EXISTS provider_wallets (wallet TEXT PRIMARY KEY, status TEXT NOT NULL, at REAL NOT NULL)
+"""),
 ]
 
 
@@ -148,6 +151,20 @@ class Store:
     def developer_name(self, dev: str) -> str:
         row = self._q("SELECT name FROM developers WHERE id=?", (dev,))
         return row[0][0] if row else dev
+
+    # -- provider wallets (admission) -------------------------------------------------------------------
+    def set_wallet_status(self, wallet: str, status: str) -> None:
+        """Record the operator's decision on a provider wallet: ``approved`` or ``revoked``."""
+        self._tx([("INSERT INTO provider_wallets VALUES (?,?,?) ON CONFLICT(wallet) DO UPDATE SET "
+                   "status=excluded.status, at=excluded.at", (wallet, status, time.time()))])
+
+    def wallet_status(self, wallet: str) -> str | None:
+        row = self._q("SELECT status FROM provider_wallets WHERE wallet=?", (wallet,))
+        return str(row[0][0]) if row else None
+
+    def wallet_statuses(self) -> list[tuple[str, str, float]]:
+        return [(str(w), str(s), float(t)) for w, s, t in self._q(
+            "SELECT wallet, status, at FROM provider_wallets ORDER BY wallet")]
 
     # -- functions and versions -----------------------------------------------------------------------
     def add_version(self, name: str, owner: str, spec: dict[str, Any], signature: dict[str, Any], code: bytes,

@@ -2,8 +2,9 @@
 
 What ``cocoon provider join`` runs on a provider's machine:
 
-1. sign a registration (runtime/registration.py) with the wallet key and POST it to ``/v1/providers``; the gateway
-   answers with the node id, a session token and the Ray address to join;
+1. sign a registration (runtime/registration.py) with the wallet key, attach the node's attestation
+   (runtime/node_attestation.py) and POST it to ``/v1/providers``; the gateway answers with the node id and the
+   session token, Ray address and Ray token, sealed to the attested key when it admits attested nodes only;
 2. ``ray start --address <gcs> --block`` with resources describing the hardware (``gpu:H100``, the per-node
    ``cocoon-node:<id>`` pin; see runtime/hardware.py) so the gateway's controller can place replicas here;
 3. heartbeat every interval; a heartbeat answered 404 (gateway restarted) re-registers; if the Ray node dies
@@ -34,8 +35,15 @@ from typing import Any
 
 import httpx
 
-from cocoon_faas.errors import CocoonError, GatewayUnreachableError, NotFoundError, error_from_body
+from cocoon_faas.errors import (
+    CocoonError,
+    GatewayUnreachableError,
+    NotFoundError,
+    PermissionDeniedError,
+    error_from_body,
+)
 from cocoon_faas.runtime.hardware import Hardware
+from cocoon_faas.runtime.node_attestation import NodeIdentity
 from cocoon_faas.runtime.registration import Registration
 
 log = logging.getLogger(__name__)
@@ -134,7 +142,9 @@ class NodeAgent:
     def __init__(self, link: GatewayLink, key: Any, *, wallet: str, hardware: Hardware, gpu_price: int,
                  cpu_price: int = 0, wallet_version: str = "v3r2", name: str | None = None,
                  temp_dir: str | None = None, object_store_memory: int | None = None,
-                 ray_args: list[str] | tuple[str, ...] = (), load: Callable[[], float] | None = None, clock: Callable[[], float] = time.time) -> None:
+                 ray_args: list[str] | tuple[str, ...] = (), load: Callable[[], float] | None = None,
+                 clock: Callable[[], float] = time.time, attestation: str | None = None,
+                 home: Path | None = None) -> None:
         self.link = link
         self.key = key  # a cocoon_faas.ton.keys.PrivateKey
         self.wallet, self.wallet_version = wallet, wallet_version
@@ -145,6 +155,7 @@ class NodeAgent:
         self.ray_args = tuple(ray_args)
         self._load = load or (lambda: host_load(hardware.cpus))
         self._clock = clock
+        self.attestation, self.home = attestation, home  # "tdx" | "dev" | None (see runtime/node_attestation.py)
         self.info: JoinInfo | None = None
         self.ray: subprocess.Popen[bytes] | None = None
         self.status = "new"
@@ -153,10 +164,22 @@ class NodeAgent:
 
     # --- steps ----------------------------------------------------------------------------------------
     def register(self) -> JoinInfo:
-        reg = Registration.new(wallet=self.wallet, public_key=self.key.public_key().to_bytes(), name=self.name,
+        pk = self.key.public_key().to_bytes()
+        identity = None
+        if self.attestation is not None:  # fresh keys per registration: the sealed answer opens only here
+            identity = NodeIdentity.create(pk, evidence=self.attestation, home=self.home)
+        reg = Registration.new(wallet=self.wallet, public_key=pk, name=self.name,
                                hardware=self.hardware, gpu_price=self.gpu_price, cpu_price=self.cpu_price,
-                               wallet_version=self.wallet_version, now=self._clock())
-        self.info = JoinInfo.from_dict(self.link.call("POST", "/v1/providers", body=reg.signed(self.key)))
+                               wallet_version=self.wallet_version, now=self._clock(),
+                               attestation_kid=identity.key_id if identity is not None else "")
+        answer = self.link.call("POST", "/v1/providers",
+                                body=reg.signed(self.key, identity.document if identity is not None else None))
+        if "sealed" in answer:
+            if identity is None:
+                raise CocoonError("the gateway sealed its answer but this node sent no attestation; join with "
+                                  "--attestation")
+            answer.update(identity.open_secrets(str(answer["sealed"]), str(answer["node_id"])))
+        self.info = JoinInfo.from_dict(answer)
         self.status = "up"
         return self.info
 
@@ -183,7 +206,12 @@ class NodeAgent:
             if exc.status not in (401, 404) or self._leaving:
                 raise
             log.warning("gateway does not know node %s (%s); registering again", info.node_id, exc.message)
-            self.register()
+            try:
+                self.register()
+            except PermissionDeniedError as refused:  # revoked meanwhile: stop serving the cluster
+                log.error("the gateway refuses this node now: %s", refused.message)
+                self.status = "refused"
+                self._stop.set()
             return self.status
         self.status = str(ans.get("status", "up"))
         return self.status
@@ -238,7 +266,7 @@ class NodeAgent:
                 status = self.status
             if on_status:
                 on_status(status)
-            if status == "left":
+            if status in ("left", "refused"):
                 break
             self._stop.wait(info.heartbeat_interval_s)
         return self.status

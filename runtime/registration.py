@@ -3,8 +3,8 @@
 Wire form (JSON)::
 
     {"registration": {wallet, wallet_version, public_key, name, hardware, gpu_price, cpu_price, timestamp,
-                      nonce},
-     "signature": "<hex Ed25519 signature>"}
+                      nonce[, attestation_kid]},
+     "signature": "<hex Ed25519 signature>"[, "attestation": {attestation document}]}
 
 The signature covers ``DOMAIN + canonical_json(registration)`` (sorted keys, no spaces, UTF-8), so it cannot be
 replayed as another message type. The gateway checks, in order: the signature under ``public_key``; that
@@ -57,12 +57,14 @@ class Registration:
     cpu_price: int
     timestamp: int
     nonce: str
+    attestation_kid: str = ""  # key id of the node's attestation document (runtime/node_attestation.py)
 
     @classmethod
     def new(cls, *, wallet: str, public_key: bytes, name: str, hardware: Hardware, gpu_price: int,
-            cpu_price: int = 0, wallet_version: str = "v3r2", now: float | None = None) -> Registration:
+            cpu_price: int = 0, wallet_version: str = "v3r2", now: float | None = None,
+            attestation_kid: str = "") -> Registration:
         return cls(wallet, wallet_version, public_key.hex(), name, hardware, int(gpu_price), int(cpu_price),
-                   int(time.time() if now is None else now), secrets.token_hex(16))
+                   int(time.time() if now is None else now), secrets.token_hex(16), attestation_kid)
 
     @property
     def node_id(self) -> str:
@@ -70,16 +72,23 @@ class Registration:
         return hashlib.sha256(bytes.fromhex(self.public_key) + self.name.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"wallet": self.wallet, "wallet_version": self.wallet_version, "public_key": self.public_key,
-                "name": self.name, "hardware": self.hardware.to_dict(), "gpu_price": self.gpu_price,
-                "cpu_price": self.cpu_price, "timestamp": self.timestamp, "nonce": self.nonce}
+        d = {"wallet": self.wallet, "wallet_version": self.wallet_version, "public_key": self.public_key,
+             "name": self.name, "hardware": self.hardware.to_dict(), "gpu_price": self.gpu_price,
+             "cpu_price": self.cpu_price, "timestamp": self.timestamp, "nonce": self.nonce}
+        if self.attestation_kid:  # signed with the rest: the wallet vouches for this attested key
+            d["attestation_kid"] = self.attestation_kid
+        return d
 
     def message(self) -> bytes:
         return DOMAIN + canonical_json(self.to_dict())
 
-    def signed(self, sign: Any) -> dict[str, Any]:
-        """The wire form; ``sign`` is a PrivateKey (``.sign(bytes) -> bytes``)."""
-        return {"registration": self.to_dict(), "signature": sign.sign(self.message()).hex()}
+    def signed(self, sign: Any, attestation: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The wire form; ``sign`` is a PrivateKey (``.sign(bytes) -> bytes``); ``attestation`` the node's
+        attestation document, sent beside the signed part (it is bound by its own evidence)."""
+        wire = {"registration": self.to_dict(), "signature": sign.sign(self.message()).hex()}
+        if attestation is not None:
+            wire["attestation"] = attestation
+        return wire
 
     @classmethod
     def from_wire(cls, body: Any) -> tuple[Registration, bytes]:
@@ -90,7 +99,8 @@ class Registration:
         try:
             reg = cls(str(r["wallet"]), str(r.get("wallet_version", "v3r2")), str(r["public_key"]),
                       str(r.get("name", ""))[:128], Hardware.from_dict(r["hardware"]), int(r["gpu_price"]),
-                      int(r.get("cpu_price", 0)), int(r["timestamp"]), str(r["nonce"]))
+                      int(r.get("cpu_price", 0)), int(r["timestamp"]), str(r["nonce"]),
+                      str(r.get("attestation_kid", ""))[:64])
             sig = bytes.fromhex(str(body.get("signature", "")))
             pk = bytes.fromhex(reg.public_key)
         except KeyError as exc:

@@ -66,6 +66,21 @@ def _link(gateway: str | None) -> Any:
     return GatewayLink(gateway or get_settings().gateway_url)
 
 
+def _operator_link(gateway: str | None) -> Any:
+    """A link that carries the operator's API key (COCOON_API_KEY, else the key file `cocoon serve` wrote)."""
+    import httpx
+
+    from cocoon_faas.runtime.node_agent import GatewayLink
+
+    s = get_settings()
+    key = s.api_key or (s.key_file.read_text().strip() if s.key_file.exists() else "")
+    if not key:
+        raise click.UsageError("no API key: run this on the gateway machine (it reads $COCOON_HOME/api_key) or "
+                               "set COCOON_API_KEY to the operator's key")
+    return GatewayLink(gateway or s.gateway_url,
+                       client=httpx.Client(timeout=10.0, headers={"authorization": f"Bearer {key}"}))
+
+
 def _gpus_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     from cocoon_faas.runtime.hardware import parse_gpus_flag
 
@@ -119,9 +134,13 @@ def register(main: click.Group) -> None:
     @click.option("--ray-arg", "ray_args", multiple=True, metavar="ARG",
                   help="extra `ray start` argument, repeatable, e.g. --ray-arg=--node-manager-port=6380 "
                        "(several nodes on one machine need distinct ports)")
+    @click.option("--attestation", type=click.Choice(["auto", "tdx", "dev", "none"]), default="auto",
+                  show_default=True, help="evidence that this node runs the platform's worker: tdx (a TDX "
+                  "quote), dev (a local development key; NOT SECURE, admitted only where the operator trusts "
+                  "it), none; auto: tdx when this machine is a TDX guest, else dev")
     def join(gateway: str | None, wallet: str, price: int, cpu_price: int, gpus: str | None, cpus: int | None,
              name: str | None, key_file: Path | None, wallet_version: str, temp_dir: str | None,
-             object_store_memory: int | None, ray_args: tuple[str, ...]) -> None:
+             object_store_memory: int | None, ray_args: tuple[str, ...], attestation: str) -> None:
         """Detect the hardware, register (signed by the wallet key), join Ray, heartbeat until stopped."""
         from cocoon_faas.runtime import hardware
         from cocoon_faas.runtime.node_agent import NodeAgent
@@ -133,9 +152,15 @@ def register(main: click.Group) -> None:
                 raise InvalidRequestError(f"this key does not own {wallet} as a {wallet_version} wallet; pass the "
                                           "wallet's own key with --key-file or its version with --wallet-version")
             hw = hardware.detect(gpus, cpus=cpus)
+            if attestation == "auto":
+                from cocoon_faas.confidential.replica import TSM_REPORT_DIR
+
+                attestation = "tdx" if TSM_REPORT_DIR.is_dir() else "dev"
             agent = NodeAgent(_link(gateway), key, wallet=wallet, hardware=hw, gpu_price=price,
                               cpu_price=cpu_price, wallet_version=wallet_version, name=name,
-                              temp_dir=temp_dir, object_store_memory=object_store_memory, ray_args=ray_args)
+                              temp_dir=temp_dir, object_store_memory=object_store_memory, ray_args=ray_args,
+                              attestation=None if attestation == "none" else attestation,
+                              home=get_settings().home)
             info = agent.register()
         except CocoonError as exc:
             _fail(exc.message)
@@ -189,6 +214,32 @@ def register(main: click.Group) -> None:
             _fail(f"node still {status} after {timeout:g}s; run `cocoon provider leave` again to keep waiting")
         click.echo(json.dumps({"node_id": s["node_id"], "status": status}))
 
+    @provider.command("approve")
+    @click.argument("wallet")
+    @click.option("--gateway", default=None, help="gateway URL (default COCOON_GATEWAY_URL)")
+    def approve(wallet: str, gateway: str | None) -> None:
+        """Operator: let WALLET's nodes join (COCOON_PROVIDER_ADMISSION=approved)."""
+        try:
+            out = _operator_link(gateway).call("POST", "/v1/providers/approvals", body={"wallet": wallet})
+        except CocoonError as exc:
+            _fail(exc.message)
+            return
+        click.echo(json.dumps(out))
+
+    @provider.command("revoke")
+    @click.argument("wallet")
+    @click.option("--gateway", default=None, help="gateway URL (default COCOON_GATEWAY_URL)")
+    def revoke(wallet: str, gateway: str | None) -> None:
+        """Operator: refuse WALLET from now on, in every admission mode; its nodes leave placement at once."""
+        from urllib.parse import quote
+
+        try:
+            out = _operator_link(gateway).call("DELETE", f"/v1/providers/approvals/{quote(wallet, safe='')}")
+        except CocoonError as exc:
+            _fail(exc.message)
+            return
+        click.echo(json.dumps(out))
+
     @provider.command("ls")
     @click.option("--gateway", default=None, help="gateway URL (default COCOON_GATEWAY_URL)")
     @click.option("--json", "as_json", is_flag=True, help="print JSON")
@@ -209,7 +260,8 @@ def register(main: click.Group) -> None:
                   "calls", "earned TON")
         for r in rows:
             t.add_row(r["node_id"], r["name"], r["gpu"], _ton(r["gpu_price"]),
-                      r["status"] + ("" if r["healthy"] or r["status"] != "up" else " (silent)"),
+                      (f"excluded: {r['excluded']}" if r.get("excluded") else
+                       r["status"] + ("" if r["healthy"] or r["status"] != "up" else " (silent)")),
                       f"{r['load']:.2f}", str(r["replicas"]), f"{r['success_rate']:.1%}",
                       f"{r['mean_latency_s'] * 1000:.0f} ms", str(r["calls"]), _ton(r["earned"]))
         Console(width=None if sys.stdout.isatty() else 200).print(t)
