@@ -35,6 +35,9 @@ def serve(settings: Settings) -> None:
     init_ray(settings)
     app = create_app(settings)
     # No proxy-header rewriting or Server header: neither is used, and both cost on every call.
+    # Bounded by settings: open connections (503 beyond), idle keep-alive, and header size (the app answers 431;
+    # the h11 bound covers that parser too).
     uvicorn.run(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
                 log_level="warning", access_log=False, timeout_graceful_shutdown=5, proxy_headers=False,
-                server_header=False)
+                server_header=False, limit_concurrency=settings.max_connections, timeout_keep_alive=30,
+                h11_max_incomplete_event_size=settings.max_header_bytes)
