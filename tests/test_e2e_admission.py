@@ -60,7 +60,7 @@ def market(tmp_path_factory: pytest.TempPathFactory) -> Any:
     gw = GatewayProc(base / "home", env={
         "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), **FAST_HEALTH,
         "COCOON_PROVIDER_ADMISSION": "attested", "COCOON_PROVIDER_DEV_KEYS": trusted,
-        "COCOON_PROVIDER_HEARTBEAT_S": "0.5", "COCOON_RAY_NUM_CPUS": "2", "COCOON_REPLICA_START_TIMEOUT_S": "60"})
+        "COCOON_PROVIDER_HEARTBEAT_S": "0.5", "COCOON_RAY_NUM_CPUS": "2", "COCOON_REPLICA_START_TIMEOUT_S": "150"})
     m: Market | None = None
     try:
         m = Market(gw.start(), cluster)
@@ -128,7 +128,7 @@ def test_attested_node_joins_with_the_token_sealed_and_runs_tenant_replicas(mark
     # the real agent: `cocoon provider join` (dev attestation by default here) joins Ray with the sealed token
     p.proc = subprocess.Popen([sys.executable, "-m", "cocoon_faas", *_join_args(p)], env=p.env,
                               stdout=open(p.home / "join.log", "ab"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 180
     row: dict[str, Any] = {}
     while time.monotonic() < deadline and p.proc.poll() is None:
         row = market.rows().get("good") or {}
@@ -151,7 +151,7 @@ def test_a_lying_node_is_excluded_with_the_reason_shown(market: Market) -> None:
     # claims 2 CPUs (the registration) but gives its Ray node 1: Ray's report contradicts the claim
     p.proc = subprocess.Popen([sys.executable, "-m", "cocoon_faas", *_join_args(p, "--ray-arg=--num-cpus=1")],
                               env=p.env, stdout=open(p.home / "join.log", "ab"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 180
     row: dict[str, Any] = {}
     while time.monotonic() < deadline and p.proc.poll() is None:
         row = market.rows().get("liar") or {}
