@@ -91,6 +91,7 @@ def test_js_sdk_against_the_gateway(gw: GatewayProc, tmp_path: Path) -> None:
     assert out["spawned"] == 3.5
     assert out["sealed"]["result"] == {"message": "Hello, sealed-Ada."} and out["sealed"]["insecure"] is True
     assert out["sealed_stream"]["text"] == "You said: fed cba" and out["sealed_stream"]["frames"] == 6  # 4 words, usage, end
+    assert out["spawned_sealed"] == {"result": {"message": "Hello, later."}, "call": True}
     assert out["wrong_measurement"] == "measurement"
     assert out["untrusted_dev"] == "tee_kind"
     paid = out["paid"]
@@ -128,9 +129,17 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 def _wait(driver: Any, cond: Any, timeout: float = 90) -> Any:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(cond)
+    # the dashboard re-renders its tables every poll: an element found a moment ago may be gone; look again
+    return WebDriverWait(driver, timeout, poll_frequency=0.2,
+                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(cond)
+
+
+def _click(driver: Any, locator: tuple[str, str]) -> None:
+    """Click what ``locator`` names, finding it again if a re-render replaced it between find and click."""
+    _wait(driver, lambda d: d.find_element(*locator).click() or True)
 
 
 def _shot(driver: Any, name: str) -> None:
@@ -223,8 +232,39 @@ def test_miniapp_sealed_paid_streamed_chat(gw: GatewayProc, browser: Any, tmp_pa
         assert summary["key_a"] == rec["key_a"] == PrivateKey(bytes.fromhex(page_key)).public_key().hex()
         assert not list(app.data.rglob("*.key")) or all(p.name == "funding_wallet.key" for p in app.data.rglob("*.key"))
         assert _ledger(gw)["verify"]["ok"]
+        _browser_verifies_tdx_quote(browser)
     finally:
         app.stop()
+
+
+def _browser_verifies_tdx_quote(driver: Any) -> None:
+    """The bundled SDK verifies a real TDX quote inside Chromium (WebCrypto, @peculiar/x509, the pinned Intel
+    root) with the Python verifier's result, and refuses it once a signed byte changes."""
+    import base64
+
+    from tests.conftest import TESTDATA
+
+    quote = Path(os.environ.get("COCOON_TESTDATA") or TESTDATA) / "tdx" / "trustee_v4.bin"
+    if not quote.exists():
+        return  # the shared vectors are absent (sdk-js/test/tdx.test.ts skips likewise; COCOON_TESTDATA points there)
+    from datetime import datetime, timezone
+
+    from cocoon_faas.confidential.tdx import verify_quote
+
+    driver.set_script_timeout(60)
+    want = verify_quote(quote.read_bytes(), at=datetime(2026, 6, 1, tzinfo=timezone.utc)).quote.report.mr_td.hex()
+    got = driver.execute_async_script("""
+        const [b64, done] = arguments;
+        import("/sdk/cocoon-sdk.js").then(async (m) => {
+          const raw = m.fromB64(b64), at = new Date("2026-06-01T00:00:00Z");
+          const ok = await m.verifyQuote(raw, { at });
+          raw[100] ^= 1;
+          const bad = await m.verifyQuote(raw, { at }).then(() => "accepted", (e) => e.check);
+          done({ mrtd: m.hex(ok.quote.report.mrTd), root: ok.rootSha256, tampered: bad });
+        }, (e) => done({ error: String(e) }));
+    """, base64.b64encode(quote.read_bytes()).decode())
+    assert got == {"mrtd": want, "root": "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3",
+                   "tampered": "quote_signature"}
 
 
 def test_miniapp_refuses_forged_initdata_and_tampered_attestation(gw: GatewayProc, browser: Any,
@@ -272,6 +312,10 @@ def test_dashboard_login_chart_and_rollback(gw: GatewayProc, browser: Any, tmp_p
     for v in ("one", "two"):
         (tmp_path / "dash_app.py").write_text(DASH_APP.replace("VERSION", v))
         gw.cli("deploy", str(tmp_path / "dash_app.py"))
+    assert httpx.get(gw.url + "/dashboard/api/series", timeout=30).status_code == 401  # the data needs a key
+    assert httpx.get(gw.url + "/dashboard/assets/..%2Fdashboard.py", timeout=30).status_code == 404
+    page = httpx.get(gw.url + "/dashboard", timeout=30)
+    assert page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
     with gw.http() as h:
         assert h.post("/fn/whoami", json={}).json() == {"version": "two"}
         browser.get(gw.url + "/dashboard")
@@ -286,7 +330,7 @@ def test_dashboard_login_chart_and_rollback(gw: GatewayProc, browser: Any, tmp_p
         _wait(browser, lambda d: d.find_elements(*row))
         names = {e.get_attribute("data-name") for e in browser.find_elements(By.CSS_SELECTOR, "tr.fn")}
         assert {"whoami", "greet", "Chat.generate"} <= names
-        browser.find_element(*row).click()
+        _click(browser, row)
         for _ in range(6):  # calls between the dashboard's samples, so the chart has a line
             for _ in range(5):
                 h.post("/fn/whoami", json={})
@@ -296,8 +340,7 @@ def test_dashboard_login_chart_and_rollback(gw: GatewayProc, browser: Any, tmp_p
         _wait(browser, lambda d: d.find_element(*row).find_elements(By.TAG_NAME, "td")[4].text not in ("0", "1"))
         _shot(browser, "dashboard.png")
         button = (By.CSS_SELECTOR, 'button.rollback[data-version="1"]')
-        _wait(browser, lambda d: d.find_elements(*button))
-        browser.find_element(*button).click()
+        _click(browser, button)
         _wait(browser, lambda d: "rolled back" in d.find_element(By.ID, "rollback-result").text)
         assert h.post("/fn/whoami", json={}).json() == {"version": "one"}
         _shot(browser, "dashboard-rollback.png")

@@ -22,6 +22,9 @@ const policy = { measurements: [measurement], trustedDevKeys: [devKey] };
 const sealed = await c.callSealed("greet", { name: "sealed-Ada" }, policy);
 out.sealed = { result: sealed.result, price: String(sealed.receipt.priceNanoton), measurement: sealed.receipt.measurement,
   insecure: sealed.replica.insecure };
+const spawned = await c.spawnSealed("greet", { name: "later" }, policy);
+const later = await spawned.wait();
+out.spawned_sealed = { result: later.result, call: later.receipt.callId === spawned.id || later.receipt.callId.length > 0 };
 const chatM = (await c.request("GET", "/v1/functions/Chat.generate")).measurement;
 const it = c.streamSealed<{ delta?: string }>("Chat.generate", { messages: [{ role: "user", content: "abc def" }] },
   { measurements: [chatM], trustedDevKeys: [devKey] });
