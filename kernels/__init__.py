@@ -10,6 +10,7 @@ from .attention_prefill import attention_prefill, attention_prefill_reference
 from .bias_gelu import bias_gelu, bias_gelu_reference, linear_bias_gelu
 from .layernorm import layer_norm, layer_norm_reference
 from .linear import linear_t, transposed
+from .paged_attention import gather_blocks, paged_attention_decode, paged_attention_decode_reference
 from .rmsnorm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from .rotary import rope_tables, rotary, rotary_reference
 from .softmax import softmax, softmax_reference
@@ -27,10 +28,13 @@ __all__ = [
     "bias_gelu",
     "bias_gelu_reference",
     "current_backend",
+    "gather_blocks",
     "layer_norm",
     "layer_norm_reference",
     "linear_bias_gelu",
     "linear_t",
+    "paged_attention_decode",
+    "paged_attention_decode_reference",
     "rms_norm",
     "rms_norm_reference",
     "rope_tables",
