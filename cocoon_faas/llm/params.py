@@ -1,0 +1,131 @@
+"""The engine's typed values: what a request asks for (`SamplingParams`) and what it gets back (`TokenOutput`,
+`Usage`, `Completion`). Validated once, here, with errors that name the parameter and the allowed range."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cocoon_faas.errors import InvalidRequestError
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings (OpenAI's meaning). temperature 0 is greedy; `seed` makes sampling
+    reproducible (choice i of `n` uses seed + i); `response_format` is OpenAI's object: {"type": "text"},
+    {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    n: int = 1
+    response_format: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}",
+                                      param="max_tokens")
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 2:
+            raise InvalidRequestError(f"temperature must be between 0 and 2, got {self.temperature!r}",
+                                      param="temperature")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}", param="top_p")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}", param="seed")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+            raise InvalidRequestError("stop must be a string or up to 4 non-empty strings", param="stop")
+        object.__setattr__(self, "stop", stop)
+        if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int) or \
+                not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}",
+                                      param="top_logprobs")
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs=true", param="top_logprobs")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= 16:
+            raise InvalidRequestError(f"n must be an integer from 1 to 16, got {self.n!r}", param="n")
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type") if isinstance(rf, dict) else None
+            if kind not in ("text", "json_object", "json_schema"):
+                raise InvalidRequestError("response_format must be {'type': 'text' | 'json_object' | 'json_schema'}",
+                                          param="response_format")
+            if kind == "json_schema":
+                js = rf.get("json_schema")
+                if not isinstance(js, dict) or not isinstance(js.get("schema", {}), dict):
+                    raise InvalidRequestError(
+                        "response_format json_schema needs {'json_schema': {'name': str, 'schema': {...}}}",
+                        param="response_format")
+
+    @property
+    def constrained(self) -> bool:
+        return self.response_format is not None and self.response_format.get("type") != "text"
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenOutput:
+    """One step of one choice: the settled text it adds (may be ""), the token, and its log-probability under
+    the model (log-softmax of the raw logits, before temperature, top-p or a grammar mask)."""
+
+    index: int
+    token_id: int | None
+    text: str
+    logprob: float | None = None
+    top_logprobs: tuple[TopLogprob, ...] = ()
+    finish_reason: str | None = None  # set on a choice's last output: "stop" | "length" | "cancelled"
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+
+    def to_dict(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "cached_tokens": self.cached_tokens}
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[tuple[TopLogprob, ...]] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class Completion:
+    choices: list[Choice]
+    usage: Usage
+
+    @classmethod
+    def collect(cls, outputs: Sequence[TokenOutput], n: int, usage: Usage) -> Completion:
+        choices = [Choice(i) for i in range(n)]
+        for o in outputs:
+            c = choices[o.index]
+            c.text += o.text
+            if o.token_id is not None:
+                c.token_ids.append(o.token_id)
+                if o.logprob is not None:
+                    c.logprobs.append(o.logprob)
+                    c.top_logprobs.append(o.top_logprobs)
+            if o.finish_reason is not None:
+                c.finish_reason = o.finish_reason
+        return cls(choices, usage)

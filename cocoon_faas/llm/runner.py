@@ -1,0 +1,117 @@
+"""One forward pass of a mixed batch over the paged KV cache: the decode tokens of many sequences and prefill
+chunks of others, flattened into one [T, hidden] matrix so every GEMM reads the weights once per step.
+
+Per layer: fused QKV GEMM over all T tokens, rotary at each token's own position, K/V written into the pool at
+each token's slot (block * block_size + offset), then attention per kind: the decode rows together through
+`paged_attention_decode` (block tables), each prefill chunk through `attention_prefill` (causal, offset by the
+positions already cached) over its sequence's gathered blocks. Logits are computed only for the rows that sample.
+
+The pools are [layers, num_blocks, block_size, Hkv, D]; allocated once, never grown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cocoon_faas.kernels import (
+    add_rms_norm,
+    attention_prefill,
+    gather_blocks,
+    linear_t,
+    paged_attention_decode,
+    rms_norm,
+    rotary,
+    swiglu,
+)
+from cocoon_faas.kernels.models.smollm import SmolLM
+
+
+@dataclass
+class PrefillChunk:
+    """Rows [start, start + length) of the batch are positions [ctx - length, ctx) of one sequence."""
+
+    start: int
+    length: int
+    ctx: int
+    table: list[int]
+
+
+@dataclass
+class StepBatch:
+    tokens: list[int]
+    positions: list[int]
+    slots: list[int]
+    decode_tables: list[list[int]]  # rows [0, len(decode_tables)) are decode tokens, one per sequence
+    decode_lengths: list[int]
+    prefills: list[PrefillChunk]
+    logit_rows: list[int]
+
+
+Linear = Callable[[torch.Tensor, str], torch.Tensor]
+
+
+class PagedRunner:
+    def __init__(self, model: SmolLM, num_blocks: int, block_size: int, linear: Linear | None = None) -> None:
+        c = model.config
+        self.model = model
+        self.block_size = block_size
+        shape = (c.layers, num_blocks, block_size, c.kv_heads, c.head_dim)
+        self.k = torch.zeros(shape, device=model.device, dtype=model.dtype)
+        self.v = torch.zeros(shape, device=model.device, dtype=model.dtype)
+        self._linear: Linear = linear or (lambda x, name: linear_t(x, model.w[name]))
+
+    @staticmethod
+    def bytes_per_block(model: SmolLM, block_size: int) -> int:
+        c = model.config
+        return 2 * c.layers * block_size * c.kv_heads * c.head_dim * torch.finfo(model.dtype).bits // 8
+
+    def copy_block(self, src: int, dst: int) -> None:
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        """Logits [len(batch.logit_rows), vocab] in fp32."""
+        m, c, w = self.model, self.model.config, self.model.w
+        dev = m.device
+        t = len(batch.tokens)
+        ids = torch.tensor(batch.tokens, device=dev)
+        pos = torch.tensor(batch.positions, device=dev)[None]
+        slots = torch.tensor(batch.slots, device=dev)
+        nd = len(batch.decode_tables)
+        if nd:
+            width = max(len(tb) for tb in batch.decode_tables)
+            tables = torch.tensor([tb + [0] * (width - len(tb)) for tb in batch.decode_tables], dtype=torch.int32,
+                                  device=dev)
+            lengths = torch.tensor(batch.decode_lengths, dtype=torch.int32, device=dev)
+            max_len = max(batch.decode_lengths)
+        pre_tables = [torch.tensor([p.table], dtype=torch.int32, device=dev) for p in batch.prefills]
+        heads, kv_heads, dim = c.heads, c.kv_heads, c.head_dim
+        q_dim, kv_dim = heads * dim, kv_heads * dim
+        h = F.embedding(ids, w["embed"])
+        x = rms_norm(h, w["0.ln_attn"], c.eps)
+        for i in range(c.layers):
+            qkv = self._linear(x, f"{i}.qkv")
+            qk = rotary(qkv[:, :q_dim + kv_dim].view(1, t, heads + kv_heads, dim), m.cos, m.sin, pos)[0]
+            q, k = qk[:, :heads], qk[:, heads:]
+            v = qkv[:, q_dim + kv_dim:].view(t, kv_heads, dim)
+            kp, vp = self.k[i], self.v[i]
+            kp.view(-1, kv_heads, dim)[slots] = k
+            vp.view(-1, kv_heads, dim)[slots] = v
+            a = torch.empty((t, heads, dim), device=dev, dtype=x.dtype)
+            if nd:
+                a[:nd] = paged_attention_decode(q[:nd], kp, vp, tables, lengths, max_len=max_len)
+            for p, tb in zip(batch.prefills, pre_tables, strict=True):
+                kk, vv = gather_blocks(kp, tb, p.ctx), gather_blocks(vp, tb, p.ctx)
+                qq = q[p.start:p.start + p.length].transpose(0, 1)[None]
+                a[p.start:p.start + p.length] = attention_prefill(qq, kk, vv, causal=True)[0].transpose(0, 1)
+            x, h = add_rms_norm(self._linear(a.view(t, q_dim), f"{i}.o"), h, w[f"{i}.ln_ffn"], c.eps)
+            f = self._linear(swiglu(self._linear(x, f"{i}.gate_up")), f"{i}.down")
+            nxt = w[f"{i + 1}.ln_attn"] if i + 1 < c.layers else w["norm"]
+            x, h = add_rms_norm(f, h, nxt, c.eps)
+        rows = x[torch.tensor(batch.logit_rows, dtype=torch.long, device=dev)]
+        return linear_t(rows, m.lm_head_t).float()
