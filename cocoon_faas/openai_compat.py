@@ -4,8 +4,8 @@ caller's machine and assembles the answer there) use the same code, so both acce
 
 Calling conventions of functions that declare `serves=`:
 
-- `chat:<model>`: a generator called as `{"messages", "max_tokens", "temperature", "top_p", "seed", "stop"}` that
-  yields `{"delta": str}` items and lastly `{"finish_reason": "stop"|"length", "usage": {"prompt_tokens",
+- `chat:<model>`: a generator called as `{"messages", "max_tokens", "temperature", "top_p", "seed", "stop"}` (plus
+  `"response_format"` when a request asks for json_object/json_schema output) that yields `{"delta": str}` items and lastly `{"finish_reason": "stop"|"length", "usage": {"prompt_tokens",
   "completion_tokens"[, "cached_tokens"]}}`.
 - `completions:<model>`: the same, called with `"prompt": str` instead of `"messages"`. A model served only as
   `chat:` answers /v1/completions too, with the prompt as one user message.
@@ -93,8 +93,13 @@ def chat_args(body: Any) -> dict[str, Any]:
         raise InvalidRequestError("body must be a JSON object with 'model' and 'messages'")
     _refuse(body, UNSUPPORTED_CHAT, KNOWN_CHAT)
     rf = body.get("response_format")
-    if rf is not None and (not isinstance(rf, dict) or rf.get("type") != "text"):
-        raise InvalidRequestError("only response_format {'type': 'text'} is supported", param="response_format")
+    if rf is not None and (not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema")):
+        raise InvalidRequestError("response_format must be {'type': 'text' | 'json_object' | 'json_schema'}",
+                                  param="response_format")
+    if rf is not None and rf["type"] == "json_schema" and not (
+            isinstance(rf.get("json_schema"), dict) and isinstance(rf["json_schema"].get("schema", {}), dict)):
+        raise InvalidRequestError("response_format json_schema needs {'json_schema': {'name': str, 'schema': {...}}}",
+                                  param="response_format")
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise InvalidRequestError("'messages' must be a non-empty list", param="messages")
@@ -113,7 +118,10 @@ def chat_args(body: Any) -> dict[str, Any]:
             raise InvalidRequestError(f"messages[{i}].content must be a string", param="messages")
         role = "system" if m["role"] == "developer" else m["role"]
         clean.append({"role": role, "content": content})
-    return {"messages": clean, **_sampling(body)}
+    args = {"messages": clean, **_sampling(body)}
+    if rf is not None and rf["type"] != "text":  # passed only when set, so chat functions without it still work
+        args["response_format"] = rf
+    return args
 
 
 def completion_args(body: Any, as_chat: bool) -> dict[str, Any]:

@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="API key; default: the key file under home")
 
     models_dir: Path | None = Field(None, description="converted model weights cache (default: home/models)")
+    llm_threads: int = Field(0, ge=0, description="torch threads of an LLM engine replica (0: Ray's default, "
+                             "one per CPU the function declares)")
 
     # gateway
     host: str = "127.0.0.1"

@@ -1,10 +1,21 @@
 """Chat with SmolLM2-135M-Instruct on our kernels, streamed token by token: /fn/Chat.generate and
-/v1/chat/completions (OpenAI-compatible). CPU by default; deploy with `gpu="any"` for a GPU replica."""
+/v1/chat/completions (OpenAI-compatible). CPU by default; deploy with `gpu="any"` for a GPU replica.
+
+One `cocoon_faas.llm.Engine` per replica serves every call: concurrent calls join one running batch (continuous
+batching over a paged KV cache, shared prompt prefixes computed once), so `max_concurrency` is the number of
+sequences in the batch. The method is an async generator: it waits on the engine without holding a thread, and a
+client that goes away closes it, which cancels the request and frees its KV blocks at once.
+
+Usage per call (last item): prompt_tokens, completion_tokens and cached_tokens (prompt tokens served from the
+prefix cache), for per-token pricing. `response_format` {"type": "json_object" | "json_schema"} constrains the
+output to JSON (matching the schema)."""
 
 import cocoon_faas as cocoon
 
+MAX_SEQS = 32
 
-@cocoon.cls(cpu=1, memory="2Gi", timeout=120, max_concurrency=2, min_replicas=0, max_replicas=2,
+
+@cocoon.cls(cpu=1, memory="2Gi", timeout=120, max_concurrency=MAX_SEQS, min_replicas=0, max_replicas=2,
             serves="chat:SmolLM2-135M-Instruct")
 class Chat:
     @cocoon.enter()
@@ -12,19 +23,43 @@ class Chat:
         import torch
 
         from cocoon_faas.kernels.models.smollm import SmolLM
+        from cocoon_faas.llm import Engine, SamplingParams
+        from cocoon_faas.settings import get_settings
 
         self.model = SmolLM.load(device="cuda" if torch.cuda.is_available() else "cpu")
+        self.engine = Engine(self.model, max_seqs=MAX_SEQS, threads=get_settings().llm_threads or None)
+        self.params = SamplingParams
+        # warm-up: the first step and the grammar tokenizer (~1 s) are paid here, not by the first caller
+        self.engine.generate("Hi", SamplingParams(max_tokens=2, response_format={"type": "json_object"}))
 
     @cocoon.method()
-    def generate(self, messages: list, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, stop: list | None = None):
-        gen = self.model.generate(messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                  seed=seed, stop=stop)
-        for piece, _ in gen:
-            if piece:
-                yield {"delta": piece}
-        yield {"finish_reason": gen.finish_reason,
-               "usage": {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens}}
+    async def generate(self, messages: list, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                       seed: int | None = None, stop: list | None = None, response_format: dict | None = None,
+                       logprobs: bool = False, top_logprobs: int = 0, n: int = 1):
+        params = self.params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                             stop=tuple(stop or ()), logprobs=logprobs, top_logprobs=top_logprobs, n=n,
+                             response_format=response_format)
+        handle = self.engine.submit(messages, params)
+        finish: dict[int, str] = {}
+        try:
+            async for out in handle:
+                if out.finish_reason is not None:
+                    finish[out.index] = out.finish_reason
+                    continue
+                item: dict = {"delta": out.text}
+                if n > 1:
+                    item["index"] = out.index
+                if logprobs and out.token_id is not None:
+                    item["logprobs"] = {"token_id": out.token_id, "logprob": out.logprob,
+                                        "top_logprobs": [[t.token, t.logprob] for t in out.top_logprobs]}
+                if out.text or len(item) > 1:
+                    yield item
+        finally:
+            if handle.usage is None:  # the caller went away (or the call timed out): free the blocks now
+                handle.cancel()
+        assert handle.usage is not None
+        yield {"finish_reason": finish.get(0, "stop"), "finish_reasons": [finish.get(i) for i in range(n)],
+               "usage": handle.usage.to_dict()}
 
 
 DEMO_CALLS = [("Chat.generate", {"messages": [{"role": "user", "content": "What is TON? One sentence."}],

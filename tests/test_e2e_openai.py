@@ -85,3 +85,23 @@ def test_unsupported_fields_get_a_clear_400(gateway, oa, body, needle):
     assert r.status_code in (400, 404) and needle in r.json()["error"]["message"]
     with pytest.raises(openai.APIStatusError):
         oa.chat.completions.create(**req)
+
+
+def test_json_schema_response_format_and_cached_tokens(oa):
+    """response_format reaches the engine: the output parses and validates; a repeated system prompt is served
+    from the prefix cache and reported as cached_tokens."""
+    import json
+
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 30}},
+              "required": ["answer"], "additionalProperties": False}
+    msgs = [{"role": "system", "content": "You answer questions about Cocoon, a network of confidential GPU "
+                                          "workers paid in TON, as JSON objects."},
+            {"role": "user", "content": "Who pays the providers?"}]
+    kw = dict(model="SmolLM2-135M-Instruct", messages=msgs, max_tokens=40, temperature=0,
+              response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+    first = oa.chat.completions.create(**kw)
+    jsonschema.validate(json.loads(first.choices[0].message.content), schema)
+    again = oa.chat.completions.create(**kw)
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert again.usage.prompt_tokens_details.cached_tokens >= 16

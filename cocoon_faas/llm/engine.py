@@ -23,7 +23,7 @@ import threading
 import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -133,11 +133,14 @@ class Engine:
     `for out in h: ...` (or `async for` when submitted from a coroutine); `engine.close()`.
 
     kv_blocks / block_size: the pool (default: `kv_memory_mb` worth of blocks); max_seqs: sequences in the batch;
-    max_batch_tokens: tokens per step (decode tokens + prefill chunks); max_waiting: queue length before 429."""
+    max_batch_tokens: tokens per step (decode tokens + prefill chunks); max_waiting: queue length before 429;
+    threads: torch threads for the steps (default: leave torch's setting)."""
 
     def __init__(self, model: SmolLM, *, kv_blocks: int | None = None, kv_memory_mb: int = 256,
                  block_size: int = 16, max_seqs: int = 32, max_batch_tokens: int = 256, max_waiting: int = 256,
-                 prefix_cache: bool = True, runner: PagedRunner | None = None) -> None:
+                 prefix_cache: bool = True, runner: PagedRunner | None = None, threads: int | None = None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
         if kv_blocks is None:
             kv_blocks = max(8, kv_memory_mb * 2**20 // PagedRunner.bytes_per_block(model, block_size))
         self.model = model
@@ -394,7 +397,8 @@ class Engine:
         p = s.req.params
         logits = s.constraint.mask(row) if s.constraint is not None else row
         tok = next_token(logits, p.temperature, p.top_p, s.generator)
-        logprob, top = None, ()
+        logprob: float | None = None
+        top: tuple[TopLogprob, ...] = ()
         if p.logprobs:
             lp = torch.log_softmax(row.float(), -1)
             logprob = float(lp[tok])
