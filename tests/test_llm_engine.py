@@ -40,7 +40,8 @@ def model(tmp_path_factory):
 
 @pytest.fixture
 def engine(model):
-    e = Engine(model, kv_blocks=48, block_size=16, max_batch_tokens=40)  # small: prompts span several steps
+    with K.backend("torch"):  # the engine's steps run in the context it was created in
+        e = Engine(model, kv_blocks=48, block_size=16, max_batch_tokens=40)  # small: prompts span several steps
     yield e
     e.close()
 
@@ -105,7 +106,8 @@ def test_cancel_frees_blocks_at_once(engine):
 
 def test_admission_queues_then_refuses(model):
     # 10 blocks hold one request of (~37 + 100) tokens at a time: the second waits, the third is refused
-    e = Engine(model, kv_blocks=10, max_waiting=1)
+    with K.backend("torch"):
+        e = Engine(model, kv_blocks=10, max_waiting=1)
     try:
         with K.backend("torch"):
             a = e.submit(CHATS[0], SamplingParams(max_tokens=100, temperature=1.0, seed=3))

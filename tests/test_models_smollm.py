@@ -74,7 +74,8 @@ def test_engine_batch_matches_transformers(model, hf):
     from cocoon_faas.llm import Engine, SamplingParams
 
     hf_model, _ = hf
-    engine = Engine(model, kv_blocks=32, max_batch_tokens=24)
+    with K.backend("torch"):  # the engine's steps run in the context it was created in
+        engine = Engine(model, kv_blocks=32, max_batch_tokens=24)
     try:
         with K.backend("torch"):
             handles = [engine.submit(c, SamplingParams(max_tokens=8)) for c in CHATS]

@@ -16,6 +16,7 @@ request that could never fit is refused at submit with the numbers, and a full w
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import queue
 import secrets
@@ -162,7 +163,9 @@ class Engine:
         self._prefix_hits = 0
         self._grammar: GrammarTokenizer | None = None
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="cocoon-llm-engine", daemon=True)
+        # the steps run in the creator's context: a `kernels.backend(...)` choice around Engine() holds for them
+        ctx = contextvars.copy_context()
+        self._thread = threading.Thread(target=ctx.run, args=(self._loop,), name="cocoon-llm-engine", daemon=True)
         self._thread.start()
 
     # --- public API -------------------------------------------------------------------------------------------
