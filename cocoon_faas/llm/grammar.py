@@ -51,7 +51,7 @@ class Constraint:
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` [V] with every token the grammar forbids now set to -inf (a new tensor)."""
         words = torch.frombuffer(bytearray(self._m.compute_bitmask()), dtype=torch.int32)
-        allowed = ((words[:, None] >> _BITS) & 1).flatten()[:self._vocab].bool()
+        allowed = ((words[:, None] >> _BITS) & 1).flatten()[:self._vocab].bool().to(logits.device)
         out = logits.clone()
         n = min(out.shape[0], allowed.shape[0])
         out[:n][~allowed[:n]] = float("-inf")
