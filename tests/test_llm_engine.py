@@ -107,19 +107,20 @@ def test_cancel_frees_blocks_at_once(engine):
 
 
 def test_admission_queues_then_refuses(model):
-    # 10 blocks hold one request of (~37 + 100) tokens at a time: the second waits, the third is refused
+    # 10 blocks hold one request of (37 + 100) tokens at a time: the second (a different prompt, so no shared
+    # prefix blocks) waits, the third is refused
     with K.backend("torch"):
         e = Engine(model, kv_blocks=10, max_waiting=1)
     try:
         with K.backend("torch"):
             a = e.submit(CHATS[0], SamplingParams(max_tokens=100, temperature=1.0, seed=3))
             next(iter(a))  # running now
-            b = e.submit(CHATS[0], SamplingParams(max_tokens=4))
+            b = e.submit(CHATS[1], SamplingParams(max_tokens=4))
             with pytest.raises(OverloadedError, match="queue is full"):
                 e.submit(CHATS[0], SamplingParams(max_tokens=4))
             a.cancel()
             rb = b.result()
-            assert rb.choices[0].token_ids == _alone(model, CHATS[0], 4)
+            assert rb.choices[0].token_ids == _alone(model, CHATS[1], 4)
         with pytest.raises(InvalidRequestError, match="KV blocks"):
             e.submit(CHATS[0], SamplingParams(max_tokens=400))
         assert e.wait_idle(30)
