@@ -17,7 +17,8 @@ from cocoon_faas.spec import BatchSpec, FunctionSpec, make_spec
 
 T = TypeVar("T")
 _SPEC_KEYS = ("gpu", "cpu", "memory", "timeout", "retries", "max_concurrency", "min_replicas", "max_replicas",
-              "price", "serves", "price_per_million_prompt_tokens", "price_per_million_completion_tokens")
+              "price", "serves", "price_per_million_prompt_tokens", "price_per_million_completion_tokens",
+              "network", "env")
 
 
 def _kind_of(fn: Callable[..., Any]) -> str:

@@ -8,12 +8,18 @@ Frame (big-endian)::
 
     u32 length      bytes after this field: 13 + len(meta) + len(body)
     u64 call        call number, chosen by the gateway, unique per connection
-    u8  type        CALL, CANCEL, RESULT, ERROR, CHUNK, END, PING, PONG
+    u8  type        CALL, CANCEL, RESULT, ERROR, CHUNK, END, PING, PONG, HELLO, UNLOCK, GRANT, LOAD, READY
     u32 meta_len    length of meta
     meta            small JSON object (routing facts: timeout, kind, exec time, error type)
     body            opaque bytes: JSON arguments/results, or a sealed envelope the gateway cannot read
 
-The gateway never parses `body` of a confidential call and never unpickles anything.
+The gateway never parses `body` of a confidential call and never unpickles anything. What a replica sends is
+untrusted: the gateway hands `meta` bytes to a strict decoder (`gateway/replica_wire.py`) instead of `json.loads`.
+
+Control frames: HELLO opens every gateway connection (body: the per-replica secret given at actor creation; the
+replica answers HELLO, or closes the connection); UNLOCK (body: a code-key grant) and GRANT (body: a peer's
+attestation document) replace Ray method calls whose results the gateway would have had to unpickle. LOAD and
+READY run between a replica actor and its sandboxed child only (docs/security.md).
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ from typing import Any
 
 HEADER = struct.Struct("!IQBI")
 MAX_FRAME = 256 * 1024 * 1024
+MAX_META = 1024 * 1024  # meta is routing facts and bounded logs; anything bigger is a broken or hostile peer
 
-CALL, CANCEL, RESULT, ERROR, CHUNK, END, PING, PONG = range(1, 9)
+CALL, CANCEL, RESULT, ERROR, CHUNK, END, PING, PONG, HELLO, UNLOCK, GRANT, LOAD, READY = range(1, 14)
 TYPE_NAMES = {CALL: "CALL", CANCEL: "CANCEL", RESULT: "RESULT", ERROR: "ERROR", CHUNK: "CHUNK", END: "END",
-              PING: "PING", PONG: "PONG"}
+              PING: "PING", PONG: "PONG", HELLO: "HELLO", UNLOCK: "UNLOCK", GRANT: "GRANT", LOAD: "LOAD",
+              READY: "READY"}
 
 _EMPTY_META = b"{}"
 
@@ -39,16 +47,26 @@ def encode(call: int, ftype: int, meta: dict[str, Any] | None = None, body: byte
     return HEADER.pack(HEADER.size - 4 + len(m) + len(body), call, ftype, len(m)) + m + body
 
 
+def json_meta(ftype: int, raw: bytes) -> Any:
+    """The default meta decoder, for peers that trust each other's meta (a replica reading its gateway)."""
+    return json.loads(raw) if len(raw) > 2 else {}
+
+
 class FrameProtocol(asyncio.Protocol):
-    """Splits a byte stream into frames and hands each to `on_frame(call, type, meta, body)`."""
+    """Splits a byte stream into frames and hands each to `on_frame(call, type, meta, body)`.
+
+    `decode_meta(type, raw)` turns meta bytes into the value handed on; it raises ValueError for meta it refuses,
+    which closes the connection (the gateway passes its strict decoder for replica frames)."""
 
     def __init__(
         self,
-        on_frame: Callable[[int, int, dict[str, Any], bytes], None],
+        on_frame: Callable[[int, int, Any, bytes], None],
         on_lost: Callable[[Exception | None], None] | None = None,
+        decode_meta: Callable[[int, bytes], Any] = json_meta,
     ) -> None:
         self._on_frame = on_frame
         self._on_lost = on_lost
+        self._decode = decode_meta
         self._buf = bytearray()
         self._out: list[bytes] = []
         self.transport: asyncio.Transport | None = None
@@ -73,17 +91,23 @@ class FrameProtocol(asyncio.Protocol):
         n = len(buf)
         while n - pos >= hsize:
             length, call, ftype, mlen = HEADER.unpack_from(buf, pos)
-            if length > MAX_FRAME or mlen > length:
+            if length > MAX_FRAME or mlen > MAX_META or mlen > length - (hsize - 4):
                 self._fail(ValueError(f"bad frame: length {length}, meta {mlen}"))
                 return
             end = pos + 4 + length
             if end > n:
                 break
             mstart = pos + hsize
-            meta = json.loads(bytes(buf[mstart:mstart + mlen])) if mlen > 2 else {}
+            try:
+                meta = self._decode(ftype, bytes(buf[mstart:mstart + mlen]))
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+                self._fail(ValueError(f"bad frame meta ({TYPE_NAMES.get(ftype, ftype)}): {exc}"))
+                return
             body = bytes(buf[mstart + mlen:end])
             pos = end
             self._on_frame(call, ftype, meta, body)
+            if self.closed:
+                return
         if pos:
             del buf[:pos]
 
@@ -101,9 +125,14 @@ class FrameProtocol(asyncio.Protocol):
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _fail(self, exc: Exception) -> None:
+        self._buf.clear()
         if self.transport is not None:
             self.transport.close()
         self.connection_lost(exc)
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection now (a peer that broke the protocol or failed authentication)."""
+        self._fail(ConnectionError(reason))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed:

@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     hold_grace_s: float = Field(60.0, description="a paid call's hold left held this long past its function's "
                                 "time limit is released by the sweeper")
     hold_sweep_interval_s: float = Field(30.0, description="how often the holds sweeper runs")
+    sandbox: str = Field("on", description="'on': tenant code runs in a bubblewrap sandbox (needs `bwrap`); 'off': "
+                         "no sandbox, for development on machines without user namespaces only")
     capture_forwarded: Path | None = Field(None, description="audit/test aid: append every sealed body the "
                                            "gateway forwards (both directions) to this file")
 
@@ -127,6 +129,13 @@ class Settings(BaseSettings):
             raise ValueError(f"COCOON_DATABASE_URL must start with postgresql:// (or sqlite:///), got "
                              f"{v.split('://')[0]}://…")
         return v or None
+    @field_validator("sandbox")
+    @classmethod
+    def _sandbox_mode(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v not in ("on", "off"):
+            raise ValueError(f"COCOON_SANDBOX must be 'on' or 'off', got {v!r}")
+        return v
 
     @property
     def db_path(self) -> Path:

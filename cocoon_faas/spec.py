@@ -2,6 +2,8 @@
 
 A spec holds resources (gpu, cpu, memory), limits (timeout, retries, max_concurrency), scaling bounds and the
 developer's royalty. Its canonical JSON is part of the function's measurement, so it must be deterministic.
+The sandbox fields (`network`, `env`) appear in it only when set, so specs written before them keep their
+measurements.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ _MEM_UNITS = {
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
 _GPU_RE = re.compile(r"^(?P<model>[A-Za-z0-9][A-Za-z0-9_.-]*)(?::(?P<count>\d+))?$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_ENV_RESERVED = ("COCOON_", "RAY_", "LD_", "PYTHON", "CUDA_VISIBLE_DEVICES")
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,8 @@ class FunctionSpec:
     # per-token pricing (nanoton per million tokens); when either is set, calls are charged per token, not per second
     price_per_million_prompt_tokens: int = 0
     price_per_million_completion_tokens: int = 0
+    network: bool = False  # the sandbox shares the host network (else it has none)
+    env: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # the sandbox's extra environment, sorted
 
     @property
     def token_prices(self) -> TokenPrices | None:
@@ -89,6 +95,12 @@ class FunctionSpec:
         for k in ("price_per_million_prompt_tokens", "price_per_million_completion_tokens"):
             if not d[k]:  # absent when unset: specs (and so measurements) of per-second functions are unchanged
                 del d[k]
+        if not self.network:  # omitted when unset: older specs keep their canonical form (and measurement)
+            del d["network"]
+        if self.env:
+            d["env"] = dict(self.env)
+        else:
+            del d["env"]
         return d
 
     def canonical(self) -> bytes:
@@ -106,6 +118,9 @@ class FunctionSpec:
         if unknown:
             raise InvalidSpecError(f"unknown spec field(s) {unknown}; known fields: {sorted(known)}")
         d["serves"] = tuple(d.get("serves") or ())
+        env = d.pop("env", None) or {}
+        if not isinstance(env, dict):
+            raise InvalidSpecError("spec field 'env' must be an object of strings")
         spec = cls(
             gpu=GpuRequest(**gpu) if isinstance(gpu, dict) else None,
             batch=BatchSpec(**batch) if isinstance(batch, dict) else None,
@@ -118,6 +133,7 @@ class FunctionSpec:
             kind=spec.kind, batch=spec.batch, serves=spec.serves,
             price_per_million_prompt_tokens=Decimal(spec.price_per_million_prompt_tokens) / NANO,
             price_per_million_completion_tokens=Decimal(spec.price_per_million_completion_tokens) / NANO,
+            network=spec.network, env=env,
         )
 
     def with_(self, **changes: Any) -> FunctionSpec:
@@ -196,6 +212,8 @@ def make_spec(
     serves: Any = (),
     price_per_million_prompt_tokens: Any = 0,
     price_per_million_completion_tokens: Any = 0,
+    network: Any = False,
+    env: Any = None,
 ) -> FunctionSpec:
     """Validate decorator arguments into a FunctionSpec; raise InvalidSpecError naming the fix."""
     if not isinstance(name, str) or not NAME_RE.match(name):
@@ -216,6 +234,8 @@ def make_spec(
                                    "'completions:<model>'")
     if kind not in ("function", "async", "generator", "asyncgen"):
         raise InvalidSpecError(f"unknown function kind {kind!r}")
+    if not isinstance(network, bool):
+        raise InvalidSpecError(f"network={network!r} must be True (share the host network) or False (no network)")
     return FunctionSpec(
         name=name,
         gpu=parse_gpu(gpu),
@@ -235,4 +255,23 @@ def make_spec(
         price_per_million_completion_tokens=parse_price(price_per_million_completion_tokens,
                                                         "price_per_million_completion_tokens",
                                                         "TON per million tokens"),
+        network=network,
+        env=parse_env(env),
     )
+
+
+def parse_env(value: Any) -> tuple[tuple[str, str], ...]:
+    """`env={"NAME": "value"}` -> sorted pairs. The sandbox gets only these besides its own basics; they are part
+    of the spec (and the measurement) the gateway stores, so they are configuration, not secrets."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or len(value) > 64:
+        raise InvalidSpecError(f"env={value!r} must be a dict of at most 64 NAME: value strings")
+    for k, v in value.items():
+        if not isinstance(k, str) or not _ENV_NAME.match(k):
+            raise InvalidSpecError(f"env name {k!r} is not a valid variable name; use letters, digits and '_'")
+        if k.upper().startswith(_ENV_RESERVED):
+            raise InvalidSpecError(f"env name {k!r} is reserved for the platform; pick another name")
+        if not isinstance(v, str) or len(v) > 4096:
+            raise InvalidSpecError(f"env[{k!r}] must be a string of at most 4096 characters")
+    return tuple(sorted(value.items()))

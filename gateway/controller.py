@@ -2,6 +2,12 @@
 
 Ray places and supervises replica actors; this controller decides how many there are and which version they run,
 and keeps the routing set (`FunctionRuntime.ready`) that the call path reads without awaiting anything.
+
+Trust: a replica runs on a provider's node, which controls its process, so this module never fetches a value an
+actor produced (`ray.get`, awaiting an ObjectRef: Ray would unpickle it here). The `.remote()` calls below are
+actor creation and `start`, whose ObjectRef is only ever passed to `ray.wait(fetch_local=False)` to learn that
+it finished; the start-up facts are read as bytes from Ray's key-value store and parsed by
+`replica_wire.decode_facts`.
 """
 
 from __future__ import annotations
@@ -9,8 +15,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ipaddress
 import logging
+import os
 import random
+import secrets
 import time
 import uuid
 from collections import deque
@@ -27,6 +36,7 @@ from cocoon_faas.errors import (
 from cocoon_faas.gateway.autoscale import ScaleState, target_replicas
 from cocoon_faas.gateway.chooser import Chooser, Eligibility
 from cocoon_faas.gateway.replica_client import ReplicaHandle
+from cocoon_faas.gateway.replica_wire import ReplicaFacts, ReplicaProtocolError, decode_facts
 from cocoon_faas.gateway.store import Store
 from cocoon_faas.settings import Settings
 from cocoon_faas.signature import Signature
@@ -149,10 +159,38 @@ class RayBackend:
             return f"memory {spec.memory // 2**20} MiB"
         return None
 
-    def create(self, fr: FunctionRuntime, forward_logs: bool, extra_resources: dict[str, float] | None = None) -> Any:
+    def create(self, fr: FunctionRuntime, forward_logs: bool, replica_id: str, secret: bytes,
+               extra_resources: dict[str, float] | None = None) -> Any:
+        """A new replica actor (its handle: platform-made, nothing a replica produced)."""
+        models = self.settings.models_dir or self.settings.home / "models"
         return self._actor_cls.options(**self.options(fr.spec, extra_resources)).remote(
-            fr.name, fr.version, fr.code, fr.spec.to_json(), self.settings.replica_host, forward_logs
+            fr.name, fr.version, fr.code, fr.spec.to_json(), self.settings.replica_host, forward_logs,
+            replica_id, secret, self.settings.sandbox == "on", str(models) if os.path.isdir(models) else None,
         )
+
+    def start(self, actor: Any) -> Any:
+        """Fire the actor's start; the returned ref is never fetched (see `finished`)."""
+        return actor.start.remote()
+
+    def finished(self, ref: Any) -> bool:
+        """Whether a task is over, without fetching (or unpickling) its value."""
+        ready, _ = self.ray.wait([ref], num_returns=1, timeout=0, fetch_local=False)
+        return bool(ready)
+
+    def read_facts(self, replica_id: str) -> bytes | None:
+        """The facts a replica wrote, as bytes (Ray's key-value store holds bytes; nothing is unpickled)."""
+        from ray.experimental import internal_kv
+
+        from cocoon_faas.runtime.replica import FACTS_NAMESPACE, facts_key
+
+        key = facts_key(replica_id)
+        raw = internal_kv._internal_kv_get(key, namespace=FACTS_NAMESPACE)
+        if raw is not None:
+            internal_kv._internal_kv_del(key, namespace=FACTS_NAMESPACE)
+        return raw
+
+    def node_addresses(self) -> set[str]:
+        return {str(n.get("NodeManagerAddress")) for n in self.ray_nodes() if n.get("Alive")}
 
     def kill(self, actor: Any) -> None:
         try:
@@ -308,8 +346,11 @@ class Controller:
 
     async def _start_replica(self, fr: FunctionRuntime) -> ReplicaHandle:
         node, extra = self._place(fr)
-        actor = self.backend.create(fr, forward_logs=not fr.flags.confidential, extra_resources=extra)
-        r = ReplicaHandle(id=uuid.uuid4().hex[:12], function=fr.name, version=fr.version, actor=actor, node=node)
+        rid, secret = uuid.uuid4().hex, secrets.token_bytes(32)
+        actor = self.backend.create(fr, forward_logs=not fr.flags.confidential, replica_id=rid,
+                                    secret=secret, extra_resources=extra)
+        r = ReplicaHandle(id=rid[:12], function=fr.name, version=fr.version, actor=actor, node=node, secret=secret)
+        r.extra["facts_id"] = rid
         self._assign(r, fr)
         try:
             return await self._boot(fr, r)
@@ -332,33 +373,68 @@ class Controller:
                 self.market.replica_lost(r.node)
             self.market.unassign(r.function, r.node)
 
+    async def _facts(self, fr: FunctionRuntime, r: ReplicaHandle) -> ReplicaFacts:
+        """Wait for the replica's start-up facts: bytes from the key-value store, decoded strictly. The start
+        task's ref tells only *that* it ended (a replica that died or raised leaves no facts)."""
+        rid = r.extra["facts_id"]
+        ref = self.backend.start(r.actor)
+        deadline = time.monotonic() + self.settings.replica_start_timeout_s
+        pause = 0.002
+        while True:
+            done = self.backend.finished(ref)  # checked before reading: facts are written before start returns
+            raw = self.backend.read_facts(rid)
+            if raw is not None:
+                try:
+                    return decode_facts(raw)
+                except ReplicaProtocolError as exc:
+                    raise NoCapacityError(f"a replica of {fr.name!r} on node {r.node} sent start-up facts the "
+                                          f"gateway refuses ({exc}); it was dropped") from None
+            if done:
+                raise NoCapacityError(f"a replica of {fr.name!r} on node {r.node} exited before it reported "
+                                      "(its worker died or was unschedulable); retry later or add capacity")
+            if time.monotonic() > deadline:
+                raise NoCapacityError(
+                    f"a replica of {fr.name!r} did not start within {self.settings.replica_start_timeout_s:g}s "
+                    "(the cluster may be full); retry later or add capacity")
+            await asyncio.sleep(pause)
+            pause = min(pause * 1.5, 0.05)
+
+    def _check_address(self, fr: FunctionRuntime, r: ReplicaHandle, host: str) -> None:
+        """A replica names where to connect; only its own node's address (or loopback, locally) is accepted,
+        so a replica cannot point the gateway at another service."""
+        if r.node == "local" and ipaddress.ip_address(host).is_loopback:
+            return
+        if host == self.settings.replica_host or host in self.backend.node_addresses():
+            return
+        raise NoCapacityError(f"a replica of {fr.name!r} on node {r.node} named address {host}, which is no node "
+                              "of the cluster; it was dropped")
+
     async def _boot(self, fr: FunctionRuntime, r: ReplicaHandle) -> ReplicaHandle:
         actor = r.actor
         try:
-            info = await asyncio.wait_for(actor.start.remote(), self.settings.replica_start_timeout_s)
-        except asyncio.TimeoutError:
+            facts = await self._facts(fr, r)
+            if facts.ok:
+                self._check_address(fr, r, facts.host)
+        except BaseException:
             self.backend.kill(actor)
-            raise NoCapacityError(
-                f"a replica of {fr.name!r} did not start within {self.settings.replica_start_timeout_s:g}s "
-                "(the cluster may be full); retry later or add capacity"
-            ) from None
-        except Exception as exc:  # noqa: BLE001 - Ray errors (node died, unschedulable) are transient
+            raise
+        if not facts.ok:
             self.backend.kill(actor)
-            raise NoCapacityError(f"a replica of {fr.name!r} could not start on node {r.node}: "
-                                  f"{type(exc).__name__}: {str(exc)[:300]}") from None
-        if not info.get("ok"):
-            self.backend.kill(actor)
-            self.store.record_logs(fr.name, fr.version, None, [("stderr", info.get("traceback", ""))])
+            self.store.record_logs(fr.name, fr.version, None, [*facts.logs, ("stderr", facts.traceback)])
             raise StartupError(
-                f"function {fr.name!r} failed to start: {info.get('error_type')}: {info.get('message')}; "
+                f"function {fr.name!r} failed to start: {facts.error_type}: {facts.message}; "
                 f"see `cocoon logs {fr.name}`",
-                exc_type=info.get("error_type"),
+                exc_type=facts.error_type,
             )
-        if info.get("logs"):
-            self.store.record_logs(fr.name, fr.version, None, info["logs"])
-        await r.connect(info["host"], info["port"])
-        r.extra.update({"pid": info.get("pid"), "setup_s": info.get("setup_s"),  # + the attestation facts (public)
-                        **{k: info[k] for k in ("key_id", "document", "code_locked") if k in info}})
+        if facts.logs:
+            self.store.record_logs(fr.name, fr.version, None, list(facts.logs))
+        try:
+            await r.connect(facts.host, facts.port)
+        except (OSError, CocoonError) as exc:
+            self.backend.kill(actor)
+            raise NoCapacityError(f"a replica of {fr.name!r} on node {r.node} did not accept the gateway's "
+                                  f"connection ({exc}); retry later") from None
+        r.extra.update(facts.public())  # + the attestation facts (public)
         return r
 
     def _kill(self, r: ReplicaHandle) -> None:

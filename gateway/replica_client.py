@@ -1,36 +1,63 @@
-"""The gateway's end of the data path: one persistent, multiplexed connection per replica."""
+"""The gateway's end of the data path: one persistent, multiplexed connection per replica.
+
+The connection opens with HELLO and the per-replica secret the controller gave the actor at creation (the data
+port serves nobody else). Every frame's meta from the replica goes through the strict decoder of
+`replica_wire.py`; a frame it refuses drops the replica (the controller replaces it). Metering the replica cannot
+move: each final frame's `ms` is capped at the wall time this gateway observed between sending the call and
+receiving that frame (`wall_ms` is added beside it, set here, never read from the replica).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from cocoon_faas import protocol as P
 from cocoon_faas.errors import ReplicaLostError
+from cocoon_faas.gateway.replica_wire import decode_meta
+
+HELLO_TIMEOUT_S = 10.0
+log = logging.getLogger("cocoon.replica_client")
 
 
 @dataclass
 class Frame:
+    """One frame from a replica. `meta` holds only the checked keys of `replica_wire.decode_meta`."""
+
     type: int
     meta: dict[str, Any]
     body: bytes
 
 
+def _cap(meta: dict[str, Any], t0: float) -> dict[str, Any]:
+    """Cap the replica's reported execution time at the wall time this gateway waited for the call."""
+    wall = round((time.monotonic() - t0) * 1000, 3)
+    meta["wall_ms"] = wall
+    if "ms" in meta and meta["ms"] > wall:
+        meta["ms"] = wall
+    return meta
+
+
 class PendingCall:
     """Frames of one in-flight call, as they arrive."""
 
-    __slots__ = ("queue", "future", "streaming")
+    __slots__ = ("queue", "future", "streaming", "t0")
 
     def __init__(self, streaming: bool) -> None:
         self.streaming = streaming
+        self.t0 = time.monotonic()
         loop = asyncio.get_running_loop()
         self.future: asyncio.Future[Frame] | None = None if streaming else loop.create_future()
         self.queue: asyncio.Queue[Frame | BaseException] | None = asyncio.Queue() if streaming else None
 
     def deliver(self, frame: Frame) -> None:
+        if frame.type != P.CHUNK:
+            _cap(frame.meta, self.t0)
         if self.future is not None:
             if not self.future.done():
                 self.future.set_result(frame)
@@ -62,16 +89,41 @@ class ReplicaHandle:
     inflight: int = 0
     calls: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    secret: bytes = b""
     _proto: P.FrameProtocol | None = None
     _pending: dict[int, PendingCall] = field(default_factory=dict)
     _ids: Any = field(default_factory=lambda: itertools.count(1))
     on_lost: Callable[[ReplicaHandle], None] | None = None
 
     async def connect(self, host: str, port: int) -> None:
+        """Connect and prove the secret (HELLO); raises ReplicaLostError if the replica does not answer it."""
         self.host, self.port = host, port
         loop = asyncio.get_running_loop()
-        _, proto = await loop.create_connection(lambda: P.FrameProtocol(self._on_frame, self._lost), host, port)
+        _, proto = await loop.create_connection(
+            lambda: P.FrameProtocol(self._on_frame, self._lost, decode_meta), host, port)
         self._proto = proto
+        try:
+            await self.control(P.HELLO, None, self.secret, HELLO_TIMEOUT_S)
+        except ReplicaLostError:
+            self.close()
+            raise
+
+    async def control(self, ftype: int, meta: dict[str, Any] | None, body: bytes, timeout: float) -> Frame:
+        """Send one control frame (HELLO, UNLOCK, GRANT) and await the replica's answer (decoded strictly)."""
+        if self._proto is None or self._proto.closed:
+            raise ReplicaLostError(f"replica {self.id} is gone")
+        call = next(self._ids)
+        pending = PendingCall(False)
+        self._pending[call] = pending
+        self._proto.send(P.encode(call, ftype, meta, body))
+        assert pending.future is not None
+        try:
+            return await asyncio.wait_for(pending.future, timeout)
+        except asyncio.TimeoutError:
+            name = P.TYPE_NAMES[ftype]
+            raise ReplicaLostError(f"replica {self.id} did not answer {name} within {timeout:g}s") from None
+        finally:
+            self._pending.pop(call, None)
 
     def send_call(self, meta: dict[str, Any], body: bytes, streaming: bool) -> tuple[int, PendingCall]:
         if self._proto is None or self._proto.closed or self.state == "dead":
@@ -100,7 +152,13 @@ class ReplicaHandle:
 
     def _lost(self, exc: Exception | None) -> None:
         self.state = "dead"
-        err = ReplicaLostError(f"replica {self.id} of {self.function!r} died during the call")
+        if exc is not None and "bad frame" in str(exc):
+            log.warning("replica %s of %s sent a frame the gateway refuses (%s); dropping it", self.id,
+                        self.function, exc)
+            err = ReplicaLostError(f"replica {self.id} of {self.function!r} broke the frame protocol ({exc}); it "
+                                   "was dropped and is replaced")
+        else:
+            err = ReplicaLostError(f"replica {self.id} of {self.function!r} died during the call")
         pending, self._pending = self._pending, {}
         for p in pending.values():
             p.fail(err)

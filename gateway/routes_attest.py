@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
 import logging
 import time
 from typing import Any
@@ -21,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from cocoon_faas import protocol as P
 from cocoon_faas.confidential.errors import EnvelopeError
 from cocoon_faas.confidential.keyrelease import peek_sealed_code
 from cocoon_faas.errors import CocoonError, InvalidRequestError, PermissionDeniedError
@@ -70,13 +72,17 @@ async def attestation(request: Request) -> Response:
 
 
 async def unlock(r: ReplicaHandle, grant: bytes) -> dict[str, Any]:
+    """Deliver a code-key grant over the replica's data connection (an UNLOCK frame; the answer's meta is
+    decoded strictly: nothing a replica sends is unpickled here)."""
     try:
-        res = await asyncio.wait_for(r.actor.unlock.remote(grant), UNLOCK_TIMEOUT_S)
-    except Exception as exc:  # noqa: BLE001 - Ray errors and timeouts become a per-replica answer
-        return {"ok": False, "check": "unreachable", "message": f"replica {r.id} did not answer: {exc}"}
-    if res.get("ok"):
+        frame = await r.control(P.UNLOCK, None, grant, UNLOCK_TIMEOUT_S)
+    except CocoonError as exc:
+        return {"ok": False, "check": "unreachable", "message": f"replica {r.id} did not answer: {exc.message}"}
+    res = {"ok": frame.type == P.RESULT and frame.meta.get("ok") is True,
+           "check": frame.meta.get("check", "refused"), "message": frame.meta.get("message", "")}
+    if res["ok"]:
         r.extra["code_locked"] = False
-    return dict(res)
+    return res
 
 
 async def grants(request: Request) -> Response:
@@ -143,10 +149,15 @@ async def peer_release(fr: FunctionRuntime) -> int:
             if not doc:
                 continue
             try:
-                grant = await asyncio.wait_for(holders[0].actor.peer_grant.remote(doc), UNLOCK_TIMEOUT_S)
-            except Exception as exc:  # noqa: BLE001 - a peer refusing (policy) or gone: leave it locked
-                log.warning("peer key release to %s of %s refused: %s", r.id, fr.name, str(exc)[:200])
+                frame = await holders[0].control(P.GRANT, None, json.dumps(doc).encode(), UNLOCK_TIMEOUT_S)
+            except CocoonError as exc:  # gone: leave it locked
+                log.warning("peer key release to %s of %s failed: %s", r.id, fr.name, exc.message[:200])
                 continue
+            if frame.type != P.RESULT:  # a peer refusing (policy): leave it locked
+                log.warning("peer key release to %s of %s refused: %s", r.id, fr.name,
+                            str(frame.meta.get("message", ""))[:200])
+                continue
+            grant = frame.body
             if (await unlock(r, grant)).get("ok"):
                 done += 1
     return done

@@ -1,23 +1,48 @@
-"""`cocoon serve`: start (or join) Ray, then run the gateway under uvicorn."""
+"""`cocoon serve`: check the sandbox, start (or join) Ray, then run the gateway under uvicorn."""
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from typing import Any
 
 from cocoon_faas.settings import Settings
 
+log = logging.getLogger("cocoon.server")
+
+
+def check_sandbox(settings: Settings) -> None:
+    """Refuse to run tenant code without bubblewrap, unless COCOON_SANDBOX=off (then warn loudly)."""
+    from cocoon_faas.runtime.sandbox import INSECURE_WARNING, bwrap_problem
+
+    if settings.sandbox == "off":
+        banner = "!" * 100
+        print(f"{banner}\nWARNING: {INSECURE_WARNING}\n{banner}", file=sys.stderr, flush=True)
+        return
+    problem = bwrap_problem()
+    if problem is not None:
+        from cocoon_faas.runtime.sandbox import SandboxUnavailable
+
+        raise SandboxUnavailable(f"cannot sandbox tenant code: {problem}")
+
 
 def init_ray(settings: Settings) -> dict[str, Any]:
     """Join `ray_address`, or start a local Ray whose processes die with the gateway."""
-    import ray
-
     common: dict[str, Any] = {"namespace": "cocoon", "log_to_driver": False, "ignore_reinit_error": True,
                               "include_dashboard": False, "logging_level": logging.WARNING}
     # log_to_driver=False: replica output must never reach the gateway's own logs (confidential payloads).
     if settings.ray_address:
+        import ray
+
         ctx = ray.init(address=settings.ray_address, **common)
     else:
+        # The embedded default listens on loopback only. Ray turns `_node_ip_address="127.0.0.1"` into the
+        # machine's outside address (and then binds its gRPC servers to every interface) unless it is told this
+        # node is not part of a multi-machine cluster; read at import, and inherited by the raylet and workers.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        import ray
+
         # address="local": always a new cluster of our own. A bare ray.init() would join whatever cluster
         # /tmp/ray/ray_current_cluster (or RAY_ADDRESS) names, even a dead one left by an old `ray start`, and
         # then refuses num_cpus ("When connecting to an existing cluster, num_cpus ... must not be provided").
@@ -32,6 +57,7 @@ def serve(settings: Settings) -> None:
     from cocoon_faas.gateway.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_sandbox(settings)
     init_ray(settings)
     app = create_app(settings)
     # No proxy-header rewriting or Server header: neither is used, and both cost on every call.

@@ -87,6 +87,37 @@ def _interrupt_thread(ident: int) -> None:
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(CallInterrupted))
 
 
+class _Running:
+    """The pool thread running one call, interruptible only while it is inside that call.
+
+    An asynchronous exception lands at the thread's next bytecode, wherever that is: sent after the call's code
+    returned (its future not yet marked done), it would hit the idle pool thread and kill it, or the next call
+    that thread picks up. So the thread says when it enters and leaves, under a lock that `interrupt` holds:
+    an interrupt is only ever sent before `leave`, and then it fires inside the call's own frame at the latest
+    in `leave`."""
+
+    __slots__ = ("_lock", "_ident", "_left")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ident: int | None = None
+        self._left = False
+
+    def enter(self) -> None:
+        with self._lock:
+            self._ident = threading.get_ident()
+
+    def leave(self) -> None:
+        with self._lock:
+            self._left = True
+
+    def interrupt(self) -> None:
+        with self._lock:
+            if self._ident is not None and not self._left:
+                _interrupt_thread(self._ident)
+                self._left = True  # one interrupt per call: a second could land after the first unwound it
+
+
 def trimmed_traceback(exc: BaseException, limit: int = 8) -> str:
     """The user's frames only (ours are noise), last `limit` of them."""
     tb = traceback.extract_tb(exc.__traceback__)
@@ -168,31 +199,32 @@ class LoadedFunction:
     async def _in_thread(self, work: Callable[[], Any], log: CallLog, timeout: float) -> Any:
         """Run `work` in the pool; a timer (not wait_for/shield: two tasks per call) enforces the limit."""
         loop = asyncio.get_running_loop()
-        ident: list[int] = []
+        running = _Running()
 
         def runner() -> Any:
-            ident.append(threading.get_ident())
+            running.enter()
             token = _current_log.set(log)
             try:
                 return work()
             finally:
                 _current_log.reset(token)
+                running.leave()
 
         fut = loop.run_in_executor(self.pool, runner)
         waiter: asyncio.Future[Any] = loop.create_future()
 
         def done(f: asyncio.Future[Any]) -> None:
+            exc = f.exception()  # retrieved even when the waiter already timed out (no "never retrieved")
             if waiter.done():
                 return
-            exc = f.exception()
             if exc is not None:
                 waiter.set_exception(exc)
             else:
                 waiter.set_result(f.result())
 
         def expire() -> None:
-            if ident and not fut.done():
-                _interrupt_thread(ident[0])
+            if not fut.done():
+                running.interrupt()
             if not waiter.done():
                 waiter.set_exception(CallInterrupted("timeout"))
 
@@ -201,8 +233,8 @@ class LoadedFunction:
         try:
             return await waiter
         except asyncio.CancelledError:
-            if ident and not fut.done():
-                _interrupt_thread(ident[0])
+            if not fut.done():
+                running.interrupt()
             raise
         finally:
             timer.cancel()
@@ -232,10 +264,10 @@ class LoadedFunction:
             return
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=64)
-        ident: list[int] = []
+        running = _Running()
 
         def produce() -> None:
-            ident.append(threading.get_ident())
+            running.enter()
             token = _current_log.set(log)
             try:
                 for item in fn(**kwargs):
@@ -245,9 +277,11 @@ class LoadedFunction:
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
             finally:
                 _current_log.reset(token)
+                running.leave()  # a late interrupt fires here at the latest, inside this call
 
         fut = loop.run_in_executor(self.pool, produce)
         fut.add_done_callback(lambda f: f.exception())
+        finished = False
         try:
             while True:
                 remaining = deadline - time.monotonic()
@@ -258,12 +292,14 @@ class LoadedFunction:
                 if kind == "item":
                     yield value
                 elif kind == "end":
+                    finished = True
                     return
                 else:
+                    finished = True
                     raise value
         finally:
-            if ident and not fut.done():
-                _interrupt_thread(ident[0])
+            if not finished:  # abandoned (cancelled, timed out, consumer gone): stop the producer
+                running.interrupt()
                 while not queue.empty():  # unblock a producer waiting on a full queue
                     queue.get_nowait()
 

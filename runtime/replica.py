@@ -1,13 +1,23 @@
-"""The replica: a Ray actor that loads one function version and serves calls over the frame protocol.
+"""The replica: a Ray actor that serves one function version's calls over the frame protocol.
 
 Ray creates the actor with the spec's resources and restarts nothing on its own: the gateway's controller
-decides. On `start()` the actor unpickles the code blob (inside the worker: the gateway never does), runs the
-setup hooks, and opens a TCP port; the gateway then keeps one persistent multiplexed connection to it.
+decides. The actor is platform code; the function's code runs in a bubblewrap sandbox child
+(runtime/sandbox.py), which the actor starts on `start()`, sends the code blob to, and relays calls to over a
+Unix socket (runtime/sandbox_link.py), metering each call itself. Only with `COCOON_SANDBOX=off` (development)
+does the code run in this process instead.
+
+The gateway never fetches a Python value from this actor (it would have to unpickle what a provider's process
+produced): `start()` returns nothing; it writes its facts (data port, attestation document, setup logs, or why it
+failed) as JSON bytes to Ray's key-value store under `facts_key(replica_id)`, which the gateway parses with strict
+decoders (gateway/replica_wire.py). The data port accepts a connection only after a HELLO frame that carries the
+per-replica secret the gateway gave at actor creation; everything else, including code-key grants (UNLOCK,
+GRANT), travels as frames.
 
 Confidential calls (docs/confidential.md): `start()` also creates the replica's `ReplicaIdentity` here, inside
 the worker (TDX evidence when configfs-tsm exists, else a NOT SECURE dev attestation), and returns its document.
-A CALL whose meta says `"sealed": true` carries a sealed envelope: it is opened here, and every answer leaves
-sealed to the caller's reply key with a signed receipt. Output printed during a sealed call is never forwarded.
+A CALL whose meta says `"sealed": true` carries a sealed envelope: it is opened here (the keys never enter the
+sandbox), and every answer leaves sealed to the caller's reply key with a signed receipt. Output printed during a
+sealed call is never forwarded and never written anywhere (the child's stdout/stderr are /dev/null).
 A confidential deployment's code arrives sealed ("CSC1"); it stays locked until `unlock(grant)` delivers the
 code key (from the developer's release agent or a peer replica, `peer_grant`).
 """
@@ -16,11 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hmac
 import json
 import math
 import os
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -36,34 +48,72 @@ from cocoon_faas.runtime.executor import (
     install_output_capture,
     trimmed_traceback,
 )
+from cocoon_faas.runtime.sandbox import SandboxConfig, SandboxProcess
+from cocoon_faas.runtime.sandbox_link import ChildError, SandboxLink
 from cocoon_faas.spec import FunctionSpec
 
 RUNTIME_VERSION = "cocoon-runtime/1"
+FACTS_NAMESPACE = b"cocoon"
+LOAD_TIMEOUT_S = 600.0
+
+
+def facts_key(replica_id: str) -> bytes:
+    """Where a replica writes its start-up facts in Ray's key-value store (bytes only: nothing unpickled)."""
+    return f"replica-facts/{replica_id}".encode()
 
 
 class _ServerConn:
-    """One gateway connection: runs each CALL as a task, cancels on CANCEL."""
+    """One gateway connection: HELLO first (the per-replica secret), then each CALL relayed to the sandbox (or
+    run as a task), cancelled on CANCEL."""
 
     def __init__(self, replica: Replica) -> None:
         self.replica = replica
         self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.relayed: dict[int, int] = {}  # gateway call -> sandbox call
+        self.authenticated = False
         self.proto = P.FrameProtocol(self.on_frame, self.on_lost)
 
     def on_frame(self, call: int, ftype: int, meta: dict[str, Any], body: bytes) -> None:
+        if not self.authenticated:
+            if ftype == P.HELLO and hmac.compare_digest(body, self.replica.secret):
+                self.authenticated = True
+                self.proto.send(P.encode(call, P.HELLO))
+            else:  # not the gateway: nothing is answered, the connection is dropped
+                self.proto.abort("the first frame must be HELLO with this replica's secret")
+            return
         if ftype == P.CALL:
-            task = asyncio.get_running_loop().create_task(self.replica.handle(self, call, meta, body))
-            self.tasks[call] = task
-            task.add_done_callback(lambda _t: self.tasks.pop(call, None))
+            link = self.replica.link
+            if link is not None and not meta.get("sealed") and self.replica.relayable:
+                self.relayed[call] = self.replica.relay(self, link, call, meta, body)
+                return
+            self._task(call, self.replica.handle(self, call, meta, body))
         elif ftype == P.CANCEL:
             running = self.tasks.get(call)
             if running is not None:
                 running.cancel()
+            cid = self.relayed.get(call)
+            if cid is not None and self.replica.link is not None:
+                self.replica.link.cancel(cid)
         elif ftype == P.PING:
             self.proto.send(P.encode(call, P.PONG, {"inflight": self.replica.inflight}))
+        elif ftype == P.UNLOCK:
+            self._task(call, self.replica.unlock_frame(self, call, body))
+        elif ftype == P.GRANT:
+            self._task(call, self.replica.grant_frame(self, call, body))
+
+    def _task(self, call: int, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks[call] = task
+        task.add_done_callback(lambda _t: self.tasks.pop(call, None))
 
     def on_lost(self, exc: Exception | None) -> None:
         for task in list(self.tasks.values()):
             task.cancel()
+        link = self.replica.link
+        if link is not None:
+            for cid in self.relayed.values():
+                link.cancel(cid)
+        self.relayed.clear()
 
     def send(self, data: bytes) -> None:
         if not self.proto.closed:
@@ -100,95 +150,166 @@ class Replica:
     """Actor body; wrapped with `ray.remote` by the controller (so importing this needs no Ray)."""
 
     def __init__(self, function: str, version: int, blob: bytes, spec_json: dict[str, Any], host: str,
-                 forward_logs: bool = True) -> None:
+                 forward_logs: bool = True, replica_id: str = "", secret: bytes = b"", sandbox: bool = True,
+                 models_dir: str | None = None) -> None:
         self.function = function
         self.version = version
         self.spec = FunctionSpec.from_json(spec_json)
+        self.replica_id = replica_id
+        self.secret = secret
+        self._spec_json = spec_json
         self._blob = blob
         self._host = host
         self._forward_logs = forward_logs
-        self.loaded: LoadedFunction | None = None
-        self.inflight = 0
-        self.calls = 0
+        self._sandbox = sandbox
+        self._models_dir = models_dir
+        self.loaded: LoadedFunction | None = None  # in-process code (COCOON_SANDBOX=off only)
+        self.link: SandboxLink | None = None  # the sandboxed child running the code
+        self.relayable = False  # plain calls go straight to the child (unlocked, not a confidential deployment)
+        self._inflight = 0
+        self._calls = 0
         self._server: asyncio.AbstractServer | None = None
         self.ident: ReplicaIdentity | None = None
         self._ident_error = ""
         self._sealed_code: bytes | None = None  # a confidential deployment's code, until and after unlock
         self._unlocked: asyncio.Event | None = None
         self._data_loop: asyncio.AbstractEventLoop | None = None
+        self._code: bytes | None = None
 
-    async def start(self) -> dict[str, Any]:
-        """Create the identity, load the function (unless its code is sealed), run setup hooks, open the data
-        port; returns where to connect and the attestation document."""
+    @property
+    def inflight(self) -> int:
+        return self._inflight + (self.link.inflight if self.link is not None else 0)
+
+    @property
+    def calls(self) -> int:
+        return self._calls + (self.link.calls if self.link is not None else 0)
+
+    def _sandbox_config(self) -> SandboxConfig:
+        spec = self.spec
+        return SandboxConfig(memory=spec.memory, network=spec.network, env=dict(spec.env), gpu=spec.gpu is not None,
+                             threads=max(1, math.ceil(spec.cpu)), enabled=self._sandbox, models_dir=self._models_dir)
+
+    async def start(self) -> None:
+        """Create the identity, start the sandbox and load the function into it (unless its code is sealed),
+        open the data port; then publish the facts as bytes (`facts_key`). Returns nothing on purpose."""
         install_output_capture()
-        loop = asyncio.get_running_loop()
         t0 = time.monotonic()
+        self._data_loop = _data_plane_loop()
+        try:
+            info = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._start(t0), self._data_loop))
+        except Exception as exc:  # noqa: BLE001 - reported to the gateway, which refuses the version
+            info = {"ok": False, "error_type": getattr(exc, "error_type", type(exc).__name__),
+                    "message": str(exc)[:2000], "traceback": getattr(exc, "tb", "") or trimmed_traceback(exc)}
+        _publish(self.replica_id, info)
+        if info.get("ok"):
+            _settle_process()
+
+    async def _start(self, t0: float) -> dict[str, Any]:
+        """On the data-plane loop, where the sandbox link and the data port live."""
+        loop = asyncio.get_running_loop()
         sealed = self._blob[:4] == CODE_MAGIC
         self._unlocked = asyncio.Event()
+        if sealed:
+            hdr = peek_sealed_code(self._blob)
+            if hdr.function != self.function:
+                raise EnvelopeError("function", f"sealed code is for {hdr.function!r}, not {self.function!r}")
+            measurement = hdr.measurement
+        else:
+            measurement = measurement_of(self._blob, self.spec.canonical())
         try:
+            self.ident = await loop.run_in_executor(None, _create_identity, self.function, measurement)
+        except Exception as exc:  # noqa: BLE001 - plain calls still work; sealed ones are refused
             if sealed:
-                hdr = peek_sealed_code(self._blob)
-                if hdr.function != self.function:
-                    raise EnvelopeError("function", f"sealed code is for {hdr.function!r}, not {self.function!r}")
-                measurement = hdr.measurement
-            else:
-                measurement = measurement_of(self._blob, self.spec.canonical())
-            try:
-                self.ident = await loop.run_in_executor(None, _create_identity, self.function, measurement)
-            except Exception as exc:  # noqa: BLE001 - plain calls still work; sealed ones are refused
-                if sealed:
-                    raise
-                self._ident_error = f"{type(exc).__name__}: {exc}"
-            log_lines: list[Any] = []
-            if sealed:
-                self._sealed_code = self._blob
-            else:
-                self.loaded = LoadedFunction(self._blob, self.spec)
-                log = await loop.run_in_executor(self.loaded.pool, self.loaded.setup)
-                log_lines = log.lines
-                self._unlocked.set()
-        except Exception as exc:  # noqa: BLE001 - reported to the gateway, which refuses the version
-            return {"ok": False, "error_type": type(exc).__name__, "message": str(exc),
-                    "traceback": trimmed_traceback(exc)}
+                raise
+            self._ident_error = f"{type(exc).__name__}: {exc}"
+        log_lines: list[Any] = []
+        if sealed:
+            self._sealed_code = self._blob
+        else:
+            log_lines = await self._load(self._blob)
+            self.relayable = True
         self._blob = b""
-        self._data_loop = _data_plane_loop()
-
-        async def listen() -> asyncio.Server:
-            return await asyncio.get_running_loop().create_server(lambda: _ServerConn(self).proto, self._host, 0)
-
-        self._server = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(listen(), self._data_loop))
+        self._server = await loop.create_server(lambda: _ServerConn(self).proto, self._host, 0)
         port = self._server.sockets[0].getsockname()[1]
         info: dict[str, Any] = {"ok": True, "host": self._host, "port": port, "pid": os.getpid(),
                                 "setup_s": time.monotonic() - t0, "logs": log_lines if self._forward_logs else [],
-                                "runtime": RUNTIME_VERSION, "code_locked": sealed}
+                                "runtime": RUNTIME_VERSION, "code_locked": sealed, "sandboxed": self._sandbox}
         if self.ident is not None:
             info.update(key_id=self.ident.key_id, document=self.ident.document)
         else:
             info["attestation_error"] = self._ident_error
-        _settle_process()
         return info
+
+    async def _load(self, code: bytes) -> list[Any]:
+        """Load plaintext code: into a new sandbox child, or (sandbox off) into this process. Setup logs."""
+        loop = asyncio.get_running_loop()
+        if self._sandbox:
+            proc = await loop.run_in_executor(None, SandboxProcess, self._sandbox_config(), self.replica_id or
+                                              f"pid{os.getpid()}")
+            link = SandboxLink(proc, self._child_exited)
+            await link.open()
+            try:
+                logs = await link.load(code, self._spec_json, LOAD_TIMEOUT_S)
+            except ChildError as exc:
+                link.close()
+                raise _StartFailed(exc.meta) from None
+            self.link = link
+            self._code = code  # kept to restart the child if it exits (memory limit, os._exit)
+            if self._unlocked is not None:
+                self._unlocked.set()
+            return logs
+        loaded = LoadedFunction(code, self.spec)
+        log = await loop.run_in_executor(loaded.pool, loaded.setup)
+        self.loaded = loaded
+        if self._unlocked is not None:
+            self._unlocked.set()
+        return log.lines
+
+    def _child_exited(self) -> None:
+        """The child died (its calls were answered with an error): start a fresh one for the next calls."""
+        link = self.link
+        if link is None:
+            return
+        self.link = None
+        self._calls += link.calls
+        link.proc.kill()
+        code = self._code
+        if code is not None:
+            asyncio.get_running_loop().create_task(self._restart_child(code))
+
+    async def _restart_child(self, code: bytes) -> None:
+        try:
+            await self._load(code)
+        except Exception:  # noqa: BLE001 - no child: calls fail until the gateway replaces this replica
+            if self._server is not None:
+                self._server.close()
+
+    async def unlock_frame(self, conn: _ServerConn, call: int, grant: bytes) -> None:
+        res = await self.unlock(grant)
+        conn.send(P.encode(call, P.RESULT, {k: v for k, v in res.items() if k in ("ok", "check", "message")}))
+
+    async def grant_frame(self, conn: _ServerConn, call: int, body: bytes) -> None:
+        try:
+            grant = await self.peer_grant(json.loads(body))
+        except Exception as exc:  # noqa: BLE001 - a refused peer (policy) is an answer, not a crash
+            conn.send(P.encode(call, P.ERROR, {"type": "grant_refused", "check": str(getattr(exc, "check", ""))[:64]
+                                               or "refused", "message": str(exc)[:2000]}))
+            return
+        conn.send(P.encode(call, P.RESULT, None, grant))
 
     async def unlock(self, grant: bytes) -> dict[str, Any]:
         """Open the sealed code with a key grant addressed to this replica, then load it and run setup hooks."""
         if self._sealed_code is None or self.ident is None:
             return {"ok": False, "check": "not_sealed", "message": "this replica's code is not sealed"}
-        if self.loaded is not None:
+        if self.loaded is not None or self.link is not None:
             return {"ok": True, "already": True}
-        loop = asyncio.get_running_loop()
         try:
             code = self.ident.open_code(self._sealed_code, grant)
             if measurement_of(code, self.spec.canonical()) != self.ident.measurement:
                 raise EnvelopeError("measurement", "the opened code and spec do not hash to the sealed measurement")
-            loaded = LoadedFunction(code, self.spec)
-            await loop.run_in_executor(loaded.pool, loaded.setup)  # setup output of sealed code stays here
+            await self._load(code)  # setup output of sealed code stays here (logs are not forwarded)
         except Exception as exc:  # noqa: BLE001 - reported to whoever delivered the grant
             return {"ok": False, "check": getattr(exc, "check", type(exc).__name__), "message": str(exc)}
-        self.loaded = loaded
-        assert self._unlocked is not None
-        if self._data_loop is not None:  # the Event belongs to the data-plane loop; set it there
-            self._data_loop.call_soon_threadsafe(self._unlocked.set)
-        else:
-            self._unlocked.set()
         return {"ok": True}
 
     async def peer_grant(self, peer_document: dict[str, Any]) -> bytes:
@@ -203,6 +324,28 @@ class Replica:
     async def stats(self) -> dict[str, Any]:
         return {"inflight": self.inflight, "calls": self.calls, "pid": os.getpid()}
 
+    # -- plain calls -----------------------------------------------------------------------------------------
+    def relay(self, conn: _ServerConn, link: SandboxLink, call: int, meta: dict[str, Any], body: bytes) -> int:
+        """A plain call to the sandbox: callbacks only; the answer carries the time this actor measured."""
+        timeout = float(meta.get("t", self.spec.timeout))
+        stream = bool(meta.get("stream"))
+        forward = self._forward_logs
+        seq = 0
+
+        def sink(ftype: int, out: dict[str, Any], data: bytes) -> None:
+            nonlocal seq
+            if ftype == P.CHUNK:
+                conn.send(P.encode(call, P.CHUNK, {"seq": seq}, data))
+                seq += 1
+                return
+            conn.relayed.pop(call, None)
+            if not forward:
+                out.pop("logs", None)
+            out.pop("traceback", None)
+            conn.send(P.encode(call, ftype, out, data))
+
+        return link.relay({"t": timeout, "stream": stream} if stream else {"t": timeout}, body, timeout, sink)
+
     async def handle(self, conn: _ServerConn, call: int, meta: dict[str, Any], body: bytes) -> None:
         if meta.get("sealed"):
             return await self._handle_sealed(conn, call, meta, body)
@@ -212,9 +355,12 @@ class Replica:
                 "confidential deployment: it accepts only sealed calls (`cocoon call --confidential`)"}))
             return
         loaded = self.loaded
-        assert loaded is not None
-        self.inflight += 1
-        self.calls += 1
+        if loaded is None:
+            conn.send(P.encode(call, P.ERROR, {"type": "replica_lost", "status": 502, "message":
+                                               "this replica's sandbox is restarting; retry"}))
+            return
+        self._inflight += 1
+        self._calls += 1
         log = CallLog()
         t0 = time.monotonic()
         timeout = float(meta.get("t", self.spec.timeout))
@@ -235,14 +381,18 @@ class Replica:
             conn.send(P.encode(call, P.ERROR, {
                 "type": "timeout", "message": f"call exceeded its time limit of {timeout:g}s", "ms": _ms(t0),
                 **self._log_meta(log)}))
+        except MemoryError:
+            conn.send(P.encode(call, P.ERROR, {"type": "memory_exceeded", "message": "the function ran out of "
+                                               "memory; raise memory= in @cocoon.function", "ms": _ms(t0)}))
         except Exception as exc:  # noqa: BLE001 - the user's exception, reported as function_error
             log.add("stderr", trimmed_traceback(exc))
             conn.send(P.encode(call, P.ERROR, {
                 "type": "function_error", "exc_type": type(exc).__name__, "message": str(exc)[:2000],
                 "ms": _ms(t0), **self._log_meta(log)}))
         finally:
-            self.inflight -= 1
+            self._inflight -= 1
 
+    # -- sealed calls ----------------------------------------------------------------------------------------
     async def _handle_sealed(self, conn: _ServerConn, call: int, meta: dict[str, Any], body: bytes) -> None:
         """A sealed call: open the envelope, run, answer with sealed frames. Nothing readable leaves: no logs, no
         error text from user code; plain ERROR frames carry only platform facts (check names, timeouts).
@@ -263,10 +413,10 @@ class Replica:
                                                "message": exc.message}))
             return
         timeout = float(meta.get("t", self.spec.timeout))
-        self.inflight += 1
-        self.calls += 1
+        self._inflight += 1
+        self._calls += 1
         try:
-            if self.loaded is None:
+            if self.loaded is None and self.link is None:
                 assert self._unlocked is not None
                 try:
                     await asyncio.wait_for(self._unlocked.wait(), max(timeout, 0.001))
@@ -278,16 +428,38 @@ class Replica:
                     return
             await self._run_sealed(conn, call, meta, opened.args_json, opened.ctx, ident, t0, timeout)
         finally:
-            self.inflight -= 1
+            self._inflight -= 1
+
+    async def _unary(self, args_json: bytes, timeout: float) -> bytes:
+        """Run one call on whichever side holds the code; the result's JSON. Raises the call's failure."""
+        if self.link is not None:
+            body, _ = await self.link.unary(args_json, timeout)
+            return body
+        loaded = self.loaded
+        assert loaded is not None
+        kwargs = json.loads(args_json) if args_json.strip() else {}
+        if not isinstance(kwargs, dict):
+            raise TypeError("sealed arguments must be a JSON object of keyword arguments")
+        return _dumps(await loaded.run(kwargs, CallLog(), timeout))  # output captured, never forwarded
+
+    async def _stream(self, args_json: bytes, deadline: float, timeout: float) -> AsyncIterator[bytes]:
+        if self.link is not None:
+            async for item in self.link.stream(args_json, timeout, []):
+                yield item
+            return
+        loaded = self.loaded
+        assert loaded is not None
+        kwargs = json.loads(args_json) if args_json.strip() else {}
+        if not isinstance(kwargs, dict):
+            raise TypeError("sealed arguments must be a JSON object of keyword arguments")
+        async for item in loaded.stream(kwargs, CallLog(), deadline):
+            yield _dumps(item)
 
     async def _run_sealed(self, conn: _ServerConn, call: int, meta: dict[str, Any], args_json: bytes,
                           ctx: ReplicaCallContext, ident: ReplicaIdentity, t0: float, timeout: float) -> None:
-        loaded = self.loaded
-        assert loaded is not None
         call_id = str(meta.get("id", call))
         rate, royalty = float(meta.get("rate", 0.0)), int(meta.get("royalty", 0))
         stream = bool(meta.get("stream"))
-        log = CallLog()  # sealed calls' output is captured so it is not lost in worker logs, and never forwarded
 
         def price(ms: float) -> int:
             return math.ceil(round(ms, 3) / 1000 * rate) + royalty
@@ -306,22 +478,18 @@ class Replica:
         seq = 0
         ms = 0.0
         try:
-            kwargs = json.loads(args_json) if args_json.strip() else {}
-            if not isinstance(kwargs, dict):
-                raise TypeError("sealed arguments must be a JSON object of keyword arguments")
             if stream:
-                async for item in loaded.stream(kwargs, log, t0 + timeout):
+                async for item in self._stream(args_json, t0 + timeout, timeout):
                     conn.send(P.encode(call, P.CHUNK, {"seq": seq, "sealed": "chunk"},
-                                       ident.seal_chunk(ctx, seq, _dumps(item))))
+                                       ident.seal_chunk(ctx, seq, item)))
                     seq += 1
-                    usage = token_usage(item) or usage
+                    usage = token_usage(_loads_usage(item)) or usage
                 ms = _ms(t0)
                 frame = ident.seal_end(ctx, call_id, ms, price(ms))
                 conn.send(P.encode(call, P.END, {**final("end"), "seq": seq}, frame))
             else:
-                value = await loaded.run(kwargs, log, timeout)
-                usage = token_usage(value)
-                result = _dumps(value)
+                result = await self._unary(args_json, timeout)
+                usage = token_usage(_loads_usage(result))
                 ms = _ms(t0)
                 frame = ident.seal_response(ctx, call_id, result, ms, price(ms))
                 conn.send(P.encode(call, P.RESULT, final("res"), frame))
@@ -330,6 +498,17 @@ class Replica:
         except (CallInterrupted, asyncio.TimeoutError):
             conn.send(P.encode(call, P.ERROR, {
                 "type": "timeout", "message": f"call exceeded its time limit of {timeout:g}s", "ms": _ms(t0)}))
+        except ChildError as exc:
+            kind = exc.meta.get("type")
+            if kind in ("timeout", "cancelled"):
+                conn.send(P.encode(call, P.ERROR, {"type": kind, "message": "call cancelled" if kind == "cancelled"
+                                                   else f"call exceeded its time limit of {timeout:g}s",
+                                                   "ms": _ms(t0)}))
+                return
+            ms = _ms(t0)  # the user's exception (or memory): sealed, its text may hold user data
+            frame = ident.seal_error(ctx, call_id, str(exc.meta.get("exc_type") or kind), exc.meta.get("message", ""),
+                                     ms, price(ms))
+            conn.send(P.encode(call, P.END if stream else P.RESULT, {**final("err"), "seq": seq}, frame))
         except Exception as exc:  # noqa: BLE001 - the user's exception, sealed: its text may hold user data
             ms = _ms(t0)
             frame = ident.seal_error(ctx, call_id, type(exc).__name__, str(exc)[:2000], ms, price(ms))
@@ -342,6 +521,23 @@ class Replica:
 
     def _done_meta(self, t0: float, log: CallLog, **extra: Any) -> dict[str, Any]:
         return {"ms": _ms(t0), **self._log_meta(log), **extra}
+
+
+class _StartFailed(Exception):
+    """The child could not load the code or its setup hook raised: the child's report, reduced."""
+
+    def __init__(self, meta: dict[str, Any]) -> None:
+        super().__init__(meta.get("message", ""))
+        self.error_type = str(meta.get("exc_type") or meta.get("type") or "Error")
+        self.tb = str(meta.get("traceback", ""))
+
+
+def _publish(replica_id: str, info: dict[str, Any]) -> None:
+    """Write the start-up facts as JSON bytes where the gateway reads them (it never fetches actor results)."""
+    from ray.experimental import internal_kv
+
+    raw = json.dumps(info, separators=(",", ":"), allow_nan=False, default=str).encode()
+    internal_kv._internal_kv_put(facts_key(replica_id), raw, overwrite=True, namespace=FACTS_NAMESPACE)
 
 
 def _data_plane_loop() -> asyncio.AbstractEventLoop:
@@ -367,6 +563,16 @@ def _settle_process() -> None:
         os.setpriority(os.PRIO_PROCESS, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def _loads_usage(item: bytes) -> Any:
+    """An item's JSON, parsed only when it may carry token counts (most items do not: no parse per chunk)."""
+    if b'"usage"' not in item:
+        return None
+    try:
+        return json.loads(item)
+    except ValueError:
+        return None
 
 
 def token_usage(item: Any) -> dict[str, int] | None:
