@@ -17,6 +17,7 @@ client maps that shape back into the same subclass, so SDK users catch the same 
     ├── StaleKeysError          421: a sealed call was wrapped to replica keys that are gone
     ├── OverloadedError         429: every replica busy and the queue full
     ├── FunctionError           500: the user's code raised
+    │   └── MemoryExceededError 500: the user's code ran out of its memory= limit
     ├── ReplicaLostError        502: the replica died mid-call and no retry was left
     ├── NoCapacityError         503: nothing can run this function now
     ├── CallTimeoutError        504: the call ran past its time limit
@@ -129,6 +130,13 @@ class FunctionError(CocoonError):
     type = "function_error"
 
 
+class MemoryExceededError(FunctionError):
+    """Raised when the function ran out of the memory its spec allows (`memory=`); the replica survives."""
+
+    status = 500
+    type = "memory_exceeded"
+
+
 class ReplicaLostError(CocoonError):
     """Raised when a replica died during a call and no retry was left."""
 
@@ -176,7 +184,7 @@ _BY_TYPE: dict[str, type[CocoonError]] = {
     for cls in [
         CocoonError, InvalidSpecError, InvalidRequestError, AuthenticationError, PaymentRequiredError,
         PaymentError, PermissionDeniedError, NotFoundError, ConflictError, PayloadTooLargeError,
-        StaleKeysError, OverloadedError, FunctionError, ReplicaLostError, NoCapacityError, CallTimeoutError,
+        StaleKeysError, OverloadedError, FunctionError, MemoryExceededError, ReplicaLostError, NoCapacityError, CallTimeoutError,
         CallCancelledError, AttestationError, GatewayUnreachableError,
     ]
 }

@@ -21,6 +21,7 @@ from cocoon_faas.errors import (
     CallTimeoutError,
     CocoonError,
     FunctionError,
+    MemoryExceededError,
     ReplicaLostError,
 )
 from cocoon_faas.gateway.chooser import Eligibility
@@ -76,6 +77,8 @@ def error_from_frame(fr: FunctionRuntime, frame: Frame) -> CocoonError:
         return CallTimeoutError(f"function {fr.name!r} exceeded its time limit of {fr.spec.timeout:g}s")
     if kind == "cancelled":
         return CallCancelledError(f"call to {fr.name!r} was cancelled")
+    if kind == "memory_exceeded":
+        return MemoryExceededError(str(m.get("message", "")), function=fr.name)
     if kind == "function_error":
         return FunctionError(f"{m.get('exc_type', 'Exception')}: {m.get('message', '')}",
                              exc_type=m.get("exc_type"), function=fr.name)

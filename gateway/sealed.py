@@ -124,6 +124,7 @@ class SealedCheck:
               ) -> tuple[float, CocoonError | None]:
         self.observe(call, body, meta)
         kind, self.receipt = check_receipt(body, replica, call.id, meta.get("gm"))
+        check_receipt_time(self.receipt, meta)
         return float(self.receipt.exec_ms), (FunctionError(SEALED_ERROR_MESSAGE, sealed=True) if kind == "err"
                                              else None)
 
@@ -224,3 +225,12 @@ def check_receipt(frame_body: bytes, r: ReplicaHandle | None, call_id: str, tag:
         raise _bad_response(f"the replica's sealed answer failed the gateway's receipt check ({exc}); the call "
                             "is not charged") from None
     return f.kind, f.receipt
+
+
+def check_receipt_time(receipt: Receipt, meta: dict[str, Any]) -> None:
+    """A receipt may not bill more time than this gateway waited for the call (`wall_ms`, measured by the
+    gateway's replica client; 1 ms of slack for rounding)."""
+    wall = meta.get("wall_ms")
+    if isinstance(wall, float) and float(receipt.exec_ms) > wall + 1.0:
+        raise _bad_response(f"the replica's receipt bills {receipt.exec_ms} ms for a call the gateway waited "
+                            f"{wall:.3f} ms for; the call is not charged")

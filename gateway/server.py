@@ -42,6 +42,9 @@ def init_ray(settings: Settings) -> dict[str, Any]:
         # node is not part of a multi-machine cluster; read at import, and inherited by the raylet and workers.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         import ray
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False  # when ray was imported before the variable was set
 
         # address="local": always a new cluster of our own. A bare ray.init() would join whatever cluster
         # /tmp/ray/ray_current_cluster (or RAY_ADDRESS) names, even a dead one left by an old `ray start`, and

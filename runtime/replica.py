@@ -72,6 +72,7 @@ class _ServerConn:
         self.relayed: dict[int, int] = {}  # gateway call -> sandbox call
         self.authenticated = False
         self.proto = P.FrameProtocol(self.on_frame, self.on_lost)
+        replica._conns.add(self)
 
     def on_frame(self, call: int, ftype: int, meta: dict[str, Any], body: bytes) -> None:
         if not self.authenticated:
@@ -107,6 +108,7 @@ class _ServerConn:
         task.add_done_callback(lambda _t: self.tasks.pop(call, None))
 
     def on_lost(self, exc: Exception | None) -> None:
+        self.replica._conns.discard(self)
         for task in list(self.tasks.values()):
             task.cancel()
         link = self.replica.link
@@ -174,7 +176,7 @@ class Replica:
         self._sealed_code: bytes | None = None  # a confidential deployment's code, until and after unlock
         self._unlocked: asyncio.Event | None = None
         self._data_loop: asyncio.AbstractEventLoop | None = None
-        self._code: bytes | None = None
+        self._conns: set[_ServerConn] = set()
 
     @property
     def inflight(self) -> int:
@@ -254,7 +256,6 @@ class Replica:
                 link.close()
                 raise _StartFailed(exc.meta) from None
             self.link = link
-            self._code = code  # kept to restart the child if it exits (memory limit, os._exit)
             if self._unlocked is not None:
                 self._unlocked.set()
             return logs
@@ -266,23 +267,15 @@ class Replica:
         return log.lines
 
     def _child_exited(self) -> None:
-        """The child died (its calls were answered with an error): start a fresh one for the next calls."""
-        link = self.link
-        if link is None:
-            return
-        self.link = None
-        self._calls += link.calls
-        link.proc.kill()
-        code = self._code
-        if code is not None:
-            asyncio.get_running_loop().create_task(self._restart_child(code))
-
-    async def _restart_child(self, code: bytes) -> None:
-        try:
-            await self._load(code)
-        except Exception:  # noqa: BLE001 - no child: calls fail until the gateway replaces this replica
-            if self._server is not None:
-                self._server.close()
+        """The child died (os._exit, a signal, a limit): this replica is lost. Its gateway connections drop, so
+        the gateway retries the calls elsewhere (as for a dead worker) and replaces the replica."""
+        self.relayable = False
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._conns):
+            conn.proto.abort("the replica's sandbox exited")
+        if self.link is not None:
+            self.link.proc.kill()
 
     async def unlock_frame(self, conn: _ServerConn, call: int, grant: bytes) -> None:
         res = await self.unlock(grant)
@@ -357,7 +350,7 @@ class Replica:
         loaded = self.loaded
         if loaded is None:
             conn.send(P.encode(call, P.ERROR, {"type": "replica_lost", "status": 502, "message":
-                                               "this replica's sandbox is restarting; retry"}))
+                                               "this replica's sandbox exited; retry"}))
             return
         self._inflight += 1
         self._calls += 1

@@ -167,6 +167,8 @@ class SandboxLink:
                                 "ms": ms}, b"")
 
     def _lost(self, exc: Exception | None) -> None:
+        if self._on_lost is not None:  # first: the replica drops its gateway connections (a lost replica)
+            self._on_lost()
         calls, self._calls = self._calls, {}
         for call in calls.values():
             if call.timer is not None:
@@ -174,10 +176,8 @@ class SandboxLink:
                 self.inflight -= 1
             call.sink(P.ERROR, {"type": "function_error", "exc_type": "SandboxExited", "message":
                                 "the function's process exited during the call (it may have exceeded its memory or "
-                                "process limit, or called os._exit); the replica restarts it", "ms": _ms(call.t0)},
+                                "process limit, or called os._exit)", "ms": _ms(call.t0)},
                       b"")
-        if self._on_lost is not None:
-            self._on_lost()
 
     def close(self) -> None:
         if self.proto.transport is not None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import socketserver
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -86,9 +89,9 @@ def test_async_call_poll_and_result(gateway):
 
 
 def test_cancel_interrupts_a_running_call(gateway, tmp_path):
-    marker = tmp_path / "busy-finished"
+    marker = f"busy-finished-{uuid.uuid4().hex}"
     with gateway.http() as c:
-        r = c.post("/fn/busy", json={"seconds": 3, "marker": str(marker)}, headers={"Prefer": "respond-async"})
+        r = c.post("/fn/busy", json={"seconds": 3, "marker": marker}, headers={"Prefer": "respond-async"})
         cid = r.json()["id"]
         for _ in range(200):
             if c.get(f"/v1/calls/{cid}").json()["status"] == "running":
@@ -103,7 +106,11 @@ def test_cancel_interrupts_a_running_call(gateway, tmp_path):
         assert c.get(f"/v1/calls/{cid}").json()["status"] == "cancelled"
         assert c.delete(f"/v1/calls/{cid}").status_code == 409
     time.sleep(3.2)
-    assert not marker.exists()  # the interrupted loop never reached its end
+    with gateway.http() as c:  # the interrupted loop never reached its end (a finished one would have written it)
+        assert c.post("/fn/busy", json={"seconds": 0, "check": marker}).json()["found"] is False
+        done = f"busy-done-{uuid.uuid4().hex}"
+        assert c.post("/fn/busy", json={"seconds": 0, "marker": done}).status_code == 200
+        assert c.post("/fn/busy", json={"seconds": 0, "check": done}).json()["found"] is True
 
 
 @pytest.mark.parametrize(
@@ -154,13 +161,30 @@ def test_queue_full_is_429_with_retry_after(gateway):
     assert int(r429.headers["Retry-After"]) >= 1 and r429.json()["error"]["type"] == "overloaded"
 
 
-def test_replica_death_is_retried_elsewhere(gateway, tmp_path):
-    marker = tmp_path / "crashed"
-    with gateway.http() as c:
-        r = c.post("/fn/crash_once", json={"marker": str(marker)})
+def _first_asker() -> tuple[int, socketserver.TCPServer]:
+    """A loopback server that answers every line with the first line it ever got (which replica asked first)."""
+    first: list[str] = []
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            ident = self.rfile.readline().decode().strip()
+            if not first:
+                first.append(ident)
+            self.wfile.write(first[0].encode() + b"\n")
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server.server_address[1], server
+
+
+def test_replica_death_is_retried_elsewhere(gateway):
+    port, server = _first_asker()
+    with gateway.http() as c, server:
+        r = c.post("/fn/crash_once", json={"port": port})
+        server.shutdown()
         assert r.status_code == 200, r.text
         body = r.json()
-        assert body["first_pid"] != body["pid"]  # the first replica died; another one answered
+        assert body["first_id"] != body["id"]  # the first replica died; another one answered
         for _ in range(600):  # the dead replica is replaced (min_replicas=2); a Ray worker start can be slow
             if c.get("/v1/functions/crash_once").json()["replicas"] == 2:
                 break

@@ -1,7 +1,9 @@
 """Functions that exercise the platform's edges in the end-to-end tests."""
 
 import os
+import socket
 import time
+import uuid
 from pathlib import Path
 
 import cocoon_faas as cocoon
@@ -16,24 +18,31 @@ def too_slow(seconds: float = 5.0) -> dict:
 
 
 @cocoon.function(cpu=0.25, timeout=60, max_concurrency=1, max_replicas=1)
-def busy(seconds: float, marker: str = "") -> dict:
-    """Loops in Python; writes `marker` when it finishes, so a test can tell an interrupted call from a done one."""
+def busy(seconds: float, marker: str = "", check: str = "") -> dict:
+    """Loops in Python; writes /tmp/`marker` when it finishes (the sandbox's own /tmp: one replica), so a later
+    call with `check` tells an interrupted call from a done one."""
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         time.sleep(0.01)
     if marker:
-        Path(marker).write_text("finished")
-    return {"slept": seconds}
+        Path("/tmp", marker).write_text("finished")
+    return {"slept": seconds, "found": bool(check) and Path("/tmp", check).exists()}
 
 
-@cocoon.function(cpu=0.25, timeout=30, retries=2, max_concurrency=4, min_replicas=2, max_replicas=2)
-def crash_once(marker: str) -> dict:
-    """Kills its own replica the first time (no marker yet); the retry on another replica succeeds."""
-    p = Path(marker)
-    if not p.exists():
-        p.write_text(str(os.getpid()))
+@cocoon.function(cpu=0.25, timeout=30, retries=2, max_concurrency=4, min_replicas=2, max_replicas=2, network=True)
+def crash_once(port: int) -> dict:
+    """Kills its own process the first time; the retry on another replica succeeds. Replicas share no files, so
+    a loopback server of the test (reachable: network=True) remembers which replica asked first."""
+    me = Path("/tmp/replica-id")
+    if not me.exists():
+        me.write_text(uuid.uuid4().hex)
+    ident = me.read_text()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(ident.encode() + b"\n")
+        first = s.makefile().readline().strip()
+    if first == ident:
         os._exit(1)
-    return {"pid": os.getpid(), "first_pid": int(p.read_text())}
+    return {"id": ident, "first_id": first}
 
 
 @cocoon.function(cpu=0.25, timeout=30, max_concurrency=2)
@@ -54,6 +63,10 @@ def echo(data: str = "", n: int = 0) -> dict:
 
 
 @cocoon.function(cpu=0.25, timeout=30, max_concurrency=1, min_replicas=0, max_replicas=3)
-def scalable(seconds: float = 0.5) -> int:
+def scalable(seconds: float = 0.5) -> str:
+    """Returns an id of the replica that ran it (its pid is 2 in every sandbox: each has its own PID namespace)."""
     time.sleep(seconds)
-    return os.getpid()
+    me = Path("/tmp/replica-id")
+    if not me.exists():
+        me.write_text(uuid.uuid4().hex)
+    return me.read_text()
