@@ -114,6 +114,41 @@ def test_marker_never_reaches_the_gateway(gw):
     c.close()
 
 
+def _files_holding(needle: bytes, roots: list[Path]) -> list[str]:
+    """Every readable regular file under `roots` (up to 64 MiB each) that contains `needle`."""
+    found = []
+    for root in roots:
+        for dirpath, _dirs, files in os.walk(root):
+            for name in files:
+                p = Path(dirpath) / name
+                try:
+                    if p.is_symlink() or not p.is_file() or p.stat().st_size > 64 * 2**20:
+                        continue
+                    if needle in p.read_bytes():
+                        found.append(str(p))
+                except OSError:
+                    continue
+    return found
+
+
+def test_output_printed_during_a_sealed_call_is_on_no_disk_of_the_node(gw):
+    """`shout` prints its input. Sealed, that output must land nowhere: not in Ray's session directory (worker
+    logs) and not in any file under the node's temp dirs (the sandbox's own /tmp is a tmpfs)."""
+    import tempfile
+
+    c = client(gw)
+    secret = "printed-marker-" + os.urandom(6).hex()
+    assert c.call_confidential("shout", {"text": secret}, policy=policy(gw, "shout"))["n"] == len(secret)
+    control = "printed-control-" + os.urandom(6).hex()
+    assert c.call("shout", {"text": control})["n"] == len(control)  # plain: its output goes to `cocoon logs`
+    c.close()
+    time.sleep(1.5)  # logs are flushed in batches; Ray's log files are written as output arrives
+    roots = [Path(tempfile.gettempdir()), Path("/var/tmp"), Path("/dev/shm")]
+    roots = [r for r in roots if r.is_dir()]
+    assert _files_holding(control.encode(), roots), "the scan must find output the platform does keep"
+    assert _files_holding(secret.encode(), roots) == []
+
+
 def test_flipped_byte_is_refused(gw):
     c = client(gw)
     replicas = verified_replicas(c.transport, "shout", policy(gw, "shout"), refresh=True)
