@@ -38,6 +38,7 @@ class FakeReplica:
     def __init__(self, name: str, measurement: str, kind: str, home: Path) -> None:
         self.name, self.measurement, self.kind, self.home = name, measurement, kind, home
         self.start = _Method(self._start)
+        self.replica_id = ""
         self.server: asyncio.AbstractServer | None = None
         self.conns: list[P.FrameProtocol] = []
         self.waiting: dict[int, asyncio.Event] = {}
@@ -54,7 +55,9 @@ class FakeReplica:
         holder: dict[str, P.FrameProtocol] = {}
 
         def on_frame(call: int, ftype: int, meta: dict[str, Any], body: bytes) -> None:
-            if ftype == P.CALL:
+            if ftype == P.HELLO:  # the per-replica secret (runtime/replica.py checks it; a fake trusts it)
+                holder["p"].send(P.encode(call, P.HELLO))
+            elif ftype == P.CALL:
                 asyncio.get_running_loop().create_task(self._answer(holder["p"], call, meta, body))
             elif ftype == P.CANCEL and call in self.waiting:
                 self.waiting[call].set()
@@ -77,6 +80,7 @@ class FakeReplica:
             pass  # the gateway hung up (a cut stream, a killed replica)
 
     async def _run(self, conn: P.FrameProtocol, call: int, meta: dict[str, Any], body: bytes) -> None:
+        await asyncio.sleep(EXEC_MS / 1000)  # honest: it reports EXEC_MS, and the gateway caps at its wall time
         sealed = bool(meta.get("sealed"))
         ctx = None
         if sealed:
@@ -186,6 +190,7 @@ class FakeBackend:
     def __init__(self, home: Path) -> None:
         self.home = home
         self.replicas: list[FakeReplica] = []
+        self.facts: dict[str, bytes] = {}
 
     def cluster_resources(self) -> dict[str, float]:
         return {"CPU": 64.0, "memory": 2.0**40}
@@ -193,10 +198,28 @@ class FakeBackend:
     def missing_resource(self, spec: Any) -> str | None:
         return None
 
-    def create(self, fr: Any, forward_logs: bool, extra_resources: Any = None) -> FakeReplica:
+    def create(self, fr: Any, forward_logs: bool, replica_id: str = "", secret: bytes = b"",
+               extra_resources: Any = None) -> FakeReplica:
         r = FakeReplica(fr.name, fr.measurement, fr.spec.kind, self.home)
+        r.replica_id = replica_id
         self.replicas.append(r)
         return r
+
+    def start(self, actor: FakeReplica) -> asyncio.Task[None]:
+        """Like the real backend: start fires the actor's start; its facts arrive as bytes (`read_facts`)."""
+        async def run() -> None:
+            self.facts[actor.replica_id] = json.dumps(await actor._start()).encode()
+
+        return asyncio.get_running_loop().create_task(run())
+
+    def finished(self, ref: asyncio.Task[None]) -> bool:
+        return ref.done()
+
+    def read_facts(self, replica_id: str) -> bytes | None:
+        return self.facts.pop(replica_id, None)
+
+    def node_addresses(self) -> set[str]:
+        return set()
 
     def kill(self, actor: Any) -> None:
         if isinstance(actor, FakeReplica):

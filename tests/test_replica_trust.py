@@ -16,8 +16,8 @@ import pytest
 
 from cocoon_faas import protocol as P
 from cocoon_faas.errors import NoCapacityError, ReplicaLostError
-from cocoon_faas.gateway.controller import Controller, FunctionRuntime, RayBackend
-from cocoon_faas.gateway.invoke import Invoker
+from cocoon_faas.gateway.controller import Controller, DeploymentFlags, FunctionRuntime, RayBackend
+from cocoon_faas.gateway.dispatch import Route, unary
 from cocoon_faas.gateway.store import Store
 from cocoon_faas.settings import Settings
 from cocoon_faas.signature import Signature
@@ -105,7 +105,7 @@ def ray_local(tmp_path_factory):
 
 def _runtime(mode: str, marker: Path) -> FunctionRuntime:
     spec = make_spec(name="f", cpu=0.1, memory="64Mi", timeout=10, env={"MARKER": str(marker), "MODE": mode})
-    return FunctionRuntime("f", "dev", 1, spec, Signature.of(lambda: None), "m", b"", {"confidential": True})
+    return FunctionRuntime("f", "dev", 1, spec, Signature.of(lambda: None), "m", b"", DeploymentFlags())
 
 
 def test_the_poison_works_when_unpickled(tmp_path):
@@ -143,16 +143,16 @@ def test_a_hostile_replica_cannot_run_code_in_the_gateway(ray_local, tmp_path):
         fr.ready.append(r)
         fr.all.add(r)
         ctl.functions["f"] = fr
-        outcome, err, meta = await Invoker(ctl).call(fr, b"{}", {"id": "c1"})
-        assert err is None and outcome is not None
-        assert outcome.body == poison  # the result is opaque bytes handed to the caller, never loaded
-        assert "evil" not in meta and meta["logs"] == [("stderr", poison.hex())]  # logs are text
+        ans = await unary(ctl, fr, b"{}", {"id": "c1"}, Route())
+        assert ans.error is None
+        assert ans.body == poison  # the result is opaque bytes handed to the caller, never loaded
+        assert "evil" not in ans.meta and ans.meta["logs"] == [("stderr", poison.hex())]  # logs are text
         res = await unlock(r, b"grant")
         assert res["ok"] is True and res["message"] == poison.hex()
         grant = await r.control(P.GRANT, None, b"{}", 10)
         assert grant.body == poison
-        outcome, err, _ = await Invoker(ctl).call(fr, b"{}", {"id": "raw-pickle-meta"})
-        assert outcome is None and isinstance(err, ReplicaLostError) and "frame" in err.message
+        ans = await unary(ctl, fr, b"{}", {"id": "raw-pickle-meta"}, Route())
+        assert ans.body is None and isinstance(ans.error, ReplicaLostError) and "frame" in ans.error.message
         assert r.state == "dead"  # the replica that broke the protocol is dropped
         ctl.functions.pop("f")
         ctl._kill(r)
