@@ -92,3 +92,15 @@ def test_charged_time_is_capped_at_the_gateways_wall_time():
     frame, ok = asyncio.run(main())
     assert frame.meta["ms"] == frame.meta["wall_ms"] < 60_000
     assert ok.meta["ms"] == 0.0  # an honest, smaller time is kept
+
+
+def test_a_sealed_receipt_may_not_bill_more_than_the_gateway_waited():
+    from types import SimpleNamespace
+
+    from cocoon_faas.errors import CocoonError
+    from cocoon_faas.gateway.sealed import check_receipt_time
+
+    check_receipt_time(SimpleNamespace(exec_ms=12.0), {"wall_ms": 12.5})  # honest: inside the wall time
+    with pytest.raises(CocoonError, match="not charged") as e:
+        check_receipt_time(SimpleNamespace(exec_ms=3_600_000.0), {"wall_ms": 12.5})
+    assert e.value.status == 502
