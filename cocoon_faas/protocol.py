@@ -63,7 +63,9 @@ class FrameProtocol(asyncio.Protocol):
         on_frame: Callable[[int, int, Any, bytes], None],
         on_lost: Callable[[Exception | None], None] | None = None,
         decode_meta: Callable[[int, bytes], Any] = json_meta,
+        max_frame: int = MAX_FRAME,
     ) -> None:
+        self._max_frame = max_frame
         self._on_frame = on_frame
         self._on_lost = on_lost
         self._decode = decode_meta
@@ -91,7 +93,7 @@ class FrameProtocol(asyncio.Protocol):
         n = len(buf)
         while n - pos >= hsize:
             length, call, ftype, mlen = HEADER.unpack_from(buf, pos)
-            if length > MAX_FRAME or mlen > MAX_META or mlen > length - (hsize - 4):
+            if length > self._max_frame or mlen > MAX_META or mlen > length - (hsize - 4):
                 self._fail(ValueError(f"bad frame: length {length}, meta {mlen}"))
                 return
             end = pos + 4 + length

@@ -349,7 +349,8 @@ class Controller:
         rid, secret = uuid.uuid4().hex, secrets.token_bytes(32)
         actor = self.backend.create(fr, forward_logs=not fr.flags.confidential, replica_id=rid,
                                     secret=secret, extra_resources=extra)
-        r = ReplicaHandle(id=rid[:12], function=fr.name, version=fr.version, actor=actor, node=node, secret=secret)
+        r = ReplicaHandle(id=rid[:12], function=fr.name, version=fr.version, actor=actor, node=node, secret=secret,
+                          max_frame=self.settings.max_frame_bytes)
         r.extra["facts_id"] = rid
         self._assign(r, fr)
         try:

@@ -90,6 +90,7 @@ class ReplicaHandle:
     calls: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     secret: bytes = b""
+    max_frame: int = P.MAX_FRAME  # COCOON_MAX_FRAME_BYTES: the largest frame this replica may send
     _proto: P.FrameProtocol | None = None
     _pending: dict[int, PendingCall] = field(default_factory=dict)
     _ids: Any = field(default_factory=lambda: itertools.count(1))
@@ -100,7 +101,7 @@ class ReplicaHandle:
         self.host, self.port = host, port
         loop = asyncio.get_running_loop()
         _, proto = await loop.create_connection(
-            lambda: P.FrameProtocol(self._on_frame, self._lost, decode_meta), host, port)
+            lambda: P.FrameProtocol(self._on_frame, self._lost, decode_meta, self.max_frame), host, port)
         self._proto = proto
         try:
             await self.control(P.HELLO, None, self.secret, HELLO_TIMEOUT_S)

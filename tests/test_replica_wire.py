@@ -104,3 +104,10 @@ def test_a_sealed_receipt_may_not_bill_more_than_the_gateway_waited():
     with pytest.raises(CocoonError, match="not charged") as e:
         check_receipt_time(SimpleNamespace(exec_ms=3_600_000.0), {"wall_ms": 12.5})
     assert e.value.status == 502
+
+
+def test_the_gateway_bounds_a_replicas_frames_by_its_setting():
+    lost = []
+    proto = P.FrameProtocol(lambda *a: None, lost.append, decode_meta, max_frame=1024)
+    proto.data_received(P.HEADER.pack(13 + 2000, 1, P.RESULT, 0))
+    assert proto.closed and "bad frame" in str(lost[0])
