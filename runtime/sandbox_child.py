@@ -68,7 +68,7 @@ class Child:
 
     def send(self, data: bytes) -> None:
         if not self.proto.closed:
-            self.proto.send(data)
+            self.proto.send_now(data)
 
     async def load(self, call: int, meta: dict[str, Any], code: bytes) -> None:
         from cocoon_faas.runtime.executor import LoadedFunction, trimmed_traceback

@@ -114,7 +114,7 @@ class SandboxLink:
         self.inflight += 1
         self.calls += 1
         call.timer = asyncio.get_running_loop().call_later(timeout + BACKSTOP_S, self._overdue, cid, timeout)
-        self.proto.send(P.encode(cid, P.CALL, meta, body))
+        self.proto.send_now(P.encode(cid, P.CALL, meta, body))
         return cid
 
     def cancel(self, cid: int) -> None:
