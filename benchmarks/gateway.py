@@ -19,6 +19,8 @@ server for the two cores: its numbers are lower bounds, and the report says whic
 gateway and, the same function with Ray Serve's defaults (`@serve.deployment` and nothing else), on Ray Serve;
 after the usual warm-up (which also lets our autoscaler reach its default replica count).
 
+    python benchmarks/gateway.py --gateways 1,2 --concurrency 64   # several gateways on PostgreSQL (scaleout.py)
+
 Ray Serve's direct ingress (ray/serve/_private/replica.py, ``_maybe_start_direct_ingress_servers``): with
 ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (which turns on ``RAY_SERVE_ENABLE_DIRECT_INGRESS``) every ingress replica
 runs its own HTTP server on a port the controller allocates from ``RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT``
@@ -593,9 +595,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="noop: an async no-op tuned like its peers; plain: a plain def with default settings")
     ap.add_argument("--warmup", type=float, default=2.0,
                     help="seconds of load before measuring; above 2 s it runs at the highest concurrency")
+    ap.add_argument("--gateways", help="instead: N gateway processes on one PostgreSQL, e.g. 1,2 "
+                    "(benchmarks/scaleout.py)")
     args = ap.parse_args(argv)
     FUNCTION["name"] = args.function
     WARMUP["s"] = args.warmup
+    if args.gateways:
+        import scaleout
+
+        wrk_bin = None if args.client == "asyncio" else wrk_path()
+        return scaleout.main([int(n) for n in args.gateways.split(",")],
+                             [int(c) for c in args.concurrency.split(",")], args.duration, wrk_bin)
     names = [n for n in args.only.split(",") if n]
     unknown = set(names) - set(SYSTEMS)
     if unknown:

@@ -22,7 +22,8 @@ class Settings(BaseSettings):
     )
 
     home: Path = Field(default_factory=_default_home, description="state directory (keys, SQLite, wallets)")
-    gateway_url: str = Field("http://127.0.0.1:8000", description="where the CLI and SDK reach the gateway")
+    gateway_url: str = Field("http://127.0.0.1:8000", description="where the CLI and SDK reach the gateway "
+                             "(several gateways: url1,url2; calls move on to the next when one is down)")
     api_key: str | None = Field(None, description="API key; default: the key file under home")
 
     models_dir: Path | None = Field(None, description="converted model weights cache (default: home/models)")
@@ -118,9 +119,12 @@ class Settings(BaseSettings):
     @field_validator("gateway_url")
     @classmethod
     def _strip_slash(cls, v: str) -> str:
-        if not v.startswith(("http://", "https://")):
-            raise ValueError(f"COCOON_GATEWAY_URL must start with http:// or https://, got {v!r}")
-        return v.rstrip("/")
+        urls = [u.strip().rstrip("/") for u in v.split(",") if u.strip()]  # several gateways: url1,url2
+        for u in urls or [v]:
+            if not u.startswith(("http://", "https://")):
+                raise ValueError(f"COCOON_GATEWAY_URL must start with http:// or https:// (several: "
+                                 f"url1,url2), got {u!r}")
+        return ",".join(urls)
 
     @field_validator("database_url")
     @classmethod

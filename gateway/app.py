@@ -18,13 +18,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from cocoon_faas.errors import CocoonError, NotFoundError
+from cocoon_faas.errors import CocoonError, ConflictError, NotFoundError
 from cocoon_faas.gateway import dashboard, openai_routes, routes_attest, routes_control, routes_fn
 from cocoon_faas.gateway.admission import Admission, resolve_mode, startup_warning
 from cocoon_faas.gateway.billing import Billing
 from cocoon_faas.gateway.cluster import Cluster
 from cocoon_faas.gateway.controller import Controller, RayBackend
 from cocoon_faas.gateway.db import open_database
+from cocoon_faas.gateway.fleet import Fleet
 from cocoon_faas.gateway.holds_sweeper import sweep_forever
 from cocoon_faas.gateway.http import error_response, json_response
 from cocoon_faas.gateway.limits import BodyLimit
@@ -49,8 +50,10 @@ def ensure_local_key(store: Store, settings: Settings) -> str:
         key = f.read_text().strip()
         if hash_key(key) in keys:
             return key
-    key, _ = store.create_key("default") if store.developer_id("default") is None else store.create_key(
-        "default", for_developer=store.developer_id("default"))
+    try:
+        key, _ = store.create_key("default", for_developer=store.developer_id("default"))
+    except ConflictError:  # another gateway process created "default" at the same moment
+        key, _ = store.create_key("default", for_developer=store.developer_id("default"))
     f.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -88,6 +91,7 @@ class Gateway:
         self.metrics = Metrics()
         self._bg: list[asyncio.Task[None]] = []
         self.cluster: Cluster | None = None
+        self.fleet: Fleet | None = None
 
     def _wallet_status(self, wallet: str) -> str | None:
         return self.store.wallet_status(wallet)
@@ -115,6 +119,7 @@ class Gateway:
         if self.shared:
             self.cluster = Cluster(self.store.db, self.gateway_id, self.settings.gateway_lease_s,
                                    f"http://{self.settings.host}:{self.settings.port}")
+            self.billing.gate.is_dead = self.cluster.is_dead
             lost = self.store.mark_unfinished_failed(alive=[g.id for g in self.cluster.alive()])
         else:
             lost = self.store.mark_unfinished_failed()
@@ -125,8 +130,13 @@ class Gateway:
         backend = self._backend or RayBackend(self.settings)
         self.controller = Controller(self.store, self.settings, backend)
         self.controller.market = self.market
+        if self.cluster is not None:  # route to every gateway's replicas; the leader alone scales them
+            self.fleet = Fleet(self.store, self.cluster)
+            self.controller.fleet = self.fleet
         self.market.subscribe(self.controller.on_market_event)
         await self.controller.start()
+        if self.fleet is not None:
+            self.fleet.start(self.controller)
         for name, (calls, errors) in self.store.call_counts().items():
             fr = self.controller.functions.get(name)
             if fr is not None:
@@ -193,6 +203,8 @@ class Gateway:
         if cluster.try_lead():
             if not was:
                 log.warning("gateway %s is now the leader", self.gateway_id)
+            if self.fleet is not None:
+                self.fleet.others_demand = cluster.demand(exclude_self=True)
             released = self.billing.gate.release_orphans(cluster.is_dead)
             failed = self.store.mark_unfinished_failed(alive=[g.id for g in cluster.alive()])
             gone = cluster.forget_dead()
@@ -219,6 +231,7 @@ class Gateway:
                 if rec.finished is not None and rec.finished < time.time() - 60:
                     del calls[cid]  # kept in SQLite until the TTL
             self.store.expire_results(cutoff)
+            self.store.prune_call_ids(cutoff)  # a resend arrives within seconds; an hour is plenty
 
 
 async def healthz(request: Request) -> Response:

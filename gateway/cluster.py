@@ -123,10 +123,12 @@ class Cluster:
                 Path(f"{path}.lock-{lock_key(gid)}").unlink(missing_ok=True)
         return gone
 
-    def demand(self) -> dict[str, int]:
+    def demand(self, exclude_self: bool = False) -> dict[str, int]:
         """Per function: the demand every live gateway reported (what the leader's autoscaler scales to)."""
         total: dict[str, int] = {}
         for g in self.alive():
+            if exclude_self and g.id == self.id:
+                continue
             for fn, figures in g.load.items():
                 total[fn] = total.get(fn, 0) + int(figures.get("demand", 0))
         return total

@@ -160,10 +160,13 @@ class RayBackend:
         return None
 
     def create(self, fr: FunctionRuntime, forward_logs: bool, replica_id: str, secret: bytes,
-               extra_resources: dict[str, float] | None = None) -> Any:
+               extra_resources: dict[str, float] | None = None, name: str | None = None) -> Any:
         """A new replica actor (its handle: platform-made, nothing a replica produced)."""
         models = self.settings.models_dir or self.settings.home / "models"
-        return self._actor_cls.options(**self.options(fr.spec, extra_resources)).remote(
+        opts = self.options(fr.spec, extra_resources)
+        if name is not None:  # several gateways: the replica outlives the gateway that started it
+            opts.update(name=name, lifetime="detached")
+        return self._actor_cls.options(**opts).remote(
             fr.name, fr.version, fr.code, fr.spec.to_json(), self.settings.replica_host, forward_logs,
             replica_id, secret, self.settings.sandbox == "on", str(models) if os.path.isdir(models) else None,
         )
@@ -192,6 +195,13 @@ class RayBackend:
     def node_addresses(self) -> set[str]:
         return {str(n.get("NodeManagerAddress")) for n in self.ray_nodes() if n.get("Alive")}
 
+    def kill_named(self, name: str) -> None:
+        """Kill a replica another gateway started (found by its Ray actor name)."""
+        try:
+            self.kill(self.ray.get_actor(name))
+        except ValueError:
+            pass  # already gone
+
     def kill(self, actor: Any) -> None:
         try:
             self.ray.kill(actor, no_restart=True)
@@ -213,6 +223,8 @@ class Controller:
         self._loop_task: asyncio.Task[None] | None = None
         self.market: Any = None  # the provider marketplace (gateway/marketplace.py), when the gateway has one
         self._on_node: dict[str, set[ReplicaHandle]] = {}  # provider node -> its replicas, starting ones too
+        self.fleet: Any = None  # gateway/fleet.py when several gateways share the database and Ray
+        self.activating: set[str] = set()  # functions this gateway is switching to a new version right now
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -225,16 +237,80 @@ class Controller:
     async def stop(self) -> None:
         if self._loop_task:
             self._loop_task.cancel()
+        shared_on = self.fleet is not None and not self.fleet.last_one()
+        if self.fleet is not None:
+            self.fleet.stop()
         for fr in self.functions.values():
             for r in list(fr.all):
+                r.on_lost = None
                 r.close()
-                self.backend.kill(r.actor)
+                if not shared_on:  # other gateways still route to shared replicas: leave them running
+                    self._kill(r)
+        if self.fleet is not None and not shared_on:
+            self.fleet.kill_all(self.backend.kill_named)
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        return self._spawn(coro)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         t = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
         return t
+
+    # -- following other gateways (gateway/fleet.py) ----------------------------------------------------
+    def adopt(self, new: FunctionRuntime) -> None:
+        """Another gateway switched `new.name` to this version: route to it (its replicas arrive by sync)."""
+        old = self.functions.get(new.name)
+        if old is not None:
+            new.calls, new.errors, new.latencies = old.calls, old.errors, old.latencies
+        self.functions[new.name] = new
+        if old is not None:
+            old.wake()  # its queued calls move over to the new version
+            for r in list(old.all):
+                self.drop_local(old, r)
+
+    def forget(self, name: str, why: str) -> None:
+        fr = self.functions.pop(name, None)
+        if fr is None:
+            return
+        for r in list(fr.all):
+            self.drop_local(fr, r)
+        fr.problem = NotFoundError(f"function {name!r} was {why}")
+        fr.wake()
+
+    def attach(self, fr: FunctionRuntime, r: ReplicaHandle) -> None:
+        """A replica another gateway started, connected: route to it."""
+        if self.functions.get(fr.name) is not fr:
+            r.close()
+            return
+        r.state = "ready"
+        r.on_lost = self._on_lost
+        fr.ready.append(r)
+        fr.all.add(r)
+        fr.problem = None
+        fr.wake(fr.spec.max_concurrency)
+
+    def drop_local(self, fr: FunctionRuntime, r: ReplicaHandle) -> None:
+        """Stop routing to `r` and close our connection once our calls on it finish; whoever retired it kills
+        it (the replica is not this gateway's to kill)."""
+        if r in fr.ready:
+            fr.ready.remove(r)
+        r.state = "draining"
+
+        async def close_when_idle() -> None:
+            deadline = time.monotonic() + self.settings.drain_timeout_s
+            while r.inflight > 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            fr.all.discard(r)
+            r.on_lost = None
+            r.close()
+
+        self._spawn(close_when_idle())
+
+    def runtime(self, name: str, owner: str, version: int, spec: dict[str, Any], sig: dict[str, Any], code: bytes,
+                measurement: str, meta: dict[str, Any]) -> FunctionRuntime:
+        return self._runtime(name, owner, version, spec, sig, code, measurement, meta)
 
     @staticmethod
     def _runtime(name: str, owner: str, version: int, spec: dict[str, Any], sig: dict[str, Any], code: bytes,
@@ -278,6 +354,13 @@ class Controller:
 
     async def _activate(self, new: FunctionRuntime) -> str:
         """Start the new version's replicas, then switch routing and drain the old ones."""
+        self.activating.add(new.name)
+        try:
+            return await self._switch(new)
+        finally:
+            self.activating.discard(new.name)
+
+    async def _switch(self, new: FunctionRuntime) -> str:
         old = self.functions.get(new.name)
         n = max(new.spec.min_replicas, min(len(old.ready) if old else 0, new.spec.max_replicas), 1)
         status = "ready"
@@ -318,8 +401,12 @@ class Controller:
 
     async def delete(self, name: str) -> None:
         fr = self.get(name)
-        del self.functions[name]
-        self.store.delete_function(name)
+        self.activating.add(name)
+        try:
+            del self.functions[name]
+            self.store.delete_function(name)
+        finally:
+            self.activating.discard(name)
         for r in list(fr.all):
             self._spawn(self._retire(fr, r))
         fr.problem = NotFoundError(f"function {name!r} was deleted")
@@ -347,16 +434,27 @@ class Controller:
     async def _start_replica(self, fr: FunctionRuntime) -> ReplicaHandle:
         node, extra = self._place(fr)
         rid, secret = uuid.uuid4().hex, secrets.token_bytes(32)
+        name = None
+        if self.fleet is not None:
+            from cocoon_faas.gateway.fleet import actor_name
+
+            name = actor_name(rid[:12])
+            self.fleet.mine.add(rid[:12])
         actor = self.backend.create(fr, forward_logs=not fr.flags.confidential, replica_id=rid,
-                                    secret=secret, extra_resources=extra)
+                                    secret=secret, extra_resources=extra, **({"name": name} if name else {}))
         r = ReplicaHandle(id=rid[:12], function=fr.name, version=fr.version, actor=actor, node=node, secret=secret,
                           max_frame=self.settings.max_frame_bytes)
         r.extra["facts_id"] = rid
         self._assign(r, fr)
         try:
-            return await self._boot(fr, r)
+            r = await self._boot(fr, r)
+            if self.fleet is not None:
+                self.fleet.register(r)
+            return r
         except BaseException:
             self._unassign(r)
+            if self.fleet is not None:
+                self.fleet.mine.discard(rid[:12])
             raise
 
     def _assign(self, r: ReplicaHandle, fr: FunctionRuntime) -> None:
@@ -443,7 +541,14 @@ class Controller:
         r.on_lost = None
         r.close()
         self._unassign(r)
-        self.backend.kill(r.actor)
+        if self.fleet is not None:
+            self.fleet.unregister(r)
+        if r.actor is not None:
+            self.backend.kill(r.actor)
+        elif self.fleet is not None:  # started by another gateway: found by its Ray name
+            from cocoon_faas.gateway.fleet import actor_name
+
+            self.backend.kill_named(actor_name(r.id))
 
     def _on_lost(self, r: ReplicaHandle) -> None:
         fr = self.functions.get(r.function)
@@ -452,6 +557,8 @@ class Controller:
         if r in fr.ready:
             fr.ready.remove(r)
         fr.all.discard(r)
+        if self.fleet is not None and not self.fleet.leading:
+            return  # the leader replaces it; this gateway only stops routing to it
         log.warning("replica %s of %s on node %s died; replacing it", r.id, r.function, r.node)
         self._unassign(r)
         self.backend.kill(r.actor)
@@ -487,6 +594,9 @@ class Controller:
             fr.ready.remove(r)
         r.state = "draining"
         deadline = time.monotonic() + self.settings.drain_timeout_s
+        if self.fleet is not None:  # the other gateways stop routing to it within a sync; then drain
+            await asyncio.get_running_loop().run_in_executor(None, self.fleet.unregister, r)
+            await asyncio.sleep(min(2 * self.fleet.interval + 0.5, self.settings.drain_timeout_s))
         while r.inflight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         fr.all.discard(r)
@@ -514,10 +624,13 @@ class Controller:
 
     # -- autoscaling -----------------------------------------------------------------------------------
     def _reconcile(self, fr: FunctionRuntime, now: float | None = None) -> None:
+        if self.fleet is not None and not self.fleet.may_scale:
+            return  # one leader scales for every gateway, from the demand they all report
         now = time.monotonic() if now is None else now
         current = len(fr.ready) + fr.starting
+        demand = self.fleet.demand(fr) if self.fleet is not None else fr.inflight + fr.queued
         target = target_replicas(
-            now=now, current=current, demand=fr.inflight + fr.queued, max_concurrency=fr.spec.max_concurrency,
+            now=now, current=current, demand=demand, max_concurrency=fr.spec.max_concurrency,
             min_replicas=fr.spec.min_replicas, max_replicas=fr.spec.max_replicas, state=fr.scale,
             up_delay=self.settings.scale_up_delay_s, down_delay=self.settings.scale_down_delay_s,
             idle_timeout=self.settings.idle_timeout_s,

@@ -40,7 +40,12 @@ def developer_of(request: Request) -> str:
     scheme, _, key = auth.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise AuthenticationError("malformed Authorization header; use `Authorization: Bearer <key>`")
-    dev = gw.keys.get(hash_key(key.strip()))
+    h = hash_key(key.strip())
+    dev = gw.keys.get(h)
+    if dev is None and getattr(gw, "shared", False):  # a key created on another gateway since this one started
+        dev = gw.store.key_developer(h)
+        if dev is not None:
+            gw.keys[h] = dev
     if dev is None:
         raise AuthenticationError("unknown API key; create one with `cocoon keys create --name NAME`")
     if len(gw.auth_cache) < 10_000:

@@ -26,6 +26,7 @@ import hashlib
 import json
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,6 +189,7 @@ class PaymentGate:
         self.gateway_id = gateway_id
         self.lease_s = lease_s
         self.terms = terms or ClosingTerms()
+        self.is_dead: Callable[[str], bool] | None = None  # set by a gateway sharing the database (cluster.py)
         if recover:
             self.recover()
 
@@ -228,6 +230,16 @@ class PaymentGate:
         return n
 
     def authorize(self, header_value: str, call_id: str, function: str, max_cost_nanoton: int) -> Hold:
+        try:
+            return self._authorize(header_value, call_id, function, max_cost_nanoton)
+        except PaymentRequiredError:
+            # credit may be tied up by holds of a gateway that just died: release those (only if their gateway
+            # is provably gone) and try once more, rather than refuse the caller until the leader's next sweep
+            if self.is_dead is None or not self.release_orphans(self.is_dead):
+                raise
+            return self._authorize(header_value, call_id, function, max_cost_nanoton)
+
+    def _authorize(self, header_value: str, call_id: str, function: str, max_cost_nanoton: int) -> Hold:
         if max_cost_nanoton < 0:
             raise ValueError("max_cost_nanoton must be >= 0")
         raw = _raw_header(header_value)
@@ -240,14 +252,17 @@ class PaymentGate:
             with self.ledger.transaction() as tx:
                 # the channel's row lock orders every hold on this channel across gateways: reserved, max_seqno
                 # and the replay check are read and updated under it
-                row = tx.execute(f"SELECT {CHANNEL_COLS}, reserved, EXISTS(SELECT 1 FROM pay_states WHERE "
-                                 f"channel_id=? AND seqno=?) FROM pay_channels WHERE channel_id=?{db.for_update}",
-                                 (cid, body.seqno, cid)).fetchone()
+                row = tx.execute(f"SELECT {CHANNEL_COLS}, reserved, (SELECT COALESCE(call_id, '') FROM pay_states "
+                                 f"WHERE channel_id=? AND seqno=?) FROM pay_channels WHERE channel_id=?"
+                                 f"{db.for_update}", (cid, body.seqno, cid)).fetchone()
                 if row is None:
                     raise _bad(f"payment state is for channel {cid}, unknown to this gateway; register it with "
                                "`cocoon channel open`", "foreign")
-                ch, reserved, seen = channel_row(row), int(row[-2]), bool(row[-1])
-                if seen:
+                ch, reserved, seen = channel_row(row), int(row[-2]), row[-1]
+                if seen == call_id:  # the same call resent (its gateway died mid-call): it never runs twice
+                    raise ConflictError(f"call {call_id!r} was already received with this payment (on this or "
+                                        "another gateway); it is not run again: use a fresh call id for a new call")
+                if seen is not None:
                     raise _bad(f"replayed payment state: channel {cid} seqno {body.seqno} already paid for a call; "
                                "sign a new state for each call", "replayed", 409)
                 check_state(st, ch, self.operator_key, reserved, max_cost_nanoton)

@@ -22,6 +22,7 @@ import base64
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from starlette.requests import Request
 
 from cocoon_faas import protocol as P
-from cocoon_faas.errors import CallCancelledError, CocoonError
+from cocoon_faas.errors import CallCancelledError, CocoonError, InvalidRequestError
 from cocoon_faas.gateway.billing import PAYMENT_HEADER, Billing
 from cocoon_faas.gateway.dispatch import Answer, Replicas, Route, StreamFrames, unary
 from cocoon_faas.gateway.http import developer_of, read_body
@@ -51,6 +52,22 @@ log = logging.getLogger("cocoon.pipeline")
 
 def new_call_id() -> str:
     return os.urandom(16).hex()
+
+
+CALL_ID_HEADER = "x-cocoon-call-id"
+_CALL_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
+
+
+def call_id_of(request: Request) -> str:
+    """The client's call id (`X-Cocoon-Call-Id`: resending a call to another gateway is then safe, see
+    `Pipeline.admit`), else a fresh one."""
+    given = request.headers.get(CALL_ID_HEADER)
+    if given is None:
+        return new_call_id()
+    if not _CALL_ID.fullmatch(given):
+        raise InvalidRequestError("X-Cocoon-Call-Id must be 16-64 characters of A-Z a-z 0-9 _ -; send a fresh "
+                                  "random id per call (the SDK does) or none")
+    return given
 
 
 class FinalCheck(Protocol):
@@ -205,6 +222,8 @@ class Pipeline:
         caller = None if paid else developer_of(request)
         p = plan(await read_body(request, self.max_body_bytes))
         hold = self.billing.begin(request.headers, p.fr.name, p.fr.spec, call_id, units=p.units)
+        if hold is None and CALL_ID_HEADER in request.headers:  # a paid call's id is unique in the ledger already
+            self.store.claim_call_id(call_id)  # the client's id, seen once on any gateway: a resent call runs once
         if caller is None:
             assert hold is not None  # a payment header was sent, so begin() held or raised
             caller = f"channel:{hold.channel_id}"

@@ -19,7 +19,7 @@ from cocoon_faas.confidential import SEALED_FRAME_CONTENT_TYPE
 from cocoon_faas.errors import CocoonError, ConflictError, InvalidRequestError, NotFoundError
 from cocoon_faas.gateway.http import error_response, json_response
 from cocoon_faas.gateway.limits import check_args
-from cocoon_faas.gateway.pipeline import Call, CallStream, Pipeline, Plan, new_call_id
+from cocoon_faas.gateway.pipeline import Call, CallStream, Pipeline, Plan, call_id_of
 from cocoon_faas.gateway.sealed import is_sealed, sealed_plan
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -53,7 +53,10 @@ def json_plan(request: Request) -> Any:
 
 async def call_function(request: Request) -> Response:
     """`POST /fn/{name}`: JSON or sealed (routed on the envelope's clear header only), unary, stream or async."""
-    call_id = new_call_id()
+    try:
+        call_id = call_id_of(request)
+    except CocoonError as exc:
+        return error_response(exc)
     headers = {"X-Cocoon-Call-Id": call_id}
     pipeline = _pipeline(request)
     sealed = is_sealed(request)

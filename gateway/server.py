@@ -54,6 +54,17 @@ def init_ray(settings: Settings) -> dict[str, Any]:
     return {"address": info.get("gcs_address") or info.get("address")}
 
 
+def worker_app() -> Any:
+    """One of `cocoon serve --workers N`'s gateway processes: joins the Ray the parent started."""
+    from cocoon_faas.gateway.app import create_app
+    from cocoon_faas.settings import get_settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    init_ray(settings)
+    return create_app(settings)
+
+
 def serve(settings: Settings) -> None:
     import uvicorn
 
@@ -61,12 +72,19 @@ def serve(settings: Settings) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_sandbox(settings)
-    init_ray(settings)
-    app = create_app(settings)
+    info = init_ray(settings)
     # No proxy-header rewriting or Server header: neither is used, and both cost on every call.
     # Bounded by settings: open connections (503 beyond), idle keep-alive, and header size (the app answers 431;
     # the h11 bound covers that parser too).
-    uvicorn.run(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-                log_level="warning", access_log=False, timeout_graceful_shutdown=5, proxy_headers=False,
-                server_header=False, limit_concurrency=settings.max_connections, timeout_keep_alive=30,
-                h11_max_incomplete_event_size=settings.max_header_bytes)
+    common: dict[str, Any] = dict(host=settings.host, port=settings.port, loop="uvloop", http="httptools",
+                                  log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+                                  proxy_headers=False, server_header=False, limit_concurrency=settings.max_connections,
+                                  timeout_keep_alive=30, h11_max_incomplete_event_size=settings.max_header_bytes)
+    if settings.workers > 1:
+        # N gateway processes on one listening socket, sharing this Ray (started here, so it lives as long as
+        # this supervisor) and the database: the same coordination as gateways on several machines
+        os.environ["COCOON_RAY_ADDRESS"] = str(info["address"])
+        os.environ["COCOON_WORKERS"] = str(settings.workers)
+        uvicorn.run("cocoon_faas.gateway.server:worker_app", factory=True, workers=settings.workers, **common)
+        return
+    uvicorn.run(create_app(settings), **common)

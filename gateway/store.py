@@ -53,6 +53,17 @@ ALTER TABLE calls ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0
     Migration(3, "provider wallets the operator approved or revoked (provider admission)", """
 CREATE TABLE IF NOT EXISTS provider_wallets (wallet TEXT PRIMARY KEY, status TEXT NOT NULL, at REAL NOT NULL)
 """),
+    # several gateways route to every replica, whichever gateway started it (gateway/fleet.py)
+    Migration(4, "replica registry", """
+CREATE TABLE IF NOT EXISTS replicas (
+    id TEXT PRIMARY KEY, function TEXT NOT NULL, version INTEGER NOT NULL, host TEXT NOT NULL,
+    port INTEGER NOT NULL, node TEXT NOT NULL, facts TEXT NOT NULL, gateway TEXT NOT NULL, updated REAL NOT NULL)
+"""),
+    # a call id the client chose is accepted once across all gateways (a resent call runs at most once)
+    Migration(5, "client call ids", """
+CREATE TABLE IF NOT EXISTS call_ids (id TEXT PRIMARY KEY, created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS call_ids_by_created ON call_ids (created)
+"""),
 ]
 
 
@@ -84,6 +95,21 @@ class VersionRow:
     measurement: str
     meta: dict[str, Any]
     created: float
+
+
+@dataclass(frozen=True)
+class ReplicaRow:
+    """A ready replica as registered for every gateway: where its data path listens and its public facts."""
+
+    id: str
+    function: str
+    version: int
+    host: str
+    port: int
+    node: str
+    facts: str  # JSON object of public facts (pid, attestation key id and document, ...)
+    gateway: str  # the gateway that started it
+    updated: float
 
 
 class Store:
@@ -225,6 +251,23 @@ class Store:
         return [(int(r[0]), r[1], r[2]) for r in self._q(
             "SELECT version, measurement, created FROM versions WHERE name=? ORDER BY version", (name,))]
 
+    def current_version(self, name: str) -> int | None:
+        row = self._q("SELECT current_version FROM functions WHERE name=?", (name,))
+        return int(row[0][0]) if row else None
+
+    # -- replica registry (several gateways) ---------------------------------------------------------
+    def put_replica(self, r: ReplicaRow) -> None:
+        self.db.execute("INSERT INTO replicas VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
+                        "host=excluded.host, port=excluded.port, facts=excluded.facts, updated=excluded.updated",
+                        (r.id, r.function, r.version, r.host, r.port, r.node, r.facts, r.gateway, r.updated))
+
+    def delete_replica(self, replica_id: str) -> None:
+        self.db.execute("DELETE FROM replicas WHERE id=?", (replica_id,))
+
+    def replicas(self) -> list[ReplicaRow]:
+        return [ReplicaRow(r[0], r[1], int(r[2]), r[3], int(r[4]), r[5], r[6], r[7], r[8]) for r in self._q(
+            "SELECT id, function, version, host, port, node, facts, gateway, updated FROM replicas ORDER BY id")]
+
     def delete_function(self, name: str) -> None:
         self._tx([("DELETE FROM versions WHERE name=?", (name,)), ("DELETE FROM functions WHERE name=?", (name,))])
 
@@ -281,6 +324,17 @@ class Store:
                 "duration_ms": r[6], "error": json.loads(r[7]) if r[7] else None,
                 "result": bytes(r[8]) if r[8] is not None else None, "gateway": r[9],
                 "cancel_requested": bool(r[10])}
+
+    def claim_call_id(self, call_id: str) -> None:
+        """Record a client-chosen call id; ConflictError when any gateway has seen it before."""
+        try:
+            self.db.execute("INSERT INTO call_ids VALUES (?,?)", (call_id, time.time()))
+        except IntegrityError:
+            raise ConflictError(f"call id {call_id!r} was already received (on this or another gateway): the call "
+                                "was started once and is not run again; use a fresh id for a new call") from None
+
+    def prune_call_ids(self, older_than: float) -> int:
+        return self.db.execute("DELETE FROM call_ids WHERE created < ?", (older_than,))
 
     def request_cancel(self, call_id: str) -> bool:
         """Ask the gateway running an unfinished async call to cancel it; False when it is not unfinished."""

@@ -40,7 +40,8 @@ def node_ports() -> list[str]:
 class RayCluster:
     """A head node with one CPU and no custom resources; provider nodes join through the node agent."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_cpus: int = 1) -> None:
+        self.num_cpus = num_cpus
         self.temp_dir = tempfile.mkdtemp(prefix="cocoon-mkt-", dir="/tmp")
         self.port = free_port()
         self.address = ""
@@ -52,7 +53,7 @@ class RayCluster:
         env = {**self.env, **FAST_HEALTH}
         for attempt in range(3):  # free ports are picked before Ray binds them: another process may win one
             proc = subprocess.run([RAY, "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
-                                   "--num-cpus=1", f"--temp-dir={self.temp_dir}", "--include-dashboard=false",
+                                   f"--num-cpus={self.num_cpus}", f"--temp-dir={self.temp_dir}", "--include-dashboard=false",
                                    "--disable-usage-stats", "--object-store-memory=80000000",
                                    f"--ray-client-server-port={free_port()}", *node_ports()],
                                   env=env, capture_output=True, text=True, timeout=60)

@@ -165,3 +165,18 @@ def test_cancel_requested_on_one_gateway_reaches_the_owner(database):
     assert b.request_cancel("x") and a.cancel_requests(["x"]) == ["x"]
     a.close()
     b.close()
+
+
+def test_credit_held_by_a_dead_gateway_is_freed_for_the_next_call(database, tmp_path: Path):
+    a, b = _gateways(database, tmp_path, 10_000)
+    signer = ChannelSigner(tmp_path / "caller.json", CALLER, 1, 10_000)
+    t = signer.sign_for_call(10_000)
+    a.authorize(t.header, "stuck-on-a", "f", 10_000)  # the whole deposit held by A, which then dies
+    signer.complete(t, 0)
+    t2 = signer.sign_for_call(10_000)
+    with pytest.raises(PaymentRequiredError):
+        b.authorize(t2.header, "next", "f", 10_000)  # A is alive: its hold stands
+    b.is_dead = lambda gw: gw == "gw-0"
+    h = b.authorize(t2.header, "next", "f", 10_000)  # A is gone: its hold is released, this one fits
+    assert a.ledger.call("stuck-on-a")["status"] == "released" and h.amount == 10_000
+    assert b.ledger.verify()["ok"]

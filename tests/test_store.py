@@ -178,3 +178,23 @@ def test_bad_urls_name_the_fix(tmp_path):
     db = open_database(f"sqlite:///{tmp_path}/x.db")
     assert db.describe().endswith("x.db")
     db.close()
+
+
+def test_replica_registry_and_client_call_ids(database):
+    from cocoon_faas.gateway.store import ReplicaRow
+
+    a, b = Store(database(), "gw-a"), Store(database(), "gw-b")
+    a.put_replica(ReplicaRow("r1", "f", 2, "127.0.0.1", 4001, "local", '{"pid": 7}', "gw-a", 1.0))
+    a.put_replica(ReplicaRow("r1", "f", 2, "127.0.0.1", 4002, "local", '{"pid": 8}', "gw-a", 2.0))  # re-register
+    assert [(r.id, r.port, r.facts) for r in b.replicas()] == [("r1", 4002, '{"pid": 8}')]
+    b.delete_replica("r1")
+    assert a.replicas() == []
+    a.claim_call_id("client-chosen-id-0001")
+    with pytest.raises(ConflictError, match="not run again"):
+        b.claim_call_id("client-chosen-id-0001")  # a resend to another gateway is refused
+    assert b.prune_call_ids(older_than=0) == 0 and a.prune_call_ids(older_than=2**40) == 1
+    b.claim_call_id("client-chosen-id-0001")  # forgotten after retention: usable again
+    a.add_version("f", "dev", {"name": "f"}, {"params": []}, b"c", "m", {})
+    assert b.current_version("f") == 0 and b.current_version("nope") is None
+    a.close()
+    b.close()

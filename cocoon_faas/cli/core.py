@@ -48,8 +48,10 @@ def print_json(data: Any) -> None:
 @click.option("--host", default=None, help="interface to bind (default 127.0.0.1)")
 @click.option("--port", default=None, type=int, help="port (default 8000)")
 @click.option("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+@click.option("--workers", default=None, type=click.IntRange(1, 256),
+              help="gateway processes sharing the port (default 1; with COCOON_DATABASE_URL they share PostgreSQL)")
 @handles_errors
-def serve(host: str | None, port: int | None, ray_address: str | None) -> None:
+def serve(host: str | None, port: int | None, ray_address: str | None, workers: int | None) -> None:
     """Run the gateway (with a local Ray unless --ray-address / COCOON_RAY_ADDRESS)."""
     import os
 
@@ -59,6 +61,8 @@ def serve(host: str | None, port: int | None, ray_address: str | None) -> None:
         os.environ["COCOON_PORT"] = str(port)
     if ray_address:
         os.environ["COCOON_RAY_ADDRESS"] = ray_address
+    if workers:
+        os.environ["COCOON_WORKERS"] = str(workers)
     settings = reload_settings()
     from cocoon_faas.gateway.server import serve as run
 

@@ -79,11 +79,18 @@ def _operator_headers() -> dict[str, str]:
 
 
 def _gateway(method: str, path: str, **kw: Any) -> Any:
-    try:
-        r = httpx.request(method, get_settings().gateway_url + path, timeout=30, **kw)
-    except httpx.HTTPError as exc:
-        raise InvalidRequestError(f"cannot reach the gateway at {get_settings().gateway_url} ({exc}); "
-                                  "start it with `cocoon serve` or set COCOON_GATEWAY_URL") from None
+    from cocoon_faas.transport import gateway_urls
+
+    urls = gateway_urls(get_settings().gateway_url)
+    for i, url in enumerate(urls):  # several gateways: the next one when this one was never reached (or a GET)
+        try:
+            r = httpx.request(method, url + path, timeout=30, **kw)
+            break
+        except httpx.HTTPError as exc:
+            if i + 1 < len(urls) and (method == "GET" or isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))):
+                continue
+            raise InvalidRequestError(f"cannot reach the gateway at {url} ({exc}); "
+                                      "start it with `cocoon serve` or set COCOON_GATEWAY_URL") from None
     if r.status_code >= 400:
         raise error_from_body(r.status_code, r.json() if r.content else {})
     return r.json()

@@ -62,8 +62,9 @@ def _session() -> dict[str, Any]:
 
 def _link(gateway: str | None) -> Any:
     from cocoon_faas.runtime.node_agent import GatewayLink
+    from cocoon_faas.transport import gateway_urls
 
-    return GatewayLink(gateway or get_settings().gateway_url)
+    return GatewayLink(gateway or gateway_urls(get_settings().gateway_url)[0])  # a node registers with one
 
 
 def _operator_link(gateway: str | None) -> Any:

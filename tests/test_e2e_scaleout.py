@@ -1,0 +1,154 @@
+"""Two gateways, one PostgreSQL, one Ray: deploy on one and call on the other; SIGKILL one under paid load from
+clients that know both URLs: nothing a client could resend is lost, nothing is executed or charged twice, the
+ledger verifies, the leader moves and the new leader autoscales."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from cocoon_faas.client import Client
+from cocoon_faas.errors import CocoonError
+from cocoon_faas.ton.client import ChannelSigner, PayingClient
+from cocoon_faas.ton.keys import PrivateKey
+from tests.conftest import ROOT, GatewayProc
+from tests.ray_nodes import RayCluster
+
+pytestmark = pytest.mark.e2e
+
+
+def _wait(what: str, check: Any, timeout: float = 60) -> Any:
+    """Poll until `check()` is truthy (a wait for an event, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+def _health(gw: GatewayProc) -> dict[str, Any]:
+    return dict(httpx.get(gw.url + "/healthz", timeout=10).json())
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory, pg_cluster: Any) -> Any:
+    ray = RayCluster(num_cpus=4)
+    gws: list[GatewayProc] = []
+    try:
+        ray.start_head()
+        root = tmp_path_factory.mktemp("scaleout")
+        env = {"COCOON_DATABASE_URL": pg_cluster.new_database(), "COCOON_RAY_ADDRESS": ray.address,
+               "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray.token, "COCOON_GATEWAY_LEASE_S": "3",
+               "COCOON_CHAIN_PATH": str(root / "chain.db"), "COCOON_SCALE_UP_DELAY_S": "0.5",
+               "COCOON_QUEUE_LIMIT": "64"}
+        a = GatewayProc(root / "a", env=env).start()
+        gws.append(a)
+        (root / "b").mkdir()
+        shutil.copy(root / "a" / "operator_key", root / "b" / "operator_key")  # one operator, one channel party
+        b = GatewayProc(root / "b", env=env).start()
+        gws.append(b)
+        yield a, b, root
+    finally:
+        for g in gws:
+            g.stop()
+        ray.teardown()
+
+
+def test_two_gateways_one_database_survive_a_sigkill(platform: Any) -> None:
+    a, b, root = platform
+    assert _health(a)["leader"] and not _health(b)["leader"]
+    a.cli("deploy", str(ROOT / "tests" / "apps" / "scale.py"))
+    # deployed on A, called on B: B found A's replicas through the store, A's key works on B (one database)
+    r = httpx.post(b.url + "/fn/echo", json={"n": 7}, headers=a.headers(), timeout=60)
+    assert r.status_code == 200 and r.json() == {"n": 7}
+    # an async call started on B is polled on A
+    r = httpx.post(b.url + "/fn/echo", json={"n": 8}, headers={**a.headers(), "Prefer": "respond-async"},
+                   timeout=60)
+    cid = r.json()["id"]
+    done = _wait("the async call", lambda: (v := httpx.get(f"{a.url}/v1/calls/{cid}", headers=a.headers(),
+                                                            timeout=10).json())["status"] == "succeeded" and v)
+    assert done["result"] == {"n": 8}
+
+    # a caller (own home, no API key) with a channel, whose clients know both gateways
+    home = root / "caller"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COCOON_")}
+    env.update(COCOON_HOME=str(home), COCOON_GATEWAY_URL=f"{a.url},{b.url}",
+               COCOON_CHAIN_PATH=str(root / "chain.db"))
+    for args in (("wallet", "create"), ("wallet", "faucet", "10"), ("channel", "open", "--deposit", "5")):
+        p = subprocess.run([sys.executable, "-m", "cocoon_faas", *args], env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert p.returncode == 0, p.stderr
+    channel = json.loads((home / "channel.json").read_text())
+    key = PrivateKey.from_mnemonic(json.loads((home / "wallet.json").read_text())["words"])
+    payer = PayingClient(ChannelSigner(home / "channels" / f"{channel['channel_id']}.json", key))
+    clients = [Client(f"{a.url},{b.url}", payer=payer), Client(f"{b.url},{a.url}", payer=payer)]
+    served: dict[str, int] = {}
+    failures: list[str] = []
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def load(t: int) -> None:
+        c, i = clients[t % 2], 0
+        while not stop.is_set():
+            i += 1
+            try:
+                r = c.call_raw("echo", {"n": t * 100_000 + i})
+            except CocoonError as exc:
+                with lock:
+                    failures.append(f"{exc.type}: {exc.message}")
+                continue
+            assert r.json()["n"] == t * 100_000 + i
+            with lock:
+                served[r.headers["X-Cocoon-Call-Id"]] = int(r.headers["X-Cocoon-Charge"])
+
+    threads = [threading.Thread(target=load, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        _wait("paid calls on both gateways", lambda: len(served) >= 40)
+        a.kill()  # SIGKILL: no goodbye, its holds and leadership must be taken over
+        before = len(served)
+        _wait("calls served after the kill", lambda: len(served) >= before + 40)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    # a call resent after A died mid-call is refused by B if A had taken it (409): never run twice
+    assert {f.split(":")[0] for f in failures} <= {"conflict"}, failures[:5]
+    assert len(failures) <= 4  # at most one call in flight per load thread at the kill
+    _wait("B to lead", lambda: _health(b)["leader"], timeout=30)
+    summary = lambda: httpx.get(f"{b.url}/v1/channels/{channel['channel_id']}", timeout=10).json()  # noqa: E731
+    _wait("A's holds to be released", lambda: summary()["reserved"] == 0, timeout=30)
+    for call_id, charge in served.items():  # every answered call charged exactly once, in the shared ledger
+        row = httpx.get(f"{b.url}/v1/ledger/calls/{call_id}", headers=b.headers(), timeout=30).json()
+        assert row["status"] == "charged" and row["charged"] == charge > 0, row
+    out = httpx.get(f"{b.url}/v1/ledger?verify=1", headers=b.headers(), timeout=30).json()
+    assert out["verify"]["ok"], out["verify"]["problems"]
+    # the client booked every charge it was told of; a call charged as A died unanswered is covered by its state
+    assert sum(served.values()) <= payer.signer.charged <= summary()["charged"] <= payer.signer.sent
+    for c in clients:
+        c.close()
+
+    # the new leader autoscales: concurrent slow calls (one per replica at a time) add replicas
+    def replicas() -> int:
+        return int(httpx.get(f"{b.url}/v1/functions/slow", headers=b.headers(), timeout=10).json()["replicas"])
+
+    assert replicas() == 1
+    burst = [threading.Thread(target=lambda: httpx.post(b.url + "/fn/slow", json={"seconds": 3},
+                                                        headers=b.headers(), timeout=60)) for _ in range(3)]
+    for t in burst:
+        t.start()
+    _wait("the leader to add replicas", lambda: replicas() >= 2, timeout=45)
+    for t in burst:
+        t.join(60)
