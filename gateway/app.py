@@ -77,7 +77,9 @@ class Gateway:
         # a sole gateway (SQLite, one process) releases every open hold when it restarts; gateways sharing a
         # database own their holds by id and lease (gateway/cluster.py releases a dead one's)
         self.shared = bool(settings.database_url) or settings.workers > 1
-        self.billing = Billing(settings, gateway_id=self.gateway_id if self.shared else None)
+        # one PostgreSQL pool per gateway process for the store and the ledger
+        self._pg = open_database(settings.database_url, settings.db_pool_size) if settings.database_url else None
+        self.billing = Billing(settings, gateway_id=self.gateway_id if self.shared else None, db=self._pg)
         self.market = Marketplace(heartbeat_interval=settings.provider_heartbeat_s,
                                   expiry_s=settings.provider_expiry_s)
         self.admission = Admission(
@@ -111,8 +113,7 @@ class Gateway:
 
     async def start(self) -> None:
         self.settings.home.mkdir(parents=True, exist_ok=True)
-        self.store = Store(open_database(self.settings.database_url or self.settings.db_path,
-                                         self.settings.db_pool_size), gateway_id=self.gateway_id)
+        self.store = Store(self._pg or open_database(self.settings.db_path), gateway_id=self.gateway_id)
         warning = startup_warning(self.admission.mode)
         if warning:
             log.warning("%s", warning)
@@ -170,7 +171,8 @@ class Gateway:
             self.cluster.close()
         if self.store is not None:
             self.store.close()
-        self.billing.ledger.close()
+        if self._pg is None:
+            self.billing.ledger.close()  # its own SQLite file (a shared pool was closed with the store)
 
     async def _coordinate(self) -> None:
         """Gateways sharing a database: heartbeat with load figures, renew this gateway's hold leases, pick up

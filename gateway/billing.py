@@ -18,6 +18,7 @@ from typing import Any
 from nacl.bindings import crypto_sign, crypto_sign_seed_keypair
 
 from cocoon_faas.errors import PaymentRequiredError
+from cocoon_faas.gateway.db import Database
 from cocoon_faas.gateway.ledger import Ledger
 from cocoon_faas.gateway.payments import FeePolicy, Hold, PaymentGate
 from cocoon_faas.gateway.watchtower import Watchtower
@@ -46,11 +47,12 @@ def load_operator_key(settings: Settings) -> PrivateKey:
 class Billing:
     """The gateway's payment hook: `begin` before dispatch, `finish` after."""
 
-    def __init__(self, settings: Settings, gateway_id: str | None = None) -> None:
+    def __init__(self, settings: Settings, gateway_id: str | None = None, db: Database | None = None) -> None:
         self.settings = settings
         self.operator_key = load_operator_key(settings)
         self._receipt_sk = crypto_sign_seed_keypair(self.operator_key.to_bytes())[1]
-        self.ledger = Ledger(settings.database_url or settings.home / "ledger.db", home=settings.home)
+        # PostgreSQL: the store's pool serves the ledger too; SQLite: the ledger keeps its own file
+        self.ledger = Ledger(db if db is not None else settings.home / "ledger.db", home=settings.home)
         self.chain = backend_from_settings(settings)
         self.gate = PaymentGate(self.ledger, self.operator_key, FeePolicy(bps=settings.operator_fee_bps),
                                 chain=self.chain, gateway_id=gateway_id,

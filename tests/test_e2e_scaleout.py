@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,7 +21,7 @@ from cocoon_faas.client import Client
 from cocoon_faas.errors import CocoonError
 from cocoon_faas.ton.client import ChannelSigner, PayingClient
 from cocoon_faas.ton.keys import PrivateKey
-from tests.conftest import ROOT, GatewayProc
+from tests.conftest import ROOT, GatewayProc, free_port
 from tests.ray_nodes import RayCluster
 
 pytestmark = pytest.mark.e2e
@@ -65,8 +66,47 @@ def platform(tmp_path_factory: pytest.TempPathFactory, pg_cluster: Any) -> Any:
         ray.teardown()
 
 
+def _haproxy(root: Path, a: GatewayProc, b: GatewayProc) -> tuple[subprocess.Popen[bytes] | None, str]:
+    """docs/haproxy.cfg in front of both gateways (None where Debian's haproxy is not installed)."""
+    exe = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
+    if exe is None:
+        return None, ""
+    port = free_port()
+    cfg = (ROOT / "docs" / "haproxy.cfg").read_text().replace("127.0.0.1:8080", f"127.0.0.1:{port}")
+    cfg = cfg.replace("127.0.0.1:8001", f"127.0.0.1:{a.port}").replace("127.0.0.1:8002", f"127.0.0.1:{b.port}")
+    (root / "haproxy.cfg").write_text(cfg)
+    proc = subprocess.Popen([exe, "-db", "-f", str(root / "haproxy.cfg")], stdout=subprocess.DEVNULL,
+                            stderr=open(root / "haproxy.log", "wb"))
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"haproxy exited: {(root / 'haproxy.log').read_text()[-1500:]}")
+        return _get(url + "/healthz") == 200
+
+    _wait("haproxy", up, timeout=20)
+    return proc, url
+
+
+def _get(url: str) -> int:
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.TransportError:
+        return 0
+
+
 def test_two_gateways_one_database_survive_a_sigkill(platform: Any) -> None:
     a, b, root = platform
+    front, front_url = _haproxy(root, a, b)
+    try:
+        _scenario(a, b, root, front_url)
+    finally:
+        if front is not None:
+            front.terminate()
+            front.wait(10)
+
+
+def _scenario(a: GatewayProc, b: GatewayProc, root: Path, front_url: str) -> None:
     assert _health(a)["leader"] and not _health(b)["leader"]
     a.cli("deploy", str(ROOT / "tests" / "apps" / "scale.py"))
     # deployed on A, called on B: B found A's replicas through the store, A's key works on B (one database)
@@ -79,6 +119,10 @@ def test_two_gateways_one_database_survive_a_sigkill(platform: Any) -> None:
     done = _wait("the async call", lambda: (v := httpx.get(f"{a.url}/v1/calls/{cid}", headers=a.headers(),
                                                             timeout=10).json())["status"] == "succeeded" and v)
     assert done["result"] == {"n": 8}
+
+    if front_url:  # one HAProxy front (docs/haproxy.cfg) reaches the function through either gateway
+        assert {httpx.post(front_url + "/fn/echo", json={"n": i}, headers=a.headers(), timeout=60).json()["n"]
+                for i in range(4)} == {0, 1, 2, 3}
 
     # a caller (own home, no API key) with a channel, whose clients know both gateways
     home = root / "caller"
@@ -139,6 +183,11 @@ def test_two_gateways_one_database_survive_a_sigkill(platform: Any) -> None:
     assert sum(served.values()) <= payer.signer.charged <= summary()["charged"] <= payer.signer.sent
     for c in clients:
         c.close()
+
+    if front_url:  # the front skips the dead gateway (health check, and redispatch of refused connections)
+        for i in range(6):
+            r = httpx.post(front_url + "/fn/echo", json={"n": i}, headers=b.headers(), timeout=60)
+            assert r.status_code == 200 and r.json() == {"n": i}
 
     # the new leader autoscales: concurrent slow calls (one per replica at a time) add replicas
     def replicas() -> int:
