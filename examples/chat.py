@@ -12,10 +12,10 @@ output to JSON (matching the schema)."""
 
 import cocoon_faas as cocoon
 
-MAX_SEQS = 32
+MAX_SEQS = 32  # memory: the sandbox caps address space; fp32 weights (~0.7 GB), a 256 MB KV pool, torch
 
 
-@cocoon.cls(cpu=1, memory="2Gi", timeout=120, max_concurrency=MAX_SEQS, min_replicas=0, max_replicas=2,
+@cocoon.cls(cpu=1, memory="4Gi", timeout=120, max_concurrency=MAX_SEQS, min_replicas=0, max_replicas=2,
             serves="chat:SmolLM2-135M-Instruct")
 class Chat:
     @cocoon.enter()
