@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     # quotas and retention
     max_functions_per_developer: int = Field(200, description="functions one developer may have deployed")
     max_versions_kept: int = Field(20, description="versions kept per function (older, non-current ones pruned)")
-    max_replicas_per_developer: int = Field(64, description="max_replicas summed over one developer's functions")
+    max_replicas_per_developer: int = Field(1000, description="max_replicas summed over one developer's functions")
     call_retention_s: float = Field(7 * 86400.0, description="how long call records are kept")
     log_retention_s: float = Field(7 * 86400.0, description="how long function logs are kept")
     max_log_rows_per_function: int = Field(100_000, description="log lines kept per function (oldest dropped)")

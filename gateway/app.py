@@ -225,8 +225,17 @@ class Gateway:
                 log.exception("flushing call records failed")
 
     async def _sweeper(self) -> None:
+        last_retention = 0.0
         while True:
             await asyncio.sleep(5)
+            if time.time() - last_retention > 600:  # retention scans whole tables: every ten minutes is plenty
+                last_retention = time.time()
+                s = self.settings
+                try:
+                    await asyncio.to_thread(self.store.apply_retention, time.time() - s.call_retention_s,
+                                            time.time() - s.log_retention_s, s.max_log_rows_per_function)
+                except Exception:  # noqa: BLE001 - the sweeper outlives a busy database
+                    log.exception("applying retention to call records and logs failed")
             cutoff = time.time() - self.settings.result_ttl_s
             calls = self.pipeline.calls
             for cid, rec in list(calls.items()):

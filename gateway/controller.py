@@ -29,9 +29,11 @@ from typing import Any
 from cocoon_faas.bundle import measurement_of
 from cocoon_faas.errors import (
     CocoonError,
+    ConflictError,
     InvalidRequestError,
     NoCapacityError,
     NotFoundError,
+    PermissionDeniedError,
 )
 from cocoon_faas.gateway.autoscale import ScaleState, target_replicas
 from cocoon_faas.gateway.chooser import Chooser, Eligibility
@@ -327,6 +329,8 @@ class Controller:
     # -- deploy, rollback, delete --------------------------------------------------------------------
     async def deploy(self, owner: str, item: Any) -> dict[str, Any]:
         name, spec, sig, code, measurement, flags = _parse_bundle(item)
+        self._check_models(name, owner, spec.serves)
+        self._check_quota(name, owner, spec)
         version = self.store.add_version(name, owner, spec.to_json(), sig.to_json(), code, measurement,
                                          flags.to_json())
         new = FunctionRuntime(name, owner, version, spec, sig, measurement, code, flags)
@@ -335,8 +339,30 @@ class Controller:
         except BaseException:
             self.store.drop_version(name, version)
             raise
+        self.store.prune_versions(name, self.settings.max_versions_kept, version)
         return {"name": name, "version": version, "measurement": measurement, "status": status,
                 "replicas": len(new.ready)}
+
+    def _check_quota(self, name: str, owner: str, spec: FunctionSpec) -> None:
+        mine = [fr for fr in self.functions.values() if fr.owner == owner and fr.name != name]
+        s = self.settings
+        if len(mine) >= s.max_functions_per_developer:
+            raise PermissionDeniedError(f"you have {len(mine)} functions, the most one developer may deploy "
+                                        "(COCOON_MAX_FUNCTIONS_PER_DEVELOPER); `cocoon rm` one first")
+        replicas = sum(fr.spec.max_replicas for fr in mine) + spec.max_replicas
+        if replicas > s.max_replicas_per_developer:
+            raise PermissionDeniedError(f"max_replicas over your functions would be {replicas}, above the "
+                                        f"{s.max_replicas_per_developer} one developer may have "
+                                        "(COCOON_MAX_REPLICAS_PER_DEVELOPER); lower max_replicas")
+
+    def _check_models(self, name: str, owner: str, serves: Any) -> None:
+        """A model id in ``serves=`` belongs to the first developer who deployed it: another developer claiming
+        it would receive every caller's prompts for that model."""
+        for claim in serves:
+            for fr in self.functions.values():
+                if fr.name != name and fr.owner != owner and claim in fr.spec.serves:
+                    raise ConflictError(f"model {claim!r} is served by function {fr.name!r} of another developer; "
+                                        "serve it under another model id", owner_function=fr.name)
 
     async def rollback(self, name: str, version: int | None) -> dict[str, Any]:
         fr = self.get(name)

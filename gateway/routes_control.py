@@ -118,7 +118,11 @@ async def rollback(request: Request) -> Response:
 async def delete_function(request: Request) -> Response:
     try:
         fr = _owned(request, request.path_params["name"])
-        await request.app.state.gw.controller.delete(fr.name)
+        gw = request.app.state.gw
+        await gw.controller.delete(fr.name)
+        calls = gw.pipeline.calls  # finished async results still in memory go with the function's records
+        for cid in [cid for cid, rec in calls.items() if rec.function == fr.name and rec.finished is not None]:
+            del calls[cid]
         return json_response({"name": fr.name, "deleted": True})
     except CocoonError as exc:
         return error_response(exc)

@@ -269,7 +269,12 @@ class Store:
             "SELECT id, function, version, host, port, node, facts, gateway, updated FROM replicas ORDER BY id")]
 
     def delete_function(self, name: str) -> None:
-        self._tx([("DELETE FROM versions WHERE name=?", (name,)), ("DELETE FROM functions WHERE name=?", (name,))])
+        """Forget the function with everything it left: versions, logs and call records (the next developer who
+        deploys the name must not read them)."""
+        self.flush()
+        self._tx([("DELETE FROM versions WHERE name=?", (name,)), ("DELETE FROM functions WHERE name=?", (name,)),
+                  ("DELETE FROM logs WHERE function=?", (name,)), ("DELETE FROM calls WHERE function=?", (name,)),
+                  ("DELETE FROM call_log WHERE function=?", (name,))])
 
     # -- calls and logs (batched) ---------------------------------------------------------------------
     def record_call(self, call_id: str, function: str, version: int | None, status: str, created: float,
@@ -377,6 +382,25 @@ class Store:
 
     def expire_results(self, older_than: float) -> None:
         self.db.execute("UPDATE calls SET result=NULL WHERE finished < ? AND result IS NOT NULL", (older_than,))
+
+    def apply_retention(self, calls_before: float, logs_before: float, max_log_rows: int) -> None:
+        """Drop call records and logs past their retention, and each function's log lines beyond the newest
+        ``max_log_rows`` (COCOON_CALL_RETENTION_S, COCOON_LOG_RETENTION_S, COCOON_MAX_LOG_ROWS_PER_FUNCTION)."""
+        self._tx([("DELETE FROM calls WHERE finished IS NOT NULL AND finished < ?", (calls_before,)),
+                  ("DELETE FROM call_log WHERE finished < ?", (calls_before,)),
+                  ("DELETE FROM logs WHERE ts < ?", (logs_before,))])
+        for function, n in self._q("SELECT function, COUNT(*) FROM logs GROUP BY function"):
+            if int(n) > max_log_rows:
+                self._tx([("DELETE FROM logs WHERE function=? AND id <= (SELECT id FROM logs WHERE function=? "
+                           "ORDER BY id DESC LIMIT 1 OFFSET ?)", (function, function, max_log_rows))])
+
+    def prune_versions(self, name: str, keep: int, current: int) -> int:
+        """Keep the newest ``keep`` versions of ``name`` (and always the current one); returns how many went."""
+        old = [v for v, _, _ in self.versions(name)][:-keep] if keep > 0 else []
+        drop = [v for v in old if v != current]
+        if drop:
+            self._tx([("DELETE FROM versions WHERE name=? AND version=?", (name, v)) for v in drop])
+        return len(drop)
 
 
 _UPSERT_CALL = (

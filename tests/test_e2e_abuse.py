@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import GatewayProc
@@ -129,3 +133,57 @@ def test_json_error_shape_for_every_refusal(gateway: GatewayProc) -> None:
             r = c.post(path, content=b"\xff\xfe not utf-8")
             assert 400 <= r.status_code < 500, (path, r.status_code, r.text[:200])
             assert "Traceback" not in r.text and json.loads(r.text)["error"]["message"]
+
+
+def _as(gw: GatewayProc, key: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**gw.env, "COCOON_API_KEY": key}
+    return subprocess.run([sys.executable, "-m", "cocoon_faas", *args], env=env, capture_output=True, text=True,
+                          timeout=180)
+
+
+def _second_developer(gw: GatewayProc, name: str) -> str:
+    with gw.http() as c:
+        r = c.post("/v1/keys", json={"name": name})
+    assert r.status_code == 201, r.text
+    return str(r.json()["key"])
+
+
+def test_rm_takes_the_functions_logs_and_records_with_it(gateway: GatewayProc, tmp_path: Path) -> None:
+    app = tmp_path / "secretive.py"
+    app.write_text("import cocoon_faas as cocoon\n\n@cocoon.function(cpu=0.25)\ndef secretive(x: str) -> int:\n"
+                   "    print('first owner says ' + x)\n    return 1\n")
+    gateway.cli("deploy", str(app))
+    with gateway.http() as c:
+        r = c.post("/fn/secretive", json={"x": "hunter2"}, headers={"Prefer": "respond-async"})
+        cid = r.json()["id"]
+        for _ in range(100):
+            if c.get(f"/v1/calls/{cid}").json()["status"] == "succeeded":
+                break
+            time.sleep(0.1)
+        assert any("hunter2" in x["text"] for x in c.get("/v1/functions/secretive/logs").json()["logs"])
+    gateway.cli("rm", "secretive")
+    bob = _second_developer(gateway, "bob-rm")
+    deployed = _as(gateway, bob, "deploy", str(app))
+    assert deployed.returncode == 0, deployed.stderr
+    with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {bob}"}, timeout=60) as c:
+        logs = c.get("/v1/functions/secretive/logs").json()["logs"]
+        assert not any("hunter2" in x["text"] for x in logs), logs
+        assert c.get(f"/v1/calls/{cid}").status_code == 404
+    assert _as(gateway, bob, "rm", "secretive").returncode == 0
+
+
+def test_a_model_id_belongs_to_the_first_developer(gateway: GatewayProc, tmp_path: Path) -> None:
+    app = tmp_path / "model_app.py"
+    app.write_text("import cocoon_faas as cocoon\n\n"
+                   "@cocoon.function(cpu=0.25, max_replicas=1, serves='embeddings:owned-emb')\n"
+                   "def first_emb(text: str) -> dict:\n    return {'embedding': [1.0]}\n")
+    gateway.cli("deploy", str(app))
+    thief = _second_developer(gateway, "mallory-models")
+    stolen = tmp_path / "thief_app.py"
+    stolen.write_text(app.read_text().replace("first_emb", "thief_emb"))
+    out = _as(gateway, thief, "deploy", str(stolen))
+    assert out.returncode != 0 and "first_emb" in out.stderr and "another developer" in out.stderr, out.stderr
+    models = httpx.get(gateway.url + "/v1/models", timeout=30).json()["data"]
+    mine = [m for m in models if m["id"] == "owned-emb"]
+    assert len(mine) == 1 and mine[0]["cocoon"]["function"] == "first_emb"
+    gateway.cli("rm", "first_emb")

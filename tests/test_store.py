@@ -198,3 +198,23 @@ def test_replica_registry_and_client_call_ids(database):
     assert b.current_version("f") == 0 and b.current_version("nope") is None
     a.close()
     b.close()
+
+
+def test_delete_function_takes_its_logs_and_call_records_and_retention(tmp_path):
+    s = Store(tmp_path / "db.sqlite")
+    _, dev = s.create_key("alice")
+    for v in range(1, 5):
+        s.add_version("f", dev, {"name": "f"}, {"params": []}, b"code", f"m{v}", {})
+    s.set_current("f", 4)
+    assert s.prune_versions("f", 2, 4) == 2 and [v for v, _, _ in s.versions("f")] == [3, 4]
+    s.record_call("c1", "f", 1, "succeeded", 1.0, 2.0, 3.0, None, b"1", dev)
+    s.log_call("c2", "f", 1, "succeeded", 1.0, 2.0, 1.0, None, dev)
+    s.record_logs("f", 1, "c1", [("stdout", "secret of the first owner")])
+    s.delete_function("f")
+    assert s.logs("f", 10) == [] and s.get_call("c1") is None and s.call_counts() == {}
+    for i in range(5):
+        s.record_logs("g", 1, f"c{i}", [("stdout", f"line {i}")])
+    s.record_call("old", "g", 1, "succeeded", 1.0, 2.0, 3.0, None, b"1", dev)
+    s.flush()
+    s.apply_retention(calls_before=10.0, logs_before=0.0, max_log_rows=2)
+    assert [x["text"] for x in s.logs("g", 10)] == ["line 4", "line 3"] and s.get_call("old") is None
