@@ -54,6 +54,29 @@ def openapi_document(functions: Iterable[Any]) -> dict[str, Any]:
         "/v1/functions/{name}/logs": {"get": {**_op("Recent logs, newest first"), "parameters": name_param}},
         "/v1/keys": {"post": _op("Create an API key", "201", {"type": "object", "properties": {
             "name": {"type": "string"}}, "required": ["name"]})},
+        "/v1/models": {"get": _op("Models the gateway serves, and the function serving each", auth=False,
+                                  errors=())},
+        "/v1/chat/completions": {"post": _op("OpenAI chat completions", body={"type": "object"},
+                                             errors=("400", "401", "402", "404", "413", "500", "503"))},
+        "/v1/embeddings": {"post": _op("OpenAI embeddings", body={"type": "object"},
+                                       errors=("400", "401", "402", "404", "413", "500", "503"))},
+        "/v1/providers": {"get": _op("Provider nodes", auth=False, errors=()),
+                          "post": _op("Register a provider node (signed; see runtime/registration.py)", "201",
+                                      {"type": "object"}, auth=False, errors=("400", "401", "403", "413"))},
+        "/v1/providers/{id}": {"get": {**_op("One provider node", auth=False, errors=("404",)),
+                                       "parameters": id_param}},
+        "/v1/providers/{id}/heartbeat": {"post": {**_op("Node heartbeat (node token)", body={"type": "object"},
+                                                        errors=("400", "401", "404")), "parameters": id_param}},
+        "/v1/providers/{id}/leave": {"post": {**_op("Node leaves (node token)", errors=("401", "404")),
+                                              "parameters": id_param}},
+        "/v1/providers/approvals": {"get": _op("Operator: admission mode and wallets", errors=("401", "403")),
+                                    "post": _op("Operator: approve a wallet", body={"type": "object", "properties": {
+                                        "wallet": {"type": "string"}}, "required": ["wallet"]},
+                                        errors=("400", "401", "403"))},
+        "/v1/payments/operator": {"get": _op("The operator's key and payout address", auth=False, errors=())},
+        "/v1/channels": {"post": _op("Register a payment channel", "201", {"type": "object"}, auth=False,
+                                     errors=("400", "404", "409"))},
+        "/v1/ledger": {"get": _op("Operator: balances", errors=("401", "403"))},
     }
     for fr in sorted(functions, key=lambda f: f.name):
         paths[f"/fn/{fr.name}"] = {"post": _op(
