@@ -88,6 +88,23 @@ def _wallet(p: Provider) -> None:
     p.wallet = json.loads(made.stdout)["address"]
 
 
+def _start(market: Market, p: Provider, extra: tuple[str, ...], done: Any) -> dict[str, Any]:
+    """`cocoon provider join` until ``done(row)``; a node that misses Ray's start-up deadline on a loaded
+    machine is started again (as tests/test_e2e_marketplace.py does)."""
+    row: dict[str, Any] = {}
+    for _ in range(2):
+        p.proc = subprocess.Popen([sys.executable, "-m", "cocoon_faas", *_join_args(p, *extra)], env=p.env,
+                                  stdout=open(p.home / "join.log", "ab"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and p.proc.poll() is None:
+            row = market.rows().get(p.name) or {}
+            if done(row):
+                return row
+            time.sleep(0.25)
+        p.stop()
+    return row
+
+
 def test_unattested_and_untrusted_nodes_are_refused_and_learn_nothing(market: Market) -> None:
     key = PrivateKey.generate()
     r = httpx.post(market.gw.url + "/v1/providers", json=_registration(key).signed(key), timeout=30)
@@ -126,15 +143,7 @@ def test_attested_node_joins_with_the_token_sealed_and_runs_tenant_replicas(mark
     httpx.post(f"{market.gw.url}/v1/providers/{r.json()['node_id']}/leave", timeout=30,
                headers={"authorization": f"Bearer {ident.open_secrets(r.json()['sealed'], r.json()['node_id'])['token']}"})
     # the real agent: `cocoon provider join` (dev attestation by default here) joins Ray with the sealed token
-    p.proc = subprocess.Popen([sys.executable, "-m", "cocoon_faas", *_join_args(p)], env=p.env,
-                              stdout=open(p.home / "join.log", "ab"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    row: dict[str, Any] = {}
-    while time.monotonic() < deadline and p.proc.poll() is None:
-        row = market.rows().get("good") or {}
-        if row.get("ray_node_id") and row.get("healthy"):
-            break
-        time.sleep(0.25)
+    row = _start(market, p, (), lambda r: bool(r.get("ray_node_id") and r.get("healthy")))
     assert row.get("ray_node_id") and row.get("excluded") is None, p.log()
     p.node_id = row["node_id"]
     assert market.gw.env["RAY_AUTH_TOKEN"] not in p.log()
@@ -149,15 +158,7 @@ def test_a_lying_node_is_excluded_with_the_reason_shown(market: Market) -> None:
     p = market.provider("liar", "none", "0", "0.000001")
     _wallet(p)
     # claims 2 CPUs (the registration) but gives its Ray node 1: Ray's report contradicts the claim
-    p.proc = subprocess.Popen([sys.executable, "-m", "cocoon_faas", *_join_args(p, "--ray-arg=--num-cpus=1")],
-                              env=p.env, stdout=open(p.home / "join.log", "ab"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    row: dict[str, Any] = {}
-    while time.monotonic() < deadline and p.proc.poll() is None:
-        row = market.rows().get("liar") or {}
-        if row.get("excluded"):
-            break
-        time.sleep(0.25)
+    row = _start(market, p, ("--ray-arg=--num-cpus=1",), lambda r: bool(r.get("excluded")))
     assert row.get("excluded") and "claimed 2 CPU" in row["excluded"], (row, p.log())
     assert not row["healthy"] and row["replicas"] == 0
     ls = subprocess.run([sys.executable, "-m", "cocoon_faas", "provider", "ls", "--gateway", market.gw.url],
