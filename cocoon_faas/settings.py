@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     ray_address: str | None = Field(None, description="join this Ray cluster instead of starting a local one")
+    ray_loopback_only: bool = Field(True, description="the embedded Ray listens on 127.0.0.1 only; false: Ray's "
+                                    "default (the machine's address, every interface), so provider nodes can join")
     ray_num_cpus: int = Field(16, description="logical CPUs the embedded local Ray advertises")
     replica_host: str = Field("127.0.0.1", description="address replicas bind their data-path port to")
     max_body_bytes: int = Field(10 * 1024 * 1024, description="largest accepted request body")

@@ -40,11 +40,15 @@ def init_ray(settings: Settings) -> dict[str, Any]:
         # The embedded default listens on loopback only. Ray turns `_node_ip_address="127.0.0.1"` into the
         # machine's outside address (and then binds its gRPC servers to every interface) unless it is told this
         # node is not part of a multi-machine cluster; read at import, and inherited by the raylet and workers.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Provider nodes cannot join such a head (`ray start` rewrites 127.0.0.1 to the machine's address), so
+        # a gateway that admits providers sets COCOON_RAY_LOOPBACK_ONLY=false.
+        if settings.ray_loopback_only:
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         import ray
         from ray._private import ray_constants
 
-        ray_constants.ENABLE_RAY_CLUSTER = False  # when ray was imported before the variable was set
+        if settings.ray_loopback_only:
+            ray_constants.ENABLE_RAY_CLUSTER = False  # when ray was imported before the variable was set
 
         # address="local": always a new cluster of our own. A bare ray.init() would join whatever cluster
         # /tmp/ray/ray_current_cluster (or RAY_ADDRESS) names, even a dead one left by an old `ray start`, and

@@ -189,7 +189,8 @@ class Replica:
     def _sandbox_config(self) -> SandboxConfig:
         spec = self.spec
         return SandboxConfig(memory=spec.memory, network=spec.network, env=dict(spec.env), gpu=spec.gpu is not None,
-                             threads=max(1, math.ceil(spec.cpu)), enabled=self._sandbox, models_dir=self._models_dir)
+                             threads=max(1, math.ceil(spec.cpu)), enabled=self._sandbox, models_dir=self._models_dir,
+                             node=_provider_node())
 
     async def start(self) -> None:
         """Create the identity, start the sandbox and load the function into it (unless its code is sealed),
@@ -523,6 +524,17 @@ class _StartFailed(Exception):
         super().__init__(meta.get("message", ""))
         self.error_type = str(meta.get("exc_type") or meta.get("type") or "Error")
         self.tb = str(meta.get("traceback", ""))
+
+
+def _provider_node() -> str:
+    """The provider node Ray placed this actor on (its `cocoon-node:<id>` resource), or "" (the local node)."""
+    try:
+        import ray
+
+        res = ray.get_runtime_context().get_assigned_resources()
+    except Exception:  # noqa: BLE001 - not in a Ray worker (tests), or no context: the local node
+        return ""
+    return next((k.split(":", 1)[1] for k in res if k.startswith("cocoon-node:")), "")
 
 
 def _publish(replica_id: str, info: dict[str, Any]) -> None:

@@ -62,6 +62,7 @@ class SandboxConfig:
     enabled: bool = True
     models_dir: str | None = None
     pids: int = PIDS_LIMIT
+    node: str = ""  # the provider node the replica runs on (COCOON_NODE in the sandbox; "" locally)
 
 
 def bwrap_problem() -> str | None:
@@ -117,6 +118,8 @@ def child_env(cfg: SandboxConfig) -> dict[str, str]:
            "TOKENIZERS_PARALLELISM": "false"}
     if cfg.models_dir:
         env["COCOON_MODELS_DIR"] = cfg.models_dir
+    if cfg.node:
+        env["COCOON_NODE"] = cfg.node
     if cfg.gpu and os.environ.get("CUDA_VISIBLE_DEVICES") is not None:  # the GPUs Ray gave this replica
         env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
     env.update(cfg.env)

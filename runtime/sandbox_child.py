@@ -1,8 +1,8 @@
 """The process inside the sandbox: loads the function's code and runs its calls (runtime/sandbox.py starts it).
 
 `python -m cocoon_faas.runtime.sandbox_child FD MEMORY PIDS`: FD is its end of a Unix socket pair to the replica
-actor. Before any tenant code is loaded it lowers its own limits (address space to MEMORY bytes unless 0, soft
-and hard, so the code cannot raise them again). Then it serves frames (cocoon_faas/protocol.py):
+actor. Before any tenant code is loaded it lowers its own limits (address space: what the runtime maps already plus
+MEMORY bytes, unless 0; soft and hard, so the code cannot raise them again). Then it serves frames (cocoon_faas/protocol.py):
 
     LOAD  meta {"spec": {...}}, body: the code blob   -> READY {"logs": [...]} | ERROR {"type": "startup_failed"}
     CALL  meta {"t": timeout, "stream": bool}, body: JSON keyword arguments
@@ -25,10 +25,19 @@ from typing import Any
 from cocoon_faas import protocol as P
 
 
-def _limit(memory: int) -> None:
-    if memory > 0:
-        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+def _limit(memory: int, threads: int) -> None:
+    """Address space: what the runtime already maps (interpreter, our imports) + `memory` for the function +
+    stacks of its call threads and malloc's arenas; set soft and hard before tenant code is loaded."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if memory <= 0:
+        return
+    used = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                used = int(line.split()[1]) * 1024
+    limit = used + memory + threads * 8 * 2**20 + 2 * 64 * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def _is_memory_error(exc: BaseException) -> bool:
@@ -76,7 +85,9 @@ class Child:
 
         try:
             self.forward_logs = bool(meta.get("logs", True))
-            self.loaded = LoadedFunction(code, FunctionSpec.from_json(meta["spec"]))
+            spec = FunctionSpec.from_json(meta["spec"])
+            _limit(self.memory, max(1, spec.max_concurrency) + 4)
+            self.loaded = LoadedFunction(code, spec)
             log = await asyncio.get_running_loop().run_in_executor(self.loaded.pool, self.loaded.setup)
         except BaseException as exc:  # noqa: BLE001 - reported to the actor, which refuses the version
             kind = "memory_exceeded" if _is_memory_error(exc) else "startup_failed"
@@ -154,7 +165,6 @@ async def _serve(fd: int, memory: int) -> None:
 
 def main(argv: list[str]) -> None:
     fd, memory = int(argv[1]), int(argv[2])
-    _limit(memory)
     try:
         import uvloop
 

@@ -57,7 +57,7 @@ def market(tmp_path_factory: pytest.TempPathFactory) -> Any:
     cluster = RayCluster()
     base = tmp_path_factory.mktemp("adm")
     trusted = ",".join(dev_key_hex(base / f"prov-{name}") for name in ("good", "liar"))
-    gw = GatewayProc(base / "home", env={
+    gw = GatewayProc(base / "home", env={"COCOON_RAY_LOOPBACK_ONLY": "false",
         "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), **FAST_HEALTH,
         "COCOON_PROVIDER_ADMISSION": "attested", "COCOON_PROVIDER_DEV_KEYS": trusted,
         "COCOON_PROVIDER_HEARTBEAT_S": "0.5", "COCOON_RAY_NUM_CPUS": "2", "COCOON_REPLICA_START_TIMEOUT_S": "150"})
@@ -168,7 +168,7 @@ def test_a_lying_node_is_excluded_with_the_reason_shown(market: Market) -> None:
 
 
 def test_approved_mode_approve_and_revoke(tmp_path: Path) -> None:
-    gw = GatewayProc(tmp_path / "home", env={"COCOON_PROVIDER_ADMISSION": "approved", "COCOON_RAY_NUM_CPUS": "1"})
+    gw = GatewayProc(tmp_path / "home", env={"COCOON_RAY_LOOPBACK_ONLY": "false", "COCOON_PROVIDER_ADMISSION": "approved", "COCOON_RAY_NUM_CPUS": "1"})
     try:
         gw.start()
         key = PrivateKey.generate()

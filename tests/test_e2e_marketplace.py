@@ -40,11 +40,11 @@ import cocoon_faas as cocoon
 
 
 def where() -> str:
-    """The provider node Ray placed this replica on (its cocoon-node:<id> resource), read inside the call."""
-    import ray
+    """The provider node this replica runs on, read inside the call (the sandbox has no Ray: the platform
+    names the node in COCOON_NODE)."""
+    import os
 
-    res = ray.get_runtime_context().get_assigned_resources()
-    return next((k.split(":", 1)[1] for k in res if k.startswith("cocoon-node:")), "local")
+    return os.environ.get("COCOON_NODE") or "local"
 
 
 @cocoon.function(gpu="H100", cpu=0.1, memory="64Mi", min_replicas=1, max_replicas=1)
@@ -217,7 +217,7 @@ class Load:
 def market(tmp_path_factory: pytest.TempPathFactory) -> Any:
     cluster = RayCluster()  # only its unique temp dir and teardown: the gateway's own Ray is the head
     token = secrets.token_hex(32)
-    gw = GatewayProc(tmp_path_factory.mktemp("mkt") / "home", env={
+    gw = GatewayProc(tmp_path_factory.mktemp("mkt") / "home", env={"COCOON_RAY_LOOPBACK_ONLY": "false",
         "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, **FAST_HEALTH,
         "COCOON_PROVIDER_HEARTBEAT_S": "0.5", "COCOON_RAY_NUM_CPUS": "2", "COCOON_QUEUE_LIMIT": "256",
         "COCOON_SCALE_DOWN_DELAY_S": "600", "COCOON_REPLICA_START_TIMEOUT_S": "60"})
