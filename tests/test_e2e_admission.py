@@ -38,10 +38,9 @@ import cocoon_faas as cocoon
 
 @cocoon.function(cpu=0.5, memory="64Mi", min_replicas=1, max_replicas=1)
 def where() -> str:
-    import ray
+    import os
 
-    res = ray.get_runtime_context().get_assigned_resources()
-    return next((k.split(":", 1)[1] for k in res if k.startswith("cocoon-node:")), "local")
+    return os.environ.get("COCOON_NODE") or "local"  # the sandbox has no Ray; the platform names the node
 '''
 HW = Hardware("declared", None, 0, 0, None, 2, 2 * GIB)
 
