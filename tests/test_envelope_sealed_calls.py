@@ -222,6 +222,20 @@ def test_replay_guard_is_bounded_and_never_readmits():
         g.check("r4", 1004, 2000)
 
 
+def test_replay_guard_keeps_honest_calls_whatever_timestamps_others_send():
+    """A request dated at the window's future edge, then a full guard: honest requests keep passing (forgetting
+    goes by timestamp, so the far-future id is forgotten last and never raises the floor over them)."""
+    g = ReplayGuard(window_s=60, capacity=3)
+    now = 1_000_000
+    g.check("edge", now + 59_000, now)  # the attacker's request, accepted once like any other
+    for i in range(20):  # honest callers, one per millisecond
+        g.check(f"honest{i}", now + i, now + i)
+    with pytest.raises(ReplayError):
+        g.check("edge", now + 59_000, now + 30)  # still remembered: its replay is refused
+    with pytest.raises(ReplayError):
+        g.check("honest3", now + 3, now + 30)  # forgotten, but at or below the floor: still refused
+
+
 def test_response_from_another_replica_or_call(dev_key):
     a, b = _replica(dev_key), _replica(dev_key)
     va = _verified(a, dev_key)

@@ -7,6 +7,7 @@ Formats: `envelope.py`. The gateway never holds a `ReplicaIdentity`; it lives in
 from __future__ import annotations
 
 import hashlib
+import heapq
 import os
 import threading
 import time
@@ -76,13 +77,17 @@ def tsm_quote(report_data: bytes, base: Path = TSM_REPORT_DIR, name: str | None 
 
 
 class ReplayGuard:
-    """Bounded memory of seen request ids plus a timestamp window. When full, the oldest ids are forgotten
-    and every request at or before their timestamps is refused, so forgetting never re-admits a replay."""
+    """Bounded memory of seen request ids plus a timestamp window. Ids are forgotten oldest *timestamp* first
+    (not oldest arrival), and every request at or before a forgotten timestamp is refused, so forgetting never
+    re-admits a replay. Ordering by timestamp is what keeps honest calls working whatever others send: a request
+    dated at the window's future edge is forgotten last, so it can never raise the floor over honest requests
+    (ordered by arrival, it would be evicted first and refuse every request older than it until it expired)."""
 
     def __init__(self, window_s: float = 300.0, capacity: int = 100_000) -> None:
         self.window_ms = int(window_s * 1000)
         self.capacity = capacity
-        self._seen: OrderedDict[str, int] = OrderedDict()
+        self._seen: dict[str, int] = {}
+        self._by_ts: list[tuple[int, str]] = []  # heap of (timestamp, id): the next to forget on top
         self._floor = -1
         self._lock = threading.Lock()
 
@@ -94,9 +99,10 @@ class ReplayGuard:
             if request_id in self._seen or ts_ms <= self._floor:
                 raise ReplayError("replay", "this request was already delivered (replayed request id)")
             self._seen[request_id] = ts_ms
-            while self._seen and (len(self._seen) > self.capacity
-                                  or next(iter(self._seen.values())) < now_ms - self.window_ms):
-                _, old = self._seen.popitem(last=False)
+            heapq.heappush(self._by_ts, (ts_ms, request_id))
+            while self._by_ts and (len(self._by_ts) > self.capacity or self._by_ts[0][0] < now_ms - self.window_ms):
+                old, rid = heapq.heappop(self._by_ts)
+                del self._seen[rid]
                 self._floor = max(self._floor, old)
 
 
