@@ -143,7 +143,8 @@ class Gateway:
             if fr is not None:
                 fr.calls, fr.errors = calls, errors
         self.pipeline = Pipeline(self.controller, self.billing, self.store, self.metrics, self.market,
-                                 self.settings.max_body_bytes, shared=self.shared)
+                                 self.settings.max_body_bytes, shared=self.shared,
+                                 max_pending_async=self.settings.max_pending_async_calls)
         loop = asyncio.get_running_loop()
         gc.collect()
         gc.freeze()  # start-up objects (Ray's included) leave the GC's scans: full collections stalled calls

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from starlette.requests import Request
 
 from cocoon_faas import protocol as P
-from cocoon_faas.errors import CallCancelledError, CocoonError, InvalidRequestError
+from cocoon_faas.errors import CallCancelledError, CocoonError, InvalidRequestError, OverloadedError
 from cocoon_faas.gateway.billing import PAYMENT_HEADER, Billing
 from cocoon_faas.gateway.dispatch import Answer, Replicas, Route, StreamFrames, unary
 from cocoon_faas.gateway.http import developer_of, read_body
@@ -204,7 +204,8 @@ class Pipeline:
     """The call path every entry point shares."""
 
     def __init__(self, replicas: Replicas, billing: Billing, store: Store, metrics: Metrics,
-                 market: Marketplace | None, max_body_bytes: int, shared: bool = False) -> None:
+                 market: Marketplace | None, max_body_bytes: int, shared: bool = False,
+                 max_pending_async: int = 10_000) -> None:
         self.replicas = replicas
         self.billing = billing
         self.store = store
@@ -213,6 +214,8 @@ class Pipeline:
         self.max_body_bytes = max_body_bytes
         self.shared = shared  # other gateways share the database: an async call's record is written at once
         self.calls: dict[str, CallRecord] = {}
+        self.max_pending_async = max_pending_async
+        self.pending_async = 0  # async calls queued or running on this gateway
 
     # -- admit -----------------------------------------------------------------------------------------
     async def admit(self, request: Request, call_id: str, plan: Callable[[bytes], Plan]) -> Call:
@@ -266,6 +269,17 @@ class Pipeline:
         return ans, paid
 
     # -- async ------------------------------------------------------------------------------------------
+    def async_room(self) -> None:
+        """Refuse one more async call, before it is admitted (nothing held, nothing recorded), when this gateway
+        already keeps COCOON_MAX_PENDING_ASYNC_CALLS queued or running: each holds memory until it finishes."""
+        if self.pending_async >= self.max_pending_async:
+            raise OverloadedError(
+                f"this gateway already runs {self.pending_async} async calls (COCOON_MAX_PENDING_ASYNC_CALLS="
+                f"{self.max_pending_async}); retry shortly, or call without 'Prefer: respond-async'", retry_after=1)
+
+    def _async_done(self, _task: asyncio.Task[None]) -> None:
+        self.pending_async -= 1
+
     def submit(self, call: Call) -> CallRecord:
         """Run `call` in the background; its record answers GET /v1/calls/{id} until the result TTL."""
         rec = CallRecord(call.id, call.fr.name, call.fr.version)
@@ -295,6 +309,8 @@ class Pipeline:
             rec.charge = paid.charge
 
         rec.task = asyncio.get_running_loop().create_task(go())
+        self.pending_async += 1  # counted until the task ends, even one cancelled before it first ran
+        rec.task.add_done_callback(self._async_done)
         return rec
 
     # -- streams ----------------------------------------------------------------------------------------

@@ -61,6 +61,8 @@ async def call_function(request: Request) -> Response:
     pipeline = _pipeline(request)
     sealed = is_sealed(request)
     try:
+        if "respond-async" in request.headers.get("prefer", "").lower():
+            pipeline.async_room()  # refused before admission: nothing read, held or recorded
         plan = sealed_plan(request, call_id) if sealed else json_plan(request)
         call = await pipeline.admit(request, call_id, plan)
     except CocoonError as exc:

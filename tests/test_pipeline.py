@@ -36,12 +36,12 @@ CID = 77
 
 
 class Harness:
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, **settings: Any) -> None:
         self.home = home
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.settings = Settings(home=home, gateway_url=self.url, queue_limit=16, scale_down_delay_s=3600,
-                                 idle_timeout_s=3600)
+                                 idle_timeout_s=3600, **settings)
         self.app = create_app(self.settings, backend=FakeBackend(home))
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     lifespan="on"))
@@ -193,6 +193,29 @@ def test_fn_async_cancel_releases(gw: Harness) -> None:
     assert c.status_code == 200
     assert _poll(gw, cid)["status"] == "cancelled"
     _released(gw, cid, "cancelled")
+
+
+def test_fn_async_beyond_the_pending_limit_is_refused_before_anything_is_held(tmp_path: Path) -> None:
+    gw = Harness(tmp_path, max_pending_async_calls=1).start()
+    try:
+        first = _post(gw, "/fn/work", {"mode": "hang"}, "work", headers={"Prefer": "respond-async"})
+        assert first.status_code == 202
+        pays_before = gw.ledger.query("SELECT COUNT(*) FROM pay_calls")
+        second = _post(gw, "/fn/work", {"mode": "ok"}, "work", headers={"Prefer": "respond-async"})
+        assert second.status_code == 429 and second.headers["retry-after"] == "1", second.text
+        assert "COCOON_MAX_PENDING_ASYNC_CALLS=1" in second.json()["error"]["message"]
+        assert gw.ledger.query("SELECT COUNT(*) FROM pay_calls") == pays_before  # nothing held
+        assert gw.records(second.headers["x-cocoon-call-id"]) == []  # nothing recorded
+        ok = _post(gw, "/fn/work", {"mode": "ok"}, "work")  # a synchronous call is not an async one
+        assert ok.status_code == 200
+        cid = first.json()["id"]
+        assert _poll(gw, cid)["status"] == "failed"  # the hanging call hits its time limit and ends
+        _released(gw, cid, "failed")
+        again = _post(gw, "/fn/work", {"mode": "ok"}, "work", headers={"Prefer": "respond-async"})
+        assert again.status_code == 202, again.text  # the slot came back when the first call ended
+        assert _poll(gw, again.json()["id"])["status"] == "succeeded"
+    finally:
+        gw.stop()
 
 
 def _poll(gw: Harness, cid: str) -> dict[str, Any]:
