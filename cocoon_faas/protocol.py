@@ -152,3 +152,14 @@ class FrameProtocol(asyncio.Protocol):
         self.closed = True
         if self._on_lost is not None:
             self._on_lost(exc)
+
+
+def dump_result(value: Any) -> bytes:
+    """A function's result or streamed item as the JSON body of a RESULT/CHUNK frame (no NaN or infinity)."""
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"the function returned a value that is not JSON-serializable ({exc}); return dicts, lists, "
+            "strings, numbers, booleans or None"
+        ) from None

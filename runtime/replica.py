@@ -363,12 +363,12 @@ class Replica:
             if meta.get("stream"):
                 seq = 0
                 async for item in loaded.stream(kwargs, log, t0 + timeout):
-                    conn.send(P.encode(call, P.CHUNK, {"seq": seq}, _dumps(item)))
+                    conn.send(P.encode(call, P.CHUNK, {"seq": seq}, P.dump_result(item)))
                     seq += 1
                 conn.send(P.encode(call, P.END, self._done_meta(t0, log, seq=seq)))
             else:
                 result = await loaded.run(kwargs, log, timeout)
-                conn.send(P.encode(call, P.RESULT, self._done_meta(t0, log), _dumps(result)))
+                conn.send(P.encode(call, P.RESULT, self._done_meta(t0, log), P.dump_result(result)))
         except asyncio.CancelledError:
             conn.send(P.encode(call, P.ERROR, {"type": "cancelled", "message": "call cancelled", "ms": _ms(t0)}))
         except (CallInterrupted, asyncio.TimeoutError):
@@ -434,7 +434,7 @@ class Replica:
         kwargs = json.loads(args_json) if args_json.strip() else {}
         if not isinstance(kwargs, dict):
             raise TypeError("sealed arguments must be a JSON object of keyword arguments")
-        return _dumps(await loaded.run(kwargs, CallLog(), timeout))  # output captured, never forwarded
+        return P.dump_result(await loaded.run(kwargs, CallLog(), timeout))  # output captured, never forwarded
 
     async def _stream(self, args_json: bytes, deadline: float, timeout: float) -> AsyncIterator[bytes]:
         if self.link is not None:
@@ -447,7 +447,7 @@ class Replica:
         if not isinstance(kwargs, dict):
             raise TypeError("sealed arguments must be a JSON object of keyword arguments")
         async for item in loaded.stream(kwargs, CallLog(), deadline):
-            yield _dumps(item)
+            yield P.dump_result(item)
 
     async def _run_sealed(self, conn: _ServerConn, call: int, meta: dict[str, Any], args_json: bytes,
                           ctx: ReplicaCallContext, ident: ReplicaIdentity, t0: float, timeout: float) -> None:
@@ -596,12 +596,3 @@ def token_usage(item: Any) -> dict[str, int] | None:
 def _ms(t0: float) -> float:
     return round((time.monotonic() - t0) * 1000, 3)
 
-
-def _dumps(value: Any) -> bytes:
-    try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
-    except (TypeError, ValueError) as exc:
-        raise TypeError(
-            f"the function returned a value that is not JSON-serializable ({exc}); return dicts, lists, "
-            "strings, numbers, booleans or None"
-        ) from None

@@ -112,12 +112,12 @@ class Child:
             if meta.get("stream"):
                 seq = 0
                 async for item in loaded.stream(kwargs, log, loop.time() + timeout):
-                    self.send(P.encode(call, P.CHUNK, None, _dumps(item)))
+                    self.send(P.encode(call, P.CHUNK, None, P.dump_result(item)))
                     seq += 1
                 self.send(P.encode(call, P.END, self._logs(log, seq=seq)))
             else:
                 result = await loaded.run(kwargs, log, timeout)
-                self.send(P.encode(call, P.RESULT, self._logs(log), _dumps(result)))
+                self.send(P.encode(call, P.RESULT, self._logs(log), P.dump_result(result)))
         except asyncio.CancelledError:
             self.send(P.encode(call, P.ERROR, {"type": "cancelled", "message": "call cancelled"}))
         except (CallInterrupted, asyncio.TimeoutError):
@@ -141,15 +141,6 @@ class Child:
     def _logs(self, log: Any, **extra: Any) -> dict[str, Any]:
         return {"logs": log.lines, **extra} if log.lines and self.forward_logs else extra
 
-
-def _dumps(value: Any) -> bytes:
-    try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
-    except (TypeError, ValueError) as exc:
-        raise TypeError(
-            f"the function returned a value that is not JSON-serializable ({exc}); return dicts, lists, "
-            "strings, numbers, booleans or None"
-        ) from None
 
 
 async def _serve(fd: int, memory: int) -> None:
