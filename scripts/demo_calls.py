@@ -15,6 +15,9 @@ def main(folder: str) -> int:
     client = Client()
     failures = 0
     for app in sorted(Path(folder).glob("*.py")):
+        if "@cocoon." not in app.read_text():  # a client program (e.g. the Telegram bot), not a deployable app
+            print(f"\n== {app}: not an app (no @cocoon decorators), not deployed")
+            continue
         print(f"\n== {app}")
         t0 = time.monotonic()
         records = client.deploy(app)
