@@ -7,6 +7,7 @@ and mtime and the converter's version, so a new package release or a new convert
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cocoon_faas.errors import NotFoundError
@@ -62,6 +64,9 @@ def cached_convert(
         root.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"cocoon": json.dumps(meta)})
         os.replace(tmp, path)
-    except OSError:  # a sandboxed replica sees the cache read-only (or not at all): use the conversion uncached
-        pass
+    except (OSError, SafetensorError):
+        # a sandboxed replica sees the cache read-only (or not at all): use the conversion uncached (safetensors
+        # reports a read-only file system as its own error, not OSError)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return tensors, meta
