@@ -167,7 +167,8 @@ def ls(as_json: bool) -> None:
     for f in fns:
         t.add_row(f["name"], str(f["version"]), str(f["replicas"]), str(f["in_flight"]), str(f["calls"]),
                   str(f["errors"]), _ms(f["p50_ms"]), _ms(f["p99_ms"]), f["status"])
-    Console().print(t)
+    # A pipe gets full names (rich would cut them to 80 columns); a terminal gets its own width.
+    Console(width=None if sys.stdout.isatty() else 200).print(t)
 
 
 def _ms(v: float | None) -> str:
