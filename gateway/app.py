@@ -24,6 +24,8 @@ from cocoon_faas.gateway.admission import Admission, resolve_mode, startup_warni
 from cocoon_faas.gateway.billing import Billing
 from cocoon_faas.gateway.cluster import Cluster
 from cocoon_faas.gateway.controller import Controller, RayBackend
+from cocoon_faas.gateway.dashboard_login import SessionBook
+from cocoon_faas.gateway.dashboard_provider import ProviderDashboard, provider_dashboard_routes
 from cocoon_faas.gateway.db import open_database
 from cocoon_faas.gateway.fleet import Fleet
 from cocoon_faas.gateway.holds_sweeper import sweep_forever
@@ -73,6 +75,7 @@ class Gateway:
         self.store: Store = None  # type: ignore[assignment]
         self.controller: Controller = None  # type: ignore[assignment]
         self.pipeline: Pipeline = None  # type: ignore[assignment]
+        self.dashboard_sessions: SessionBook = None  # type: ignore[assignment]  # the provider view's logins
         settings.home.mkdir(parents=True, exist_ok=True)
         # a sole gateway (SQLite, one process) releases every open hold when it restarts; gateways sharing a
         # database own their holds by id and lease (gateway/cluster.py releases a dead one's)
@@ -114,6 +117,7 @@ class Gateway:
     async def start(self) -> None:
         self.settings.home.mkdir(parents=True, exist_ok=True)
         self.store = Store(self._pg or open_database(self.settings.db_path), gateway_id=self.gateway_id)
+        self.dashboard_sessions = SessionBook(self.store.db)
         warning = startup_warning(self.admission.mode)
         if warning:
             log.warning("%s", warning)
@@ -303,6 +307,8 @@ def create_app(settings: Settings, backend: Any = None, extra_routes: list[Any] 
         *routes_control.routes,
         *openai_routes.routes,
         *dashboard.routes,
+        *provider_dashboard_routes(ProviderDashboard(lambda: gw.dashboard_sessions, lambda: gw.market,
+                                                     lambda: gw.billing.ledger)),
         *(extra_routes or []),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,

@@ -9,6 +9,7 @@ The page polls (every 2 s) `/v1/functions`, `/v1/functions/{name}` (versions, re
 `POST /v1/functions/{name}/rollback`, `/v1/providers` and, for the operator's key, `/v1/ledger?verify=1` and
 `/v1/ledger/providers`. The series are sampled from the controller's counters when the page asks (at most once a
 second, the last `SERIES_POINTS` samples kept per function), so a gateway nobody watches does no work for them.
+A provider logs in with its wallet key instead and sees its own nodes and books: gateway/dashboard_provider.py.
 """
 
 from __future__ import annotations

@@ -288,6 +288,31 @@ class Ledger:
         return {r[0]: r[1] for r in self.query(
             "SELECT provider_id, SUM(amount) FROM pay_payouts GROUP BY provider_id")}
 
+    # one provider's own books (the dashboard's provider session): only the given nodes' rows are read
+    def payouts_to(self, provider_ids: list[str], limit: int = 200) -> list[dict[str, Any]]:
+        """The latest payouts to these providers (nodes), newest first."""
+        if not provider_ids:
+            return []
+        marks = ",".join("?" * len(provider_ids))
+        keys = ("provider_id", "amount", "channel_id", "seqno", "at")
+        return [dict(zip(keys, r, strict=True)) for r in self.query(
+            f"SELECT provider_id, amount, channel_id, seqno, at FROM pay_payouts WHERE provider_id IN ({marks}) "
+            "ORDER BY at DESC LIMIT ?", (*provider_ids, limit))]
+
+    def provider_income(self, provider_ids: list[str], table: str, since: float,
+                        bucket_s: float) -> tuple[int, list[tuple[float, int]]]:
+        """Earned (``table="charges"``) or paid out (``"payouts"``) for these providers: the total before
+        ``since`` and the sums per ``bucket_s`` since then, oldest first."""
+        if not provider_ids:
+            return 0, []
+        col, tab = {"charges": ("provider_nanoton", "pay_charges"), "payouts": ("amount", "pay_payouts")}[table]
+        marks = ",".join("?" * len(provider_ids))
+        (before,), = self.query(f"SELECT COALESCE(SUM({col}), 0) FROM {tab} WHERE provider_id IN ({marks}) "
+                                "AND at<?", (*provider_ids, since))
+        rows = self.query(f"SELECT CAST(at / ? AS INTEGER), SUM({col}) FROM {tab} WHERE provider_id IN ({marks}) "
+                          "AND at>=? GROUP BY 1 ORDER BY 1", (bucket_s, *provider_ids, since))
+        return int(before), [(float(b) * bucket_s, int(s)) for b, s in rows]
+
     def verify(self) -> dict[str, Any]:
         """Conservation, coverage by signed states, at most one charge per call. ``ok`` is False with a list of
         problems when any check fails."""

@@ -44,6 +44,22 @@ def wallet_owner_matches(wallet: str, public_key: bytes, version: str) -> bool:
     return derived == addr
 
 
+def check_wallet_signature(public_key: str, wallet: str, wallet_version: str, message: bytes, signature: bytes, *,
+                           bad_signature: str, not_owner: str) -> None:
+    """Raise AuthenticationError unless ``signature`` over ``message`` verifies under ``public_key`` (hex) and that
+    key owns ``wallet``; the two messages say what to do (``not_owner`` may name ``{wallet}`` and ``{version}``)."""
+    from cocoon_faas.ton.keys import PublicKey
+
+    if not PublicKey(bytes.fromhex(public_key)).is_valid(signature, message):
+        raise AuthenticationError(bad_signature)
+    try:
+        owns = wallet_owner_matches(wallet, bytes.fromhex(public_key), wallet_version)
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(f"wallet {wallet!r}: {exc.message}") from None
+    if not owns:
+        raise AuthenticationError(not_owner.format(wallet=wallet, version=wallet_version))
+
+
 @dataclass(frozen=True)
 class Registration:
     """What a provider node offers and asks, as signed by its wallet key."""
@@ -117,18 +133,11 @@ class Registration:
 
     def verify(self, signature: bytes, now: float, max_skew: float = MAX_SKEW_S) -> None:
         """Raise AuthenticationError unless the signature, wallet ownership and freshness all hold."""
-        from cocoon_faas.ton.keys import PublicKey
-
-        if not PublicKey(bytes.fromhex(self.public_key)).is_valid(signature, self.message()):
-            raise AuthenticationError("registration signature does not verify under public_key; sign it with "
-                                      "the wallet's key")
-        try:
-            owns = wallet_owner_matches(self.wallet, bytes.fromhex(self.public_key), self.wallet_version)
-        except InvalidRequestError as exc:
-            raise InvalidRequestError(f"wallet {self.wallet!r}: {exc.message}") from None
-        if not owns:
-            raise AuthenticationError(f"public_key does not own wallet {self.wallet} (as a {self.wallet_version} "
-                                      "wallet); pass the wallet's own key or its version with --wallet-version")
+        check_wallet_signature(
+            self.public_key, self.wallet, self.wallet_version, self.message(), signature,
+            bad_signature="registration signature does not verify under public_key; sign it with the wallet's key",
+            not_owner="public_key does not own wallet {wallet} (as a {version} wallet); pass the wallet's own key "
+                      "or its version with --wallet-version")
         if abs(now - self.timestamp) > max_skew:
             raise AuthenticationError(f"registration timestamp is {now - self.timestamp:+.0f}s off the gateway "
                                       "clock; sync the clock (NTP) and join again")

@@ -107,11 +107,10 @@ def test_js_sdk_against_the_gateway(gw: GatewayProc, tmp_path: Path) -> None:
 # -- the browser -----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A headless Chromium (the dashboard needs nothing more)."""
     if not (CHROMIUM and CHROMEDRIVER):
         pytest.skip("Debian's chromium and chromium-driver are not installed (scripts/system-deps installs them)")
-    if not (SDK_DIST / "cocoon-sdk.js").exists():
-        pytest.skip("the JS SDK bundle is not built (cd sdk-js && npm ci && npm run build)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -126,6 +125,14 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     driver.set_page_load_timeout(60)
     yield driver
     driver.quit()
+
+
+@pytest.fixture(scope="module")
+def browser(chromium: Any) -> Any:
+    """Chromium for the pages that load the JS SDK's bundle (the Mini App)."""
+    if not (SDK_DIST / "cocoon-sdk.js").exists():
+        pytest.skip("the JS SDK bundle is not built (cd sdk-js && npm ci && npm run build)")
+    return chromium
 
 
 def _wait(driver: Any, cond: Any, timeout: float = 90) -> Any:
@@ -306,9 +313,10 @@ def whoami() -> dict:
 '''
 
 
-def test_dashboard_login_chart_and_rollback(gw: GatewayProc, browser: Any, tmp_path: Path) -> None:
+def test_dashboard_login_chart_and_rollback(gw: GatewayProc, chromium: Any, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 
+    browser = chromium
     for v in ("one", "two"):
         (tmp_path / "dash_app.py").write_text(DASH_APP.replace("VERSION", v))
         gw.cli("deploy", str(tmp_path / "dash_app.py"))
@@ -402,4 +410,100 @@ def test_telegram_bot_streams_pays_and_answers_errors_politely(gw: GatewayProc, 
         api.stop()
     summary = httpx.get(f"{gw.url}/v1/channels/{payer.channel['channel_id']}", timeout=30).json()
     assert summary["seqno"] == 3 and summary["charged"] > 0, summary
+    assert _ledger(gw)["verify"]["ok"]
+
+
+# -- the provider view (last in the module: a registered provider node takes tenant placement while it is listed) ----
+
+def _seed_node_books(gw: GatewayProc, node_id: str, amounts: list[int]) -> None:
+    """Paid calls served by ``node_id``, booked through the gateway's own ledger code on its ledger file (the
+    node here never joins Ray, so no call can run on it): a channel of a fresh caller, a signed state per call, a
+    hold, a charge crediting the node. Then funds for the operator's payouts on the local chain."""
+    import secrets
+
+    from cocoon_faas.gateway.billing import load_operator_key
+    from cocoon_faas.gateway.ledger import Ledger
+    from cocoon_faas.gateway.payments import PaymentGate
+    from cocoon_faas.settings import Settings
+    from cocoon_faas.ton.client import ChannelSigner
+    from cocoon_faas.ton.keys import PrivateKey
+
+    op = load_operator_key(Settings(home=gw.home))
+    caller, cid = PrivateKey.generate(), secrets.randbits(62)
+    ledger = Ledger(gw.home / "ledger.db")
+    try:
+        ledger.add_channel(cid, caller.public_key(), op.public_key(), "0:" + "00" * 32, "web-test", 10**9)
+        gate = PaymentGate(ledger, op)
+        signer = ChannelSigner(gw.home.parent / f"seed-{cid}.json", caller, cid, 10**9)
+        for i, amount in enumerate(amounts):
+            t = signer.sign_for_call(10**7)
+            hold = gate.authorize(t.header, f"seed-{cid}-{i}", "greet", 10**7)
+            signer.complete(t, gate.settle(hold, node_id, amount, "web-test-dev", 0))
+    finally:
+        ledger.close()
+    from cocoon_faas.ton.chain import LocalChain
+    from cocoon_faas.ton.wallet import Wallet
+
+    # the operator's wallet on the local chain funds the payout channel the payout below opens
+    LocalChain(gw.home / "chain.db").faucet(Wallet(op.public_key()).address, 2 * 10**9)
+
+
+def test_dashboard_provider_session(gw: GatewayProc, chromium: Any, tmp_path: Path) -> None:
+    """`cocoon provider login` signs the gateway's challenge with the wallet key and prints a one-time link; the
+    page trades it for an HttpOnly session cookie and shows this provider's nodes, earnings, payouts and what is
+    due, with charts; the link does not work twice; an API key does not open the view; logout ends it."""
+    from selenium.webdriver.common.by import By
+
+    from cocoon_faas.runtime.hardware import GIB, Hardware
+    from cocoon_faas.runtime.registration import Registration
+    from cocoon_faas.ton.keys import PrivateKey
+    from cocoon_faas.ton.wallet import Wallet
+
+    key = PrivateKey.generate()
+    wallet = Wallet(key.public_key()).address.friendly()
+    reg = Registration.new(wallet=wallet, public_key=key.public_key().to_bytes(), name="web-rig",
+                           hardware=Hardware("declared", "H100", 1, 80 * GIB, None, 8, 32 * GIB), gpu_price=10**6)
+    r = httpx.post(gw.url + "/v1/providers", json=reg.signed(key), timeout=30)
+    assert r.status_code == 201, r.text
+    nid, token = r.json()["node_id"], r.json()["token"]
+    browser = chromium
+    try:
+        _seed_node_books(gw, nid, [40_000, 25_000])
+        paid = httpx.post(f"{gw.url}/v1/ledger/providers/{nid}/payout", headers=gw.headers(), timeout=60,
+                          json={"public_key": key.public_key().hex(), "wallet": wallet, "amount": 50_000})
+        assert paid.status_code == 200, paid.text
+        seed = tmp_path / "wallet.seed"
+        seed.write_text(key.to_bytes().hex())
+        out = json.loads(gw.cli("provider", "login", "--key-file", str(seed), "--json").stdout)
+        assert out["url"] == f"{gw.url}/dashboard#provider-code={out['code']}"
+        browser.get(gw.url + "/dashboard")  # a tenant's key first: the provider view stays shut to it
+        assert browser.execute_script("""return fetch('/dashboard/api/provider/me',
+            {headers: {Authorization: 'Bearer ' + arguments[0]}}).then(r => r.status)""", gw.key) == 401
+        browser.get(out["url"])
+        row = (By.CSS_SELECTOR, f'#provider-nodes tr[data-node="{nid}"]')
+        _wait(browser, lambda d: d.find_elements(*row))
+        assert browser.current_url == gw.url + "/dashboard"  # the code left the address bar
+        cells = [td.text for td in browser.find_element(*row).find_elements(By.TAG_NAME, "td")]
+        assert cells[1:3] == ["web-rig", "H100-80GB x1"] and cells[8:] == ["65000", "50000", "15000"]
+        assert browser.find_element(By.ID, "provider-pending").get_attribute("data-due") == "15000"
+        assert "awaiting the operator's payout" in browser.find_element(By.ID, "provider-pending").text
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#provider-payouts tbody tr")) == 1
+        _wait(browser, lambda d: int(d.find_element(By.ID, "chart-provider-earnings").get_attribute("data-points")
+                                     or 0) >= 3)
+        assert browser.find_elements(By.CSS_SELECTOR, "#chart-provider-earnings canvas")
+        cookie = browser.get_cookie("cocoon_provider")
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/dashboard"
+        assert browser.execute_script("return document.cookie").find("cocoon_provider") < 0  # not readable by JS
+        _shot(browser, "dashboard-provider.png")
+        browser.get(out["url"].replace("/dashboard#", "/dashboard?again=1#"))  # the same link again: refused
+        _wait(browser, lambda d: "already used" in d.find_element(By.ID, "provider-error").text)
+        browser.get(gw.url + "/dashboard")  # the session from before the refused link still holds
+        _wait(browser, lambda d: d.find_elements(*row))
+        _click(browser, (By.ID, "logout"))
+        _wait(browser, lambda d: not d.find_element(By.ID, "login-view").get_attribute("hidden")
+              and not d.get_cookie("cocoon_provider"))
+        r = httpx.get(gw.url + "/dashboard/api/provider/me", cookies={"cocoon_provider": cookie["value"]}, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["reason"] == "unknown"  # ended on the gateway too
+    finally:
+        httpx.post(f"{gw.url}/v1/providers/{nid}/leave", headers={"authorization": f"Bearer {token}"}, timeout=30)
     assert _ledger(gw)["verify"]["ok"]

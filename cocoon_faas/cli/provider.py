@@ -241,6 +241,47 @@ def register(main: click.Group) -> None:
             return
         click.echo(json.dumps(out))
 
+    @provider.command("login")
+    @click.option("--gateway", default=None, help="gateway URL (default COCOON_GATEWAY_URL)")
+    @click.option("--wallet", default=None, help="your wallet address (default: the key's own wallet)")
+    @click.option("--key-file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+                  help="wallet key (default $COCOON_HOME/wallet.json)")
+    @click.option("--wallet-version", default="v3r2", show_default=True, help="the wallet contract version")
+    @click.option("--open", "open_browser", is_flag=True, help="open the link in this machine's browser")
+    @click.option("--json", "as_json", is_flag=True, help="print JSON (link, code, expiry)")
+    def login(gateway: str | None, wallet: str | None, key_file: Path | None, wallet_version: str,
+              open_browser: bool, as_json: bool) -> None:
+        """A one-time link to the dashboard's provider view: your nodes, earnings and payouts (signed here by the
+        wallet key your nodes joined with; the key never leaves this machine)."""
+        import httpx
+
+        from cocoon_faas.gateway.dashboard_login import ProviderLogin
+        from cocoon_faas.ton.wallet import Wallet
+        from cocoon_faas.transport import gateway_urls
+
+        url = gateway or gateway_urls(get_settings().gateway_url)[0]
+        try:
+            key = load_key(key_file or get_settings().home / "wallet.json")
+            pub = key.public_key()
+            link = _link(url)
+            challenge = link.call("POST", "/dashboard/api/provider/challenge")["challenge"]
+            proof = ProviderLogin(challenge, httpx.URL(link.url).netloc.decode(),
+                                  wallet or Wallet(pub, version=wallet_version).address.friendly(), wallet_version,
+                                  pub.to_bytes().hex())
+            out = link.call("POST", "/dashboard/api/provider/login", body=proof.signed(key))
+        except CocoonError as exc:
+            _fail(exc.message)
+            return
+        if as_json:
+            click.echo(json.dumps(out, indent=2))
+        else:
+            click.echo(f"Open within {out['expires_in']} s (the link works once):\n  {out['url']}\n"
+                       f"or paste this code on the dashboard's login page: {out['code']}")
+        if open_browser:
+            import webbrowser
+
+            webbrowser.open(out["url"])
+
     @provider.command("ls")
     @click.option("--gateway", default=None, help="gateway URL (default COCOON_GATEWAY_URL)")
     @click.option("--json", "as_json", is_flag=True, help="print JSON")

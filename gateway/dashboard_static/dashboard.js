@@ -1,9 +1,11 @@
-// The dashboard: logs in with an API key, then polls the gateway's JSON API every 2 s and draws with uPlot
-// (bundled, served by the gateway). No framework; every number shown comes from a gateway response.
+// The dashboard: logs in with an API key (or, for a provider, with the one-time code `cocoon provider login` prints:
+// the gateway answers an HttpOnly session cookie this script never sees), then polls the gateway's JSON API every
+// 2 s and draws with uPlot (bundled, served by the gateway). No framework; every number shown comes from a gateway
+// response.
 "use strict";
 const $ = (s) => document.querySelector(s);
 const state = { key: sessionStorage.getItem("cocoon-key") || "", selected: null, tab: "functions", timer: null,
-  charts: {}, earnings: { t: [], earned: [], paid: [] } };
+  charts: {}, earnings: { t: [], earned: [], paid: [] }, csrf: "", provider: false };
 
 async function api(method, path, body) {
   const r = await fetch(path, { method, headers: { Authorization: `Bearer ${state.key}`,
@@ -40,7 +42,8 @@ function chart(id, series, data) {
   if (!state.charts[id] || state.charts[id].series.length !== series.length + 1) {
     if (state.charts[id]) state.charts[id].destroy();
     el.replaceChildren();
-    state.charts[id] = new uPlot({ width, height: 200, series: [{}, ...series], scales: { x: { time: true } } }, data, el);
+    state.charts[id] = new uPlot({ width, height: 200, series: [{}, ...series], scales: { x: { time: true } },
+      axes: [{}, { size: 80 }] }, data, el);
   } else {
     state.charts[id].setData(data);
   }
@@ -137,6 +140,93 @@ document.querySelectorAll(".tab").forEach((b) => b.addEventListener("click", () 
   for (const t of ["functions", "providers", "ledger"]) $(`#tab-${t}`).hidden = t !== state.tab;
   refresh();
 }));
+// -- the provider view (a session cookie; its CSRF token, from the gateway, rides on state changes) ----------------
+async function papi(method, path, body) {
+  const r = await fetch(path, { method, credentials: "same-origin", headers: {
+    ...(body ? { "Content-Type": "application/json" } : {}), ...(state.csrf ? { "X-Cocoon-CSRF": state.csrf } : {}) },
+    body: body ? JSON.stringify(body) : undefined });
+  const data = await r.json().catch(() => ({}));
+  if (!r.ok) { const e = new Error((data.error && data.error.message) || `HTTP ${r.status}`); e.status = r.status; throw e; }
+  return data;
+}
+
+async function providerLogin(code) {
+  try {
+    const s = await papi("POST", "/dashboard/api/provider/session", { code });
+    state.csrf = s.csrf;
+  } catch (e) {
+    $("#provider-error").textContent = `provider login refused: ${e.message}`;
+    return;
+  }
+  await providerStart();
+}
+
+async function providerStart() {
+  sessionStorage.removeItem("cocoon-key"); state.key = "";  // one identity per tab: the provider's, now
+  $("#login-view").hidden = true; $("#app").hidden = true; $("#provider-app").hidden = false;
+  $("#logout").hidden = false; state.provider = true;
+  await providerRefresh();
+  state.timer = setInterval(providerRefresh, 2000);
+}
+
+async function providerLogout() {
+  clearInterval(state.timer);
+  try { await papi("POST", "/dashboard/api/provider/logout", {}); } catch (e) { /* ended or expired already */ }
+  location.replace("/dashboard");
+}
+
+const ton = (n) => n === null || n === undefined ? "—" : `${n} (${(Number(n) / 1e9).toFixed(9)} TON)`;
+
+async function providerRefresh() {
+  let me;
+  try { me = await papi("GET", "/dashboard/api/provider/me"); } catch (e) {
+    $("#provider-updated").textContent = `update failed: ${e.message}`;
+    if (e.status === 401) { clearInterval(state.timer); $("#provider-app").hidden = true; $("#login-view").hidden = false;
+      $("#logout").hidden = true; $("#provider-error").textContent = e.message; }
+    return;
+  }
+  state.csrf = me.csrf;
+  $("#who").textContent = "provider"; $("#provider-wallet").textContent = `wallet ${me.wallet}`;
+  $("#provider-app").dataset.wallet = me.wallet;
+  $("#provider-totals").textContent = `earned ${ton(me.totals.earned)} · paid out ${ton(me.totals.paid)}`;
+  const last = me.pending.last_payout;
+  $("#provider-pending").textContent = `due ${ton(me.pending.due)}: ${me.pending.state}` +
+    (last ? ` · last payout ${last.amount} nanoton on channel ${last.channel_id} (seqno ${last.seqno}), ${new Date(last.at * 1000).toLocaleString()}` : "");
+  $("#provider-pending").dataset.due = String(me.pending.due);
+  rows("#provider-nodes", me.nodes, (tr, n) => {
+    tr.dataset.node = n.node_id;
+    cell(tr, n.node_id); cell(tr, n.name); cell(tr, n.gpu);
+    cell(tr, n.excluded ? `excluded: ${n.excluded}` : n.status + (n.healthy || n.status !== "up" ? "" : " (silent)"));
+    cell(tr, Number(n.load).toFixed(2)); cell(tr, n.replicas); cell(tr, n.calls); cell(tr, `${(n.success_rate * 100).toFixed(1)}%`);
+    cell(tr, n.ledger_earned); cell(tr, n.ledger_paid); cell(tr, n.due);
+  });
+  rows("#provider-payouts", me.payouts, (tr, p) => {
+    cell(tr, new Date(p.at * 1000).toLocaleString()); cell(tr, p.provider_id); cell(tr, p.amount); cell(tr, p.channel_id); cell(tr, p.seqno);
+  });
+  if (me.series) {
+    const s = me.series;
+    chart("#chart-provider-earnings", [{ label: "earned", stroke: "#0a7a2f" }, { label: "paid out", stroke: "#0f5bd8" }], [s.t, s.earned, s.paid]);
+    chart("#chart-provider-due", [{ label: "due", stroke: "#d83a0f" }], [s.t, s.due]);
+  }
+  $("#provider-updated").textContent = `updated ${new Date().toLocaleTimeString()} · session ends ${new Date(me.expires_at * 1000).toLocaleTimeString()}`;
+}
+
 $("#login-form").addEventListener("submit", login);
-$("#logout").addEventListener("click", logout);
-if (state.key) login();
+$("#logout").addEventListener("click", () => (state.provider ? providerLogout() : logout()));
+$("#provider-form").addEventListener("submit", (ev) => { ev.preventDefault(); providerLogin($("#provider-code").value.trim()); });
+function codeFromLink() {  // the one-time link: take the code out of the address bar and history before using it
+  const m = /provider-code=([^&]+)/.exec(location.hash);
+  if (!m) return false;
+  history.replaceState(null, "", location.pathname);
+  clearInterval(state.timer);
+  providerLogin(decodeURIComponent(m[1]));
+  return true;
+}
+window.addEventListener("hashchange", codeFromLink);  // the link pasted into a tab already on the dashboard
+(async () => {
+  if (codeFromLink()) return;
+  if (state.key) login();
+  else {  // a provider session from before this reload (the cookie is HttpOnly: ask the gateway)
+    try { await papi("GET", "/dashboard/api/provider/me"); await providerStart(); } catch (e) { /* not logged in */ }
+  }
+})();

@@ -1,0 +1,206 @@
+"""The dashboard's provider view: logging in as a provider (gateway/dashboard_login.py) and its private data.
+
+    POST /dashboard/api/provider/challenge      -> {"challenge", "expires_in"} (no credentials; bounded)
+    POST /dashboard/api/provider/login          {"login", "signature"} signed by the wallet key -> one-time code
+    POST /dashboard/api/provider/session        {"code"} (from the page) -> session cookie + {"wallet", "csrf", ...}
+    GET  /dashboard/api/provider/me             the session's provider: nodes, earnings, payouts, due, charts
+    GET  /dashboard/api/provider/nodes/{id}     one of its nodes (another provider's: 404, as if absent)
+    POST /dashboard/api/provider/logout         ends the session (X-Cocoon-CSRF header required)
+
+Only the session cookie opens the private routes: an API key (a tenant's, even the operator's) does not, and a
+session sees only nodes registered with its own wallet. State changes from the page (session, logout) must come
+from the gateway's own origin as JSON, and logout must carry the session's CSRF token: SameSite=Strict already
+keeps the cookie off cross-site requests; these checks hold where a browser or a proxy does not.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from cocoon_faas.errors import CocoonError, InvalidRequestError, NotFoundError, PermissionDeniedError
+from cocoon_faas.gateway.admission import wallet_key
+from cocoon_faas.gateway.dashboard_login import ProviderLogin, ProviderSession, SessionBook
+from cocoon_faas.gateway.http import error_response, json_response, read_json
+from cocoon_faas.gateway.ledger import Ledger
+from cocoon_faas.gateway.marketplace import Marketplace, ProviderView
+from cocoon_faas.gateway.payments import provider_earnings
+
+COOKIE = "cocoon_provider"
+CSRF_HEADER = "x-cocoon-csrf"
+SERIES_WINDOW_S = 6 * 3600.0  # the charts show the last six hours, ten-second buckets, plus what came before
+SERIES_BUCKET_S = 10.0
+MAX_BODY = 16 * 1024
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
+@dataclass(frozen=True)
+class ProviderDashboard:
+    """What the routes read: sessions, the marketplace's nodes and the ledger (None on a gateway without one)."""
+
+    sessions: Callable[[], SessionBook]
+    market: Callable[[], Marketplace]
+    ledger: Callable[[], Ledger | None]
+    clock: Callable[[], float] = time.time
+
+
+def _same_wallet(a: str, b: str) -> bool:
+    try:
+        return wallet_key(a) == wallet_key(b)
+    except CocoonError:
+        return False
+
+
+def _host(request: Request) -> str:
+    return request.headers.get("host", "")
+
+
+def _check_origin(request: Request) -> None:
+    """A browser's state change must come from this gateway's page, as JSON (a cross-site form cannot be)."""
+    origin = request.headers.get("origin")
+    if origin is not None and (origin == "null" or urlsplit(origin).netloc != _host(request)):
+        raise PermissionDeniedError(f"cross-site request from {origin!r} refused; use the dashboard this gateway "
+                                    "serves", reason="csrf")
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        raise PermissionDeniedError("send the body as application/json (the dashboard page does)", reason="csrf")
+
+
+def nodes_of(market: Marketplace, wallet: str) -> list[ProviderView]:
+    return [v for v in market.listing() if _same_wallet(v.wallet, wallet)]
+
+
+def _series(ledger: Ledger, ids: list[str], now: float) -> dict[str, list[float]]:
+    """Cumulative earned and paid out as steps: flat, then up at the end of each bucket where either moved;
+    from a bucket before the first move in the window (or the window's start) to now."""
+    since, step = now - SERIES_WINDOW_S, SERIES_BUCKET_S
+    e, earned = ledger.provider_income(ids, "charges", since, step)
+    p, paid = ledger.provider_income(ids, "payouts", since, step)
+    de, dp = dict(earned), dict(paid)
+    moves = sorted(set(de) | set(dp))
+    out: dict[str, list[float]] = {"t": [], "earned": [], "paid": [], "due": []}
+
+    def point(t: float) -> None:
+        if out["t"] and t <= out["t"][-1]:
+            out["t"].pop()
+            for k in ("earned", "paid", "due"):
+                out[k].pop()
+        out["t"].append(t)
+        out["earned"].append(e)
+        out["paid"].append(p)
+        out["due"].append(e - p)
+
+    point(max(since, moves[0] - step) if moves else since)
+    for t in moves:
+        point(t)  # the level before the bucket's calls and payouts
+        e, p = e + de.get(t, 0), p + dp.get(t, 0)
+        point(min(t + step, now))
+    point(now)
+    return out
+
+
+def provider_data(dash: ProviderDashboard, session: ProviderSession) -> dict[str, Any]:
+    """Everything the provider view shows, for the session's wallet only."""
+    now = dash.clock()
+    nodes = nodes_of(dash.market(), session.wallet)
+    ids = [v.node_id for v in nodes]
+    ledger = dash.ledger()
+    books = {e["provider_id"]: e for e in provider_earnings(ledger)} if ledger is not None else {}
+    rows = []
+    for v in nodes:
+        b = books.get(v.node_id, {})
+        rows.append({**v.to_dict(), "ledger_earned": b.get("earned", 0), "ledger_paid": b.get("paid", 0),
+                     "due": b.get("due", 0)})
+    payouts = ledger.payouts_to(ids) if ledger is not None else []
+    totals = {k: sum(r[f] for r in rows) for k, f in (("earned", "ledger_earned"), ("paid", "ledger_paid"),
+                                                       ("due", "due"))}
+    last = payouts[0] if payouts else None
+    return {"wallet": session.wallet, "expires_at": session.expires, "csrf": session.csrf, "nodes": rows,
+            "totals": totals, "payouts": payouts,
+            "pending": {"due": totals["due"], "last_payout": last,
+                        "state": "awaiting the operator's payout" if totals["due"] > 0 else "nothing due"},
+            "series": _series(ledger, ids, now) if ledger is not None else None}
+
+
+def provider_dashboard_routes(dash: ProviderDashboard) -> list[BaseRoute]:
+    def session_of(request: Request) -> ProviderSession:
+        return dash.sessions().session(request.cookies.get(COOKIE))
+
+    async def challenge(request: Request) -> Response:
+        secret, expires = dash.sessions().new_challenge()
+        return json_response({"challenge": secret, "expires_in": round(expires - dash.clock())}, headers=_NO_STORE)
+
+    async def login(request: Request) -> Response:
+        proof, sig = ProviderLogin.from_wire(await read_json(request, MAX_BODY))
+        if proof.gateway != _host(request):
+            raise PermissionDeniedError(f"this login was signed for gateway {proof.gateway!r}, not this one "
+                                        f"({_host(request)!r}); run `cocoon provider login --gateway` with this "
+                                        "gateway's URL", reason="audience")
+        proof.verify(sig)
+        wallet = wallet_key(proof.wallet)
+        if not nodes_of(dash.market(), wallet):
+            raise NotFoundError(f"wallet {proof.wallet} has no node on this gateway; join one with `cocoon provider "
+                                "join --wallet ...` first")
+        dash.sessions().use_challenge(proof.challenge)
+        code, expires = dash.sessions().new_code(wallet)
+        scheme = request.headers.get("x-forwarded-proto") or request.url.scheme
+        return json_response({"code": code, "expires_in": round(expires - dash.clock()), "wallet": wallet,
+                              "url": f"{scheme}://{_host(request)}/dashboard#provider-code={code}"},
+                             headers=_NO_STORE)
+
+    async def session(request: Request) -> Response:
+        _check_origin(request)
+        body = await read_json(request, MAX_BODY)
+        code = body.get("code") if isinstance(body, dict) else None
+        if not isinstance(code, str) or not code:
+            raise InvalidRequestError('body must be {"code": "<the code `cocoon provider login` printed>"}')
+        sid, s = dash.sessions().redeem(code.strip())
+        r = json_response({"wallet": s.wallet, "expires_at": s.expires, "csrf": s.csrf}, headers=_NO_STORE)
+        secure = (request.headers.get("x-forwarded-proto") or request.url.scheme) == "https"
+        r.set_cookie(COOKIE, sid, max_age=int(s.expires - dash.clock()), path="/dashboard", httponly=True,
+                     samesite="strict", secure=secure)
+        return r
+
+    async def me(request: Request) -> Response:
+        return json_response(provider_data(dash, session_of(request)), headers=_NO_STORE)
+
+    async def node(request: Request) -> Response:
+        s = session_of(request)
+        nid = request.path_params["node_id"]
+        rows = [r for r in provider_data(dash, s)["nodes"] if r["node_id"] == nid]
+        if not rows:  # another provider's node reads as absent: its existence is not this session's business
+            raise NotFoundError(f"no node {nid!r} among this provider's nodes")
+        return json_response(rows[0], headers=_NO_STORE)
+
+    async def logout(request: Request) -> Response:
+        _check_origin(request)
+        s = session_of(request)
+        if not s.check_csrf(request.headers.get(CSRF_HEADER)):
+            raise PermissionDeniedError("missing or wrong X-Cocoon-CSRF header; log out from the dashboard page",
+                                        reason="csrf")
+        dash.sessions().end(request.cookies[COOKIE])
+        r = json_response({"status": "logged out"}, headers=_NO_STORE)
+        r.delete_cookie(COOKIE, path="/dashboard", httponly=True, samesite="strict")
+        return r
+
+    def guarded(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def handler(request: Request) -> Response:
+            try:
+                return await fn(request)
+            except CocoonError as exc:
+                return error_response(exc, _NO_STORE)
+        return handler
+
+    base = "/dashboard/api/provider"
+    return [Route(f"{base}/challenge", guarded(challenge), methods=["POST"]),
+            Route(f"{base}/login", guarded(login), methods=["POST"]),
+            Route(f"{base}/session", guarded(session), methods=["POST"]),
+            Route(f"{base}/me", guarded(me), methods=["GET"]),
+            Route(f"{base}/nodes/{{node_id}}", guarded(node), methods=["GET"]),
+            Route(f"{base}/logout", guarded(logout), methods=["POST"])]

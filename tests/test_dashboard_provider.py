@@ -1,0 +1,189 @@
+"""The dashboard's provider session over HTTP (in process): signed challenge -> one-time code -> cookie, and the
+attacks on it: another provider's data, an API key, forged/expired/replayed challenges, codes and cookies, CSRF,
+logout. A real SQLite store and ledger, a real marketplace; the clock is passed in."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
+
+from cocoon_faas.gateway.dashboard_login import CHALLENGE_S, CODE_S, SESSION_S, ProviderLogin, SessionBook
+from cocoon_faas.gateway.dashboard_provider import COOKIE, ProviderDashboard, provider_dashboard_routes
+from cocoon_faas.gateway.db import open_database
+from cocoon_faas.gateway.ledger import Ledger
+from cocoon_faas.gateway.marketplace import Marketplace, Node
+from cocoon_faas.gateway.payments import FeePolicy, PaymentGate, provider_payout
+from cocoon_faas.runtime.hardware import GIB, Hardware
+from cocoon_faas.ton.client import ChannelSigner
+from cocoon_faas.ton.keys import PrivateKey
+from cocoon_faas.ton.wallet import Wallet
+
+H100 = Hardware("declared", "H100", 2, 80 * GIB, None, 16, 64 * GIB)
+OP, CALLER = PrivateKey(b"\x07" * 32), PrivateKey(b"\x08" * 32)
+A, B = PrivateKey(b"\x0a" * 32), PrivateKey(b"\x0b" * 32)
+BASE = "/dashboard/api/provider"
+JSON_ORIGIN = {"origin": "http://testserver"}
+
+
+def wallet(key: PrivateKey) -> str:
+    return Wallet(key.public_key()).address.friendly()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = time.time()  # the ledger stamps its rows with the real clock
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> dict[str, Any]:
+    clock = Clock()
+    market = Marketplace(heartbeat_interval=1.0)
+    for nid, key, name in (("a-node-1", A, "rig-1"), ("a-node-2", A, "rig-2"), ("b-node-1", B, "b-box")):
+        market.register(Node(nid, wallet(key), key.public_key().hex(), H100, 500_000, 0, name))
+    ledger = Ledger(tmp_path / "ledger.db")
+    ledger.add_channel(1, CALLER.public_key(), OP.public_key(), "0:" + "00" * 32, "alice", 10**9)
+    gate, signer = PaymentGate(ledger, OP, FeePolicy(bps=1000)), ChannelSigner(tmp_path / "c.json", CALLER, 1, 10**9)
+    for i, (nid, amount) in enumerate((("a-node-1", 3000), ("a-node-1", 4000), ("a-node-2", 5000),
+                                       ("b-node-1", 777_000))):
+        t = signer.sign_for_call(10**6)
+        signer.complete(t, gate.settle(gate.authorize(t.header, f"c{i}", "f", 10**6), nid, amount, "d", 0))
+    provider_payout(ledger, "a-node-1", ChannelSigner(tmp_path / "payout.json", OP, 555, 10**9), 6000)
+    sessions = SessionBook(open_database(tmp_path / "store.db"), clock=clock)
+    app = Starlette(routes=provider_dashboard_routes(
+        ProviderDashboard(lambda: sessions, lambda: market, lambda: ledger, clock=clock)))
+    return {"app": app, "clock": clock, "ledger": ledger}
+
+
+def signed_login(client: TestClient, key: PrivateKey, *, claim: str | None = None, gateway: str = "testserver",
+                 challenge: str | None = None) -> dict[str, Any]:
+    challenge = challenge or client.post(f"{BASE}/challenge").json()["challenge"]
+    return ProviderLogin(challenge, gateway, claim or wallet(key), "v3r2", key.public_key().hex()).signed(key)
+
+
+def log_in(client: TestClient, key: PrivateKey) -> str:
+    r = client.post(f"{BASE}/login", json=signed_login(client, key))
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["url"] == f"http://testserver/dashboard#provider-code={out['code']}"
+    r = client.post(f"{BASE}/session", json={"code": out["code"]}, headers=JSON_ORIGIN)
+    assert r.status_code == 200, r.text
+    cookie = r.headers["set-cookie"]
+    for attr in ("HttpOnly", "SameSite=strict", "Path=/dashboard", f"Max-Age={int(SESSION_S)}"):
+        assert attr.lower() in cookie.lower(), cookie
+    assert "secure" not in cookie.lower()  # plain http on loopback; https (or X-Forwarded-Proto) adds Secure
+    return str(r.json()["csrf"])
+
+
+def reason(r: Any) -> str:
+    return str(r.json()["error"].get("reason"))
+
+
+def test_a_provider_sees_its_own_nodes_books_and_charts_only(world: dict[str, Any]) -> None:
+    a, b = TestClient(world["app"]), TestClient(world["app"])
+    log_in(a, A)
+    log_in(b, B)
+    me = a.get(f"{BASE}/me").json()
+    assert me["wallet"] == Wallet(A.public_key()).address.raw
+    nodes = {n["node_id"]: n for n in me["nodes"]}
+    assert set(nodes) == {"a-node-1", "a-node-2"}
+    assert (nodes["a-node-1"]["ledger_earned"], nodes["a-node-1"]["ledger_paid"], nodes["a-node-1"]["due"]) == \
+        (7000, 6000, 1000)
+    assert nodes["a-node-2"]["gpu"] == "H100-80GB x2" and nodes["a-node-2"]["status"] == "up"
+    assert me["totals"] == {"earned": 12000, "paid": 6000, "due": 6000}
+    assert me["pending"]["due"] == 6000 and me["pending"]["last_payout"]["amount"] == 6000
+    assert [p["provider_id"] for p in me["payouts"]] == ["a-node-1"]
+    s = me["series"]
+    assert s["earned"][-1] == 12000 and s["paid"][-1] == 6000 and s["due"][-1] == 6000 and len(s["t"]) >= 3
+    assert s["t"] == sorted(set(s["t"])) and s["earned"] == sorted(s["earned"]) and s["earned"][0] == 0  # steps
+    assert "777000" not in a.get(f"{BASE}/me").text  # B's earnings are nowhere in A's view
+    assert a.get(f"{BASE}/nodes/a-node-2").json()["node_id"] == "a-node-2"
+    r = a.get(f"{BASE}/nodes/b-node-1")  # B's node: as if it did not exist
+    assert r.status_code == 404 and "777000" not in r.text
+    assert {n["node_id"] for n in b.get(f"{BASE}/me").json()["nodes"]} == {"b-node-1"}
+    assert b.get(f"{BASE}/nodes/a-node-1").status_code == 404
+
+
+def test_an_api_key_or_a_forged_cookie_opens_nothing(world: dict[str, Any]) -> None:
+    c = TestClient(world["app"])
+    r = c.get(f"{BASE}/me", headers={"authorization": "Bearer any-tenant-or-operator-key"})
+    assert r.status_code == 401 and reason(r) == "missing" and "cocoon provider login" in r.json()["error"]["message"]
+    c.cookies.set(COOKIE, "forged-session-id", domain="testserver.local", path="/dashboard")
+    r = c.get(f"{BASE}/me")
+    assert r.status_code == 401 and reason(r) == "unknown"
+    assert c.get(f"{BASE}/nodes/a-node-1").status_code == 401
+
+
+def test_forged_expired_replayed_and_misdirected_logins_are_refused(world: dict[str, Any]) -> None:
+    c, clock = TestClient(world["app"]), world["clock"]
+    challenge = c.post(f"{BASE}/challenge").json()["challenge"]
+    forged = signed_login(c, A, challenge=challenge)
+    forged["signature"] = B.sign(ProviderLogin(**forged["login"]).message()).hex()
+    r = c.post(f"{BASE}/login", json=forged)
+    assert r.status_code == 401 and "forged" in r.json()["error"]["message"]
+    r = c.post(f"{BASE}/login", json=signed_login(c, B, claim=wallet(A), challenge=challenge))  # B claims A's wallet
+    assert r.status_code == 401 and "does not own" in r.json()["error"]["message"]
+    r = c.post(f"{BASE}/login", json=signed_login(c, A, gateway="evil.example:443", challenge=challenge))
+    assert r.status_code == 403 and reason(r) == "audience"
+    honest = signed_login(c, A, challenge=challenge)  # the refusals did not use the challenge up
+    assert c.post(f"{BASE}/login", json=honest).status_code == 200
+    r = c.post(f"{BASE}/login", json=honest)
+    assert r.status_code == 401 and reason(r) == "replayed"
+    r = c.post(f"{BASE}/login", json=signed_login(c, A, challenge="made-up-challenge"))
+    assert r.status_code == 401 and reason(r) == "unknown"
+    late = signed_login(c, A)
+    clock.t += CHALLENGE_S + 1
+    r = c.post(f"{BASE}/login", json=late)
+    assert r.status_code == 401 and reason(r) == "expired"
+    nobody = PrivateKey(b"\x0c" * 32)
+    r = c.post(f"{BASE}/login", json=signed_login(c, nobody))
+    assert r.status_code == 404 and "cocoon provider join" in r.json()["error"]["message"]
+    r = c.post(f"{BASE}/login", json={"login": {"challenge": "x"}, "signature": "00"})
+    assert r.status_code == 400 and "lacks" in r.json()["error"]["message"]
+
+
+def test_codes_and_sessions_are_one_use_and_short_lived(world: dict[str, Any]) -> None:
+    c, clock = TestClient(world["app"]), world["clock"]
+    code = c.post(f"{BASE}/login", json=signed_login(c, A)).json()["code"]
+    assert c.post(f"{BASE}/session", json={"code": code}, headers=JSON_ORIGIN).status_code == 200
+    r = TestClient(world["app"]).post(f"{BASE}/session", json={"code": code}, headers=JSON_ORIGIN)
+    assert r.status_code == 401 and reason(r) == "replayed"  # a leaked link, opened second, gets nothing
+    late = c.post(f"{BASE}/login", json=signed_login(c, A)).json()["code"]
+    clock.t += CODE_S + 1
+    r = c.post(f"{BASE}/session", json={"code": late}, headers=JSON_ORIGIN)
+    assert r.status_code == 401 and reason(r) == "expired"
+    assert c.get(f"{BASE}/me").status_code == 200
+    clock.t += SESSION_S
+    r = c.get(f"{BASE}/me")
+    assert r.status_code == 401 and reason(r) == "expired"
+
+
+def test_csrf_is_refused_and_logout_ends_the_session(world: dict[str, Any]) -> None:
+    c = TestClient(world["app"])
+    code = c.post(f"{BASE}/login", json=signed_login(c, A)).json()["code"]
+    for headers, body in (({"origin": "http://evil.example"}, {"json": {"code": code}}),
+                          ({"origin": "null"}, {"json": {"code": code}}),
+                          ({}, {"data": {"code": code}})):  # a cross-site form posts form-encoded
+        r = c.post(f"{BASE}/session", headers=headers, **body)
+        assert r.status_code == 403 and reason(r) == "csrf", r.text
+    csrf = log_in(TestClient(world["app"]), A)  # another browser of A's: its token is not this session's
+    c.post(f"{BASE}/session", json={"code": code}, headers=JSON_ORIGIN)  # the code survived the refusals
+    me = c.get(f"{BASE}/me").json()
+    for headers in ({}, {"x-cocoon-csrf": csrf}, {"x-cocoon-csrf": me["csrf"], "origin": "http://evil.example"}):
+        r = c.post(f"{BASE}/logout", json={}, headers=headers)
+        assert r.status_code == 403 and reason(r) == "csrf", r.text
+        assert c.get(f"{BASE}/me").status_code == 200  # still logged in: nothing changed
+    sid = c.cookies.get(COOKIE)
+    r = c.post(f"{BASE}/logout", json={}, headers={"x-cocoon-csrf": me["csrf"], **JSON_ORIGIN})
+    assert r.status_code == 200 and 'cocoon_provider=""' in r.headers["set-cookie"]
+    assert c.get(f"{BASE}/me").status_code == 401
+    c.cookies.set(COOKIE, sid or "", path="/dashboard")  # the old cookie, kept by an attacker: ended server-side
+    r = c.get(f"{BASE}/me")
+    assert r.status_code == 401 and reason(r) == "unknown"
