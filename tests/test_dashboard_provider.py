@@ -187,3 +187,28 @@ def test_csrf_is_refused_and_logout_ends_the_session(world: dict[str, Any]) -> N
     c.cookies.set(COOKIE, sid or "", path="/dashboard")  # the old cookie, kept by an attacker: ended server-side
     r = c.get(f"{BASE}/me")
     assert r.status_code == 401 and reason(r) == "unknown"
+
+
+def test_logins_and_books_on_both_database_backends(database: Any, tmp_path: Path) -> None:
+    """What several gateways share: a challenge used on one is a replay on the other; the ledger's series query."""
+    clock = Clock()
+    one, two = SessionBook(database(), clock=clock), SessionBook(database(), clock=clock)
+    challenge, _ = one.new_challenge()
+    two.use_challenge(challenge)
+    with pytest.raises(Exception, match="already used"):
+        one.use_challenge(challenge)
+    sid, s = one.redeem(two.new_code("0:" + "ab" * 32)[0])
+    assert two.session(sid).wallet == s.wallet == "0:" + "ab" * 32
+    two.end(sid)
+    with pytest.raises(Exception, match="unknown or ended"):
+        one.session(sid)
+    ledger = Ledger(database(), home=tmp_path)
+    ledger.add_channel(1, CALLER.public_key(), OP.public_key(), "0:" + "00" * 32, "alice", 10**9)
+    gate, signer = PaymentGate(ledger, OP), ChannelSigner(tmp_path / "c.json", CALLER, 1, 10**9)
+    for i, nid in enumerate(("n1", "n1", "n2", "other")):
+        t = signer.sign_for_call(10**6)
+        signer.complete(t, gate.settle(gate.authorize(t.header, f"c{i}", "f", 10**6), nid, 1000 + i, "d", 0))
+    before, buckets = ledger.provider_income(["n1", "n2"], "charges", time.time() - 60, 10.0)
+    assert before == 0 and sum(s for _, s in buckets) == 1000 + 1001 + 1002
+    assert ledger.provider_income(["n1"], "charges", time.time() + 60, 10.0) == (2001, [])
+    assert ledger.payouts_to(["n1"]) == []
