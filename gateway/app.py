@@ -36,7 +36,9 @@ from cocoon_faas.gateway.metrics import Metrics
 from cocoon_faas.gateway.openapi import openapi_document
 from cocoon_faas.gateway.payments_routes import gateway_operator, payment_routes
 from cocoon_faas.gateway.pipeline import Pipeline
-from cocoon_faas.gateway.provider_routes import health_loop, provider_routes
+from cocoon_faas.gateway.provider_book import ProviderBook
+from cocoon_faas.gateway.provider_routes import provider_routes
+from cocoon_faas.gateway.provider_store import ProviderStore
 from cocoon_faas.gateway.store import Store, hash_key
 from cocoon_faas.pricing import Price
 from cocoon_faas.settings import Settings
@@ -97,6 +99,7 @@ class Gateway:
         self._bg: list[asyncio.Task[None]] = []
         self.cluster: Cluster | None = None
         self.fleet: Fleet | None = None
+        self.providers: ProviderBook = None  # type: ignore[assignment]  # the nodes every gateway shares
 
     def _wallet_status(self, wallet: str) -> str | None:
         return self.store.wallet_status(wallet)
@@ -130,6 +133,10 @@ class Gateway:
             lost = self.store.mark_unfinished_failed()
         if lost:
             log.warning("%d calls were in flight when the gateway stopped; marked failed", lost)
+        self.providers = ProviderBook(self.market, ProviderStore(self.store.db),
+                                      interval=self.settings.provider_sync_s,
+                                      leading=lambda: self.cluster is None or self.cluster.is_leader)
+        await self.providers.refresh()  # the nodes registered before (on any gateway) are known before routing
         ensure_local_key(self.store, self.settings)
         self.keys = self.store.keys()
         backend = self._backend or RayBackend(self.settings)
@@ -155,7 +162,7 @@ class Gateway:
         if self.cluster is not None:
             self._bg.append(loop.create_task(self._coordinate()))
         self._bg += [loop.create_task(self._flusher()), loop.create_task(self._sweeper()),
-                     loop.create_task(health_loop(self.market, ray_nodes=getattr(backend, "ray_nodes", None))),
+                     loop.create_task(self.providers.run(ray_nodes=getattr(backend, "ray_nodes", None))),
                      loop.create_task(sweep_forever(self.billing.gate, self.hold_limit_s, self.settings.hold_grace_s,
                                                     self.settings.hold_sweep_interval_s)),
                      # gateways sharing a database: only the leader watches the chain (one challenge, one finish)
@@ -299,7 +306,8 @@ def create_app(settings: Settings, backend: Any = None, extra_routes: list[Any] 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         *payment_routes(gw.billing.gate, gw.billing.operator_key, watchtower=gw.billing.watchtower),
-        *provider_routes(gw.market, admission=gw.admission, wallets=lambda: gw.store, is_operator=gateway_operator),
+        *provider_routes(lambda: gw.providers, admission=gw.admission, wallets=lambda: gw.store,
+                         is_operator=gateway_operator),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         *routes_fn.routes,

@@ -288,6 +288,7 @@ class Controller:
             return
         r.state = "ready"
         r.on_lost = self._on_lost
+        self._assign(r, fr)  # its node's capacity is taken, whoever placed it (placement sees every replica)
         fr.ready.append(r)
         fr.all.add(r)
         fr.problem = None
@@ -307,6 +308,7 @@ class Controller:
             fr.all.discard(r)
             r.on_lost = None
             r.close()
+            self._unassign(r)
 
         self._spawn(close_when_idle())
 
@@ -584,6 +586,7 @@ class Controller:
             fr.ready.remove(r)
         fr.all.discard(r)
         if self.fleet is not None and not self.fleet.leading:
+            self._unassign(r)
             return  # the leader replaces it; this gateway only stops routing to it
         log.warning("replica %s of %s on node %s died; replacing it", r.id, r.function, r.node)
         self._unassign(r)
@@ -595,6 +598,8 @@ class Controller:
         """A node went down: drop its replicas at once (their calls retry elsewhere). Draining: replace its
         replicas and retire them when their calls finish. Joined/up: retry functions waiting for capacity."""
         nid = event.node.node_id
+        if event.kind != "down" and self.fleet is not None and not self.fleet.leading:
+            return  # every gateway hears every node's events; replicas are moved by the leader alone
         if event.kind == "down":  # a replica still starting there would wait for the dead node forever
             for r in [r for r in self._on_node.get(nid, ()) if r.state == "starting"]:
                 self.backend.kill(r.actor)

@@ -21,6 +21,11 @@ Health: a node is routable only while its last heartbeat is younger than ``3 x h
 made on every routing decision, so a silent node stops receiving calls at once, before the sweeper
 (:meth:`Marketplace.sweep`) turns it *down* and tells the subscribers.
 
+Shared state: with a store (gateway/provider_book.py) the node records — registration, status, last heartbeat,
+load, attestation, calls and earnings — live in the database every gateway shares, and this object is one gateway's
+cache of them, refreshed by :meth:`Marketplace.apply`. Reputation (success rate, latency, in-flight calls) stays what
+this gateway observed. Only a deciding gateway (``decides``: the leader) turns a drained node *left* by itself.
+
 Single event loop use is assumed for reads; mutations take a lock so a controller thread may call in too.
 """
 
@@ -41,8 +46,8 @@ from cocoon_faas.gateway.requirements import NANOTON, Requirements, ton_to_nanot
 from cocoon_faas.runtime.hardware import GIB, NODE_RESOURCE_UNITS, Hardware
 
 log = logging.getLogger(__name__)
-__all__ = ["DOWN", "DRAINING", "LEFT", "NANOTON", "UP", "MarketEvent", "Marketplace", "Node", "ProviderView",
-           "Requirements", "pin", "ton_to_nanoton"]
+__all__ = ["DOWN", "DRAINING", "LEFT", "NANOTON", "UP", "MarketEvent", "Marketplace", "Node", "NodeRecord",
+           "ProviderView", "Requirements", "pin", "ton_to_nanoton"]
 
 
 def claims_problem(hw: Hardware, resources: dict[str, Any], node_id: str) -> str | None:
@@ -88,6 +93,22 @@ class Node:
     def charge(self, req: Requirements, duration_ns: int) -> int:
         """Provider earnings for a call of ``duration_ns``: GPU-seconds x price (+ CPU-seconds x price)."""
         return self.rate(req) * max(0, int(duration_ns)) // NANOTON
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """A node as the shared store keeps it; every gateway's marketplace is refreshed from these
+    (:meth:`Marketplace.apply`). Times are wall-clock seconds (gateways share no monotonic clock)."""
+
+    node: Node
+    status: str
+    registered: float  # when this registration was made: a new one resets what was learned about the node
+    last_seen: float
+    utilisation: float = 0.0
+    attested: bool | None = None
+    revivable: bool = True
+    calls: int = 0
+    earned: int = 0
 
 
 @dataclass(frozen=True)
@@ -143,6 +164,9 @@ class _State:
     rep: _Reputation = field(default_factory=lambda: _Reputation(100))
     lost_at: float = -math.inf  # when a replica on it last died unexpectedly (the node may be dying)
     excluded: str | None = None  # why it takes no replicas although up (its Ray node contradicts its claims)
+    registered: float = 0.0  # the shared record's registration time (0: registered here, no store)
+    new_calls: int = 0  # calls and earnings counted here and not yet added to the shared record
+    new_earned: int = 0
 
     def load(self) -> float:
         slots = self.node.hardware.gpu_count or max(1, self.node.hardware.cpus)
@@ -207,6 +231,7 @@ class Marketplace:
         self._ray_tracked = False  # once Ray is watched, a node counts only after its Ray node is seen
         self._max_prices: tuple[int, int] | None = None
         self._lock = threading.RLock()
+        self.decides = True  # False on a gateway that follows the shared store: it does not end drains itself
 
     # --- membership -----------------------------------------------------------------------------------
     def register(self, node: Node) -> Node:
@@ -334,6 +359,82 @@ class Marketplace:
         """Call ``callback`` on every node event; returns a function that unsubscribes."""
         self._subscribers.append(callback)
         return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
+
+    # --- the shared store's view (gateway/provider_book.py) --------------------------------------------
+    def apply(self, rec: NodeRecord, now: float) -> None:
+        """Take ``rec`` (the shared record, as of wall time ``now``) as the truth about its node, telling the
+        subscribers what changed: joined, updated (registered again), up, down, draining or left."""
+        nid = rec.node.node_id
+        with self._lock:
+            st = self._nodes.get(nid)
+            kind: str | None = None
+            if st is None or (st.status == LEFT and st.registered != rec.registered):
+                if rec.status == LEFT:
+                    return  # nothing to show or route to
+                st = self._nodes[nid] = _State(rec.node, rec.status, 0.0, rep=_Reputation(self.window))
+                kind = "joined" if rec.status == UP else None
+                changed = True
+            else:
+                changed = st.node != rec.node or st.attested != rec.attested
+                if st.registered != rec.registered:
+                    self._ray_ids.pop(nid, None)  # its claims are checked again against its Ray node
+                    st.excluded, changed = None, True
+                    kind = "updated" if rec.status == UP else rec.status
+                elif st.status != rec.status:
+                    kind, changed = rec.status, True  # the event kinds are the statuses
+            st.node, st.status, st.registered, st.revivable = rec.node, rec.status, rec.registered, rec.revivable
+            st.last_seen = self._clock() - max(0.0, now - rec.last_seen)
+            st.utilisation, st.attested = max(0.0, rec.utilisation), rec.attested
+            st.calls, st.earned = rec.calls + st.new_calls, rec.earned + st.new_earned
+            if changed:
+                self._invalidate()
+        if kind is not None:
+            self._emit(kind, st.node)
+
+    def forget(self, node_id: str) -> bool:
+        """Drop a node the shared store no longer lists (expired); kept while replicas or calls still use it."""
+        with self._lock:
+            st = self._nodes.get(node_id)
+            if st is None or self._by_node.get(node_id) or st.inflight:
+                return st is None
+            del self._nodes[node_id]
+            self._ray_ids.pop(node_id, None)
+            self._invalidate()
+        return True
+
+    def finish_leaves(self) -> None:
+        """Draining nodes with nothing left on them leave (a deciding gateway; see ``decides``)."""
+        for st in [st for st in self._nodes.values() if st.status == DRAINING]:
+            self._maybe_left(st)
+
+    def take_usage(self) -> dict[str, tuple[int, int]]:
+        """Calls and earnings counted here since the last take, per node (to add to the shared record)."""
+        out = {}
+        with self._lock:
+            for nid, st in self._nodes.items():
+                if st.new_calls or st.new_earned:
+                    out[nid] = (st.new_calls, st.new_earned)
+                    st.new_calls = st.new_earned = 0
+        return out
+
+    def give_back_usage(self, usage: dict[str, tuple[int, int]]) -> None:
+        """Undo :meth:`take_usage` for figures that could not be stored (they are added next time)."""
+        with self._lock:
+            for nid, (calls, earned) in usage.items():
+                st = self._nodes.get(nid)
+                if st is not None:
+                    st.new_calls += calls
+                    st.new_earned += earned
+
+    def occupied(self) -> set[str]:
+        """Nodes with replicas or calls on them (their records must not expire)."""
+        return {nid for nid, st in self._nodes.items() if self._by_node.get(nid) or st.inflight}
+
+    def ids(self) -> list[str]:
+        return list(self._nodes)
+
+    def revivable(self, node_id: str) -> bool:
+        return self._state(node_id).revivable
 
     # --- queries --------------------------------------------------------------------------------------
     def node(self, node_id: str) -> Node:
@@ -503,6 +604,7 @@ class Marketplace:
             return
         st.rep.add(bool(ok), max(0.0, float(latency_s)))
         st.calls += 1
+        st.new_calls += 1
         if finished and st.inflight:
             st.inflight -= 1
             self._maybe_left(st)
@@ -512,6 +614,7 @@ class Marketplace:
         st = self._state(node_id)
         amount = st.node.charge(req, duration_ns)
         st.earned += amount
+        st.new_earned += amount
         return amount
 
     def earnings(self, node_id: str) -> int:
@@ -609,7 +712,7 @@ class Marketplace:
 
     def _maybe_left(self, st: _State) -> None:
         nid = st.node.node_id
-        if st.status == DRAINING and not st.inflight and not self._by_node.get(nid):
+        if self.decides and st.status == DRAINING and not st.inflight and not self._by_node.get(nid):
             self._finish_leave(st)
 
     def _finish_leave(self, st: _State) -> None:

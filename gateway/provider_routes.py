@@ -12,14 +12,14 @@
     GET  /v1/providers/{id}               one node
 
 Registration proves control of the wallet (Ed25519 over the canonical registration, key owning the address);
-the node then authenticates with a random per-registration token whose SHA-256 is all the gateway keeps.
+the node then authenticates with a random per-registration token whose SHA-256 is all the gateway keeps. Nodes,
+tokens and nonces live in the store every gateway shares (gateway/provider_book.py): a node may heartbeat or
+leave through any gateway, and the operator approve or revoke through any.
 Errors answer the one JSON shape of :mod:`cocoon_faas.errors`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import secrets
 import time
@@ -42,25 +42,11 @@ from cocoon_faas.errors import (
 from cocoon_faas.gateway.admission import Admission, WalletBook, wallet_key
 from cocoon_faas.gateway.http import read_json
 from cocoon_faas.gateway.marketplace import Marketplace, Node
+from cocoon_faas.gateway.provider_book import ProviderBook
 from cocoon_faas.runtime.node_attestation import seal_secrets
-from cocoon_faas.runtime.registration import MAX_SKEW_S, Registration
+from cocoon_faas.runtime.registration import Registration
 
 MAX_BODY = 64 * 1024
-
-
-class _Nonces:
-    """Registration nonces seen within the freshness window (older ones fail the timestamp check anyway)."""
-
-    def __init__(self) -> None:
-        self._seen: dict[str, float] = {}
-
-    def claim(self, nonce: str, now: float) -> bool:
-        if len(self._seen) > 10_000:
-            self._seen = {n: t for n, t in self._seen.items() if now - t <= 2 * MAX_SKEW_S}
-        if nonce in self._seen:
-            return False
-        self._seen[nonce] = now
-        return True
 
 
 def _default_ray_address() -> str | None:
@@ -91,8 +77,9 @@ def _default_ray_token() -> str | None:
 
 async def health_loop(market: Marketplace, *, interval: float | None = None,
                       ray_nodes: Callable[[], list[dict[str, Any]]] | None = None) -> None:
-    """Run forever (as a task of the gateway): sweep silent nodes down and, given ``ray_nodes`` (``ray.nodes``),
-    mark down nodes whose Ray node died. Subscribers hear ``down`` and replace the replicas."""
+    """Run forever for a marketplace kept by itself (no store; a gateway runs `ProviderBook.run` instead):
+    sweep silent nodes down and, given ``ray_nodes`` (``ray.nodes``), mark down nodes whose Ray node died.
+    Subscribers hear ``down`` and replace the replicas."""
     import asyncio
 
     period = interval or market.heartbeat_interval / 2
@@ -108,12 +95,13 @@ async def health_loop(market: Marketplace, *, interval: float | None = None,
         await asyncio.sleep(period)
 
 
-def provider_routes(market: Marketplace, *, ray_address: str | Callable[[], str | None] | None = None,
+def provider_routes(providers: Marketplace | ProviderBook | Callable[[], ProviderBook], *, ray_address: str | Callable[[], str | None] | None = None,
                     ray_token: str | Callable[[], str | None] | None = None,
                     clock: Callable[[], float] = time.time, admission: Admission | None = None,
                     wallets: Callable[[], WalletBook] | None = None,
                     is_operator: Callable[[Request], bool] | None = None) -> list[BaseRoute]:
-    """The provider endpoints over ``market``.
+    """The provider endpoints over ``providers`` (a bare marketplace gets a private in-memory store; a callable
+    is asked on each request, for a gateway whose store opens at start-up).
 
     ``ray_address`` is the GCS address joining nodes are told to join (default: this process's Ray, else
     ``COCOON_RAY_ADDRESS``); ``ray_token`` the cluster's auth token they need when Ray token auth is on
@@ -122,8 +110,10 @@ def provider_routes(market: Marketplace, *, ray_address: str | Callable[[], str 
     (gateway/admission.py; None: open, for unit tests) and the secrets go sealed to an attested node's key.
     ``wallets`` gives the operator's approvals, ``is_operator`` tells the operator's requests (for approve/revoke).
     """
-    tokens: dict[str, bytes] = {}
-    nonces = _Nonces()
+    if isinstance(providers, (Marketplace, ProviderBook)):
+        fixed = providers if isinstance(providers, ProviderBook) else ProviderBook.in_memory(providers)
+        providers = lambda: fixed  # noqa: E731
+    book_of = providers
 
     def address() -> str:
         addr = ray_address() if callable(ray_address) else ray_address
@@ -132,38 +122,34 @@ def provider_routes(market: Marketplace, *, ray_address: str | Callable[[], str 
             raise NoCapacityError("the gateway runs no joinable Ray cluster; set COCOON_RAY_ADDRESS on the gateway")
         return addr
 
-    def check_token(request: Request, node_id: str) -> None:
+    def token_of(request: Request) -> str:
+        """The bearer token (checked by the store in the statement that acts on it)."""
         auth = request.headers.get("authorization", "")
-        token = auth[7:] if auth.lower().startswith("bearer ") else ""
-        want = tokens.get(node_id)
-        if want is None:
-            market.node(node_id)  # 404 when unknown
-            raise AuthenticationError(f"node {node_id} has no session on this gateway; join again")
-        if not hmac.compare_digest(hashlib.sha256(token.encode()).digest(), want):
-            raise AuthenticationError("missing or wrong node token; use the token the registration returned")
+        return auth[7:] if auth.lower().startswith("bearer ") else ""
 
     async def body_of(request: Request) -> Any:
         return await read_json(request, MAX_BODY)
 
     async def register(request: Request) -> JSONResponse:
+        book = book_of()
         body = await body_of(request)
         reg, sig = Registration.from_wire(body)
         now = clock()
         reg.verify(sig, now)
         admitted = admission.check(reg, body.get("attestation"), now) if admission is not None else None
-        if not nonces.claim(reg.nonce, now):
-            raise AuthenticationError("registration nonce was already used; sign a fresh registration")
         node = Node(reg.node_id, reg.wallet, reg.public_key, reg.hardware, reg.gpu_price, reg.cpu_price, reg.name)
         ray_addr = address()
-        market.register(node)
+        if not await book.claim_nonce(reg.nonce, now):  # on any gateway: the nonces are shared
+            raise AuthenticationError("registration nonce was already used; sign a fresh registration")
         token = secrets.token_urlsafe(32)
-        tokens[node.node_id] = hashlib.sha256(token.encode()).digest()
+        attested = True if admitted is not None and admitted.sealing_key is not None else None
+        status = await book.register(node, wallet_key(reg.wallet), token, attested)
         ray_tok = ray_token() if callable(ray_token) else ray_token
         secret = {"token": token, "ray_address": ray_addr,
                   "ray_token": ray_tok if ray_tok is not None else _default_ray_token()}
         answer: dict[str, Any] = {
-            "node_id": node.node_id, "heartbeat_interval_s": market.heartbeat_interval,
-            "resources": node.hardware.ray_resources(node.node_id), "status": market.status(node.node_id),
+            "node_id": node.node_id, "heartbeat_interval_s": book.heartbeat_interval,
+            "resources": node.hardware.ray_resources(node.node_id), "status": status,
             "admission": admitted.mode if admitted is not None else "open"}
         if admitted is not None and admitted.sealing_key is not None:  # only the attested key can open it
             answer["sealed"] = seal_secrets(admitted.sealing_key, node.node_id, secret)
@@ -190,15 +176,10 @@ def provider_routes(market: Marketplace, *, ray_address: str | Callable[[], str 
         return JSONResponse({"wallet": key, "status": "approved"})
 
     async def revoke(request: Request) -> JSONResponse:
-        book = operator_only(request)
+        approvals = operator_only(request)
         key = wallet_key(request.path_params["wallet"])
-        book.set_wallet_status(key, "revoked")
-        down = []
-        for view in market.listing():  # its nodes leave placement and routing now; joining again is refused
-            if wallet_key(view.wallet) == key:
-                tokens.pop(view.node_id, None)
-                market.mark_down(view.node_id, "its wallet was revoked", revivable=False)
-                down.append(view.node_id)
+        approvals.set_wallet_status(key, "revoked")
+        down = await book_of().revoke(key)  # its nodes leave placement and routing now; joining again is refused
         return JSONResponse({"wallet": key, "status": "revoked", "nodes_down": down})
 
     async def approvals(request: Request) -> JSONResponse:
@@ -208,27 +189,27 @@ def provider_routes(market: Marketplace, *, ray_address: str | Callable[[], str 
                                                             for w, s, t in book.wallet_statuses()]})
 
     async def heartbeat(request: Request) -> JSONResponse:
+        book = book_of()
         node_id = request.path_params["node_id"]
-        check_token(request, node_id)
         body = await body_of(request)
         try:
             load = float(body.get("load", 0.0)) if isinstance(body, dict) else 0.0
         except (TypeError, ValueError):
             raise InvalidRequestError("load must be a number") from None
-        status = market.heartbeat(node_id, load)
-        return JSONResponse({"status": status, "heartbeat_interval_s": market.heartbeat_interval})
+        status = await book.heartbeat(node_id, token_of(request), load)
+        return JSONResponse({"status": status, "heartbeat_interval_s": book.heartbeat_interval})
 
     async def leave(request: Request) -> JSONResponse:
+        book = book_of()
         node_id = request.path_params["node_id"]
-        check_token(request, node_id)
-        status = market.leave(node_id)
-        return JSONResponse({"status": status, "replicas": market.replicas_on(node_id)})
+        status = await book.leave(node_id, token_of(request))
+        return JSONResponse({"status": status, "replicas": book.market.replicas_on(node_id)})
 
     async def listing(request: Request) -> JSONResponse:
-        return JSONResponse({"providers": [v.to_dict() for v in market.listing()]})
+        return JSONResponse({"providers": [v.to_dict() for v in book_of().market.listing()]})
 
     async def one(request: Request) -> JSONResponse:
-        return JSONResponse(market.view(request.path_params["node_id"]).to_dict())
+        return JSONResponse(book_of().market.view(request.path_params["node_id"]).to_dict())
 
     def guarded(fn: Callable[[Request], Awaitable[JSONResponse]]) -> Callable[[Request], Awaitable[JSONResponse]]:
         async def handler(request: Request) -> JSONResponse:

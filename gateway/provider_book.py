@@ -1,0 +1,171 @@
+"""The provider nodes as every gateway sees them: the shared store is the truth, the marketplace a cache.
+
+A registration, heartbeat, leave or revoke that reaches any gateway is written to the store first
+(gateway/provider_store.py) and then applied to that gateway's marketplace, so its answer is current. Every
+gateway re-reads all node records every ``interval`` seconds (`run`), which is the bound on how stale another
+gateway's view can be (1 s by default; ``COCOON_PROVIDER_SYNC_S``): a node registered on gateway A is listed,
+placed on and routed to by gateway B within that. Routing itself reads only the in-memory marketplace.
+
+Who decides what: the sweep that turns silent nodes *down* (their last heartbeat, taken by whichever gateway, is
+older than 3 heartbeat intervals) runs on the leader only, as one conditional statement; so does ending a drain
+(*left*, once the leader — which places and retires replicas — sees nothing left on the node). A node whose Ray
+node died is marked down by whichever gateway sees it first. Changes the marketplace makes itself are stored at
+the next refresh and win over the older record read meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cocoon_faas.errors import NotFoundError
+from cocoon_faas.runtime.registration import MAX_SKEW_S
+
+from .db import SqliteDatabase
+from .marketplace import DOWN, LEFT, MarketEvent, Marketplace, Node, NodeRecord
+from .provider_store import ProviderStore
+
+log = logging.getLogger("cocoon.providers")
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class ProviderBook:
+    """One gateway's marketplace kept in step with the shared provider records."""
+
+    def __init__(self, market: Marketplace, store: ProviderStore, *, interval: float = 1.0,
+                 leading: Callable[[], bool] = lambda: True, clock: Callable[[], float] = time.time) -> None:
+        self.market, self.store, self.interval = market, store, interval
+        self.leading, self.clock = leading, clock
+        self._applying = False
+        self._changed: dict[str, tuple[str, bool, float]] = {}  # node -> (status, revivable, registered) to store
+        self._registered: dict[str, float] = {}  # node -> the registration its record belongs to
+        self._touched: dict[str, float] = {}  # node -> monotonic time a route applied a fresher record
+        market.subscribe(self._on_event)
+
+    @classmethod
+    def in_memory(cls, market: Marketplace, **kw: Any) -> ProviderBook:
+        """A book over a private in-memory SQLite database: one gateway, nothing shared (tests, embedding)."""
+        return cls(market, ProviderStore(SqliteDatabase(Path(":memory:"))), **kw)
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self.market.heartbeat_interval
+
+    # -- what the provider routes do (store first, then this gateway's cache) -----------------------------
+    async def claim_nonce(self, nonce: str, now: float) -> bool:
+        return await asyncio.to_thread(self.store.claim_nonce, nonce, now)
+
+    async def register(self, node: Node, wallet_key: str, token: str, attested: bool | None) -> str:
+        rec = await asyncio.to_thread(self.store.register, node, wallet_key, token_hash(token), attested,
+                                      self.clock())
+        return self._apply_fresh(rec)
+
+    async def heartbeat(self, node_id: str, token: str, load: float) -> str:
+        rec = await asyncio.to_thread(self.store.heartbeat, node_id, token_hash(token), load, self.clock())
+        return self._apply_fresh(rec)
+
+    async def leave(self, node_id: str, token: str) -> str:
+        rec = await asyncio.to_thread(self.store.leave, node_id, token_hash(token))
+        return self._apply_fresh(rec)
+
+    async def revoke(self, wallet_key: str) -> list[str]:
+        recs = await asyncio.to_thread(self.store.revoke_wallet, wallet_key)
+        for rec in recs:
+            self._apply_fresh(rec)
+        return [rec.node.node_id for rec in recs]
+
+    def _apply_fresh(self, rec: NodeRecord) -> str:
+        nid = rec.node.node_id
+        self._touched[nid] = time.monotonic()
+        self._apply([rec], self.clock())
+        self.market.finish_leaves()
+        try:
+            return self.market.status(nid)
+        except NotFoundError:  # a record of a node that has left and was never seen here
+            return rec.status
+
+    # -- the refresh loop ------------------------------------------------------------------------------
+    async def run(self, ray_nodes: Callable[[], list[dict[str, Any]]] | None = None) -> None:
+        """Forever: learn Ray node deaths (given ``ray.nodes``), store this gateway's changes and usage, sweep
+        (leader), then re-read every record. A failing database is retried next period; routing goes on."""
+        while True:
+            if ray_nodes is not None:
+                try:
+                    nodes = await asyncio.to_thread(ray_nodes)
+                except Exception:  # noqa: BLE001 - Ray briefly unreachable: heartbeats still cover node health
+                    nodes = None
+                if nodes is not None:
+                    self.market.sync_ray_nodes(nodes)
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001
+                log.exception("refreshing provider nodes from the store failed")
+            await asyncio.sleep(self.interval)
+
+    async def refresh(self) -> None:
+        leading = self.leading()
+        self.market.decides = leading
+        changed, self._changed = self._changed, {}
+        usage = self.market.take_usage()
+        keep = self.market.occupied()
+        started = time.monotonic()
+        try:
+            records, now = await asyncio.to_thread(self._exchange, changed, usage, leading, keep)
+        except BaseException:
+            self.market.give_back_usage(usage)
+            for nid, change in changed.items():
+                self._changed.setdefault(nid, change)
+            raise
+        fresh = {nid for nid, t in self._touched.items() if t >= started}  # a route applied newer rows
+        self._touched = {nid: t for nid, t in self._touched.items() if t >= started}
+        self._apply([r for r in records if r.node.node_id not in fresh and r.node.node_id not in self._changed],
+                    now)
+        listed = {r.node.node_id for r in records} | fresh
+        for nid in self.market.ids():
+            if nid not in listed and self.market.forget(nid):
+                self._registered.pop(nid, None)
+        if leading:
+            self.market.finish_leaves()
+
+    def _exchange(self, changed: dict[str, tuple[str, bool, float]], usage: dict[str, tuple[int, int]],
+                  leading: bool, keep: set[str]) -> tuple[list[NodeRecord], float]:
+        """Off the event loop: write what this gateway decided, sweep when leading, read every record."""
+        for nid, (status, revivable, registered) in changed.items():
+            self.store.mark(nid, registered, status, revivable)
+        if usage:
+            self.store.add_usage(usage.items())
+        now = self.clock()
+        if leading:
+            silent = now - 3 * self.market.heartbeat_interval
+            down = self.store.sweep(silent, now - self.market.expiry_s, keep)
+            if down:
+                log.warning("provider nodes %s are down: no heartbeat on any gateway for %.1fs", down,
+                            3 * self.market.heartbeat_interval)
+            self.store.prune_nonces(now - 2 * MAX_SKEW_S)  # older ones fail the freshness check anyway
+        return self.store.records(), now
+
+    def _apply(self, records: list[NodeRecord], now: float) -> None:
+        self._applying = True
+        try:
+            for rec in records:
+                self._registered[rec.node.node_id] = rec.registered
+                self.market.apply(rec, now)
+        finally:
+            self._applying = False
+
+    def _on_event(self, ev: MarketEvent) -> None:
+        """A change the marketplace made itself (not one read from the store) is stored at the next refresh."""
+        nid = ev.node.node_id
+        if self._applying or ev.kind not in ("down", "left") or nid not in self._registered:
+            return
+        status = self.market.status(nid)
+        if status in (DOWN, LEFT):  # not an exclusion (its Ray node contradicts its claims: up but unused)
+            self._changed[nid] = (status, self.market.revivable(nid), self._registered[nid])
