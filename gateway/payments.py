@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import json
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,12 +38,9 @@ from cocoon_faas.errors import (
 )
 from cocoon_faas.pricing import FeePolicy
 from cocoon_faas.ton.address import Address
-from cocoon_faas.ton.chain import require_ok
 from cocoon_faas.ton.channel import ChannelConfig, ChannelData, ClosingConfig, SignedSemiChannel
-from cocoon_faas.ton.client import ChannelSigner
 from cocoon_faas.ton.closing import ClosingTerms
 from cocoon_faas.ton.keys import PrivateKey, PublicKey
-from cocoon_faas.ton.messages import InitChannel, TopUp
 from cocoon_faas.ton.wallet import Wallet
 
 from .db import IntegrityError
@@ -369,48 +363,3 @@ def provider_earnings(ledger: Ledger) -> list[dict[str, Any]]:
     paid = ledger.paid_out()
     return [{"provider_id": p, "earned": earned.get(p, 0), "paid": paid.get(p, 0),
              "due": earned.get(p, 0) - paid.get(p, 0)} for p in sorted(set(earned) | set(paid))]
-
-
-def payout_signer(ledger: Ledger, chain: Any, operator_key: PrivateKey, provider_id: str, provider_key: PublicKey,
-                  provider_wallet: Address, deposit: int) -> Any:
-    """The operator's channel to a provider (operator = party A), opened and funded from the operator's wallet on
-    the settlement chain the first time; its signer state lives next to the ledger in ``payout_channels/``."""
-    d = ledger.home / "payout_channels"
-    stem = hashlib.sha256(provider_id.encode()).hexdigest()[:32]
-    state, conf = d / f"{stem}.json", d / f"{stem}.channel.json"
-    if conf.exists():
-        c = json.loads(conf.read_text())
-        if c["key_b"] != provider_key.hex() or Address.parse(c["dest_b"]) != provider_wallet:
-            raise ConflictError(f"provider {provider_id!r} already has a payout channel to another key or wallet; "
-                                "close it first")
-        return ChannelSigner(state, operator_key)
-    cid = secrets.randbits(63)
-    w = Wallet(operator_key.public_key())
-    cfg = ChannelConfig(cid, operator_key.public_key(), provider_key, w.address, provider_wallet)
-    gas = 50_000_000
-    require_ok(chain.send_to_channel(operator_key, w, cfg, TopUp(deposit).to_cell(), deposit + gas),
-               "payout channel top-up")
-    require_ok(chain.send_to_channel(operator_key, w, cfg, InitChannel.signed(operator_key, True, cid, deposit, 0)
-                                     .to_cell(), gas), "payout channel init")
-    d.mkdir(parents=True, exist_ok=True)
-    signer = ChannelSigner(state, operator_key, cid, deposit)
-    conf.write_text(json.dumps({"provider_id": provider_id, "channel_id": cid, "key_b": provider_key.hex(),
-                                "dest_b": provider_wallet.raw, "address": cfg.address.friendly(), "deposit": deposit}))
-    return signer
-
-
-def provider_payout(ledger: Ledger, provider_id: str, signer: Any, amount: int | None = None) -> dict[str, Any]:
-    """Pay a provider what it is due through the operator's channel to it (`signer`: a ChannelSigner whose key
-    is the operator's and whose counterparty is the provider). Records the payout with the signed state."""
-    due = next((e["due"] for e in provider_earnings(ledger) if e["provider_id"] == provider_id), 0)
-    amount = due if amount is None else amount
-    if amount <= 0 or amount > due:
-        raise ConflictError(f"provider {provider_id!r} is due {due} nanoton; cannot pay {amount}")
-    ticket = signer.sign_for_call(amount)
-    signer.complete(ticket, amount)
-    signer.flush()
-    with ledger.transaction() as db:
-        db.execute("INSERT INTO pay_payouts (provider_id, amount, channel_id, seqno, boc, at) VALUES (?,?,?,?,?,?)",
-                   (provider_id, amount, signer.channel_id, ticket.seqno, ticket.state.to_boc(), time.time()))
-    return {"provider_id": provider_id, "amount": amount, "channel_id": signer.channel_id,
-            "seqno": ticket.seqno, "state": ticket.header}

@@ -23,6 +23,7 @@ to ``$COCOON_HOME/api_key`` on the gateway machine (any key created for that dev
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Callable
 from typing import Any
@@ -46,7 +47,8 @@ from cocoon_faas.ton.messages import CooperativeClose, sign_close
 from cocoon_faas.ton.wallet import Wallet
 
 from .http import developer_of, read_json
-from .payments import PaymentGate, payout_signer, provider_earnings, provider_payout
+from .payments import PaymentGate, provider_earnings
+from .payouts import PayoutChannels
 from .watchtower import Watchtower
 
 OPERATOR_DEVELOPER = "default"
@@ -204,9 +206,11 @@ def payment_routes(gate: PaymentGate, operator_key: PrivateKey | None = None,
             due = next((e["due"] for e in provider_earnings(gate.ledger) if e["provider_id"] == pid), 0)
             if due <= 0:
                 raise ConflictError(f"provider {pid!r} is due nothing; see GET /v1/ledger/providers")
-            signer = payout_signer(gate.ledger, gate.chain, operator_key, pid, key, wallet,
-                                   deposit if deposit is not None else max(10 * due, 10**9))
-            return JSONResponse(provider_payout(gate.ledger, pid, signer, amount))
+            # the channel's state is a row of the shared ledger: any gateway with the operator key can pay
+            channels = PayoutChannels(gate.ledger, gate.chain, operator_key)
+            await asyncio.to_thread(channels.ensure_open, pid, key, wallet,
+                                    deposit if deposit is not None else max(10 * due, 10**9))
+            return JSONResponse(await asyncio.to_thread(channels.pay, pid, amount))
         except CocoonError as exc:
             return err(exc)
 

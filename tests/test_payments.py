@@ -14,7 +14,7 @@ import pytest
 
 from cocoon_faas.errors import ConflictError, PaymentError, PaymentRequiredError
 from cocoon_faas.gateway.ledger import Ledger
-from cocoon_faas.gateway.payments import FeePolicy, PaymentGate, provider_earnings, provider_payout
+from cocoon_faas.gateway.payments import FeePolicy, PaymentGate, provider_earnings
 from cocoon_faas.ton.channel import SemiChannel, SemiChannelBody
 from cocoon_faas.ton.client import ChannelSigner
 from cocoon_faas.ton.keys import PrivateKey
@@ -120,18 +120,13 @@ def test_verify_detects_tampering(tmp_path: Path) -> None:
     assert not report["ok"] and any("conserved" in p for p in report["problems"])
 
 
-def test_provider_earnings_and_payout(tmp_path: Path) -> None:
+def test_provider_earnings(tmp_path: Path) -> None:
     ledger, gate, signer = _setup(tmp_path)
     for i in range(3):
         h = gate.authorize(signer.sign_for_call(10_000).header, f"c{i}", "f", 10_000)
         gate.settle(h, "prov-A", 3000, "d", 0)
     assert provider_earnings(ledger) == [{"provider_id": "prov-A", "earned": 9000, "paid": 0, "due": 9000}]
-    op_signer = ChannelSigner(tmp_path / "op-out.json", OP, 555, 10**9)
-    out = provider_payout(ledger, "prov-A", op_signer)
-    assert out["amount"] == 9000 and op_signer.sent == 9000
-    assert provider_earnings(ledger)[0]["due"] == 0
-    with pytest.raises(ConflictError):
-        provider_payout(ledger, "prov-A", op_signer)
+    # payouts through the operator's channels: tests/test_payouts.py
 
 
 _WORKER = r"""

@@ -1,0 +1,150 @@
+"""The operator's payout channels to providers, kept in the ledger's database so any gateway can pay.
+
+The operator (party A) pays a provider what it is due by signing a new cumulative state of the channel it opened
+to that provider. The channel's facts (id, the provider's key and wallet, deposit) and its signing position
+(last ``seqno`` and ``sent``) are a row of ``pay_payout_channels``; the one secret, the operator's key, is not
+stored: every gateway reads it from its own ``$COCOON_HOME/operator_key`` (the same key on each, as the payment
+channels already need). A payout is one transaction that locks the channel's row, reads what is due, signs
+``seqno+1`` for the new cumulative ``sent`` and books the payout: two gateways paying the same provider at once
+queue on the row, so no seqno is signed twice and nothing is paid twice. The database holds no secret here —
+someone who can write it could only make the operator sign states that pay what the ledger says is due
+(the ledger is the operator's books either way; docs/security.md).
+
+Opening a channel (top-up and init on the settlement chain) claims the row first (status ``opening``), so two
+gateways never fund two channels to one provider. Files an older gateway kept under
+``$COCOON_HOME/payout_channels/`` are imported the first time their provider is paid.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from cocoon_faas.errors import ConflictError, PaymentRequiredError
+from cocoon_faas.ton.address import Address
+from cocoon_faas.ton.chain import require_ok
+from cocoon_faas.ton.channel import ChannelConfig, SemiChannelBody, StateTemplate
+from cocoon_faas.ton.keys import PrivateKey, PublicKey
+from cocoon_faas.ton.messages import InitChannel, TopUp
+from cocoon_faas.ton.wallet import Wallet
+
+from .db import IntegrityError, Tx
+from .ledger import Ledger
+from .migrations import Migration, migrate
+
+PAYOUT_MIGRATIONS = [
+    Migration(1, "the operator's payout channels to providers (facts and signing position; no key)", """
+CREATE TABLE IF NOT EXISTS pay_payout_channels (
+    provider_id TEXT PRIMARY KEY, channel_id INTEGER NOT NULL, key_b TEXT NOT NULL, dest_b TEXT NOT NULL,
+    address TEXT NOT NULL, deposit INTEGER NOT NULL, seqno INTEGER NOT NULL DEFAULT 0,
+    sent INTEGER NOT NULL DEFAULT 0, status TEXT NOT NULL, opened_at REAL NOT NULL)
+"""),
+]
+GAS = 50_000_000
+
+
+def _due(tx: Tx, provider_id: str) -> int:
+    earned = tx.execute("SELECT COALESCE(SUM(amount), 0) FROM pay_balances WHERE party='provider' AND party_id=?",
+                        (provider_id,)).fetchone()[0]
+    paid = tx.execute("SELECT COALESCE(SUM(amount), 0) FROM pay_payouts WHERE provider_id=?",
+                      (provider_id,)).fetchone()[0]
+    return int(earned) - int(paid)
+
+
+class PayoutChannels:
+    """Open, fund and pay through the operator's channels to providers (any gateway holding the operator key)."""
+
+    def __init__(self, ledger: Ledger, chain: Any, operator_key: PrivateKey) -> None:
+        self.ledger, self.chain, self.key = ledger, chain, operator_key
+        migrate(ledger.db, "payouts", PAYOUT_MIGRATIONS)
+
+    def ensure_open(self, provider_id: str, provider_key: PublicKey, wallet: Address, deposit: int) -> int:
+        """The channel to ``provider_id`` (opened and funded from the operator's wallet the first time);
+        returns its id. Refuses a different key or wallet for a provider that already has one."""
+        self._import_legacy(provider_id)
+        rows = self.ledger.query("SELECT channel_id, key_b, dest_b, status FROM pay_payout_channels "
+                                 "WHERE provider_id=?", (provider_id,))
+        if rows:
+            cid, key_b, dest_b, status = rows[0]
+            if status != "open":
+                raise ConflictError(f"a payout channel to {provider_id!r} is being opened (on this or another "
+                                    "gateway); retry in a minute")
+            if key_b != provider_key.hex() or Address.parse(dest_b) != wallet:
+                raise ConflictError(f"provider {provider_id!r} already has a payout channel to another key or "
+                                    "wallet; close it first")
+            return int(cid)
+        cid = secrets.randbits(63)
+        w = Wallet(self.key.public_key())
+        cfg = ChannelConfig(cid, self.key.public_key(), provider_key, w.address, wallet)
+        try:  # the claim: another gateway opening one at the same moment gets the conflict, not a second channel
+            self.ledger.db.execute("INSERT INTO pay_payout_channels (provider_id, channel_id, key_b, dest_b, address,"
+                                   " deposit, status, opened_at) VALUES (?,?,?,?,?,?,?,?)",
+                                   (provider_id, cid, provider_key.hex(), wallet.raw, cfg.address.friendly(),
+                                    deposit, "opening", time.time()))
+        except IntegrityError:
+            raise ConflictError(f"a payout channel to {provider_id!r} was just opened by another gateway; "
+                                "retry") from None
+        try:
+            require_ok(self.chain.send_to_channel(self.key, w, cfg, TopUp(deposit).to_cell(), deposit + GAS),
+                       "payout channel top-up")
+            require_ok(self.chain.send_to_channel(self.key, w, cfg, InitChannel.signed(self.key, True, cid, deposit,
+                                                                                      0).to_cell(), GAS),
+                       "payout channel init")
+        except BaseException:
+            self.ledger.db.execute("DELETE FROM pay_payout_channels WHERE provider_id=? AND status='opening'",
+                                   (provider_id,))
+            raise
+        self.ledger.db.execute("UPDATE pay_payout_channels SET status='open' WHERE provider_id=?", (provider_id,))
+        return cid
+
+    def pay(self, provider_id: str, amount: int | None = None) -> dict[str, Any]:
+        """Pay ``amount`` (default: all that is due) with the next state of the provider's channel; books it."""
+        with self.ledger.transaction() as tx:
+            row = tx.execute("SELECT channel_id, deposit, seqno, sent, status FROM pay_payout_channels WHERE "
+                             f"provider_id=?{self.ledger.db.for_update}", (provider_id,)).fetchone()
+            if row is None or row[4] != "open":
+                raise ConflictError(f"provider {provider_id!r} has no open payout channel; send its public_key "
+                                    "and wallet to open one")
+            cid, deposit, seqno, sent = (int(v) for v in row[:4])
+            due = _due(tx, provider_id)
+            amount = due if amount is None else amount
+            if amount <= 0 or amount > due:
+                raise ConflictError(f"provider {provider_id!r} is due {due} nanoton; cannot pay {amount}")
+            if sent + amount > deposit:
+                raise PaymentRequiredError(f"the payout channel to {provider_id!r} has {deposit - sent} nanoton "
+                                           "left; close it and pay through a new one with a larger deposit",
+                                           needed=sent + amount - deposit)
+            seqno, sent = seqno + 1, sent + amount
+            boc, state = StateTemplate(cid, SemiChannelBody()).build(seqno, sent, self.key.sign)
+            tx.execute("UPDATE pay_payout_channels SET seqno=?, sent=? WHERE provider_id=?", (seqno, sent,
+                                                                                             provider_id))
+            tx.execute("INSERT INTO pay_payouts (provider_id, amount, channel_id, seqno, boc, at) VALUES "
+                       "(?,?,?,?,?,?)", (provider_id, amount, cid, seqno, boc, time.time()))
+        return {"provider_id": provider_id, "amount": amount, "channel_id": cid, "seqno": seqno,
+                "state": base64.b64encode(boc).decode()}
+
+    def _import_legacy(self, provider_id: str) -> None:
+        """A channel an older gateway kept in files under its home becomes a row (once; the files stay)."""
+        d = self.ledger.home / "payout_channels"
+        stem = hashlib.sha256(provider_id.encode()).hexdigest()[:32]
+        conf, state = d / f"{stem}.channel.json", d / f"{stem}.json"
+        if not conf.exists():
+            return
+        c = json.loads(conf.read_text())
+        s = json.loads(state.read_text()) if state.exists() else {}
+        # a lease not given back may have been signed: resume past all of it (as the file signer did)
+        seqno = max(int(s.get("seqno", 0)), int(s.get("lease_seqno", 0)))
+        sent = max(int(s.get("sent", 0)), int(s.get("lease_sent", 0)))
+        try:
+            self.ledger.db.execute(
+                "INSERT INTO pay_payout_channels (provider_id, channel_id, key_b, dest_b, address, deposit, seqno, "
+                "sent, status, opened_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (provider_id, int(c["channel_id"]), c["key_b"], c["dest_b"], c.get("address", ""),
+                 int(c["deposit"]), seqno, sent, "open", Path(conf).stat().st_mtime))
+        except IntegrityError:
+            pass  # imported already (or by another gateway)
