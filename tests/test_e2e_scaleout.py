@@ -1,6 +1,8 @@
-"""Two gateways, one PostgreSQL, one Ray: deploy on one and call on the other; SIGKILL one under paid load from
-clients that know both URLs: nothing a client could resend is lost, nothing is executed or charged twice, the
-ledger verifies, the leader moves and the new leader autoscales."""
+"""Two gateways, one PostgreSQL, one Ray: deploy on one and call on the other; a paid async call submitted on one
+is polled and cancelled on the other (it stops, its hold released once); a provider node joined through one is
+listed and heartbeats through the other; SIGKILL one under paid load from clients that know both URLs: nothing a
+client could resend is lost, nothing is executed or charged twice, the ledger verifies, the leader moves and the
+new leader autoscales."""
 
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory, pg_cluster: Any) -> Any:
         shutil.copy(root / "a" / "operator_key", root / "b" / "operator_key")  # one operator, one channel party
         b = GatewayProc(root / "b", env=env).start()
         gws.append(b)
+        a.cli("deploy", str(ROOT / "tests" / "apps" / "scale.py"))
         yield a, b, root
     finally:
         for g in gws:
@@ -95,20 +98,96 @@ def _get(url: str) -> int:
         return 0
 
 
-def test_two_gateways_one_database_survive_a_sigkill(platform: Any) -> None:
+@pytest.fixture(scope="module")
+def caller(platform: Any) -> Any:
+    """A caller with its own home (no API key) and a 5 TON channel: (env, channel, payer)."""
+    a, b, root = platform
+    home = root / "caller"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COCOON_")}
+    env.update(COCOON_HOME=str(home), COCOON_GATEWAY_URL=f"{a.url},{b.url}",
+               COCOON_CHAIN_PATH=str(root / "chain.db"))
+    for args in (("wallet", "create"), ("wallet", "faucet", "10"), ("channel", "open", "--deposit", "5")):
+        p = subprocess.run([sys.executable, "-m", "cocoon_faas", *args], env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert p.returncode == 0, p.stderr
+    channel = json.loads((home / "channel.json").read_text())
+    key = PrivateKey.from_mnemonic(json.loads((home / "wallet.json").read_text())["words"])
+    payer = PayingClient(ChannelSigner(home / "channels" / f"{channel['channel_id']}.json", key))
+    return env, channel, payer
+
+
+def test_paid_async_call_cancelled_on_the_other_gateway(platform: Any, caller: Any) -> None:
+    a, b, root = platform
+    _, channel, payer = caller
+    on_a, on_b = Client(a.url, payer=payer), Client(b.url, payer=payer)
+    summary = lambda: httpx.get(f"{b.url}/v1/channels/{channel['channel_id']}", timeout=10).json()  # noqa: E731
+    charged_before = summary()["charged"]
+    cid = on_a.spawn("spin", {"seconds": 120}).id  # runs on A for two minutes unless cancelled
+    _wait("the call to run on A", lambda: on_a.get_call(cid)["status"] == "running")
+    # B reads the record A wrote at submission (A writes the outcome through when the call ends)
+    assert on_b.get_call(cid)["status"] in ("queued", "running")
+    held = httpx.get(f"{b.url}/v1/ledger/calls/{cid}", headers=b.headers(), timeout=10).json()
+    assert held["status"] == "held" and held["hold"] > 0 and summary()["reserved"] == held["hold"]
+    assert on_b.cancel(cid)["status"] in ("cancelling", "cancelled")  # B asks A, which owns the call
+    done = _wait("the cancel to reach A", lambda: (v := on_b.get_call(cid))["status"] not in ("queued", "running")
+                 and v)
+    assert done["status"] == "cancelled", done
+    assert on_a.get_call(cid)["status"] == "cancelled"
+    # the hold is released, once: nothing charged, nothing left reserved (a second release would go negative)
+    row = _wait("the ledger to release the hold", lambda: (r := httpx.get(
+        f"{b.url}/v1/ledger/calls/{cid}", headers=b.headers(), timeout=10).json())["status"] != "held" and r)
+    assert (row["status"], row["charged"]) == ("released", 0), row
+    s = summary()
+    assert (s["reserved"], s["charged"]) == (0, charged_before)
+    out = httpx.get(f"{b.url}/v1/ledger?verify=1", headers=b.headers(), timeout=30).json()
+    assert out["verify"]["ok"], out["verify"]["problems"]
+    # the call stopped: spin's only replica (one call at a time) serves the next call instead of spinning on
+    assert on_b.call("spin", {"seconds": 0}) == 0
+    for c in (on_a, on_b):
+        c.close()
+
+
+def test_a_provider_joined_on_one_gateway_is_served_by_the_other(platform: Any) -> None:
+    from cocoon_faas.runtime.hardware import GIB, Hardware
+    from cocoon_faas.runtime.registration import Registration
+    from cocoon_faas.ton.wallet import Wallet
+
+    a, b, _ = platform
+    key = PrivateKey.generate()
+    hw = Hardware("declared", "H100", 1, 80 * GIB, None, 8, 32 * GIB)
+    reg = Registration.new(wallet=Wallet(key.public_key()).address.friendly(), public_key=key.public_key().to_bytes(),
+                           name="e2e-node", hardware=hw, gpu_price=1000)
+    r = httpx.post(a.url + "/v1/providers", json=reg.signed(key), timeout=30)
+    assert r.status_code == 201, r.text
+    nid, token = r.json()["node_id"], r.json()["token"]
+    listed = _wait("B to list the node", lambda: [p for p in httpx.get(b.url + "/v1/providers", timeout=10)
+                                                   .json()["providers"] if p["node_id"] == nid])
+    assert listed[0]["gpu"] == "H100-80GB x1" and listed[0]["gpu_price"] == 1000
+    hb = httpx.post(f"{b.url}/v1/providers/{nid}/heartbeat", json={"load": 0.75},
+                    headers={"authorization": f"Bearer {token}"}, timeout=10)
+    assert hb.status_code == 200 and hb.json()["status"] == "up"
+    _wait("A to see the load reported through B",
+          lambda: httpx.get(f"{a.url}/v1/providers/{nid}", timeout=10).json()["load"] == 0.75)
+    left = httpx.post(f"{b.url}/v1/providers/{nid}/leave", headers={"authorization": f"Bearer {token}"},
+                      timeout=10).json()
+    assert left["status"] in ("draining", "left")
+    _wait("the leader to end the drain", lambda: httpx.get(f"{a.url}/v1/providers/{nid}", timeout=10).json()
+          ["status"] == "left")
+
+
+def test_two_gateways_one_database_survive_a_sigkill(platform: Any, caller: Any) -> None:
     a, b, root = platform
     front, front_url = _haproxy(root, a, b)
     try:
-        _scenario(a, b, root, front_url)
+        _scenario(a, b, root, front_url, caller)
     finally:
         if front is not None:
             front.terminate()
             front.wait(10)
 
 
-def _scenario(a: GatewayProc, b: GatewayProc, root: Path, front_url: str) -> None:
+def _scenario(a: GatewayProc, b: GatewayProc, root: Path, front_url: str, caller: Any) -> None:
     assert _health(a)["leader"] and not _health(b)["leader"]
-    a.cli("deploy", str(ROOT / "tests" / "apps" / "scale.py"))
     # deployed on A, called on B: B found A's replicas through the store, A's key works on B (one database)
     r = httpx.post(b.url + "/fn/echo", json={"n": 7}, headers=a.headers(), timeout=60)
     assert r.status_code == 200 and r.json() == {"n": 7}
@@ -124,18 +203,8 @@ def _scenario(a: GatewayProc, b: GatewayProc, root: Path, front_url: str) -> Non
         assert {httpx.post(front_url + "/fn/echo", json={"n": i}, headers=a.headers(), timeout=60).json()["n"]
                 for i in range(4)} == {0, 1, 2, 3}
 
-    # a caller (own home, no API key) with a channel, whose clients know both gateways
-    home = root / "caller"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COCOON_")}
-    env.update(COCOON_HOME=str(home), COCOON_GATEWAY_URL=f"{a.url},{b.url}",
-               COCOON_CHAIN_PATH=str(root / "chain.db"))
-    for args in (("wallet", "create"), ("wallet", "faucet", "10"), ("channel", "open", "--deposit", "5")):
-        p = subprocess.run([sys.executable, "-m", "cocoon_faas", *args], env=env, capture_output=True, text=True,
-                           timeout=120)
-        assert p.returncode == 0, p.stderr
-    channel = json.loads((home / "channel.json").read_text())
-    key = PrivateKey.from_mnemonic(json.loads((home / "wallet.json").read_text())["words"])
-    payer = PayingClient(ChannelSigner(home / "channels" / f"{channel['channel_id']}.json", key))
+    # the caller (own home, no API key) with a channel, whose clients know both gateways
+    _, channel, payer = caller
     clients = [Client(f"{a.url},{b.url}", payer=payer), Client(f"{b.url},{a.url}", payer=payer)]
     served: dict[str, int] = {}
     failures: list[str] = []
