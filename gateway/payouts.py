@@ -140,11 +140,20 @@ class PayoutChannels:
         # a lease not given back may have been signed: resume past all of it (as the file signer did)
         seqno = max(int(s.get("seqno", 0)), int(s.get("lease_seqno", 0)))
         sent = max(int(s.get("sent", 0)), int(s.get("lease_sent", 0)))
+        self.adopt(provider_id, int(c["channel_id"]), PublicKey(bytes.fromhex(c["key_b"])),
+                   Address.parse(c["dest_b"]), int(c["deposit"]), seqno=seqno, sent=sent,
+                   address=c.get("address", ""), opened_at=Path(conf).stat().st_mtime)
+
+    def adopt(self, provider_id: str, channel_id: int, provider_key: PublicKey, wallet: Address, deposit: int, *,
+              seqno: int = 0, sent: int = 0, address: str = "", opened_at: float | None = None) -> bool:
+        """Record a channel already open and funded on chain (kept elsewhere before); False when the provider
+        has one recorded already (that one stays)."""
         try:
             self.ledger.db.execute(
                 "INSERT INTO pay_payout_channels (provider_id, channel_id, key_b, dest_b, address, deposit, seqno, "
                 "sent, status, opened_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (provider_id, int(c["channel_id"]), c["key_b"], c["dest_b"], c.get("address", ""),
-                 int(c["deposit"]), seqno, sent, "open", Path(conf).stat().st_mtime))
+                (provider_id, channel_id, provider_key.hex(), wallet.raw, address, deposit, seqno, sent, "open",
+                 time.time() if opened_at is None else opened_at))
         except IntegrityError:
-            pass  # imported already (or by another gateway)
+            return False  # imported already (or by another gateway)
+        return True

@@ -17,7 +17,8 @@ from cocoon_faas.gateway.dashboard_provider import COOKIE, ProviderDashboard, pr
 from cocoon_faas.gateway.db import open_database
 from cocoon_faas.gateway.ledger import Ledger
 from cocoon_faas.gateway.marketplace import Marketplace, Node
-from cocoon_faas.gateway.payments import FeePolicy, PaymentGate, provider_payout
+from cocoon_faas.gateway.payments import FeePolicy, PaymentGate
+from cocoon_faas.gateway.payouts import PayoutChannels
 from cocoon_faas.runtime.hardware import GIB, Hardware
 from cocoon_faas.ton.client import ChannelSigner
 from cocoon_faas.ton.keys import PrivateKey
@@ -55,7 +56,9 @@ def world(tmp_path: Path) -> dict[str, Any]:
                                        ("b-node-1", 777_000))):
         t = signer.sign_for_call(10**6)
         signer.complete(t, gate.settle(gate.authorize(t.header, f"c{i}", "f", 10**6), nid, amount, "d", 0))
-    provider_payout(ledger, "a-node-1", ChannelSigner(tmp_path / "payout.json", OP, 555, 10**9), 6000)
+    payouts = PayoutChannels(ledger, None, OP)  # a channel funded on chain before: recorded, then paid through
+    payouts.adopt("a-node-1", 555, A.public_key(), Wallet(A.public_key()).address, 10**9)
+    payouts.pay("a-node-1", 6000)
     sessions = SessionBook(open_database(tmp_path / "store.db"), clock=clock)
     app = Starlette(routes=provider_dashboard_routes(
         ProviderDashboard(lambda: sessions, lambda: market, lambda: ledger, clock=clock)))
