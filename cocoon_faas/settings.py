@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(10 * 1024 * 1024, description="largest accepted request body")
     queue_limit: int = Field(256, description="calls allowed to wait per function when every replica is busy")
     result_ttl_s: float = Field(3600.0, description="how long async call results are kept")
+    engine_target_utilization: float = Field(
+        0.8, gt=0, le=1, description="engine-backed functions scale to keep each replica's engine at most this busy "
+        "(the fuller of its batch and KV pool; a queue in the engine counts as over 1)")
     scale_up_delay_s: float = Field(1.0, description="sustained overload before adding replicas")
     scale_down_delay_s: float = Field(30.0, description="sustained underload before removing replicas")
     idle_timeout_s: float = Field(300.0, description="idle time before a min_replicas=0 function scales to zero")

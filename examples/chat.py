@@ -7,7 +7,9 @@ sequences in the batch. The method is an async generator: it waits on the engine
 client that goes away closes it, which cancels the request and frees its KV blocks at once.
 
 Usage per call (last item): prompt_tokens, completion_tokens and cached_tokens (prompt tokens served from the
-prefix cache), for per-token pricing. `response_format` {"type": "json_object" | "json_schema"} constrains the
+prefix cache, which is per caller: a bot calling for many users shares its system prompt's blocks, two different
+callers share none), for per-token pricing. The engine reports its queue and KV occupancy to the gateway, which
+scales this function on them. `response_format` {"type": "json_object" | "json_schema"} constrains the
 output to JSON (matching the schema)."""
 
 import cocoon_faas as cocoon

@@ -22,6 +22,7 @@ from cocoon_faas.errors import CocoonError, ConflictError, NotFoundError
 from cocoon_faas.gateway import dashboard, openai_routes, routes_attest, routes_control, routes_fn
 from cocoon_faas.gateway.admission import Admission, resolve_mode, startup_warning
 from cocoon_faas.gateway.billing import Billing
+from cocoon_faas.gateway.caller_tags import CallerTags
 from cocoon_faas.gateway.cluster import Cluster
 from cocoon_faas.gateway.controller import Controller, RayBackend
 from cocoon_faas.gateway.dashboard_login import SessionBook
@@ -155,7 +156,8 @@ class Gateway:
                 fr.calls, fr.errors = calls, errors
         self.pipeline = Pipeline(self.controller, self.billing, self.store, self.metrics, self.market,
                                  self.settings.max_body_bytes, shared=self.shared,
-                                 max_pending_async=self.settings.max_pending_async_calls)
+                                 max_pending_async=self.settings.max_pending_async_calls,
+                                 caller_tags=CallerTags.load(self.settings.home))
         loop = asyncio.get_running_loop()
         gc.collect()
         gc.freeze()  # start-up objects (Ray's included) leave the GC's scans: full collections stalled calls

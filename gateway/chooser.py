@@ -23,17 +23,31 @@ from cocoon_faas.errors import CallTimeoutError, CocoonError, NotFoundError, Ove
 if TYPE_CHECKING:
     from cocoon_faas.gateway.controller import FunctionRuntime
     from cocoon_faas.gateway.replica_client import ReplicaHandle
+    from cocoon_faas.replica_context import LoadReport
 
 
 class Loaded(Protocol):
     inflight: int
+    load: LoadReport | None
 
 
 R = TypeVar("R", bound=Loaded)
 
 
+def has_room(r: Loaded, capacity: int) -> bool:
+    """A free slot: fewer calls in flight than `capacity`, and (an engine-backed replica) no requests already
+    waiting in its engine, whose KV pool or batch is full: a call sent there would only queue behind them, so it
+    waits in the gateway's queue instead (where any replica, or a new one, can take it; past COCOON_QUEUE_LIMIT:
+    429). A report is trusted only while this gateway has calls there: an idle replica always gets the next."""
+    if r.inflight >= capacity:
+        return False
+    return r.load is None or not r.load.saturated or r.inflight == 0
+
+
 def choose(replicas: Sequence[R], capacity: int, rng: random.Random) -> R | None:
     """Pick the less loaded of two random replicas with a free slot; None when all are full."""
+    if any(r.load is not None for r in replicas):  # engine-backed: skip the saturated ones
+        replicas = [r for r in replicas if has_room(r, capacity)]
     n = len(replicas)
     if n == 0:
         return None

@@ -35,7 +35,7 @@ from cocoon_faas.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
-from cocoon_faas.gateway.autoscale import ScaleState, target_replicas
+from cocoon_faas.gateway.autoscale import ScaleState, engine_demand, target_replicas
 from cocoon_faas.gateway.chooser import Chooser, Eligibility
 from cocoon_faas.gateway.replica_client import ReplicaHandle
 from cocoon_faas.gateway.replica_wire import ReplicaFacts, ReplicaProtocolError, decode_facts
@@ -660,6 +660,10 @@ class Controller:
         now = time.monotonic() if now is None else now
         current = len(fr.ready) + fr.starting
         demand = self.fleet.demand(fr) if self.fleet is not None else fr.inflight + fr.queued
+        loads = [r.load for r in fr.ready if r.load is not None]
+        if loads:  # engine-backed: queue depth and KV occupancy count too
+            demand = max(demand, engine_demand(loads, fr.spec.max_concurrency,
+                                               self.settings.engine_target_utilization))
         target = target_replicas(
             now=now, current=current, demand=demand, max_concurrency=fr.spec.max_concurrency,
             min_replicas=fr.spec.min_replicas, max_replicas=fr.spec.max_replicas, state=fr.scale,

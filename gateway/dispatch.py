@@ -22,6 +22,7 @@ from cocoon_faas.errors import (
     CocoonError,
     FunctionError,
     MemoryExceededError,
+    OverloadedError,
     ReplicaLostError,
 )
 from cocoon_faas.gateway.chooser import Eligibility
@@ -79,6 +80,9 @@ def error_from_frame(fr: FunctionRuntime, frame: Frame) -> CocoonError:
         return CallCancelledError(f"call to {fr.name!r} was cancelled")
     if kind == "memory_exceeded":
         return MemoryExceededError(str(m.get("message", "")), function=fr.name)
+    if kind == "function_error" and m.get("exc_type") == "OverloadedError":
+        # the function refused the call for load (an llm.Engine whose queue is full): 429, not charged
+        return OverloadedError(f"function {fr.name!r} is overloaded: {m.get('message', '')}", retry_after=1)
     if kind == "function_error":
         return FunctionError(f"{m.get('exc_type', 'Exception')}: {m.get('message', '')}",
                              exc_type=m.get("exc_type"), function=fr.name)

@@ -33,6 +33,7 @@ from starlette.requests import Request
 from cocoon_faas import protocol as P
 from cocoon_faas.errors import CallCancelledError, CocoonError, InvalidRequestError, OverloadedError
 from cocoon_faas.gateway.billing import PAYMENT_HEADER, Billing
+from cocoon_faas.gateway.caller_tags import CallerTags
 from cocoon_faas.gateway.dispatch import Answer, Replicas, Route, StreamFrames, unary
 from cocoon_faas.gateway.http import developer_of, read_body
 from cocoon_faas.gateway.metrics import Metrics
@@ -205,7 +206,7 @@ class Pipeline:
 
     def __init__(self, replicas: Replicas, billing: Billing, store: Store, metrics: Metrics,
                  market: Marketplace | None, max_body_bytes: int, shared: bool = False,
-                 max_pending_async: int = 10_000) -> None:
+                 max_pending_async: int = 10_000, caller_tags: CallerTags | None = None) -> None:
         self.replicas = replicas
         self.billing = billing
         self.store = store
@@ -216,6 +217,7 @@ class Pipeline:
         self.calls: dict[str, CallRecord] = {}
         self.max_pending_async = max_pending_async
         self.pending_async = 0  # async calls queued or running on this gateway
+        self.caller_tags = caller_tags  # the replica gets an opaque tag of each call's caller (prefix caches)
 
     # -- admit -----------------------------------------------------------------------------------------
     async def admit(self, request: Request, call_id: str, plan: Callable[[bytes], Plan]) -> Call:
@@ -230,7 +232,8 @@ class Pipeline:
         if caller is None:
             assert hold is not None  # a payment header was sent, so begin() held or raised
             caller = f"channel:{hold.channel_id}"
-        return Call(call_id, p.fr, p.body, caller, hold, self, p.route, p.check, p.units, p.meta)
+        meta = p.meta if self.caller_tags is None else {**p.meta, "caller": self.caller_tags.tag(p.fr.name, caller)}
+        return Call(call_id, p.fr, p.body, caller, hold, self, p.route, p.check, p.units, meta)
 
     # -- unary ------------------------------------------------------------------------------------------
     async def unary(self, call: Call, body: bytes | None = None, on_running: Any = None) -> Answer:

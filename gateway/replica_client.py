@@ -20,6 +20,7 @@ from typing import Any
 from cocoon_faas import protocol as P
 from cocoon_faas.errors import ReplicaLostError
 from cocoon_faas.gateway.replica_wire import decode_meta
+from cocoon_faas.replica_context import LoadReport
 
 HELLO_TIMEOUT_S = 10.0
 log = logging.getLogger("cocoon.replica_client")
@@ -90,6 +91,7 @@ class ReplicaHandle:
     calls: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     secret: bytes = b""
+    load: LoadReport | None = None  # its engine's last load report (STATS frames), decoded and clamped
     max_frame: int = P.MAX_FRAME  # COCOON_MAX_FRAME_BYTES: the largest frame this replica may send
     _proto: P.FrameProtocol | None = None
     _pending: dict[int, PendingCall] = field(default_factory=dict)
@@ -147,6 +149,9 @@ class ReplicaHandle:
             self._proto.transport.close()
 
     def _on_frame(self, call: int, ftype: int, meta: dict[str, Any], body: bytes) -> None:
+        if ftype == P.STATS:
+            self.load = meta.get("load", self.load)
+            return
         pending = self._pending.get(call)
         if pending is not None:
             pending.deliver(Frame(ftype, meta, body))

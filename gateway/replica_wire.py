@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cocoon_faas import protocol as P
+from cocoon_faas.replica_context import LoadReport
 
 MAX_FACTS = 1024 * 1024
 MAX_DEPTH = 32
@@ -134,6 +135,17 @@ def decode_usage(value: Any) -> dict[str, int]:
     return out
 
 
+def decode_load(value: Any) -> LoadReport:
+    """An engine's load report (a STATS frame): each field a non-negative integer, or the frame is refused. The
+    numbers are then clamped (counts to MAX_COUNT, `kv_used` to `kv_blocks`, `running` to `max_seqs`): they only
+    steer the autoscaler and the chooser for this replica's own function, so a lying replica can at worst mis-scale
+    it (within its max_replicas) or turn its callers away to other replicas (docs/security.md)."""
+    if not isinstance(value, dict):
+        raise ReplicaProtocolError("a load report must be an object of counts")
+    keys = ("waiting", "running", "max_seqs", "kv_blocks", "kv_used", "max_waiting")
+    return LoadReport.clamped({key: _int(value, key, 0, 2**63) or 0 for key in keys})
+
+
 # -- frame meta -------------------------------------------------------------------------------------------------
 def decode_meta(ftype: int, raw: bytes) -> dict[str, Any]:
     """The meta of one frame from a replica, reduced to the checked keys the gateway reads."""
@@ -183,6 +195,8 @@ def decode_meta(ftype: int, raw: bytes) -> dict[str, Any]:
             out["status"] = status
     if ftype == P.PONG:
         out["inflight"] = _int(m, "inflight", 0, 10**9) or 0
+    if ftype == P.STATS:
+        out["load"] = decode_load(m)
     return out
 
 
@@ -250,4 +264,5 @@ def decode_facts(raw: bytes) -> ReplicaFacts:
         attestation_error=_str(d, "attestation_error", 2000), logs=logs)
 
 
-__all__ = ["ReplicaFacts", "ReplicaProtocolError", "decode_facts", "decode_logs", "decode_meta", "load_json"]
+__all__ = ["ReplicaFacts", "ReplicaProtocolError", "decode_facts", "decode_load", "decode_logs", "decode_meta",
+           "load_json"]

@@ -54,7 +54,8 @@ def summary(request: Request, fr: FunctionRuntime, full: bool = False) -> dict[s
         d["versions"] = [{"version": v, "measurement": m, "created": c}
                          for v, m, c in request.app.state.gw.store.versions(fr.name)]
         d["replica_list"] = [{"id": r.id, "state": r.state, "in_flight": r.inflight, "calls": r.calls,
-                              "version": r.version, **{k: v for k, v in r.extra.items() if k not in PRIVATE_EXTRA}}
+                              "version": r.version, **{k: v for k, v in r.extra.items() if k not in PRIVATE_EXTRA},
+                              **({"engine": r.load.to_json()} if r.load is not None else {})}
                              for r in fr.all]
     return d
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import cloudpickle
 
+from cocoon_faas import replica_context
 from cocoon_faas.spec import FunctionSpec
 
 LOG_LIMIT = 64 * 1024
@@ -131,6 +132,7 @@ class LoadedFunction:
 
     def __init__(self, blob: bytes, spec: FunctionSpec) -> None:
         self.spec = spec
+        replica_context.set_max_concurrency(spec.max_concurrency)  # an engine's default batch (llm.Engine)
         payload = cloudpickle.loads(blob)
         if not isinstance(payload, dict) or payload.get("format") != 1:
             raise RuntimeError("unsupported code blob format; redeploy with this version of cocoon-faas")
@@ -210,7 +212,8 @@ class LoadedFunction:
                 _current_log.reset(token)
                 running.leave()
 
-        fut = loop.run_in_executor(self.pool, runner)
+        # the call's context (its caller tag, replica_context) goes with it into the pool thread
+        fut = loop.run_in_executor(self.pool, contextvars.copy_context().run, runner)
         waiter: asyncio.Future[Any] = loop.create_future()
 
         def done(f: asyncio.Future[Any]) -> None:
@@ -279,7 +282,7 @@ class LoadedFunction:
                 _current_log.reset(token)
                 running.leave()  # a late interrupt fires here at the latest, inside this call
 
-        fut = loop.run_in_executor(self.pool, produce)
+        fut = loop.run_in_executor(self.pool, contextvars.copy_context().run, produce)
         fut.add_done_callback(lambda f: f.exception())
         finished = False
         try:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from cocoon_faas import protocol as P
+from cocoon_faas import replica_context
 from cocoon_faas.bundle import measurement_of
 from cocoon_faas.confidential.errors import EnvelopeError
 from cocoon_faas.confidential.keyrelease import CODE_MAGIC, peek_sealed_code
@@ -79,6 +80,8 @@ class _ServerConn:
             if ftype == P.HELLO and hmac.compare_digest(body, self.replica.secret):
                 self.authenticated = True
                 self.proto.send(P.encode(call, P.HELLO))
+                if self.replica.load is not None:  # a new gateway learns the engine's load at once
+                    self.proto.send(P.encode(0, P.STATS, self.replica.load.to_json()))
             else:  # not the gateway: nothing is answered, the connection is dropped
                 self.proto.abort("the first frame must be HELLO with this replica's secret")
             return
@@ -87,7 +90,11 @@ class _ServerConn:
             if link is not None and not meta.get("sealed") and self.replica.relayable:
                 self.relayed[call] = self.replica.relay(self, link, call, meta, body)
                 return
-            self._task(call, self.replica.handle(self, call, meta, body))
+            token = replica_context.set_caller(meta.get("caller", ""))  # copied into the call's task
+            try:
+                self._task(call, self.replica.handle(self, call, meta, body))
+            finally:
+                replica_context.reset_caller(token)
         elif ftype == P.CANCEL:
             running = self.tasks.get(call)
             if running is not None:
@@ -177,6 +184,8 @@ class Replica:
         self._unlocked: asyncio.Event | None = None
         self._data_loop: asyncio.AbstractEventLoop | None = None
         self._conns: set[_ServerConn] = set()
+        self.load: replica_context.LoadReport | None = None  # the code's engines' last load report
+        self._watcher: asyncio.Task[None] | None = None
 
     @property
     def inflight(self) -> int:
@@ -249,7 +258,7 @@ class Replica:
         if self._sandbox:
             proc = await loop.run_in_executor(None, SandboxProcess, self._sandbox_config(), self.replica_id or
                                               f"pid{os.getpid()}")
-            link = SandboxLink(proc, self._child_exited)
+            link = SandboxLink(proc, self._child_exited, self._forward_load)
             await link.open()
             try:
                 logs = await link.load(code, self._spec_json, LOAD_TIMEOUT_S)
@@ -263,9 +272,18 @@ class Replica:
         loaded = LoadedFunction(code, self.spec)
         log = await loop.run_in_executor(loaded.pool, loaded.setup)
         self.loaded = loaded
+        self._watcher = loop.create_task(replica_context.watch(self._forward_load))
         if self._unlocked is not None:
             self._unlocked.set()
         return log.lines
+
+    def _forward_load(self, report: replica_context.LoadReport) -> None:
+        """An engine's load (reduced by the link, or read in this process): to every gateway, for autoscaling."""
+        self.load = report
+        frame = P.encode(0, P.STATS, report.to_json())
+        for conn in list(self._conns):
+            if conn.authenticated:
+                conn.send(frame)
 
     def _child_exited(self) -> None:
         """The child died (os._exit, a signal, a limit): this replica is lost. Its gateway connections drop, so
@@ -325,6 +343,10 @@ class Replica:
         stream = bool(meta.get("stream"))
         forward = self._forward_logs
         seq = 0
+        child_meta: dict[str, Any] = {"t": timeout, "stream": True} if stream else {"t": timeout}
+        caller = meta.get("caller")
+        if isinstance(caller, str) and caller:
+            child_meta["caller"] = caller[:replica_context.MAX_CALLER_TAG]
 
         def sink(ftype: int, out: dict[str, Any], data: bytes) -> None:
             nonlocal seq
@@ -338,7 +360,7 @@ class Replica:
             out.pop("traceback", None)
             conn.send(P.encode(call, ftype, out, data))
 
-        return link.relay({"t": timeout, "stream": stream} if stream else {"t": timeout}, body, timeout, sink)
+        return link.relay(child_meta, body, timeout, sink)
 
     async def handle(self, conn: _ServerConn, call: int, meta: dict[str, Any], body: bytes) -> None:
         if meta.get("sealed"):
@@ -427,7 +449,7 @@ class Replica:
     async def _unary(self, args_json: bytes, timeout: float) -> bytes:
         """Run one call on whichever side holds the code; the result's JSON. Raises the call's failure."""
         if self.link is not None:
-            body, _ = await self.link.unary(args_json, timeout)
+            body, _ = await self.link.unary(args_json, timeout, replica_context.caller_tag())
             return body
         loaded = self.loaded
         assert loaded is not None
@@ -438,7 +460,7 @@ class Replica:
 
     async def _stream(self, args_json: bytes, deadline: float, timeout: float) -> AsyncIterator[bytes]:
         if self.link is not None:
-            async for item in self.link.stream(args_json, timeout, []):
+            async for item in self.link.stream(args_json, timeout, [], replica_context.caller_tag()):
                 yield item
             return
         loaded = self.loaded

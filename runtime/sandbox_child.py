@@ -5,9 +5,10 @@ actor. Before any tenant code is loaded it lowers its own limits (address space:
 MEMORY bytes, unless 0; soft and hard, so the code cannot raise them again). Then it serves frames (cocoon_faas/protocol.py):
 
     LOAD  meta {"spec": {...}}, body: the code blob   -> READY {"logs": [...]} | ERROR {"type": "startup_failed"}
-    CALL  meta {"t": timeout, "stream": bool}, body: JSON keyword arguments
+    CALL  meta {"t": timeout, "stream": bool, "caller": tag}, body: JSON keyword arguments
           -> RESULT body / CHUNK bodies then END / ERROR {"type": function_error | timeout | memory_exceeded}
     CANCEL
+    STATS (sent, call 0) meta: the load its engines report (cocoon_faas/replica_context.py), when it changes
 
 It reports no execution time: the actor measures that outside the sandbox. When the socket closes it exits.
 """
@@ -23,6 +24,7 @@ import sys
 from typing import Any
 
 from cocoon_faas import protocol as P
+from cocoon_faas import replica_context
 
 
 def _limit(memory: int, threads: int) -> None:
@@ -55,6 +57,7 @@ class Child:
         self.proto = P.FrameProtocol(self.on_frame, self.on_lost)
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.forward_logs = True
+        self.watcher: asyncio.Task[None] | None = None  # load reports of the code's engines, if any
 
     def on_frame(self, call: int, ftype: int, meta: dict[str, Any], body: bytes) -> None:
         loop = asyncio.get_running_loop()
@@ -95,6 +98,8 @@ class Child:
                                                "message": str(exc)[:2000], "traceback": trimmed_traceback(exc)}))
             return
         self.send(P.encode(call, P.READY, {"logs": log.lines if self.forward_logs else []}))
+        self.watcher = asyncio.get_running_loop().create_task(replica_context.watch(
+            lambda r: self.send(P.encode(0, P.STATS, r.to_json()))))
 
     async def handle(self, call: int, meta: dict[str, Any], body: bytes) -> None:
         from cocoon_faas.runtime.executor import CallInterrupted, CallLog, trimmed_traceback
@@ -103,6 +108,7 @@ class Child:
         log = CallLog()
         timeout = float(meta.get("t", 300.0))
         loop = asyncio.get_running_loop()
+        replica_context.set_caller(meta.get("caller", ""))  # this task's context: the call's own
         try:
             if loaded is None:
                 raise RuntimeError("the sandbox has no code loaded")

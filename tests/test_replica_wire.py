@@ -10,7 +10,8 @@ import pytest
 
 from cocoon_faas import protocol as P
 from cocoon_faas.gateway.replica_client import PendingCall, ReplicaHandle
-from cocoon_faas.gateway.replica_wire import ReplicaProtocolError, decode_facts, decode_meta
+from cocoon_faas.gateway.replica_wire import ReplicaProtocolError, decode_facts, decode_load, decode_meta
+from cocoon_faas.replica_context import MAX_COUNT, LoadReport
 
 
 def facts(**over):
@@ -111,3 +112,31 @@ def test_the_gateway_bounds_a_replicas_frames_by_its_setting():
     proto = P.FrameProtocol(lambda *a: None, lost.append, decode_meta, max_frame=1024)
     proto.data_received(P.HEADER.pack(13 + 2000, 1, P.RESULT, 0))
     assert proto.closed and "bad frame" in str(lost[0])
+
+
+def test_engine_load_reports_are_strict_and_clamped():
+    good = {"waiting": 2, "running": 3, "max_seqs": 8, "kv_blocks": 64, "kv_used": 60, "max_waiting": 16, "new": 1}
+    m = decode_meta(P.STATS, json.dumps(good).encode())
+    assert m == {"load": LoadReport(2, 3, 8, 64, 60, 16)}
+    # out of range: clamped, not believed (running within the batch, used within the pool, counts bounded)
+    lie = decode_load({"waiting": 10**15, "running": 500, "max_seqs": 8, "kv_blocks": 10, "kv_used": 99})
+    assert (lie.waiting, lie.running, lie.kv_used, lie.max_seqs) == (MAX_COUNT, 8, 10, 8)
+    assert decode_load({}) == LoadReport(0, 0, 1, 0, 0, 0)
+    for bad in ({"waiting": -1}, {"waiting": 1.5}, {"running": True}, {"kv_used": "9"}, {"waiting": 2**64}, [1]):
+        with pytest.raises(ReplicaProtocolError):
+            decode_load(bad)
+    with pytest.raises(ReplicaProtocolError, match="NaN"):
+        decode_meta(P.STATS, b'{"waiting": NaN}')
+
+
+def test_a_load_report_updates_the_handle_and_answers_no_call():
+    async def main():
+        r = ReplicaHandle(id="r", function="f", version=1, actor=None)
+        pending = PendingCall(False)
+        r._pending[0] = pending  # even a call numbered 0 does not receive it
+        r._on_frame(0, P.STATS, {"load": LoadReport(1, 2, 8, 10, 10, 4)}, b"")
+        r._on_frame(0, P.STATS, {}, b"")  # an empty report keeps the last one
+        return r, pending
+
+    r, pending = asyncio.run(main())
+    assert r.load == LoadReport(1, 2, 8, 10, 10, 4) and not pending.future.done()

@@ -10,7 +10,8 @@ here only block ids move. A block is in exactly one of three states:
 
 Allocation takes a free block, or else evicts the least recently released cached block. So `available()` (free
 plus cached) is what admission control may promise. A block's key is a digest of its parent's key and its own
-token ids: two requests share a block only when every token up to its end is the same.
+token ids: two requests share a block only when every token up to its end is the same, and the chain starts
+from the same root (the engine's per-caller salt; see `Engine`).
 
 Copy-on-write: a sequence about to write into a block it shares (refs > 1; after `n > 1` forks share the last,
 partly filled prompt block) asks `writable()` for a private copy first; full prefix blocks are never written.
@@ -108,13 +109,14 @@ class BlockManager:
         if key is not None and self._by_key.get(key) == b:
             del self._by_key[key]
 
-    def match_prefix(self, tokens: Sequence[int], limit: int) -> tuple[list[int], list[bytes]]:
+    def match_prefix(self, tokens: Sequence[int], limit: int, root: bytes = b"") -> tuple[list[int], list[bytes]]:
         """Take (incref) the cached blocks covering the longest run of full leading blocks of `tokens`, at most
-        `limit` blocks; return them and their keys."""
+        `limit` blocks; return them and their keys. `root` is the first block's parent key: requests with
+        different roots (callers, when each has its own cache) never share a block."""
         bs = self.block_size
         blocks: list[int] = []
         keys: list[bytes] = []
-        parent = b""
+        parent = root
         for i in range(min(limit, len(tokens) // bs)):
             key = block_key(parent, tokens[i * bs:(i + 1) * bs])
             b = self._by_key.get(key)

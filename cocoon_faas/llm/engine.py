@@ -11,12 +11,23 @@ Admission reserves the worst case, so a running sequence never waits for a block
 request that could never fit is refused at submit with the numbers, and a full waiting queue refuses with
 `OverloadedError` (429). Prefix reuse: at admission the prompt's full leading blocks are looked up by key
 (`blocks.block_key`) and shared instead of recomputed; the count is reported as `cached_tokens`.
+
+Prefix privacy: `cached_tokens` (and the time to the first token) would tell a caller that someone else sent the
+same prefix. So by default (`prefix_sharing="caller"`) each request's key chain starts from a salt of its caller
+(`replica_context.caller_tag()`, set per call by the runtime): blocks are shared only among one caller's requests
+(a bot's system prompt is still shared across its users: the bot is the caller). `prefix_sharing="function"`
+shares across every caller of the function, e.g. for a public system prompt; then any caller can learn whether
+some other caller sent a given prefix recently (docs/security.md, "The LLM engine").
+
+Load: the engine registers itself with `replica_context`, so a replica reports its queue, batch and KV occupancy
+to the gateway's autoscaler (`load_report`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import hashlib
 import itertools
 import queue
 import secrets
@@ -29,6 +40,7 @@ from typing import Any
 
 import torch
 
+from cocoon_faas import replica_context
 from cocoon_faas.errors import InvalidRequestError, OverloadedError
 from cocoon_faas.kernels.models.smollm import SmolLM
 from cocoon_faas.kernels.models.textgen import TextStream, next_token
@@ -48,6 +60,7 @@ class EngineStats:
     cached_blocks: int  # released, holding a reusable prefix (evictable)
     steps: int
     prefix_hit_tokens: int
+    reserved_blocks: int = 0  # not yet allocated, but promised to admitted sequences (their worst case)
 
     @property
     def kv_occupancy(self) -> float:
@@ -75,11 +88,12 @@ class RequestHandle:
     every choice has finished; `cancel()` stops it and frees its blocks."""
 
     def __init__(self, engine: Engine, rid: int, prompt: list[int], params: SamplingParams,
-                 loop: asyncio.AbstractEventLoop | None) -> None:
+                 loop: asyncio.AbstractEventLoop | None, root: bytes = b"") -> None:
         self._engine = engine
         self.id = rid
         self.prompt = prompt
         self.params = params
+        self.root = root  # the prefix-cache key chain's start: the caller's salt (or b"" when shared)
         self.usage: Usage | None = None
         self.cached_tokens = 0
         self.completion_tokens = 0
@@ -133,13 +147,20 @@ class Engine:
     """`Engine(SmolLM.load())`; `h = engine.submit(messages_or_ids, SamplingParams(max_tokens=32))`;
     `for out in h: ...` (or `async for` when submitted from a coroutine); `engine.close()`.
 
-    kv_blocks / block_size: the pool (default: `kv_memory_mb` worth of blocks); max_seqs: sequences in the batch;
-    max_batch_tokens: tokens per step (decode tokens + prefill chunks); max_waiting: queue length before 429;
-    threads: torch threads for the steps (default: leave torch's setting)."""
+    kv_blocks / block_size: the pool (default: `kv_memory_mb` worth of blocks); max_seqs: sequences in the batch
+    (default: the function's `max_concurrency` inside a replica, else 32); max_batch_tokens: tokens per step
+    (decode tokens + prefill chunks); max_waiting: queue length before 429; prefix_sharing: "caller" (cached
+    prefixes shared only among one caller's requests) or "function" (among all callers: leaks, see the module
+    docstring); threads: torch threads for the steps (default: leave torch's setting)."""
 
     def __init__(self, model: SmolLM, *, kv_blocks: int | None = None, kv_memory_mb: int = 256,
-                 block_size: int = 16, max_seqs: int = 32, max_batch_tokens: int = 256, max_waiting: int = 256,
-                 prefix_cache: bool = True, runner: PagedRunner | None = None, threads: int | None = None) -> None:
+                 block_size: int = 16, max_seqs: int | None = None, max_batch_tokens: int = 256,
+                 max_waiting: int = 256, prefix_cache: bool = True, prefix_sharing: str = "caller",
+                 runner: PagedRunner | None = None, threads: int | None = None) -> None:
+        if prefix_sharing not in ("caller", "function"):
+            raise ValueError(f"prefix_sharing must be 'caller' or 'function', got {prefix_sharing!r}")
+        if max_seqs is None:
+            max_seqs = replica_context.max_concurrency() or 32
         if threads:
             torch.set_num_threads(threads)
         if kv_blocks is None:
@@ -152,6 +173,7 @@ class Engine:
         self.max_batch_tokens = max(max_batch_tokens, max_seqs + 1)
         self.max_waiting = max_waiting
         self.prefix_cache = prefix_cache
+        self.prefix_sharing = prefix_sharing
         self._ids = itertools.count(1)
         self._lock = threading.Condition()
         self._inbox: deque[RequestHandle] = deque()
@@ -167,10 +189,13 @@ class Engine:
         ctx = contextvars.copy_context()
         self._thread = threading.Thread(target=ctx.run, args=(self._loop,), name="cocoon-llm-engine", daemon=True)
         self._thread.start()
+        replica_context.add_load_source(self)
 
     # --- public API -------------------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[dict[str, Any]] | Sequence[int] | str,
-               params: SamplingParams | None = None) -> RequestHandle:
+               params: SamplingParams | None = None, caller: str | None = None) -> RequestHandle:
+        """Queue one request. `caller`: whose prefix cache it may use (default: the current call's caller,
+        `replica_context.caller_tag()`); ignored with prefix_sharing="function"."""
         params = params or SamplingParams()
         ids = self._prompt_ids(prompt)
         ctx = self.model.config.context
@@ -192,7 +217,7 @@ class Engine:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        h = RequestHandle(self, next(self._ids), ids, params, loop)
+        h = RequestHandle(self, next(self._ids), ids, params, loop, self._root(caller))
         constraints = [self._grammar_tokenizer().constraint(params.response_format or {})
                        if params.constrained else None for _ in range(params.n)]
         h.seqs = [self._new_seq(h, i, constraints[i]) for i in range(params.n)]
@@ -215,7 +240,14 @@ class Engine:
         with self._lock:
             return EngineStats(len(self._waiting) + len(self._inbox), len(self._running), self.blocks.num_blocks,
                                self.blocks.free_count(), self.blocks.cached_count(), self._steps,
-                               self._prefix_hits)
+                               self._prefix_hits, self._reserved)
+
+    def load_report(self) -> replica_context.LoadReport:
+        """What the replica reports to the gateway's autoscaler (polled by the runtime a few times a second)."""
+        s = self.stats()
+        used = s.total_blocks - s.free_blocks - s.cached_blocks + s.reserved_blocks
+        return replica_context.LoadReport(s.waiting, s.running, self.max_seqs, s.total_blocks,
+                                          min(used, s.total_blocks), self.max_waiting)
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
         """Block until no request is queued or running (tests, shutdown)."""
@@ -224,6 +256,7 @@ class Engine:
                 lambda: not (self._inbox or self._waiting or self._running or self._cancels), timeout)
 
     def close(self) -> None:
+        replica_context.remove_load_source(self)
         with self._lock:
             self._closed = True
             self._lock.notify_all()
@@ -243,6 +276,12 @@ class Engine:
         if any(not 0 <= t < vocab for t in ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         return ids
+
+    def _root(self, caller: str | None) -> bytes:
+        if self.prefix_sharing == "function":
+            return b""
+        tag = replica_context.caller_tag() if caller is None else caller
+        return hashlib.blake2b(tag.encode(), digest_size=16, person=b"cocoon-prefix").digest() if tag else b""
 
     def _blocks_needed(self, prompt_len: int, params: SamplingParams) -> int:
         bs = self.block_size
@@ -307,7 +346,7 @@ class Engine:
             h = self._waiting[0]
             seqs = h.seqs
             limit = (len(h.prompt) - 1) // bs  # the last prompt token is always computed: it gives the logits
-            blocks, keys = self.blocks.match_prefix(h.prompt, limit) if self.prefix_cache else ([], [])
+            blocks, keys = self.blocks.match_prefix(h.prompt, limit, h.root) if self.prefix_cache else ([], [])
             need = self._blocks_needed(len(h.prompt), h.params) - len(blocks)
             if need > self.blocks.available() - self._reserved:
                 for b in blocks:
@@ -432,7 +471,7 @@ class Engine:
         bs = self.block_size
         while len(s.keys) < s.computed // bs:
             j = len(s.keys)
-            key = block_key(s.keys[-1] if s.keys else b"", s.tokens[j * bs:(j + 1) * bs])
+            key = block_key(s.keys[-1] if s.keys else s.req.root, s.tokens[j * bs:(j + 1) * bs])
             self.blocks.register(s.blocks[j], key)
             s.keys.append(key)
 
