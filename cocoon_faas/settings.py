@@ -38,6 +38,9 @@ class Settings(BaseSettings):
                                     "default (the machine's address, every interface), so provider nodes can join")
     ray_num_cpus: int = Field(16, description="logical CPUs the embedded local Ray advertises")
     replica_host: str = Field("127.0.0.1", description="address replicas bind their data-path port to")
+    dashboard_hosts: str = Field("", description="host[:port] names clients reach this gateway by, comma-separated "
+                                 "(e.g. faas.example.com): a provider's dashboard login signed for another name is "
+                                 "refused; empty: the request's Host header is the name")
     max_body_bytes: int = Field(10 * 1024 * 1024, description="largest accepted request body")
     queue_limit: int = Field(256, description="calls allowed to wait per function when every replica is busy")
     result_ttl_s: float = Field(3600.0, description="how long async call results are kept")

@@ -317,8 +317,9 @@ def create_app(settings: Settings, backend: Any = None, extra_routes: list[Any] 
         *routes_control.routes,
         *openai_routes.routes,
         *dashboard.routes,
-        *provider_dashboard_routes(ProviderDashboard(lambda: gw.dashboard_sessions, lambda: gw.market,
-                                                     lambda: gw.billing.ledger)),
+        *provider_dashboard_routes(ProviderDashboard(
+            lambda: gw.dashboard_sessions, lambda: gw.market, lambda: gw.billing.ledger,
+            hosts=frozenset(h.strip() for h in settings.dashboard_hosts.split(",") if h.strip()))),
         *(extra_routes or []),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,

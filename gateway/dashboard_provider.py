@@ -49,6 +49,7 @@ class ProviderDashboard:
     market: Callable[[], Marketplace]
     ledger: Callable[[], Ledger | None]
     clock: Callable[[], float] = time.time
+    hosts: frozenset[str] = frozenset()  # COCOON_DASHBOARD_HOSTS: the names logins may be signed for
 
 
 def _same_wallet(a: str, b: str) -> bool:
@@ -138,10 +139,13 @@ def provider_dashboard_routes(dash: ProviderDashboard) -> list[BaseRoute]:
 
     async def login(request: Request) -> Response:
         proof, sig = ProviderLogin.from_wire(await read_json(request, MAX_BODY))
-        if proof.gateway != _host(request):
+        # the name the provider's CLI reached: a gateway that knows its names (COCOON_DASHBOARD_HOSTS) also refuses
+        # a login a look-alike gateway relays with a forged Host header
+        names = dash.hosts or {_host(request)}
+        if proof.gateway not in names or _host(request) not in names:
             raise PermissionDeniedError(f"this login was signed for gateway {proof.gateway!r}, not this one "
-                                        f"({_host(request)!r}); run `cocoon provider login --gateway` with this "
-                                        "gateway's URL", reason="audience")
+                                        f"({', '.join(sorted(names))}); run `cocoon provider login --gateway` with "
+                                        "this gateway's URL", reason="audience")
         proof.verify(sig)
         wallet = wallet_key(proof.wallet)
         if not nodes_of(dash.market(), wallet):

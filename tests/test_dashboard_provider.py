@@ -62,7 +62,10 @@ def world(tmp_path: Path) -> dict[str, Any]:
     sessions = SessionBook(open_database(tmp_path / "store.db"), clock=clock)
     app = Starlette(routes=provider_dashboard_routes(
         ProviderDashboard(lambda: sessions, lambda: market, lambda: ledger, clock=clock)))
-    return {"app": app, "clock": clock, "ledger": ledger}
+    named = Starlette(routes=provider_dashboard_routes(  # COCOON_DASHBOARD_HOSTS=faas.example.com
+        ProviderDashboard(lambda: sessions, lambda: market, lambda: ledger, clock=clock,
+                          hosts=frozenset({"faas.example.com"}))))
+    return {"app": app, "named": named, "clock": clock, "ledger": ledger}
 
 
 def signed_login(client: TestClient, key: PrivateKey, *, claim: str | None = None, gateway: str = "testserver",
@@ -215,3 +218,14 @@ def test_logins_and_books_on_both_database_backends(database: Any, tmp_path: Pat
     assert before == 0 and sum(s for _, s in buckets) == 1000 + 1001 + 1002
     assert ledger.provider_income(["n1"], "charges", time.time() + 60, 10.0) == (2001, [])
     assert ledger.payouts_to(["n1"]) == []
+
+
+def test_a_gateway_that_knows_its_name_refuses_logins_signed_for_another(world: dict[str, Any]) -> None:
+    """A look-alike gateway relaying a login it got signed (for its own name) cannot pass it off with a forged Host
+    header once the real gateway's names are set."""
+    c = TestClient(world["named"], base_url="http://faas.example.com")
+    relayed = signed_login(c, A, gateway="look-alike.example")
+    r = c.post(f"{BASE}/login", json=relayed, headers={"host": "look-alike.example"})
+    assert r.status_code == 403 and reason(r) == "audience" and "faas.example.com" in r.json()["error"]["message"]
+    r = c.post(f"{BASE}/login", json=signed_login(c, A, gateway="faas.example.com"))
+    assert r.status_code == 200 and r.json()["url"].startswith("http://faas.example.com/dashboard#provider-code=")
