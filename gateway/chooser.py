@@ -138,8 +138,11 @@ class Chooser:
                     )
                 fut: asyncio.Future[None] = loop.create_future()
                 fr.waiters.append(fut)
+                # a replica whose engine queues frees room without a release here (its report changes): look
+                # again at the pace of its reports
+                poll = 0.25 if any(r.load is not None and r.load.saturated for r in fr.ready) else 1.0
                 try:
-                    await asyncio.wait_for(fut, min(remaining, 1.0))
+                    await asyncio.wait_for(fut, min(remaining, poll))
                 except asyncio.TimeoutError:
                     pass
                 r = self._pick(fr, want)

@@ -92,3 +92,27 @@ def test_engine_demand_counts_kv_pressure_and_queue_depth():
     # a lying replica can ask for at most max_replicas
     liar = [LoadReport.clamped({"waiting": 10**9, "running": 0, "kv_blocks": 1, "kv_used": 5})]
     assert _t(ScaleState(), 0, 1, engine_demand(liar, 8, 0.8), max_concurrency=8, up_delay=0) == 4
+
+
+def test_a_call_queued_behind_a_saturated_engine_takes_it_when_its_report_clears():
+    import asyncio
+    import time
+    from collections import deque
+    from types import SimpleNamespace
+
+    from cocoon_faas.gateway.chooser import Chooser
+
+    r = R(1, _engine(waiting=1, running=1, kv_used=100))
+    fr = SimpleNamespace(name="f", spec=SimpleNamespace(max_concurrency=8, timeout=30.0), ready=[r], queued=0,
+                         waiters=deque(), problem=None, starting=0)
+    queued = []
+    chooser = Chooser({"f": fr}, queue_limit=4, on_queue=queued.append)
+
+    async def main():
+        waiting = asyncio.ensure_future(chooser.acquire(fr, time.monotonic() + 30))
+        await asyncio.sleep(0.05)
+        assert not waiting.done() and fr.queued == 1 and queued == [fr]
+        r.load = _engine(running=2, kv_used=60)  # a STATS frame: the engine admitted its queue; no call ended
+        return await asyncio.wait_for(waiting, 10)
+
+    assert asyncio.run(main()) is r and r.inflight == 2 and fr.queued == 0
