@@ -23,7 +23,6 @@ from typing import Any
 
 import cloudpickle
 
-from cocoon_faas import replica_context
 from cocoon_faas.spec import FunctionSpec
 
 LOG_LIMIT = 64 * 1024
@@ -132,7 +131,6 @@ class LoadedFunction:
 
     def __init__(self, blob: bytes, spec: FunctionSpec) -> None:
         self.spec = spec
-        replica_context.set_max_concurrency(spec.max_concurrency)  # an engine's default batch (llm.Engine)
         payload = cloudpickle.loads(blob)
         if not isinstance(payload, dict) or payload.get("format") != 1:
             raise RuntimeError("unsupported code blob format; redeploy with this version of cocoon-faas")

@@ -269,6 +269,7 @@ class Replica:
             if self._unlocked is not None:
                 self._unlocked.set()
             return logs
+        replica_context.set_max_concurrency(self.spec.max_concurrency)  # an llm.Engine's default batch
         loaded = LoadedFunction(code, self.spec)
         log = await loop.run_in_executor(loaded.pool, loaded.setup)
         self.loaded = loaded

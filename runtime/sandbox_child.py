@@ -90,6 +90,7 @@ class Child:
             self.forward_logs = bool(meta.get("logs", True))
             spec = FunctionSpec.from_json(meta["spec"])
             _limit(self.memory, max(1, spec.max_concurrency) + 4)
+            replica_context.set_max_concurrency(spec.max_concurrency)  # an llm.Engine's default batch
             self.loaded = LoadedFunction(code, spec)
             log = await asyncio.get_running_loop().run_in_executor(self.loaded.pool, self.loaded.setup)
         except BaseException as exc:  # noqa: BLE001 - reported to the actor, which refuses the version

@@ -82,6 +82,7 @@ def test_kv_pressure_reaches_the_autoscaler_and_admission(gateway, tiny):
         threads.append(start("long1", "w5 w6 w7", 200))
         v = _wait(c, lambda v: any(e["running"] == 1 and e["kv_used"] == 13 for e in _engines(v)),
                   "the engine's KV pool committed")
+        assert [e["max_seqs"] for e in _engines(v)] == [8]  # the function's max_concurrency: sequences in the batch
         # a second one waits in the engine (the gateway had no report of a queue yet)
         threads.append(start("long2", "w8 w9", 200))
         v = _wait(c, lambda v: any(e["waiting"] >= 1 for e in _engines(v)), "a queue in the engine")
