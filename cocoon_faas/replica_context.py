@@ -114,10 +114,13 @@ def current_load() -> LoadReport | None:
 
 async def watch(send: Callable[[LoadReport], None], interval: float = WATCH_INTERVAL_S) -> None:
     """Poll `current_load()` and `send` each report that differs from the last one sent (runs until cancelled).
-    Idle engines cost one comparison per interval and no frame."""
+    Idle engines cost one comparison per interval and no frame. When the last source goes (closed), an empty
+    report says so: the gateway must not keep steering by a closed engine's last numbers."""
     last: LoadReport | None = None
     while True:
         r = current_load()
+        if r is None and last is not None:
+            r = LoadReport()
         if r is not None and r != last:
             send(r)
             last = r

@@ -52,13 +52,17 @@ def test_watch_sends_the_sum_of_sources_only_when_it_changes():
             a.report = LoadReport(0, 0, 8, 10, 0, 4)
             while len(sent) < 2:
                 await asyncio.sleep(0.001)
+            rc.remove_load_source(a)
+            rc.remove_load_source(b)  # the engines closed
+            while len(sent) < 3:
+                await asyncio.sleep(0.001)
         finally:
             task.cancel()
             rc.remove_load_source(a)
             rc.remove_load_source(b)
 
     asyncio.run(main())
-    assert sent == [LoadReport(1, 3, 16, 20, 8, 8), LoadReport(0, 2, 16, 20, 3, 8)]
+    assert sent == [LoadReport(1, 3, 16, 20, 8, 8), LoadReport(0, 2, 16, 20, 3, 8), LoadReport()]
     assert rc.current_load() is None
 
 
