@@ -286,6 +286,9 @@ class Controller:
         if self.functions.get(fr.name) is not fr:
             r.close()
             return
+        if self.market is not None and r.node != "local" and not self.market.knows(r.node):
+            r.close()  # on a node this gateway has not read from the store yet: the next sync attaches it
+            return
         r.state = "ready"
         r.on_lost = self._on_lost
         self._assign(r, fr)  # its node's capacity is taken, whoever placed it (placement sees every replica)

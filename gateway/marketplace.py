@@ -433,6 +433,9 @@ class Marketplace:
     def ids(self) -> list[str]:
         return list(self._nodes)
 
+    def knows(self, node_id: str) -> bool:
+        return node_id in self._nodes
+
     def revivable(self, node_id: str) -> bool:
         return self._state(node_id).revivable
 
