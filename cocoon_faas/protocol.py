@@ -8,7 +8,8 @@ Frame (big-endian)::
 
     u32 length      bytes after this field: 13 + len(meta) + len(body)
     u64 call        call number, chosen by the gateway, unique per connection
-    u8  type        CALL, CANCEL, RESULT, ERROR, CHUNK, END, PING, PONG, HELLO, UNLOCK, GRANT, LOAD, READY, STATS
+    u8  type        CALL, CANCEL, RESULT, ERROR, CHUNK, END, PING, PONG, HELLO, UNLOCK, GRANT, LOAD, READY, STATS,
+                    CREDIT
     u32 meta_len    length of meta
     meta            small JSON object (routing facts: timeout, kind, exec time, error type)
     body            opaque bytes: JSON arguments/results, or a sealed envelope the gateway cannot read
@@ -21,6 +22,8 @@ replica answers HELLO, or closes the connection); UNLOCK (body: a code-key grant
 attestation document) replace Ray method calls whose results the gateway would have had to unpickle. LOAD and
 READY run between a replica actor and its sandboxed child only (docs/security.md). STATS (call 0, unsolicited,
 meta: a `replica_context.LoadReport`) carries an engine's load: child -> actor -> every gateway connection.
+CREDIT (body: u64 bytes) flows against a stream's CHUNKs, from the receiving end to the sending one: the
+stream window of `cocoon_faas/flow.py`.
 """
 
 from __future__ import annotations
@@ -35,10 +38,10 @@ HEADER = struct.Struct("!IQBI")
 MAX_FRAME = 256 * 1024 * 1024
 MAX_META = 1024 * 1024  # meta is routing facts and bounded logs; anything bigger is a broken or hostile peer
 
-CALL, CANCEL, RESULT, ERROR, CHUNK, END, PING, PONG, HELLO, UNLOCK, GRANT, LOAD, READY, STATS = range(1, 15)
+CALL, CANCEL, RESULT, ERROR, CHUNK, END, PING, PONG, HELLO, UNLOCK, GRANT, LOAD, READY, STATS, CREDIT = range(1, 16)
 TYPE_NAMES = {CALL: "CALL", CANCEL: "CANCEL", RESULT: "RESULT", ERROR: "ERROR", CHUNK: "CHUNK", END: "END",
               PING: "PING", PONG: "PONG", HELLO: "HELLO", UNLOCK: "UNLOCK", GRANT: "GRANT", LOAD: "LOAD",
-              READY: "READY", STATS: "STATS"}
+              READY: "READY", STATS: "STATS", CREDIT: "CREDIT"}
 
 _EMPTY_META = b"{}"
 

@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     attestation: str = Field("auto", description="replica TEE evidence: auto (tdx with configfs-tsm, else dev), "
                              "tdx, dev")
     max_frame_bytes: int = Field(16 * 1024 * 1024, description="largest frame a replica may send the gateway")
+    stream_window_bytes: int = Field(1024 * 1024, ge=4096, le=1 << 40, description="per stream, the bytes of "
+                                     "items a replica may send ahead of what the client has read (each item "
+                                     "counts 512 bytes more); the gateway holds at most this plus one item per "
+                                     "stream, and a slow client pauses the function's generator")
     max_connections: int = Field(2048, description="open HTTP connections the gateway serves at once "
                                  "(more get 503 from uvicorn)")
     max_header_bytes: int = Field(64 * 1024, description="largest total size of a request's headers (431 above)")

@@ -157,7 +157,8 @@ class Gateway:
         self.pipeline = Pipeline(self.controller, self.billing, self.store, self.metrics, self.market,
                                  self.settings.max_body_bytes, shared=self.shared,
                                  max_pending_async=self.settings.max_pending_async_calls,
-                                 caller_tags=CallerTags.load(self.settings.home))
+                                 caller_tags=CallerTags.load(self.settings.home),
+                                 stream_window=self.settings.stream_window_bytes)
         loop = asyncio.get_running_loop()
         gc.collect()
         gc.freeze()  # start-up objects (Ray's included) leave the GC's scans: full collections stalled calls
@@ -270,6 +271,7 @@ async def metrics(request: Request) -> Response:
     for fr in gw.controller.functions.values():
         gw.metrics.inflight.labels(fr.name).set(fr.inflight)
         gw.metrics.replicas.labels(fr.name).set(len(fr.ready))
+    gw.metrics.stream_buffered.set(gw.pipeline.stream_buffered_bytes())
     return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4")
 
 

@@ -30,7 +30,7 @@ from cocoon_faas.gateway.replica_client import Frame
 
 if TYPE_CHECKING:
     from cocoon_faas.gateway.controller import FunctionRuntime
-    from cocoon_faas.gateway.replica_client import ReplicaHandle
+    from cocoon_faas.gateway.replica_client import PendingCall, ReplicaHandle
 
 GRACE_S = 2.0  # the replica enforces the limit itself; the gateway waits this much longer before giving up
 
@@ -158,10 +158,18 @@ class StreamFrames:
     """A stream's frames: CHUNKs, then one END (or a raised CocoonError). `replica` is the one answering."""
 
     def __init__(self, replicas: Replicas, fr: FunctionRuntime, body: bytes, meta: dict[str, Any],
-                 route: Route) -> None:
+                 route: Route, window: int = 0) -> None:
         self.replica: ReplicaHandle | None = None
         self.error_ms = 0.0  # metered time of a replica's ERROR frame (the user's exception is charged for it)
+        self.window = window  # COCOON_STREAM_WINDOW_BYTES (0: no flow control)
+        self.pending: PendingCall | None = None
         self._it = self._run(replicas, fr, body, meta, route)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of this stream's items the gateway holds (received, not yet taken by the client)."""
+        w = self.pending.window if self.pending is not None else None
+        return w.buffered if w is not None else 0
 
     def __aiter__(self) -> StreamFrames:
         return self
@@ -184,7 +192,9 @@ class StreamFrames:
             try:
                 remaining = max(deadline - time.monotonic(), 0.001)
                 route.prepare(r, meta)
-                call, pending = r.send_call({"t": remaining, "stream": True, **meta}, body, streaming=True)
+                call, pending = r.send_call({"t": remaining, "stream": True, **meta}, body, streaming=True,
+                                            window=self.window)
+                self.pending = pending
                 assert pending.queue is not None
                 while True:
                     remaining = deadline - time.monotonic() + GRACE_S
@@ -198,6 +208,13 @@ class StreamFrames:
                     if item.type == P.CHUNK:
                         sent_any = True
                         yield item
+                        credit = r.consumed(pending, len(item.body))  # resumed: the client's connection took it
+                        if credit:
+                            # One loop pass first: a client that just hung up lets the previous sends return at
+                            # once, and its disconnect (which cancels this call) must land before the replica is
+                            # told to produce more. Once per half window, not per item.
+                            await asyncio.sleep(0)
+                            r.credit(call, credit)
                     elif item.type == P.END:
                         yield item
                         return

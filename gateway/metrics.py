@@ -17,6 +17,9 @@ class Metrics:
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.inflight = Gauge("cocoon_inflight_calls", "Calls in flight", ["function"], registry=self.registry)
         self.replicas = Gauge("cocoon_replicas", "Ready replicas", ["function"], registry=self.registry)
+        self.stream_buffered = Gauge("cocoon_stream_buffered_bytes", "Bytes of streamed items held for clients "
+                                     "that have not taken them yet (each stream: at most COCOON_STREAM_WINDOW_BYTES "
+                                     "plus one item)", registry=self.registry)
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     def observe(self, function: str, status: str, seconds: float) -> None:

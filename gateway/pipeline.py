@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -206,7 +207,8 @@ class Pipeline:
 
     def __init__(self, replicas: Replicas, billing: Billing, store: Store, metrics: Metrics,
                  market: Marketplace | None, max_body_bytes: int, shared: bool = False,
-                 max_pending_async: int = 10_000, caller_tags: CallerTags | None = None) -> None:
+                 max_pending_async: int = 10_000, caller_tags: CallerTags | None = None,
+                 stream_window: int = 0) -> None:
         self.replicas = replicas
         self.billing = billing
         self.store = store
@@ -218,6 +220,8 @@ class Pipeline:
         self.max_pending_async = max_pending_async
         self.pending_async = 0  # async calls queued or running on this gateway
         self.caller_tags = caller_tags  # the replica gets an opaque tag of each call's caller (prefix caches)
+        self.stream_window = stream_window  # COCOON_STREAM_WINDOW_BYTES: per-stream credit (cocoon_faas/flow.py)
+        self.streams: weakref.WeakSet[CallStream] = weakref.WeakSet()  # open streams (buffered bytes: a metric)
 
     # -- admit -----------------------------------------------------------------------------------------
     async def admit(self, request: Request, call_id: str, plan: Callable[[bytes], Plan]) -> Call:
@@ -320,6 +324,10 @@ class Pipeline:
     def stream(self, call: Call) -> CallStream:
         return CallStream(self, call)
 
+    def stream_buffered_bytes(self) -> int:
+        """Bytes of streamed items this gateway holds for clients that have not taken them yet, all streams."""
+        return sum(st.frames.buffered for st in self.streams)
+
     # -- settle and record ------------------------------------------------------------------------------
     def settle(self, call: Call, err: CocoonError | None, exec_ms: float, provider: str, usage: Usage | None,
                logs: Any, result: bytes | None, bill: bool) -> Settlement:
@@ -369,7 +377,8 @@ class CallStream:
 
     def __init__(self, pipeline: Pipeline, call: Call) -> None:
         self.pipeline, self.call = pipeline, call
-        self.frames = StreamFrames(pipeline.replicas, call.fr, call.body, call.meta, call.route)
+        self.frames = StreamFrames(pipeline.replicas, call.fr, call.body, call.meta, call.route,
+                                   pipeline.stream_window)
         self.first: Frame | None = None
         self.final: Frame | None = None
         self.delivered = 0  # chunks handed on to the client
@@ -377,6 +386,7 @@ class CallStream:
 
     async def open(self) -> None:
         """Wait for the first frame; on failure the call is settled and the (client-facing) error raised."""
+        self.pipeline.streams.add(self)
         try:
             self.first = await self.frames.__anext__()
         except asyncio.CancelledError:  # the client went away before the first frame
@@ -436,6 +446,7 @@ class CallStream:
     async def close(self) -> Settlement:
         """Always call last. A stream not yet settled was cut (the client went away): released, or on a
         per-token function charged for what was delivered."""
+        self.pipeline.streams.discard(self)
         try:
             await self.frames.aclose()
         finally:

@@ -4,7 +4,9 @@ The connection opens with HELLO and the per-replica secret the controller gave t
 port serves nobody else). Every frame's meta from the replica goes through the strict decoder of
 `replica_wire.py`; a frame it refuses drops the replica (the controller replaces it). Metering the replica cannot
 move: each final frame's `ms` is capped at the wall time this gateway observed between sending the call and
-receiving that frame (`wall_ms` is added beside it, set here, never read from the replica).
+receiving that frame (`wall_ms` is added beside it, set here, never read from the replica). A stream's CHUNKs
+are held to the window the gateway announced (cocoon_faas/flow.py): a replica that sends beyond it is dropped
+like one that breaks the frame format, and credit goes back only as the client's connection takes items.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 from cocoon_faas import protocol as P
 from cocoon_faas.errors import ReplicaLostError
+from cocoon_faas.flow import FlowError, Window, credit_body
 from cocoon_faas.gateway.replica_wire import decode_meta
 from cocoon_faas.replica_context import LoadReport
 
@@ -47,18 +50,23 @@ def _cap(meta: dict[str, Any], t0: float) -> dict[str, Any]:
 class PendingCall:
     """Frames of one in-flight call, as they arrive."""
 
-    __slots__ = ("queue", "future", "streaming", "t0")
+    __slots__ = ("queue", "future", "streaming", "t0", "window")
 
-    def __init__(self, streaming: bool) -> None:
+    def __init__(self, streaming: bool, window: int = 0) -> None:
         self.streaming = streaming
         self.t0 = time.monotonic()
         loop = asyncio.get_running_loop()
         self.future: asyncio.Future[Frame] | None = None if streaming else loop.create_future()
+        # A stream's queue holds at most its window plus one item: the replica may not send beyond it
         self.queue: asyncio.Queue[Frame | BaseException] | None = asyncio.Queue() if streaming else None
+        self.window: Window | None = Window(window) if streaming and window else None
 
     def deliver(self, frame: Frame) -> None:
+        """Raises FlowError for a CHUNK beyond the stream's window (the caller drops the replica)."""
         if frame.type != P.CHUNK:
             _cap(frame.meta, self.t0)
+        elif self.window is not None:
+            self.window.received(len(frame.body))
         if self.future is not None:
             if not self.future.done():
                 self.future.set_result(frame)
@@ -128,14 +136,28 @@ class ReplicaHandle:
         finally:
             self._pending.pop(call, None)
 
-    def send_call(self, meta: dict[str, Any], body: bytes, streaming: bool) -> tuple[int, PendingCall]:
+    def send_call(self, meta: dict[str, Any], body: bytes, streaming: bool, window: int = 0
+                  ) -> tuple[int, PendingCall]:
+        """Send a CALL. A stream with `window` > 0 announces it (meta "w"); see `consumed`."""
         if self._proto is None or self._proto.closed or self.state == "dead":
             raise ReplicaLostError(f"replica {self.id} is gone")
         call = next(self._ids)
-        pending = PendingCall(streaming)
+        if window:
+            meta["w"] = window
+        pending = PendingCall(streaming, window)
         self._pending[call] = pending
         self._proto.send(P.encode(call, P.CALL, meta, body))
         return call, pending
+
+    @staticmethod
+    def consumed(pending: PendingCall, body_len: int) -> int:
+        """The client's connection took a CHUNK: the credit now due to the replica (0: keep batching)."""
+        return pending.window.consumed(body_len) if pending.window is not None else 0
+
+    def credit(self, call: int, credit: int) -> None:
+        """Let the replica send `credit` more bytes of stream `call`."""
+        if self._proto is not None and not self._proto.closed:
+            self._proto.send(P.encode(call, P.CREDIT, None, credit_body(credit)))
 
     def finish(self, call: int) -> None:
         self._pending.pop(call, None)
@@ -154,7 +176,11 @@ class ReplicaHandle:
             return
         pending = self._pending.get(call)
         if pending is not None:
-            pending.deliver(Frame(ftype, meta, body))
+            try:
+                pending.deliver(Frame(ftype, meta, body))
+            except FlowError as exc:  # the replica ignored its stream window: broken or hostile
+                if self._proto is not None:
+                    self._proto.abort(f"bad frame: {exc}")
 
     def _lost(self, exc: Exception | None) -> None:
         self.state = "dead"

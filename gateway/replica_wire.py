@@ -32,6 +32,8 @@ MAX_LOG_CHARS = 256 * 1024
 _HEX = re.compile(r"^[0-9a-fA-F]*$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$")
 LOG_STREAMS = ("stdout", "stderr", "error")
+# What a replica may send the gateway; anything else (a CREDIT, a CALL, ...) is refused before its meta is read.
+REPLICA_SENDS = frozenset((P.RESULT, P.ERROR, P.CHUNK, P.END, P.PONG, P.HELLO, P.STATS))
 
 
 class ReplicaProtocolError(ValueError):
@@ -149,6 +151,8 @@ def decode_load(value: Any) -> LoadReport:
 # -- frame meta -------------------------------------------------------------------------------------------------
 def decode_meta(ftype: int, raw: bytes) -> dict[str, Any]:
     """The meta of one frame from a replica, reduced to the checked keys the gateway reads."""
+    if ftype not in REPLICA_SENDS:
+        raise ReplicaProtocolError(f"frame type {P.TYPE_NAMES.get(ftype, ftype)} is not one a replica sends")
     if len(raw) <= 2:
         if raw not in (b"", b"{}"):
             raise ReplicaProtocolError("meta must be a JSON object")
@@ -264,5 +268,5 @@ def decode_facts(raw: bytes) -> ReplicaFacts:
         attestation_error=_str(d, "attestation_error", 2000), logs=logs)
 
 
-__all__ = ["ReplicaFacts", "ReplicaProtocolError", "decode_facts", "decode_load", "decode_logs", "decode_meta",
-           "load_json"]
+__all__ = ["REPLICA_SENDS", "ReplicaFacts", "ReplicaProtocolError", "decode_facts", "decode_load", "decode_logs",
+           "decode_meta", "load_json"]

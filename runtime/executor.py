@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -240,7 +240,7 @@ class LoadedFunction:
         finally:
             timer.cancel()
 
-    async def stream(self, kwargs: dict[str, Any], log: CallLog, deadline: float) -> AsyncIterator[Any]:
+    async def stream(self, kwargs: dict[str, Any], log: CallLog, deadline: float) -> AsyncGenerator[Any, None]:
         """Yield a generator function's items as they are produced."""
         fn = self.target
         assert fn is not None
@@ -264,7 +264,9 @@ class LoadedFunction:
                 _current_log.reset(token)
             return
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=64)
+        # Read-ahead of a plain generator: small, since a stream waiting for its client's credit stops pulling
+        # here and the producer thread then stops this many items ahead (each put waits for the loop anyway)
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=8)
         running = _Running()
 
         def produce() -> None:

@@ -32,7 +32,8 @@ import math
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from cocoon_faas.bundle import measurement_of
 from cocoon_faas.confidential.errors import EnvelopeError
 from cocoon_faas.confidential.keyrelease import CODE_MAGIC, peek_sealed_code
 from cocoon_faas.confidential.replica import TSM_REPORT_DIR, ReplicaCallContext, ReplicaIdentity
+from cocoon_faas.flow import FlowError, Window, decode_credit, window_of
 from cocoon_faas.runtime.executor import (
     CallInterrupted,
     CallLog,
@@ -65,12 +67,15 @@ def facts_key(replica_id: str) -> bytes:
 
 class _ServerConn:
     """One gateway connection: HELLO first (the per-replica secret), then each CALL relayed to the sandbox (or
-    run as a task), cancelled on CANCEL."""
+    run as a task), cancelled on CANCEL. A stream's CREDIT goes to the sandbox with its relayed call, or to the
+    window a task-run stream waits on; a malformed or excessive credit drops the connection (cocoon_faas/flow.py).
+    """
 
     def __init__(self, replica: Replica) -> None:
         self.replica = replica
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.relayed: dict[int, int] = {}  # gateway call -> sandbox call
+        self.windows: dict[int, Window] = {}  # gateway call -> its stream window (streams run here as tasks)
         self.authenticated = False
         self.proto = P.FrameProtocol(self.on_frame, self.on_lost)
         replica._conns.add(self)
@@ -86,15 +91,24 @@ class _ServerConn:
                 self.proto.abort("the first frame must be HELLO with this replica's secret")
             return
         if ftype == P.CALL:
+            try:
+                window = window_of(meta)
+            except FlowError as exc:
+                self.proto.abort(str(exc))
+                return
             link = self.replica.link
             if link is not None and not meta.get("sealed") and self.replica.relayable:
-                self.relayed[call] = self.replica.relay(self, link, call, meta, body)
+                self.relayed[call] = self.replica.relay(self, link, call, meta, body, window)
                 return
+            if window is not None:
+                self.windows[call] = window
             token = replica_context.set_caller(meta.get("caller", ""))  # copied into the call's task
             try:
-                self._task(call, self.replica.handle(self, call, meta, body))
+                self._task(call, self.replica.handle(self, call, meta, body, window))
             finally:
                 replica_context.reset_caller(token)
+        elif ftype == P.CREDIT:
+            self.credit(call, body)
         elif ftype == P.CANCEL:
             running = self.tasks.get(call)
             if running is not None:
@@ -109,10 +123,27 @@ class _ServerConn:
         elif ftype == P.GRANT:
             self._task(call, self.replica.grant_frame(self, call, body))
 
+    def credit(self, call: int, body: bytes) -> None:
+        """A credit for a stream; one for a call that has ended meanwhile is dropped (it crossed the END)."""
+        try:
+            n = decode_credit(body)
+            cid = self.relayed.get(call)
+            if cid is not None and self.replica.link is not None:
+                self.replica.link.credit(cid, n)
+            elif call in self.windows:
+                self.windows[call].granted(n)
+        except FlowError as exc:
+            self.proto.abort(f"bad CREDIT from the gateway: {exc}")
+
     def _task(self, call: int, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks[call] = task
-        task.add_done_callback(lambda _t: self.tasks.pop(call, None))
+
+        def done(_t: Any) -> None:
+            self.tasks.pop(call, None)
+            self.windows.pop(call, None)
+
+        task.add_done_callback(done)
 
     def on_lost(self, exc: Exception | None) -> None:
         self.replica._conns.discard(self)
@@ -338,8 +369,11 @@ class Replica:
         return {"inflight": self.inflight, "calls": self.calls, "pid": os.getpid()}
 
     # -- plain calls -----------------------------------------------------------------------------------------
-    def relay(self, conn: _ServerConn, link: SandboxLink, call: int, meta: dict[str, Any], body: bytes) -> int:
-        """A plain call to the sandbox: callbacks only; the answer carries the time this actor measured."""
+    def relay(self, conn: _ServerConn, link: SandboxLink, call: int, meta: dict[str, Any], body: bytes,
+              window: Window | None = None) -> int:
+        """A plain call to the sandbox: callbacks only; the answer carries the time this actor measured. A
+        stream's window passes through: the child gets the gateway's, the gateway's credits are forwarded to it
+        (`SandboxLink.credit`), so this actor holds no items and the child's generator waits for the client."""
         timeout = float(meta.get("t", self.spec.timeout))
         stream = bool(meta.get("stream"))
         forward = self._forward_logs
@@ -361,11 +395,12 @@ class Replica:
             out.pop("traceback", None)
             conn.send(P.encode(call, ftype, out, data))
 
-        return link.relay(child_meta, body, timeout, sink)
+        return link.relay(child_meta, body, timeout, sink, window if stream else None)
 
-    async def handle(self, conn: _ServerConn, call: int, meta: dict[str, Any], body: bytes) -> None:
+    async def handle(self, conn: _ServerConn, call: int, meta: dict[str, Any], body: bytes,
+                     window: Window | None = None) -> None:
         if meta.get("sealed"):
-            return await self._handle_sealed(conn, call, meta, body)
+            return await self._handle_sealed(conn, call, meta, body, window)
         if self._sealed_code is not None:
             conn.send(P.encode(call, P.ERROR, {
                 "type": "invalid_request", "status": 400, "message": f"function {self.function!r} is a "
@@ -385,9 +420,13 @@ class Replica:
             kwargs = json.loads(body) if body else {}
             if meta.get("stream"):
                 seq = 0
-                async for item in loaded.stream(kwargs, log, t0 + timeout):
-                    conn.send(P.encode(call, P.CHUNK, {"seq": seq}, P.dump_result(item)))
-                    seq += 1
+                async with aclosing(loaded.stream(kwargs, log, t0 + timeout)) as items:
+                    async for item in items:
+                        data = P.dump_result(item)
+                        conn.send(P.encode(call, P.CHUNK, {"seq": seq}, data))
+                        seq += 1
+                        if window is not None:  # no credit: wait for the client (timeout: as if slow)
+                            await window.pace(len(data), t0 + timeout - time.monotonic())
                 conn.send(P.encode(call, P.END, self._done_meta(t0, log, seq=seq)))
             else:
                 result = await loaded.run(kwargs, log, timeout)
@@ -410,7 +449,8 @@ class Replica:
             self._inflight -= 1
 
     # -- sealed calls ----------------------------------------------------------------------------------------
-    async def _handle_sealed(self, conn: _ServerConn, call: int, meta: dict[str, Any], body: bytes) -> None:
+    async def _handle_sealed(self, conn: _ServerConn, call: int, meta: dict[str, Any], body: bytes,
+                             window: Window | None = None) -> None:
         """A sealed call: open the envelope, run, answer with sealed frames. Nothing readable leaves: no logs, no
         error text from user code; plain ERROR frames carry only platform facts (check names, timeouts).
 
@@ -443,7 +483,7 @@ class Replica:
                         f"the code key of confidential function {self.function!r} was not released to this replica "
                         "in time; the developer runs `cocoon deploy --confidential` (or a release agent)"}))
                     return
-            await self._run_sealed(conn, call, meta, opened.args_json, opened.ctx, ident, t0, timeout)
+            await self._run_sealed(conn, call, meta, opened.args_json, opened.ctx, ident, t0, timeout, window)
         finally:
             self._inflight -= 1
 
@@ -459,21 +499,26 @@ class Replica:
             raise TypeError("sealed arguments must be a JSON object of keyword arguments")
         return P.dump_result(await loaded.run(kwargs, CallLog(), timeout))  # output captured, never forwarded
 
-    async def _stream(self, args_json: bytes, deadline: float, timeout: float) -> AsyncIterator[bytes]:
-        if self.link is not None:
-            async for item in self.link.stream(args_json, timeout, [], replica_context.caller_tag()):
-                yield item
+    async def _stream(self, args_json: bytes, deadline: float, timeout: float, window: int
+                      ) -> AsyncGenerator[bytes, None]:
+        if self.link is not None:  # the child gets a window of its own: credited as this actor takes items
+            async with aclosing(self.link.stream(args_json, timeout, [], replica_context.caller_tag(),
+                                                 window)) as items:
+                async for item in items:
+                    yield item
             return
         loaded = self.loaded
         assert loaded is not None
         kwargs = json.loads(args_json) if args_json.strip() else {}
         if not isinstance(kwargs, dict):
             raise TypeError("sealed arguments must be a JSON object of keyword arguments")
-        async for item in loaded.stream(kwargs, CallLog(), deadline):
-            yield P.dump_result(item)
+        async with aclosing(loaded.stream(kwargs, CallLog(), deadline)) as gen:
+            async for item in gen:
+                yield P.dump_result(item)
 
     async def _run_sealed(self, conn: _ServerConn, call: int, meta: dict[str, Any], args_json: bytes,
-                          ctx: ReplicaCallContext, ident: ReplicaIdentity, t0: float, timeout: float) -> None:
+                          ctx: ReplicaCallContext, ident: ReplicaIdentity, t0: float, timeout: float,
+                          window: Window | None = None) -> None:
         call_id = str(meta.get("id", call))
         rate, royalty = float(meta.get("rate", 0.0)), int(meta.get("royalty", 0))
         stream = bool(meta.get("stream"))
@@ -496,11 +541,15 @@ class Replica:
         ms = 0.0
         try:
             if stream:
-                async for item in self._stream(args_json, t0 + timeout, timeout):
-                    conn.send(P.encode(call, P.CHUNK, {"seq": seq, "sealed": "chunk"},
-                                       ident.seal_chunk(ctx, seq, item)))
-                    seq += 1
-                    usage = token_usage(_loads_usage(item)) or usage
+                async with aclosing(self._stream(args_json, t0 + timeout, timeout,
+                                                 window.window if window is not None else 0)) as items:
+                    async for item in items:
+                        sealed = ident.seal_chunk(ctx, seq, item)
+                        conn.send(P.encode(call, P.CHUNK, {"seq": seq, "sealed": "chunk"}, sealed))
+                        seq += 1
+                        usage = token_usage(_loads_usage(item)) or usage
+                        if window is not None:
+                            await window.pace(len(sealed), t0 + timeout - time.monotonic())
                 ms = _ms(t0)
                 frame = ident.seal_end(ctx, call_id, ms, price(ms))
                 conn.send(P.encode(call, P.END, {**final("end"), "seq": seq}, frame))

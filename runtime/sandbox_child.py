@@ -9,6 +9,8 @@ MEMORY bytes, unless 0; soft and hard, so the code cannot raise them again). The
           -> RESULT body / CHUNK bodies then END / ERROR {"type": function_error | timeout | memory_exceeded}
     CANCEL
     STATS (sent, call 0) meta: the load its engines report (cocoon_faas/replica_context.py), when it changes
+    CREDIT body: u64 bytes, for a stream that announced a window ("w" in its CALL meta): CHUNKs stop when the
+          window is spent until credit comes back (cocoon_faas/flow.py), so the generator waits for the client
 
 It reports no execution time: the actor measures that outside the sandbox. When the socket closes it exits.
 """
@@ -21,10 +23,12 @@ import os
 import resource
 import socket
 import sys
+from contextlib import aclosing
 from typing import Any
 
 from cocoon_faas import protocol as P
 from cocoon_faas import replica_context
+from cocoon_faas.flow import FlowError, Window, decode_credit, window_of
 
 
 def _limit(memory: int, threads: int) -> None:
@@ -54,6 +58,7 @@ class Child:
         self.memory = memory
         self.loaded: Any = None
         self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.windows: dict[int, Window] = {}  # a stream's window, by call
         self.proto = P.FrameProtocol(self.on_frame, self.on_lost)
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.forward_logs = True
@@ -64,7 +69,20 @@ class Child:
         if ftype == P.CALL:
             task = loop.create_task(self.handle(call, meta, body))
             self.tasks[call] = task
-            task.add_done_callback(lambda _t: self.tasks.pop(call, None))
+
+            def done(_t: Any) -> None:
+                self.tasks.pop(call, None)
+                self.windows.pop(call, None)
+
+            task.add_done_callback(done)
+        elif ftype == P.CREDIT:
+            try:
+                n = decode_credit(body)
+                window = self.windows.get(call)
+                if window is not None:
+                    window.granted(n)
+            except FlowError as exc:  # the actor is platform code: a bad credit means a broken link
+                self.proto.abort(f"bad CREDIT: {exc}")
         elif ftype == P.CANCEL:
             running = self.tasks.get(call)
             if running is not None:
@@ -118,9 +136,17 @@ class Child:
                 raise TypeError("arguments must be a JSON object of keyword arguments")
             if meta.get("stream"):
                 seq = 0
-                async for item in loaded.stream(kwargs, log, loop.time() + timeout):
-                    self.send(P.encode(call, P.CHUNK, None, P.dump_result(item)))
-                    seq += 1
+                deadline = loop.time() + timeout
+                window = window_of(meta)
+                if window is not None:
+                    self.windows[call] = window
+                async with aclosing(loaded.stream(kwargs, log, deadline)) as items:  # cancelled while waiting
+                    async for item in items:  # for credit: the generator is closed (its producer stopped) at once
+                        data = P.dump_result(item)
+                        self.send(P.encode(call, P.CHUNK, None, data))
+                        seq += 1
+                        if window is not None:  # no credit: the generator is not pulled until the client reads
+                            await window.pace(len(data), deadline - loop.time())
                 self.send(P.encode(call, P.END, self._logs(log, seq=seq)))
             else:
                 result = await loaded.run(kwargs, log, timeout)

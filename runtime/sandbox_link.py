@@ -6,6 +6,11 @@ the actor measured (from forwarding the call to receiving its last frame). What 
 output: its meta is reduced to known fields of checked types here before anything is forwarded, and the child
 never states the time a call took. Sealed calls use `unary`/`stream` (awaitables), since the actor must open
 and seal around them with keys the sandbox never holds.
+
+Streams are flow-controlled (cocoon_faas/flow.py): a relayed stream hands the child the gateway's window and
+forwards the gateway's credits, so the child's generator waits for the client; a sealed stream gives the child a
+window of its own, credited as the actor takes items. A child that sends beyond its window fails its call (tenant
+code can reach the socket); it is not trusted to pace itself.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from cocoon_faas import protocol as P
+from cocoon_faas.flow import FlowError, Window, credit_body
 from cocoon_faas.replica_context import LoadReport
 from cocoon_faas.runtime.sandbox import SandboxProcess
 
@@ -61,11 +67,12 @@ def child_error(meta: Any) -> dict[str, Any]:
 
 
 class _Call:
-    __slots__ = ("sink", "t0", "seq", "timer")
+    __slots__ = ("sink", "t0", "seq", "timer", "flow")
 
-    def __init__(self, sink: Sink, t0: float) -> None:
+    def __init__(self, sink: Sink, t0: float, flow: Window | None = None) -> None:
         self.sink, self.t0, self.seq = sink, t0, 0
         self.timer: asyncio.TimerHandle | None = None
+        self.flow = flow  # a stream's window toward the child
 
 
 class SandboxLink:
@@ -108,17 +115,40 @@ class SandboxLink:
         return child_logs(meta.get("logs"))
 
     # -- relayed plain calls ---------------------------------------------------------------------------------
-    def relay(self, meta: dict[str, Any], body: bytes, timeout: float, sink: Sink) -> int:
+    def relay(self, meta: dict[str, Any], body: bytes, timeout: float, sink: Sink, flow: Window | None = None
+              ) -> int:
         """Start one call; `sink(type, meta, body)` gets each answer frame, meta already metered and reduced:
-        CHUNK {}, RESULT/END {"ms", "logs"?, "seq"?}, ERROR {"type", "message", "ms", ...}."""
+        CHUNK {}, RESULT/END {"ms", "logs"?, "seq"?}, ERROR {"type", "message", "ms", ...}. A stream's `flow`
+        is announced to the child; credit it with `credit` (relayed) or `consumed` (taken here)."""
         cid = next(self._ids)
-        call = _Call(sink, time.monotonic())
+        call = _Call(sink, time.monotonic(), flow)
+        if flow is not None:
+            meta = {**meta, "w": flow.window}
         self._calls[cid] = call
         self.inflight += 1
         self.calls += 1
         call.timer = asyncio.get_running_loop().call_later(timeout + BACKSTOP_S, self._overdue, cid, timeout)
         self.proto.send_now(P.encode(cid, P.CALL, meta, body))
         return cid
+
+    def credit(self, cid: int, n: int) -> None:
+        """Forward a credit the gateway sent for relayed call `cid`; raises FlowError when it returns more than
+        was forwarded (a call that has ended meanwhile takes none)."""
+        call = self._calls.get(cid)
+        if call is None or call.flow is None:
+            return
+        call.flow.granted(n)
+        if not self.proto.closed:
+            self.proto.send(P.encode(cid, P.CREDIT, None, credit_body(n)))
+
+    def consumed(self, cid: int, body_len: int) -> None:
+        """This actor took an item of call `cid` (a sealed stream): credit the child once enough is taken."""
+        call = self._calls.get(cid)
+        if call is None or call.flow is None:
+            return
+        n = call.flow.consumed(body_len)
+        if n and not self.proto.closed:
+            self.proto.send(P.encode(cid, P.CREDIT, None, credit_body(n)))
 
     def cancel(self, cid: int) -> None:
         if cid in self._calls and not self.proto.closed:
@@ -150,6 +180,16 @@ class SandboxLink:
         if call is None:
             return
         if ftype == P.CHUNK:
+            if call.flow is not None:
+                try:
+                    call.flow.received(len(body))
+                except FlowError as exc:  # the child ignored its window: the call fails, nothing more is relayed
+                    self.cancel(cid)
+                    self._finish(cid)
+                    call.sink(P.ERROR, {"type": "function_error", "exc_type": "StreamWindowError", "message":
+                                        f"the function's process broke the stream protocol ({exc})",
+                                        "ms": _ms(call.t0)}, b"")
+                    return
             call.seq += 1
             call.sink(P.CHUNK, {}, body)
             return
@@ -212,20 +252,22 @@ class SandboxLink:
             raise ChildError(meta)
         return body, float(meta["ms"])
 
-    async def stream(self, args_json: bytes, timeout: float, done: list[float], caller: str = ""
-                     ) -> AsyncIterator[bytes]:
-        """Each item's JSON; appends the metered ms to `done` at the end; raises ChildError."""
+    async def stream(self, args_json: bytes, timeout: float, done: list[float], caller: str = "", window: int = 0
+                     ) -> AsyncGenerator[bytes, None]:
+        """Each item's JSON; appends the metered ms to `done` at the end; raises ChildError. With `window`,
+        the child runs at most that far ahead of the consumer of this iterator (the queue is bounded by it)."""
         queue: asyncio.Queue[tuple[int, dict[str, Any], bytes]] = asyncio.Queue()
         meta: dict[str, Any] = {"t": timeout, "stream": True, "caller": caller} if caller else \
             {"t": timeout, "stream": True}
         cid = self.relay(meta, args_json, timeout,
-                         lambda t, m, b: queue.put_nowait((t, m, b)))
+                         lambda t, m, b: queue.put_nowait((t, m, b)), Window(window) if window else None)
         finished = False
         try:
             while True:
                 ftype, meta, body = await queue.get()
                 if ftype == P.CHUNK:
                     yield body
+                    self.consumed(cid, len(body))
                     continue
                 finished = True
                 if ftype == P.END:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from cocoon_faas.ton.client import ChannelSigner, PayingClient
 from cocoon_faas.ton.keys import PrivateKey, PublicKey
 from cocoon_faas.ton.wallet import Wallet
 from tests.conftest import ROOT, GatewayProc
+from tests.sse_socket import SSESocket, settled
 
 pytestmark = pytest.mark.e2e
 
@@ -157,6 +159,34 @@ def test_paid_stream_cut_after_two_events_holds_nothing(gw: GatewayProc, caller:
     assert summary(gw, cid)["reserved"] == 0
     assert ledger(gw, verify=True)["verify"]["ok"]
     after = paid_post(gw, payer, "greet", {"name": "after"})  # the channel is usable, its credit whole
+    assert after.status_code == 200 and summary(gw, cid)["reserved"] == 0
+
+
+def test_paid_stream_paused_by_its_client_then_cut_is_released_once(gw: GatewayProc, caller: Caller) -> None:
+    """Flow control with money: a client that stops reading pauses the function (it does not run to completion
+    into the gateway); when that client hangs up, the generator stops and the hold is released exactly once."""
+    payer = PayingClient(caller.signer())
+    cid = payer.signer.channel_id
+    headers, ticket = payer.headers(hold(gw, "flood"))
+    tag, n = uuid.uuid4().hex, 1500
+    client = SSESocket(gw.port, "/fn/flood", {"tag": tag, "n": n, "size": 32 * 1024}, headers)
+    try:
+        assert len(client.events(2)) == 2 and client.status == 200
+        call_id = client.headers["x-cocoon-call-id"]
+        stalled = settled(gw, tag)
+        assert stalled < n and ledger_call(gw, call_id)["status"] == "held"
+    finally:
+        client.close()
+    payer.settle(ticket, None)
+    payer.signer.flush()
+    deadline = time.monotonic() + 30
+    while ledger_call(gw, call_id)["status"] == "held" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    row = ledger_call(gw, call_id)
+    assert row["status"] == "released" and row["charged"] == 0
+    assert summary(gw, cid)["reserved"] == 0 and ledger(gw, verify=True)["verify"]["ok"]
+    assert settled(gw, tag) == stalled  # the generator stopped where the client left it
+    after = paid_post(gw, payer, "greet", {"name": "after"})
     assert after.status_code == 200 and summary(gw, cid)["reserved"] == 0
 
 

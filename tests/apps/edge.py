@@ -70,3 +70,19 @@ def scalable(seconds: float = 0.5) -> str:
     if not me.exists():
         me.write_text(uuid.uuid4().hex)
     return me.read_text()
+
+
+_PRODUCED: dict[str, int] = {}
+
+
+@cocoon.function(cpu=0.25, timeout=120, max_concurrency=4, max_replicas=1)
+def flood(tag: str, n: int = 0, size: int = 32768, probe: bool = False):
+    """Yields `n` items of `size` bytes as fast as it can, counting under `tag` how many it produced; a call with
+    `probe` (same replica: max_replicas=1, and concurrent) yields that count, so a test sees how far the
+    generator ran ahead of a client that stopped reading."""
+    if probe:
+        yield {"produced": _PRODUCED.get(tag, 0)}
+        return
+    for i in range(n):
+        _PRODUCED[tag] = i + 1
+        yield {"i": i, "pad": "x" * size}

@@ -1,0 +1,119 @@
+"""A raw-socket SSE client for flow-control tests: it reads only when told to, through a small receive buffer,
+so the test knows exactly how much of a stream the client has taken (tests/test_e2e_flow.py)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.conftest import GatewayProc
+
+RCVBUF = 32 * 1024
+
+
+class SSESocket:
+    """POST a streaming call over a plain socket; `events(k)` reads until k more events are complete."""
+
+    def __init__(self, port: int, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)  # before connect: no autotuning
+        self.sock.connect(("127.0.0.1", port))
+        self.sock.settimeout(60)
+        data = json.dumps(body).encode()
+        head = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        self.sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(data)}\r\n{head}\r\n".encode() + data)
+        self._raw = bytearray()
+        self._body = bytearray()
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.done = False
+        self.bytes_read = 0
+
+    def _recv(self) -> None:
+        got = self.sock.recv(65536)
+        if not got:
+            raise ConnectionError("the gateway closed the connection")
+        self.bytes_read += len(got)
+        self._raw += got
+
+    def _parse(self) -> None:
+        if not self.status:
+            end = self._raw.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            lines = self._raw[:end].decode().split("\r\n")
+            self.status = int(lines[0].split()[1])
+            self.headers = {k.lower(): v.strip() for k, v in (x.split(":", 1) for x in lines[1:])}
+            del self._raw[:end + 4]
+        while not self.done:  # chunked transfer encoding
+            eol = self._raw.find(b"\r\n")
+            if eol < 0:
+                return
+            size = int(self._raw[:eol], 16)
+            if len(self._raw) < eol + 2 + size + 2:
+                return
+            self._body += self._raw[eol + 2:eol + 2 + size]
+            del self._raw[:eol + 2 + size + 2]
+            self.done = size == 0
+
+    def events(self, k: int) -> list[tuple[str, Any]]:
+        """The next k events (fewer if the stream ends), each (event name, parsed data)."""
+        out: list[tuple[str, Any]] = []
+        while len(out) < k:
+            self._parse()
+            end = self._body.find(b"\n\n")
+            if end >= 0:
+                block = bytes(self._body[:end]).decode()
+                del self._body[:end + 2]
+                event, data = "message", None
+                for line in block.split("\n"):
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data = json.loads(line[5:].strip())
+                out.append((event, data))
+                continue
+            if self.done:
+                break
+            self._recv()
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def kernel_send_buffer_max() -> int:
+    """The most a TCP socket's send buffer may grow to here (tcp_wmem's max): bytes the gateway's kernel may
+    hold for a client that stopped reading, beyond anything the gateway process itself holds."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    except (OSError, IndexError, ValueError):
+        return 4 * 1024 * 1024
+
+
+def produced(gw: GatewayProc, tag: str) -> int:
+    """How many items the generator of stream `tag` has yielded (a concurrent call on the same replica)."""
+    with httpx.Client(timeout=60) as c, c.stream("POST", gw.url + "/fn/flood", json={"tag": tag, "probe": True},
+                                                  headers=gw.headers()) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                return int(line.split('"produced":')[1].rstrip("}"))
+    raise AssertionError("the probe answered no item")
+
+
+def settled(gw: GatewayProc, tag: str) -> int:
+    """The producer's count once it stops moving (the generator is waiting for credit, or done)."""
+    last, stable = produced(gw, tag), 0
+    while stable < 4:
+        time.sleep(0.25)
+        now = produced(gw, tag)
+        stable = stable + 1 if now == last else 0
+        last = now
+    return last

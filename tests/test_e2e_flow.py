@@ -1,0 +1,78 @@
+"""Stream flow control end to end: a real gateway, real Ray, the function in its sandbox, and a raw-socket client
+that stops reading. The generator must wait for the client (not run to completion into the gateway's memory),
+the gateway must hold at most its window for the stream, and the client must then get every item, in order."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import httpx
+import pytest
+
+from cocoon_faas.flow import chunk_cost
+from tests.conftest import GatewayProc
+from tests.sse_socket import SSESocket, kernel_send_buffer_max, produced, settled
+
+pytestmark = pytest.mark.e2e
+
+WINDOW = 1024 * 1024  # COCOON_STREAM_WINDOW_BYTES's default, which the session gateway runs with
+SIZE = 32 * 1024
+N = 1500  # ~48 MiB if the generator ran to completion
+READ_AHEAD = 8 + 2  # the executor's queue of a plain generator, the item in the producer's hand, one being sent
+
+
+def buffered(gw: GatewayProc) -> float:
+    text = httpx.get(gw.url + "/metrics", timeout=30).text
+    return float(next(line.split()[1] for line in text.splitlines()
+                      if line.startswith("cocoon_stream_buffered_bytes ")))
+
+
+def allowed_ahead(client: SSESocket) -> int:
+    """Items the producer may be ahead of what the client has read: the gateway's window and one item, the SSE
+    framing of what uvicorn and both kernels' socket buffers hold, and the replica's read-ahead."""
+    import socket
+
+    item = chunk_cost(SIZE + 32)
+    in_sockets = kernel_send_buffer_max() + client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    uvicorn_buffer = 64 * 1024 + item
+    return (WINDOW + item + in_sockets + uvicorn_buffer) // SIZE + 1 + READ_AHEAD
+
+
+def test_a_client_that_stops_reading_pauses_the_generator_then_gets_every_item(gateway: GatewayProc) -> None:
+    tag = uuid.uuid4().hex
+    client = SSESocket(gateway.port, "/fn/flood", {"tag": tag, "n": N, "size": SIZE}, gateway.headers())
+    try:
+        first = client.events(3)
+        assert client.status == 200 and [e[1]["i"] for e in first] == [0, 1, 2]
+        ahead = settled(gateway, tag) - len(first)  # the client now reads nothing
+        assert 0 < ahead <= allowed_ahead(client), (ahead, allowed_ahead(client))
+        held = buffered(gateway)
+        assert 0 < held <= WINDOW + chunk_cost(SIZE + 32)  # what the gateway process holds for this stream
+        rest = client.events(N + 1)  # the client reads again: everything, in order, intact, then `end`
+        items = [d for e, d in first + rest if e == "message"]
+        assert [x["i"] for x in items] == list(range(N)) and all(len(x["pad"]) == SIZE for x in items)
+        assert rest[-1][0] == "end" and rest[-1][1]["items"] == N
+        assert produced(gateway, tag) == N
+    finally:
+        client.close()
+    assert buffered(gateway) == 0
+
+
+def test_a_client_that_stops_reading_and_leaves_frees_the_stream(gateway: GatewayProc) -> None:
+    tag = uuid.uuid4().hex
+    client = SSESocket(gateway.port, "/fn/flood", {"tag": tag, "n": N, "size": SIZE}, gateway.headers())
+    try:
+        assert len(client.events(2)) == 2
+        stalled = settled(gateway, tag)
+        assert stalled < N
+    finally:
+        client.close()  # leaves with the stream paused
+    deadline = time.monotonic() + 30
+    while buffered(gateway) > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert buffered(gateway) == 0
+    assert settled(gateway, tag) == stalled  # the generator was stopped, not resumed into the void
+    with httpx.Client(timeout=60) as c:  # the replica serves the next stream in full
+        r = c.post(gateway.url + "/fn/flood", json={"tag": tag, "n": 3, "size": 10}, headers=gateway.headers())
+        assert r.status_code == 200 and r.text.count("data: ") == 4
