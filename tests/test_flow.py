@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import cloudpickle
@@ -160,7 +162,9 @@ def flood(n: int, size: int):
         yield {"i": i, "pad": "x" * size}
 
 
-async def _serve(fn: Any, kind: str, timeout: float = 60) -> tuple[Replica, asyncio.AbstractServer, ReplicaHandle]:
+@asynccontextmanager
+async def _serve(fn: Any, kind: str, timeout: float = 60) -> AsyncIterator[ReplicaHandle]:
+    """An in-process replica (sandbox off) serving `fn` on loopback, and the gateway's handle connected to it."""
     spec = make_spec(name="flood", kind=kind, timeout=timeout)
     replica = Replica("flood", 1, b"", spec.to_json(), "127.0.0.1", secret=b"s" * 32, sandbox=False)
     loaded = LoadedFunction(cloudpickle.dumps({"format": 1, "kind": "function", "fn": fn}), spec)
@@ -168,8 +172,12 @@ async def _serve(fn: Any, kind: str, timeout: float = 60) -> tuple[Replica, asyn
     replica.loaded = loaded
     server = await asyncio.get_running_loop().create_server(lambda: _ServerConn(replica).proto, "127.0.0.1", 0)
     handle = ReplicaHandle(id="r1", function="flood", version=1, actor=None, secret=b"s" * 32)
-    await handle.connect("127.0.0.1", server.sockets[0].getsockname()[1])
-    return replica, server, handle
+    try:
+        await handle.connect("127.0.0.1", server.sockets[0].getsockname()[1])
+        yield handle
+    finally:
+        handle.close()
+        server.close()
 
 
 async def _settled(probe: Any) -> Any:
@@ -188,8 +196,7 @@ def test_a_gateway_that_stops_taking_items_pauses_the_generator_then_gets_every_
 
     async def main() -> None:
         PRODUCED[0] = 0
-        _, server, handle = await _serve(flood, "generator")
-        try:
+        async with _serve(flood, "generator") as handle:
             call, pending = handle.send_call({"t": 60, "stream": True}, b'{"n": %d, "size": %d}' % (n, size),
                                              True, window)
             assert pending.queue is not None and pending.window is not None
@@ -221,9 +228,6 @@ def test_a_gateway_that_stops_taking_items_pauses_the_generator_then_gets_every_
             items = [json.loads(f.body) for f in taken]
             assert [x["i"] for x in items] == list(range(n)) and all(len(x["pad"]) == size for x in items)
             assert PRODUCED[0] == n
-        finally:
-            handle.close()
-            server.close()
 
     asyncio.run(asyncio.wait_for(main(), 120))
 
@@ -239,8 +243,7 @@ def test_a_bad_credit_from_the_gateway_drops_the_connection(credit):
     """Zero, malformed, or more than the replica sent: refused, never applied."""
     async def main() -> None:
         PRODUCED[0] = 0
-        _, server, handle = await _serve(agen_flood, "asyncgen")
-        try:
+        async with _serve(agen_flood, "asyncgen") as handle:
             call, pending = handle.send_call({"t": 60, "stream": True}, b'{"n": 100000, "size": 1000}', True,
                                              16 * 1024)
             assert pending.queue is not None
@@ -255,9 +258,6 @@ def test_a_bad_credit_from_the_gateway_drops_the_connection(credit):
                     lost = item
             assert isinstance(lost, ReplicaLostError) and handle.state == "dead"
             assert PRODUCED[0] < 1000  # the bad credit opened nothing
-        finally:
-            handle.close()
-            server.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
 
@@ -301,8 +301,7 @@ def test_a_stream_nobody_reads_ends_at_its_time_limit():
     """Waiting for credit counts toward the call's limit: a client that never reads cannot hold a replica."""
     async def main() -> None:
         PRODUCED[0] = 0
-        _, server, handle = await _serve(agen_flood, "asyncgen", timeout=1)
-        try:
+        async with _serve(agen_flood, "asyncgen", timeout=1) as handle:
             _, pending = handle.send_call({"t": 1, "stream": True}, b'{"n": 100000, "size": 1000}', True, 8192)
             assert pending.queue is not None
             frames = []
@@ -310,8 +309,5 @@ def test_a_stream_nobody_reads_ends_at_its_time_limit():
                 frames.append(await pending.queue.get())
             assert frames[-1].type == P.ERROR and frames[-1].meta["type"] == "timeout"
             assert len(frames) - 1 <= 8192 // chunk_cost(1000) + 1 and PRODUCED[0] < 100000
-        finally:
-            handle.close()
-            server.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
