@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,6 +30,8 @@ from cocoon_faas.gateway.replica_client import Frame, PendingCall, ReplicaHandle
 from cocoon_faas.gateway.replica_wire import ReplicaProtocolError, decode_meta
 from cocoon_faas.runtime.executor import LoadedFunction
 from cocoon_faas.runtime.replica import Replica, _ServerConn
+from cocoon_faas.runtime.sandbox import SandboxConfig, SandboxProcess, bwrap_problem
+from cocoon_faas.runtime.sandbox_link import SandboxLink
 from cocoon_faas.spec import make_spec
 
 
@@ -311,3 +315,45 @@ def test_a_stream_nobody_reads_ends_at_its_time_limit():
             assert len(frames) - 1 <= 8192 // chunk_cost(1000) + 1 and PRODUCED[0] < 100000
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+# -- the actor and its sandbox: tenant code can write to the child's socket ------------------------------------
+@pytest.mark.skipif(shutil.which("bwrap") is None or bwrap_problem() is not None,
+                    reason="bubblewrap cannot create namespaces on this machine")
+def test_a_sandbox_that_overruns_its_window_fails_its_call_and_is_not_relayed():
+    def rogue():
+        import os
+        import sys
+
+        from cocoon_faas import protocol as P
+
+        fd = int(sys.argv[1])  # the child's end of its link to the actor; call 2 is the first call after LOAD
+        for _ in range(64):
+            os.write(fd, P.encode(2, P.CHUNK, None, b'"' + b"x" * 4096 + b'"'))
+        yield "done"
+
+    spec = make_spec(name="rogue", kind="generator", memory="256Mi")
+    blob = cloudpickle.dumps({"format": 1, "kind": "function", "fn": rogue})
+
+    async def main() -> list[tuple[int, dict[str, Any]]]:
+        link = SandboxLink(SandboxProcess(SandboxConfig(memory=spec.memory), f"rogue-{os.getpid()}"))
+        await link.open()
+        try:
+            await link.load(blob, spec.to_json(), 60)
+            frames: list[tuple[int, dict[str, Any]]] = []
+            ended = asyncio.Event()
+
+            def sink(ftype: int, meta: dict[str, Any], body: bytes) -> None:
+                frames.append((ftype, meta))
+                if ftype != P.CHUNK:
+                    ended.set()
+
+            link.relay({"t": 30, "stream": True}, b"{}", 30, sink, Window(16 * 1024))
+            await ended.wait()
+            return frames
+        finally:
+            link.close()
+
+    frames = asyncio.run(asyncio.wait_for(main(), 120))
+    assert frames[-1][0] == P.ERROR and frames[-1][1]["exc_type"] == "StreamWindowError"
+    assert len(frames) - 1 <= 16 * 1024 // chunk_cost(4098) + 1  # relayed only what the window allowed
