@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from cocoon_faas.errors import CallTimeoutError, CocoonError, NotFoundError, OverloadedError
 
@@ -85,6 +86,7 @@ class Chooser:
         self.queue_limit = queue_limit
         self.on_queue = on_queue  # the autoscaler's hook: a call had to wait
         self.rng = rng or random.Random()
+        self._wants: dict[asyncio.Future[Any], Eligibility | None] = {}  # each waiting call's eligibility
 
     def _pick(self, fr: FunctionRuntime, want: Eligibility | None) -> ReplicaHandle | None:
         cap = fr.spec.max_concurrency
@@ -104,10 +106,15 @@ class Chooser:
 
     async def acquire(self, fr: FunctionRuntime, deadline: float, want: Eligibility | None = None
                       ) -> ReplicaHandle:
-        """A replica with a free slot (its in-flight count already taken), waiting in the queue if needed."""
-        r = self._pick(fr, want)
-        if r is not None:
-            return r
+        """A replica with a free slot (its in-flight count already taken), waiting in the queue if needed.
+
+        First come, first served: a call never takes a slot while earlier calls wait (a freed slot is handed to
+        the oldest waiter by `release`); before, a new call could take the slot its woken waiter was about to
+        use, and the waiter went to the back of the queue, which made the tail latency of a busy function."""
+        if not fr.waiters:
+            r = self._pick(fr, want)
+            if r is not None:
+                return r
         if fr.queued >= self.queue_limit:
             raise OverloadedError(
                 f"every replica of {fr.name!r} is busy and {fr.queued} calls are queued; retry shortly",
@@ -116,7 +123,6 @@ class Chooser:
         fr.queued += 1
         try:
             self.on_queue(fr)
-            loop = asyncio.get_running_loop()
             while True:
                 current = self.functions.get(fr.name)
                 if current is None:
@@ -136,24 +142,73 @@ class Chooser:
                         f"no replica of {fr.name!r} became free within the call's time limit "
                         f"({fr.spec.timeout:g}s)"
                     )
-                fut: asyncio.Future[None] = loop.create_future()
-                fr.waiters.append(fut)
                 # a replica whose engine queues frees room without a release here (its report changes): look
                 # again at the pace of its reports
                 poll = 0.25 if any(r.load is not None and r.load.saturated for r in fr.ready) else 1.0
-                try:
-                    await asyncio.wait_for(fut, min(remaining, poll))
-                except asyncio.TimeoutError:
-                    pass
+                handed = await self._wait(fr, want, min(remaining, poll))
+                if handed is not None:
+                    return handed
                 r = self._pick(fr, want)
                 if r is not None:
                     return r
         finally:
             fr.queued -= 1
 
+    async def _wait(self, fr: FunctionRuntime, want: Eligibility | None, timeout: float) -> ReplicaHandle | None:
+        """Wait in `fr`'s queue: a replica handed over by `release`, or None when woken to look again (a replica
+        became ready, a redeploy, the timeout)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[ReplicaHandle | None] = loop.create_future()
+        waiters = fr.waiters
+        waiters.append(fut)
+        self._wants[fut] = want
+        timer = loop.call_later(timeout, _resolve, fut)
+        try:
+            handed = await fut
+        except asyncio.CancelledError:
+            late = fut.result() if fut.done() and not fut.cancelled() else None
+            if late is not None:  # handed over just as this call was cancelled: pass the slot on
+                late.inflight -= 1
+                self._give_back(fr, late)
+            _discard(waiters, fut)
+            raise
+        finally:
+            timer.cancel()
+            self._wants.pop(fut, None)
+        if handed is None:
+            _discard(waiters, fut)  # woken by the timer: still queued
+        return handed
+
     def release(self, fr: FunctionRuntime, r: ReplicaHandle) -> None:
         r.inflight -= 1
         r.calls += 1
+        self._give_back(fr, r)
+
+    def _give_back(self, fr: FunctionRuntime, r: ReplicaHandle) -> None:
+        """A slot of `r` is free: hand it to the oldest waiter that may use it, else wake one to look."""
         current = self.functions.get(r.function, fr)
-        if current.waiters:
-            current.wake(1)
+        waiters = current.waiters
+        if not waiters:
+            return
+        if r.state == "ready" and r.version == current.version and has_room(r, current.spec.max_concurrency):
+            while waiters and waiters[0].done():
+                waiters.popleft()
+            if waiters:
+                want = self._wants.get(waiters[0])
+                if want is None or (want.accept(r) and (want.prefer is None or want.prefer(r))):
+                    r.inflight += 1
+                    waiters.popleft().set_result(r)
+                    return
+        current.wake(1)
+
+
+def _resolve(fut: asyncio.Future[ReplicaHandle | None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _discard(waiters: deque[Any], fut: asyncio.Future[Any]) -> None:
+    try:
+        waiters.remove(fut)
+    except ValueError:
+        pass

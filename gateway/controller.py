@@ -95,7 +95,7 @@ class FunctionRuntime:
     all: set[ReplicaHandle] = field(default_factory=set)
     starting: int = 0
     queued: int = 0
-    waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
+    waiters: deque[asyncio.Future[Any]] = field(default_factory=deque)  # queued calls (gateway/chooser.py)
     scale: ScaleState = field(default_factory=ScaleState)
     problem: CocoonError | None = None  # why replicas cannot start now
     problem_at: float = 0.0

@@ -116,3 +116,75 @@ def test_a_call_queued_behind_a_saturated_engine_takes_it_when_its_report_clears
         return await asyncio.wait_for(waiting, 10)
 
     assert asyncio.run(main()) is r and r.inflight == 2 and fr.queued == 0
+
+
+# -- the queue: first come, first served ------------------------------------------------------------------------
+def _queue_setup():  # type: ignore[no-untyped-def]
+    import asyncio
+    import time
+
+    from cocoon_faas.gateway.chooser import Chooser
+    from cocoon_faas.gateway.controller import DeploymentFlags, FunctionRuntime
+    from cocoon_faas.signature import Signature
+    from cocoon_faas.spec import make_spec
+
+    @dataclass(eq=False)
+    class Rep:
+        function: str = "f"
+        version: int = 1
+        state: str = "ready"
+        inflight: int = 0
+        calls: int = 0
+        load: LoadReport | None = None
+
+    fr = FunctionRuntime("f", "dev", 1, make_spec(name="f", max_concurrency=1), Signature.of(lambda: None), "m", b"",
+                         DeploymentFlags())
+    rep = Rep()
+    fr.ready.append(rep)  # type: ignore[arg-type]
+    fr.all.add(rep)  # type: ignore[arg-type]
+    ch = Chooser({"f": fr}, queue_limit=100, on_queue=lambda _fr: None, rng=random.Random(3))
+    return asyncio, time, fr, rep, ch
+
+
+def test_a_freed_slot_goes_to_the_oldest_waiter_not_a_new_call():
+    asyncio, time, fr, rep, ch = _queue_setup()
+
+    async def main() -> list[int]:
+        order: list[int] = []
+        deadline = time.monotonic() + 30
+
+        async def call(i: int) -> None:
+            r = await ch.acquire(fr, deadline)
+            order.append(i)
+            await asyncio.sleep(0)
+            ch.release(fr, r)
+
+        first = await ch.acquire(fr, deadline)  # the one slot is taken
+        waiting = [asyncio.create_task(call(i)) for i in range(3)]
+        await asyncio.sleep(0)  # 0, 1, 2 are queued
+        ch.release(fr, first)  # the slot goes to 0 ...
+        late = asyncio.create_task(call(99))  # ... not to a call arriving in the same loop pass
+        await asyncio.gather(*waiting, late)
+        return order
+
+    assert asyncio.run(main()) == [0, 1, 2, 99]
+    assert rep.inflight == 0 and not fr.waiters and fr.queued == 0
+
+
+def test_a_slot_handed_to_a_call_cancelled_meanwhile_passes_on():
+    asyncio, time, fr, rep, ch = _queue_setup()
+
+    async def main() -> None:
+        deadline = time.monotonic() + 30
+        first = await ch.acquire(fr, deadline)
+        a = asyncio.create_task(ch.acquire(fr, deadline))
+        b = asyncio.create_task(ch.acquire(fr, deadline))
+        await asyncio.sleep(0)
+        ch.release(fr, first)  # handed to a ...
+        a.cancel()  # ... which is cancelled before it runs: the slot must reach b, not leak
+        got = await asyncio.wait_for(b, 5)
+        assert got is rep and rep.inflight == 1
+        ch.release(fr, got)
+
+    asyncio.run(main())
+    assert rep.inflight == 0 and not fr.waiters and fr.queued == 0
