@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     engine_target_utilization: float = Field(
         0.8, gt=0, le=1, description="engine-backed functions scale to keep each replica's engine at most this busy "
         "(the fuller of its batch and KV pool; a queue in the engine counts as over 1)")
-    scale_up_delay_s: float = Field(1.0, description="sustained overload before adding replicas")
+    scale_up_delay_s: float = Field(0.25, description="sustained overload (calls queued) before adding replicas")
     scale_down_delay_s: float = Field(30.0, description="sustained underload before removing replicas")
     idle_timeout_s: float = Field(300.0, description="idle time before a min_replicas=0 function scales to zero")
     replica_start_timeout_s: float = Field(120.0, description="time a replica may take to start")

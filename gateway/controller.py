@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import ipaddress
 import logging
 import os
@@ -23,6 +24,7 @@ import secrets
 import time
 import uuid
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,6 +129,7 @@ class RayBackend:
         from cocoon_faas.runtime.replica import Replica
 
         self._actor_cls = ray.remote(Replica)
+        self._waits = ThreadPoolExecutor(max_workers=32, thread_name_prefix="cocoon-replica-start")
 
     def cluster_resources(self) -> dict[str, float]:
         return self.ray.cluster_resources()
@@ -177,9 +180,12 @@ class RayBackend:
         """Fire the actor's start; the returned ref is never fetched (see `finished`)."""
         return actor.start.remote()
 
-    def finished(self, ref: Any) -> bool:
-        """Whether a task is over, without fetching (or unpickling) its value."""
-        ready, _ = self.ray.wait([ref], num_returns=1, timeout=0, fetch_local=False)
+    async def ended(self, ref: Any, timeout: float) -> bool:
+        """Whether a task ended within `timeout`, without fetching (or unpickling) its value. `ray.wait` blocks,
+        so it waits in a thread: polled on the event loop (a GCS round trip every few ms per starting replica),
+        it took a quarter of the gateway's loop while replicas started under load."""
+        wait = functools.partial(self.ray.wait, [ref], num_returns=1, timeout=timeout, fetch_local=False)
+        ready, _ = await asyncio.get_running_loop().run_in_executor(self._waits, wait)
         return bool(ready)
 
     def read_facts(self, replica_id: str) -> bytes | None:
@@ -509,9 +515,9 @@ class Controller:
         rid = r.extra["facts_id"]
         ref = self.backend.start(r.actor)
         deadline = time.monotonic() + self.settings.replica_start_timeout_s
-        pause = 0.002
         while True:
-            done = self.backend.finished(ref)  # checked before reading: facts are written before start returns
+            # checked before reading: facts are written before start returns
+            done = await self.backend.ended(ref, min(max(deadline - time.monotonic(), 0.0), 1.0))
             raw = self.backend.read_facts(rid)
             if raw is not None:
                 try:
@@ -526,8 +532,6 @@ class Controller:
                 raise NoCapacityError(
                     f"a replica of {fr.name!r} did not start within {self.settings.replica_start_timeout_s:g}s "
                     "(the cluster may be full); retry later or add capacity")
-            await asyncio.sleep(pause)
-            pause = min(pause * 1.5, 0.05)
 
     def _check_address(self, fr: FunctionRuntime, r: ReplicaHandle, host: str) -> None:
         """A replica names where to connect; only its own node's address (or loopback, locally) is accepted,

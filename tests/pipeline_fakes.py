@@ -212,7 +212,8 @@ class FakeBackend:
 
         return asyncio.get_running_loop().create_task(run())
 
-    def finished(self, ref: asyncio.Task[None]) -> bool:
+    async def ended(self, ref: asyncio.Task[None], timeout: float) -> bool:
+        await asyncio.wait({ref}, timeout=timeout)
         return ref.done()
 
     def read_facts(self, replica_id: str) -> bytes | None:
