@@ -90,32 +90,42 @@ class FrameProtocol(asyncio.Protocol):
                 pass
 
     def data_received(self, data: bytes) -> None:
-        buf = self._buf
-        buf += data
+        # Frames usually arrive whole: they are then cut from `data` itself (one copy of each body) instead of
+        # appended to the buffer, sliced out of it and moved down (three); only a partial frame is buffered.
+        held = self._buf
+        if held:
+            held += data
+            buf: bytes | bytearray = held
+        else:
+            buf = data
         hsize = HEADER.size
         pos = 0
         n = len(buf)
-        while n - pos >= hsize:
-            length, call, ftype, mlen = HEADER.unpack_from(buf, pos)
-            if length > self._max_frame or mlen > MAX_META or mlen > length - (hsize - 4):
-                self._fail(ValueError(f"bad frame: length {length}, meta {mlen}"))
-                return
-            end = pos + 4 + length
-            if end > n:
-                break
-            mstart = pos + hsize
-            try:
-                meta = self._decode(ftype, bytes(buf[mstart:mstart + mlen]))
-            except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-                self._fail(ValueError(f"bad frame meta ({TYPE_NAMES.get(ftype, ftype)}): {exc}"))
-                return
-            body = bytes(buf[mstart + mlen:end])
-            pos = end
-            self._on_frame(call, ftype, meta, body)
-            if self.closed:
-                return
-        if pos:
-            del buf[:pos]
+        with memoryview(buf) as view:
+            while n - pos >= hsize:
+                length, call, ftype, mlen = HEADER.unpack_from(buf, pos)
+                if length > self._max_frame or mlen > MAX_META or mlen > length - (hsize - 4):
+                    self._fail(ValueError(f"bad frame: length {length}, meta {mlen}"))
+                    return
+                end = pos + 4 + length
+                if end > n:
+                    break
+                mstart = pos + hsize
+                try:
+                    meta = self._decode(ftype, bytes(view[mstart:mstart + mlen]))
+                except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+                    self._fail(ValueError(f"bad frame meta ({TYPE_NAMES.get(ftype, ftype)}): {exc}"))
+                    return
+                body = bytes(view[mstart + mlen:end])
+                pos = end
+                self._on_frame(call, ftype, meta, body)
+                if self.closed:
+                    return
+        if held:
+            if pos:
+                del held[:pos]
+        elif pos < n:
+            held += data[pos:] if pos else data
 
     def send(self, data: bytes) -> None:
         """Queue a frame; frames queued in one loop pass go out in one write (one syscall under load)."""
@@ -141,7 +151,7 @@ class FrameProtocol(asyncio.Protocol):
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _fail(self, exc: Exception) -> None:
-        self._buf.clear()
+        self._buf = bytearray()  # not cleared in place: `data_received` may still hold a view of it
         if self.transport is not None:
             self.transport.close()
         self.connection_lost(exc)

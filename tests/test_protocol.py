@@ -20,3 +20,37 @@ def test_oversized_frame_closes_the_connection():
     proto = P.FrameProtocol(lambda *a: None, lambda exc: lost.append(exc))
     proto.data_received(P.HEADER.pack(P.MAX_FRAME + 1, 1, P.CALL, 0))
     assert lost and "bad frame" in str(lost[0]) and proto.closed
+
+
+def test_frames_cut_at_every_kind_of_boundary_arrive_intact():
+    """Whole frames are parsed from the read itself, partial ones buffered: every split gives the same frames."""
+    import random
+
+    rng = random.Random(5)
+    frames = [(i, P.RESULT, {"ms": i}, bytes([i % 251]) * rng.choice((0, 1, 13, 4096, 70000))) for i in range(1, 40)]
+    data = b"".join(P.encode(c, t, m, b) for c, t, m, b in frames)
+    for _ in range(30):
+        got: list = []
+        proto = P.FrameProtocol(lambda c, t, m, b, got=got: got.append((c, t, m, b)))
+        pos = 0
+        while pos < len(data):
+            step = rng.choice((1, 7, 17, 4096, 65536, 200000))
+            proto.data_received(data[pos:pos + step])
+            pos += step
+        assert got == frames
+
+
+def test_a_peer_dropped_from_inside_a_frame_handler_with_a_partial_frame_buffered():
+    """`abort` from `on_frame` while later bytes of the same read are a partial frame (a view of the buffer is
+    held during parsing): the connection closes, nothing raises."""
+    lost = []
+    proto: P.FrameProtocol
+
+    def on_frame(c, t, m, b):  # type: ignore[no-untyped-def]
+        proto.abort("unwelcome")
+
+    proto = P.FrameProtocol(on_frame, lambda exc: lost.append(exc))
+    data = P.encode(1, P.CALL, None, b"x") + P.encode(2, P.CALL, None, b"y" * 100)
+    proto.data_received(data[:5])
+    proto.data_received(data[5:-3])
+    assert proto.closed and lost and "unwelcome" in str(lost[0])
