@@ -32,6 +32,7 @@ from cocoon_faas.gateway.http import error_response, json_response, read_json
 from cocoon_faas.gateway.ledger import Ledger
 from cocoon_faas.gateway.marketplace import Marketplace, ProviderView
 from cocoon_faas.gateway.payments import provider_earnings
+from cocoon_faas.gateway.payouts import payout_channels_of
 
 COOKIE = "cocoon_provider"
 CSRF_HEADER = "x-cocoon-csrf"
@@ -118,14 +119,18 @@ def provider_data(dash: ProviderDashboard, session: ProviderSession) -> dict[str
         b = books.get(v.node_id, {})
         rows.append({**v.to_dict(), "ledger_earned": b.get("earned", 0), "ledger_paid": b.get("paid", 0),
                      "due": b.get("due", 0)})
-    payouts = ledger.payouts_to(ids) if ledger is not None else []
+    # channel ids are 63-bit: as strings, or the page's JSON.parse rounds them to the nearest double
+    payouts = [{**p, "channel_id": str(p["channel_id"])} for p in ledger.payouts_to(ids)] if ledger is not None else []
+    channels = [{**c, "channel_id": str(c["channel_id"])} for c in payout_channels_of(ledger, ids)] \
+        if ledger is not None else []
     totals = {k: sum(r[f] for r in rows) for k, f in (("earned", "ledger_earned"), ("paid", "ledger_paid"),
                                                        ("due", "due"))}
     last = payouts[0] if payouts else None
     return {"wallet": session.wallet, "expires_at": session.expires, "csrf": session.csrf, "nodes": rows,
             "totals": totals, "payouts": payouts,
             "pending": {"due": totals["due"], "last_payout": last,
-                        "state": "awaiting the operator's payout" if totals["due"] > 0 else "nothing due"},
+                        "state": "awaiting the operator's payout" if totals["due"] > 0 else "nothing due",
+                        "channels": channels},
             "series": _series(ledger, ids, now) if ledger is not None else None}
 
 

@@ -157,3 +157,22 @@ class PayoutChannels:
         except IntegrityError:
             return False  # imported already (or by another gateway)
         return True
+
+
+def payout_channels_of(ledger: Ledger, provider_ids: list[str]) -> list[dict[str, Any]]:
+    """These providers' payout channels with the latest signed state of each (base64 BOC; None before the first
+    payout): what a provider needs to close its channel on chain and collect. For the provider's own view."""
+    if not provider_ids:
+        return []
+    marks = ",".join("?" * len(provider_ids))
+    keys = ("provider_id", "channel_id", "address", "deposit", "seqno", "sent", "status", "opened_at")
+    out = []
+    for r in ledger.query(f"SELECT {', '.join(keys)} FROM pay_payout_channels WHERE provider_id IN ({marks}) "
+                          "ORDER BY provider_id", tuple(provider_ids)):
+        ch = dict(zip(keys, r, strict=True))
+        last = ledger.query("SELECT boc FROM pay_payouts WHERE channel_id=? AND seqno=?", (ch["channel_id"],
+                                                                                          ch["seqno"]))
+        ch["latest_state"] = base64.b64encode(bytes(last[0][0])).decode() if last else None
+        ch["left"] = int(ch["deposit"]) - int(ch["sent"])
+        out.append(ch)
+    return out

@@ -4,6 +4,7 @@ logout. A real SQLite store and ledger, a real marketplace; the clock is passed 
 
 from __future__ import annotations
 
+import base64
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from cocoon_faas.gateway.marketplace import Marketplace, Node
 from cocoon_faas.gateway.payments import FeePolicy, PaymentGate
 from cocoon_faas.gateway.payouts import PayoutChannels
 from cocoon_faas.runtime.hardware import GIB, Hardware
+from cocoon_faas.ton.channel import SignedSemiChannel
 from cocoon_faas.ton.client import ChannelSigner
 from cocoon_faas.ton.keys import PrivateKey
 from cocoon_faas.ton.wallet import Wallet
@@ -106,6 +108,11 @@ def test_a_provider_sees_its_own_nodes_books_and_charts_only(world: dict[str, An
     assert me["totals"] == {"earned": 12000, "paid": 6000, "due": 6000}
     assert me["pending"]["due"] == 6000 and me["pending"]["last_payout"]["amount"] == 6000
     assert [p["provider_id"] for p in me["payouts"]] == ["a-node-1"]
+    ch, = me["pending"]["channels"]  # the state to close on chain with: the operator's signature, 6000 sent
+    assert (ch["provider_id"], ch["channel_id"], ch["seqno"], ch["sent"], ch["left"]) == \
+        ("a-node-1", "555", 1, 6000, 10**9 - 6000)
+    state = SignedSemiChannel.from_boc(base64.b64decode(ch["latest_state"]))
+    assert state.is_signed_by(OP.public_key()) and state.state.channel_id == 555 and state.state.data.sent == 6000
     s = me["series"]
     assert s["earned"][-1] == 12000 and s["paid"][-1] == 6000 and s["due"][-1] == 6000 and len(s["t"]) >= 3
     assert s["t"] == sorted(set(s["t"])) and s["earned"] == sorted(s["earned"]) and s["earned"][0] == 0  # steps
@@ -113,7 +120,8 @@ def test_a_provider_sees_its_own_nodes_books_and_charts_only(world: dict[str, An
     assert a.get(f"{BASE}/nodes/a-node-2").json()["node_id"] == "a-node-2"
     r = a.get(f"{BASE}/nodes/b-node-1")  # B's node: as if it did not exist
     assert r.status_code == 404 and "777000" not in r.text
-    assert {n["node_id"] for n in b.get(f"{BASE}/me").json()["nodes"]} == {"b-node-1"}
+    b_me = b.get(f"{BASE}/me").json()
+    assert {n["node_id"] for n in b_me["nodes"]} == {"b-node-1"} and b_me["pending"]["channels"] == []
     assert b.get(f"{BASE}/nodes/a-node-1").status_code == 404
 
 

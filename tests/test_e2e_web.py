@@ -452,10 +452,15 @@ def test_dashboard_provider_session(gw: GatewayProc, chromium: Any, tmp_path: Pa
     """`cocoon provider login` signs the gateway's challenge with the wallet key and prints a one-time link; the
     page trades it for an HttpOnly session cookie and shows this provider's nodes, earnings, payouts and what is
     due, with charts; the link does not work twice; an API key does not open the view; logout ends it."""
+    import base64
+
     from selenium.webdriver.common.by import By
 
+    from cocoon_faas.gateway.billing import load_operator_key
     from cocoon_faas.runtime.hardware import GIB, Hardware
     from cocoon_faas.runtime.registration import Registration
+    from cocoon_faas.settings import Settings
+    from cocoon_faas.ton.channel import SignedSemiChannel
     from cocoon_faas.ton.keys import PrivateKey
     from cocoon_faas.ton.wallet import Wallet
 
@@ -474,6 +479,10 @@ def test_dashboard_provider_session(gw: GatewayProc, chromium: Any, tmp_path: Pa
         assert paid.status_code == 200, paid.text
         seed = tmp_path / "wallet.seed"
         seed.write_text(key.to_bytes().hex())
+        stranger = tmp_path / "stranger.seed"  # a wallet with no node here: a clear refusal, no link
+        stranger.write_text(PrivateKey.generate().to_bytes().hex())
+        refused = gw.cli("provider", "login", "--key-file", str(stranger), check=False)
+        assert refused.returncode == 1 and "has no node on this gateway" in refused.stderr, refused.stderr
         out = json.loads(gw.cli("provider", "login", "--key-file", str(seed), "--json").stdout)
         assert out["url"] == f"{gw.url}/dashboard#provider-code={out['code']}"
         browser.get(gw.url + "/dashboard")  # a tenant's key first: the provider view stays shut to it
@@ -488,6 +497,13 @@ def test_dashboard_provider_session(gw: GatewayProc, chromium: Any, tmp_path: Pa
         assert browser.find_element(By.ID, "provider-pending").get_attribute("data-due") == "15000"
         assert "awaiting the operator's payout" in browser.find_element(By.ID, "provider-pending").text
         assert len(browser.find_elements(By.CSS_SELECTOR, "#provider-payouts tbody tr")) == 1
+        tds = browser.find_element(By.CSS_SELECTOR, "#provider-channels tbody tr").find_elements(By.TAG_NAME, "td")
+        cells = [td.text for td in tds]  # channel, node, deposit, paid through it, left, seqno, status, state
+        assert cells[0] == str(paid.json()["channel_id"]) and cells[1] == nid and cells[3] == "50000"
+        assert cells[5:7] == ["1", "open"] and int(cells[2]) - 50_000 == int(cells[4])
+        state = SignedSemiChannel.from_boc(base64.b64decode(tds[7].get_attribute("data-boc")))
+        assert state.is_signed_by(load_operator_key(Settings(home=gw.home)).public_key())
+        assert state.state.data.sent == 50_000  # what the provider closes the channel with on chain
         _wait(browser, lambda d: int(d.find_element(By.ID, "chart-provider-earnings").get_attribute("data-points")
                                      or 0) >= 3)
         assert browser.find_elements(By.CSS_SELECTOR, "#chart-provider-earnings canvas")

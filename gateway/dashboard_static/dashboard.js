@@ -203,6 +203,12 @@ async function providerRefresh() {
   rows("#provider-payouts", me.payouts, (tr, p) => {
     cell(tr, new Date(p.at * 1000).toLocaleString()); cell(tr, p.provider_id); cell(tr, p.amount); cell(tr, p.channel_id); cell(tr, p.seqno);
   });
+  rows("#provider-channels", me.pending.channels, (tr, c) => {
+    tr.dataset.channel = String(c.channel_id);
+    for (const k of ["channel_id", "provider_id", "deposit", "sent", "left", "seqno", "status"]) cell(tr, c[k]);
+    const td = cell(tr, c.latest_state ? `${c.latest_state.slice(0, 24)}…` : "(none yet)");
+    td.title = c.latest_state || ""; td.dataset.boc = c.latest_state || "";
+  });
   if (me.series) {
     const s = me.series;
     chart("#chart-provider-earnings", [{ label: "earned", stroke: "#0a7a2f" }, { label: "paid out", stroke: "#0f5bd8" }], [s.t, s.earned, s.paid]);
