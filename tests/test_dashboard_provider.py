@@ -237,3 +237,15 @@ def test_a_gateway_that_knows_its_name_refuses_logins_signed_for_another(world: 
     assert r.status_code == 403 and reason(r) == "audience" and "faas.example.com" in r.json()["error"]["message"]
     r = c.post(f"{BASE}/login", json=signed_login(c, A, gateway="faas.example.com"))
     assert r.status_code == 200 and r.json()["url"].startswith("http://faas.example.com/dashboard#provider-code=")
+
+
+def test_unauthenticated_challenges_are_bounded(world: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    import cocoon_faas.gateway.dashboard_login as login_mod
+
+    monkeypatch.setattr(login_mod, "MAX_PENDING", 3)
+    c, clock = TestClient(world["app"]), world["clock"]
+    assert all(c.post(f"{BASE}/challenge").status_code == 200 for _ in range(3))
+    r = c.post(f"{BASE}/challenge")
+    assert r.status_code == 429 and r.headers["retry-after"] == "60"
+    clock.t += CHALLENGE_S + 1  # expired ones no longer count
+    assert c.post(f"{BASE}/challenge").status_code == 200
