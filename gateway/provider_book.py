@@ -27,7 +27,8 @@ from cocoon_faas.errors import NotFoundError
 from cocoon_faas.runtime.registration import MAX_SKEW_S
 
 from .db import SqliteDatabase
-from .marketplace import DOWN, LEFT, MarketEvent, Marketplace, Node, NodeRecord
+from .market_nodes import DOWN, LEFT, MarketEvent, Node, NodeRecord
+from .marketplace import Marketplace
 from .provider_store import ProviderStore
 
 log = logging.getLogger("cocoon.providers")

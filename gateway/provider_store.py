@@ -21,7 +21,7 @@ from cocoon_faas.errors import AuthenticationError, NotFoundError
 from cocoon_faas.runtime.hardware import Hardware
 
 from .db import Database, IntegrityError
-from .marketplace import DOWN, DRAINING, LEFT, UP, Node, NodeRecord
+from .market_nodes import DOWN, DRAINING, LEFT, UP, Node, NodeRecord
 from .migrations import Migration, migrate
 
 PROVIDER_MIGRATIONS = [
