@@ -49,6 +49,7 @@ class ProviderBook:
         self._changed: dict[str, tuple[str, bool, float]] = {}  # node -> (status, revivable, registered) to store
         self._registered: dict[str, float] = {}  # node -> the registration its record belongs to
         self._touched: dict[str, float] = {}  # node -> monotonic time a route applied a fresher record
+        self._applied: dict[str, NodeRecord] = {}  # node -> the record last applied (unchanged ones are skipped)
         market.subscribe(self._on_event)
 
     @classmethod
@@ -133,6 +134,7 @@ class ProviderBook:
         for nid in self.market.ids():
             if nid not in listed and self.market.forget(nid):
                 self._registered.pop(nid, None)
+                self._applied.pop(nid, None)
         if leading:
             self.market.finish_leaves()
 
@@ -140,7 +142,8 @@ class ProviderBook:
                   leading: bool, keep: set[str]) -> tuple[list[NodeRecord], float]:
         """Off the event loop: write what this gateway decided, sweep when leading, read every record."""
         for nid, (status, revivable, registered) in changed.items():
-            self.store.mark(nid, registered, status, revivable)
+            if not self.store.mark(nid, registered, status, revivable):
+                self._applied.pop(nid, None)  # the store disagrees: take its record again even if unchanged
         if usage:
             self.store.add_usage(usage.items())
         now = self.clock()
@@ -148,8 +151,8 @@ class ProviderBook:
             silent = now - 3 * self.market.heartbeat_interval
             down = self.store.sweep(silent, now - self.market.expiry_s, keep)
             if down:
-                log.warning("provider nodes %s are down: no heartbeat on any gateway for %.1fs", down,
-                            3 * self.market.heartbeat_interval)
+                log.warning("%d provider nodes are down (%s%s): no heartbeat on any gateway for %.1fs", len(down),
+                            ", ".join(down[:5]), ", …" if len(down) > 5 else "", 3 * self.market.heartbeat_interval)
             self.store.prune_nonces(now - 2 * MAX_SKEW_S)  # older ones fail the freshness check anyway
         return self.store.records(), now
 
@@ -157,7 +160,11 @@ class ProviderBook:
         self._applying = True
         try:
             for rec in records:
-                self._registered[rec.node.node_id] = rec.registered
+                nid = rec.node.node_id
+                if self._applied.get(nid) is rec:
+                    continue  # the same row as last time: the marketplace already holds it
+                self._registered[nid] = rec.registered
+                self._applied[nid] = rec
                 self.market.apply(rec, now)
         finally:
             self._applying = False

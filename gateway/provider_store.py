@@ -52,6 +52,7 @@ class ProviderStore:
         self.db = db
         migrate(db, "providers", PROVIDER_MIGRATIONS)
         self._hardware: dict[str, Hardware] = {}  # JSON text -> parsed (rows are re-read every second)
+        self._rows: dict[str, tuple[tuple[Any, ...], NodeRecord]] = {}  # node -> (row, record) last read
 
     # -- rows -> records -----------------------------------------------------------------------------------
     def _record(self, r: tuple[Any, ...]) -> NodeRecord:
@@ -66,7 +67,16 @@ class ProviderStore:
                           int(r[13]), int(r[14]))
 
     def records(self) -> list[NodeRecord]:
-        return [self._record(r) for r in self.db.query(f"SELECT {_COLS} FROM provider_nodes ORDER BY node_id")]
+        """Every node's record; a row unchanged since the last read gives the very same record object (so a
+        refresh can skip it: most rows change only with a heartbeat, every few seconds)."""
+        out, seen = [], {}
+        for r in self.db.query(f"SELECT {_COLS} FROM provider_nodes ORDER BY node_id"):
+            last = self._rows.get(r[0])
+            rec = last[1] if last is not None and last[0] == r else self._record(r)
+            seen[r[0]] = (r, rec)
+            out.append(rec)
+        self._rows = seen
+        return out
 
     def record(self, node_id: str) -> NodeRecord | None:
         rows = self.db.query(f"SELECT {_COLS} FROM provider_nodes WHERE node_id=?", (node_id,))
