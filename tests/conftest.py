@@ -25,11 +25,16 @@ TESTDATA = SHARED / "testdata"
 MODELS_DIR = os.environ.get("COCOON_MODELS_DIR", str(Path.home() / ".cache" / "cocoon-models"))
 
 
+# Knobs of the test harness itself, not platform settings: they survive the isolation below.
+HARNESS_VARS = frozenset({"COCOON_MODELS_DIR", "COCOON_SCREENSHOTS", "COCOON_TESTDATA", "COCOON_TEST_CACHE",
+                          "COCOON_KEEP_RAY_TMP"})
+
+
 def _isolate_from_the_users_home() -> None:
     """Tests never read the user's own ~/.cocoon (its API key, channel or config.env would change what a client
     sends): the test process gets a fresh COCOON_HOME and none of the user's COCOON_* settings, before
     cocoon_faas.settings is first imported."""
-    for k in [k for k in os.environ if k.startswith("COCOON_") and k != "COCOON_MODELS_DIR"]:
+    for k in [k for k in os.environ if k.startswith("COCOON_") and k not in HARNESS_VARS]:
         del os.environ[k]
     home = tempfile.mkdtemp(prefix="cocoon-test-home-")
     atexit.register(shutil.rmtree, home, True)
