@@ -78,6 +78,24 @@ def test_every_route_has_one_body_limit(gateway: GatewayProc, path: str) -> None
             assert "COCOON_MAX_BODY_BYTES" in streamed.json()["error"]["message"]
 
 
+# The provider dashboard's own POST routes (their bodies are capped far below COCOON_MAX_BODY_BYTES)
+DASHBOARD_POST_ROUTES = [f"/dashboard/api/provider/{p}" for p in ("challenge", "login", "session", "logout")]
+
+
+@pytest.mark.parametrize("path", DASHBOARD_POST_ROUTES)
+def test_dashboard_routes_refuse_big_and_bad_bodies(gateway: GatewayProc, path: str) -> None:
+    with gateway.http() as c:
+        for what, body in (("declared", b" " * (LIMIT + 1)), ("chunked", _chunks(LIMIT + 65536)),
+                           ("not utf-8", b"\xff\xfe not utf-8"), ("nested", b"[" * 100_000 + b"]" * 100_000)):
+            r = c.post(path, content=body, headers={"Origin": gateway.url, "Content-Type": "application/json"})
+            if path.endswith("/challenge") and what != "declared":
+                # it takes no body and never reads one (so nothing grows); it must still only hand out a challenge
+                assert r.status_code in (200, 429) and "Traceback" not in r.text, (what, r.status_code)
+                continue
+            assert 400 <= r.status_code < 500, (path, what, r.status_code, r.text[:200])
+            assert "Traceback" not in r.text and json.loads(r.text)["error"]["message"], (path, what)
+
+
 def test_deployments_have_the_larger_bundle_limit(gateway: GatewayProc) -> None:
     with gateway.http() as c:
         r = c.post("/v1/deployments", content=_chunks(10 * LIMIT + 65536))
