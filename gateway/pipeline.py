@@ -297,6 +297,9 @@ class Pipeline:
 
         def running() -> None:
             rec.status = "running"
+            if self.shared:  # other gateways poll the store: batched, so it lands before the outcome's record
+                self.store.record_call(call.id, call.fr.name, call.fr.version, "running", rec.created, None, None,
+                                       None, None, call.caller)
 
         async def go() -> None:
             try:
