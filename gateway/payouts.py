@@ -11,7 +11,9 @@ someone who can write it could only make the operator sign states that pay what 
 (the ledger is the operator's books either way; docs/security.md).
 
 Opening a channel (top-up and init on the settlement chain) claims the row first (status ``opening``), so two
-gateways never fund two channels to one provider. Files an older gateway kept under
+gateways never fund two channels to one provider; an opening left unfinished is resumed from what the chain shows
+(the rest of the top-up, then the init) by the next payout after ``OPENING_GRACE_S``, or at once after its own
+gateway's failure. Files an older gateway kept under
 ``$COCOON_HOME/payout_channels/`` are imported the first time their provider is paid.
 """
 
@@ -46,6 +48,7 @@ CREATE TABLE IF NOT EXISTS pay_payout_channels (
 """),
 ]
 GAS = 50_000_000
+OPENING_GRACE_S = 300.0  # an opening older than this is taken over (its gateway died or gave up midway)
 
 
 def _due(tx: Tx, provider_id: str) -> int:
@@ -65,42 +68,72 @@ class PayoutChannels:
 
     def ensure_open(self, provider_id: str, provider_key: PublicKey, wallet: Address, deposit: int) -> int:
         """The channel to ``provider_id`` (opened and funded from the operator's wallet the first time);
-        returns its id. Refuses a different key or wallet for a provider that already has one."""
+        returns its id. Refuses a different key or wallet for a provider that already has one. An opening left
+        unfinished (its gateway failed or died midway) is resumed from what the chain shows, never funded twice."""
         self._import_legacy(provider_id)
-        rows = self.ledger.query("SELECT channel_id, key_b, dest_b, status FROM pay_payout_channels "
-                                 "WHERE provider_id=?", (provider_id,))
-        if rows:
-            cid, key_b, dest_b, status = rows[0]
-            if status != "open":
+        now = time.time()
+        row = self._row(provider_id)
+        if row is None:
+            claimed = now
+            try:  # the claim: another gateway opening one at the same moment gets the conflict, not a second one
+                self.ledger.db.execute(
+                    "INSERT INTO pay_payout_channels (provider_id, channel_id, key_b, dest_b, address, deposit, "
+                    "status, opened_at) VALUES (?,?,?,?,?,?,?,?)",
+                    (provider_id, secrets.randbits(63), provider_key.hex(), wallet.raw, "", deposit, "opening", now))
+            except IntegrityError:
+                raise ConflictError(f"a payout channel to {provider_id!r} was just opened by another gateway; "
+                                    "retry") from None
+            row = self._row(provider_id)
+            assert row is not None
+        else:
+            claimed = 0.0
+        cid, key_b, dest_b, status, opened_at, deposit = row
+        if key_b != provider_key.hex() or Address.parse(dest_b) != wallet:
+            raise ConflictError(f"provider {provider_id!r} already has a payout channel to another key or wallet; "
+                                "close it first")
+        if status == "open":
+            return cid
+        if not claimed:  # an opening started earlier: take it over only once its opener must have given up
+            if now - opened_at < OPENING_GRACE_S or not self.ledger.db.execute(
+                    "UPDATE pay_payout_channels SET opened_at=? WHERE provider_id=? AND status='opening' AND "
+                    "opened_at=?", (now, provider_id, opened_at)):
                 raise ConflictError(f"a payout channel to {provider_id!r} is being opened (on this or another "
                                     "gateway); retry in a minute")
-            if key_b != provider_key.hex() or Address.parse(dest_b) != wallet:
-                raise ConflictError(f"provider {provider_id!r} already has a payout channel to another key or "
-                                    "wallet; close it first")
-            return int(cid)
-        cid = secrets.randbits(63)
         w = Wallet(self.key.public_key())
-        cfg = ChannelConfig(cid, self.key.public_key(), provider_key, w.address, wallet)
-        try:  # the claim: another gateway opening one at the same moment gets the conflict, not a second channel
-            self.ledger.db.execute("INSERT INTO pay_payout_channels (provider_id, channel_id, key_b, dest_b, address,"
-                                   " deposit, status, opened_at) VALUES (?,?,?,?,?,?,?,?)",
-                                   (provider_id, cid, provider_key.hex(), wallet.raw, cfg.address.friendly(),
-                                    deposit, "opening", time.time()))
-        except IntegrityError:
-            raise ConflictError(f"a payout channel to {provider_id!r} was just opened by another gateway; "
-                                "retry") from None
+        cfg = ChannelConfig(cid, self.key.public_key(), PublicKey(bytes.fromhex(key_b)), w.address, wallet)
         try:
-            require_ok(self.chain.send_to_channel(self.key, w, cfg, TopUp(deposit).to_cell(), deposit + GAS),
-                       "payout channel top-up")
-            require_ok(self.chain.send_to_channel(self.key, w, cfg, InitChannel.signed(self.key, True, cid, deposit,
-                                                                                      0).to_cell(), GAS),
-                       "payout channel init")
+            self._fund(cfg, w, deposit)
         except BaseException:
-            self.ledger.db.execute("DELETE FROM pay_payout_channels WHERE provider_id=? AND status='opening'",
-                                   (provider_id,))
+            if self.chain.channel_data(cfg) is None:  # nothing reached the chain: forget it (a retry starts anew)
+                self.ledger.db.execute("DELETE FROM pay_payout_channels WHERE provider_id=? AND status='opening'",
+                                       (provider_id,))
+            else:  # funded in part: the next attempt resumes it at once
+                self.ledger.db.execute("UPDATE pay_payout_channels SET opened_at=0 WHERE provider_id=? AND "
+                                       "status='opening'", (provider_id,))
             raise
-        self.ledger.db.execute("UPDATE pay_payout_channels SET status='open' WHERE provider_id=?", (provider_id,))
+        self.ledger.db.execute("UPDATE pay_payout_channels SET status='open', address=? WHERE provider_id=?",
+                               (cfg.address.friendly(), provider_id))
         return cid
+
+    def _row(self, provider_id: str) -> tuple[int, str, str, str, float, int] | None:
+        rows = self.ledger.query("SELECT channel_id, key_b, dest_b, status, opened_at, deposit FROM "
+                                 "pay_payout_channels WHERE provider_id=?", (provider_id,))
+        if not rows:
+            return None
+        r = rows[0]
+        return int(r[0]), str(r[1]), str(r[2]), str(r[3]), float(r[4]), int(r[5])
+
+    def _fund(self, cfg: ChannelConfig, w: Wallet, deposit: int) -> None:
+        """Do what the chain still lacks: the top-up (or its rest), then the init. Safe to repeat."""
+        data = self.chain.channel_data(cfg)
+        have = data.balance_a if data is not None else 0
+        if have < deposit:
+            require_ok(self.chain.send_to_channel(self.key, w, cfg, TopUp(deposit - have).to_cell(),
+                                                  deposit - have + GAS), "payout channel top-up")
+            data = self.chain.channel_data(cfg)
+        if data is None or not data.inited:
+            require_ok(self.chain.send_to_channel(self.key, w, cfg, InitChannel.signed(
+                self.key, True, cfg.channel_id, deposit, 0).to_cell(), GAS), "payout channel init")
 
     def pay(self, provider_id: str, amount: int | None = None) -> dict[str, Any]:
         """Pay ``amount`` (default: all that is due) with the next state of the provider's channel; books it."""

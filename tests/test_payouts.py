@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +100,32 @@ def test_a_failed_open_leaves_nothing_and_file_state_is_imported(tmp_path: Path)
     out = p.pay("gpu-1")
     assert (out["channel_id"], out["seqno"], out["amount"]) == (77, 259, 600_000)
     assert SignedSemiChannel.from_boc(base64.b64decode(out["state"])).state.data.sent == 5000 + 600_000
+
+
+def test_an_opening_left_unfinished_is_resumed_never_funded_twice(database: Any, tmp_path: Path) -> None:
+    from cocoon_faas.gateway.payouts import GAS
+    from cocoon_faas.ton.chain import require_ok
+    from cocoon_faas.ton.channel import ChannelConfig
+    from cocoon_faas.ton.messages import TopUp
+
+    chain = LocalChain(tmp_path / "chain.db")
+    op_wallet = Wallet(OP.public_key())
+    chain.faucet(op_wallet.address, 10 * DEP)
+    ledger = Ledger(database(), home=tmp_path)
+    p = PayoutChannels(ledger, chain, OP)
+    wallet = Wallet(PROV.public_key()).address
+    # a gateway claimed the row and topped the channel up, then died before the init
+    cfg = ChannelConfig(42, OP.public_key(), PROV.public_key(), op_wallet.address, wallet)
+    require_ok(chain.send_to_channel(OP, op_wallet, cfg, TopUp(DEP).to_cell(), DEP + GAS), "top-up")
+    ledger.db.execute("INSERT INTO pay_payout_channels (provider_id, channel_id, key_b, dest_b, address, deposit, "
+                      "status, opened_at) VALUES (?,?,?,?,?,?,?,?)",
+                      ("gpu-1", 42, PROV.public_key().hex(), wallet.raw, "", DEP, "opening", time.time()))
+    with pytest.raises(ConflictError, match="being opened"):  # it may still be working on it
+        p.ensure_open("gpu-1", PROV.public_key(), wallet, DEP)
+    ledger.db.execute("UPDATE pay_payout_channels SET opened_at=opened_at-3600")  # long gone
+    before = chain.balance(op_wallet.address)
+    assert p.ensure_open("gpu-1", PROV.public_key(), wallet, DEP) == 42
+    data = chain.channel_data(cfg)
+    assert data is not None and data.inited and data.balance_a == DEP
+    assert before - chain.balance(op_wallet.address) < DEP  # only the init's gas: the deposit went in once
+    assert ledger.query("SELECT status FROM pay_payout_channels") == [("open",)]
