@@ -357,3 +357,50 @@ def test_a_sandbox_that_overruns_its_window_fails_its_call_and_is_not_relayed():
     frames = asyncio.run(asyncio.wait_for(main(), 120))
     assert frames[-1][0] == P.ERROR and frames[-1][1]["exc_type"] == "StreamWindowError"
     assert len(frames) - 1 <= 16 * 1024 // chunk_cost(4098) + 1  # relayed only what the window allowed
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None or bwrap_problem() is not None,
+                    reason="bubblewrap cannot create namespaces on this machine")
+def test_a_sandboxed_generator_waits_while_the_actor_takes_no_items():
+    """The sealed path's hop: the actor reads items itself (to seal them) and credits the child as it takes them;
+    when it stops taking, the child stops pulling the generator; when it resumes, every item arrives in order."""
+    counter = {"n": 0}
+
+    def gen(n: int = 0, size: int = 0, probe: bool = False):
+        if probe:
+            yield counter["n"]
+            return
+        for i in range(n):
+            counter["n"] += 1
+            yield {"i": i, "pad": "x" * size}
+
+    spec = make_spec(name="gen", kind="generator", memory="256Mi", max_concurrency=2)
+    blob = cloudpickle.dumps({"format": 1, "kind": "function", "fn": gen})
+    window, size, n = 64 * 1024, 4000, 1000
+
+    async def main() -> tuple[int, list[Any]]:
+        link = SandboxLink(SandboxProcess(SandboxConfig(memory=spec.memory), f"gen-{os.getpid()}"))
+        await link.open()
+        try:
+            await link.load(blob, spec.to_json(), 60)
+
+            async def produced() -> int:
+                return int(json.loads([x async for x in link.stream(b'{"probe": true}', 30, [])][0]))
+
+            items = link.stream(json.dumps({"n": n, "size": size}).encode(), 60, [], "", window)
+            taken = [json.loads(await items.__anext__()) for _ in range(3)]
+            last, stable = await produced(), 0
+            while stable < 10:  # until the producer stops moving
+                await asyncio.sleep(0.05)
+                now = await produced()
+                stable = stable + 1 if now == last else 0
+                last = now
+            taken += [json.loads(x) async for x in items]
+            return last, taken
+
+        finally:
+            link.close()
+
+    paused_at, items = asyncio.run(asyncio.wait_for(main(), 120))
+    assert paused_at - 3 <= window // chunk_cost(size + 20) + 1 + 10  # the window, one item, the read-ahead
+    assert [x["i"] for x in items] == list(range(n)) and all(len(x["pad"]) == size for x in items)
