@@ -54,7 +54,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory, pg_cluster: Any) -> Any:
         env = {"COCOON_DATABASE_URL": pg_cluster.new_database(), "COCOON_RAY_ADDRESS": ray.address,
                "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray.token, "COCOON_GATEWAY_LEASE_S": "3",
                "COCOON_CHAIN_PATH": str(root / "chain.db"), "COCOON_SCALE_UP_DELAY_S": "0.5",
-               "COCOON_QUEUE_LIMIT": "64"}
+               "COCOON_QUEUE_LIMIT": "64", "COCOON_PROVIDER_HEARTBEAT_S": "1"}
         a = GatewayProc(root / "a", env=env).start()
         gws.append(a)
         (root / "b").mkdir()
@@ -151,13 +151,24 @@ def test_a_provider_joined_on_one_gateway_is_served_by_the_other(platform: Any) 
     from cocoon_faas.ton.wallet import Wallet
 
     a, b, _ = platform
-    key = PrivateKey.generate()
     hw = Hardware("declared", "H100", 1, 80 * GIB, None, 8, 32 * GIB)
-    reg = Registration.new(wallet=Wallet(key.public_key()).address.friendly(), public_key=key.public_key().to_bytes(),
-                           name="e2e-node", hardware=hw, gpu_price=1000)
-    r = httpx.post(a.url + "/v1/providers", json=reg.signed(key), timeout=30)
-    assert r.status_code == 201, r.text
-    nid, token = r.json()["node_id"], r.json()["token"]
+
+    def join(gw: GatewayProc, name: str) -> tuple[str, str]:
+        key = PrivateKey.generate()
+        reg = Registration.new(wallet=Wallet(key.public_key()).address.friendly(),
+                               public_key=key.public_key().to_bytes(), name=name, hardware=hw, gpu_price=1000)
+        r = httpx.post(gw.url + "/v1/providers", json=reg.signed(key), timeout=30)
+        assert r.status_code == 201, r.text
+        return r.json()["node_id"], r.json()["token"]
+
+    def status(gw: GatewayProc, nid: str) -> str:
+        return str(httpx.get(f"{gw.url}/v1/providers/{nid}", timeout=10).json().get("status", ""))  # "": not yet
+
+    # a node that joins through B and then falls silent: the leader (A) marks it down, and B follows
+    quiet, quiet_token = join(b, "e2e-quiet")
+    _wait("the leader to sweep the silent node down", lambda: status(a, quiet) == "down")
+    _wait("B to see it down", lambda: status(b, quiet) == "down")
+    nid, token = join(a, "e2e-node")  # (heartbeats stop after one: it may be swept down meanwhile; fine)
     listed = _wait("B to list the node", lambda: [p for p in httpx.get(b.url + "/v1/providers", timeout=10)
                                                    .json()["providers"] if p["node_id"] == nid])
     assert listed[0]["gpu"] == "H100-80GB x1" and listed[0]["gpu_price"] == 1000
@@ -169,8 +180,12 @@ def test_a_provider_joined_on_one_gateway_is_served_by_the_other(platform: Any) 
     left = httpx.post(f"{b.url}/v1/providers/{nid}/leave", headers={"authorization": f"Bearer {token}"},
                       timeout=10).json()
     assert left["status"] in ("draining", "left")
-    _wait("the leader to end the drain", lambda: httpx.get(f"{a.url}/v1/providers/{nid}", timeout=10).json()
-          ["status"] == "left")
+    _wait("the leader to end the drain", lambda: status(a, nid) == "left")
+    # the silent one leaves too (a listed node, even down, keeps tenant replicas off the gateways' own Ray)
+    assert httpx.post(f"{a.url}/v1/providers/{quiet}/leave", headers={"authorization": f"Bearer {quiet_token}"},
+                      timeout=10).status_code == 200
+    _wait("both nodes gone from B's listing", lambda: httpx.get(b.url + "/v1/providers", timeout=10)
+          .json()["providers"] == [])
 
 
 def test_two_gateways_one_database_survive_a_sigkill(platform: Any, caller: Any) -> None:
