@@ -108,10 +108,12 @@ def produced(gw: GatewayProc, tag: str) -> int:
     raise AssertionError("the probe answered no item")
 
 
-def settled(gw: GatewayProc, tag: str) -> int:
-    """The producer's count once it stops moving (the generator is waiting for credit, or done)."""
+def settled(gw: GatewayProc, tag: str, at_least: int = 0) -> int:
+    """The producer's count once it stops moving (the generator is waiting for credit, or done). `at_least`: a
+    count below it is not a pause yet (a generator waits only once it has filled the window), so a producer merely
+    slowed by a busy machine is not mistaken for a paused one."""
     last, stable = produced(gw, tag), 0
-    while stable < 4:
+    while stable < 4 or last < at_least:
         time.sleep(0.25)
         now = produced(gw, tag)
         stable = stable + 1 if now == last else 0

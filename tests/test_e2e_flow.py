@@ -19,6 +19,7 @@ pytestmark = pytest.mark.e2e
 WINDOW = 1024 * 1024  # COCOON_STREAM_WINDOW_BYTES's default, which the session gateway runs with
 SIZE = 32 * 1024
 N = 1500  # ~48 MiB if the generator ran to completion
+FULL = WINDOW // chunk_cost(SIZE + 32)  # a paused generator has produced at least a window's worth
 READ_AHEAD = 8 + 2  # the executor's queue of a plain generator, the item in the producer's hand, one being sent
 
 
@@ -45,7 +46,7 @@ def test_a_client_that_stops_reading_pauses_the_generator_then_gets_every_item(g
     try:
         first = client.events(3)
         assert client.status == 200 and [e[1]["i"] for e in first] == [0, 1, 2]
-        ahead = settled(gateway, tag) - len(first)  # the client now reads nothing
+        ahead = settled(gateway, tag, FULL) - len(first)  # the client now reads nothing
         assert 0 < ahead <= allowed_ahead(client), (ahead, allowed_ahead(client))
         held = buffered(gateway)
         assert 0 < held <= WINDOW + chunk_cost(SIZE + 32)  # what the gateway process holds for this stream
@@ -64,7 +65,7 @@ def test_a_client_that_stops_reading_and_leaves_frees_the_stream(gateway: Gatewa
     client = SSESocket(gateway.port, "/fn/flood", {"tag": tag, "n": N, "size": SIZE}, gateway.headers())
     try:
         assert len(client.events(2)) == 2
-        stalled = settled(gateway, tag)
+        stalled = settled(gateway, tag, FULL)
         assert stalled < N
     finally:
         client.close()  # leaves with the stream paused

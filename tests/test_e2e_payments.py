@@ -173,7 +173,7 @@ def test_paid_stream_paused_by_its_client_then_cut_is_released_once(gw: GatewayP
     try:
         assert len(client.events(2)) == 2 and client.status == 200
         call_id = client.headers["x-cocoon-call-id"]
-        stalled = settled(gw, tag)
+        stalled = settled(gw, tag, 1024 * 1024 // (32 * 1024 + 544))  # paused: a window's worth produced
         assert stalled < n and ledger_call(gw, call_id)["status"] == "held"
     finally:
         client.close()
