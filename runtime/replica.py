@@ -243,9 +243,9 @@ class Replica:
         except Exception as exc:  # noqa: BLE001 - reported to the gateway, which refuses the version
             info = {"ok": False, "error_type": getattr(exc, "error_type", type(exc).__name__),
                     "message": str(exc)[:2000], "traceback": getattr(exc, "tb", "") or trimmed_traceback(exc)}
-        _publish(self.replica_id, info)
         if info.get("ok"):
             _settle_process()
+        _publish(self.replica_id, info)  # last: the gateway reads the facts when this task ends (no polling)
 
     async def _start(self, t0: float) -> dict[str, Any]:
         """On the data-plane loop, where the sandbox link and the data port live."""
