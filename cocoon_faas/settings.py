@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,6 +30,9 @@ class Settings(BaseSettings):
     models_dir: Path | None = Field(None, description="converted model weights cache (default: home/models)")
     llm_threads: int = Field(0, ge=0, description="torch threads of an LLM engine replica (0: Ray's default, "
                              "one per CPU the function declares)")
+    llm_precision: Literal["auto", "gguf", "q8", "q4", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="weights of an LLM replica: as the GGUF stores them, requantized, or a float type; "
+        "auto: gguf on CPU, fp16 on a GPU (kernels/models/smollm.py)")
 
     # gateway
     host: str = "127.0.0.1"

@@ -14,7 +14,8 @@ output to JSON (matching the schema)."""
 
 import cocoon_faas as cocoon
 
-MAX_SEQS = 32  # memory: the sandbox caps address space; fp32 weights (~0.7 GB), a 256 MB KV pool, torch
+MAX_SEQS = 32  # memory: the sandbox caps address space; weights (~0.2 GB as the GGUF stores them on CPU, ~0.7 GB
+# at fp32: COCOON_LLM_PRECISION), a 256 MB KV pool, torch
 
 
 @cocoon.cls(cpu=1, memory="4Gi", timeout=120, max_concurrency=MAX_SEQS, min_replicas=0, max_replicas=2,
@@ -28,7 +29,8 @@ class Chat:
         from cocoon_faas.llm import Engine, SamplingParams
         from cocoon_faas.settings import get_settings
 
-        self.model = SmolLM.load(device="cuda" if torch.cuda.is_available() else "cpu")
+        self.model = SmolLM.load(device="cuda" if torch.cuda.is_available() else "cpu",
+                                 precision=get_settings().llm_precision)
         self.engine = Engine(self.model, max_seqs=MAX_SEQS, threads=get_settings().llm_threads or None)
         self.params = SamplingParams
         # warm-up: the first step and the grammar tokenizer (~1 s) are paid here, not by the first caller

@@ -22,6 +22,7 @@ pytest.importorskip("gguf")
 
 from cocoon_faas.kernels.models.smollm import GGUF_FILE, SmolLM  # noqa: E402
 from cocoon_faas.kernels.models.textgen import TextStream  # noqa: E402
+from tests.engine_runs import engine_greedy  # noqa: E402
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -32,7 +33,7 @@ CHATS = [
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     with K.backend("torch"):
-        yield SmolLM.load(device="cpu", cache_dir=tmp_path_factory.mktemp("models"))
+        yield SmolLM.load(device="cpu", cache_dir=tmp_path_factory.mktemp("models"), precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -71,17 +72,8 @@ def test_greedy_matches_transformers(model, hf, chat):
 def test_engine_batch_matches_transformers(model, hf):
     """The serving engine (continuous batching, paged KV cache, chunked prefill) gives transformers' greedy
     tokens for each request of a batch of mixed lengths."""
-    from cocoon_faas.llm import Engine, SamplingParams
-
     hf_model, _ = hf
-    with K.backend("torch"):  # the engine's steps run in the context it was created in
-        engine = Engine(model, kv_blocks=32, max_batch_tokens=24)
-    try:
-        with K.backend("torch"):
-            handles = [engine.submit(c, SamplingParams(max_tokens=8)) for c in CHATS]
-            got = [h.result().choices[0].token_ids for h in handles]
-    finally:
-        engine.close()
+    got = engine_greedy(model, CHATS, 8)
     for chat, ours in zip(CHATS, got, strict=True):
         ids = model.chat_template(chat)
         with torch.inference_mode():

