@@ -22,7 +22,7 @@ attention over a fully valid cache runs unmasked.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,7 +140,7 @@ class SmolLM:
 
     model_id = MODEL_ID
 
-    def __init__(self, weights: dict[str, Weight], config: LlamaConfig, tokenizer: Tokenizer,
+    def __init__(self, weights: Mapping[str, Weight], config: LlamaConfig, tokenizer: Tokenizer,
                  chat_template: str, device: torch.device, dtype: torch.dtype, precision: str = "fp32") -> None:
         """`weights` on `device`: float ones in `dtype`, quantized ones (`QuantWeight`) kept so ("gguf"/"q8"/"q4")."""
         self.precision = precision
