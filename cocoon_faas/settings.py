@@ -32,7 +32,7 @@ class Settings(BaseSettings):
                              "one per CPU the function declares)")
     llm_precision: Literal["auto", "gguf", "q8", "q4", "fp32", "fp16", "bf16"] = Field(
         "auto", description="weights of an LLM replica: as the GGUF stores them, requantized, or a float type; "
-        "auto: gguf on CPU, fp16 on a GPU (kernels/models/smollm.py)")
+        "auto: fp32 for now (why: kernels/models/smollm.py)")
 
     # gateway
     host: str = "127.0.0.1"

@@ -14,8 +14,8 @@ output to JSON (matching the schema)."""
 
 import cocoon_faas as cocoon
 
-MAX_SEQS = 32  # memory: the sandbox caps address space; weights (~0.2 GB as the GGUF stores them on CPU, ~0.7 GB
-# at fp32: COCOON_LLM_PRECISION), a 256 MB KV pool, torch
+MAX_SEQS = 32  # memory: the sandbox caps address space; weights (~0.7 GB at fp32, ~0.2 GB with
+# COCOON_LLM_PRECISION=gguf), a 256 MB KV pool, torch
 
 
 @cocoon.cls(cpu=1, memory="4Gi", timeout=120, max_concurrency=MAX_SEQS, min_replicas=0, max_replicas=2,

@@ -38,7 +38,7 @@ CHATS = [
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     with K.backend("torch"):
-        yield SmolLM.load(device="cpu", cache_dir=tmp_path_factory.mktemp("models"), precision="fp32")
+        yield SmolLM.load(device="cpu", cache_dir=tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture

@@ -92,9 +92,9 @@ def test_precisions_and_their_memory(models, cache):
     ids = q8.encode("The capital of France is")
     ref = _logits(models["fp32"], ids, [])[0]
     assert (_logits(q8, ids, [])[0] - ref).abs().max() <= 30 * 2.0**-9 * ref.abs().max() * 2  # + requant error
-    assert resolve_precision("auto", torch.device("cpu"), None) == ("gguf", torch.float32)
+    assert resolve_precision("auto", torch.device("cpu"), None) == ("fp32", torch.float32)
     assert resolve_precision("auto", torch.device("cpu"), torch.float16) == ("fp16", torch.float16)
-    assert resolve_precision("auto", torch.device("cuda"), None) == ("fp16", torch.float16)
+    assert resolve_precision("gguf", torch.device("cuda"), None) == ("gguf", torch.float16)
     with pytest.raises(ValueError, match="unknown precision 'int3'"):
         resolve_precision("int3", torch.device("cpu"), None)
     with pytest.raises(ValueError, match="drop one"):
