@@ -3,6 +3,7 @@
     python benchmarks/quant.py                              # CPU: fp32, gguf, q8, q4; 2 threads
     python benchmarks/quant.py --precisions fp32,gguf --reps 9
     python benchmarks/quant.py --device cuda                # GPU: adds fp16, bf16 (quantized = Triton kernels)
+    python benchmarks/quant.py --ops                        # CPU: the candidate ops on one layer's shapes
 
 Precisions (`kernels/models/smollm.py`): "gguf" runs the file's blocks as stored (Q4_1 projections, Q8_0
 embedding; on CPU through torch's int4 GEMM with bf16 at the GEMM boundary, the tied LM head in fp32 from the
@@ -28,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cocoon_faas.kernels.models.smollm import KVCache, SmolLM  # noqa: E402
+from cocoon_faas.kernels.quant import quantize  # noqa: E402
+from cocoon_faas.kernels.quant_linear import CpuInt4Linear  # noqa: E402
 from cocoon_faas.kernels.timing import interleaved, load_average, pin_threads  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write two sentences about the sea and the wind."}]
@@ -48,13 +51,44 @@ def teacher_forced(model: SmolLM, ids: list[int], steps: list[int]) -> list[torc
     return out
 
 
+def ops(threads: int, reps: int) -> None:
+    """The CPU weight-only ops on SmolLM2's four projection shapes x `layers` (weights cycling, out of cache):
+    fp32 mm on [in, out], torch's int4 GEMM with bf16 and with fp32 activations, int8 per channel (bf16)."""
+    layers = 8
+    shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * layers
+    w32 = [torch.randn(n, k) * 0.05 for n, k in shapes]
+    wt = [w.t().contiguous() for w in w32]
+    q4 = [CpuInt4Linear(quantize(w, "q4_1")) for w in w32]
+    q4f = [CpuInt4Linear(quantize(w, "q4_1"), torch.float32) for w in w32]
+    s8 = [w.abs().amax(1) / 127 for w in w32]
+    q8 = [torch.round(w / s[:, None]).to(torch.int8) for w, s in zip(w32, s8, strict=True)]
+    s8b = [s.bfloat16() for s in s8]
+    for m in (1, 8, 64):
+        xs = {k: torch.randn(m, k) for k in (576, 1536)}
+        fns = {
+            "fp32 mm": lambda xs=xs: [torch.mm(xs[t.shape[0]], t) for t in wt],
+            "int4 bf16": lambda xs=xs: [f(xs[f.shape[1]]) for f in q4],
+            "int4 fp32": lambda xs=xs: [f(xs[f.shape[1]]) for f in q4f],
+            "int8 bf16": lambda xs=xs: [torch._weight_int8pack_mm(xs[q.shape[1]].bfloat16(), q, s)
+                                        for q, s in zip(q8, s8b, strict=True)],
+        }
+        r = interleaved(fns, reps=reps, threads=threads)
+        cells = ", ".join(f"{k} {r.median(k) * 1e3:.2f} ms ({r.speedup(k, 'fp32 mm'):.2f}x)" for k in fns)
+        print(f"M={m:3d}: {cells}")
+        print(f"       {r.load_line()}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precisions", default=None, help="comma list (default: fp32,gguf,q8,q4; GPU adds fp16,bf16)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--ops", action="store_true", help="time the CPU weight-only ops instead of the model")
     args = ap.parse_args()
+    if args.ops:
+        ops(args.threads, args.reps)
+        return
     cuda = args.device == "cuda"
     names = (args.precisions or ("fp16,fp32,bf16,gguf,q8,q4" if cuda else "fp32,gguf,q8,q4")).split(",")
     if "fp32" not in names:
