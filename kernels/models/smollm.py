@@ -15,8 +15,8 @@ picks how the weights are held (`PRECISIONS`):
   accuracy than the file). Norms, attention and the KV cache run in `dtype`.
 - "fp32" / "fp16" / "bf16": everything dequantized once at load, the linear weights (and a copy of the tied
   embedding for the LM head) transposed to the [in, out] layout that `kernels.linear` measured 1.4x faster on CPU.
-The default ("auto") is fp32. "gguf" on CPU reads a third of the bytes and decoded 1.1-1.2x faster than fp32 at
-batch 1 and 8 here, but its 64-token prefill is ~0.6x, and rounding to bf16 at every GEMM makes the output
+The default ("auto") is fp32. "gguf" on CPU reads a third of the bytes and decoded 1.2-1.65x faster than fp32 at
+batch 1 and 8 here, but its 64-token prefill is 0.6-0.9x, and rounding to bf16 at every GEMM makes the output
 sensitive to the order of float operations: 1e-7 noise on the input moves its logits by ~0.2 (fp32: 5e-5), so
 the same seeded request can sample differently with a different prefix-cache state or batch (the gateway's
 seeded-sampling test saw it). A GPU also stays at fp32 until the Triton kernels are measured on one.
