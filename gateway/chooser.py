@@ -193,11 +193,12 @@ class Chooser:
         if r.state == "ready" and r.version == current.version and has_room(r, current.spec.max_concurrency):
             while waiters and waiters[0].done():
                 waiters.popleft()
-            if waiters:
-                want = self._wants.get(waiters[0])
-                if want is None or (want.accept(r) and (want.prefer is None or want.prefer(r))):
+            for i, fut in enumerate(waiters):  # the oldest call this replica may serve (sealed calls filter)
+                want = self._wants.get(fut)
+                if not fut.done() and (want is None or want.accept(r)):
                     r.inflight += 1
-                    waiters.popleft().set_result(r)
+                    del waiters[i]
+                    fut.set_result(r)
                     return
         current.wake(1)
 

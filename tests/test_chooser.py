@@ -188,3 +188,27 @@ def test_a_slot_handed_to_a_call_cancelled_meanwhile_passes_on():
 
     asyncio.run(main())
     assert rep.inflight == 0 and not fr.waiters and fr.queued == 0
+
+
+def test_a_freed_slot_goes_to_the_oldest_waiter_that_may_use_it():
+    """A sealed call waiting for replicas holding its key does not hold up plain calls queued behind it."""
+    asyncio, time, fr, rep, ch = _queue_setup()
+    from cocoon_faas.errors import NoCapacityError
+    from cocoon_faas.gateway.chooser import Eligibility
+
+    never = Eligibility(accept=lambda r: False, none_left=lambda f: NoCapacityError("none"))
+
+    async def main() -> None:
+        deadline = time.monotonic() + 30
+        first = await ch.acquire(fr, deadline)
+        picky = asyncio.create_task(ch._wait(fr, never, 30))  # queued first, can use no replica here
+        await asyncio.sleep(0)
+        plain = asyncio.create_task(ch.acquire(fr, deadline))
+        await asyncio.sleep(0)
+        ch.release(fr, first)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert plain.done() and plain.result() is rep  # at once, not when its 1 s look-again comes
+        picky.cancel()
+
+    asyncio.run(main())
