@@ -66,6 +66,10 @@ class Settings(BaseSettings):
                                      "items a replica may send ahead of what the client has read (each item "
                                      "counts 512 bytes more); the gateway holds at most this plus one item per "
                                      "stream, and a slow client pauses the function's generator")
+    stream_stall_s: float = Field(60.0, ge=1, le=86400, description="a stream whose client takes no bytes for "
+                                  "this long (its socket full, the call's items waiting) is cut: the function's "
+                                  "generator stops, its replica slot and any hold are freed as for a client that "
+                                  "left; a client merely reading slowly is never cut")
     max_connections: int = Field(2048, description="open HTTP connections the gateway serves at once "
                                  "(more get 503 from uvicorn)")
     max_header_bytes: int = Field(64 * 1024, description="largest total size of a request's headers (431 above)")

@@ -158,7 +158,8 @@ class Gateway:
                                  self.settings.max_body_bytes, shared=self.shared,
                                  max_pending_async=self.settings.max_pending_async_calls,
                                  caller_tags=CallerTags.load(self.settings.home),
-                                 stream_window=self.settings.stream_window_bytes)
+                                 stream_window=self.settings.stream_window_bytes,
+                                 stream_stall_s=self.settings.stream_stall_s)
         loop = asyncio.get_running_loop()
         gc.collect()
         gc.freeze()  # start-up objects (Ray's included) leave the GC's scans: full collections stalled calls

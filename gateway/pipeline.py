@@ -208,7 +208,7 @@ class Pipeline:
     def __init__(self, replicas: Replicas, billing: Billing, store: Store, metrics: Metrics,
                  market: Marketplace | None, max_body_bytes: int, shared: bool = False,
                  max_pending_async: int = 10_000, caller_tags: CallerTags | None = None,
-                 stream_window: int = 0) -> None:
+                 stream_window: int = 0, stream_stall_s: float = 60.0) -> None:
         self.replicas = replicas
         self.billing = billing
         self.store = store
@@ -221,6 +221,7 @@ class Pipeline:
         self.pending_async = 0  # async calls queued or running on this gateway
         self.caller_tags = caller_tags  # the replica gets an opaque tag of each call's caller (prefix caches)
         self.stream_window = stream_window  # COCOON_STREAM_WINDOW_BYTES: per-stream credit (cocoon_faas/flow.py)
+        self.stream_stall_s = stream_stall_s  # COCOON_STREAM_STALL_S: a client that takes nothing this long is cut
         self.streams: weakref.WeakSet[CallStream] = weakref.WeakSet()  # open streams (buffered bytes: a metric)
 
     # -- admit -----------------------------------------------------------------------------------------
@@ -446,16 +447,15 @@ class CallStream:
         self.call.finish(err, self.frames.error_ms, self._provider())
         return err
 
-    async def close(self) -> Settlement:
-        """Always call last. A stream not yet settled was cut (the client went away): released, or on a
-        per-token function charged for what was delivered."""
+    async def close(self, why: str = "the client closed the stream") -> Settlement:
+        """Always call last. A stream not yet settled was cut (the client went away, or stopped taking bytes):
+        released, or on a per-token function charged for what was delivered."""
         self.pipeline.streams.discard(self)
         try:
             await self.frames.aclose()
         finally:
             if self.call.settlement is None:
-                cut = CallCancelledError(f"call {self.call.id}: the client closed the stream after "
-                                         f"{self.delivered} items")
+                cut = CallCancelledError(f"call {self.call.id}: {why} after {self.delivered} items")
                 if self.call.per_token and self.delivered:
                     prompt = self.usage.prompt_tokens if self.usage is not None else 0
                     self.call.finish(cut, 0.0, self._provider(), Usage(prompt, self.delivered), bill=True)

@@ -92,19 +92,43 @@ async def respond(request: Request, call: Call, headers: dict[str, str], sealed:
     return Response(ans.body, 200, headers, media_type="application/json")
 
 
+class _Stalled(Exception):
+    """The client took no bytes for COCOON_STREAM_STALL_S while the stream had an item to send."""
+
+
 class CallStreamResponse(StreamingResponse):
     """An SSE response that settles its call however it ends: a client that hangs up before the body starts
-    leaves the body generator unstarted (so its own `finally` never runs); this one always closes the stream."""
+    leaves the body generator unstarted (so its own `finally` never runs); this one always closes the stream.
+
+    A client that keeps its connection open but stops reading is cut after COCOON_STREAM_STALL_S: flow control
+    already pauses the function's generator, but the call would keep its replica slot (and any hold) until the
+    function's time limit. uvicorn's `send` waits while its socket is full, so one body send that waits that long
+    is a client taking nothing; a slow reader completes sends and is never cut."""
 
     def __init__(self, st: CallStream, content: AsyncIterator[bytes], headers: dict[str, str]) -> None:
         super().__init__(content, media_type="text/event-stream", headers={**headers, **SSE_HEADERS})
         self.st = st
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        stall = self.st.pipeline.stream_stall_s
+
+        async def send_or_cut(message: Any) -> None:
+            if message["type"] != "http.response.body":
+                await send(message)
+                return
+            try:
+                async with asyncio.timeout(stall):  # a timer handle, not a task: cheap per item
+                    await send(message)
+            except TimeoutError:
+                raise _Stalled from None
+
+        why = "the client closed the stream"
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_or_cut)
+        except _Stalled:  # returning unfinished makes uvicorn close the connection
+            why = f"the client took no bytes for {stall:g} s (COCOON_STREAM_STALL_S)"
         finally:
-            await self.st.close()
+            await self.st.close(why)
 
 
 def sse(event: str | None, data: bytes) -> bytes:

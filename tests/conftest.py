@@ -66,6 +66,7 @@ class GatewayProc:
             "COCOON_MAX_BODY_BYTES": "262144",
             "COCOON_QUEUE_LIMIT": "4",
             "COCOON_SCALE_DOWN_DELAY_S": "3",
+            "COCOON_STREAM_STALL_S": "20",  # tests/test_e2e_flow.py: a client that never reads again is cut
             "PYTHONUNBUFFERED": "1",
             "COCOON_MODELS_DIR": MODELS_DIR,
             **(env or {}),

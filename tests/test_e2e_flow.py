@@ -20,6 +20,7 @@ WINDOW = 1024 * 1024  # COCOON_STREAM_WINDOW_BYTES's default, which the session 
 SIZE = 32 * 1024
 N = 1500  # ~48 MiB if the generator ran to completion
 FULL = WINDOW // chunk_cost(SIZE + 32)  # a paused generator has produced at least a window's worth
+STALL = 20  # COCOON_STREAM_STALL_S of the session gateway (tests/conftest.py)
 READ_AHEAD = 8 + 2  # the executor's queue of a plain generator, the item in the producer's hand, one being sent
 
 
@@ -77,3 +78,28 @@ def test_a_client_that_stops_reading_and_leaves_frees_the_stream(gateway: Gatewa
     with httpx.Client(timeout=60) as c:  # the replica serves the next stream in full
         r = c.post(gateway.url + "/fn/flood", json={"tag": tag, "n": 3, "size": 10}, headers=gateway.headers())
         assert r.status_code == 200 and r.text.count("data: ") == 4
+
+
+def test_a_client_that_never_reads_again_is_cut_and_its_replica_slot_freed(gateway: GatewayProc) -> None:
+    """Flow control pauses the generator; COCOON_STREAM_STALL_S then ends the call (well before the function's
+    120 s time limit), so a client that holds its connection open without reading does not hold the replica."""
+    tag = uuid.uuid4().hex
+    client = SSESocket(gateway.port, "/fn/flood", {"tag": tag, "n": N, "size": SIZE}, gateway.headers())
+    try:
+        assert len(client.events(2)) == 2
+        stalled = settled(gateway, tag, FULL)
+        assert stalled < N
+        deadline = time.monotonic() + STALL + 60  # < the 120 s time limit: without the cut this runs out
+        while buffered(gateway) > 0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert buffered(gateway) == 0
+        assert settled(gateway, tag) == stalled  # the generator was stopped, not resumed
+        rest: list[tuple[str, object]] = []  # what the sockets still held, then the gateway's close
+        try:
+            while more := client.events(1):
+                rest += more
+        except ConnectionError:
+            pass  # closed without the final chunk: the response was cut
+        assert len(rest) < N - 2 and all(e == "message" for e, _ in rest)  # no `end`: the call did not finish
+    finally:
+        client.close()
