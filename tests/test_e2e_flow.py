@@ -61,19 +61,31 @@ def test_a_client_that_stops_reading_pauses_the_generator_then_gets_every_item(g
     assert buffered(gateway) == 0
 
 
-def test_a_client_that_stops_reading_and_leaves_frees_the_stream(gateway: GatewayProc) -> None:
-    tag = uuid.uuid4().hex
-    client = SSESocket(gateway.port, "/fn/flood", {"tag": tag, "n": N, "size": SIZE}, gateway.headers())
+def paused_stream(gw: GatewayProc, tag: str) -> tuple[SSESocket, int]:
+    """A flood stream whose client read two items and then stopped; the producer's count once it paused."""
+    client = SSESocket(gw.port, "/fn/flood", {"tag": tag, "n": N, "size": SIZE}, gw.headers())
     try:
         assert len(client.events(2)) == 2
-        stalled = settled(gateway, tag, FULL)
+        stalled = settled(gw, tag, FULL)
         assert stalled < N
-    finally:
-        client.close()  # leaves with the stream paused
-    deadline = time.monotonic() + 30
-    while buffered(gateway) > 0 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert buffered(gateway) == 0
+    except BaseException:
+        client.close()
+        raise
+    return client, stalled
+
+
+def wait_unbuffered(gw: GatewayProc, within: float) -> None:
+    deadline = time.monotonic() + within
+    while buffered(gw) > 0 and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert buffered(gw) == 0
+
+
+def test_a_client_that_stops_reading_and_leaves_frees_the_stream(gateway: GatewayProc) -> None:
+    tag = uuid.uuid4().hex
+    client, stalled = paused_stream(gateway, tag)
+    client.close()  # leaves with the stream paused
+    wait_unbuffered(gateway, 30)
     assert settled(gateway, tag) == stalled  # the generator was stopped, not resumed into the void
     with httpx.Client(timeout=60) as c:  # the replica serves the next stream in full
         r = c.post(gateway.url + "/fn/flood", json={"tag": tag, "n": 3, "size": 10}, headers=gateway.headers())
@@ -84,15 +96,9 @@ def test_a_client_that_never_reads_again_is_cut_and_its_replica_slot_freed(gatew
     """Flow control pauses the generator; COCOON_STREAM_STALL_S then ends the call (well before the function's
     120 s time limit), so a client that holds its connection open without reading does not hold the replica."""
     tag = uuid.uuid4().hex
-    client = SSESocket(gateway.port, "/fn/flood", {"tag": tag, "n": N, "size": SIZE}, gateway.headers())
+    client, stalled = paused_stream(gateway, tag)
     try:
-        assert len(client.events(2)) == 2
-        stalled = settled(gateway, tag, FULL)
-        assert stalled < N
-        deadline = time.monotonic() + STALL + 60  # < the 120 s time limit: without the cut this runs out
-        while buffered(gateway) > 0 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert buffered(gateway) == 0
+        wait_unbuffered(gateway, STALL + 60)  # < the 120 s time limit: without the cut this runs out
         assert settled(gateway, tag) == stalled  # the generator was stopped, not resumed
         rest: list[tuple[str, object]] = []  # what the sockets still held, then the gateway's close
         try:
