@@ -29,6 +29,13 @@ LOG_LIMIT = 64 * 1024
 _current_log: contextvars.ContextVar[CallLog | None] = contextvars.ContextVar("cocoon_call_log", default=None)
 
 
+# A call still running this long after its interrupt (time limit, cancel, or its client gone; it catches the
+# interrupt, or sits in one long C call) makes the executor report itself stuck: the sandbox child then exits and
+# the gateway replaces the replica, because an ended call must stop using the provider's machine, not only lose
+# its answer.
+INTERRUPT_GRACE_S = 10.0
+
+
 class CallInterrupted(BaseException):
     """Raised inside a user thread to stop a cancelled or timed-out call (BaseException: user code rarely catches it)."""
 
@@ -131,6 +138,7 @@ class LoadedFunction:
 
     def __init__(self, blob: bytes, spec: FunctionSpec) -> None:
         self.spec = spec
+        self.on_stuck: Callable[[], None] | None = None  # the sandbox child exits (see INTERRUPT_GRACE_S)
         payload = cloudpickle.loads(blob)
         if not isinstance(payload, dict) or payload.get("format") != 1:
             raise RuntimeError("unsupported code blob format; redeploy with this version of cocoon-faas")
@@ -226,6 +234,7 @@ class LoadedFunction:
         def expire() -> None:
             if not fut.done():
                 running.interrupt()
+                self._watch(fut)
             if not waiter.done():
                 waiter.set_exception(CallInterrupted("timeout"))
 
@@ -233,12 +242,20 @@ class LoadedFunction:
         timer = loop.call_later(timeout, expire)
         try:
             return await waiter
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the caller cancelled or left, or the gateway ended it at its time limit
             if not fut.done():
                 running.interrupt()
+                self._watch(fut)
             raise
         finally:
             timer.cancel()
+
+    def _watch(self, fut: asyncio.Future[Any]) -> None:
+        """After a call's interrupt: if its thread still runs INTERRUPT_GRACE_S later, report stuck."""
+        def check() -> None:
+            if not fut.done() and self.on_stuck is not None:
+                self.on_stuck()
+        asyncio.get_running_loop().call_later(INTERRUPT_GRACE_S, check)
 
     async def stream(self, kwargs: dict[str, Any], log: CallLog, deadline: float) -> AsyncGenerator[Any, None]:
         """Yield a generator function's items as they are produced."""
@@ -303,6 +320,7 @@ class LoadedFunction:
         finally:
             if not finished:  # abandoned (cancelled, timed out, consumer gone): stop the producer
                 running.interrupt()
+                self._watch(fut)
                 while not queue.empty():  # unblock a producer waiting on a full queue
                     queue.get_nowait()
 

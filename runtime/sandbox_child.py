@@ -110,6 +110,7 @@ class Child:
             _limit(self.memory, max(1, spec.max_concurrency) + 4)
             replica_context.set_max_concurrency(spec.max_concurrency)  # an llm.Engine's default batch
             self.loaded = LoadedFunction(code, spec)
+            self.loaded.on_stuck = _exit_stuck
             log = await asyncio.get_running_loop().run_in_executor(self.loaded.pool, self.loaded.setup)
         except BaseException as exc:  # noqa: BLE001 - reported to the actor, which refuses the version
             kind = "memory_exceeded" if _is_memory_error(exc) else "startup_failed"
@@ -185,6 +186,18 @@ async def _serve(fd: int, memory: int) -> None:
     loop = asyncio.get_running_loop()
     await loop.connect_accepted_socket(lambda: child.proto, sock)
     await child.done
+
+
+def _exit_stuck() -> None:
+    """A call ignored its interrupt for INTERRUPT_GRACE_S: end this process (the actor sees the child
+    exit, its replica is replaced and the calls still on it are retried per `retries`)."""
+    from cocoon_faas.runtime.executor import INTERRUPT_GRACE_S
+
+    sys.stderr.write(f"cocoon: a call is still running {INTERRUPT_GRACE_S:g} s after it was interrupted (it ignored "
+                     "the interrupt or is blocked in one C call); ending the function's process so the replica is "
+                     "replaced\n")
+    sys.stderr.flush()
+    os._exit(70)
 
 
 def main(argv: list[str]) -> None:

@@ -192,6 +192,28 @@ def test_replica_death_is_retried_elsewhere(gateway):
         assert c.get("/v1/functions/crash_once").json()["replicas"] == 2
 
 
+def test_a_call_that_swallows_its_timeout_gets_its_process_replaced(gateway):
+    """`stubborn` catches the interrupt forever: the caller gets 504 at the limit, and INTERRUPT_GRACE_S later the
+    sandbox process is ended and the replica replaced (a second pool thread answers probes meanwhile, so without
+    the watchdog the old process would keep answering, with the stuck thread spinning in it)."""
+    with gateway.http() as c:
+        first = c.post("/fn/stubborn", json={})
+        assert first.status_code == 200, first.text
+        boot = first.json()["boot"]
+        stuck = c.post("/fn/stubborn", json={"hang": True})
+        assert stuck.status_code == 504 and stuck.json()["error"]["type"] == "timeout"
+        deadline = time.monotonic() + 120
+        seen = boot
+        while time.monotonic() < deadline:
+            r = c.post("/fn/stubborn", json={})
+            if r.status_code == 200:
+                seen = r.json()["boot"]
+                if seen != boot:
+                    break
+            time.sleep(0.5)
+        assert seen != boot  # a new process answers: the one with the stuck call is gone
+
+
 def test_control_plane_ownership(gateway):
     other = gateway.cli("keys", "create", "--name", "mallory").stdout.strip()
     assert other.startswith("ck_") and "\n" not in other

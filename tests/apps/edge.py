@@ -86,3 +86,22 @@ def flood(tag: str, n: int = 0, size: int = 32768, probe: bool = False):
     for i in range(n):
         _PRODUCED[tag] = i + 1
         yield {"i": i, "pad": "x" * size}
+
+
+_PROCESS: dict[str, str] = {}  # empty in each process that loads the function (cloudpickle copies it by value)
+
+
+@cocoon.function(cpu=0.25, timeout=2, max_concurrency=2, max_replicas=1)
+def stubborn(hang: bool = False) -> dict:
+    """With `hang`, ignores its time limit's interrupt (catches everything, forever): the platform must still end
+    it by replacing the process. Without, says which process answered."""
+    while hang:
+        try:
+            try:
+                while True:
+                    time.sleep(0.05)
+            except BaseException:  # noqa: BLE001 - the point: a function that swallows the interrupt
+                pass
+        except BaseException:  # noqa: BLE001
+            pass
+    return {"boot": _PROCESS.setdefault("boot", uuid.uuid4().hex)}
