@@ -27,6 +27,7 @@ from cocoon_faas.ton.keys import PublicKey
 from cocoon_faas.ton.messages import StartUncooperativeClose
 from cocoon_faas.ton.wallet import Wallet
 from tests.conftest import ROOT, GatewayProc
+from tests.ray_nodes import wait_for
 from tests.test_e2e_payments import Caller
 
 pytestmark = pytest.mark.e2e
@@ -61,13 +62,7 @@ def _caller(gw: GatewayProc, name: str, deposit: str, calls: int) -> Caller:
 
 
 def _until(what: str, check: Any, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_for(check, timeout, what)
 
 
 def test_a_stale_close_loses_to_the_watchtower(gw: GatewayProc) -> None:

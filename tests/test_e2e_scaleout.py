@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +23,14 @@ from cocoon_faas.errors import CocoonError
 from cocoon_faas.ton.client import ChannelSigner, PayingClient
 from cocoon_faas.ton.keys import PrivateKey
 from tests.conftest import ROOT, GatewayProc, free_port
-from tests.ray_nodes import RayCluster
+from tests.ray_nodes import RayCluster, wait_for
 
 pytestmark = pytest.mark.e2e
 
 
 def _wait(what: str, check: Any, timeout: float = 60) -> Any:
     """Poll until `check()` is truthy (a wait for an event, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"gave up waiting for {what}")
+    return wait_for(check, timeout, what)
 
 
 def _health(gw: GatewayProc) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, GatewayProc, free_port
+from tests.ray_nodes import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -367,13 +368,7 @@ def test_dashboard_login_chart_and_rollback(gw: GatewayProc, chromium: Any, tmp_
 # -- the bot --------------------------------------------------------------------------------------------------
 
 def _until(cond: Any, timeout: float = 90, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_for(cond, timeout, what, step=0.1)
 
 
 def test_telegram_bot_streams_pays_and_answers_errors_politely(gw: GatewayProc, tmp_path: Path) -> None:
