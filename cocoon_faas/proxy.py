@@ -56,7 +56,9 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 
 def _error(exc: CocoonError) -> Response:
-    return _json(exc.to_dict(), exc.status)
+    """The error as the gateway would answer it; a 429's Retry-After passes on (OpenAI clients back off by it)."""
+    retry = exc.details.get("retry_after")
+    return _json(exc.to_dict(), exc.status, {"Retry-After": str(retry)} if retry is not None else None)
 
 
 class ChargeMismatch(PaymentError):

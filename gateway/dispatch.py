@@ -80,14 +80,22 @@ def error_from_frame(fr: FunctionRuntime, frame: Frame) -> CocoonError:
         return CallCancelledError(f"call to {fr.name!r} was cancelled")
     if kind == "memory_exceeded":
         return MemoryExceededError(str(m.get("message", "")), function=fr.name)
-    if kind == "function_error" and m.get("exc_type") == "OverloadedError":
-        # the function refused the call for load (an llm.Engine whose queue is full): 429, not charged
+    if refused_for_load(m):
+        # the function refused the call for load (an llm.Engine whose queue is full): 429, not charged. A sealed
+        # call's replica says so in the frame's clear meta ("overloaded"), outside the sealed answer.
         return OverloadedError(f"function {fr.name!r} is overloaded: {m.get('message', '')}", retry_after=1)
     if kind == "function_error":
         return FunctionError(f"{m.get('exc_type', 'Exception')}: {m.get('message', '')}",
                              exc_type=m.get("exc_type"), function=fr.name)
     return CocoonError(str(m.get("message", "replica error")),
                        **{k: v for k, v in m.items() if k not in ("logs", "message")})
+
+
+def refused_for_load(meta: dict[str, Any]) -> bool:
+    """An ERROR frame saying the function refused the call for load: a plain call's OverloadedError, or the
+    `overloaded` type a replica sends for a sealed call (runtime/replica.py)."""
+    kind = meta.get("type")
+    return kind == "overloaded" or (kind == "function_error" and meta.get("exc_type") == "OverloadedError")
 
 
 async def _within(fut: asyncio.Future[Any], timeout: float) -> Any:
@@ -145,7 +153,7 @@ async def unary(replicas: Replicas, fr: FunctionRuntime, body: bytes, meta: dict
             if call:
                 r.finish(call)
             replicas.release(fr, r)
-        ok = frame.type == P.RESULT or frame.meta.get("type") == "function_error"
+        ok = frame.type == P.RESULT or frame.meta.get("type") in ("function_error", "overloaded")
         replicas.record(r, ok, time.monotonic() - sent_at)
         ms = float(frame.meta.get("ms") or 0.0)
         if frame.type == P.RESULT:

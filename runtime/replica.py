@@ -566,6 +566,9 @@ class Replica:
                 "type": "timeout", "message": f"call exceeded its time limit of {timeout:g}s", "ms": _ms(t0)}))
         except ChildError as exc:
             kind = exc.meta.get("type")
+            if seq == 0 and refused_for_load(exc.meta.get("exc_type")):
+                conn.send(overloaded_frame(call, t0))
+                return
             if kind in ("timeout", "cancelled"):
                 conn.send(P.encode(call, P.ERROR, {"type": kind, "message": "call cancelled" if kind == "cancelled"
                                                    else f"call exceeded its time limit of {timeout:g}s",
@@ -576,6 +579,9 @@ class Replica:
                                      ms, price(ms))
             conn.send(P.encode(call, P.END if stream else P.RESULT, {**final("err"), "seq": seq}, frame))
         except Exception as exc:  # noqa: BLE001 - the user's exception, sealed: its text may hold user data
+            if seq == 0 and refused_for_load(type(exc).__name__):
+                conn.send(overloaded_frame(call, t0))
+                return
             ms = _ms(t0)
             frame = ident.seal_error(ctx, call_id, type(exc).__name__, str(exc)[:2000], ms, price(ms))
             conn.send(P.encode(call, P.END if stream else P.RESULT, {**final("err"), "seq": seq}, frame))
@@ -663,6 +669,21 @@ def token_usage(item: Any) -> dict[str, int] | None:
     out = {k: u[k] for k in ("prompt_tokens", "completion_tokens", "cached_tokens")
            if isinstance(u.get(k), int) and not isinstance(u.get(k), bool)}
     return out if "prompt_tokens" in out and "completion_tokens" in out else None
+
+
+def refused_for_load(exc_type: Any) -> bool:
+    """The function refused a call for load (an `llm.Engine` whose queue is full raises OverloadedError)."""
+    return exc_type == "OverloadedError"
+
+
+def overloaded_frame(call: int, t0: float) -> bytes:
+    """A sealed call the function refused for load, before it sent anything: a plain ERROR the gateway answers
+    with 429 + Retry-After and does not charge, instead of a sealed error it cannot tell from the user's own.
+    Only the fact crosses (no text of the exception: tenant code could put the caller's data in it); it is the
+    same one bit a plain call's 429 shows, and a caller sees it by timing anyway."""
+    return P.encode(call, P.ERROR, {"type": "overloaded", "ms": _ms(t0),
+                                    "message": "the function refused the call for load (its engine's queue is "
+                                               "full)"})
 
 
 def _ms(t0: float) -> float:

@@ -117,3 +117,22 @@ def test_one_signer_per_channel_per_process(tmp_path: Path) -> None:
     finally:
         forget_payers()
     assert default_payer(tmp_path / "nowhere") is None
+
+
+def test_a_429_is_a_retryable_overloaded_error_in_the_sdk_and_the_proxy() -> None:
+    """A sealed call refused for load reaches the SDK as OverloadedError with the gateway's Retry-After, and the
+    proxy passes the header on to its OpenAI client (which backs off by it)."""
+    import httpx
+
+    from cocoon_faas.errors import OverloadedError
+    from cocoon_faas.proxy import _error
+    from cocoon_faas.transport import Transport
+
+    body = {"error": {"type": "overloaded", "message": "function 'f' is overloaded", "retry_after": 1}}
+    t = Transport("http://127.0.0.1:9", None)
+    exc = t.error(httpx.Response(429, json=body, headers={"Retry-After": "1"}))
+    t.close()
+    assert isinstance(exc, OverloadedError) and str(exc.details["retry_after"]) == "1"
+    r = _error(exc)
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    assert json.loads(bytes(r.body))["error"]["type"] == "overloaded"

@@ -1,18 +1,28 @@
 """An engine-backed function behind a real gateway and local Ray (tests/apps/tiny_engine.py: `llm.Engine` on a
 tiny random-weights model in the sandbox): the prefix cache is per caller, and the engine's queue depth and KV
 occupancy reach the gateway, which stops sending calls to a saturated replica (queue, then 429 with Retry-After)
-and scales the function up on them while in-flight calls alone would not."""
+and scales the function up on them while in-flight calls alone would not. A sealed call the engine refuses for a
+full queue is a 429 with Retry-After too (the replica says so outside the sealed answer), and is not charged."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import json
+import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from cocoon_faas.confidential import SEALED_CONTENT_TYPE, seal_request
+from cocoon_faas.confidential_client import build_policy, verified_replicas
+from cocoon_faas.ton.client import PayingClient
+from cocoon_faas.transport import Transport
 from tests.conftest import ROOT
+from tests.test_e2e_payments import Caller, hold, ledger, ledger_call, summary
 
 pytestmark = pytest.mark.e2e
 
@@ -28,6 +38,7 @@ def tiny(gateway):
     yield bob
     with gateway.http() as c:
         c.delete("/v1/functions/TinyEngine.generate")
+        c.delete("/v1/functions/TinyQueue.generate")
 
 
 def _call(gateway, key: str | None, prompt: str, max_tokens: int) -> httpx.Response:
@@ -103,3 +114,53 @@ def test_kv_pressure_reaches_the_autoscaler_and_admission(gateway, tiny):
         t.join(120)
     ok = {k: r for k, r in results.items() if r.status_code == 200}
     assert len(ok) == 6 and len(ok["long1"].json()["tokens"]) == 200  # the queued ones ran once room was made
+
+
+def test_sealed_calls_refused_by_a_full_engine_are_429_and_released(gateway, tiny, tmp_path: Path):
+    """TinyQueue's engine runs one request and lets one wait: of six paid sealed calls sent at once, the ones it
+    refuses answer 429 with Retry-After (not a sealed error inside a 200), their holds are released, the others
+    are charged from their receipts, and the ledger verifies."""
+    caller = Caller(tmp_path / "caller", gateway)
+    caller.cli("wallet", "create")
+    caller.cli("wallet", "faucet", "10")
+    caller.cli("channel", "open", "--deposit", "5")
+    payer = PayingClient(caller.signer())
+    name = "TinyQueue.generate"
+    policy = build_policy(gateway.home, gateway.url, name, allow_dev_attestation=True)
+    replicas = verified_replicas(Transport(gateway.url, gateway.key), name, policy)
+    most = hold(gateway, name)
+
+    def one(i: int) -> tuple[str, httpx.Response, Any]:
+        body, ctx = seal_request(json.dumps({"prompt": f"w{5 + i} w6", "max_tokens": 40}).encode(), name, replicas)
+        headers, ticket = payer.headers(most)
+        cid = os.urandom(16).hex()
+        r = httpx.post(f"{gateway.url}/fn/{name}", content=bytes(body), timeout=60,
+                       headers={**headers, "Content-Type": SEALED_CONTENT_TYPE, "X-Cocoon-Call-Id": cid})
+        payer.settle(ticket, dict(r.headers))
+        return cid, r, ctx
+
+    with cf.ThreadPoolExecutor(6) as ex:
+        done = list(ex.map(one, range(6)))
+    payer.signer.flush()
+    refused = [(cid, r) for cid, r, _ in done if r.status_code == 429]
+    ok = [(cid, r, ctx) for cid, r, ctx in done if r.status_code == 200]
+    assert len(refused) + len(ok) == 6, [r.text for _, r, _ in done]
+    assert ok, "the engine runs one request at a time; at least the first one runs"
+    # at least one was refused by the engine itself (the gateway's own queue refusal says "queued")
+    assert any("refused the call for load" in r.json()["error"]["message"] for _, r in refused), \
+        [r.text for _, r in refused]
+    for cid, r in refused:
+        assert r.headers["Retry-After"] == "1" and r.json()["error"]["type"] == "overloaded"
+        assert r.headers.get("X-Cocoon-Charge", "0") == "0"
+        row = ledger_call(gateway, cid)
+        assert row["status"] == "released" and not row["charged"]
+    charged = 0
+    for cid, r, ctx in ok:
+        result, receipt = ctx.open_response(r.content)
+        assert len(json.loads(result)["tokens"]) == 40 and receipt.call_id == cid
+        charge = int(r.headers["X-Cocoon-Charge"])
+        assert ledger_call(gateway, cid)["charged"] == charge > 0
+        charged += charge
+    s = summary(gateway, payer.signer.channel_id)
+    assert s["reserved"] == 0 and s["charged"] == charged == payer.signer.charged
+    assert ledger(gateway, verify=True)["verify"]["ok"]
