@@ -72,6 +72,13 @@ async function errorOf(r: Response): Promise<CocoonError> {
   }
 }
 
+const ids = new WeakMap<object, number>();
+let lastId = 0;
+function objectId(o: object): string {
+  if (!ids.has(o)) ids.set(o, ++lastId);
+  return `#${ids.get(o)}`;
+}
+
 export class Client {
   readonly url: string;
   private readonly f: typeof fetch;
@@ -213,7 +220,9 @@ export class Client {
    *  refusal is thrown when none passes: nothing is sealed to a replica that failed verification. */
   async verifiedReplicas(name: string, policy: ClientPolicy, refresh = false): Promise<VerifiedReplica[]> {
     // cached per function AND policy: replicas verified under one policy say nothing about another
-    const key = `${name}\u0000${JSON.stringify(policy, (_k, v) => (v instanceof Uint8Array ? Array.from(v) : v))}`;
+    // (collateral by identity, as the Python client does: its bytes are large and the same object is reused)
+    const key = `${name}\u0000${JSON.stringify(policy, (k, v) => (k === "collateral" && v ? objectId(v)
+      : v instanceof Uint8Array ? Array.from(v) : v))}`;
     const hit = this.replicas.get(key);
     const now = Date.now() / 1000;
     if (hit && !refresh && hit.until > now) return hit.list;

@@ -5,7 +5,9 @@ import { sha256, sha512 } from "@noble/hashes/sha2.js";
 import { type Bytes, concat, fromB64, fromHex, hex, utf8 } from "./bytes.js";
 import type { VerifiedReplica } from "./envelope.js";
 import { CheckFailed } from "./errors.js";
-import { type TdxPolicy, checkTdxPolicy, verifyQuote } from "./tdx.js";
+import type { Collateral } from "./collateral.js";
+import { gpuEvidenceSha256, verifyGpuReport } from "./nvidia.js";
+import { type TdxPolicy, type VerifiedQuote, checkTdxPolicy, verifyQuote } from "./tdx.js";
 
 export const DOCUMENT_VERSION = 1;
 const DOMAIN = utf8("cocoon-attestation-document/v1\x00");
@@ -21,8 +23,13 @@ export interface ClientPolicy {
   function?: string;
   maxClockSkewS?: number;
   tdx?: TdxPolicy;
-  /** DER of the root the PCK chain must end at; default: the pinned Intel SGX Root CA. */
+  /** DCAP collateral of the platform (`parseCollateral` of the JSON a PCCS, Intel PCS or any cache serves: it is
+   *  verified to the same root). With it a `tdx` document is also checked for revocation and TCB status. */
+  collateral?: Collateral;
+  /** DER of the root the PCK chain and collateral must end at; default: the pinned Intel SGX Root CA. */
   root?: Bytes;
+  /** Refuse documents without NVIDIA GPU evidence. */
+  requireGpu?: boolean;
 }
 
 /** Python's json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=True). */
@@ -104,6 +111,7 @@ export async function verifyDocument(doc: unknown, policy: ClientPolicy, now = D
   }
   if (body.key_id !== keyId(hpkePk)) throw new CheckFailed("key_id", "document key_id is not the fingerprint of its HPKE key");
   const binding = documentBinding(body);
+  let q: VerifiedQuote | undefined;
   if (tee === "dev") {
     const devPk = String(ev.dev_public_key ?? "").toLowerCase();
     if (!(policy.trustedDevKeys ?? []).map((k) => k.toLowerCase()).includes(devPk)) {
@@ -124,19 +132,38 @@ export async function verifyDocument(doc: unknown, policy: ClientPolicy, now = D
     } catch {
       throw new CheckFailed("document", "tdx evidence has no base64 `quote`");
     }
-    const q = await verifyQuote(quote, { at: new Date(now * 1000), root: policy.root });
+    q = await verifyQuote(quote, { at: new Date(now * 1000), root: policy.root, collateral: policy.collateral });
     checkTdxPolicy(q, policy.tdx ?? {}, binding);
   } else {
     throw new CheckFailed("tee_kind", `unknown TEE kind '${tee}'`);
   }
-  if (body.gpu_evidence_sha256 !== undefined) {
-    // NVIDIA GPU evidence is hashed into the body (covered by the quote); its SPDM report is checked by the Python
-    // SDK only. Refuse rather than pretend: callers that need GPU evidence verify it server-side.
-    throw new CheckFailed("gpu_evidence", "this document carries NVIDIA GPU evidence, which the JS SDK does not verify yet");
-  }
+  await checkGpu(body, ev, policy, now);
   return {
     function: fn, measurement, runtimeVersion: String(body.runtime_version), keyId: String(body.key_id),
     hpkePublicKey: hpkePk, receiptPublicKey: receiptPk, tee, expiresAt: expires, insecure: tee === "dev",
-    document: doc as Record<string, unknown>,
+    document: doc as Record<string, unknown>, quote: q,
   };
+}
+
+/** NVIDIA GPU evidence: its hash sits in the body (so the TEE evidence covers it); the SPDM report must verify to
+ *  the pinned NVIDIA root. Present evidence is always checked; `requireGpu` refuses a document without it. */
+async function checkGpu(body: Record<string, unknown>, ev: Record<string, unknown>, policy: ClientPolicy,
+                        now: number): Promise<void> {
+  const claimed = body.gpu_evidence_sha256;
+  const nv = ev.nvidia as Record<string, unknown> | undefined;
+  if ((claimed === undefined || claimed === null) && !policy.requireGpu) return;
+  if (claimed === undefined || claimed === null || typeof nv !== "object" || nv === null) {
+    throw new CheckFailed("gpu_evidence", "policy requires NVIDIA GPU evidence and the document has none");
+  }
+  let report: Bytes;
+  try {
+    report = fromHex(String(nv.report ?? ""));
+  } catch {
+    throw new CheckFailed("gpu_evidence", "the GPU evidence `report` is not hex");
+  }
+  const chain = String(nv.cert_chain ?? "");
+  if (gpuEvidenceSha256(report, chain) !== claimed) {
+    throw new CheckFailed("gpu_evidence", "the GPU evidence is not the one the document's binding covers");
+  }
+  await verifyGpuReport(report, chain, { at: new Date(now * 1000) });
 }

@@ -12,6 +12,7 @@ import {
 } from "./bytes.js";
 import { CheckFailed, FunctionError } from "./errors.js";
 import { receiver, replyKey, sealOnce } from "./hpke.js";
+import type { VerifiedQuote } from "./tdx.js";
 
 export const SEALED_CONTENT_TYPE = "application/cocoon-sealed";
 export const SEALED_FRAME_CONTENT_TYPE = "application/cocoon-sealed-frame";
@@ -39,6 +40,8 @@ export interface VerifiedReplica {
   expiresAt: number;
   insecure: boolean;
   document: Record<string, unknown>;
+  /** For `tdx`: the verified quote (with `tcb` when collateral was checked). */
+  quote?: VerifiedQuote;
 }
 
 function checkMagic(data: Bytes, magic: Bytes, what: string): void {
