@@ -273,6 +273,41 @@ def _browser_verifies_tdx_quote(driver: Any) -> None:
     """, base64.b64encode(quote.read_bytes()).decode())
     assert got == {"mrtd": want, "root": "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3",
                    "tampered": "quote_signature"}
+    _browser_verifies_collateral_and_gpu(driver, quote.parent.parent)
+
+
+def _browser_verifies_collateral_and_gpu(driver: Any, testdata: Path) -> None:
+    """The bundle also checks TDX collateral (TCB status as Python gives it) and an NVIDIA GPU report inside
+    Chromium, and refuses a flipped TCB-info signature byte and a flipped report signature byte."""
+    import base64
+    import json
+    from datetime import datetime, timezone
+
+    from cocoon_faas.confidential.collateral import Collateral
+    from cocoon_faas.confidential.tdx import verify_quote
+
+    quote, col = (testdata / "tdx" / "dcapqvl_v4.bin").read_bytes(), (testdata / "tdx" / "dcapqvl_v4_collateral.json")
+    want = verify_quote(quote, at=datetime(2025, 6, 20, tzinfo=timezone.utc), collateral=Collateral.from_json(
+        col.read_text())).tcb
+    assert want is not None
+    got = driver.execute_async_script("""
+        const [q, col, rep, chain, done] = arguments;
+        import("/sdk/cocoon-sdk.js").then(async (m) => {
+          const at = new Date("2025-06-20T00:00:00Z"), gpuAt = new Date("2026-06-01T00:00:00Z");
+          const v = await m.verifyQuote(m.fromB64(q), { at, collateral: m.parseCollateral(col) });
+          const sig = col.tcb_info_signature, bad = { ...col, tcb_info_signature: (sig[0] === "0" ? "1" : "0") + sig.slice(1) };
+          const tampered = await m.verifyQuote(m.fromB64(q), { at, collateral: m.parseCollateral(bad) })
+            .then(() => "accepted", (e) => e.check);
+          const g = await m.verifyGpuReport(m.fromHex(rep), chain, { at: gpuAt });
+          const r2 = m.fromHex(rep); r2[r2.length - 5] ^= 0x40;
+          const gpuTampered = await m.verifyGpuReport(r2, chain, { at: gpuAt }).then(() => "accepted", (e) => e.check);
+          done({ status: v.tcb.status, fmspc: v.tcb.fmspc, tampered, gpu: /GH100/.test(g.leafSubject), gpuTampered });
+        }, (e) => done({ error: String(e) }));
+    """, base64.b64encode(quote).decode(), json.loads(col.read_text()),
+        (testdata / "nvidia" / "hopperAttestationReport.txt").read_text().strip(),
+        (testdata / "nvidia" / "hopper_cert_chain_case1.txt").read_text())
+    assert got == {"status": want.status, "fmspc": want.fmspc, "tampered": "tcb_info", "gpu": True,
+                   "gpuTampered": "gpu_signature"}
 
 
 def test_miniapp_refuses_forged_initdata_and_tampered_attestation(gw: GatewayProc, browser: Any,
