@@ -152,8 +152,12 @@ async function checkGpu(body: Record<string, unknown>, ev: Record<string, unknow
   const claimed = body.gpu_evidence_sha256;
   const nv = ev.nvidia as Record<string, unknown> | undefined;
   if ((claimed === undefined || claimed === null) && !policy.requireGpu) return;
-  if (claimed === undefined || claimed === null || typeof nv !== "object" || nv === null) {
+  if (claimed === undefined || claimed === null) {
     throw new CheckFailed("gpu_evidence", "policy requires NVIDIA GPU evidence and the document has none");
+  }
+  if (typeof nv !== "object" || nv === null) {
+    throw new CheckFailed("gpu_evidence", "the document commits to NVIDIA GPU evidence but carries none (evidence.nvidia); "
+      + "refetch the documents");
   }
   let report: Bytes;
   try {
