@@ -66,6 +66,10 @@ class Settings(BaseSettings):
                                      "items a replica may send ahead of what the client has read (each item "
                                      "counts 512 bytes more); the gateway holds at most this plus one item per "
                                      "stream, and a slow client pauses the function's generator")
+    direct_calls: bool = Field(True, description="plain (unsealed) calls go from the gateway straight to the "
+                               "replica's sandboxed process over a connection the replica actor authenticates and "
+                               "hands over, skipping the actor's hop (docs/security.md, \"The direct path\"); "
+                               "off: every call crosses the actor")
     stream_stall_s: float = Field(60.0, ge=1, le=86400, description="a stream whose client takes no bytes for "
                                   "this long (its socket full, the call's items waiting) is cut: the function's "
                                   "generator stops, its replica slot and any hold are freed as for a client that "

@@ -480,7 +480,7 @@ class Controller:
         actor = self.backend.create(fr, forward_logs=not fr.flags.confidential, replica_id=rid,
                                     secret=secret, extra_resources=extra, **({"name": name} if name else {}))
         r = ReplicaHandle(id=rid[:12], function=fr.name, version=fr.version, actor=actor, node=node, secret=secret,
-                          max_frame=self.settings.max_frame_bytes)
+                          max_frame=self.settings.max_frame_bytes, direct=self.settings.direct_calls)
         r.extra["facts_id"] = rid
         self._assign(r, fr)
         try:

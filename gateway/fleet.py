@@ -137,6 +137,7 @@ class Fleet:
             secret = bytes.fromhex(str(facts.pop(_SECRET, "")))
             r = ReplicaHandle(id=row.id, function=row.function, version=row.version, actor=None, node=row.node,
                               secret=secret, max_frame=ctl.settings.max_frame_bytes,
+                              direct=ctl.settings.direct_calls,
                               extra={**{k: facts[k] for k in _PUBLIC_FACTS if k in facts},
                                      "registered_at": row.updated})
             try:

@@ -7,6 +7,13 @@ move: each final frame's `ms` is capped at the wall time this gateway observed b
 receiving that frame (`wall_ms` is added beside it, set here, never read from the replica). A stream's CHUNKs
 are held to the window the gateway announced (cocoon_faas/flow.py): a replica that sends beyond it is dropped
 like one that breaks the frame format, and credit goes back only as the client's connection takes items.
+
+The direct path (COCOON_DIRECT_CALLS, default on): a second connection to the same port whose HELLO asks for
+"direct"; the actor checks the secret, keeps that HELLO, and hands the socket to the sandboxed child running the
+function, which answers HELLO {"direct": true}. Plain calls then go to the child without the actor's hop (sealed
+calls, UNLOCK and GRANT stay on the first connection). Nothing is sent on it before that answer, so no byte is left
+with the actor. Frames on it are decoded and capped exactly as the actor's; it is tenant code's socket
+(docs/security.md, "The direct path"), so a frame refused there, or its loss, drops the whole replica.
 """
 
 from __future__ import annotations
@@ -50,10 +57,11 @@ def _cap(meta: dict[str, Any], t0: float) -> dict[str, Any]:
 class PendingCall:
     """Frames of one in-flight call, as they arrive."""
 
-    __slots__ = ("queue", "future", "streaming", "t0", "window")
+    __slots__ = ("queue", "future", "streaming", "t0", "window", "direct")
 
-    def __init__(self, streaming: bool, window: int = 0) -> None:
+    def __init__(self, streaming: bool, window: int = 0, direct: bool = False) -> None:
         self.streaming = streaming
+        self.direct = direct  # sent on the direct connection: only frames from there are its answers
         self.t0 = time.monotonic()
         loop = asyncio.get_running_loop()
         self.future: asyncio.Future[Frame] | None = None if streaming else loop.create_future()
@@ -101,32 +109,71 @@ class ReplicaHandle:
     secret: bytes = b""
     load: LoadReport | None = None  # its engine's last load report (STATS frames), decoded and clamped
     max_frame: int = P.MAX_FRAME  # COCOON_MAX_FRAME_BYTES: the largest frame this replica may send
+    direct: bool = False  # ask for the direct path (COCOON_DIRECT_CALLS); `is_direct` says whether it was given
     _proto: P.FrameProtocol | None = None
+    _direct: P.FrameProtocol | None = None  # the connection the sandboxed child serves, when there is one
+    _gone: bool = False
     _pending: dict[int, PendingCall] = field(default_factory=dict)
     _ids: Any = field(default_factory=lambda: itertools.count(1))
     on_lost: Callable[[ReplicaHandle], None] | None = None
 
     async def connect(self, host: str, port: int) -> None:
-        """Connect and prove the secret (HELLO); raises ReplicaLostError if the replica does not answer it."""
+        """Connect and prove the secret (HELLO), then open the direct path when asked to and the replica offers
+        it; raises ReplicaLostError if the replica does not answer."""
         self.host, self.port = host, port
-        loop = asyncio.get_running_loop()
-        _, proto = await loop.create_connection(
-            lambda: P.FrameProtocol(self._on_frame, self._lost, decode_meta, self.max_frame), host, port)
-        self._proto = proto
+        self._proto = await self._open(host, port, direct=False)
         try:
             await self.control(P.HELLO, None, self.secret, HELLO_TIMEOUT_S)
+            if self.direct:
+                await self._open_direct(host, port)
         except ReplicaLostError:
             self.close()
             raise
 
-    async def control(self, ftype: int, meta: dict[str, Any] | None, body: bytes, timeout: float) -> Frame:
+    @property
+    def is_direct(self) -> bool:
+        return self._direct is not None and not self._direct.closed
+
+    async def _open(self, host: str, port: int, direct: bool) -> P.FrameProtocol:
+        def made() -> P.FrameProtocol:
+            def on_frame(call: int, ftype: int, meta: dict[str, Any], body: bytes) -> None:
+                self._on_frame(call, ftype, meta, body, direct)
+
+            def lost(exc: Exception | None) -> None:
+                self._lost(exc, proto)
+
+            proto = P.FrameProtocol(on_frame, lost, decode_meta, self.max_frame)
+            return proto
+
+        _, proto = await asyncio.get_running_loop().create_connection(made, host, port)
+        return proto
+
+    async def _open_direct(self, host: str, port: int) -> None:
+        """HELLO {"direct": true} on a second connection; kept only if the answer (from the sandbox) says so. A
+        replica that offers no direct path (confidential code, no sandbox) answers a plain HELLO: closed again."""
+        proto = await self._open(host, port, direct=True)
+        self._direct = proto
+        try:
+            frame = await self.control(P.HELLO, {"direct": True}, self.secret, HELLO_TIMEOUT_S, direct=True)
+        except ReplicaLostError:
+            if self._gone or self._proto is None or self._proto.closed:
+                raise
+            frame = Frame(P.HELLO, {}, b"")  # the actor refused it and closed it: no direct path, replica fine
+        if not frame.meta.get("direct"):
+            self._direct = None
+            if proto.transport is not None:
+                proto.transport.close()
+
+    async def control(self, ftype: int, meta: dict[str, Any] | None, body: bytes, timeout: float,
+                      direct: bool = False) -> Frame:
         """Send one control frame (HELLO, UNLOCK, GRANT) and await the replica's answer (decoded strictly)."""
-        if self._proto is None or self._proto.closed:
+        proto = self._direct if direct else self._proto
+        if proto is None or proto.closed:
             raise ReplicaLostError(f"replica {self.id} is gone")
         call = next(self._ids)
-        pending = PendingCall(False)
+        pending = PendingCall(False, direct=direct)
         self._pending[call] = pending
-        self._proto.send(P.encode(call, ftype, meta, body))
+        proto.send(P.encode(call, ftype, meta, body))
         assert pending.future is not None
         try:
             return await asyncio.wait_for(pending.future, timeout)
@@ -138,16 +185,25 @@ class ReplicaHandle:
 
     def send_call(self, meta: dict[str, Any], body: bytes, streaming: bool, window: int = 0
                   ) -> tuple[int, PendingCall]:
-        """Send a CALL. A stream with `window` > 0 announces it (meta "w"); see `consumed`."""
+        """Send a CALL (a plain one on the direct connection when there is one). A stream with `window` > 0
+        announces it (meta "w"); see `consumed`."""
         if self._proto is None or self._proto.closed or self.state == "dead":
             raise ReplicaLostError(f"replica {self.id} is gone")
+        direct = self._direct is not None and not meta.get("sealed")
+        proto = self._direct if direct else self._proto
+        assert proto is not None
         call = next(self._ids)
         if window:
             meta["w"] = window
-        pending = PendingCall(streaming, window)
+        pending = PendingCall(streaming, window, direct)
         self._pending[call] = pending
-        self._proto.send(P.encode(call, P.CALL, meta, body))
+        proto.send(P.encode(call, P.CALL, meta, body))
         return call, pending
+
+    def _proto_of(self, call: int) -> P.FrameProtocol | None:
+        """The connection call `call` went out on (a finished call's CANCEL goes to the actor: ignored there)."""
+        pending = self._pending.get(call)
+        return self._direct if pending is not None and pending.direct else self._proto
 
     @staticmethod
     def consumed(pending: PendingCall, body_len: int) -> int:
@@ -156,33 +212,44 @@ class ReplicaHandle:
 
     def credit(self, call: int, credit: int) -> None:
         """Let the replica send `credit` more bytes of stream `call`."""
-        if self._proto is not None and not self._proto.closed:
-            self._proto.send(P.encode(call, P.CREDIT, None, credit_body(credit)))
+        proto = self._proto_of(call)
+        if proto is not None and not proto.closed:
+            proto.send(P.encode(call, P.CREDIT, None, credit_body(credit)))
 
     def finish(self, call: int) -> None:
         self._pending.pop(call, None)
 
     def cancel(self, call: int) -> None:
-        if self._proto is not None and not self._proto.closed:
-            self._proto.send(P.encode(call, P.CANCEL))
+        proto = self._proto_of(call)
+        if proto is not None and not proto.closed:
+            proto.send(P.encode(call, P.CANCEL))
 
     def close(self) -> None:
-        if self._proto is not None and self._proto.transport is not None:
-            self._proto.transport.close()
+        for proto in (self._proto, self._direct):
+            if proto is not None and proto.transport is not None:
+                proto.transport.close()
 
-    def _on_frame(self, call: int, ftype: int, meta: dict[str, Any], body: bytes) -> None:
+    def _on_frame(self, call: int, ftype: int, meta: dict[str, Any], body: bytes, direct: bool = False) -> None:
         if ftype == P.STATS:
             self.load = meta.get("load", self.load)
             return
         pending = self._pending.get(call)
-        if pending is not None:
+        if pending is not None and pending.direct == direct:  # a call is answered only where it was sent
             try:
                 pending.deliver(Frame(ftype, meta, body))
             except FlowError as exc:  # the replica ignored its stream window: broken or hostile
-                if self._proto is not None:
-                    self._proto.abort(f"bad frame: {exc}")
+                proto = self._direct if direct else self._proto
+                if proto is not None:
+                    proto.abort(f"bad frame: {exc}")
 
-    def _lost(self, exc: Exception | None) -> None:
+    def _lost(self, exc: Exception | None, proto: P.FrameProtocol | None = None) -> None:
+        """Either connection lost (or refused a frame): the replica is lost, once; the other is closed too."""
+        if proto is not None and proto is not self._proto and proto is not self._direct:
+            return  # a direct connection the replica did not offer, closed here on purpose
+        if self._gone:
+            return
+        self._gone = True
+        self.close()
         self.state = "dead"
         if exc is not None and "bad frame" in str(exc):
             log.warning("replica %s of %s sent a frame the gateway refuses (%s); dropping it", self.id,

@@ -197,6 +197,8 @@ def decode_meta(ftype: int, raw: bytes) -> dict[str, Any]:
         status = _int(m, "status", 400, 599)
         if status is not None:
             out["status"] = status
+    if ftype == P.HELLO and "direct" in m:  # the sandbox answered: this connection is the direct path
+        out["direct"] = _bool(m, "direct")
     if ftype == P.PONG:
         out["inflight"] = _int(m, "inflight", 0, 10**9) or 0
     if ftype == P.STATS:

@@ -84,6 +84,8 @@ class _ServerConn:
         if not self.authenticated:
             if ftype == P.HELLO and hmac.compare_digest(body, self.replica.secret):
                 self.authenticated = True
+                if meta.get("direct") is True and self.replica.hand_off(self, call):
+                    return  # the sandbox answers this HELLO and serves the connection's plain calls
                 self.proto.send(P.encode(call, P.HELLO))
                 if self.replica.load is not None:  # a new gateway learns the engine's load at once
                     self.proto.send(P.encode(0, P.STATS, self.replica.load.to_json()))
@@ -292,7 +294,7 @@ class Replica:
             link = SandboxLink(proc, self._child_exited, self._forward_load)
             await link.open()
             try:
-                logs = await link.load(code, self._spec_json, LOAD_TIMEOUT_S)
+                logs = await link.load(code, self._spec_json, LOAD_TIMEOUT_S, self._forward_logs)
             except ChildError as exc:
                 link.close()
                 raise _StartFailed(exc.meta) from None
@@ -308,6 +310,28 @@ class Replica:
         if self._unlocked is not None:
             self._unlocked.set()
         return log.lines
+
+    def hand_off(self, conn: _ServerConn, call: int) -> bool:
+        """The direct path: give gateway connection `conn` (authenticated, its HELLO read here and kept: the secret
+        never reaches the sandbox) to the sandboxed child, which answers that HELLO and serves the connection's
+        plain calls without this actor's hop. Only a plaintext deployment's sandbox gets it: a confidential one
+        (sealed code) and the in-process mode (COCOON_SANDBOX=off) keep every call here. False: not handed (the
+        connection stays an ordinary one, and the gateway sees a HELLO without "direct")."""
+        link = self.link
+        transport = conn.proto.transport
+        if link is None or not self.relayable or self._sealed_code is not None or transport is None:
+            return False
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        transport.pause_reading()  # not one more byte of it is read here: the gateway's calls go to the child
+        try:
+            link.hand_off(sock.fileno(), call)
+        except OSError:
+            transport.resume_reading()
+            return False
+        conn.proto.abort("handed to the sandbox")  # closes this process's copy only (the child holds its own)
+        return True
 
     def _forward_load(self, report: replica_context.LoadReport) -> None:
         """An engine's load (reduced by the link, or read in this process): to every gateway, for autoscaling."""
@@ -366,7 +390,10 @@ class Replica:
         return self.ident.document if self.ident is not None else None
 
     async def stats(self) -> dict[str, Any]:
-        return {"inflight": self.inflight, "calls": self.calls, "pid": os.getpid()}
+        """Calls that crossed this actor (relayed or run here); calls on direct connections are counted by the
+        gateway, which chooses replicas and scales by its own in-flight counts. `direct`: connections handed over."""
+        return {"inflight": self.inflight, "calls": self.calls, "pid": os.getpid(),
+                "direct": self.link.handed if self.link is not None else 0}
 
     # -- plain calls -----------------------------------------------------------------------------------------
     def relay(self, conn: _ServerConn, link: SandboxLink, call: int, meta: dict[str, Any], body: bytes,

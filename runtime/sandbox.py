@@ -2,7 +2,9 @@
 
 The replica actor is platform code; the function's code never runs in it. The actor starts
 `python -m cocoon_faas.runtime.sandbox_child` under bubblewrap (`bwrap`) and talks to it over a Unix socket pair
-with the frame protocol (cocoon_faas/protocol.py). Inside the sandbox the child sees:
+with the frame protocol (cocoon_faas/protocol.py), plus a second socket pair (SOCK_SEQPACKET) over which the actor
+hands the child gateway connections it has authenticated (the gateway's direct path for plain calls,
+runtime/sandbox_link.py `hand_off`). Inside the sandbox the child sees:
 
 * a read-only view of /usr, a few files of /etc, the Python installation and its site-packages, and the
   cocoon_faas package; read-only the converted model cache (COCOON_MODELS_DIR) when there is one;
@@ -199,8 +201,11 @@ class SandboxProcess:
         self.cfg = cfg
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock = parent
+        # connections handed to the child (SCM_RIGHTS): one message per connection; never blocks the actor
+        self.handoff, handoff_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.handoff.setblocking(False)
         python_args = [sys.executable, "-I", "-m", "cocoon_faas.runtime.sandbox_child", str(child.fileno()),
-                       str(cfg.memory if not cfg.gpu else 0), str(cfg.pids)]
+                       str(cfg.memory if not cfg.gpu else 0), str(cfg.pids), str(handoff_child.fileno())]
         self.cgroup: PidsCgroup | None = None
         if cfg.enabled:
             self.cgroup = PidsCgroup(name, cfg.pids)
@@ -213,10 +218,12 @@ class SandboxProcess:
         try:
             # stdout/stderr to /dev/null: what the code prints during a call travels in frames (and is dropped
             # for sealed calls); nothing reaches the Ray worker's log files on this node's disk
-            self.proc = subprocess.Popen(argv, pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
+            self.proc = subprocess.Popen(argv, pass_fds=(child.fileno(), handoff_child.fileno()), env=env,
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, close_fds=True)
         finally:
             child.close()
+            handoff_child.close()
 
     @property
     def pid(self) -> int:
@@ -228,10 +235,11 @@ class SandboxProcess:
             self.proc.wait(5)
         except (OSError, subprocess.TimeoutExpired):
             pass
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        for sock in (self.sock, self.handoff):
+            try:
+                sock.close()
+            except OSError:
+                pass
         if self.cgroup is not None:
             self.cgroup.remove()
 

@@ -1,7 +1,7 @@
 """The process inside the sandbox: loads the function's code and runs its calls (runtime/sandbox.py starts it).
 
-`python -m cocoon_faas.runtime.sandbox_child FD MEMORY PIDS`: FD is its end of a Unix socket pair to the replica
-actor. Before any tenant code is loaded it lowers its own limits (address space: what the runtime maps already plus
+`python -m cocoon_faas.runtime.sandbox_child FD MEMORY PIDS HANDOFF`: FD is its end of a Unix socket pair to the
+replica actor; HANDOFF its end of a SOCK_SEQPACKET pair over which the actor passes gateway connections (below). Before any tenant code is loaded it lowers its own limits (address space: what the runtime maps already plus
 MEMORY bytes, unless 0; soft and hard, so the code cannot raise them again). Then it serves frames (cocoon_faas/protocol.py):
 
     LOAD  meta {"spec": {...}}, body: the code blob   -> READY {"logs": [...]} | ERROR {"type": "startup_failed"}
@@ -12,7 +12,17 @@ MEMORY bytes, unless 0; soft and hard, so the code cannot raise them again). The
     CREDIT body: u64 bytes, for a stream that announced a window ("w" in its CALL meta): CHUNKs stop when the
           window is spent until credit comes back (cocoon_faas/flow.py), so the generator waits for the client
 
-It reports no execution time: the actor measures that outside the sandbox. When the socket closes it exits.
+    PING -> PONG {"inflight": calls running}
+
+On the link it reports no execution time: the actor measures that outside the sandbox. When the link closes it
+exits.
+
+The direct path: a gateway that asked for it gets its second connection to the actor handed over here (the actor
+checked the secret and kept the HELLO frame that carried it; this process only gets the socket and the HELLO's
+call number, and answers HELLO {"direct": true}). On that connection it serves CALL/CREDIT/CANCEL/PING with the
+frames the gateway reads from the actor: CHUNK {"seq"}, RESULT/END/ERROR with "ms" (measured here; the gateway
+caps it at its own wall time), logs only when the actor forwards them, never a traceback field. Any other frame
+drops that connection; losing it ends only its calls.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import resource
 import socket
 import sys
@@ -29,6 +40,9 @@ from typing import Any
 from cocoon_faas import protocol as P
 from cocoon_faas import replica_context
 from cocoon_faas.flow import FlowError, Window, decode_credit, window_of
+
+MAX_LOG_LINES = 1024
+_EXC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$")
 
 
 def _limit(memory: int, threads: int) -> None:
@@ -53,21 +67,22 @@ def _is_memory_error(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "Cannot allocate memory" in text)
 
 
-class Child:
-    def __init__(self, memory: int) -> None:
-        self.memory = memory
-        self.loaded: Any = None
+class Peer:
+    """One connection the child serves: its link to the replica actor, or a gateway's direct connection (handed
+    over by the actor once the gateway proved the replica's secret; the child never sees that HELLO). A direct
+    peer gets each answer in the shape the gateway reads from the actor: CHUNK {"seq"}, and RESULT/END/ERROR with
+    the call's "ms" (the gateway caps it at its own wall time). LOAD comes only over the link."""
+
+    def __init__(self, child: Child, direct: bool) -> None:
+        self.child = child
+        self.direct = direct
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.windows: dict[int, Window] = {}  # a stream's window, by call
         self.proto = P.FrameProtocol(self.on_frame, self.on_lost)
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.forward_logs = True
-        self.watcher: asyncio.Task[None] | None = None  # load reports of the code's engines, if any
 
     def on_frame(self, call: int, ftype: int, meta: dict[str, Any], body: bytes) -> None:
-        loop = asyncio.get_running_loop()
         if ftype == P.CALL:
-            task = loop.create_task(self.handle(call, meta, body))
+            task = asyncio.get_running_loop().create_task(self.child.handle(self, call, meta, body))
             self.tasks[call] = task
 
             def done(_t: Any) -> None:
@@ -81,24 +96,88 @@ class Child:
                 window = self.windows.get(call)
                 if window is not None:
                     window.granted(n)
-            except FlowError as exc:  # the actor is platform code: a bad credit means a broken link
+            except FlowError as exc:  # the actor and the gateway are platform code: a bad credit means a broken link
                 self.proto.abort(f"bad CREDIT: {exc}")
         elif ftype == P.CANCEL:
             running = self.tasks.get(call)
             if running is not None:
                 running.cancel()
-        elif ftype == P.LOAD:
-            loop.create_task(self.load(call, meta, body))
+        elif ftype == P.PING:
+            self.send(P.encode(call, P.PONG, {"inflight": self.child.inflight}))
+        elif ftype == P.LOAD and not self.direct:
+            asyncio.get_running_loop().create_task(self.child.load(call, meta, body))
+        elif self.direct:  # sealed calls, code keys and loads stay with the actor
+            self.proto.abort(f"a gateway's direct connection carries no {P.TYPE_NAMES.get(ftype, ftype)} frames")
 
     def on_lost(self, exc: Exception | None) -> None:
         for task in list(self.tasks.values()):
             task.cancel()
-        if not self.done.done():
-            self.done.set_result(None)
+        self.child.lost(self)
 
     def send(self, data: bytes) -> None:
         if not self.proto.closed:
             self.proto.send_now(data)
+
+    def chunk(self, call: int, seq: int, data: bytes) -> None:
+        self.send(P.encode(call, P.CHUNK, {"seq": seq} if self.direct else None, data))
+
+    def answer(self, call: int, ftype: int, meta: dict[str, Any], t0: float, body: bytes = b"") -> None:
+        """A call's last frame. The actor meters relayed calls itself; a direct call's time is measured here."""
+        if self.direct:
+            meta["ms"] = round((asyncio.get_running_loop().time() - t0) * 1000, 3)
+        self.send(P.encode(call, ftype, meta, body))
+
+
+class Child:
+    def __init__(self, memory: int) -> None:
+        self.memory = memory
+        self.loaded: Any = None
+        self.link = Peer(self, direct=False)
+        self.direct: set[Peer] = set()  # gateways' direct connections
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.forward_logs = True
+        self.watcher: asyncio.Task[None] | None = None  # load reports of the code's engines, if any
+        self.load_report: bytes | None = None  # the last one, as a STATS frame: a new gateway gets it at once
+
+    @property
+    def proto(self) -> P.FrameProtocol:
+        return self.link.proto
+
+    @property
+    def inflight(self) -> int:
+        return len(self.link.tasks) + sum(len(p.tasks) for p in self.direct)
+
+    def lost(self, peer: Peer) -> None:
+        """A connection closed: a gateway's ends only its calls; the actor's ends this process (see `main`)."""
+        if peer.direct:
+            self.direct.discard(peer)
+        elif not self.done.done():
+            self.done.set_result(None)
+
+    def accept(self, sock: socket.socket, hello: int) -> None:
+        """Serve a gateway connection the actor authenticated; answer its HELLO (the gateway sends nothing on it
+        before this answer, so no byte of it was left with the actor)."""
+        peer = Peer(self, direct=True)
+        loop = asyncio.get_running_loop()
+
+        async def start() -> None:
+            try:
+                await loop.connect_accepted_socket(lambda: peer.proto, sock)
+            except OSError:
+                sock.close()
+                return
+            self.direct.add(peer)
+            peer.send(P.encode(hello, P.HELLO, {"direct": True}))
+            if self.load_report is not None:
+                peer.send(self.load_report)
+
+        loop.create_task(start())
+
+    def report_load(self, report: replica_context.LoadReport) -> None:
+        frame = P.encode(0, P.STATS, report.to_json())
+        self.load_report = frame
+        for peer in (self.link, *self.direct):
+            peer.send(frame)
 
     async def load(self, call: int, meta: dict[str, Any], code: bytes) -> None:
         from cocoon_faas.runtime.executor import LoadedFunction, trimmed_traceback
@@ -114,20 +193,21 @@ class Child:
             log = await asyncio.get_running_loop().run_in_executor(self.loaded.pool, self.loaded.setup)
         except BaseException as exc:  # noqa: BLE001 - reported to the actor, which refuses the version
             kind = "memory_exceeded" if _is_memory_error(exc) else "startup_failed"
-            self.send(P.encode(call, P.ERROR, {"type": kind, "exc_type": type(exc).__name__,
-                                               "message": str(exc)[:2000], "traceback": trimmed_traceback(exc)}))
+            self.link.send(P.encode(call, P.ERROR, {"type": kind, "exc_type": type(exc).__name__,
+                                                    "message": str(exc)[:2000], "traceback": trimmed_traceback(exc)}))
             return
-        self.send(P.encode(call, P.READY, {"logs": log.lines if self.forward_logs else []}))
-        self.watcher = asyncio.get_running_loop().create_task(replica_context.watch(
-            lambda r: self.send(P.encode(0, P.STATS, r.to_json()))))
+        self.link.send(P.encode(call, P.READY, {"logs": log.lines if self.forward_logs else []}))
+        self.watcher = asyncio.get_running_loop().create_task(replica_context.watch(self.report_load))
 
-    async def handle(self, call: int, meta: dict[str, Any], body: bytes) -> None:
+    async def handle(self, peer: Peer, call: int, meta: dict[str, Any], body: bytes) -> None:
+        """One call, for the actor or a gateway (the same code: `peer` shapes the frames)."""
         from cocoon_faas.runtime.executor import CallInterrupted, CallLog, trimmed_traceback
 
         loaded = self.loaded
         log = CallLog()
         timeout = float(meta.get("t", 300.0))
         loop = asyncio.get_running_loop()
+        t0 = loop.time()
         replica_context.set_caller(meta.get("caller", ""))  # this task's context: the call's own
         try:
             if loaded is None:
@@ -140,44 +220,74 @@ class Child:
                 deadline = loop.time() + timeout
                 window = window_of(meta)
                 if window is not None:
-                    self.windows[call] = window
+                    peer.windows[call] = window
                 async with aclosing(loaded.stream(kwargs, log, deadline)) as items:  # cancelled while waiting
                     async for item in items:  # for credit: the generator is closed (its producer stopped) at once
                         data = P.dump_result(item)
-                        self.send(P.encode(call, P.CHUNK, None, data))
+                        peer.chunk(call, seq, data)
                         seq += 1
                         if window is not None:  # no credit: the generator is not pulled until the client reads
                             await window.pace(len(data), deadline - loop.time())
-                self.send(P.encode(call, P.END, self._logs(log, seq=seq)))
+                peer.answer(call, P.END, self._logs(log, seq=seq), t0)
             else:
                 result = await loaded.run(kwargs, log, timeout)
-                self.send(P.encode(call, P.RESULT, self._logs(log), P.dump_result(result)))
+                peer.answer(call, P.RESULT, self._logs(log), t0, P.dump_result(result))
         except asyncio.CancelledError:
-            self.send(P.encode(call, P.ERROR, {"type": "cancelled", "message": "call cancelled"}))
+            peer.answer(call, P.ERROR, {"type": "cancelled", "message": "call cancelled"}, t0)
         except (CallInterrupted, asyncio.TimeoutError):
-            self.send(P.encode(call, P.ERROR, {
-                "type": "timeout", "message": f"call exceeded its time limit of {timeout:g}s", **self._logs(log)}))
+            peer.answer(call, P.ERROR, {
+                "type": "timeout", "message": f"call exceeded its time limit of {timeout:g}s", **self._logs(log)}, t0)
         except BaseException as exc:  # noqa: BLE001 - the user's exception, reported as function_error
             if _is_memory_error(exc):
                 limit = f"{self.memory // 2**20} MiB" if self.memory else "the node's"
-                self.send(P.encode(call, P.ERROR, {
-                    "type": "memory_exceeded", "exc_type": type(exc).__name__, "message":
+                peer.answer(call, P.ERROR, {
+                    "type": "memory_exceeded", "exc_type": _exc_type(exc), "message":
                     f"the function ran out of memory (its limit is {limit}, memory= in @cocoon.function); "
-                    "raise memory= or use less", **self._logs(log)}))
+                    "raise memory= or use less", **self._logs(log)}, t0)
                 return
             if not isinstance(exc, Exception):
                 raise
             log.add("stderr", trimmed_traceback(exc))
-            self.send(P.encode(call, P.ERROR, {
-                "type": "function_error", "exc_type": type(exc).__name__, "message": str(exc)[:2000],
-                **self._logs(log)}))
+            peer.answer(call, P.ERROR, {
+                "type": "function_error", "exc_type": _exc_type(exc), "message": str(exc)[:2000],
+                **self._logs(log)}, t0)
 
     def _logs(self, log: Any, **extra: Any) -> dict[str, Any]:
-        return {"logs": log.lines, **extra} if log.lines and self.forward_logs else extra
+        # at most MAX_LOG_LINES pieces: what the actor forwards, and what the gateway accepts from a direct call
+        return {"logs": log.lines[:MAX_LOG_LINES], **extra} if log.lines and self.forward_logs else extra
 
 
+def _exc_type(exc: BaseException) -> str:
+    """The exception's class name as the gateway accepts it (an identifier-like name of at most 128 characters;
+    another name, say a non-ASCII one, would get the replica dropped as broken)."""
+    name = type(exc).__name__
+    return name if _EXC_NAME.match(name) else "Exception"
 
-async def _serve(fd: int, memory: int) -> None:
+
+def _serve_handoffs(child: Child, handoff: socket.socket) -> None:
+    """Take the gateway connections the actor hands over (one SEQPACKET message each: the HELLO's call number,
+    the connection's fd)."""
+    while True:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(handoff, 64, 4)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            asyncio.get_running_loop().remove_reader(handoff.fileno())
+            return
+        if not msg and not fds:  # the actor closed its end
+            asyncio.get_running_loop().remove_reader(handoff.fileno())
+            return
+        for extra in fds[1:]:
+            os.close(extra)
+        if len(fds) == 0 or len(msg) != 8:
+            for fd in fds[:1]:
+                os.close(fd)
+            continue
+        child.accept(socket.socket(fileno=fds[0]), int.from_bytes(msg, "big"))
+
+
+async def _serve(fd: int, memory: int, handoff_fd: int) -> None:
     from cocoon_faas.runtime.executor import install_output_capture
 
     install_output_capture()
@@ -185,6 +295,10 @@ async def _serve(fd: int, memory: int) -> None:
     child = Child(memory)
     loop = asyncio.get_running_loop()
     await loop.connect_accepted_socket(lambda: child.proto, sock)
+    if handoff_fd >= 0:
+        handoff = socket.socket(fileno=handoff_fd)
+        handoff.setblocking(False)
+        loop.add_reader(handoff_fd, _serve_handoffs, child, handoff)
     await child.done
 
 
@@ -202,12 +316,13 @@ def _exit_stuck() -> None:
 
 def main(argv: list[str]) -> None:
     fd, memory = int(argv[1]), int(argv[2])
+    handoff = int(argv[4]) if len(argv) > 4 else -1
     try:
         import uvloop
 
-        uvloop.run(_serve(fd, memory))
+        uvloop.run(_serve(fd, memory, handoff))
     except ImportError:
-        asyncio.run(_serve(fd, memory))
+        asyncio.run(_serve(fd, memory, handoff))
     os._exit(0)  # user threads (pools, model loaders) must not keep a sandbox alive after its actor left
 
 

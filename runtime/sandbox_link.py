@@ -7,6 +7,12 @@ output: its meta is reduced to known fields of checked types here before anythin
 never states the time a call took. Sealed calls use `unary`/`stream` (awaitables), since the actor must open
 and seal around them with keys the sandbox never holds.
 
+Plain calls of a gateway that asked for the direct path do not pass through here at all: the actor hands the
+authenticated gateway connection to the child (`hand_off`, SCM_RIGHTS over the sandbox's hand-off socket), and
+the child answers it in the shape the gateway reads from the actor (runtime/sandbox_child.py). The gateway then
+meters those calls itself (it caps every `ms` at its own wall time) and decodes the child's frames as strictly as
+the actor's (docs/security.md, "The direct path").
+
 Streams are flow-controlled (cocoon_faas/flow.py): a relayed stream hands the child the gateway's window and
 forwards the gateway's credits, so the child's generator waits for the client; a sealed stream gives the child a
 window of its own, credited as the actor takes items. A child that sends beyond its window fails its call (tenant
@@ -17,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
+import struct
 import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
@@ -29,6 +37,7 @@ from cocoon_faas.runtime.sandbox import SandboxProcess
 CHILD_ERRORS = ("function_error", "timeout", "cancelled", "memory_exceeded", "startup_failed")
 BACKSTOP_S = 2.0  # the child enforces the time limit; past it by this much the actor answers for it
 Sink = Callable[[int, dict[str, Any], bytes], None]
+HANDOFF = struct.Struct("!Q")  # a hand-off message: the call number of the HELLO the child answers
 
 
 class ChildError(Exception):
@@ -88,12 +97,15 @@ class SandboxLink:
         self.proto = P.FrameProtocol(self._on_frame, self._lost)
         self.inflight = 0
         self.calls = 0
+        self.handed = 0  # gateway connections handed to the child (the direct path)
 
     async def open(self) -> None:
         await asyncio.get_running_loop().connect_accepted_socket(lambda: self.proto, self.proc.sock)
 
-    async def load(self, code: bytes, spec_json: dict[str, Any], timeout: float) -> list[tuple[str, str]]:
-        """Send the code; returns what its setup printed. Raises ChildError when it could not start."""
+    async def load(self, code: bytes, spec_json: dict[str, Any], timeout: float, logs: bool = True
+                   ) -> list[tuple[str, str]]:
+        """Send the code; returns what its setup printed. Raises ChildError when it could not start. `logs`:
+        whether the child puts what calls print in their answers (it answers direct gateway calls itself)."""
         fut: asyncio.Future[tuple[int, dict[str, Any]]] = asyncio.get_running_loop().create_future()
 
         def sink(ftype: int, meta: dict[str, Any], body: bytes) -> None:
@@ -102,7 +114,7 @@ class SandboxLink:
 
         cid = next(self._ids)
         self._calls[cid] = _Call(sink, time.monotonic())
-        self.proto.send(P.encode(cid, P.LOAD, {"spec": spec_json}, code))
+        self.proto.send(P.encode(cid, P.LOAD, {"spec": spec_json, "logs": logs}, code))
         try:
             ftype, meta = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
@@ -113,6 +125,16 @@ class SandboxLink:
         if ftype != P.READY:
             raise ChildError(child_error(meta))
         return child_logs(meta.get("logs"))
+
+    def hand_off(self, fd: int, call: int) -> None:
+        """Give the child a copy of gateway connection `fd`, authenticated by the actor (whose HELLO frame,
+        with the secret, the actor has read and keeps); the child answers that HELLO under `call` and serves the
+        connection's plain calls from then on. Raises OSError when the child does not take it (the caller keeps
+        the connection)."""
+        if self.proto.closed:
+            raise ConnectionError("the sandbox has exited")
+        socket.send_fds(self.proc.handoff, [HANDOFF.pack(call)], [fd])
+        self.handed += 1
 
     # -- relayed plain calls ---------------------------------------------------------------------------------
     def relay(self, meta: dict[str, Any], body: bytes, timeout: float, sink: Sink, flow: Window | None = None
