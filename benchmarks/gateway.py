@@ -52,9 +52,10 @@ NOOP_APP = ROOT / "benchmarks" / "apps" / "noop.py"
 PLAIN_APP = ROOT / "benchmarks" / "apps" / "plain.py"
 FUNCTION = {"name": "noop"}  # --function: noop (async, tuned like the peers) or plain (a default `def`)
 WARMUP = {"s": 2.0}  # --warmup: seconds of load before measuring (longer lets autoscaling settle)
-SYSTEMS = ("ours", "serve-proxy", "serve-direct", "echo", "actor")
+SYSTEMS = ("ours", "ours-relay", "serve-proxy", "serve-direct", "echo", "actor")
 TITLES = {
     "ours": "cocoon gateway",
+    "ours-relay": "cocoon gateway, every call through the replica actor (COCOON_DIRECT_CALLS=false)",
     "serve-proxy": "Ray Serve, default HTTP proxy",
     "serve-direct": "Ray Serve, THROUGHPUT_OPTIMIZED direct ingress",
     "echo": "bare Starlette echo (uvicorn)",
@@ -234,7 +235,7 @@ class System:
         return self.proc
 
     def start(self, timeout: float = 180) -> Target:
-        if self.name == "ours":
+        if self.name.startswith("ours"):
             return self._start_ours(timeout)
         ready = self.workdir / f"{self.name}.ready"
         env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"} if self.name == "serve-direct" else {}
@@ -258,7 +259,7 @@ class System:
         port = free_port()
         home = self.workdir / "cocoon-home"
         env = {"COCOON_HOME": str(home), "COCOON_GATEWAY_URL": f"http://127.0.0.1:{port}",
-               "COCOON_RAY_NUM_CPUS": "8"}
+               "COCOON_RAY_NUM_CPUS": "8", "COCOON_DIRECT_CALLS": "false" if self.name == "ours-relay" else "true"}
         self._spawn([sys.executable, "-m", "cocoon_faas", "serve", "--port", str(port)], env)
         deadline = time.monotonic() + timeout
         t_start = time.monotonic()
@@ -290,7 +291,7 @@ class System:
         if p is None:
             return
         if p.poll() is None:
-            p.send_signal(signal.SIGINT if self.name == "ours" else signal.SIGTERM)
+            p.send_signal(signal.SIGINT if self.name.startswith("ours") else signal.SIGTERM)
             try:
                 p.wait(30)
             except subprocess.TimeoutExpired:
@@ -535,6 +536,7 @@ def report(results: dict[str, dict[str, Any]], levels: list[int], generator: str
         ("ours / Ray Serve best (req/s)", lambda c: (_at(ours, c), best_serve(c))),
         ("ours / bare echo (req/s)", lambda c: (_at(ours, c), _at(results.get("echo"), c))),
         ("ours / Starlette+actor (req/s)", lambda c: (_at(ours, c), _at(results.get("actor"), c))),
+        ("ours / ours through the actor (req/s)", lambda c: (_at(ours, c), _at(results.get("ours-relay"), c))),
     ]
     for label, pick in rows:
         cells = []
@@ -553,7 +555,7 @@ def report(results: dict[str, dict[str, Any]], levels: list[int], generator: str
         cells.append(f"{a['cpu_us']:,.0f} vs {b['cpu_us']:,.0f}" if a and b and a["cpu_us"] and b["cpu_us"] else "—")
     lines.append("| CPU µs/req, ours vs Ray Serve best | " + " | ".join(cells) + " |")
     lines += ["", "| deploy to first response (Ray already up) | seconds |", "|---|---|"]
-    for name in ("ours", "serve-proxy", "serve-direct"):
+    for name in ("ours", "ours-relay", "serve-proxy", "serve-direct"):
         r = results.get(name)
         if r is not None and r["deploy_s"] is not None:
             extra = f" ({', '.join(f'{k}={v}' for k, v in r['notes'].items())})" if r["notes"] else ""
@@ -640,7 +642,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"   c={s['concurrency']:>3}  {s['rps']:>9,.0f} req/s  p50 {s['p50_ms']:8.2f} ms  "
                       f"p99 {s['p99_ms']:8.2f} ms  cpu/req {s['cpu_us'] or 0:6.0f} µs  errors {s['errors']}",
                       flush=True)
-            print(f"   ({time.monotonic() - t0:.0f}s incl. start and stop)", flush=True)
+            load = os.getloadavg()
+            print(f"   ({time.monotonic() - t0:.0f}s incl. start and stop; load average after it {load[0]:.2f} "
+                  f"{load[1]:.2f} {load[2]:.2f})", flush=True)
     print()
     print(report(results, levels, generator))
     print(f"\ntotal {time.monotonic() - t_all:.0f}s")

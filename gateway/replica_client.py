@@ -12,8 +12,9 @@ The direct path (COCOON_DIRECT_CALLS, default on): a second connection to the sa
 "direct"; the actor checks the secret, keeps that HELLO, and hands the socket to the sandboxed child running the
 function, which answers HELLO {"direct": true}. Plain calls then go to the child without the actor's hop (sealed
 calls, UNLOCK and GRANT stay on the first connection). Nothing is sent on it before that answer, so no byte is left
-with the actor. Frames on it are decoded and capped exactly as the actor's; it is tenant code's socket
-(docs/security.md, "The direct path"), so a frame refused there, or its loss, drops the whole replica.
+with the actor. Frames on it are decoded exactly as the actor's, and a call's metered time is this gateway's own
+wall time for it (the child's `ms` is not read); it is tenant code's socket (docs/security.md, "The direct path"),
+so a frame refused there, or its loss, drops the whole replica.
 """
 
 from __future__ import annotations
@@ -45,11 +46,13 @@ class Frame:
     body: bytes
 
 
-def _cap(meta: dict[str, Any], t0: float) -> dict[str, Any]:
-    """Cap the replica's reported execution time at the wall time this gateway waited for the call."""
+def _cap(meta: dict[str, Any], t0: float, direct: bool = False) -> dict[str, Any]:
+    """Cap the replica's reported execution time at the wall time this gateway waited for the call. A direct call's
+    time is this wall time itself: its `ms` comes from the sandbox, where tenant code could lower it (and with it
+    the provider's pay), so it is not read at all."""
     wall = round((time.monotonic() - t0) * 1000, 3)
     meta["wall_ms"] = wall
-    if "ms" in meta and meta["ms"] > wall:
+    if direct or ("ms" in meta and meta["ms"] > wall):
         meta["ms"] = wall
     return meta
 
@@ -72,7 +75,7 @@ class PendingCall:
     def deliver(self, frame: Frame) -> None:
         """Raises FlowError for a CHUNK beyond the stream's window (the caller drops the replica)."""
         if frame.type != P.CHUNK:
-            _cap(frame.meta, self.t0)
+            _cap(frame.meta, self.t0, self.direct)
         elif self.window is not None:
             self.window.received(len(frame.body))
         if self.future is not None:
@@ -158,7 +161,7 @@ class ReplicaHandle:
         except ReplicaLostError:
             if self._gone or self._proto is None or self._proto.closed:
                 raise
-            frame = Frame(P.HELLO, {}, b"")  # the actor refused it and closed it: no direct path, replica fine
+            frame = Frame(P.HELLO, {}, b"")  # no answer in time: no direct path; the first connection still serves
         if not frame.meta.get("direct"):
             self._direct = None
             if proto.transport is not None:

@@ -11,7 +11,8 @@ produced): `start()` returns nothing; it writes its facts (data port, attestatio
 failed) as JSON bytes to Ray's key-value store under `facts_key(replica_id)`, which the gateway parses with strict
 decoders (gateway/replica_wire.py). The data port accepts a connection only after a HELLO frame that carries the
 per-replica secret the gateway gave at actor creation; everything else, including code-key grants (UNLOCK,
-GRANT), travels as frames.
+GRANT), travels as frames. A HELLO that also asks for "direct" (the gateway's second connection) is checked here and
+the connection handed to the sandboxed child (`hand_off`), which serves its plain calls without this actor's hop.
 
 Confidential calls (docs/confidential.md): `start()` also creates the replica's `ReplicaIdentity` here, inside
 the worker (TDX evidence when configfs-tsm exists, else a NOT SECURE dev attestation), and returns its document.
@@ -66,8 +67,8 @@ def facts_key(replica_id: str) -> bytes:
 
 
 class _ServerConn:
-    """One gateway connection: HELLO first (the per-replica secret), then each CALL relayed to the sandbox (or
-    run as a task), cancelled on CANCEL. A stream's CREDIT goes to the sandbox with its relayed call, or to the
+    """One gateway connection: HELLO first (the per-replica secret; with "direct", handed to the sandbox instead),
+    then each CALL relayed to the sandbox (or run as a task), cancelled on CANCEL. A stream's CREDIT goes to the sandbox with its relayed call, or to the
     window a task-run stream waits on; a malformed or excessive credit drops the connection (cocoon_faas/flow.py).
     """
 

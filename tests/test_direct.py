@@ -48,6 +48,17 @@ def tenant(mode: str = "echo", x: Any = None, n: int = 0, size: int = 0, secret_
         return None
     if mode == "exit":
         os._exit(3)
+    if mode == "nap":
+        time.sleep(0.3)
+        return "rested"
+    if mode == "underbill":  # every later answer of this process claims it took no time at all
+        import __main__  # the sandbox child's own module
+
+        def answer(self: Any, call: int, ftype: int, meta: dict[str, Any], t0: float, body: bytes = b"") -> None:
+            self.send(P.encode(call, ftype, {**meta, "ms": 0.0}, body))
+
+        __main__.Peer.answer = answer
+        return "patched"
     if mode == "spy":  # from now on, every byte any frame connection of this process reads is recorded
         seen: list[bytes] = []
         original = P.FrameProtocol.data_received
@@ -138,7 +149,7 @@ def test_plain_calls_and_streams_go_to_the_child_without_the_actor(monkeypatch):
             assert h.is_direct and link.handed == 1
             ok = await _unary(h, {"x": [1, "two"]})
             assert ok.type == P.RESULT and json.loads(ok.body) == {"x": [1, "two"]}
-            assert 0 <= ok.meta["ms"] <= ok.meta["wall_ms"]
+            assert ok.meta["ms"] == ok.meta["wall_ms"]  # metered by the gateway, not by the sandbox
             bad = await _unary(h, {"mode": "fail"})
             assert bad.type == P.ERROR and bad.meta["type"] == "function_error"
             assert bad.meta["exc_type"] == "ValueError" and "tenant says no" in bad.meta["message"]
@@ -250,3 +261,17 @@ def test_a_tenant_that_writes_garbage_to_the_gateway_socket_gets_its_replica_dro
             bystander.close()
 
     _run(main)
+
+
+def test_a_tenant_cannot_lower_its_metered_time_on_the_direct_path():
+    async def main() -> tuple[Frame, Frame]:
+        async with _replica(tenant) as (replica, link, port):
+            h = await _handle(replica, port)
+            patched = await _unary(h, {"mode": "underbill"})
+            nap = await _unary(h, {"mode": "nap"})
+            h.close()
+            return patched, nap
+
+    patched, nap = _run(main)
+    assert json.loads(patched.body) == "patched" and json.loads(nap.body) == "rested"
+    assert nap.meta["ms"] == nap.meta["wall_ms"] >= 300  # the child said 0; the gateway's own wall time counts
