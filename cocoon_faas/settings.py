@@ -74,6 +74,10 @@ class Settings(BaseSettings):
                                   "this long (its socket full, the call's items waiting) is cut: the function's "
                                   "generator stops, its replica slot and any hold are freed as for a client that "
                                   "left; a client merely reading slowly is never cut")
+    interrupt_grace_s: float = Field(10.0, gt=0, le=3600, description="a call still running this long after it "
+                                     "had to stop (its time limit, a cancel, its client gone: it caught the "
+                                     "interrupt, sits in one long C call or blocks its event loop) ends its sandbox "
+                                     "process, and the replica is replaced")
     max_connections: int = Field(2048, description="open HTTP connections the gateway serves at once "
                                  "(more get 503 from uvicorn)")
     max_header_bytes: int = Field(64 * 1024, description="largest total size of a request's headers (431 above)")

@@ -2,7 +2,9 @@
 
 Sync functions run in a thread pool sized to `max_concurrency`; a call that is cancelled or runs past its time
 limit is interrupted by raising `CallInterrupted` inside its thread (CPython's async-exception hook), so it
-stops at its next bytecode instead of burning the replica. Async functions are cancelled as tasks.
+stops at its next bytecode instead of burning the replica. Async functions are cancelled as tasks. A call that
+still runs INTERRUPT_GRACE_S after it had to stop (it swallowed the interrupt, sits in one long C call, or, async,
+blocks the event loop) is caught by a `Watchdog` thread, which ends the sandbox process (`on_stuck`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextvars
 import ctypes
 import inspect
 import io
+import itertools
 import sys
 import threading
 import time
@@ -30,10 +33,17 @@ _current_log: contextvars.ContextVar[CallLog | None] = contextvars.ContextVar("c
 
 
 # A call still running this long after its interrupt (time limit, cancel, or its client gone; it catches the
-# interrupt, or sits in one long C call) makes the executor report itself stuck: the sandbox child then exits and
-# the gateway replaces the replica, because an ended call must stop using the provider's machine, not only lose
-# its answer.
+# interrupt, sits in one long C call, or blocks the event loop) makes the executor report itself stuck: the sandbox
+# child then exits and the gateway replaces the replica, because an ended call must stop using the provider's
+# machine, not only lose its answer. The default of COCOON_INTERRUPT_GRACE_S, which the actor passes to its child.
 INTERRUPT_GRACE_S = 10.0
+
+
+def grace_from(value: Any) -> float:
+    """The interrupt grace an actor sent its child (COCOON_INTERRUPT_GRACE_S), else the default."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 3600:
+        return float(value)
+    return INTERRUPT_GRACE_S
 
 
 class CallInterrupted(BaseException):
@@ -94,6 +104,68 @@ def _interrupt_thread(ident: int) -> None:
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(CallInterrupted))
 
 
+class _Watched:
+    __slots__ = ("stop_by", "task")
+
+    def __init__(self, stop_by: float, task: asyncio.Task[Any] | None) -> None:
+        self.stop_by, self.task = stop_by, task
+
+
+class Watchdog:
+    """Reports stuck (`on_stuck`) when a call still runs `grace` seconds after it had to stop: its time limit
+    passed, or it was interrupted (cancelled, its client gone). A thread of its own, not a timer on the event
+    loop: an async function that blocks the loop (`time.sleep` in `async def`, a busy loop) stops every timer on
+    it, and one that catches its CancelledError and goes on never tells the loop. A call within its time limit
+    and not interrupted is never reported, however busy it keeps the loop (a busy Python loop still lets this
+    thread run: the interpreter switches threads every few milliseconds).
+
+    The calls are a dict that the loop and pool threads change and this thread copies (single dict operations,
+    atomic under the GIL): no lock on the call path."""
+
+    def __init__(self, on_stuck: Callable[[], None], grace: float) -> None:
+        self.on_stuck = on_stuck
+        self.grace = grace
+        self._calls: dict[int, _Watched] = {}
+        self._ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+
+    def watch(self, stop_by: float, task: asyncio.Task[Any] | None = None) -> int:
+        """Watch a running call that must stop by `stop_by` (time.monotonic()); an unconsumed cancellation of
+        its asyncio `task` (Python 3.11+: `Task.cancelling()`) moves that to when it is first seen. Returns the
+        token to pass to `done` when the call's code has returned."""
+        token = next(self._ids)
+        self._calls[token] = _Watched(stop_by, task)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="cocoon-watchdog", daemon=True)
+            self._thread.start()
+        return token
+
+    def done(self, token: int) -> None:
+        self._calls.pop(token, None)
+
+    @property
+    def watching(self) -> int:
+        return len(self._calls)
+
+    def overdue(self, now: float) -> bool:
+        """Whether a watched call should have stopped more than `grace` seconds before `now`."""
+        for w in list(self._calls.values()):
+            if w.task is not None and now < w.stop_by:
+                cancelling = getattr(w.task, "cancelling", None)  # a plain int read: safe off the loop's thread
+                if cancelling is not None and cancelling():
+                    w.stop_by = now
+            if now - w.stop_by > self.grace:
+                return True
+        return False
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(min(max(self.grace / 20, 0.05), 0.5))
+            if self.overdue(time.monotonic()):
+                self.on_stuck()
+                return
+
+
 class _Running:
     """The pool thread running one call, interruptible only while it is inside that call.
 
@@ -101,14 +173,16 @@ class _Running:
     returned (its future not yet marked done), it would hit the idle pool thread and kill it, or the next call
     that thread picks up. So the thread says when it enters and leaves, under a lock that `interrupt` holds:
     an interrupt is only ever sent before `leave`, and then it fires inside the call's own frame at the latest
-    in `leave`."""
+    in `leave`. An interrupted call is watched (`watchdog`) until the thread leaves it."""
 
-    __slots__ = ("_lock", "_ident", "_left")
+    __slots__ = ("_lock", "_ident", "_left", "_watchdog", "_token")
 
-    def __init__(self) -> None:
+    def __init__(self, watchdog: Watchdog | None = None) -> None:
         self._lock = threading.Lock()
         self._ident: int | None = None
         self._left = False
+        self._watchdog = watchdog
+        self._token = 0
 
     def enter(self) -> None:
         with self._lock:
@@ -117,11 +191,15 @@ class _Running:
     def leave(self) -> None:
         with self._lock:
             self._left = True
+            if self._token and self._watchdog is not None:
+                self._watchdog.done(self._token)
 
     def interrupt(self) -> None:
         with self._lock:
             if self._ident is not None and not self._left:
                 _interrupt_thread(self._ident)
+                if self._watchdog is not None:
+                    self._token = self._watchdog.watch(time.monotonic())
                 self._left = True  # one interrupt per call: a second could land after the first unwound it
 
 
@@ -139,6 +217,8 @@ class LoadedFunction:
     def __init__(self, blob: bytes, spec: FunctionSpec) -> None:
         self.spec = spec
         self.on_stuck: Callable[[], None] | None = None  # the sandbox child exits (see INTERRUPT_GRACE_S)
+        self.grace = INTERRUPT_GRACE_S  # set before the first call (the child: from its LOAD frame)
+        self._watchdog: Watchdog | None = None
         payload = cloudpickle.loads(blob)
         if not isinstance(payload, dict) or payload.get("format") != 1:
             raise RuntimeError("unsupported code blob format; redeploy with this version of cocoon-faas")
@@ -178,12 +258,21 @@ class LoadedFunction:
             return await self._in_task(fn, kwargs, log, timeout)
         return await self._in_thread(lambda: fn(**kwargs), log, timeout)
 
+    def _dog(self) -> Watchdog | None:
+        """The watchdog, once there is someone to tell (`on_stuck`: only in the sandbox child)."""
+        if self._watchdog is None and self.on_stuck is not None:
+            self._watchdog = Watchdog(self.on_stuck, self.grace)
+        return self._watchdog
+
     async def _in_task(self, fn: Callable[..., Any], kwargs: dict[str, Any], log: CallLog, timeout: float) -> Any:
         """Await an async function in the calling task (each call already has its own task and context): no
-        second task and no wait_for; a timer cancels this task when the time limit passes."""
+        second task and no wait_for; a timer cancels this task when the time limit passes, and the watchdog
+        ends the process if the call goes on anyway (caught the cancellation, or blocks the loop)."""
         task = asyncio.current_task()
         assert task is not None
         expired = False
+        dog = self._dog()
+        watched = dog.watch(time.monotonic() + timeout, task) if dog is not None else 0
 
         def expire() -> None:
             nonlocal expired
@@ -203,11 +292,13 @@ class LoadedFunction:
         finally:
             timer.cancel()
             _current_log.reset(token)
+            if dog is not None:
+                dog.done(watched)
 
     async def _in_thread(self, work: Callable[[], Any], log: CallLog, timeout: float) -> Any:
         """Run `work` in the pool; a timer (not wait_for/shield: two tasks per call) enforces the limit."""
         loop = asyncio.get_running_loop()
-        running = _Running()
+        running = _Running(self._dog())
 
         def runner() -> Any:
             running.enter()
@@ -234,7 +325,6 @@ class LoadedFunction:
         def expire() -> None:
             if not fut.done():
                 running.interrupt()
-                self._watch(fut)
             if not waiter.done():
                 waiter.set_exception(CallInterrupted("timeout"))
 
@@ -245,17 +335,9 @@ class LoadedFunction:
         except asyncio.CancelledError:  # the caller cancelled or left, or the gateway ended it at its time limit
             if not fut.done():
                 running.interrupt()
-                self._watch(fut)
             raise
         finally:
             timer.cancel()
-
-    def _watch(self, fut: asyncio.Future[Any]) -> None:
-        """After a call's interrupt: if its thread still runs INTERRUPT_GRACE_S later, report stuck."""
-        def check() -> None:
-            if not fut.done() and self.on_stuck is not None:
-                self.on_stuck()
-        asyncio.get_running_loop().call_later(INTERRUPT_GRACE_S, check)
 
     async def stream(self, kwargs: dict[str, Any], log: CallLog, deadline: float) -> AsyncGenerator[Any, None]:
         """Yield a generator function's items as they are produced."""
@@ -263,6 +345,8 @@ class LoadedFunction:
         assert fn is not None
         if self.spec.kind == "asyncgen":
             token = _current_log.set(log)
+            dog = self._dog()
+            watched = dog.watch(deadline, asyncio.current_task()) if dog is not None else 0
             try:
                 agen = fn(**kwargs)
                 while True:
@@ -279,12 +363,14 @@ class LoadedFunction:
                     yield item
             finally:
                 _current_log.reset(token)
+                if dog is not None:
+                    dog.done(watched)
             return
         loop = asyncio.get_running_loop()
         # Read-ahead of a plain generator: small, since a stream waiting for its client's credit stops pulling
         # here and the producer thread then stops this many items ahead (each put waits for the loop anyway)
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=8)
-        running = _Running()
+        running = _Running(self._dog())
 
         def produce() -> None:
             running.enter()
@@ -320,7 +406,6 @@ class LoadedFunction:
         finally:
             if not finished:  # abandoned (cancelled, timed out, consumer gone): stop the producer
                 running.interrupt()
-                self._watch(fut)
                 while not queue.empty():  # unblock a producer waiting on a full queue
                     queue.get_nowait()
 

@@ -295,7 +295,8 @@ class Replica:
             link = SandboxLink(proc, self._child_exited, self._forward_load)
             await link.open()
             try:
-                logs = await link.load(code, self._spec_json, LOAD_TIMEOUT_S, self._forward_logs)
+                logs = await link.load(code, self._spec_json, LOAD_TIMEOUT_S, self._forward_logs,
+                                       _interrupt_grace())
             except ChildError as exc:
                 link.close()
                 raise _StartFailed(exc.meta) from None
@@ -630,6 +631,13 @@ class _StartFailed(Exception):
         super().__init__(meta.get("message", ""))
         self.error_type = str(meta.get("exc_type") or meta.get("type") or "Error")
         self.tb = str(meta.get("traceback", ""))
+
+
+def _interrupt_grace() -> float:
+    """COCOON_INTERRUPT_GRACE_S, for the sandbox child (which sees none of the node's settings)."""
+    from cocoon_faas.settings import get_settings
+
+    return float(get_settings().interrupt_grace_s)
 
 
 def _provider_node() -> str:

@@ -180,7 +180,7 @@ class Child:
             peer.send(frame)
 
     async def load(self, call: int, meta: dict[str, Any], code: bytes) -> None:
-        from cocoon_faas.runtime.executor import LoadedFunction, trimmed_traceback
+        from cocoon_faas.runtime.executor import LoadedFunction, grace_from, trimmed_traceback
         from cocoon_faas.spec import FunctionSpec
 
         try:
@@ -190,6 +190,7 @@ class Child:
             replica_context.set_max_concurrency(spec.max_concurrency)  # an llm.Engine's default batch
             self.loaded = LoadedFunction(code, spec)
             self.loaded.on_stuck = _exit_stuck
+            self.loaded.grace = grace_from(meta.get("grace"))
             log = await asyncio.get_running_loop().run_in_executor(self.loaded.pool, self.loaded.setup)
         except BaseException as exc:  # noqa: BLE001 - reported to the actor, which refuses the version
             kind = "memory_exceeded" if _is_memory_error(exc) else "startup_failed"
@@ -303,13 +304,12 @@ async def _serve(fd: int, memory: int, handoff_fd: int) -> None:
 
 
 def _exit_stuck() -> None:
-    """A call ignored its interrupt for INTERRUPT_GRACE_S: end this process (the actor sees the child
-    exit, its replica is replaced and the calls still on it are retried per `retries`)."""
-    from cocoon_faas.runtime.executor import INTERRUPT_GRACE_S
-
-    sys.stderr.write(f"cocoon: a call is still running {INTERRUPT_GRACE_S:g} s after it was interrupted (it ignored "
-                     "the interrupt or is blocked in one C call); ending the function's process so the replica is "
-                     "replaced\n")
+    """A call ran on for the interrupt grace (COCOON_INTERRUPT_GRACE_S) after it had to stop: end this process
+    (the actor sees the child exit, its replica is replaced and the calls still on it are retried per
+    `retries`). Called from the executor's watchdog thread: the event loop may be the thing that is stuck."""
+    sys.stderr.write("cocoon: a call is still running COCOON_INTERRUPT_GRACE_S after it had to stop (it ignored "
+                     "the interrupt, is blocked in one C call, or blocks the event loop); ending the function's "
+                     "process so the replica is replaced\n")
     sys.stderr.flush()
     os._exit(70)
 

@@ -102,10 +102,12 @@ class SandboxLink:
     async def open(self) -> None:
         await asyncio.get_running_loop().connect_accepted_socket(lambda: self.proto, self.proc.sock)
 
-    async def load(self, code: bytes, spec_json: dict[str, Any], timeout: float, logs: bool = True
-                   ) -> list[tuple[str, str]]:
+    async def load(self, code: bytes, spec_json: dict[str, Any], timeout: float, logs: bool = True,
+                   grace: float | None = None) -> list[tuple[str, str]]:
         """Send the code; returns what its setup printed. Raises ChildError when it could not start. `logs`:
-        whether the child puts what calls print in their answers (it answers direct gateway calls itself)."""
+        whether the child puts what calls print in their answers (it answers direct gateway calls itself).
+        `grace`: how long a call may run on after it had to stop before the child ends itself
+        (COCOON_INTERRUPT_GRACE_S)."""
         fut: asyncio.Future[tuple[int, dict[str, Any]]] = asyncio.get_running_loop().create_future()
 
         def sink(ftype: int, meta: dict[str, Any], body: bytes) -> None:
@@ -114,7 +116,10 @@ class SandboxLink:
 
         cid = next(self._ids)
         self._calls[cid] = _Call(sink, time.monotonic())
-        self.proto.send(P.encode(cid, P.LOAD, {"spec": spec_json, "logs": logs}, code))
+        meta: dict[str, Any] = {"spec": spec_json, "logs": logs}
+        if grace is not None:
+            meta["grace"] = grace
+        self.proto.send(P.encode(cid, P.LOAD, meta, code))
         try:
             ftype, meta = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:

@@ -192,26 +192,35 @@ def test_replica_death_is_retried_elsewhere(gateway):
         assert c.get("/v1/functions/crash_once").json()["replicas"] == 2
 
 
-def test_a_call_that_swallows_its_timeout_gets_its_process_replaced(gateway):
-    """`stubborn` catches the interrupt forever: the caller gets 504 at the limit, and INTERRUPT_GRACE_S later the
-    sandbox process is ended and the replica replaced (a second pool thread answers probes meanwhile, so without
-    the watchdog the old process would keep answering, with the stuck thread spinning in it)."""
+def _hang_then_replaced(gateway, name: str) -> None:
+    """A call of `name` with `hang` ignores its time limit: the caller gets 504 at the limit, and the interrupt
+    grace later the sandbox process is ended and the replica replaced; a later call is answered by a new process."""
     with gateway.http() as c:
-        first = c.post("/fn/stubborn", json={})
+        first = c.post(f"/fn/{name}", json={})
         assert first.status_code == 200, first.text
         boot = first.json()["boot"]
-        stuck = c.post("/fn/stubborn", json={"hang": True})
-        assert stuck.status_code == 504 and stuck.json()["error"]["type"] == "timeout"
+        stuck = c.post(f"/fn/{name}", json={"hang": True})
+        assert stuck.status_code == 504 and stuck.json()["error"]["type"] == "timeout", stuck.text
         deadline = time.monotonic() + 120
         seen = boot
         while time.monotonic() < deadline:
-            r = c.post("/fn/stubborn", json={})
+            r = c.post(f"/fn/{name}", json={})
             if r.status_code == 200:
                 seen = r.json()["boot"]
                 if seen != boot:
                     break
             time.sleep(0.5)
-        assert seen != boot  # a new process answers: the one with the stuck call is gone
+        assert seen != boot, name  # a new process answers: the one with the stuck call is gone
+
+
+def test_a_call_that_swallows_its_timeout_or_blocks_its_loop_gets_its_process_replaced(gateway):
+    """`stubborn` (sync) catches the interrupt forever; `stubborn_swallow` (async) catches its CancelledError and
+    goes on; `stubborn_block` (async) blocks the child's event loop with time.sleep. Without the watchdog the first
+    two processes would keep answering probes (a second pool thread / the free loop) with the stuck call still
+    running, and the third would never answer again. The three run side by side (each waits out the grace)."""
+    names = ["stubborn", "stubborn_swallow", "stubborn_block"]
+    with cf.ThreadPoolExecutor(len(names)) as ex:
+        list(ex.map(lambda n: _hang_then_replaced(gateway, n), names))
 
 
 def test_control_plane_ownership(gateway):

@@ -8,6 +8,7 @@ import threading
 import time
 
 import cloudpickle
+import pytest
 
 from cocoon_faas.runtime.executor import CallInterrupted, CallLog, LoadedFunction
 from cocoon_faas.spec import make_spec
@@ -97,3 +98,163 @@ def test_a_timed_out_sync_call_does_not_poison_the_next_one():
         return [await loaded.run({"s": 0.0}, CallLog(), 30) for _ in range(200)]
 
     assert asyncio.run(asyncio.wait_for(main(), 60)) == [0.0] * 200
+
+
+# -- the watchdog: a call that goes on after it had to stop ends the process (here: `on_stuck` is recorded) ----------
+
+GRACE = 0.3
+# One event per test, by name: the functions below are pickled by reference and read theirs (a thread of an
+# earlier test that is still winding down keeps seeing its own event set)
+_STUCK: dict[str, threading.Event] = {}
+
+
+def _stuck(key: str) -> threading.Event:
+    return _STUCK.setdefault(key, threading.Event())
+
+
+async def swallow_async(key: str) -> str:
+    while not _STUCK[key].is_set():
+        try:
+            await asyncio.sleep(0.02)
+        except asyncio.CancelledError:  # the point: user code that goes on after its cancellation
+            pass
+    return "went on"
+
+
+async def block_loop(key: str) -> str:
+    while not _STUCK[key].is_set():  # time.sleep in async def: no timer on this loop runs meanwhile
+        time.sleep(0.01)
+    return "blocked"
+
+
+async def swallow_agen(key: str):
+    yield 1
+    while not _STUCK[key].is_set():
+        try:
+            await asyncio.sleep(0.02)
+        except asyncio.CancelledError:
+            pass
+    yield 2
+
+
+def swallow_sync(key: str) -> str:
+    while not _STUCK[key].is_set():
+        try:
+            time.sleep(0.02)
+        except CallInterrupted:
+            pass
+    return "went on"
+
+
+async def busy(s: float) -> float:
+    end = time.monotonic() + s
+    while time.monotonic() < end:
+        time.sleep(0.01)  # blocks the loop, well within the time limit
+    await asyncio.sleep(0)
+    return s
+
+
+async def quick(s: float) -> float:
+    await asyncio.sleep(s)
+    return s
+
+
+def _watched(fn, kind: str, stuck: threading.Event, max_concurrency: int = 1) -> LoadedFunction:
+    loaded = _loaded(fn, kind, max_concurrency)
+    loaded.on_stuck = stuck.set
+    loaded.grace = GRACE
+    return loaded
+
+
+def _until(stuck: threading.Event) -> None:
+    assert stuck.wait(60), "the watchdog never reported the call stuck"
+
+
+def test_an_async_call_that_swallows_its_timeout_is_reported_stuck():
+    stuck = _stuck("timeout")
+    loaded = _watched(swallow_async, "async", stuck)
+    assert asyncio.run(asyncio.wait_for(loaded.run({"key": "timeout"}, CallLog(), 0.1), 60)) == "went on"
+    _until(stuck)
+
+
+def test_an_async_call_cancelled_early_that_goes_on_is_reported_stuck():
+    """Its time limit is far away: only the (swallowed) cancellation, a client gone, makes it overdue."""
+    if not hasattr(asyncio.Task, "cancelling"):
+        pytest.skip("Task.cancelling() needs Python 3.11; on 3.10 such a call is caught at its time limit")
+    stuck = _stuck("cancel")
+    loaded = _watched(swallow_async, "async", stuck)
+
+    async def main() -> str:
+        task = asyncio.get_running_loop().create_task(loaded.run({"key": "cancel"}, CallLog(), 3600))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        return await asyncio.wait_for(asyncio.shield(task), 60)
+
+    assert asyncio.run(main()) == "went on"
+    _until(stuck)
+
+
+def test_an_async_call_that_blocks_the_event_loop_past_its_limit_is_reported_stuck():
+    stuck = _stuck("block")
+    loaded = _watched(block_loop, "async", stuck)
+    assert asyncio.run(loaded.run({"key": "block"}, CallLog(), 0.1)) == "blocked"  # returns only once the watchdog fired
+    _until(stuck)
+
+
+def test_an_async_generator_that_swallows_its_timeout_is_reported_stuck():
+    stuck = _stuck("agen")
+    loaded = _watched(swallow_agen, "asyncgen", stuck)
+
+    async def main() -> list[int]:
+        out = []
+        try:
+            async for x in loaded.stream({"key": "agen"}, CallLog(), time.monotonic() + 0.2):
+                out.append(x)
+        except CallInterrupted:
+            pass
+        return out
+
+    assert asyncio.run(asyncio.wait_for(main(), 60))[0] == 1
+    _until(stuck)
+
+
+def test_a_sync_call_that_swallows_its_interrupt_is_reported_stuck_even_with_the_loop_blocked():
+    stuck = _stuck("sync")
+    loaded = _watched(swallow_sync, "function", stuck)
+
+    async def main() -> None:
+        try:
+            await loaded.run({"key": "sync"}, CallLog(), 0.1)
+        except CallInterrupted:
+            pass
+        while not stuck.is_set():  # the loop itself is blocked now: the watchdog is a thread of its own
+            time.sleep(0.01)
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+    _until(stuck)
+
+
+def test_busy_healthy_calls_within_their_limit_are_never_reported():
+    """An async function that keeps the loop busy (blocking sleeps) but ends within its limit, many short calls,
+    and a call cancelled that stops at once: nothing is reported, and nothing stays watched."""
+    stuck = _stuck("healthy")
+    hog = _watched(busy, "async", stuck)
+    fine = _watched(quick, "async", stuck, max_concurrency=8)
+
+    async def main() -> list[float]:
+        out = [await hog.run({"s": 5 * GRACE}, CallLog(), 600)]
+        out += await asyncio.gather(*(fine.run({"s": 0.001}, CallLog(), 600) for _ in range(50)))
+        task = asyncio.get_running_loop().create_task(fine.run({"s": 600}, CallLog(), 600))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        return out
+
+    assert asyncio.run(asyncio.wait_for(main(), 120)) == [5 * GRACE] + [0.001] * 50
+    assert not stuck.wait(3 * GRACE)
+    for loaded in (hog, fine):
+        dog = loaded._dog()
+        assert dog is not None and dog.watching == 0

@@ -1,5 +1,6 @@
 """Functions that exercise the platform's edges in the end-to-end tests."""
 
+import asyncio
 import os
 import socket
 import time
@@ -105,3 +106,27 @@ def stubborn(hang: bool = False) -> dict:
         except BaseException:  # noqa: BLE001
             pass
     return {"boot": _PROCESS.setdefault("boot", uuid.uuid4().hex)}
+
+
+async def _stuck_async(mode: str) -> dict:
+    if mode == "swallow":  # catches its cancellation (time limit, cancel) and goes on, forever
+        while True:
+            try:
+                await asyncio.sleep(0.05)
+            except BaseException:  # noqa: BLE001 - the point
+                pass
+    while mode == "block":  # blocks the event loop: no timer of the process runs, no frame is read
+        time.sleep(0.05)
+    return {"boot": _PROCESS.setdefault("boot", uuid.uuid4().hex)}
+
+
+@cocoon.function(cpu=0.25, timeout=2, max_concurrency=2, max_replicas=1)
+async def stubborn_swallow(hang: bool = False) -> dict:
+    """`stubborn` as an async function that swallows its CancelledError (with `hang`)."""
+    return await _stuck_async("swallow" if hang else "")
+
+
+@cocoon.function(cpu=0.25, timeout=2, max_concurrency=2, max_replicas=1)
+async def stubborn_block(hang: bool = False) -> dict:
+    """`stubborn` as an async function that blocks its event loop with `time.sleep` (with `hang`)."""
+    return await _stuck_async("block" if hang else "")
