@@ -116,6 +116,35 @@ def _timeout(fr: FunctionRuntime) -> CallTimeoutError:
     return CallTimeoutError(f"function {fr.name!r} exceeded its time limit of {fr.spec.timeout:g}s")
 
 
+class _Attempt:
+    """One try of a call on the replica `r` that `acquire` gave it, for unary calls and streams alike: sent with the
+    time left and the route's meta; on leaving, a call abandoned (cancelled, its consumer gone) is cancelled on the
+    replica, and the call and the replica's slot are always given back, once."""
+
+    __slots__ = ("replicas", "fr", "r", "call")
+
+    def __init__(self, replicas: Replicas, fr: FunctionRuntime, r: ReplicaHandle) -> None:
+        self.replicas, self.fr, self.r = replicas, fr, r
+        self.call = 0
+
+    def send(self, route: Route, meta: dict[str, Any], body: bytes, remaining: float, streaming: bool,
+             window: int = 0) -> PendingCall:
+        route.prepare(self.r, meta)
+        head = {"t": remaining, "stream": True, **meta} if streaming else {"t": remaining, **meta}
+        self.call, pending = self.r.send_call(head, body, streaming=streaming, window=window)
+        return pending
+
+    def __enter__(self) -> _Attempt:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if self.call:
+            if et is not None and issubclass(et, (asyncio.CancelledError, GeneratorExit)):
+                self.r.cancel(self.call)
+            self.r.finish(self.call)
+        self.replicas.release(self.fr, self.r)
+
+
 async def unary(replicas: Replicas, fr: FunctionRuntime, body: bytes, meta: dict[str, Any], route: Route,
                 on_running: Any = None) -> Answer:
     """Run one unary call to its final frame. Raises only CancelledError (after cancelling it on the replica)."""
@@ -126,33 +155,24 @@ async def unary(replicas: Replicas, fr: FunctionRuntime, body: bytes, meta: dict
             r = await replicas.acquire(fr, deadline, route.want)
         except CocoonError as exc:
             return Answer(None, exc, 0.0, None, attempt)
-        call = 0
         sent_at = time.monotonic()
-        try:
-            remaining = max(deadline - time.monotonic(), 0.001)
-            route.prepare(r, meta)
-            call, pending = r.send_call({"t": remaining, **meta}, body, streaming=False)
-            if on_running is not None:
-                on_running()
-            assert pending.future is not None
-            frame = await _within(pending.future, remaining + GRACE_S)
-        except ReplicaLostError as exc:
-            replicas.record(r, False, time.monotonic() - sent_at)
-            if attempt < attempts:
-                continue
-            return Answer(None, ReplicaLostError(f"{exc}; no retries left (retries={fr.spec.retries})"), 0.0, r,
-                          attempt)
-        except asyncio.TimeoutError:
-            r.cancel(call)
-            return Answer(None, _timeout(fr), 0.0, r, attempt)
-        except asyncio.CancelledError:
-            if call:
-                r.cancel(call)
-            raise
-        finally:
-            if call:
-                r.finish(call)
-            replicas.release(fr, r)
+        with _Attempt(replicas, fr, r) as at:
+            try:
+                remaining = max(deadline - time.monotonic(), 0.001)
+                pending = at.send(route, meta, body, remaining, streaming=False)
+                if on_running is not None:
+                    on_running()
+                assert pending.future is not None
+                frame = await _within(pending.future, remaining + GRACE_S)
+            except ReplicaLostError as exc:
+                replicas.record(r, False, time.monotonic() - sent_at)
+                if attempt < attempts:
+                    continue
+                return Answer(None, ReplicaLostError(f"{exc}; no retries left (retries={fr.spec.retries})"), 0.0,
+                              r, attempt)
+            except asyncio.TimeoutError:
+                r.cancel(at.call)
+                return Answer(None, _timeout(fr), 0.0, r, attempt)
         ok = frame.type == P.RESULT or frame.meta.get("type") in ("function_error", "overloaded")
         replicas.record(r, ok, time.monotonic() - sent_at)
         ms = float(frame.meta.get("ms") or 0.0)
@@ -195,49 +215,40 @@ class StreamFrames:
         for attempt in range(1, attempts + 1):
             r = await replicas.acquire(fr, deadline, route.want)
             self.replica = r
-            call = 0
             sent_any = False
-            try:
-                remaining = max(deadline - time.monotonic(), 0.001)
-                route.prepare(r, meta)
-                call, pending = r.send_call({"t": remaining, "stream": True, **meta}, body, streaming=True,
-                                            window=self.window)
-                self.pending = pending
-                assert pending.queue is not None
-                while True:
-                    remaining = deadline - time.monotonic() + GRACE_S
-                    try:
-                        item = await asyncio.wait_for(pending.queue.get(), max(remaining, 0.001))
-                    except asyncio.TimeoutError:
-                        r.cancel(call)
-                        raise _timeout(fr) from None
-                    if isinstance(item, BaseException):
-                        raise item
-                    if item.type == P.CHUNK:
-                        sent_any = True
-                        yield item
-                        credit = r.consumed(pending, len(item.body))  # resumed: the client's connection took it
-                        if credit:
-                            # One loop pass first: a client that just hung up lets the previous sends return at
-                            # once, and its disconnect (which cancels this call) must land before the replica is
-                            # told to produce more. Once per half window, not per item.
-                            await asyncio.sleep(0)
-                            r.credit(call, credit)
-                    elif item.type == P.END:
-                        yield item
-                        return
-                    else:
-                        self.error_ms = float(item.meta.get("ms") or 0.0)
-                        raise error_from_frame(fr, item)
-            except ReplicaLostError as exc:
-                if attempt < attempts and not sent_any:
-                    continue
-                raise ReplicaLostError(f"{exc}; the stream cannot be resumed") from None
-            except (asyncio.CancelledError, GeneratorExit):
-                if call:
-                    r.cancel(call)
-                raise
-            finally:
-                if call:
-                    r.finish(call)
-                replicas.release(fr, r)
+            with _Attempt(replicas, fr, r) as at:
+                try:
+                    pending = at.send(route, meta, body, max(deadline - time.monotonic(), 0.001), streaming=True,
+                                      window=self.window)
+                    call = at.call
+                    self.pending = pending
+                    assert pending.queue is not None
+                    while True:
+                        remaining = deadline - time.monotonic() + GRACE_S
+                        try:
+                            item = await asyncio.wait_for(pending.queue.get(), max(remaining, 0.001))
+                        except asyncio.TimeoutError:
+                            r.cancel(call)
+                            raise _timeout(fr) from None
+                        if isinstance(item, BaseException):
+                            raise item
+                        if item.type == P.CHUNK:
+                            sent_any = True
+                            yield item
+                            credit = r.consumed(pending, len(item.body))  # resumed: the client's connection took it
+                            if credit:
+                                # One loop pass first: a client that just hung up lets the previous sends return at
+                                # once, and its disconnect (which cancels this call) must land before the replica
+                                # is told to produce more. Once per half window, not per item.
+                                await asyncio.sleep(0)
+                                r.credit(call, credit)
+                        elif item.type == P.END:
+                            yield item
+                            return
+                        else:
+                            self.error_ms = float(item.meta.get("ms") or 0.0)
+                            raise error_from_frame(fr, item)
+                except ReplicaLostError as exc:
+                    if attempt < attempts and not sent_any:
+                        continue
+                    raise ReplicaLostError(f"{exc}; the stream cannot be resumed") from None

@@ -20,9 +20,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ._dispatch import HAS_TRITON, check_dtype, next_pow2, use_triton
+from .attention_decode import attention_decode_reference
 
 if HAS_TRITON:
     import triton
@@ -99,14 +99,12 @@ def paged_attention_decode_reference(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
     lengths: torch.Tensor, *, scale: float | None = None, max_len: int | None = None,
 ) -> torch.Tensor:
-    group = _check(q, k_pool, v_pool, block_tables, lengths)
+    """Gather each sequence's blocks into a contiguous cache, then the dense decode reference (one place for the
+    masked SDPA both ops are checked against)."""
+    _check(q, k_pool, v_pool, block_tables, lengths)
     t = int(lengths.max()) if max_len is None else max_len
     k, v = gather_blocks(k_pool, block_tables, t), gather_blocks(v_pool, block_tables, t)
-    mask = None
-    if int(lengths.min()) < t:
-        mask = (torch.arange(t, device=q.device)[None, :] < lengths.to(q.device)[:, None])[:, None, None, :]
-    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1)
-    return out[:, :, 0, :]
+    return attention_decode_reference(q, k, v, lengths, scale=scale, max_len=t)
 
 
 def paged_attention_decode(
