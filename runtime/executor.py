@@ -445,6 +445,10 @@ class Batcher:
         names = list(inspect.signature(fn).parameters)
         columns = {n: [k.get(n) for k, _ in batch] for n in names if any(n in k for k, _ in batch)}
         self.batches_run += 1
+        # a batch is not interrupted (other calls share it), but one running on past the time limit (an async one
+        # blocking the loop, a sync one in a C call) ends the process like any call that goes on after its end
+        dog = self._loaded._dog()
+        watched = dog.watch(time.monotonic() + self._loaded.spec.timeout) if dog is not None else 0
         try:
             if inspect.iscoroutinefunction(fn):
                 out = await fn(**columns)
@@ -460,3 +464,6 @@ class Batcher:
             for _, f in batch:
                 if not f.done():
                     f.set_exception(exc)
+        finally:
+            if dog is not None:
+                dog.done(watched)

@@ -11,7 +11,7 @@ import cloudpickle
 import pytest
 
 from cocoon_faas.runtime.executor import CallInterrupted, CallLog, LoadedFunction
-from cocoon_faas.spec import make_spec
+from cocoon_faas.spec import BatchSpec, make_spec
 
 
 def _loaded(fn, kind: str, max_concurrency: int = 1) -> LoadedFunction:
@@ -122,9 +122,10 @@ async def swallow_async(key: str) -> str:
 
 
 async def block_loop(key: str) -> str:
-    while not _STUCK[key].is_set():  # time.sleep in async def: no timer on this loop runs meanwhile
+    give_up = time.monotonic() + 60  # without a watchdog thread nothing would end this: fail, do not hang
+    while not _STUCK[key].is_set() and time.monotonic() < give_up:  # time.sleep in async def: no timer runs
         time.sleep(0.01)
-    return "blocked"
+    return "blocked" if _STUCK[key].is_set() else "never reported"
 
 
 async def swallow_agen(key: str):
@@ -144,6 +145,13 @@ def swallow_sync(key: str) -> str:
         except CallInterrupted:
             pass
     return "went on"
+
+
+async def block_batch(key: list[str]) -> list[str]:
+    give_up = time.monotonic() + 60
+    while not _STUCK[key[0]].is_set() and time.monotonic() < give_up:  # blocks the loop past the limit
+        time.sleep(0.01)
+    return key if _STUCK[key[0]].is_set() else ["never reported"]
 
 
 async def busy(s: float) -> float:
@@ -231,6 +239,18 @@ def test_a_sync_call_that_swallows_its_interrupt_is_reported_stuck_even_with_the
             time.sleep(0.01)
 
     asyncio.run(asyncio.wait_for(main(), 60))
+    _until(stuck)
+
+
+def test_a_batch_that_blocks_the_loop_past_its_limit_is_reported_stuck():
+    stuck = _stuck("batch")
+    spec = make_spec(name="f", kind="async", max_concurrency=4, timeout=0.1, batch=BatchSpec(4, 1.0))  # 1 ms
+    loaded = LoadedFunction(cloudpickle.dumps({"format": 1, "kind": "function", "fn": block_batch}), spec)
+    loaded.setup()
+    loaded.on_stuck, loaded.grace = stuck.set, GRACE
+
+    # the batch blocks the loop (no timer runs) and returns only once the watchdog fired
+    assert asyncio.run(loaded.run({"key": "batch"}, CallLog(), 0.1)) == "batch"
     _until(stuck)
 
 
