@@ -312,7 +312,10 @@ def _get_ok(url: str) -> bool:
 
 
 def _session_members(sid: int) -> list[int]:
-    pids = []
+    """The session's processes and their descendants: a sandbox child runs in a session of its own (bubblewrap's
+    --new-session), and its CPU is part of what a call costs."""
+    parent: dict[int, int] = {}
+    members = set()
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -321,9 +324,15 @@ def _session_members(sid: int) -> list[int]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[3]) == sid:  # fields after "(comm)": state ppid pgrp session ...
-            pids.append(int(d.name))
-    return pids
+        parent[int(d.name)] = int(fields[1])  # fields after "(comm)": state ppid pgrp session ...
+        if int(fields[3]) == sid:
+            members.add(int(d.name))
+    grown = True
+    while grown:
+        more = {pid for pid, ppid in parent.items() if ppid in members and pid not in members}
+        members |= more
+        grown = bool(more)
+    return sorted(members)
 
 
 def session_cpu_s(sid: int) -> float:

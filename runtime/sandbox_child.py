@@ -1,8 +1,10 @@
 """The process inside the sandbox: loads the function's code and runs its calls (runtime/sandbox.py starts it).
 
 `python -m cocoon_faas.runtime.sandbox_child FD MEMORY PIDS HANDOFF`: FD is its end of a Unix socket pair to the
-replica actor; HANDOFF its end of a SOCK_SEQPACKET pair over which the actor passes gateway connections (below). Before any tenant code is loaded it lowers its own limits (address space: what the runtime maps already plus
-MEMORY bytes, unless 0; soft and hard, so the code cannot raise them again). Then it serves frames (cocoon_faas/protocol.py):
+replica actor; HANDOFF its end of a SOCK_SEQPACKET pair over which the actor passes gateway connections (below).
+Before any tenant code is loaded it lowers its own limits (address space: what the runtime maps already plus
+MEMORY bytes, unless 0; soft and hard, so the code cannot raise them again). Then it serves frames
+(cocoon_faas/protocol.py):
 
     LOAD  meta {"spec": {...}}, body: the code blob   -> READY {"logs": [...]} | ERROR {"type": "startup_failed"}
     CALL  meta {"t": timeout, "stream": bool, "caller": tag}, body: JSON keyword arguments
@@ -11,8 +13,7 @@ MEMORY bytes, unless 0; soft and hard, so the code cannot raise them again). The
     STATS (sent, call 0) meta: the load its engines report (cocoon_faas/replica_context.py), when it changes
     CREDIT body: u64 bytes, for a stream that announced a window ("w" in its CALL meta): CHUNKs stop when the
           window is spent until credit comes back (cocoon_faas/flow.py), so the generator waits for the client
-
-    PING -> PONG {"inflight": calls running}
+    PING  -> PONG {"inflight": calls running}
 
 On the link it reports no execution time: the actor measures that outside the sandbox. When the link closes it
 exits.
@@ -20,8 +21,8 @@ exits.
 The direct path: a gateway that asked for it gets its second connection to the actor handed over here (the actor
 checked the secret and kept the HELLO frame that carried it; this process only gets the socket and the HELLO's
 call number, and answers HELLO {"direct": true}). On that connection it serves CALL/CREDIT/CANCEL/PING with the
-frames the gateway reads from the actor: CHUNK {"seq"}, RESULT/END/ERROR with "ms" (measured here; the gateway
-caps it at its own wall time), logs only when the actor forwards them, never a traceback field. Any other frame
+frames above, which are what the gateway accepts from the actor too: logs only when the actor forwards them, no
+traceback field, and no execution time (the gateway meters a direct call at its own wall time). Any other frame
 drops that connection; losing it ends only its calls.
 """
 
@@ -69,9 +70,9 @@ def _is_memory_error(exc: BaseException) -> bool:
 
 class Peer:
     """One connection the child serves: its link to the replica actor, or a gateway's direct connection (handed
-    over by the actor once the gateway proved the replica's secret; the child never sees that HELLO). A direct
-    peer gets each answer in the shape the gateway reads from the actor: CHUNK {"seq"}, and RESULT/END/ERROR with
-    the call's "ms" (the gateway caps it at its own wall time). LOAD comes only over the link."""
+    over by the actor once the gateway proved the replica's secret; the child never sees that HELLO). Both get the
+    same frames: what the actor forwards after reducing them is already what the gateway accepts (no execution
+    time: the actor meters relayed calls, the gateway direct ones). LOAD comes only over the link."""
 
     def __init__(self, child: Child, direct: bool) -> None:
         self.child = child
@@ -117,15 +118,6 @@ class Peer:
     def send(self, data: bytes) -> None:
         if not self.proto.closed:
             self.proto.send_now(data)
-
-    def chunk(self, call: int, seq: int, data: bytes) -> None:
-        self.send(P.encode(call, P.CHUNK, {"seq": seq} if self.direct else None, data))
-
-    def answer(self, call: int, ftype: int, meta: dict[str, Any], t0: float, body: bytes = b"") -> None:
-        """A call's last frame. The actor meters relayed calls itself; a direct call's time is measured here."""
-        if self.direct:
-            meta["ms"] = round((asyncio.get_running_loop().time() - t0) * 1000, 3)
-        self.send(P.encode(call, ftype, meta, body))
 
 
 class Child:
@@ -208,7 +200,6 @@ class Child:
         log = CallLog()
         timeout = float(meta.get("t", 300.0))
         loop = asyncio.get_running_loop()
-        t0 = loop.time()
         replica_context.set_caller(meta.get("caller", ""))  # this task's context: the call's own
         try:
             if loaded is None:
@@ -225,33 +216,33 @@ class Child:
                 async with aclosing(loaded.stream(kwargs, log, deadline)) as items:  # cancelled while waiting
                     async for item in items:  # for credit: the generator is closed (its producer stopped) at once
                         data = P.dump_result(item)
-                        peer.chunk(call, seq, data)
+                        peer.send(P.encode(call, P.CHUNK, None, data))
                         seq += 1
                         if window is not None:  # no credit: the generator is not pulled until the client reads
                             await window.pace(len(data), deadline - loop.time())
-                peer.answer(call, P.END, self._logs(log, seq=seq), t0)
+                peer.send(P.encode(call, P.END, self._logs(log, seq=seq)))
             else:
                 result = await loaded.run(kwargs, log, timeout)
-                peer.answer(call, P.RESULT, self._logs(log), t0, P.dump_result(result))
+                peer.send(P.encode(call, P.RESULT, self._logs(log), P.dump_result(result)))
         except asyncio.CancelledError:
-            peer.answer(call, P.ERROR, {"type": "cancelled", "message": "call cancelled"}, t0)
+            peer.send(P.encode(call, P.ERROR, {"type": "cancelled", "message": "call cancelled"}))
         except (CallInterrupted, asyncio.TimeoutError):
-            peer.answer(call, P.ERROR, {
-                "type": "timeout", "message": f"call exceeded its time limit of {timeout:g}s", **self._logs(log)}, t0)
+            peer.send(P.encode(call, P.ERROR, {
+                "type": "timeout", "message": f"call exceeded its time limit of {timeout:g}s", **self._logs(log)}))
         except BaseException as exc:  # noqa: BLE001 - the user's exception, reported as function_error
             if _is_memory_error(exc):
                 limit = f"{self.memory // 2**20} MiB" if self.memory else "the node's"
-                peer.answer(call, P.ERROR, {
+                peer.send(P.encode(call, P.ERROR, {
                     "type": "memory_exceeded", "exc_type": _exc_type(exc), "message":
                     f"the function ran out of memory (its limit is {limit}, memory= in @cocoon.function); "
-                    "raise memory= or use less", **self._logs(log)}, t0)
+                    "raise memory= or use less", **self._logs(log)}))
                 return
             if not isinstance(exc, Exception):
                 raise
             log.add("stderr", trimmed_traceback(exc))
-            peer.answer(call, P.ERROR, {
+            peer.send(P.encode(call, P.ERROR, {
                 "type": "function_error", "exc_type": _exc_type(exc), "message": str(exc)[:2000],
-                **self._logs(log)}, t0)
+                **self._logs(log)}))
 
     def _logs(self, log: Any, **extra: Any) -> dict[str, Any]:
         # at most MAX_LOG_LINES pieces: what the actor forwards, and what the gateway accepts from a direct call

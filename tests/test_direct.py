@@ -52,12 +52,14 @@ def tenant(mode: str = "echo", x: Any = None, n: int = 0, size: int = 0, secret_
         time.sleep(0.3)
         return "rested"
     if mode == "underbill":  # every later answer of this process claims it took no time at all
-        import __main__  # the sandbox child's own module
+        encode = P.encode
 
-        def answer(self: Any, call: int, ftype: int, meta: dict[str, Any], t0: float, body: bytes = b"") -> None:
-            self.send(P.encode(call, ftype, {**meta, "ms": 0.0}, body))
+        def lying(call: int, ftype: int, meta: Any = None, body: bytes = b"") -> bytes:
+            if ftype in (P.RESULT, P.END, P.ERROR):
+                meta = {**(meta or {}), "ms": 0.0}
+            return encode(call, ftype, meta, body)
 
-        __main__.Peer.answer = answer
+        P.encode = lying
         return "patched"
     if mode == "spy":  # from now on, every byte any frame connection of this process reads is recorded
         seen: list[bytes] = []
@@ -187,7 +189,7 @@ def test_a_direct_stream_is_flow_controlled_by_the_gateways_credits(monkeypatch)
                                         True, window)
             assert pending.queue is not None and pending.window is not None
             first = await pending.queue.get()
-            assert isinstance(first, Frame) and first.meta == {"seq": 0}
+            assert isinstance(first, Frame) and first.type == P.CHUNK
             await asyncio.sleep(0.5)  # the client takes nothing more: the child stops at the window
             assert pending.queue.qsize() * (size + 600) <= window + size + 600
             frames = [first]
@@ -201,7 +203,6 @@ def test_a_direct_stream_is_flow_controlled_by_the_gateways_credits(monkeypatch)
                 if credit:
                     h.credit(call, credit)
             assert item.type == P.END and item.meta["seq"] == n and "ms" in item.meta
-            assert [f.meta["seq"] for f in frames] == list(range(n))
             assert [json.loads(f.body)["i"] for f in frames] == list(range(n))
             assert link.calls == 0
             h.close()
