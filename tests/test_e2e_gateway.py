@@ -355,3 +355,25 @@ def test_sdk_remote_spawn_stream_and_errors(gateway, monkeypatch):
     finally:
         monkeypatch.undo()
         reload_settings()
+
+
+def test_plain_calls_reach_the_sandbox_over_the_gateways_own_connection(gateway, tmp_path):
+    """The direct path end to end: the replica actor handed the gateway's connection to the sandboxed process (a
+    sandbox without network=True has no TCP socket of its own), and its peer is the gateway's end on loopback."""
+    app = tmp_path / "holder.py"
+    app.write_text("import os, socket\nimport cocoon_faas as cocoon\n\n@cocoon.function(cpu=0.25)\ndef held() -> list:\n"
+                   "    peers = []\n"
+                   "    for name in os.listdir('/proc/self/fd'):\n"
+                   "        try:\n"
+                   "            s = socket.socket(fileno=os.dup(int(name)))\n"
+                   "        except OSError:\n"
+                   "            continue\n"
+                   "        with s:\n"
+                   "            if s.family == socket.AF_INET:\n"
+                   "                peers.append(s.getpeername()[0])\n"
+                   "    return peers\n")
+    gateway.cli("deploy", str(app))
+    with gateway.http() as c:
+        peers = c.post("/fn/held", json={}).json()
+        gateway.cli("rm", "held")
+    assert peers and set(peers) == {"127.0.0.1"}
