@@ -30,6 +30,8 @@ from cocoon_faas.ton.closing import ClosingTerms
 from cocoon_faas.ton.keys import PrivateKey
 
 PAYMENT_HEADER = "x-cocoon-payment"
+# what json.dumps(receipt, sort_keys=True, separators=(",", ":")) builds per call, made once
+_RECEIPT_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
 
 
 def load_operator_key(settings: Settings) -> PrivateKey:
@@ -117,6 +119,6 @@ class Billing:
                                    "charge": total, "provider": provider}
         if usage is not None:
             receipt["usage"] = usage.to_json()
-        payload = json.dumps(receipt, sort_keys=True, separators=(",", ":")).encode()
+        payload = _RECEIPT_JSON.encode(receipt).encode()
         sig = crypto_sign(payload, self._receipt_sk)[:64]  # libsodium: the operator key's Ed25519 signature
         return total, base64.b64encode(payload).decode() + "." + base64.b64encode(sig).decode()

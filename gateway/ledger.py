@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -116,9 +117,21 @@ class ChannelRow:
                 "closing": closing_to_dict(self.closing), "spendable": self.spendable}
 
 
+@lru_cache(maxsize=4096)
+def _key(raw: bytes) -> PublicKey:
+    return PublicKey(raw)
+
+
+@lru_cache(maxsize=256)
+def _closing(quarantine_s: int, fine: int, conditional_s: int) -> ClosingConfig:
+    return ClosingConfig(quarantine_s, fine, conditional_s)
+
+
 def channel_row(r: tuple[Any, ...]) -> ChannelRow:
-    return ChannelRow(r[0], PublicKey(bytes(r[1])), PublicKey(bytes(r[2])), r[3], r[4], r[5], r[6], r[7], r[8],
-                      r[9], r[10], ClosingConfig(r[11], r[13], r[12]), bytes(r[14]) if r[14] is not None else None)
+    """A row of CHANNEL_COLS; the per-channel constants (keys, closing config) are immutable values made once
+    (this runs on every paid call)."""
+    return ChannelRow(r[0], _key(bytes(r[1])), _key(bytes(r[2])), r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10],
+                      _closing(r[11], r[13], r[12]), bytes(r[14]) if r[14] is not None else None)
 
 
 CHANNEL_COLS = ("channel_id, key_a, key_b, address, caller, deposit, status, max_seqno, max_sent, charged, min_seqno, "

@@ -51,6 +51,12 @@ MAX_CHANNEL_ID = 2**63 - 1  # the ledger keys channels by a signed 64-bit intege
 HOLD_LEASE_S = 30.0  # a hold's gateway renews its lease well within this; another releases it after
 
 
+# the four balance moves of a charge in one statement (one row per party: the keys never repeat within it, which
+# PostgreSQL's ON CONFLICT DO UPDATE requires)
+_CREDIT_ALL = ("INSERT INTO pay_balances VALUES (?,?,?),(?,?,?),(?,?,?),(?,?,?) ON CONFLICT(party, party_id) "
+               "DO UPDATE SET amount = pay_balances.amount + excluded.amount")
+
+
 @dataclass(frozen=True)
 class Hold:
     """Credit reserved for one call; `amount` is the most it may be charged."""
@@ -184,6 +190,9 @@ class PaymentGate:
         self.lease_s = lease_s
         self.terms = terms or ClosingTerms()
         self.is_dead: Callable[[str], bool] | None = None  # set by a gateway sharing the database (cluster.py)
+        # the channel, what it has on hold, and who used this seqno (if anyone), under the channel's row lock
+        self._hold_sql = (f"SELECT {CHANNEL_COLS}, reserved, (SELECT COALESCE(call_id, '') FROM pay_states WHERE "
+                          f"channel_id=? AND seqno=?) FROM pay_channels WHERE channel_id=?{ledger.db.for_update}")
         if recover:
             self.recover()
 
@@ -239,16 +248,13 @@ class PaymentGate:
         raw = _raw_header(header_value)
         st = SignedSemiChannel.from_boc(raw)  # stored as received: the bytes the caller signed, not re-encoded
         cid, body = st.state.channel_id, st.state.data
-        db = self.ledger.db
         now = time.time()
         lease = now + self.lease_s if self.gateway_id is not None else None
         try:
             with self.ledger.transaction() as tx:
                 # the channel's row lock orders every hold on this channel across gateways: reserved, max_seqno
                 # and the replay check are read and updated under it
-                row = tx.execute(f"SELECT {CHANNEL_COLS}, reserved, (SELECT COALESCE(call_id, '') FROM pay_states "
-                                 f"WHERE channel_id=? AND seqno=?) FROM pay_channels WHERE channel_id=?"
-                                 f"{db.for_update}", (cid, body.seqno, cid)).fetchone()
+                row = tx.execute(self._hold_sql, (cid, body.seqno, cid)).fetchone()
                 if row is None:
                     raise _bad(f"payment state is for channel {cid}, unknown to this gateway; register it with "
                                "`cocoon channel open`", "foreign")
@@ -305,10 +311,8 @@ class PaymentGate:
             db.execute("INSERT INTO pay_charges VALUES (?,?,?,?,?,?,?,?,?)",
                        (hold.call_id, hold.channel_id, provider_id, c.provider, developer_id, c.royalty,
                         c.operator, c.total, now))
-            db.executemany("INSERT INTO pay_balances VALUES (?,?,?) ON CONFLICT(party, party_id) "
-                           "DO UPDATE SET amount = pay_balances.amount + excluded.amount",
-                           (("caller", caller, c.total), ("provider", provider_id, c.provider),
-                            ("developer", developer_id, c.royalty), ("operator", OPERATOR_ID, c.operator)))
+            db.execute(_CREDIT_ALL, ("caller", caller, c.total, "provider", provider_id, c.provider,
+                                     "developer", developer_id, c.royalty, "operator", OPERATOR_ID, c.operator))
         return c.total
 
     def release(self, hold: Hold) -> None:

@@ -261,36 +261,73 @@ def _coins(v: int, nbits: int, pos: int) -> tuple[int, int]:
     return amount, pos + 8 * ln
 
 
+_BOC_MAGIC = b"\xb5\xee\x9c\x72"
+# counterparty cells seen by `_fast_signed_state` -> (body, its depth and hash as a ref): a payer's counterparty
+# body changes only when the payee signs, so nearly every state repeats the last one (bounded: cleared when full)
+_COUNTERPARTY: dict[bytes, tuple[SemiChannelBody, bytes]] = {}
+_COUNTERPARTY_MAX = 4096
+
+
+def _counterparty(cell: bytes) -> tuple[SemiChannelBody, bytes] | None:
+    """(body, depth+hash of the cell) of a counterparty cell given as d1 d2 data; None unless it is exactly a
+    SemiChannelBody without conditionals and without refs."""
+    hit = _COUNTERPARTY.get(cell)
+    if hit is not None:
+        return hit
+    cd1, cd2, cdata = cell[0], cell[1], cell[2:]
+    if cd1 or len(cdata) != (cd2 + 1) // 2:
+        return None
+    cbits = _bits(cdata, cd2)
+    cv = int.from_bytes(cdata, "big") >> (len(cdata) * 8 - cbits)
+    cseq = cv >> (cbits - 64)
+    csent, cp_end = _coins(cv, cbits, 64)
+    if cbits - cp_end != 1 or cv & 1:
+        return None
+    got = SemiChannelBody(cseq, csent), b"\0\0" + hashlib.sha256(cell).digest()
+    if len(_COUNTERPARTY) >= _COUNTERPARTY_MAX:
+        _COUNTERPARTY.clear()
+    _COUNTERPARTY[bytes(cell)] = got
+    return got
+
+
 def _fast_signed_state(boc: bytes) -> SignedSemiChannel | None:
     """The hot path of `from_boc`: a plain BOC of one SignedSemiChannel (no conditionals; counterparty body in at
     most one ref) read straight from its bytes, with the signed hash computed from the raw cell data. Anything
     else returns None and takes the general pytoniq-core path; tests check both agree."""
+    boc = bytes(boc)
     try:
-        if len(boc) < 12 or boc[:4] != b"\xb5\xee\x9c\x72":
+        if len(boc) < 12 or boc[:4] != _BOC_MAGIC:
             return None
-        flags, off = boc[4], boc[5]
-        size = flags & 7
-        if flags & 0xE0 & ~0x40 or size != 1 or off < 1:  # only has_crc32c may be set; 1-byte cell indices
+        flags, off, n, roots, absent = boc[4], boc[5], boc[6], boc[7], boc[8]
+        # only has_crc32c may be set among the flag bits; 1-byte cell indices; one root (index 0), no absent cells
+        if flags & 0xA0 or flags & 7 != 1 or off < 1 or roots != 1 or absent != 0 or n not in (1, 2):
             return None
-        n, roots, absent = boc[6], boc[7], boc[8]
         pos = 9 + off
-        if roots != 1 or absent != 0 or n not in (1, 2) or boc[pos] != 0:
+        if boc[pos] != 0:
             return None
-        pos += 1
-        cells = []
-        for _ in range(n):
-            d1, d2 = boc[pos], boc[pos + 1]
-            if d1 & 0xF8:  # exotic or with levels
+        d1, d2 = boc[pos + 1], boc[pos + 2]
+        if d1 & 0xF8:  # exotic or with levels
+            return None
+        nrefs = d1 & 7
+        start = pos + 3
+        end = start + (d2 + 1) // 2
+        data = boc[start:end]
+        refs = boc[end:end + nrefs]
+        if n == 2:
+            if refs != b"\x01":
                 return None
-            nbytes = (d2 + 1) // 2
-            data = boc[pos + 2:pos + 2 + nbytes]
-            refs = list(boc[pos + 2 + nbytes:pos + 2 + nbytes + (d1 & 7)])
-            cells.append((d1, d2, data, refs))
-            pos += 2 + nbytes + (d1 & 7)
-        if pos + (4 if flags & 0x40 else 0) != len(boc):
-            return None
-        d1, d2, data, refs = cells[0]
-        if refs not in ([], [1]) or (n == 2) != (refs == [1]):
+            cstart = end + 1
+            cd1, cd2 = boc[cstart], boc[cstart + 1]
+            if cd1 & 0xF8:
+                return None
+            cend = cstart + 2 + (cd2 + 1) // 2 + (cd1 & 7)
+            cell = boc[cstart:cend]
+        else:
+            if nrefs:
+                return None
+            cend = end
+            cell = b""
+        if cend + (4 if flags & 0x40 else 0) != len(boc) or len(data) != (d2 + 1) // 2:
             return None
         nbits = _bits(data, d2)
         v = int.from_bytes(data, "big") >> (len(data) * 8 - nbits)
@@ -301,28 +338,19 @@ def _fast_signed_state(boc: bytes) -> SignedSemiChannel | None:
         sent, p = _coins(v, nbits, 736)
         if nbits - p != 2 or (v >> 1) & 1:  # conditionals bit must be 0; then the counterparty Maybe bit
             return None
-        has_cp = v & 1
         cp = None
-        ref_parts: list[bytes] = []
-        if has_cp:
+        ref = b""
+        if v & 1:
             if n != 2:
                 return None
-            cd1, cd2, cdata, crefs = cells[1]
-            if crefs or cd1:
+            hit = _counterparty(cell)
+            if hit is None:
                 return None
-            cbits = _bits(cdata, cd2)
-            cv = int.from_bytes(cdata, "big") >> (len(cdata) * 8 - cbits)
-            cseq = cv >> (cbits - 64)
-            csent, cp_end = _coins(cv, cbits, 64)
-            if cbits - cp_end != 1 or cv & 1:
-                return None
-            cp = SemiChannelBody(cseq, csent)
-            ref_parts = [b"\0\0", hashlib.sha256(bytes([cd1, cd2]) + cdata).digest()]
+            cp, ref = hit
         elif n != 1:
             return None
-        signed = hashlib.sha256(bytes([d1, d2 - 128]) + data[64:] + b"".join(ref_parts)).digest()
-        st = SemiChannel(cid, SemiChannelBody(seqno, sent), cp)
-        return SignedSemiChannel(data[:64], st, signed)
+        signed = hashlib.sha256(bytes((d1, d2 - 128)) + data[64:] + ref).digest()
+        return SignedSemiChannel(data[:64], SemiChannel(cid, SemiChannelBody(seqno, sent), cp), signed)
     except (IndexError, ValueError):
         return None
 
