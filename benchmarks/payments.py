@@ -143,7 +143,7 @@ def gateway_calls(calls: int, tmp: Path) -> None:
                 assert r.status_code == 200, r.text
                 h, ticket = payer.headers(hold)
                 r = c.post("/fn/noop", content=b"{}", headers={**h, "Content-Type": "application/json"})
-                payer.settle(ticket, dict(r.headers))
+                payer.settle(ticket, r.headers)
                 t2 = time.perf_counter()
                 assert r.status_code == 200 and int(r.headers["X-Cocoon-Charge"]) > 0, r.text
                 if i >= 50:  # warm-up
@@ -168,7 +168,7 @@ def gateway_calls(calls: int, tmp: Path) -> None:
                 assert r.status_code == 200, r.text
                 h, ticket = payer.headers(chat_hold)
                 r = c.post("/v1/chat/completions", content=body, headers={**h, "Content-Type": "application/json"})
-                payer.settle(ticket, dict(r.headers))
+                payer.settle(ticket, r.headers)
                 t2 = time.perf_counter()
                 assert r.status_code == 200 and int(r.headers["X-Cocoon-Charge"]) > 0, r.text
                 if i >= 50:

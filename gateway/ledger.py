@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -159,9 +159,15 @@ class Ledger:
     def close(self) -> None:
         self.db.close()
 
+    def transaction(self) -> AbstractContextManager[Tx]:
+        """One atomic, durable write; rolls back on any exception. On SQLite the connection's own lock already
+        orders this process's writers for the whole transaction (a paid call runs two: one lock fewer each)."""
+        if isinstance(self.db, SqliteDatabase):
+            return self.db.transaction()
+        return self._locked_transaction()
+
     @contextmanager
-    def transaction(self) -> Iterator[Tx]:
-        """One atomic, durable write; rolls back on any exception."""
+    def _locked_transaction(self) -> Iterator[Tx]:
         with self.lock, self.db.transaction() as tx:
             yield tx
 

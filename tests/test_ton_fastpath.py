@@ -58,3 +58,42 @@ def test_tampering_and_truncation() -> None:
     for cut in (5, 20, len(boc) - 1):
         with pytest.raises(PaymentError):
             SignedSemiChannel.from_boc(bytes(boc[:cut]))
+
+
+def test_counterparty_cells_are_reused_only_for_the_same_bytes() -> None:
+    """The reader keeps parsed counterparty cells by their exact bytes: a repeated cell gives the same body and
+    signed hash as pytoniq-core, another cell (a new payee state) is parsed afresh, a cell that is not a plain
+    body is never kept, and the cache stays bounded."""
+    from cocoon_faas.ton import channel as ch
+
+    key = PrivateKey(b"\x09" * 32)
+    for seqno in range(1, 4):  # the same counterparty body each time: the second and third reuse the first
+        st = SemiChannel(11, SemiChannelBody(seqno, 10**6 * seqno), SemiChannelBody(2, 0)).sign(key)
+        got = SignedSemiChannel.from_boc(st.to_boc())
+        assert got == _slow(st.to_boc()) and got.signed_hash() == st.state.to_cell().hash
+    other = SemiChannel(11, SemiChannelBody(9, 10**7), SemiChannelBody(3, 5)).sign(key)
+    got = SignedSemiChannel.from_boc(other.to_boc())
+    assert got.state.counterparty == SemiChannelBody(3, 5) and got.signed_hash() == other.state.to_cell().hash
+    # a counterparty body carrying conditionals is not what the fast reader reads: general path, nothing kept
+    cond = SemiChannel(11, SemiChannelBody(10, 10**7),
+                       SemiChannelBody(4, 0, SemiChannelBody(1, 1).to_cell())).sign(key)
+    before = dict(ch._COUNTERPARTY)
+    assert _fast_signed_state(cond.to_boc()) is None and ch._COUNTERPARTY == before
+    assert SignedSemiChannel.from_boc(cond.to_boc()) == _slow(cond.to_boc())
+    # a kept cell tampered with by one bit is another key: read afresh, and the signature no longer verifies
+    boc = bytearray(SemiChannel(11, SemiChannelBody(12, 10**7), SemiChannelBody(2, 0)).sign(key).to_boc())
+    boc[-2] ^= 0x10  # inside the counterparty's seqno
+    forged = SignedSemiChannel.from_boc(bytes(boc))
+    assert forged == _slow(bytes(boc)) and not forged.is_signed_by(key.public_key())
+    for i in range(ch._COUNTERPARTY_MAX + 10):  # many distinct payee states: the cache is cleared, never grows
+        boc_i, _ = ch.StateTemplate(11, SemiChannelBody(i, 0)).build(1, 1, lambda h: bytes(64))
+        assert _fast_signed_state(boc_i).state.counterparty == SemiChannelBody(i, 0)  # type: ignore[union-attr]
+        assert len(ch._COUNTERPARTY) <= ch._COUNTERPARTY_MAX
+
+
+def test_bytearray_and_memoryview_inputs_read_the_same() -> None:
+    st = SemiChannel(5, SemiChannelBody(3, 10**9), SemiChannelBody(0, 0)).sign(PrivateKey(b"\x06" * 32))
+    boc = st.to_boc()
+    for form in (bytearray(boc), memoryview(boc)):
+        fast = _fast_signed_state(form)  # type: ignore[arg-type]
+        assert fast is not None and fast == st and fast.signed_hash() == st.state.to_cell().hash

@@ -19,6 +19,7 @@ import base64
 import json
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -190,9 +191,11 @@ class PayingClient:
         ticket = self.signer.sign_for_call(hold)
         return {HEADER: ticket.header}, ticket
 
-    def settle(self, ticket: Ticket, response_headers: dict[str, str] | None) -> int:
-        """Book the charge the gateway reported (0 if it reported none: failed calls are not charged)."""
-        raw = (response_headers or {}).get(CHARGE_HEADER) or (response_headers or {}).get(CHARGE_HEADER.lower())
+    def settle(self, ticket: Ticket, response_headers: Mapping[str, str] | None) -> int:
+        """Book the charge the gateway reported (0 if it reported none: failed calls are not charged). Takes the
+        response's headers as they are (httpx's are case-insensitive; a plain dict is looked up both ways)."""
+        headers = response_headers or {}
+        raw = headers.get(CHARGE_HEADER) or headers.get(CHARGE_HEADER.lower())
         charged = int(raw) if raw else 0
         self.signer.complete(ticket, charged)
         return charged
