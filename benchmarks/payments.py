@@ -15,12 +15,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -96,8 +99,20 @@ def verify_rate(n: int, tmp: Path) -> None:
     print(f"authorize+settle (SQLite):    p50 {pct(lat, .5) * 1e3:.3f} ms  p99 {pct(lat, .99) * 1e3:.3f} ms")
 
 
-def gateway_calls(calls: int, tmp: Path) -> None:
-    port = 18000 + os.getpid() % 1000
+@dataclass
+class PaidGateway:
+    """A running gateway with NOOP_APP deployed and a caller with an open channel on it."""
+
+    url: str
+    payer: PayingClient
+    unpaid_headers: dict[str, str]  # the developer's API key
+    holds: dict[str, int]  # function -> max_cost_nanoton (what each paid call holds)
+
+
+@contextmanager
+def paid_gateway(tmp: Path, port: int) -> Iterator[PaidGateway]:
+    """`cocoon serve` (+ local Ray) of the running interpreter's checkout, NOOP_APP deployed, a caller wallet with a
+    channel opened by the CLI; the gateway's process group is stopped on exit."""
     url = f"http://127.0.0.1:{port}"
     gw_home, caller_home = tmp / "gw", tmp / "caller"
     base = {k: v for k, v in os.environ.items() if not k.startswith("COCOON_")}
@@ -126,64 +141,52 @@ def gateway_calls(calls: int, tmp: Path) -> None:
         cli(caller_env, "wallet", "create")
         cli(caller_env, "wallet", "faucet", "100")
         cli(caller_env, "channel", "open", "--deposit", "50")
-        import json
-
         cid = json.loads((caller_home / "channel.json").read_text())["channel_id"]
         key = PrivateKey.from_mnemonic(json.loads((caller_home / "wallet.json").read_text())["words"])
         payer = PayingClient(ChannelSigner(caller_home / "channels" / f"{cid}.json", key))
-        hold = int(httpx.get(url + "/v1/functions/noop").json()["pricing"]["max_cost_nanoton"])
+        holds = {f: int(httpx.get(f"{url}/v1/functions/{f}").json()["pricing"]["max_cost_nanoton"])
+                 for f in ("noop", "bench_chat")}
         api_key = (gw_home / "api_key").read_text().strip()
-        unpaid_h = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
-        paid_lat, unpaid_lat = [], []
-        with httpx.Client(base_url=url, timeout=30) as c:
-            for i in range(calls + 50):
-                t0 = time.perf_counter()
-                r = c.post("/fn/noop", content=b"{}", headers=unpaid_h)
-                t1 = time.perf_counter()
-                assert r.status_code == 200, r.text
-                h, ticket = payer.headers(hold)
-                r = c.post("/fn/noop", content=b"{}", headers={**h, "Content-Type": "application/json"})
-                payer.settle(ticket, r.headers)
-                t2 = time.perf_counter()
-                assert r.status_code == 200 and int(r.headers["X-Cocoon-Charge"]) > 0, r.text
-                if i >= 50:  # warm-up
-                    unpaid_lat.append(t1 - t0)
-                    paid_lat.append(t2 - t1)
-        led = httpx.get(url + "/v1/ledger?verify=1", headers=unpaid_h).json()["verify"]
-        assert led["ok"], led
-        up, pp = pct(unpaid_lat, .5) * 1e3, pct(paid_lat, .5) * 1e3
-        print(f"no-op call through the gateway, {calls} each, alternating (client signing included in paid):")
-        print(f"  unpaid (API key):  p50 {up:.3f} ms  p99 {pct(unpaid_lat, .99) * 1e3:.3f} ms")
-        print(f"  paid (channel):    p50 {pp:.3f} ms  p99 {pct(paid_lat, .99) * 1e3:.3f} ms")
-        print(f"  added by paying:   p50 {pp - up:+.3f} ms   target < 0.5 ms   (ledger verified: {led['charges']} "
-              "charges)")
-        chat_hold = int(httpx.get(url + "/v1/functions/bench_chat").json()["pricing"]["max_cost_nanoton"])
-        body = b'{"model":"bench-echo","messages":[{"role":"user","content":"hi"}],"max_tokens":4}'
-        paid_lat, unpaid_lat = [], []
-        with httpx.Client(base_url=url, timeout=30) as c:
-            for i in range(calls + 50):
-                t0 = time.perf_counter()
-                r = c.post("/v1/chat/completions", content=body, headers=unpaid_h)
-                t1 = time.perf_counter()
-                assert r.status_code == 200, r.text
-                h, ticket = payer.headers(chat_hold)
-                r = c.post("/v1/chat/completions", content=body, headers={**h, "Content-Type": "application/json"})
-                payer.settle(ticket, r.headers)
-                t2 = time.perf_counter()
-                assert r.status_code == 200 and int(r.headers["X-Cocoon-Charge"]) > 0, r.text
-                if i >= 50:
-                    unpaid_lat.append(t1 - t0)
-                    paid_lat.append(t2 - t1)
-        led = httpx.get(url + "/v1/ledger?verify=1", headers=unpaid_h).json()["verify"]
-        assert led["ok"], led
-        up, pp = pct(unpaid_lat, .5) * 1e3, pct(paid_lat, .5) * 1e3
-        print(f"OpenAI chat completion (per-token priced), {calls} each, alternating:")
-        print(f"  unpaid (API key):  p50 {up:.3f} ms  p99 {pct(unpaid_lat, .99) * 1e3:.3f} ms")
-        print(f"  paid (channel):    p50 {pp:.3f} ms  p99 {pct(paid_lat, .99) * 1e3:.3f} ms")
-        print(f"  added by paying:   p50 {pp - up:+.3f} ms   target < 0.5 ms   (ledger verified: {led['charges']} "
-              "charges)")
+        yield PaidGateway(url, payer, {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"},
+                          holds)
     finally:
         stop_group(proc)
+
+
+CHAT_BODY = b'{"model":"bench-echo","messages":[{"role":"user","content":"hi"}],"max_tokens":4}'
+KINDS = {"fn": ("/fn/noop", b"{}", "noop"), "chat": ("/v1/chat/completions", CHAT_BODY, "bench_chat")}
+
+
+def paid_pair(c: httpx.Client, gw: PaidGateway, kind: str) -> tuple[float, float]:
+    """One unpaid (API key) then one paid (channel) call of `kind` ("fn": the no-op, "chat": the per-token priced
+    chat completion): seconds each, the paid one including the client's signing and its booking of the charge."""
+    path, body, fn = KINDS[kind]
+    t0 = time.perf_counter()
+    r = c.post(path, content=body, headers=gw.unpaid_headers)
+    t1 = time.perf_counter()
+    assert r.status_code == 200, r.text
+    h, ticket = gw.payer.headers(gw.holds[fn])
+    r = c.post(path, content=body, headers={**h, "Content-Type": "application/json"})
+    gw.payer.settle(ticket, r.headers)
+    t2 = time.perf_counter()
+    assert r.status_code == 200 and int(r.headers["X-Cocoon-Charge"]) > 0, r.text
+    return t1 - t0, t2 - t1
+
+
+def gateway_calls(calls: int, tmp: Path) -> None:
+    with paid_gateway(tmp, 18000 + os.getpid() % 1000) as gw, httpx.Client(base_url=gw.url, timeout=30) as c:
+        for kind, title in (("fn", "no-op call through the gateway"),
+                            ("chat", "OpenAI chat completion (per-token priced)")):
+            pairs = [paid_pair(c, gw, kind) for _ in range(calls + 50)][50:]  # 50 of warm-up
+            unpaid_lat, paid_lat = [u for u, _ in pairs], [p for _, p in pairs]
+            led = httpx.get(gw.url + "/v1/ledger?verify=1", headers=gw.unpaid_headers).json()["verify"]
+            assert led["ok"], led
+            up, pp = pct(unpaid_lat, .5) * 1e3, pct(paid_lat, .5) * 1e3
+            print(f"{title}, {calls} each, alternating (client signing included in paid):")
+            print(f"  unpaid (API key):  p50 {up:.3f} ms  p99 {pct(unpaid_lat, .99) * 1e3:.3f} ms")
+            print(f"  paid (channel):    p50 {pp:.3f} ms  p99 {pct(paid_lat, .99) * 1e3:.3f} ms")
+            print(f"  added by paying:   p50 {pp - up:+.3f} ms   target < 0.5 ms   (ledger verified: "
+                  f"{led['charges']} charges)")
 
 
 def main() -> None:
@@ -192,10 +195,12 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=2000, help="paid and unpaid calls through the gateway")
     ap.add_argument("--no-gateway", action="store_true", help="skip the gateway measurement")
     args = ap.parse_args()
+    print("load average (1/5/15 min) at the start:", "/".join(open("/proc/loadavg").read().split()[:3]))
     with tempfile.TemporaryDirectory() as tmp:
         verify_rate(args.n, Path(tmp))
         if not args.no_gateway:
             gateway_calls(args.calls, Path(tmp))
+    print("load average (1/5/15 min) at the end:", "/".join(open("/proc/loadavg").read().split()[:3]))
 
 
 if __name__ == "__main__":
