@@ -129,7 +129,6 @@ class Child:
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.forward_logs = True
         self.watcher: asyncio.Task[None] | None = None  # load reports of the code's engines, if any
-        self.load_report: bytes | None = None  # the last one, as a STATS frame: a new gateway gets it at once
 
     @property
     def proto(self) -> P.FrameProtocol:
@@ -160,16 +159,13 @@ class Child:
                 return
             self.direct.add(peer)
             peer.send(P.encode(hello, P.HELLO, {"direct": True}))
-            if self.load_report is not None:
-                peer.send(self.load_report)
 
         loop.create_task(start())
 
     def report_load(self, report: replica_context.LoadReport) -> None:
-        frame = P.encode(0, P.STATS, report.to_json())
-        self.load_report = frame
-        for peer in (self.link, *self.direct):
-            peer.send(frame)
+        """Over the link only: the actor forwards it to every gateway connection (one source per gateway, so
+        two copies of the reports never interleave there)."""
+        self.link.send(P.encode(0, P.STATS, report.to_json()))
 
     async def load(self, call: int, meta: dict[str, Any], code: bytes) -> None:
         from cocoon_faas.runtime.executor import LoadedFunction, grace_from, trimmed_traceback
