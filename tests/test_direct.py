@@ -276,3 +276,26 @@ def test_a_tenant_cannot_lower_its_metered_time_on_the_direct_path():
     patched, nap = _run(main)
     assert json.loads(patched.body) == "patched" and json.loads(nap.body) == "rested"
     assert nap.meta["ms"] == nap.meta["wall_ms"] >= 300  # the child said 0; the gateway's own wall time counts
+
+
+def test_without_a_sandbox_there_is_no_direct_connection():
+    """COCOON_SANDBOX=off runs the code in the actor: a direct HELLO is answered as a plain one, calls still work."""
+    from cocoon_faas.runtime.executor import LoadedFunction
+
+    async def main() -> None:
+        spec = make_spec(name="d", timeout=60)
+        replica = Replica("d", 1, b"", spec.to_json(), "127.0.0.1", secret=os.urandom(32), sandbox=False)
+        loaded = LoadedFunction(cloudpickle.dumps({"format": 1, "kind": "function", "fn": tenant}), spec)
+        loaded.setup()
+        replica.loaded = loaded
+        server = await asyncio.get_running_loop().create_server(lambda: _ServerConn(replica).proto, "127.0.0.1", 0)
+        try:
+            h = await _handle(replica, server.sockets[0].getsockname()[1])
+            assert not h.is_direct and h.state != "dead"
+            ok = await _unary(h, {"x": 1})
+            assert json.loads(ok.body) == {"x": 1} and replica.calls == 1
+            h.close()
+        finally:
+            server.close()
+
+    _run(main)
