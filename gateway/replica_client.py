@@ -34,6 +34,9 @@ from cocoon_faas.gateway.replica_wire import decode_meta
 from cocoon_faas.replica_context import LoadReport
 
 HELLO_TIMEOUT_S = 10.0
+# What a CALL on the direct connection carries (tenant code can read it): what the actor used to pass the child,
+# not the call id or anything else the gateway puts in the meta for the actor
+CHILD_META = ("t", "stream", "caller")
 log = logging.getLogger("cocoon.replica_client")
 
 
@@ -195,6 +198,8 @@ class ReplicaHandle:
         direct = self._direct is not None and not meta.get("sealed")
         proto = self._direct if direct else self._proto
         assert proto is not None
+        if direct:
+            meta = {k: meta[k] for k in CHILD_META if k in meta}
         call = next(self._ids)
         if window:
             meta["w"] = window

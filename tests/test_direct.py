@@ -30,7 +30,8 @@ pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None or bwrap_problem()
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the sandbox cannot import the tests package
 
 
-def tenant(mode: str = "echo", x: Any = None, n: int = 0, size: int = 0, secret_hex: str = "") -> Any:
+def tenant(mode: str = "echo", x: Any = None, n: int = 0, size: int = 0, secret_hex: str = "",
+           marker_rev: str = "") -> Any:
     """One function for every case below (each test loads it into a fresh sandbox)."""
     import os
     import socket
@@ -74,7 +75,8 @@ def tenant(mode: str = "echo", x: Any = None, n: int = 0, size: int = 0, secret_
         return "spying"
     if mode == "seen":
         got = b"".join(P.spied)  # type: ignore[attr-defined]
-        return {"bytes": len(got), "hex": secret_hex.encode() in got, "raw": bytes.fromhex(secret_hex) in got}
+        return {"bytes": len(got), "hex": secret_hex.encode() in got, "raw": bytes.fromhex(secret_hex) in got,
+                "marker": marker_rev[::-1].encode() in got}
     if mode == "garbage":  # write junk to every TCP socket this process holds (the gateway's connection)
         hit = 0
         for name in os.listdir("/proc/self/fd"):
@@ -210,20 +212,23 @@ def test_a_direct_stream_is_flow_controlled_by_the_gateways_credits(monkeypatch)
     _run(main)
 
 
-def test_the_child_never_receives_the_hello_or_the_secret():
+def test_the_child_never_receives_the_hello_the_secret_or_the_call_id():
     async def main() -> dict[str, Any]:
         async with _replica(tenant) as (replica, link, port):
             body, _ = await link.unary(b'{"mode": "spy"}', 30)  # through the actor, before the gateway connects
             assert json.loads(body) == "spying"
             h = await _handle(replica, port)
             assert h.is_direct
-            seen = await _unary(h, {"mode": "seen", "secret_hex": replica.secret.hex()})
+            call_id = os.urandom(16).hex()  # the gateway's meta for the actor: not for tenant code
+            seen = await _unary(h, {"mode": "seen", "secret_hex": replica.secret.hex(), "marker_rev": call_id[::-1]},
+                                id=call_id)
             h.close()
             return json.loads(seen.body)
 
     seen = _run(main)
     assert seen["hex"] is True and seen["bytes"] > 0  # the spy saw the direct connection's bytes (the CALL)
     assert seen["raw"] is False  # but never the secret: the HELLO that carried it stayed with the actor
+    assert seen["marker"] is False  # nor the call id the gateway gives the actor
 
 
 def test_a_child_that_exits_fails_its_direct_calls_as_replica_lost():
