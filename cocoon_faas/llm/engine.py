@@ -161,8 +161,7 @@ class Engine:
             raise ValueError(f"prefix_sharing must be 'caller' or 'function', got {prefix_sharing!r}")
         if max_seqs is None:
             max_seqs = replica_context.max_concurrency() or 32
-        if threads:
-            torch.set_num_threads(threads)
+        self.threads = threads
         if kv_blocks is None:
             kv_blocks = max(8, kv_memory_mb * 2**20 // PagedRunner.bytes_per_block(model, block_size))
         self.model = model
@@ -311,6 +310,9 @@ class Engine:
 
     # --- the step loop --------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        if self.threads:
+            # set here, in the thread that runs the steps: OpenMP's thread count is per calling thread
+            torch.set_num_threads(self.threads)
         while True:
             with self._lock:
                 self._lock.wait_for(lambda: self._closed or self._inbox or self._cancels or self._waiting

