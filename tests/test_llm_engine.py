@@ -71,6 +71,22 @@ def test_batch_equals_each_request_alone(model, engine):
     assert engine.stats().steps >= 10
 
 
+def test_steps_split_over_threads_give_the_same_tokens(model):
+    """threads=2 on CPU: each step's sequences run as two sub-batches side by side (decode rows and prefill chunks
+    dealt by token count); every request still gets its tokens when run alone."""
+    with K.backend("torch"):
+        e = Engine(model, kv_blocks=48, block_size=16, max_batch_tokens=40, threads=2)
+    try:
+        assert e.runner.workers == 2
+        with K.backend("torch"):
+            handles = [e.submit(c, SamplingParams(max_tokens=8)) for c in CHATS]
+            got = [h.result().choices[0].token_ids for h in handles]
+            alone = [_alone(model, c, 8) for c in CHATS]
+    finally:
+        e.close()
+    assert got == alone
+
+
 def test_prefix_reuse_gives_identical_tokens(model, engine):
     other = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Which currency?"}]
     with K.backend("torch"):

@@ -151,7 +151,8 @@ class Engine:
     (default: the function's `max_concurrency` inside a replica, else 32); max_batch_tokens: tokens per step
     (decode tokens + prefill chunks); max_waiting: queue length before 429; prefix_sharing: "caller" (cached
     prefixes shared only among one caller's requests) or "function" (among all callers: leaks, see the module
-    docstring); threads: torch threads for the steps (default: leave torch's setting)."""
+    docstring); threads: cores for the steps (on CPU each step's sequences are split over that many threads with
+    one torch thread each, see `PagedRunner`; on a GPU torch's thread count; default: leave torch's setting)."""
 
     def __init__(self, model: SmolLM, *, kv_blocks: int | None = None, kv_memory_mb: int = 256,
                  block_size: int = 16, max_seqs: int | None = None, max_batch_tokens: int = 256,
@@ -162,12 +163,16 @@ class Engine:
         if max_seqs is None:
             max_seqs = replica_context.max_concurrency() or 32
         self.threads = threads
+        # on CPU `threads` cores run a step as that many sub-batches side by side (see PagedRunner), each op on
+        # one torch thread; on a GPU it is torch's thread count
+        self._split = model.device.type == "cpu" and runner is None
         if kv_blocks is None:
             kv_blocks = max(8, kv_memory_mb * 2**20 // PagedRunner.bytes_per_block(model, block_size))
         self.model = model
         self.block_size = block_size
         self.blocks = BlockManager(kv_blocks, block_size)
-        self.runner = runner or PagedRunner(model, kv_blocks, block_size)
+        self.runner = runner or PagedRunner(model, kv_blocks, block_size,
+                                            workers=(threads or 1) if self._split else 1)
         self.max_seqs = max_seqs
         self.max_batch_tokens = max(max_batch_tokens, max_seqs + 1)
         self.max_waiting = max_waiting
@@ -260,6 +265,7 @@ class Engine:
             self._closed = True
             self._lock.notify_all()
         self._thread.join(timeout=30)
+        self.runner.close()
 
     # --- request set-up -----------------------------------------------------------------------------------------
     def _prompt_ids(self, prompt: Sequence[dict[str, Any]] | Sequence[int] | str) -> list[int]:
@@ -312,7 +318,7 @@ class Engine:
     def _loop(self) -> None:
         if self.threads:
             # set here, in the thread that runs the steps: OpenMP's thread count is per calling thread
-            torch.set_num_threads(self.threads)
+            torch.set_num_threads(1 if self._split else self.threads)
         while True:
             with self._lock:
                 self._lock.wait_for(lambda: self._closed or self._inbox or self._cancels or self._waiting

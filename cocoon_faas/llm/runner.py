@@ -15,7 +15,9 @@ The pools are [layers, num_blocks, block_size, Hkv, D]; allocated once, never gr
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -59,8 +61,52 @@ class StepBatch:
 Linear = Callable[[torch.Tensor, str], torch.Tensor]
 
 
+def split_batch(batch: StepBatch, parts: int) -> list[tuple[StepBatch, list[int]]]:
+    """The step's sequences dealt into at most `parts` sub-batches of about equal token counts (a sequence's rows
+    stay together), each with the indices into `batch.logit_rows` of its own logit rows, in its order."""
+    nd = len(batch.decode_tables)
+    units: list[tuple[int, int, PrefillChunk | None]] = [(i, 1, None) for i in range(nd)]
+    units += [(p.start, p.length, p) for p in batch.prefills]
+    loads = [0] * parts
+    dealt: list[list[tuple[int, int, PrefillChunk | None]]] = [[] for _ in range(parts)]
+    for u in sorted(units, key=lambda u: -u[1]):
+        k = loads.index(min(loads))
+        dealt[k].append(u)
+        loads[k] += u[1]
+    wanted = {r: j for j, r in enumerate(batch.logit_rows)}
+    out = []
+    for us in dealt:
+        if not us:
+            continue
+        sub = StepBatch([], [], [], [], [], [], [])
+        order: list[int] = []
+        for start, n, p in sorted(us, key=lambda u: (u[2] is not None, u[0])):  # decode rows first
+            new = len(sub.tokens)
+            sub.tokens += batch.tokens[start:start + n]
+            sub.positions += batch.positions[start:start + n]
+            sub.slots += batch.slots[start:start + n]
+            if p is None:
+                sub.decode_tables.append(batch.decode_tables[start])
+                sub.decode_lengths.append(batch.decode_lengths[start])
+            else:
+                sub.prefills.append(PrefillChunk(new, n, p.ctx, p.table))
+            for r in range(start, start + n):
+                if r in wanted:
+                    sub.logit_rows.append(new + r - start)
+                    order.append(wanted[r])
+        out.append((sub, order))
+    return out
+
+
 class PagedRunner:
-    def __init__(self, model: SmolLM, num_blocks: int, block_size: int, linear: Linear | None = None) -> None:
+    """`workers` > 1 on the torch path: each step's sequences are split into that many sub-batches run at once
+    on as many threads, each with one torch thread (torch releases the GIL inside its ops). This uses the cores
+    without OpenMP's per-op fork/join: at ~500 small ops per step, OpenMP's spinning workers cost more than they
+    give on a box where other processes want the cores too (measured: 1 torch thread beat 2 at batch 1 and 8).
+    A step of one sequence runs on one thread."""
+
+    def __init__(self, model: SmolLM, num_blocks: int, block_size: int, linear: Linear | None = None,
+                 workers: int = 1) -> None:
         c = model.config
         self.model = model
         self.block_size = block_size
@@ -69,7 +115,10 @@ class PagedRunner:
         self.v = torch.zeros(shape, device=model.device, dtype=model.dtype)
         self._linear: Linear = linear or model.linear
         self._custom_linear = linear is not None
-        self._decoder: TorchDecoder | None = None
+        self._decoder = TorchDecoder(model)
+        self.workers = max(1, workers)
+        self._pool = ThreadPoolExecutor(self.workers - 1, "cocoon-llm-step", initializer=torch.set_num_threads,
+                                        initargs=(1,)) if self.workers > 1 else None
         self._kflat = [self.k[i].view(-1, c.kv_heads, c.head_dim) for i in range(c.layers)]
         self._vflat = [self.v[i].view(-1, c.kv_heads, c.head_dim) for i in range(c.layers)]
         self._offsets = torch.arange(block_size, device=model.device)
@@ -87,7 +136,16 @@ class PagedRunner:
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """Logits [len(batch.logit_rows), vocab] in fp32."""
         if not self._custom_linear and not use_triton(self.k):
-            return self._forward_torch(batch)
+            parts = split_batch(batch, self.workers) if self._pool is not None else []
+            if len(parts) < 2:
+                return self._forward_torch(batch)
+            assert self._pool is not None
+            rest = [self._pool.submit(contextvars.copy_context().run, self._forward_torch, sub) for sub, _ in parts[1:]]
+            outs = [self._forward_torch(parts[0][0])] + [f.result() for f in rest]
+            logits = torch.empty((len(batch.logit_rows), outs[0].shape[-1]), dtype=outs[0].dtype, device=outs[0].device)
+            for (_, order), o in zip(parts, outs, strict=True):
+                logits[torch.tensor(order, dtype=torch.long, device=o.device)] = o
+            return logits
         m, c, w = self.model, self.model.config, self.model.w
         dev = m.device
         t = len(batch.tokens)
@@ -128,14 +186,17 @@ class PagedRunner:
         rows = x[torch.tensor(batch.logit_rows, dtype=torch.long, device=dev)]
         return m.lm_head(rows)
 
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    @torch.inference_mode()  # (per thread: the split steps run this on the pool's threads too)
     def _forward_torch(self, batch: StepBatch) -> torch.Tensor:
         """`forward` on the torch ops: `TorchDecoder`'s layer loop, attention over gathered slots."""
         m, c = self.model, self.model.config
-        if self._decoder is None:
-            self._decoder = TorchDecoder(m)
         dev, bs = m.device, self.block_size
         t = len(batch.tokens)
-        heads, dim = c.heads, c.head_dim
+        heads, kv_heads, dim = c.heads, c.kv_heads, c.head_dim
         slots = torch.tensor(batch.slots, device=dev)
         nd = len(batch.decode_tables)
         dec_idx = dec_mask = None
@@ -143,7 +204,7 @@ class PagedRunner:
             width = max(len(tb) for tb in batch.decode_tables)
             tables = torch.tensor([tb + [0] * (width - len(tb)) for tb in batch.decode_tables], device=dev)
             longest = max(batch.decode_lengths)
-            dec_idx = (tables[:, :, None] * bs + self._offsets).view(nd, -1)[:, :longest]
+            dec_idx = (tables[:, :, None] * bs + self._offsets).view(nd, -1)[:, :longest].reshape(-1)
             if min(batch.decode_lengths) < longest:
                 lengths = torch.tensor(batch.decode_lengths, device=dev)
                 dec_mask = (torch.arange(longest, device=dev)[None, :] < lengths[:, None])[:, None, None, :]
@@ -161,9 +222,10 @@ class PagedRunner:
             vf.index_copy_(0, slots, v)
             dec = None
             if dec_idx is not None:
-                dec = F.scaled_dot_product_attention(
-                    q[:nd, :, None], kf[dec_idx].transpose(1, 2), vf[dec_idx].transpose(1, 2), attn_mask=dec_mask,
-                    enable_gqa=True).view(nd, heads * dim)
+                kk = kf.index_select(0, dec_idx).view(nd, -1, kv_heads, dim).transpose(1, 2)
+                vv = vf.index_select(0, dec_idx).view(nd, -1, kv_heads, dim).transpose(1, 2)
+                dec = F.scaled_dot_product_attention(q[:nd, :, None], kk, vv, attn_mask=dec_mask,
+                                                     enable_gqa=True).reshape(nd, heads * dim)
                 if not chunks:
                     return dec
             a = torch.empty((t, heads * dim), device=dev, dtype=q.dtype)
@@ -171,8 +233,8 @@ class PagedRunner:
                 a[:nd] = dec
             for start, n, idx, mask in chunks:
                 o = F.scaled_dot_product_attention(
-                    q[start:start + n].transpose(0, 1)[None], kf[idx].transpose(0, 1)[None],
-                    vf[idx].transpose(0, 1)[None], attn_mask=mask, enable_gqa=True)
+                    q[start:start + n].transpose(0, 1)[None], kf.index_select(0, idx).transpose(0, 1)[None],
+                    vf.index_select(0, idx).transpose(0, 1)[None], attn_mask=mask, enable_gqa=True)
                 a[start:start + n] = o[0].transpose(0, 1).reshape(n, heads * dim)
             return a
 

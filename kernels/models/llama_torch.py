@@ -17,6 +17,7 @@ contiguous-cache `SmolLM.forward` and the paged `llm.runner.PagedRunner` take wh
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
