@@ -73,7 +73,8 @@ def test_batch_equals_each_request_alone(model, engine):
 
 def test_steps_split_over_threads_give_the_same_tokens(model):
     """threads=2 on CPU: each step's sequences run as two sub-batches side by side (decode rows and prefill chunks
-    dealt by token count); every request still gets its tokens when run alone."""
+    dealt by token count), and a step of one sequence splits its LM head; every request still gets its tokens when
+    run alone."""
     with K.backend("torch"):
         e = Engine(model, kv_blocks=48, block_size=16, max_batch_tokens=40, threads=2)
     try:
@@ -82,9 +83,11 @@ def test_steps_split_over_threads_give_the_same_tokens(model):
             handles = [e.submit(c, SamplingParams(max_tokens=8)) for c in CHATS]
             got = [h.result().choices[0].token_ids for h in handles]
             alone = [_alone(model, c, 8) for c in CHATS]
+            single = e.generate(CHATS[2], SamplingParams(max_tokens=8)).choices[0].token_ids  # head split in two
     finally:
         e.close()
     assert got == alone
+    assert single == alone[2]
 
 
 def test_prefix_reuse_gives_identical_tokens(model, engine):

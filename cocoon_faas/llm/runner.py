@@ -138,14 +138,14 @@ class PagedRunner:
         if not self._custom_linear and not use_triton(self.k):
             parts = split_batch(batch, self.workers) if self._pool is not None else []
             if len(parts) < 2:
-                return self._forward_torch(batch)
+                return self._head(self._hidden(batch))
             assert self._pool is not None
-            rest = [self._pool.submit(contextvars.copy_context().run, self._forward_torch, sub) for sub, _ in parts[1:]]
-            outs = [self._forward_torch(parts[0][0])] + [f.result() for f in rest]
-            logits = torch.empty((len(batch.logit_rows), outs[0].shape[-1]), dtype=outs[0].dtype, device=outs[0].device)
+            rest = [self._pool.submit(contextvars.copy_context().run, self._hidden, sub) for sub, _ in parts[1:]]
+            outs = [self._hidden(parts[0][0])] + [f.result() for f in rest]
+            rows = torch.empty((len(batch.logit_rows), outs[0].shape[-1]), dtype=outs[0].dtype, device=outs[0].device)
             for (_, order), o in zip(parts, outs, strict=True):
-                logits[torch.tensor(order, dtype=torch.long, device=o.device)] = o
-            return logits
+                rows[torch.tensor(order, dtype=torch.long, device=o.device)] = o
+            return self._head(rows)
         m, c, w = self.model, self.model.config, self.model.w
         dev = m.device
         t = len(batch.tokens)
@@ -191,8 +191,9 @@ class PagedRunner:
             self._pool.shutdown(wait=True)
 
     @torch.inference_mode()  # (per thread: the split steps run this on the pool's threads too)
-    def _forward_torch(self, batch: StepBatch) -> torch.Tensor:
-        """`forward` on the torch ops: `TorchDecoder`'s layer loop, attention over gathered slots."""
+    def _hidden(self, batch: StepBatch) -> torch.Tensor:
+        """The final-normed hidden states of `batch.logit_rows` on the torch ops: `TorchDecoder`'s layer loop,
+        attention over gathered slots."""
         m, c = self.model, self.model.config
         dev, bs = m.device, self.block_size
         t = len(batch.tokens)
@@ -240,4 +241,16 @@ class PagedRunner:
 
         h = m.embed(torch.tensor(batch.tokens, device=dev))
         x = self._decoder.run(h, torch.tensor(batch.positions, device=dev), attend)
-        return m.lm_head(x[torch.tensor(batch.logit_rows, dtype=torch.long, device=dev)])
+        return x[torch.tensor(batch.logit_rows, dtype=torch.long, device=dev)]
+
+    def _head(self, rows: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of the LM head (the largest GEMM of a decode step: 49152 x 576) for the rows that sample.
+        With workers, every row at once and the vocabulary split between two threads: row-splitting it would
+        cost each thread nearly the whole GEMM (MKL's fp32 GEMM on this CPU costs as much for 4 rows as for 8)."""
+        wt = self.model.lm_head_t
+        if self._pool is None or wt is None or rows.shape[0] == 0:
+            return self.model.lm_head(rows)
+        x = rows.to(wt.dtype)
+        half = wt.shape[1] // 2
+        other = self._pool.submit(torch.mm, x, wt[:, half:])
+        return torch.cat([torch.mm(x, wt[:, :half]), other.result()], dim=1).float()
