@@ -48,6 +48,7 @@ from .ledger import CHANNEL_COLS, OPERATOR_ID, ChannelRow, Ledger, channel_row
 
 REORDER_WINDOW = 4096
 MAX_CHANNEL_ID = 2**63 - 1  # the ledger keys channels by a signed 64-bit integer (SQLite INTEGER, BIGINT)
+MAX_SEQNO = 2**63 - 1  # and stores seqnos the same way
 HOLD_LEASE_S = 30.0  # a hold's gateway renews its lease well within this; another releases it after
 
 
@@ -89,6 +90,11 @@ def _bad(message: str, problem: str, status: int = 400, **details: Any) -> Payme
 def decode_header(value: str) -> SignedSemiChannel:
     """X-Cocoon-Payment (base64 BOC) -> SignedSemiChannel; PaymentError 'malformed' otherwise."""
     return SignedSemiChannel.from_boc(_raw_header(value))
+
+
+def _unknown_channel(cid: int) -> PaymentError:
+    return _bad(f"payment state is for channel {cid}, unknown to this gateway; register it with `cocoon channel open`",
+                "foreign")
 
 
 def _raw_header(value: str) -> bytes:
@@ -248,6 +254,13 @@ class PaymentGate:
         raw = _raw_header(header_value)
         st = SignedSemiChannel.from_boc(raw)  # stored as received: the bytes the caller signed, not re-encoded
         cid, body = st.state.channel_id, st.state.data
+        # the ledger stores ids and seqnos as signed 64-bit integers: larger ones (uint128 / uint64 on the wire)
+        # can name no registered channel and no state this gateway keeps, so they are refused before any SQL
+        if cid > MAX_CHANNEL_ID:
+            raise _unknown_channel(cid)
+        if body.seqno > MAX_SEQNO:
+            raise _bad(f"payment state seqno {body.seqno} is beyond {MAX_SEQNO}, the highest this gateway records; "
+                       "close the channel and open a new one", "malformed")
         now = time.time()
         lease = now + self.lease_s if self.gateway_id is not None else None
         try:
@@ -256,8 +269,7 @@ class PaymentGate:
                 # and the replay check are read and updated under it
                 row = tx.execute(self._hold_sql, (cid, body.seqno, cid)).fetchone()
                 if row is None:
-                    raise _bad(f"payment state is for channel {cid}, unknown to this gateway; register it with "
-                               "`cocoon channel open`", "foreign")
+                    raise _unknown_channel(cid)
                 ch, reserved, seen = channel_row(row), int(row[-2]), row[-1]
                 if seen == call_id:  # the same call resent (its gateway died mid-call): it never runs twice
                     raise ConflictError(f"call {call_id!r} was already received with this payment (on this or "

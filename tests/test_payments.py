@@ -15,7 +15,7 @@ import pytest
 from cocoon_faas.errors import ConflictError, PaymentError, PaymentRequiredError
 from cocoon_faas.gateway.ledger import Ledger
 from cocoon_faas.gateway.payments import FeePolicy, PaymentGate, provider_earnings
-from cocoon_faas.ton.channel import SemiChannel, SemiChannelBody
+from cocoon_faas.ton.channel import SemiChannel, SemiChannelBody, SignedSemiChannel
 from cocoon_faas.ton.client import ChannelSigner
 from cocoon_faas.ton.keys import PrivateKey
 
@@ -85,6 +85,38 @@ def test_bad_states_change_nothing(tmp_path: Path) -> None:
     assert ei.value.details["needed"] == 200 and ei.value.status == 402
     with pytest.raises(PaymentRequiredError):  # beyond the deposit
         gate.authorize(base64.b64encode(signer.state_for(11, DEPOSIT + 1).to_boc()).decode(), "x-dep", "f", 1)
+    assert _snapshot(ledger) == before
+
+
+def test_a_tampered_state_is_refused_whichever_reader_parses_it(tmp_path: Path) -> None:
+    """The gateway reads the SDK's states with the fast reader (counterparty cells reused by their bytes): a state
+    changed by one bit anywhere, in the part the fast reader reads or in a shape only pytoniq-core reads, is refused
+    as forged or malformed, exactly as the general path refuses it, and changes nothing."""
+    from pytoniq_core import Cell
+
+    ledger, gate, signer = _setup(tmp_path)
+    good = signer.sign_for_call(1000)
+    gate.authorize(good.header, "c-good", "f", 1000)  # the counterparty cell is now a known one
+    before = _snapshot(ledger)
+    ticket = signer.sign_for_call(1000)
+    boc = base64.b64decode(ticket.header)
+    for i in range(11, len(boc)):  # each byte of the two cells (descriptors and the signature included)
+        for bit in (0x01, 0x80):
+            bad = bytearray(boc)
+            bad[i] ^= bit
+            try:
+                general: SignedSemiChannel | None = SignedSemiChannel.from_cell(Cell.one_from_boc(bytes(bad)))
+            except Exception:  # noqa: BLE001 - pytoniq-core refuses it: so must the gateway
+                general = None
+            if general is not None and general.is_signed_by(CALLER.public_key()):
+                # the same signed state in another encoding (a descriptor bit pytoniq-core ignores): read the same
+                assert general.state == ticket.state.state, (i, bit)
+                got = SignedSemiChannel.from_boc(bytes(bad))
+                assert got == general and got.signed_hash() == general.signed_hash(), (i, bit)
+                continue
+            with pytest.raises(PaymentError) as ei:
+                gate.authorize(base64.b64encode(bytes(bad)).decode(), f"x-{i}-{bit}", "f", 10)
+            assert ei.value.details["problem"] in ("forged", "malformed", "foreign", "stale"), (i, bit)
     assert _snapshot(ledger) == before
 
 
