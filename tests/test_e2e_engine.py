@@ -130,10 +130,14 @@ def test_sealed_calls_refused_by_a_full_engine_are_429_and_released(gateway, tin
     replicas = verified_replicas(Transport(gateway.url, gateway.key), name, policy)
     most = hold(gateway, name)
 
+    start = threading.Barrier(6)  # all six are sealed and signed first, then sent together: on a loaded box
+    # a slow thread must not reach the gateway after the others finished (then nothing would be refused)
+
     def one(i: int) -> tuple[str, httpx.Response, Any]:
         body, ctx = seal_request(json.dumps({"prompt": f"w{5 + i} w6", "max_tokens": 40}).encode(), name, replicas)
         headers, ticket = payer.headers(most)
         cid = os.urandom(16).hex()
+        start.wait(timeout=60)
         r = httpx.post(f"{gateway.url}/fn/{name}", content=bytes(body), timeout=60,
                        headers={**headers, "Content-Type": SEALED_CONTENT_TYPE, "X-Cocoon-Call-Id": cid})
         payer.settle(ticket, dict(r.headers))
