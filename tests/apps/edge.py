@@ -92,7 +92,9 @@ def flood(tag: str, n: int = 0, size: int = 32768, probe: bool = False):
 _PROCESS: dict[str, str] = {}  # empty in each process that loads the function (cloudpickle copies it by value)
 
 
-@cocoon.function(cpu=0.25, timeout=2, max_concurrency=2, max_replicas=1)
+# The session gateway runs every app here plus examples/hello.py on COCOON_RAY_NUM_CPUS=8 and must keep room for
+# tests/test_e2e_openai.py's Chat (cpu=1): the three stubborn variants, which only sleep, ask for 0.1 each.
+@cocoon.function(cpu=0.1, timeout=2, max_concurrency=2, max_replicas=1)
 def stubborn(hang: bool = False) -> dict:
     """With `hang`, ignores its time limit's interrupt (catches everything, forever): the platform must still end
     it by replacing the process. Without, says which process answered."""
@@ -120,13 +122,13 @@ async def _stuck_async(mode: str) -> dict:
     return {"boot": _PROCESS.setdefault("boot", uuid.uuid4().hex)}
 
 
-@cocoon.function(cpu=0.25, timeout=2, max_concurrency=2, max_replicas=1)
+@cocoon.function(cpu=0.1, timeout=2, max_concurrency=2, max_replicas=1)
 async def stubborn_swallow(hang: bool = False) -> dict:
     """`stubborn` as an async function that swallows its CancelledError (with `hang`)."""
     return await _stuck_async("swallow" if hang else "")
 
 
-@cocoon.function(cpu=0.25, timeout=2, max_concurrency=2, max_replicas=1)
+@cocoon.function(cpu=0.1, timeout=2, max_concurrency=2, max_replicas=1)
 async def stubborn_block(hang: bool = False) -> dict:
     """`stubborn` as an async function that blocks its event loop with `time.sleep` (with `hang`)."""
     return await _stuck_async("block" if hang else "")
