@@ -75,8 +75,9 @@ class Client:
 
     def call_raw(self, name: str, args: dict[str, Any] | None = None, *,
                  headers: dict[str, str] | None = None) -> httpx.Response:
+        # Accept: JSON only, so a generator function is refused with a hint to stream it, before it runs
         return self.transport.call("POST", f"/fn/{name}", name, content=json_args(args),
-                                   headers=_json_headers(headers))
+                                   headers=_json_headers({"Accept": "application/json", **(headers or {})}))
 
     def spawn(self, name: str, args: dict[str, Any] | None = None) -> FunctionCall:
         r = self.transport.call("POST", f"/fn/{name}", name, content=json_args(args),

@@ -34,6 +34,11 @@ def json_plan(request: Request) -> Any:
     fr = request.app.state.gw.controller.get(request.path_params["name"])
 
     def plan(body: bytes) -> Plan:
+        if fr.spec.streams and not _accepts_stream(request):
+            raise InvalidRequestError(
+                f"function {fr.name!r} is a generator: it answers with a stream of events (text/event-stream), but "
+                "this request accepts only JSON; stream it (SDK: fn.stream(...) or Client.stream, CLI: `cocoon call "
+                "--stream`, HTTP: Accept: text/event-stream)")
         if fr.flags.confidential:
             raise InvalidRequestError(f"function {fr.name!r} is a confidential deployment: it accepts only sealed "
                                       "calls (`cocoon call --confidential`, Client.call_confidential)")
@@ -49,6 +54,13 @@ def json_plan(request: Request) -> Any:
         return Plan(fr, body)
 
     return plan
+
+
+def _accepts_stream(request: Request) -> bool:
+    """Whether the client takes an SSE answer: no Accept header, a wildcard or text/event-stream (a client that
+    asked for JSON only is told to stream before anything runs or is held)."""
+    accept = request.headers.get("accept", "").lower()
+    return not accept or "*/*" in accept or "text/*" in accept or "text/event-stream" in accept
 
 
 async def call_function(request: Request) -> Response:

@@ -74,6 +74,24 @@ def test_cli_stream(gateway):
     assert [json.loads(x)["n"] for x in out] == [2, 1, 0]
 
 
+def test_a_generator_called_for_json_is_told_to_stream_before_it_runs(gateway):
+    """`cocoon call` without --stream on a generator (the SDK's call() accepts JSON only): a 400 naming the fix,
+    nothing run or recorded; a client that accepts anything still gets the stream."""
+    def calls() -> int:
+        return next(f["calls"] for f in gateway.http().get("/v1/functions").json()["functions"]
+                    if f["name"] == "countdown")
+
+    before = calls()
+    r = gateway.cli("call", "countdown", '{"start": 2, "delay": 0}', check=False)
+    assert r.returncode != 0 and "--stream" in r.stderr + r.stdout, r.stderr
+    with gateway.http() as c:
+        r = c.post("/fn/countdown", json={"start": 1, "delay": 0}, headers={"Accept": "application/json"})
+        assert r.status_code == 400 and "generator" in r.json()["error"]["message"]
+        assert calls() == before
+        r = c.post("/fn/countdown", json={"start": 1, "delay": 0})  # httpx sends Accept: */*
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+
+
 def test_async_call_poll_and_result(gateway):
     with gateway.http() as c:
         r = c.post("/fn/greet", json={"name": "Async"}, headers={"Prefer": "respond-async"})
