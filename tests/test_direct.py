@@ -24,6 +24,7 @@ from cocoon_faas.runtime.replica import Replica, _ServerConn
 from cocoon_faas.runtime.sandbox import SandboxConfig, SandboxProcess, bwrap_problem
 from cocoon_faas.runtime.sandbox_link import SandboxLink
 from cocoon_faas.spec import make_spec
+from tests.test_flow import take_to_end
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None or bwrap_problem() is not None,
                                 reason="bubblewrap cannot create namespaces on this machine")
@@ -195,15 +196,7 @@ def test_a_direct_stream_is_flow_controlled_by_the_gateways_credits(monkeypatch)
             await asyncio.sleep(0.5)  # the client takes nothing more: the child stops at the window
             assert pending.queue.qsize() * (size + 600) <= window + size + 600
             frames = [first]
-            while True:
-                item = await pending.queue.get()
-                assert isinstance(item, Frame)
-                if item.type != P.CHUNK:
-                    break
-                frames.append(item)
-                credit = h.consumed(pending, len(item.body))
-                if credit:
-                    h.credit(call, credit)
+            item = await take_to_end(h, call, pending, frames)
             assert item.type == P.END and item.meta["seq"] == n and "ms" in item.meta
             assert [json.loads(f.body)["i"] for f in frames] == list(range(n))
             assert link.calls == 0

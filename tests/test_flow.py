@@ -195,6 +195,25 @@ async def _settled(probe: Any) -> Any:
     return last
 
 
+async def take(handle: ReplicaHandle, call: int, pending: PendingCall) -> Frame:
+    """The next frame of a stream, taken as a client would: a CHUNK's bytes are credited back to the replica."""
+    assert pending.queue is not None
+    frame = await pending.queue.get()
+    assert isinstance(frame, Frame)
+    if frame.type == P.CHUNK:
+        credit = handle.consumed(pending, len(frame.body))
+        if credit:
+            handle.credit(call, credit)
+    return frame
+
+
+async def take_to_end(handle: ReplicaHandle, call: int, pending: PendingCall, chunks: list[Frame]) -> Frame:
+    """Take a stream's CHUNKs into `chunks` (crediting each) until its final frame, which is returned."""
+    while (frame := await take(handle, call, pending)).type == P.CHUNK:
+        chunks.append(frame)
+    return frame
+
+
 def test_a_gateway_that_stops_taking_items_pauses_the_generator_then_gets_every_item_in_order():
     window, size, n = 64 * 1024, 4000, 2000
 
@@ -206,12 +225,7 @@ def test_a_gateway_that_stops_taking_items_pauses_the_generator_then_gets_every_
             assert pending.queue is not None and pending.window is not None
             taken = []
             for _ in range(5):  # the client takes five items, then stops reading
-                frame = await pending.queue.get()
-                assert isinstance(frame, Frame)
-                taken.append(frame)
-                credit = handle.consumed(pending, len(frame.body))
-                if credit:
-                    handle.credit(call, credit)
+                taken.append(await take(handle, call, pending))
             produced = await _settled(lambda: PRODUCED[0])
             per_item = chunk_cost(len(taken[0].body))
             # producer ahead of the client: at most the window, one item, and the executor's read-ahead (8 + 2)
@@ -219,15 +233,7 @@ def test_a_gateway_that_stops_taking_items_pauses_the_generator_then_gets_every_
             assert produced < n
             assert pending.window.buffered <= window + per_item
             assert pending.queue.qsize() * per_item <= window + per_item
-            while True:  # the client reads again: everything arrives, in order, intact
-                frame = await pending.queue.get()
-                assert isinstance(frame, Frame)
-                if frame.type != P.CHUNK:
-                    break
-                taken.append(frame)
-                credit = handle.consumed(pending, len(frame.body))
-                if credit:
-                    handle.credit(call, credit)
+            frame = await take_to_end(handle, call, pending, taken)  # the client reads again: everything arrives
             assert frame.type == P.END and frame.meta["seq"] == n
             items = [json.loads(f.body) for f in taken]
             assert [x["i"] for x in items] == list(range(n)) and all(len(x["pad"]) == size for x in items)
