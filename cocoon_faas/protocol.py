@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +38,11 @@ from typing import Any
 HEADER = struct.Struct("!IQBI")
 MAX_FRAME = 256 * 1024 * 1024
 MAX_META = 1024 * 1024  # meta is routing facts and bounded logs; anything bigger is a broken or hostile peer
+# What a replica's answer may carry, shared by the sandbox child (which shapes its frames to it), the actor's link
+# (which reduces the child's frames to it) and the gateway (gateway/replica_wire.py, which refuses anything else)
+MAX_LOG_LINES = 1024
+NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$")  # an error type or exception class name
+HANDOFF = struct.Struct("!Q")  # actor -> child hand-off message: the call number of the HELLO the child answers
 
 CALL, CANCEL, RESULT, ERROR, CHUNK, END, PING, PONG, HELLO, UNLOCK, GRANT, LOAD, READY, STATS, CREDIT = range(1, 16)
 TYPE_NAMES = {CALL: "CALL", CANCEL: "CANCEL", RESULT: "RESULT", ERROR: "ERROR", CHUNK: "CHUNK", END: "END",

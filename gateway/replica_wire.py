@@ -27,10 +27,10 @@ from cocoon_faas.replica_context import LoadReport
 
 MAX_FACTS = 1024 * 1024
 MAX_DEPTH = 32
-MAX_LOG_LINES = 1024
+MAX_LOG_LINES = P.MAX_LOG_LINES
 MAX_LOG_CHARS = 256 * 1024
 _HEX = re.compile(r"^[0-9a-fA-F]*$")
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$")
+_NAME = P.NAME
 LOG_STREAMS = ("stdout", "stderr", "error")
 # What a replica may send the gateway; anything else (a CREDIT, a CALL, ...) is refused before its meta is read.
 REPLICA_SENDS = frozenset((P.RESULT, P.ERROR, P.CHUNK, P.END, P.PONG, P.HELLO, P.STATS))

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import resource
 import socket
 import sys
@@ -41,9 +40,6 @@ from typing import Any
 from cocoon_faas import protocol as P
 from cocoon_faas import replica_context
 from cocoon_faas.flow import FlowError, Window, decode_credit, window_of
-
-MAX_LOG_LINES = 1024
-_EXC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$")
 
 
 def _limit(memory: int, threads: int) -> None:
@@ -241,15 +237,15 @@ class Child:
                 **self._logs(log)}))
 
     def _logs(self, log: Any, **extra: Any) -> dict[str, Any]:
-        # at most MAX_LOG_LINES pieces: what the actor forwards, and what the gateway accepts from a direct call
-        return {"logs": log.lines[:MAX_LOG_LINES], **extra} if log.lines and self.forward_logs else extra
+        # at most P.MAX_LOG_LINES pieces: what the actor forwards, and what the gateway accepts from a direct call
+        return {"logs": log.lines[:P.MAX_LOG_LINES], **extra} if log.lines and self.forward_logs else extra
 
 
 def _exc_type(exc: BaseException) -> str:
     """The exception's class name as the gateway accepts it (an identifier-like name of at most 128 characters;
     another name, say a non-ASCII one, would get the replica dropped as broken)."""
     name = type(exc).__name__
-    return name if _EXC_NAME.match(name) else "Exception"
+    return name if P.NAME.match(name) else "Exception"
 
 
 def _serve_handoffs(child: Child, handoff: socket.socket) -> None:
@@ -268,11 +264,11 @@ def _serve_handoffs(child: Child, handoff: socket.socket) -> None:
             return
         for extra in fds[1:]:
             os.close(extra)
-        if len(fds) == 0 or len(msg) != 8:
+        if len(fds) == 0 or len(msg) != P.HANDOFF.size:
             for fd in fds[:1]:
                 os.close(fd)
             continue
-        child.accept(socket.socket(fileno=fds[0]), int.from_bytes(msg, "big"))
+        child.accept(socket.socket(fileno=fds[0]), P.HANDOFF.unpack(msg)[0])
 
 
 async def _serve(fd: int, memory: int, handoff_fd: int) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
-import struct
 import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
@@ -37,7 +36,6 @@ from cocoon_faas.runtime.sandbox import SandboxProcess
 CHILD_ERRORS = ("function_error", "timeout", "cancelled", "memory_exceeded", "startup_failed")
 BACKSTOP_S = 2.0  # the child enforces the time limit; past it by this much the actor answers for it
 Sink = Callable[[int, dict[str, Any], bytes], None]
-HANDOFF = struct.Struct("!Q")  # a hand-off message: the call number of the HELLO the child answers
 
 
 class ChildError(Exception):
@@ -53,7 +51,7 @@ def child_logs(value: Any) -> list[tuple[str, str]]:
     if not isinstance(value, list):
         return []
     out = []
-    for item in value[:1024]:
+    for item in value[:P.MAX_LOG_LINES]:
         if isinstance(item, list) and len(item) == 2 and item[0] in ("stdout", "stderr") and isinstance(item[1], str):
             out.append((item[0], item[1][:65536]))
     return out
@@ -138,7 +136,7 @@ class SandboxLink:
         the connection)."""
         if self.proto.closed:
             raise ConnectionError("the sandbox has exited")
-        socket.send_fds(self.proc.handoff, [HANDOFF.pack(call)], [fd])
+        socket.send_fds(self.proc.handoff, [P.HANDOFF.pack(call)], [fd])
         self.handed += 1
 
     # -- relayed plain calls ---------------------------------------------------------------------------------
