@@ -9,10 +9,10 @@ cancellation) are released, not charged; the user's own exception is charged for
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import os
+from binascii import b2a_base64
 from typing import Any
 
 from nacl.bindings import crypto_sign, crypto_sign_seed_keypair
@@ -32,6 +32,26 @@ from cocoon_faas.ton.keys import PrivateKey
 PAYMENT_HEADER = "x-cocoon-payment"
 # what json.dumps(receipt, sort_keys=True, separators=(",", ":")) builds per call, made once
 _RECEIPT_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+_json_str = json.encoder.encode_basestring_ascii  # the encoder's own string escaping (ensure_ascii)
+
+
+def _json_num(v: Any) -> str:
+    """A number as _RECEIPT_JSON writes it (int.__repr__, float.__repr__ when finite), else the encoder itself."""
+    t = type(v)
+    if t is int or (t is float and math.isfinite(v)):
+        return repr(v)
+    return _RECEIPT_JSON.encode(v)
+
+
+def receipt_payload(hold: Hold, measurement: str, exec_ms: float, charge: int, provider: str,
+                    usage: Usage | None) -> bytes:
+    """The receipt's JSON, byte for byte `_RECEIPT_JSON.encode(receipt dict)` (keys in sorted order) without
+    building the dict and walking it: this runs on every paid call (tests compare both on random receipts)."""
+    tail = "}" if usage is None else ',"usage":' + _RECEIPT_JSON.encode(usage.to_json()) + "}"
+    return (f'{{"call_id":{_json_str(hold.call_id)},"channel_id":{_json_num(hold.channel_id)},'
+            f'"charge":{_json_num(charge)},"exec_ms":{_json_num(exec_ms)},"function":{_json_str(hold.function)},'
+            f'"measurement":{_json_str(measurement)},"provider":{_json_str(provider)},'
+            f'"seqno":{_json_num(hold.seqno)}{tail}').encode()
 
 
 def load_operator_key(settings: Settings) -> PrivateKey:
@@ -114,11 +134,6 @@ class Billing:
             return 0, None
         total = self.gate.settle(hold, provider, self.compute(spec, provider, exec_ms, usage), developer,
                                  spec.price)
-        receipt: dict[str, Any] = {"call_id": hold.call_id, "function": hold.function, "measurement": measurement,
-                                   "channel_id": hold.channel_id, "seqno": hold.seqno, "exec_ms": exec_ms,
-                                   "charge": total, "provider": provider}
-        if usage is not None:
-            receipt["usage"] = usage.to_json()
-        payload = _RECEIPT_JSON.encode(receipt).encode()
+        payload = receipt_payload(hold, measurement, exec_ms, total, provider, usage)
         sig = crypto_sign(payload, self._receipt_sk)[:64]  # libsodium: the operator key's Ed25519 signature
-        return total, base64.b64encode(payload).decode() + "." + base64.b64encode(sig).decode()
+        return total, (b2a_base64(payload, newline=False) + b"." + b2a_base64(sig, newline=False)).decode()

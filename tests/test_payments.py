@@ -205,3 +205,54 @@ def test_crash_mid_load_then_verify(tmp_path: Path) -> None:
     assert ledger.query("SELECT COUNT(*) FROM pay_calls c JOIN pay_states s ON s.channel_id=c.channel_id AND "
                         "s.seqno=c.seqno")[0][0] == ledger.query("SELECT COUNT(*) FROM pay_calls")[0][0]
     del gate
+
+
+def test_receipt_payload_is_the_sorted_json_byte_for_byte() -> None:
+    """The receipt is written straight to bytes on the paid path; it must equal what the JSON encoder makes of the
+    receipt's dict (sorted keys, no spaces, ASCII escapes): clients check the signature over these bytes."""
+    import json
+    import random
+
+    from cocoon_faas.gateway.billing import receipt_payload
+    from cocoon_faas.gateway.payments import Hold
+    from cocoon_faas.pricing import Usage
+
+    rnd = random.Random(11)
+
+    def text() -> str:
+        return "".join(rnd.choice(["a", "Z", "é", '"', "\\", "\n", "\t", "\u2028", "\x00", "😀", "/", "-"])
+                       for _ in range(rnd.randint(0, 12)))
+
+    for _ in range(3000):
+        hold = Hold(text(), rnd.randint(0, 2**63 - 1), rnd.randint(0, 2**63 - 1), 5, text())
+        exec_ms = rnd.choice([rnd.random() * 10 ** rnd.randint(-6, 9), 0.0, 1e-7, 0.1, float(rnd.randint(0, 10**6)),
+                              rnd.randint(0, 10**6), float("inf")])
+        usage = rnd.choice([None, Usage(rnd.randint(0, 10**6), rnd.randint(0, 10**6), rnd.randint(0, 99))])
+        measurement, provider, charge = text(), text(), rnd.randint(0, 10**15)
+        d = {"call_id": hold.call_id, "function": hold.function, "measurement": measurement,
+             "channel_id": hold.channel_id, "seqno": hold.seqno, "exec_ms": exec_ms, "charge": charge,
+             "provider": provider}
+        if usage is not None:
+            d["usage"] = usage.to_json()
+        want = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+        assert receipt_payload(hold, measurement, exec_ms, charge, provider, usage) == want, d
+
+
+def test_a_tickets_state_is_the_state_its_header_carries(tmp_path: Path) -> None:
+    """A ticket keeps only the header it sends; its `state` reads the header back: the same signed state the
+    general cell path builds for that seqno and sent, signed by the caller, and the in-flight total the signer
+    keeps beside its tickets follows every hold and release."""
+    _, _, signer = _setup(tmp_path)
+    tickets = [signer.sign_for_call(1000 + i) for i in range(3)]
+    for t in tickets:
+        ref = SignedSemiChannel(t.state.signature, SemiChannel(1, SemiChannelBody(t.seqno, t.state.state.data.sent),
+                                                               SemiChannelBody()))
+        assert t.state == ref and base64.b64decode(t.header) == ref.to_boc()
+        assert t.state.is_signed_by(CALLER.public_key())
+    assert tickets[-1].state.state.data.sent == 1000 + 1001 + 1002  # every hold in flight is covered
+    signer.complete(tickets[1], 500)
+    nxt = signer.sign_for_call(10)
+    assert signer.charged == 500 and nxt.state.state.data.sent == max(3003, 500 + 1000 + 1002 + 10)
+    for t in (tickets[0], tickets[2], nxt):
+        signer.complete(t, 0)
+    assert signer.sign_for_call(7).state.state.data.sent == 3003  # sent never decreases

@@ -218,3 +218,42 @@ def test_delete_function_takes_its_logs_and_call_records_and_retention(tmp_path)
     s.flush()
     s.apply_retention(calls_before=10.0, logs_before=0.0, max_log_rows=2)
     assert [x["text"] for x in s.logs("g", 10)] == ["line 4", "line 3"] and s.get_call("old") is None
+
+
+def test_sqlite_transaction_commits_rolls_back_and_always_frees_its_lock(tmp_path):
+    """The SQLite transaction object (a paid call's two transactions use it): commits on success; on an exception
+    inside, rolls back and re-raises; a COMMIT that fails (a deferred constraint) rolls back and raises; in every
+    case the connection is left outside any transaction and its lock is free for another thread."""
+    import sqlite3
+
+    db = open_database(tmp_path / "t.sqlite")
+    db.execute("PRAGMA foreign_keys=ON")
+    db.execute("CREATE TABLE p (id INTEGER PRIMARY KEY)")
+    db.execute("CREATE TABLE c (id INTEGER PRIMARY KEY, p INTEGER REFERENCES p(id) DEFERRABLE INITIALLY DEFERRED)")
+    db.execute("CREATE TABLE u (k TEXT PRIMARY KEY)")
+    with db.transaction() as tx:
+        tx.execute("INSERT INTO p VALUES (1)")
+        tx.execute("INSERT INTO c VALUES (1, 1)")
+    with pytest.raises(RuntimeError, match="inside"), db.transaction() as tx:
+        tx.execute("INSERT INTO p VALUES (2)")
+        raise RuntimeError("inside")
+    with pytest.raises(IntegrityError) as exc, db.transaction() as tx:
+        tx.execute("INSERT INTO u VALUES ('a')")
+        tx.execute("INSERT INTO u VALUES ('a')")  # a unique key: named by table, the whole transaction undone
+    assert exc.value.table == "u"
+    with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"), db.transaction() as tx:
+        tx.execute("INSERT INTO c VALUES (2, 99)")  # accepted now, refused by the COMMIT
+    assert db.query("SELECT id FROM p") == [(1,)] and db.query("SELECT id FROM c") == [(1,)]
+    assert db.query("SELECT k FROM u") == []
+    done: list[int] = []
+
+    def other() -> None:  # would block forever on a lock left held
+        with db.transaction() as tx:
+            tx.execute("INSERT INTO p VALUES (3)")
+        done.append(1)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join(timeout=30)
+    assert done == [1] and db.query("SELECT id FROM p ORDER BY id") == [(1,), (3,)]
+    db.close()

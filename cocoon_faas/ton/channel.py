@@ -228,6 +228,16 @@ class StateTemplate:
 
     def build(self, seqno: int, sent: int, sign: object) -> tuple[bytes, SignedSemiChannel]:
         """(BOC, state) for one state; `sign(hash) -> 64-byte signature` (callable)."""
+        boc, sig, signed = self._signed(seqno, sent, sign)
+        st = SemiChannel(self.channel_id, SemiChannelBody(seqno, sent), self.counterparty)
+        return boc, SignedSemiChannel(sig, st, signed)
+
+    def boc(self, seqno: int, sent: int, sign: object) -> bytes:
+        """The BOC alone: all a paid call sends (`build` also makes the state's objects)."""
+        return self._signed(seqno, sent, sign)[0]
+
+    def _signed(self, seqno: int, sent: int, sign: object) -> tuple[bytes, bytes, bytes]:
+        """(BOC, signature, signed hash)."""
         if not 0 <= seqno < 1 << 64 or not 0 <= sent < 1 << 120:
             raise ValueError("seqno must fit uint64 and sent Coins")
         ln = (sent.bit_length() + 7) // 8
@@ -239,8 +249,7 @@ class StateTemplate:
         root = bytes([1, d2 + 128]) + sig + data + b"\x01"
         size = len(root) + len(self._cp_ser)
         boc = b"\xb5\xee\x9c\x72\x01\x01\x02\x01\x00" + bytes([size, 0]) + root + self._cp_ser
-        st = SemiChannel(self.channel_id, SemiChannelBody(seqno, sent), self.counterparty)
-        return boc, SignedSemiChannel(sig, st, signed)
+        return boc, sig, signed
 
 
 def _bits(data: bytes, d2: int) -> int:

@@ -19,6 +19,7 @@ import base64
 import json
 import os
 import threading
+from binascii import b2a_base64
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,8 +56,13 @@ class Ticket:
 
     seqno: int
     hold: int
-    header: str
-    state: SignedSemiChannel
+    header: str  # base64 of the state's BOC: what the call sends
+
+    @property
+    def state(self) -> SignedSemiChannel:
+        """The signed state the header carries, read back from it (a call needs only the header, so the state's
+        objects are made only when asked for)."""
+        return SignedSemiChannel.from_boc(base64.b64decode(self.header))
 
 
 class ChannelSigner:
@@ -67,7 +73,8 @@ class ChannelSigner:
         self.path = Path(path)
         self.key = key
         self._lock = threading.Lock()
-        self._inflight: dict[int, int] = {}
+        self._inflight: dict[int, int] = {}  # seqno -> hold of each call in flight
+        self._inflight_sum = 0  # their total, kept beside them (read on every call)
         self._dirty = False
         atexit.register(self.flush)
         if self.path.exists():
@@ -130,7 +137,7 @@ class ChannelSigner:
     def sign_for_call(self, hold: int) -> Ticket:
         """A new state covering all charges, all holds in flight and `hold`; raises 402 past the deposit."""
         with self._lock:
-            want = self._s.charged + sum(self._inflight.values()) + hold
+            want = self._s.charged + self._inflight_sum + hold
             sent = max(self._s.sent, want)
             if sent > self.limit:
                 raise PaymentRequiredError(
@@ -144,13 +151,13 @@ class ChannelSigner:
                 self._s.lease_sent = min(self.limit, sent + LEASE_HOLDS * hold)
                 self._save()
             self._inflight[seqno] = hold
-        boc, state = self._template.build(seqno, sent, self._sign)
-        return Ticket(seqno, hold, base64.b64encode(boc).decode(), state)
+            self._inflight_sum += hold
+        return Ticket(seqno, hold, b2a_base64(self._template.boc(seqno, sent, self._sign), newline=False).decode())
 
     def complete(self, ticket: Ticket, charged: int) -> None:
         """Release the ticket's hold and book what the gateway charged (0 for a failed call)."""
         with self._lock:
-            self._inflight.pop(ticket.seqno, None)
+            self._inflight_sum -= self._inflight.pop(ticket.seqno, 0)
             self._s.charged += min(charged, ticket.hold)
             # not saved here: the next lease or `flush()` saves it, and a lost booking is harmless (the
             # gateway's count is what a close uses, checked against the signed `sent`)
