@@ -13,7 +13,8 @@ Two Triton kernels, picked by the number of rows M:
   nibbles, which GGUF stores as the two halves of the block), fp32 accumulators.
 Untested on a real GPU so far (written for Triton 3.x; checked under TRITON_INTERPRET=1 on CPU).
 
-On CPU (no interpreter) the weight runs through torch's own weight-only int4 GEMM
+On CPU (no interpreter) the weight runs through our C kernel over the same blocks (`kernels.cpu_gemm`: int8 dot
+products, fp32 out) where it builds (AVX2 and a C compiler), else through torch's own weight-only int4 GEMM
 (`aten._weight_int4pack_mm_for_cpu`, groups of 32, per-group scale and zero point), see `CpuInt4Linear`.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu_gemm
 from ._dispatch import HAS_TRITON, INTERPRET, check_dtype, use_triton
 from .quant import BLOCK, QuantWeight, codes, dequantize
 
@@ -204,14 +206,18 @@ class CpuInt4Linear:
 
 
 class QuantizedLinear:
-    """A model's block-quantized linear layer on its device: the blocks for the Triton kernels on a GPU, torch's
-    packed int4 form on CPU (both on CPU under the Triton interpreter, so tests can take either path)."""
+    """A model's block-quantized linear layer on its device: the blocks for the Triton kernels on a GPU; on CPU
+    the C block GEMM (`cpu_gemm.BlockLinear`, fp32 out) where it builds, else torch's packed int4 form (both on
+    CPU under the Triton interpreter, so tests can take either path). `native` says which CPU path it took."""
 
     def __init__(self, w: QuantWeight, device: torch.device) -> None:
         on_cpu = device.type == "cpu"
         self.shape = w.shape
         self.fmt = w.fmt
-        self.cpu = CpuInt4Linear(w) if on_cpu else None
+        self.native = on_cpu and cpu_gemm.available()[0]
+        self.cpu: cpu_gemm.BlockLinear | CpuInt4Linear | None = None
+        if on_cpu:
+            self.cpu = cpu_gemm.BlockLinear(w) if self.native else CpuInt4Linear(w)
         self.blocks = w.to(device) if not on_cpu or (HAS_TRITON and INTERPRET) else None
 
     @property

@@ -42,6 +42,7 @@ import torch
 
 from cocoon_faas import replica_context
 from cocoon_faas.errors import InvalidRequestError, OverloadedError
+from cocoon_faas.kernels import cpu_gemm
 from cocoon_faas.kernels.models.smollm import SmolLM
 from cocoon_faas.kernels.models.textgen import TextStream, next_token
 
@@ -163,9 +164,11 @@ class Engine:
         if max_seqs is None:
             max_seqs = replica_context.max_concurrency() or 32
         self.threads = threads
-        # on CPU `threads` cores run a step as that many sub-batches side by side (see PagedRunner), each op on
-        # one torch thread; on a GPU it is torch's thread count
-        self._split = model.device.type == "cpu" and runner is None
+        # on CPU with quantized weights on the C block GEMM, `threads` cores split each GEMM's output columns (the
+        # rest of a step is small ops on one torch thread); on CPU otherwise they run a step as that many
+        # sub-batches side by side (see PagedRunner), each op on one torch thread; on a GPU torch's thread count
+        self._native = model.device.type == "cpu" and model.native_cpu_gemm
+        self._split = model.device.type == "cpu" and runner is None and not self._native
         if kv_blocks is None:
             kv_blocks = max(8, kv_memory_mb * 2**20 // PagedRunner.bytes_per_block(model, block_size))
         self.model = model
@@ -318,7 +321,9 @@ class Engine:
     def _loop(self) -> None:
         if self.threads:
             # set here, in the thread that runs the steps: OpenMP's thread count is per calling thread
-            torch.set_num_threads(1 if self._split else self.threads)
+            torch.set_num_threads(1 if self._split or self._native else self.threads)
+            if self._native:
+                cpu_gemm.set_threads(self.threads)
         while True:
             with self._lock:
                 self._lock.wait_for(lambda: self._closed or self._inbox or self._cancels or self._waiting

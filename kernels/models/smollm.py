@@ -10,17 +10,20 @@ When the ops run on torch (CPU), `forward` takes `llama_torch.TorchDecoder`'s le
 Decode at batch 1 streams every weight once per token, so its speed is the GEMVs' memory bandwidth. `precision`
 picks how the weights are held (`PRECISIONS`):
 - "gguf": as the file stores them (Q4_1 projections, Q8_0 embedding and tied LM head), dequantized inside the
-  GEMM: the Triton kernels of `kernels.quant_linear` on a GPU, torch's packed int4 GEMM on CPU (bf16 at the GEMM
-  boundary, see `CpuInt4Linear`). Logits stay fp32: on CPU the tied LM head runs in fp32 from the Q8_0 values.
+  GEMM: the Triton kernels of `kernels.quant_linear` on a GPU; on CPU our C block GEMM (`kernels.cpu_gemm`: int8
+  dot products with each activation row rounded to int8 per block of 32, as llama.cpp does; fp32 out, logits
+  included), or torch's packed int4 GEMM where that kernel cannot be built (bf16 at the GEMM boundary, see
+  `CpuInt4Linear`; the tied LM head then runs in fp32 from the Q8_0 values).
   "q8" / "q4": every quantized tensor requantized to Q8_0 / Q4_1 from the file's values (more / less memory and
   accuracy than the file). Norms, attention and the KV cache run in `dtype`.
 - "fp32" / "fp16" / "bf16": everything dequantized once at load, the linear weights (and a copy of the tied
   embedding for the LM head) transposed to the [in, out] layout that `kernels.linear` measured 1.4x faster on CPU.
-The default ("auto") is fp32. "gguf" on CPU reads a third of the bytes and decoded 1.2-1.65x faster than fp32 at
-batch 1 and 8 here, but its 64-token prefill is 0.6-0.9x, and rounding to bf16 at every GEMM makes the output
-sensitive to the order of float operations: 1e-7 noise on the input moves its logits by ~0.2 (fp32: 5e-5), so
-the same seeded request can sample differently with a different prefix-cache state or batch (the gateway's
-seeded-sampling test saw it). A GPU also stays at fp32 until the Triton kernels are measured on one.
+The default ("auto") is fp32. On CPU "gguf" reads a fifth of fp32's bytes and, on the C block GEMM, decodes about
+2x faster than fp32 at batch 1 and 8 here (benchmarks/RESULTS.md, round 4). Rounding the activations (int8 per
+block on the C kernel, bf16 on torch's int4 GEMM) makes the output sensitive to the order of float operations
+upstream: 1e-7 noise on the input moves its logits by ~0.1-0.2 (fp32: 5e-5), so the same seeded request can
+sample differently with a different prefix-cache state or batch (the gateway's seeded-sampling test saw it with
+the int4 GEMM). A GPU also stays at fp32 until the Triton kernels are measured on one.
 
 Q and K are rotated in one call, and decode attention over a fully valid cache runs unmasked.
 """
@@ -41,6 +44,7 @@ from .. import (
     add_rms_norm,
     attention_decode,
     attention_prefill,
+    cpu_gemm,
     linear_t,
     rms_norm,
     rope_tables,
@@ -156,10 +160,10 @@ class SmolLM:
         self.w: dict[str, torch.Tensor] = {}
         self._embed_q: QuantWeight | None = None
         head = weights.get("lm_head", weights["embed"])
-        # logits stay fp32: on CPU the tied head runs from the file's values dequantized once (torch's int4 GEMM
-        # would round the logits to bf16, 8 bits, turning close greedy choices into ties); on a GPU the quantized
-        # kernel takes fp32 rows (the GEMV computes in fp32 anyway)
-        cpu_head = isinstance(head, QuantWeight) and device.type == "cpu"
+        # logits stay fp32: on CPU the tied head runs on the C block GEMM (fp32 out) where it builds, else from the
+        # file's values dequantized once (torch's int4 GEMM would round the logits to bf16, 8 bits, turning close
+        # greedy choices into ties); on a GPU the quantized kernel takes fp32 rows (the GEMV computes in fp32)
+        cpu_head = isinstance(head, QuantWeight) and device.type == "cpu" and not cpu_gemm.available()[0]
         if isinstance(head, QuantWeight):
             self.lm_head_t = transposed(dequantize(head)) if cpu_head else None
         else:
@@ -204,6 +208,11 @@ class SmolLM:
                 weights[k] = (dequantize(v) if isinstance(v, QuantWeight) else v).to(device=device, dtype=dtype)
         return cls(weights, LlamaConfig(**meta["config"]), Tokenizer.from_str(meta["tokenizer"]),
                    meta["chat_template"], device, dtype, precision)
+
+    @property
+    def native_cpu_gemm(self) -> bool:
+        """Whether the quantized layers run on the C block GEMM (`kernels.cpu_gemm`), which threads itself."""
+        return any(isinstance(q.cpu, cpu_gemm.BlockLinear) for q in self.quantized.values())
 
     @property
     def weight_bytes(self) -> int:

@@ -1,0 +1,269 @@
+/* Block-quantized GEMM for x86 CPUs with AVX2: y[M, N] = x[M, K] . W[N, K]^T with W in GGUF's Q8_0 or Q4_0/Q4_1
+ * blocks (see kernels/quant.py for the planes) and x fp32.
+ *
+ * Why C and not torch: on an AVX2 CPU torch's packed int4 GEMM widens the nibbles to bf16 (4-8 GB/s at one row) and
+ * MKL's fp32 GEMM costs as much for 4 rows as for 8, so a small model's decode step was bound by them. Here, as in
+ * llama.cpp, each row of x is quantized once per call to int8 in blocks of 32 (scale = absmax / 127), and a block's
+ * dot product is exact integer arithmetic (vpmaddubsw + vpmaddwd) scaled once by d_w * d_x:
+ *   Q8_0:  sum_j (d_w q_w[j]) (d_x q_x[j])       = d_w d_x sum_j q_w[j] q_x[j]
+ *   Q4_x:  sum_j (d_w q_w[j] + m_w) (d_x q_x[j]) = d_w d_x sum_j q_w[j] q_x[j] + m_w (d_x sum_j q_x[j])
+ * No int16 pair can saturate: |q_x| <= 127, |q_w| <= 128 (Q8_0; the sign trick below feeds |q_w| as unsigned) or
+ * q_w <= 15 (Q4), so a pair is at most 2 * 128 * 127 = 32512 < 32767.
+ *
+ * Each weight row is read once per call and used for every row of x (tiles of 4 rows share each loaded block), so
+ * a decode step of 8 sequences reads the weights once. Output columns are split over a small pool of threads
+ * (`cg_set_threads`): workers spin briefly between calls and then sleep on a condition variable, so an idle
+ * engine costs no CPU.
+ *
+ * The entry points take raw pointers (ctypes); kernels/cpu_gemm.py checks every shape, dtype and contiguity
+ * before calling. Scales arrive as fp32 (widened from the file's fp16 once at load).
+ */
+#include <immintrin.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define QB 32
+#define MAX_THREADS 16
+#define TILE 4
+#define SPINS 2000
+
+/* ---- activations: fp32 rows -> int8 blocks ------------------------------------------------------------------ */
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float hmax(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* One row x[K] -> q[K] int8, d[K/32] (the block scales), s[K/32] = d * sum(q) (for Q4's min term). */
+static void quantize_row(const float *x, int64_t k, int8_t *q, float *d, float *s) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t b = 0; b < k / QB; b++) {
+        const float *p = x + b * QB;
+        __m256 v0 = _mm256_loadu_ps(p), v1 = _mm256_loadu_ps(p + 8);
+        __m256 v2 = _mm256_loadu_ps(p + 16), v3 = _mm256_loadu_ps(p + 24);
+        __m256 a = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                 _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        float amax = hmax(a);
+        float db = amax / 127.0f;
+        __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        const int r = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, inv), r));
+        __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, inv), r));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, inv), r));
+        __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, inv), r));
+        __m256i sum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        /* packs work inside 128-bit lanes: dwords come out as i0lo i1lo i2lo i3lo i0hi i1hi i2hi i3hi */
+        __m256i pk = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        _mm256_storeu_si256((__m256i *)(q + b * QB), _mm256_permutevar8x32_epi32(pk, perm));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        d[b] = db;
+        s[b] = db * (float)_mm_cvtsi128_si32(s4);
+    }
+}
+
+/* ---- block dot products ----------------------------------------------------------------------------------- */
+
+static inline __m256i q4_block(const uint8_t *qs) {
+    __m128i b = _mm_loadu_si128((const __m128i *)qs);
+    /* byte j: element j in the low nibble, element j + 16 in the high one */
+    __m256i w = _mm256_inserti128_si256(_mm256_castsi128_si256(b), _mm_srli_epi16(b, 4), 1);
+    return _mm256_and_si256(w, _mm256_set1_epi8(0x0f));
+}
+
+/* int32 x 8 partial sums of 32 products: unsigned w (0..15) times signed x */
+static inline __m256 dot_u(__m256i w, __m256i x) {
+    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+    return _mm256_cvtepi32_ps(p);
+}
+
+/* signed w times signed x: |w| as unsigned, x carrying w's sign */
+static inline __m256 dot_s(__m256i w, __m256i x) {
+    return dot_u(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+}
+
+typedef struct {
+    int q4;             /* 0: Q8_0 (qs int8 [N, K]), 1: Q4 (qs uint8 [N, K/2], m [N, K/32]) */
+    const void *qs;
+    const float *wd, *wm;
+    int64_t n, k;
+    const int8_t *xq;   /* [M, K] */
+    const float *xd, *xs; /* [M, K/32] */
+    int64_t m;
+    float *y;
+    int64_t ldy;
+} gemm_job;
+
+static inline void tile(const gemm_job *j, int64_t n, int64_t m0, int mt) {
+    const int64_t nb = j->k / QB;
+    __m256 acc[TILE];
+    float macc[TILE];
+    for (int t = 0; t < TILE; t++) { acc[t] = _mm256_setzero_ps(); macc[t] = 0.0f; }
+    const float *wd = j->wd + n * nb;
+    const int8_t *xq = j->xq + m0 * j->k;
+    const float *xd = j->xd + m0 * nb;
+    if (j->q4) {
+        const uint8_t *qs = (const uint8_t *)j->qs + n * (j->k / 2);
+        const float *wm = j->wm + n * nb;
+        for (int64_t b = 0; b < nb; b++) {
+            __m256i w = q4_block(qs + b * (QB / 2));
+            for (int t = 0; t < mt; t++) {
+                __m256i x = _mm256_loadu_si256((const __m256i *)(xq + t * j->k + b * QB));
+                acc[t] = _mm256_fmadd_ps(dot_u(w, x), _mm256_set1_ps(wd[b] * xd[t * nb + b]), acc[t]);
+            }
+        }
+        const float *xs = j->xs + m0 * nb;
+        for (int t = 0; t < mt; t++)
+            for (int64_t b = 0; b < nb; b++) macc[t] += wm[b] * xs[t * nb + b];
+    } else {
+        const int8_t *qs = (const int8_t *)j->qs + n * j->k;
+        for (int64_t b = 0; b < nb; b++) {
+            __m256i w = _mm256_loadu_si256((const __m256i *)(qs + b * QB));
+            for (int t = 0; t < mt; t++) {
+                __m256i x = _mm256_loadu_si256((const __m256i *)(xq + t * j->k + b * QB));
+                acc[t] = _mm256_fmadd_ps(dot_s(w, x), _mm256_set1_ps(wd[b] * xd[t * nb + b]), acc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < mt; t++) j->y[(m0 + t) * j->ldy + n] = hsum(acc[t]) + macc[t];
+}
+
+static void run_columns(const gemm_job *j, int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++) {
+        int64_t m0 = 0;
+        for (; m0 + TILE <= j->m; m0 += TILE) tile(j, n, m0, TILE);
+        switch (j->m - m0) {  /* constant tile sizes, so the compiler unrolls each */
+            case 3: tile(j, n, m0, 3); break;
+            case 2: tile(j, n, m0, 2); break;
+            case 1: tile(j, n, m0, 1); break;
+            default: break;
+        }
+    }
+}
+
+/* ---- a tiny thread pool --------------------------------------------------------------------------------------- */
+
+static int pool_size = 1;               /* threads taking part in a call, the caller included */
+static pthread_t workers[MAX_THREADS];
+static int started = 0;
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
+static atomic_long generation = 0;
+static atomic_int pending = 0;
+static const gemm_job *current = NULL;
+static int current_parts = 1;
+
+static void part_range(const gemm_job *j, int part, int parts, int64_t *n0, int64_t *n1) {
+    /* multiples of 8 columns, so two threads never write the same cache line of y */
+    int64_t chunks = (j->n + 7) / 8;
+    *n0 = (chunks * part / parts) * 8;
+    *n1 = (chunks * (part + 1) / parts) * 8;
+    if (*n1 > j->n) *n1 = j->n;
+}
+
+static void *worker_main(void *arg) {
+    int id = (int)(intptr_t)arg;
+    long seen = 0;
+    for (;;) {
+        long g;
+        int spins = 0;
+        while ((g = atomic_load_explicit(&generation, memory_order_acquire)) == seen) {
+            /* spin ~20-50 us (the next GEMM of a step comes sooner), then sleep: on a box whose cores are all
+             * busy a spinning worker would take the core the caller needs to reach that next GEMM */
+            if (++spins < SPINS) { _mm_pause(); continue; }
+            pthread_mutex_lock(&lock);
+            while ((g = atomic_load_explicit(&generation, memory_order_acquire)) == seen)
+                pthread_cond_wait(&wake, &lock);
+            pthread_mutex_unlock(&lock);
+            break;
+        }
+        seen = g;
+        if (id < current_parts) {
+            int64_t n0, n1;
+            part_range(current, id, current_parts, &n0, &n1);
+            run_columns(current, n0, n1);
+            atomic_fetch_sub_explicit(&pending, 1, memory_order_acq_rel);
+        }
+    }
+    return NULL;
+}
+
+int cg_set_threads(int n) {
+    if (n < 1) n = 1;
+    if (n > MAX_THREADS) n = MAX_THREADS;
+    pthread_mutex_lock(&lock);
+    while (started < n - 1) {
+        if (pthread_create(&workers[started], NULL, worker_main, (void *)(intptr_t)(started + 1)) != 0) break;
+        pthread_detach(workers[started]);
+        started++;
+    }
+    pool_size = started + 1 < n ? started + 1 : n;
+    pthread_mutex_unlock(&lock);
+    return pool_size;
+}
+
+/* ---- entry point ------------------------------------------------------------------------------------------------ */
+
+static _Thread_local int8_t *scratch = NULL;
+static _Thread_local size_t scratch_size = 0;
+
+/* One caller at a time per process uses the pool; a second caller (another Python thread) runs alone. */
+static atomic_flag pool_busy = ATOMIC_FLAG_INIT;
+
+int cg_gemm(int q4, const void *qs, const float *wd, const float *wm, int64_t n, int64_t k,
+            const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy) {
+    if (k % QB || m < 0 || n < 0) return -1;
+    if (m == 0 || n == 0) return 0;
+    int64_t nb = k / QB;
+    size_t need = (size_t)(m * k) + 2 * sizeof(float) * (size_t)(m * nb) + 64;
+    if (need > scratch_size) {
+        free(scratch);
+        scratch = aligned_alloc(64, (need + 63) / 64 * 64);
+        scratch_size = scratch ? need : 0;
+        if (!scratch) return -2;
+    }
+    int8_t *xq = scratch;
+    float *xd = (float *)(scratch + ((m * k + 63) / 64) * 64);
+    float *xs = xd + m * nb;
+    for (int64_t i = 0; i < m; i++) quantize_row(x + i * ldx, k, xq + i * k, xd + i * nb, xs + i * nb);
+    gemm_job j = {q4, qs, wd, wm, n, k, xq, xd, xs, m, y, ldy};
+    int parts = pool_size;
+    if (n < 64 * parts) parts = 1;
+    if (parts > 1 && atomic_flag_test_and_set(&pool_busy)) parts = 1;
+    if (parts == 1) {
+        run_columns(&j, 0, n);
+        return 0;
+    }
+    current = &j;
+    current_parts = parts;
+    atomic_store_explicit(&pending, parts - 1, memory_order_release);
+    pthread_mutex_lock(&lock);
+    atomic_fetch_add_explicit(&generation, 1, memory_order_acq_rel);
+    pthread_cond_broadcast(&wake);
+    pthread_mutex_unlock(&lock);
+    int64_t n0, n1;
+    part_range(&j, 0, parts, &n0, &n1);
+    run_columns(&j, n0, n1);
+    /* the workers may be descheduled (other processes on the cores): after a short spin, yield the core */
+    for (int spins = 0; atomic_load_explicit(&pending, memory_order_acquire) > 0; spins++) {
+        if (spins < SPINS) _mm_pause();
+        else sched_yield();
+    }
+    atomic_flag_clear(&pool_busy);
+    return 0;
+}

@@ -1,0 +1,155 @@
+"""The CPU GEMM over GGUF blocks (`cpu_gemm.c`), built on first use and called through ctypes.
+
+Triton has no CPU backend in its release wheels, and torch's CPU ops for quantized weights are slow on AVX2
+(see `cpu_gemm.c`), so on CPU the quantized projections and the LM head run on this small C kernel: int8 dot
+products over blocks of 32, as llama.cpp does. It is compiled with the system C compiler (`cc`, `-O3 -mavx2
+-mfma`) into a per-user cache directory the first time a process needs it (about a second), keyed by the source's
+hash; a CPU without AVX2 or a machine without a compiler falls back to torch's int4 GEMM (`available()` says why).
+
+`BlockLinear(w)(x)`: x [..., K] fp32 -> y [..., N] fp32 for a `QuantWeight` w [N, K].
+
+Accuracy: the weights are used exactly as stored (fp32 scales widened from fp16); each row of x is rounded to
+int8 per block of 32 (relative error at most 2^-8 of the block's largest magnitude, like llama.cpp's Q8 rows);
+products are summed exactly in int32 per block and in fp32 across blocks. The output is fp32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from .quant import BLOCK, QuantWeight
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("cpu_gemm.c")
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-std=c11", "-pthread"]
+_state: dict[str, object] = {}
+_lock = threading.Lock()
+
+
+def _cache_dir() -> Path:
+    """A directory only this user can write: $XDG_CACHE_HOME or ~/.cache, else a fresh private temp dir (the
+    sandbox of a replica has no home: it builds once per replica)."""
+    base = os.environ.get("XDG_CACHE_HOME") or (os.path.expanduser("~/.cache") if os.path.expanduser("~") != "~"
+                                                else "")
+    if base:
+        d = Path(base) / "cocoon_faas"
+        try:
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            st = d.stat()
+            if st.st_uid == os.getuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and os.access(d, os.W_OK):
+                return d
+        except OSError:
+            pass
+    return Path(tempfile.mkdtemp(prefix="cocoon-cpu-gemm-"))
+
+
+def _build() -> ctypes.CDLL:
+    source = _SOURCE.read_bytes()
+    tag = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    d = _cache_dir()
+    lib = d / f"cpu_gemm-{tag}.so"
+    if not lib.exists():
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            raise RuntimeError("no C compiler (cc/gcc) on PATH: install gcc (Debian: apt-get install gcc)")
+        fd, tmp = tempfile.mkstemp(dir=d, suffix=".so")
+        os.close(fd)
+        try:
+            done = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                raise RuntimeError(f"{cc} failed to build {_SOURCE.name}: {done.stderr.strip()[-2000:]}")
+            os.replace(tmp, lib)  # atomic: a concurrent builder's finished file is as good as ours
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    st = lib.stat()
+    if st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise RuntimeError(f"refusing to load {lib}: not owned by this user or writable by others")
+    so = ctypes.CDLL(str(lib))
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    so.cg_gemm.argtypes = [ctypes.c_int, p, p, p, i64, i64, p, i64, i64, p, i64]
+    so.cg_gemm.restype = ctypes.c_int
+    so.cg_set_threads.argtypes = [ctypes.c_int]
+    so.cg_set_threads.restype = ctypes.c_int
+    return so
+
+
+def _lib() -> ctypes.CDLL | None:
+    with _lock:
+        if "lib" not in _state:
+            _state["lib"] = None
+            if os.environ.get("COCOON_CPU_GEMM", "1") == "0":
+                _state["why"] = "disabled by COCOON_CPU_GEMM=0"
+            elif torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+                _state["why"] = f"this CPU has {torch.backends.cpu.get_cpu_capability()}, the kernel needs AVX2"
+            else:
+                try:
+                    _state["lib"] = _build()
+                except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                    _state["why"] = str(e)
+                    log.warning("CPU block GEMM unavailable, quantized layers use torch's int4 GEMM: %s", e)
+        lib = _state["lib"]
+        return lib if isinstance(lib, ctypes.CDLL) else None
+
+
+def available() -> tuple[bool, str]:
+    """(whether the kernel runs here, why not)."""
+    ok = _lib() is not None
+    return ok, "" if ok else str(_state.get("why", ""))
+
+
+def set_threads(n: int) -> int:
+    """Threads each GEMM's output columns are split over (the caller's thread included); returns the number set."""
+    lib = _lib()
+    return lib.cg_set_threads(max(1, int(n))) if lib is not None else 1
+
+
+class BlockLinear:
+    """A `QuantWeight` [N, K] held for `cg_gemm`: codes as stored, scales (and Q4 mins) widened to fp32."""
+
+    def __init__(self, w: QuantWeight) -> None:
+        lib = _lib()
+        if lib is None:
+            raise RuntimeError(f"the CPU block GEMM is unavailable: {_state.get('why')}")
+        self._gemm = lib.cg_gemm
+        self.shape = w.shape
+        self.fmt = w.fmt
+        self.qs = w.qs.contiguous().cpu()
+        self.d = w.d.float().contiguous().cpu()
+        self.m = w.m.float().contiguous().cpu() if w.m is not None else None
+        self._ptrs = (1 if self.m is not None else 0, self.qs.data_ptr(), self.d.data_ptr(),
+                      self.m.data_ptr() if self.m is not None else None)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n, k = self.shape
+        if x.shape[-1] != k:
+            raise ValueError(f"block GEMM: x has {x.shape[-1]} features but the weight is {self.shape}")
+        x2 = x.reshape(-1, k)
+        if x2.dtype != torch.float32 or x2.device.type != "cpu" or x2.stride(1) != 1:
+            x2 = x2.to(device="cpu", dtype=torch.float32).contiguous()
+        rows = x2.shape[0]
+        y = torch.empty((rows, n), dtype=torch.float32)
+        q4, qs, d, m = self._ptrs
+        rc = self._gemm(q4, qs, d, m, n, k, x2.data_ptr(), rows, x2.stride(0), y.data_ptr(), n)
+        if rc != 0:
+            raise RuntimeError(f"block GEMM failed ({rc}) for x {tuple(x2.shape)} and weight {self.shape}")
+        return y.view(*x.shape[:-1], n)
+
+
+assert BLOCK == 32  # the C kernel's QB

@@ -1,0 +1,102 @@
+"""The C block GEMM (kernels/cpu_gemm.c) against its math on odd shapes, every format, 1 and 2 threads.
+
+Reference: x rounded to int8 per block of 32 exactly as the kernel states (q = round-half-even(x * 127 / absmax),
+d = absmax / 127), then the block sums of the module docstring in float64. The kernel must match that to fp32
+rounding (it sums integers exactly), and the plain float product within the rounding of x it documents."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cocoon_faas.kernels import cpu_gemm
+from cocoon_faas.kernels.quant import BLOCK, QuantWeight, codes, dequantize, quantize
+
+ok, why = cpu_gemm.available()
+pytestmark = pytest.mark.skipif(not ok, reason=f"the C block GEMM does not build here: {why}")
+
+
+def _rounded_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int codes [M, K] as float64, scales [M, K/32] as float64), the kernel's rounding of x (fp32 math)."""
+    m, k = x.shape
+    b = x.view(m, k // BLOCK, BLOCK)
+    amax = b.abs().amax(-1)
+    d = amax / 127
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    q = torch.round(b * inv[..., None])
+    return q.view(m, k).double(), d.double()
+
+
+def _reference(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    q, dx = _rounded_x(x)
+    n, k = w.shape
+    m = x.shape[0]
+    wq = codes(w).double().view(n, -1, BLOCK)
+    qx = q.view(m, -1, BLOCK)
+    dots = torch.einsum("nbj,mbj->mnb", wq, qx)
+    y = (dots * w.d.double()[None] * dx[:, None]).sum(-1)
+    if w.m is not None:
+        y = y + (w.m.double()[None] * (dx * qx.sum(-1))[:, None]).sum(-1)
+    return y
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matches_the_block_math_on_odd_shapes(fmt, threads):
+    torch.manual_seed(3)
+    cpu_gemm.set_threads(threads)
+    try:
+        for n, k in [(1, 32), (37, 64), (200, 96), (515, 160)]:
+            w = quantize(torch.randn(n, k) * 0.1, fmt)
+            lin = cpu_gemm.BlockLinear(w)
+            for m in (1, 3, 4, 5, 9):
+                x = torch.randn(m, k)
+                x[0, :BLOCK] = 0  # an all-zero block: scale 0, no division by it
+                y = lin(x)
+                assert y.dtype == torch.float32 and y.shape == (m, n)
+                ref = _reference(x, w)
+                assert torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()), (n, k, m)
+                exact = x.double() @ dequantize(w).double().t()
+                # x's rounding: at most half a step (absmax / 254) per element, summed over k inputs
+                bound = (x.abs().view(m, -1, BLOCK).amax(-1) / 254).repeat_interleave(BLOCK, 1).double() \
+                    @ dequantize(w).double().abs().t()
+                assert ((y.double() - exact).abs() <= bound + 1e-5).all()
+    finally:
+        cpu_gemm.set_threads(1)
+
+
+def test_q8_0_extreme_codes_do_not_saturate():
+    """-128 in a Q8_0 block (ggml writes [-127, 127], a file may hold -128) and x at full scale: every int16 pair
+    of vpmaddubsw stays below 32767, so the integer sums are exact."""
+    n, k = 16, 64
+    qs = torch.full((n, k), -128, dtype=torch.int8)
+    qs[:, 1::2] = 127
+    w = QuantWeight("q8_0", qs, torch.full((n, k // BLOCK), 0.5, dtype=torch.float16))
+    x = torch.full((3, k), -1.0)
+    x[:, 1::2] = 1.0
+    y = cpu_gemm.BlockLinear(w)(x)
+    want = (k // 2) * (128 * 0.5 + 127 * 0.5)  # x is +-1, exact in int8 at scale 1/127: 4080
+    assert torch.equal(y, torch.full((3, n), want))
+
+
+def test_row_results_do_not_depend_on_the_batch():
+    """Each row's sums run in the same order whatever the other rows are: the engine's batched decode gives the
+    same bits as a request alone."""
+    torch.manual_seed(0)
+    w = quantize(torch.randn(300, 128) * 0.05, "q4_1")
+    lin = cpu_gemm.BlockLinear(w)
+    x = torch.randn(7, 128)
+    together = lin(x)
+    for i in range(7):
+        assert torch.equal(lin(x[i:i + 1])[0], together[i])
+
+
+def test_inputs_are_checked():
+    lin = cpu_gemm.BlockLinear(quantize(torch.randn(8, 64), "q8_0"))
+    with pytest.raises(ValueError, match="features"):
+        lin(torch.randn(2, 32))
+    x = torch.randn(64, 3).t()  # non-contiguous rows, and fp64 below: converted, same answer
+    assert torch.allclose(lin(x), lin(x.contiguous()))
+    assert torch.allclose(lin(x.double()), lin(x.contiguous()))
+    assert lin(torch.randn(0, 64)).shape == (0, 8)
+    assert lin(torch.randn(2, 3, 64)).shape == (2, 3, 8)
