@@ -11,7 +11,8 @@ runtime/sandbox_link.py `hand_off`). Inside the sandbox the child sees:
 * a private, empty, writable /tmp and working directory (tmpfs: gone with the sandbox, never on the node's disk);
 * its own PID namespace (no other process visible; /proc is the sandbox's), IPC and UTS namespaces, and its own
   network namespace (only a down loopback) unless the spec says `network=True`;
-* no capabilities, a scrubbed environment (only PATH, HOME, LANG, thread counts and the spec's `env`), no
+* no capabilities, a scrubbed environment (only PATH, HOME, LANG, thread counts, the node's LLM engine settings
+  COCOON_LLM_PRECISION / COCOON_LLM_THREADS and the spec's `env`), no
   COCOON_HOME of any party, no Ray session directory, socket or token;
 * limits: address space (RLIMIT_AS) = the spec's `memory` (set by the child before any tenant code is loaded,
   hard limit too, so the tenant cannot raise it), and a pids limit through a pids cgroup when this node lets us
@@ -111,6 +112,9 @@ def _python_paths() -> list[str]:
     return sorted(p for p in paths if os.path.isdir(p) and not p.startswith("/usr/"))
 
 
+_LLM_SETTINGS = ("COCOON_LLM_PRECISION", "COCOON_LLM_THREADS")
+
+
 def child_env(cfg: SandboxConfig) -> dict[str, str]:
     """The whole environment of the child: nothing inherited from the Ray worker or the gateway."""
     threads = str(max(1, cfg.threads))
@@ -118,6 +122,11 @@ def child_env(cfg: SandboxConfig) -> dict[str, str]:
            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONNOUSERSITE": "1", "MALLOC_ARENA_MAX": "2",
            "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
            "TOKENIZERS_PARALLELISM": "false"}
+    # the node's LLM engine knobs (settings `llm_precision`, `llm_threads`): scrubbed like the rest, they used
+    # to stop at the sandbox, so `COCOON_LLM_PRECISION=gguf` on a node changed nothing inside its replicas
+    for name in _LLM_SETTINGS:
+        if os.environ.get(name):
+            env[name] = os.environ[name]
     if cfg.models_dir:
         env["COCOON_MODELS_DIR"] = cfg.models_dir
     if cfg.node:

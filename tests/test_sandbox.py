@@ -192,3 +192,17 @@ def test_the_child_speaks_the_frame_protocol_only_after_load():
     got = run_in_sandbox(probe, [])
     assert got == []
     assert P.LOAD != P.CALL  # LOAD/READY are their own frame types, never sent to the gateway
+
+
+def test_only_the_nodes_llm_settings_cross_into_the_sandbox(monkeypatch):
+    """The node's LLM knobs reach its replicas (they used to be scrubbed, so COCOON_LLM_PRECISION changed nothing);
+    no other COCOON_ setting does."""
+    monkeypatch.setenv("COCOON_LLM_PRECISION", "gguf")
+    monkeypatch.setenv("COCOON_LLM_THREADS", "2")
+    monkeypatch.setenv("COCOON_HOME", "/secret/home")
+    monkeypatch.setenv("COCOON_API_KEY", "k")
+    env = child_env(SandboxConfig(memory=1))
+    assert env["COCOON_LLM_PRECISION"] == "gguf" and env["COCOON_LLM_THREADS"] == "2"
+    assert not {"COCOON_HOME", "COCOON_API_KEY"} & set(env)
+    monkeypatch.delenv("COCOON_LLM_PRECISION")
+    assert "COCOON_LLM_PRECISION" not in child_env(SandboxConfig(memory=1))
