@@ -67,7 +67,8 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(dir=d, suffix=".so")
         os.close(fd)
         try:
-            done = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=120)
+            done = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True,
+                                  timeout=120)
             if done.returncode != 0:
                 raise RuntimeError(f"{cc} failed to build {_SOURCE.name}: {done.stderr.strip()[-2000:]}")
             os.replace(tmp, lib)  # atomic: a concurrent builder's finished file is as good as ours
@@ -81,6 +82,8 @@ def _build() -> ctypes.CDLL:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     so.cg_gemm.argtypes = [ctypes.c_int, p, p, p, i64, i64, p, i64, i64, p, i64]
     so.cg_gemm.restype = ctypes.c_int
+    so.cg_layer_tail.argtypes = [p, p, p, p, p, ctypes.c_float, p, p, i64, p]
+    so.cg_layer_tail.restype = ctypes.c_int
     so.cg_set_threads.argtypes = [ctypes.c_int]
     so.cg_set_threads.restype = ctypes.c_int
     return so
@@ -116,6 +119,13 @@ def set_threads(n: int) -> int:
     return lib.cg_set_threads(max(1, int(n))) if lib is not None else 1
 
 
+class _Weight(ctypes.Structure):
+    """`weight` in cpu_gemm.c."""
+
+    _fields_ = [("q4", ctypes.c_int), ("qs", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p),
+                ("n", ctypes.c_int64), ("k", ctypes.c_int64)]
+
+
 class BlockLinear:
     """A `QuantWeight` [N, K] held for `cg_gemm`: codes as stored, scales (and Q4 mins) widened to fp32."""
 
@@ -131,6 +141,7 @@ class BlockLinear:
         self.m = w.m.float().contiguous().cpu() if w.m is not None else None
         self._ptrs = (1 if self.m is not None else 0, self.qs.data_ptr(), self.d.data_ptr(),
                       self.m.data_ptr() if self.m is not None else None)
+        self.desc = _Weight(*self._ptrs, *self.shape)  # points into the tensors above, which live as long
 
     @property
     def nbytes(self) -> int:
@@ -150,6 +161,43 @@ class BlockLinear:
         if rc != 0:
             raise RuntimeError(f"block GEMM failed ({rc}) for x {tuple(x2.shape)} and weight {self.shape}")
         return y.view(*x.shape[:-1], n)
+
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+
+
+class LayerTail:
+    """The rest of a Llama layer after attention in one C call (`cg_layer_tail`): output projection and residual,
+    RMSNorm, gate|up, SwiGLU, down and residual, and the next RMSNorm. `tail(h, a)` updates h [T, hidden] (fp32,
+    contiguous) in place and returns the next layer's normed input [T, hidden]."""
+
+    def __init__(self, o: BlockLinear, gate_up: BlockLinear, down: BlockLinear, ln_ffn: torch.Tensor,
+                 ln_next: torch.Tensor, eps: float) -> None:
+        hidden, inter = o.shape[0], down.shape[1]
+        if gate_up.shape != (2 * inter, hidden) or down.shape[0] != hidden or ln_ffn.numel() != hidden:
+            raise ValueError(f"layer shapes do not chain: o {o.shape}, gate_up {gate_up.shape}, down {down.shape}")
+        lib = _lib()
+        assert lib is not None  # BlockLinear exists, so the library loaded
+        self._call = lib.cg_layer_tail
+        self._parts = (o, gate_up, down)
+        self._norms = (_f32(ln_ffn), _f32(ln_next))
+        self._args = (ctypes.byref(o.desc), ctypes.byref(gate_up.desc), ctypes.byref(down.desc),
+                      self._norms[0].data_ptr(), self._norms[1].data_ptr(), ctypes.c_float(eps))
+        self.hidden, self.a_dim = hidden, o.shape[1]
+
+    def __call__(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        if h.dtype != torch.float32 or not h.is_contiguous() or h.device.type != "cpu" or h.shape[-1] != self.hidden:
+            raise ValueError(f"layer tail: h must be fp32 contiguous [T, {self.hidden}] on CPU, got "
+                             f"{h.dtype} {tuple(h.shape)}")
+        rows = h.shape[0]
+        a = _f32(a).view(rows, self.a_dim)
+        out = torch.empty_like(h)
+        rc = self._call(*self._args, h.data_ptr(), a.data_ptr(), rows, out.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"layer tail failed ({rc}) for {rows} rows")
+        return out
 
 
 assert BLOCK == 32  # the C kernel's QB

@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .. import cpu_gemm
+
 Gemm = Callable[[torch.Tensor], torch.Tensor]
 # (layer, q [T, heads, D] rotated, k [T, kv_heads, D] rotated, v [T, kv_heads, D]) -> [T, heads * D]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -57,6 +59,11 @@ class TorchDecoder:
              w[f"{i + 1}.ln_attn"] if i + 1 < c.layers else w["norm"])
             for i in range(c.layers)
         ]
+        # quantized weights on the C block GEMM: everything after attention is one call per layer
+        self.tails: list[cpu_gemm.LayerTail] | None = None
+        if all(isinstance(g, cpu_gemm.BlockLinear) for layer in self.layers for g in layer[1:4]):
+            self.tails = [cpu_gemm.LayerTail(o, gu, dn, ln_ffn, ln_next, self.eps)  # type: ignore[arg-type]
+                          for _, o, gu, dn, ln_ffn, ln_next in self.layers]
 
     def rotation(self, positions: torch.Tensor) -> torch.Tensor:
         """[T, D, D] matrices M with x @ M = rotate-half rotary of x [D] at each position (see module docstring)."""
@@ -78,10 +85,14 @@ class TorchDecoder:
         inter = c.intermediate
         rot = self.rotation(positions)
         x = rms_norm(h, self.first_norm, eps)
+        tails = self.tails
         for i, (qkv_mm, o_mm, gate_up_mm, down_mm, ln_ffn, ln_next) in enumerate(self.layers):
             qkv = qkv_mm(x)
             qk = torch.bmm(qkv[:, :qk_dim].view(t, heads + kv_heads, dim), rot)
             a = attend(i, qk[:, :heads], qk[:, heads:], qkv[:, qk_dim:].view(t, kv_heads, dim))
+            if tails is not None:
+                x = tails[i](h, a)
+                continue
             h.add_(o_mm(a))
             x = rms_norm(h, ln_ffn, eps)
             gu = gate_up_mm(x)
