@@ -100,3 +100,31 @@ def test_inputs_are_checked():
     assert torch.allclose(lin(x.double()), lin(x.contiguous()))
     assert lin(torch.randn(0, 64)).shape == (0, 8)
     assert lin(torch.randn(2, 3, 64)).shape == (2, 3, 8)
+
+
+def test_layer_tail_is_the_layer_math():
+    """`LayerTail` (one C call) against the same layer written with torch ops on the kernel's own GEMMs."""
+    torch.manual_seed(5)
+    hidden, inter, heads_dim, eps = 64, 96, 64, 1e-5
+    o, gu, dn = (cpu_gemm.BlockLinear(quantize(torch.randn(n, k) * 0.1, f))
+                 for n, k, f in [(hidden, heads_dim, "q4_1"), (2 * inter, hidden, "q4_1"), (hidden, inter, "q8_0")])
+    ln_ffn, ln_next = torch.rand(hidden) + 0.5, torch.rand(hidden) + 0.5
+    tail = cpu_gemm.LayerTail(o, gu, dn, ln_ffn, ln_next, eps)
+
+    def norm(x, w):
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * w
+
+    for rows in (1, 3, 6):
+        h, a = torch.randn(rows, hidden), torch.randn(rows, heads_dim)
+        want_h = h + o(a)
+        x = norm(want_h, ln_ffn)
+        g = gu(x)
+        want_h = want_h + dn(torch.nn.functional.silu(g[:, :inter]) * g[:, inter:])
+        got_h = h.clone()
+        out = tail(got_h, a)
+        assert torch.allclose(got_h, want_h, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(out, norm(want_h, ln_next), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="do not chain"):
+        cpu_gemm.LayerTail(o, dn, gu, ln_ffn, ln_next, eps)
+    with pytest.raises(ValueError, match="fp32 contiguous"):
+        tail(torch.randn(2, hidden).double(), torch.randn(2, heads_dim))
