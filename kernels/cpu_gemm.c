@@ -171,7 +171,9 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
 static atomic_long generation = 0;
 static atomic_int pending = 0;
-static const gemm_job *current = NULL;
+typedef void (*task_fn)(const void *arg, int part, int parts);
+static task_fn current_fn = NULL;
+static const void *current_arg = NULL;
 static int current_parts = 1;
 
 static void part_range(const gemm_job *j, int part, int parts, int64_t *n0, int64_t *n1) {
@@ -180,6 +182,13 @@ static void part_range(const gemm_job *j, int part, int parts, int64_t *n0, int6
     *n0 = (chunks * part / parts) * 8;
     *n1 = (chunks * (part + 1) / parts) * 8;
     if (*n1 > j->n) *n1 = j->n;
+}
+
+static void gemm_part(const void *arg, int part, int parts) {
+    const gemm_job *j = (const gemm_job *)arg;
+    int64_t n0, n1;
+    part_range(j, part, parts, &n0, &n1);
+    run_columns(j, n0, n1);
 }
 
 static void *worker_main(void *arg) {
@@ -202,9 +211,7 @@ static void *worker_main(void *arg) {
         }
         seen = g;
         if (id < current_parts) {
-            int64_t n0, n1;
-            part_range(current, id, current_parts, &n0, &n1);
-            run_columns(current, n0, n1);
+            current_fn(current_arg, id, current_parts);
             atomic_fetch_sub_explicit(&pending, 1, memory_order_acq_rel);
         }
     }
@@ -225,6 +232,34 @@ int cg_set_threads(int n) {
     return pool_size;
 }
 
+/* Run fn(arg, part, parts) for every part, the caller taking part 0; `parts` is capped by the pool. One caller at
+ * a time per process uses the pool; a second caller (another Python thread) runs every part itself. */
+static atomic_flag pool_busy = ATOMIC_FLAG_INIT;
+
+static void pool_run(task_fn fn, const void *arg, int parts) {
+    if (parts > pool_size) parts = pool_size;
+    if (parts > 1 && atomic_flag_test_and_set(&pool_busy)) parts = 1;
+    if (parts <= 1) {
+        fn(arg, 0, 1);
+        return;
+    }
+    current_fn = fn;
+    current_arg = arg;
+    current_parts = parts;
+    atomic_store_explicit(&pending, parts - 1, memory_order_release);
+    pthread_mutex_lock(&lock);
+    atomic_fetch_add_explicit(&generation, 1, memory_order_acq_rel);
+    pthread_cond_broadcast(&wake);
+    pthread_mutex_unlock(&lock);
+    fn(arg, 0, parts);
+    /* the workers may be descheduled (other processes on the cores): after a short spin, yield the core */
+    for (int spins = 0; atomic_load_explicit(&pending, memory_order_acquire) > 0; spins++) {
+        if (spins < SPINS) _mm_pause();
+        else sched_yield();
+    }
+    atomic_flag_clear(&pool_busy);
+}
+
 /* ---- entry points ----------------------------------------------------------------------------------------------- */
 
 typedef struct {
@@ -239,9 +274,6 @@ static _Thread_local int8_t *scratch = NULL;
 static _Thread_local size_t scratch_size = 0;
 static _Thread_local float *tail_buf = NULL;
 static _Thread_local size_t tail_size = 0;
-
-/* One caller at a time per process uses the pool; a second caller (another Python thread) runs alone. */
-static atomic_flag pool_busy = ATOMIC_FLAG_INIT;
 
 static int gemm_run(const weight *w, const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy) {
     const int64_t n = w->n, k = w->k;
@@ -260,29 +292,7 @@ static int gemm_run(const weight *w, const float *x, int64_t m, int64_t ldx, flo
     float *xs = xd + m * nb;
     for (int64_t i = 0; i < m; i++) quantize_row(x + i * ldx, k, xq + i * k, xd + i * nb, xs + i * nb);
     gemm_job j = {w->q4, w->qs, w->d, w->m, n, k, xq, xd, xs, m, y, ldy};
-    int parts = pool_size;
-    if (n < 64 * parts) parts = 1;
-    if (parts > 1 && atomic_flag_test_and_set(&pool_busy)) parts = 1;
-    if (parts == 1) {
-        run_columns(&j, 0, n);
-        return 0;
-    }
-    current = &j;
-    current_parts = parts;
-    atomic_store_explicit(&pending, parts - 1, memory_order_release);
-    pthread_mutex_lock(&lock);
-    atomic_fetch_add_explicit(&generation, 1, memory_order_acq_rel);
-    pthread_cond_broadcast(&wake);
-    pthread_mutex_unlock(&lock);
-    int64_t n0, n1;
-    part_range(&j, 0, parts, &n0, &n1);
-    run_columns(&j, n0, n1);
-    /* the workers may be descheduled (other processes on the cores): after a short spin, yield the core */
-    for (int spins = 0; atomic_load_explicit(&pending, memory_order_acquire) > 0; spins++) {
-        if (spins < SPINS) _mm_pause();
-        else sched_yield();
-    }
-    atomic_flag_clear(&pool_busy);
+    pool_run(gemm_part, &j, n < 64 * pool_size ? 1 : pool_size);
     return 0;
 }
 
@@ -334,5 +344,92 @@ int cg_layer_tail(const weight *o, const weight *gu, const weight *down, const f
     if ((rc = gemm_run(down, g, m, inter, t, hidden))) return rc;
     for (int64_t i = 0; i < m * hidden; i++) h[i] += t[i];
     rms_norm_rows(h, m, hidden, ln_next, eps, out);
+    return 0;
+}
+
+static inline int j_bad_len(int64_t len, int64_t ld) { return len < 1 || len > ld; }
+
+/* ---- decode attention over the paged KV cache ------------------------------------------------------------------- */
+
+typedef struct {
+    const float *q;        /* [nd, heads, d], row stride ldq */
+    int64_t ldq;
+    const float *kc, *vc;  /* [slots, kv_heads, d] */
+    const int64_t *idx;    /* [nd, ld_idx]: the cache slot of each position of each row */
+    int64_t ld_idx;
+    const int64_t *lens;   /* [nd] */
+    int64_t nd, heads, kv_heads, d;
+    float scale;
+    float *out;            /* [nd, heads * d] */
+} attn_job;
+
+static inline float dot_f32(const float *a, const float *b, int64_t d) {
+    if (d % 8 == 0) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+        return hsum(acc);
+    }
+    float s = 0.0f;
+    for (int64_t i = 0; i < d; i++) s += a[i] * b[i];
+    return s;
+}
+
+static _Thread_local float *attn_buf = NULL;
+static _Thread_local size_t attn_size = 0;
+
+/* each query head of each row against that row's own positions only, so a row's result does not depend on the
+ * other rows of the batch (no padding, no mask) */
+static void attn_part(const void *arg, int part, int parts) {
+    const attn_job *j = (const attn_job *)arg;
+    const int64_t group = j->heads / j->kv_heads, d = j->d;
+    int64_t longest = 0;
+    for (int64_t r = 0; r < j->nd; r++) longest = j->lens[r] > longest ? j->lens[r] : longest;
+    if ((size_t)longest > attn_size) {
+        free(attn_buf);
+        attn_buf = malloc((size_t)longest * sizeof(float));
+        attn_size = attn_buf ? (size_t)longest : 0;
+        if (!attn_buf) return;  /* the caller sees rows of NaN: cg_attend_decode fills them first */
+    }
+    float *p = attn_buf;
+    const int64_t units = j->nd * j->heads;  /* (row, head) pairs, split evenly over the parts */
+    for (int64_t u = units * part / parts; u < units * (part + 1) / parts; u++) {
+        const int64_t r = u / j->heads, h = u % j->heads;
+        const int64_t len = j->lens[r];
+        const int64_t *slots = j->idx + r * j->ld_idx;
+        {
+            const int64_t g = h / group;
+            const float *q = j->q + r * j->ldq + h * d;
+            float mx = -INFINITY;
+            for (int64_t l = 0; l < len; l++) {
+                p[l] = dot_f32(q, j->kc + (slots[l] * j->kv_heads + g) * d, d) * j->scale;
+                mx = p[l] > mx ? p[l] : mx;
+            }
+            float sum = 0.0f;
+            for (int64_t l = 0; l < len; l++) {
+                p[l] = expf(p[l] - mx);
+                sum += p[l];
+            }
+            float *o = j->out + r * j->heads * d + h * d;
+            for (int64_t c = 0; c < d; c++) o[c] = 0.0f;
+            for (int64_t l = 0; l < len; l++) {
+                const float *v = j->vc + (slots[l] * j->kv_heads + g) * d;
+                const float w = p[l] / sum;
+                for (int64_t c = 0; c < d; c++) o[c] += w * v[c];
+            }
+        }
+    }
+}
+
+int cg_attend_decode(const float *q, int64_t ldq, const float *kc, const float *vc, const int64_t *idx, int64_t ld_idx,
+                     const int64_t *lens, int64_t nd, int64_t heads, int64_t kv_heads, int64_t d, float scale,
+                     float *out) {
+    if (nd <= 0) return 0;
+    if (kv_heads <= 0 || heads % kv_heads || d <= 0) return -3;
+    for (int64_t r = 0; r < nd; r++) {
+        if (j_bad_len(lens[r], ld_idx)) return -4;
+        for (int64_t c = 0; c < heads * d; c++) out[r * heads * d + c] = NAN;
+    }
+    attn_job j = {q, ldq, kc, vc, idx, ld_idx, lens, nd, heads, kv_heads, d, scale, out};
+    pool_run(attn_part, &j, pool_size);
     return 0;
 }

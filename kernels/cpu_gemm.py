@@ -84,6 +84,8 @@ def _build() -> ctypes.CDLL:
     so.cg_gemm.restype = ctypes.c_int
     so.cg_layer_tail.argtypes = [p, p, p, p, p, ctypes.c_float, p, p, i64, p]
     so.cg_layer_tail.restype = ctypes.c_int
+    so.cg_attend_decode.argtypes = [p, i64, p, p, p, i64, p, i64, i64, i64, i64, ctypes.c_float, p]
+    so.cg_attend_decode.restype = ctypes.c_int
     so.cg_set_threads.argtypes = [ctypes.c_int]
     so.cg_set_threads.restype = ctypes.c_int
     return so
@@ -197,6 +199,51 @@ class LayerTail:
         rc = self._call(*self._args, h.data_ptr(), a.data_ptr(), rows, out.data_ptr())
         if rc != 0:
             raise RuntimeError(f"layer tail failed ({rc}) for {rows} rows")
+        return out
+
+
+class DecodeAttention:
+    """Decode attention over a paged cache for one step's rows, checked once and run per layer.
+
+    `DecodeAttention(slots, lengths, cache_rows)(q, k_cache, v_cache)`: row r's query heads q[r] [heads, D] attend
+    over the cache rows `slots[r, :lengths[r]]` of k_cache / v_cache [cache_rows, kv_heads, D] (grouped: head h
+    reads KV head h // (heads / kv_heads)), softmax scaled by 1/sqrt(D). Each row over its own positions only, so
+    unlike one padded SDPA over the batch a row's result does not depend on the others. Returns [rows, heads * D]
+    fp32."""
+
+    def __init__(self, slots: torch.Tensor, lengths: torch.Tensor, cache_rows: int) -> None:
+        lib = _lib()
+        if lib is None:
+            raise RuntimeError(f"the CPU kernels are unavailable: {_state.get('why')}")
+        self._call = lib.cg_attend_decode
+        self.slots = slots.to(device="cpu", dtype=torch.int64).contiguous()
+        self.lengths = lengths.to(device="cpu", dtype=torch.int64).contiguous()
+        rows = self.slots.shape[0]
+        if self.slots.dim() != 2 or self.lengths.shape != (rows,):
+            raise ValueError(f"slots {tuple(self.slots.shape)} / lengths {tuple(self.lengths.shape)} do not match")
+        if rows and (int(self.slots.min()) < 0 or int(self.slots.max()) >= cache_rows):
+            raise ValueError(f"a slot index is outside the cache of {cache_rows} rows")
+        if rows and (int(self.lengths.min()) < 1 or int(self.lengths.max()) > self.slots.shape[1]):
+            raise ValueError(f"lengths must be in [1, {self.slots.shape[1]}]")
+        self.rows, self.cache_rows = rows, cache_rows
+
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        rows, heads, dim = q.shape
+        kv_heads = k_cache.shape[1]
+        for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != (self.cache_rows, kv_heads, dim):
+                raise ValueError(f"decode attention: {name} must be fp32 contiguous [{self.cache_rows}, {kv_heads}, "
+                                 f"{dim}], got {t.dtype} {tuple(t.shape)}")
+        if rows != self.rows or q.dtype != torch.float32 or q.stride(2) != 1 or q.stride(1) != dim \
+                or heads % kv_heads:
+            raise ValueError(f"decode attention: q must be fp32 [{self.rows}, heads, {dim}] with contiguous heads, "
+                             f"heads a multiple of the {kv_heads} KV heads; got {q.dtype} {tuple(q.shape)}")
+        out = torch.empty((rows, heads * dim), dtype=torch.float32)
+        rc = self._call(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), self.slots.data_ptr(),
+                        self.slots.shape[1], self.lengths.data_ptr(), rows, heads, kv_heads, dim,
+                        ctypes.c_float(dim ** -0.5), out.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"decode attention failed ({rc})")
         return out
 
 

@@ -128,3 +128,36 @@ def test_layer_tail_is_the_layer_math():
         cpu_gemm.LayerTail(o, dn, gu, ln_ffn, ln_next, eps)
     with pytest.raises(ValueError, match="fp32 contiguous"):
         tail(torch.randn(2, hidden).double(), torch.randn(2, heads_dim))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_attention_matches_sdpa_on_each_row(threads):
+    """Rows of different lengths over scattered cache slots, grouped heads, odd head dim: each row equals SDPA
+    over exactly its own positions."""
+    torch.manual_seed(11)
+    cpu_gemm.set_threads(threads)
+    try:
+        for heads, kv_heads, dim in [(9, 3, 64), (4, 4, 12), (6, 2, 40)]:
+            cache_rows = 97
+            kc, vc = torch.randn(cache_rows, kv_heads, dim), torch.randn(cache_rows, kv_heads, dim)
+            lengths = torch.tensor([1, 17, 40, 5])
+            slots = torch.stack([torch.randperm(cache_rows)[:40] for _ in range(4)])
+            q = torch.randn(4, heads + kv_heads, dim)[:, :heads]  # a view with a row stride, as the runner has
+            got = cpu_gemm.DecodeAttention(slots, lengths, cache_rows)(q, kc, vc)
+            for r in range(4):
+                s = slots[r, :lengths[r]]
+                want = torch.nn.functional.scaled_dot_product_attention(
+                    q[r][None, :, None], kc[s].transpose(0, 1)[None], vc[s].transpose(0, 1)[None], enable_gqa=True)
+                assert torch.allclose(got[r], want.reshape(-1), atol=1e-5, rtol=1e-4), (heads, kv_heads, dim, r)
+    finally:
+        cpu_gemm.set_threads(1)
+
+
+def test_decode_attention_refuses_bad_plans():
+    with pytest.raises(ValueError, match="outside the cache"):
+        cpu_gemm.DecodeAttention(torch.tensor([[0, 50]]), torch.tensor([2]), 50)
+    with pytest.raises(ValueError, match="lengths"):
+        cpu_gemm.DecodeAttention(torch.tensor([[0, 1]]), torch.tensor([3]), 50)
+    plan = cpu_gemm.DecodeAttention(torch.tensor([[0, 1]]), torch.tensor([2]), 50)
+    with pytest.raises(ValueError, match="k_cache"):
+        plan(torch.randn(1, 2, 8), torch.randn(49, 1, 8), torch.randn(50, 1, 8))

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from cocoon_faas.kernels import (
     add_rms_norm,
     attention_prefill,
+    cpu_gemm,
     gather_blocks,
     paged_attention_decode,
     rms_norm,
@@ -122,6 +123,10 @@ class PagedRunner:
         self._kflat = [self.k[i].view(-1, c.kv_heads, c.head_dim) for i in range(c.layers)]
         self._vflat = [self.v[i].view(-1, c.kv_heads, c.head_dim) for i in range(c.layers)]
         self._offsets = torch.arange(block_size, device=model.device)
+        # decode rows attend through the C kernel where it builds (each row over its own positions: no gather of
+        # the batch's cache rows, no padding; see cpu_gemm.DecodeAttention), else one padded SDPA
+        self._native_attention = (model.device.type == "cpu" and self.k.dtype == torch.float32
+                                  and cpu_gemm.available()[0])
 
     @staticmethod
     def bytes_per_block(model: SmolLM, block_size: int) -> int:
@@ -201,10 +206,14 @@ class PagedRunner:
         slots = torch.tensor(batch.slots, device=dev)
         nd = len(batch.decode_tables)
         dec_idx = dec_mask = None
+        native: cpu_gemm.DecodeAttention | None = None
         if nd:
             width = max(len(tb) for tb in batch.decode_tables)
             tables = torch.tensor([tb + [0] * (width - len(tb)) for tb in batch.decode_tables], device=dev)
             longest = max(batch.decode_lengths)
+            if self._native_attention:
+                native = cpu_gemm.DecodeAttention((tables[:, :, None] * bs + self._offsets).view(nd, -1),
+                                                  torch.tensor(batch.decode_lengths), self._kflat[0].shape[0])
             dec_idx = (tables[:, :, None] * bs + self._offsets).view(nd, -1)[:, :longest].reshape(-1)
             if min(batch.decode_lengths) < longest:
                 lengths = torch.tensor(batch.decode_lengths, device=dev)
@@ -222,7 +231,11 @@ class PagedRunner:
             kf.index_copy_(0, slots, k)
             vf.index_copy_(0, slots, v)
             dec = None
-            if dec_idx is not None:
+            if native is not None:
+                dec = native(q[:nd], kf, vf)
+                if not chunks:
+                    return dec
+            elif dec_idx is not None:
                 kk = kf.index_select(0, dec_idx).view(nd, -1, kv_heads, dim).transpose(1, 2)
                 vv = vf.index_select(0, dec_idx).view(nd, -1, kv_heads, dim).transpose(1, 2)
                 dec = F.scaled_dot_product_attention(q[:nd, :, None], kk, vv, attn_mask=dec_mask,
