@@ -169,12 +169,33 @@ static pthread_t workers[MAX_THREADS];
 static int started = 0;
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
-static atomic_long generation = 0;
-static atomic_int pending = 0;
 typedef void (*task_fn)(const void *arg, int part, int parts);
+/* The current task: `parts` chunks that every thread (the caller included) claims one at a time until none is
+ * left, so a worker the kernel has descheduled (other processes on the cores) delays only the chunk it holds:
+ * the caller takes the rest itself instead of waiting for a fixed share. `claims` packs (generation << 32 |
+ * next chunk); a thread only claims in the generation it woke for. */
 static task_fn current_fn = NULL;
 static const void *current_arg = NULL;
 static int current_parts = 1;
+static _Atomic uint64_t claims = 0;
+static atomic_int done_parts = 0;
+
+static int claim(uint32_t gen) {
+    uint64_t v = atomic_load_explicit(&claims, memory_order_acquire);
+    for (;;) {
+        if ((uint32_t)(v >> 32) != gen || (int)(uint32_t)v >= current_parts) return -1;
+        if (atomic_compare_exchange_weak_explicit(&claims, &v, v + 1, memory_order_acq_rel, memory_order_acquire))
+            return (int)(uint32_t)v;
+    }
+}
+
+static void work(uint32_t gen) {
+    int part;
+    while ((part = claim(gen)) >= 0) {
+        current_fn(current_arg, part, current_parts);
+        atomic_fetch_add_explicit(&done_parts, 1, memory_order_acq_rel);
+    }
+}
 
 static void part_range(const gemm_job *j, int part, int parts, int64_t *n0, int64_t *n1) {
     /* multiples of 8 columns, so two threads never write the same cache line of y */
@@ -192,28 +213,25 @@ static void gemm_part(const void *arg, int part, int parts) {
 }
 
 static void *worker_main(void *arg) {
-    int id = (int)(intptr_t)arg;
-    long seen = 0;
+    (void)arg;
+    uint32_t seen = 0;
     for (;;) {
-        long g;
+        uint32_t g;
         int spins = 0;
-        while ((g = atomic_load_explicit(&generation, memory_order_acquire)) == seen) {
+        while ((g = (uint32_t)(atomic_load_explicit(&claims, memory_order_acquire) >> 32)) == seen) {
             /* spin ~0.2 ms, then sleep. The gap between two GEMMs of a decode step (one layer's attention on
              * torch) is ~50-100 us: a worker that slept there had to be woken for every layer, which made
              * two threads slower than one at batch 1 (measured through the gateway: 27 vs 47 tok/s with a
              * shorter spin, 81 tok/s with this one). Between steps and when idle it sleeps. */
             if (++spins < SPINS) { _mm_pause(); continue; }
             pthread_mutex_lock(&lock);
-            while ((g = atomic_load_explicit(&generation, memory_order_acquire)) == seen)
+            while ((g = (uint32_t)(atomic_load_explicit(&claims, memory_order_acquire) >> 32)) == seen)
                 pthread_cond_wait(&wake, &lock);
             pthread_mutex_unlock(&lock);
             break;
         }
         seen = g;
-        if (id < current_parts) {
-            current_fn(current_arg, id, current_parts);
-            atomic_fetch_sub_explicit(&pending, 1, memory_order_acq_rel);
-        }
+        work(g);
     }
     return NULL;
 }
@@ -232,28 +250,28 @@ int cg_set_threads(int n) {
     return pool_size;
 }
 
-/* Run fn(arg, part, parts) for every part, the caller taking part 0; `parts` is capped by the pool. One caller at
- * a time per process uses the pool; a second caller (another Python thread) runs every part itself. */
+/* Run fn(arg, part, parts) for every part in [0, parts), on the pool's threads and the caller's. One caller at a time
+ * per process uses the pool; a second caller (another Python thread) runs every part itself. */
 static atomic_flag pool_busy = ATOMIC_FLAG_INIT;
+static uint32_t last_gen = 0;
 
 static void pool_run(task_fn fn, const void *arg, int parts) {
-    if (parts > pool_size) parts = pool_size;
-    if (parts > 1 && atomic_flag_test_and_set(&pool_busy)) parts = 1;
-    if (parts <= 1) {
-        fn(arg, 0, 1);
+    if (parts <= 1 || pool_size <= 1 || atomic_flag_test_and_set(&pool_busy)) {
+        for (int p = 0; p < parts; p++) fn(arg, p, parts);
         return;
     }
     current_fn = fn;
     current_arg = arg;
     current_parts = parts;
-    atomic_store_explicit(&pending, parts - 1, memory_order_release);
+    atomic_store_explicit(&done_parts, 0, memory_order_relaxed);
+    uint32_t gen = ++last_gen;
     pthread_mutex_lock(&lock);
-    atomic_fetch_add_explicit(&generation, 1, memory_order_acq_rel);
+    atomic_store_explicit(&claims, (uint64_t)gen << 32, memory_order_release);
     pthread_cond_broadcast(&wake);
     pthread_mutex_unlock(&lock);
-    fn(arg, 0, parts);
-    /* the workers may be descheduled (other processes on the cores): after a short spin, yield the core */
-    for (int spins = 0; atomic_load_explicit(&pending, memory_order_acquire) > 0; spins++) {
+    work(gen);
+    /* only chunks a worker holds are left: after a short spin, yield the core (it may be waiting for it) */
+    for (int spins = 0; atomic_load_explicit(&done_parts, memory_order_acquire) < parts; spins++) {
         if (spins < SPINS) _mm_pause();
         else sched_yield();
     }
@@ -292,7 +310,9 @@ static int gemm_run(const weight *w, const float *x, int64_t m, int64_t ldx, flo
     float *xs = xd + m * nb;
     for (int64_t i = 0; i < m; i++) quantize_row(x + i * ldx, k, xq + i * k, xd + i * nb, xs + i * nb);
     gemm_job j = {w->q4, w->qs, w->d, w->m, n, k, xq, xd, xs, m, y, ldy};
-    pool_run(gemm_part, &j, n < 64 * pool_size ? 1 : pool_size);
+    /* chunks of at least 64 columns, four per thread: a late thread costs a quarter of its share */
+    int64_t chunks = n / 64 < 4 * pool_size ? n / 64 : 4 * pool_size;
+    pool_run(gemm_part, &j, pool_size > 1 && chunks > 1 ? (int)chunks : 1);
     return 0;
 }
 
@@ -430,6 +450,64 @@ int cg_attend_decode(const float *q, int64_t ldq, const float *kc, const float *
         for (int64_t c = 0; c < heads * d; c++) out[r * heads * d + c] = NAN;
     }
     attn_job j = {q, ldq, kc, vc, idx, ld_idx, lens, nd, heads, kv_heads, d, scale, out};
-    pool_run(attn_part, &j, pool_size);
+    int64_t units = nd * heads;
+    pool_run(attn_part, &j, pool_size > 1 ? (int)(units < 4 * pool_size ? units : 4 * pool_size) : 1);
     return 0;
+}
+
+/* ---- rotary and a whole decode layer ----------------------------------------------------------------------------- */
+
+/* Rotate-half rotary embedding in place on heads [0, nheads) of each row of x (row stride ldx, heads of d
+ * contiguous): y[j] = x[j] c_j - x[j + d/2] s_j, y[j + d/2] = x[j + d/2] c_j + x[j] s_j, with c, s the rows
+ * pos[r] of the [positions, d/2] tables. */
+void cg_rotary(float *x, int64_t ldx, int64_t rows, int64_t nheads, int64_t d, const float *cos_t, const float *sin_t,
+               const int64_t *pos) {
+    const int64_t half = d / 2;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *c = cos_t + pos[r] * half, *s = sin_t + pos[r] * half;
+        for (int64_t h = 0; h < nheads; h++) {
+            float *v = x + r * ldx + h * d;
+            for (int64_t j = 0; j < half; j++) {
+                const float a = v[j], b = v[j + half];
+                v[j] = a * c[j] - b * s[j];
+                v[j + half] = b * c[j] + a * s[j];
+            }
+        }
+    }
+}
+
+static _Thread_local float *layer_buf = NULL;
+static _Thread_local size_t layer_size = 0;
+
+/* One Llama layer for rows that each decode one token (no prefill in the batch), in one call:
+ *   qkv = x . QKV^T; rotary on Q and K at pos; K, V written to the layer's cache at slots[r];
+ *   attention of each row over its own cache slots idx[r, :lens[r]] (as cg_attend_decode); cg_layer_tail.
+ * x [t, hidden] is the normed input, h the residual (updated), out the next layer's normed input. */
+int cg_decode_layer(const weight *qkv, const weight *o, const weight *gu, const weight *down, const float *ln_ffn,
+                    const float *ln_next, float eps, const float *cos_t, const float *sin_t, const int64_t *pos,
+                    const int64_t *slots, float *kc, float *vc, const int64_t *idx, int64_t ld_idx,
+                    const int64_t *lens, int64_t t, int64_t heads, int64_t kv_heads, int64_t d, float scale,
+                    float *h, const float *x, float *out) {
+    const int64_t width = (heads + 2 * kv_heads) * d;
+    if (qkv->n != width || qkv->k != o->n || o->k != heads * d) return -3;
+    if (t <= 0) return 0;
+    size_t need = (size_t)(t * (width + heads * d));
+    if (need > layer_size) {
+        free(layer_buf);
+        layer_buf = malloc(need * sizeof(float));
+        layer_size = layer_buf ? need : 0;
+        if (!layer_buf) return -2;
+    }
+    float *q = layer_buf, *a = q + t * width;
+    int rc = gemm_run(qkv, x, t, qkv->k, q, width);
+    if (rc) return rc;
+    cg_rotary(q, width, t, heads + kv_heads, d, cos_t, sin_t, pos);
+    for (int64_t r = 0; r < t; r++) {
+        memcpy(kc + slots[r] * kv_heads * d, q + r * width + heads * d, (size_t)(kv_heads * d) * sizeof(float));
+        memcpy(vc + slots[r] * kv_heads * d, q + r * width + (heads + kv_heads) * d,
+               (size_t)(kv_heads * d) * sizeof(float));
+    }
+    if ((rc = cg_attend_decode(q, width, kc, vc, idx, ld_idx, lens, t, heads, kv_heads, d, scale, a)))
+        return rc;
+    return cg_layer_tail(o, gu, down, ln_ffn, ln_next, eps, h, a, t, out);
 }

@@ -86,6 +86,11 @@ def _build() -> ctypes.CDLL:
     so.cg_layer_tail.restype = ctypes.c_int
     so.cg_attend_decode.argtypes = [p, i64, p, p, p, i64, p, i64, i64, i64, i64, ctypes.c_float, p]
     so.cg_attend_decode.restype = ctypes.c_int
+    so.cg_rotary.argtypes = [p, i64, i64, i64, i64, p, p, p]
+    so.cg_rotary.restype = None
+    so.cg_decode_layer.argtypes = [p, p, p, p, p, p, ctypes.c_float, p, p, p, p, p, p, p, i64, p, i64, i64, i64, i64,
+                                   ctypes.c_float, p, p, p]
+    so.cg_decode_layer.restype = ctypes.c_int
     so.cg_set_threads.argtypes = [ctypes.c_int]
     so.cg_set_threads.restype = ctypes.c_int
     return so
@@ -183,8 +188,10 @@ class LayerTail:
         lib = _lib()
         assert lib is not None  # BlockLinear exists, so the library loaded
         self._call = lib.cg_layer_tail
-        self._parts = (o, gate_up, down)
+        self.parts = (o, gate_up, down)
+        self.eps = eps
         self._norms = (_f32(ln_ffn), _f32(ln_next))
+        self.norm_ptrs = (self._norms[0].data_ptr(), self._norms[1].data_ptr())
         self._args = (ctypes.byref(o.desc), ctypes.byref(gate_up.desc), ctypes.byref(down.desc),
                       self._norms[0].data_ptr(), self._norms[1].data_ptr(), ctypes.c_float(eps))
         self.hidden, self.a_dim = hidden, o.shape[1]
@@ -200,6 +207,29 @@ class LayerTail:
         if rc != 0:
             raise RuntimeError(f"layer tail failed ({rc}) for {rows} rows")
         return out
+
+
+def _scale(dim: int) -> ctypes.c_float:
+    return ctypes.c_float(dim ** -0.5)  # one rounding for every path, so their rows agree bit for bit
+
+
+def rotary_(x: torch.Tensor, heads: int, dim: int, cos: torch.Tensor, sin: torch.Tensor,
+            positions: torch.Tensor) -> None:
+    """Rotate-half rotary embedding, in place, on the first `heads` heads of dim `dim` of each row of x [T, >=
+    heads * dim] (fp32, unit column stride) at `positions` [T], from the [positions, dim / 2] fp32 tables: the same
+    arithmetic as `cg_decode_layer`'s, so a row gets the same bits in a mixed step as in a decode-only one."""
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernels are unavailable: {_state.get('why')}")
+    if x.dtype != torch.float32 or x.stride(1) != 1 or x.shape[1] < heads * dim or dim % 2:
+        raise ValueError(f"rotary_: x must be fp32 [T, >= {heads * dim}] with unit column stride, dim even")
+    if cos.dtype != torch.float32 or not cos.is_contiguous() or cos.shape != sin.shape or cos.shape[1] != dim // 2 \
+            or not sin.is_contiguous():
+        raise ValueError(f"rotary_: cos and sin must be fp32 contiguous [positions, {dim // 2}]")
+    pos = positions.to(torch.int64).contiguous()
+    if pos.shape != (x.shape[0],) or (pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= cos.shape[0])):
+        raise ValueError(f"rotary_: positions must be [{x.shape[0]}] within the tables' {cos.shape[0]} rows")
+    lib.cg_rotary(x.data_ptr(), x.stride(0), x.shape[0], heads, dim, cos.data_ptr(), sin.data_ptr(), pos.data_ptr())
 
 
 class DecodeAttention:
@@ -241,9 +271,51 @@ class DecodeAttention:
         out = torch.empty((rows, heads * dim), dtype=torch.float32)
         rc = self._call(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), self.slots.data_ptr(),
                         self.slots.shape[1], self.lengths.data_ptr(), rows, heads, kv_heads, dim,
-                        ctypes.c_float(dim ** -0.5), out.data_ptr())
+                        _scale(dim), out.data_ptr())
         if rc != 0:
             raise RuntimeError(f"decode attention failed ({rc})")
+        return out
+
+
+class DecodeLayer:
+    """A whole Llama layer for a step whose rows each decode one token, in one C call (`cg_decode_layer`): QKV
+    GEMM, rotary, K/V into the layer's cache at the rows' slots, each row's attention over its own slots
+    (`DecodeAttention`'s), then `LayerTail`. The same arithmetic as those pieces called one by one."""
+
+    def __init__(self, qkv: BlockLinear, tail: LayerTail, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+                 kv_heads: int, dim: int) -> None:
+        if qkv.shape != ((heads + 2 * kv_heads) * dim, tail.hidden) or tail.a_dim != heads * dim:
+            raise ValueError(f"decode layer: qkv {qkv.shape} does not fit {heads}+2x{kv_heads} heads of {dim}")
+        lib = _lib()
+        assert lib is not None
+        self._call = lib.cg_decode_layer
+        self._qkv, self._tail = qkv, tail
+        self._cos, self._sin = _f32(cos), _f32(sin)
+        o, gu, dn = tail.parts
+        self._args = (ctypes.byref(qkv.desc), ctypes.byref(o.desc), ctypes.byref(gu.desc), ctypes.byref(dn.desc),
+                      *tail.norm_ptrs, ctypes.c_float(tail.eps), self._cos.data_ptr(), self._sin.data_ptr())
+        self.heads, self.kv_heads, self.dim = heads, kv_heads, dim
+
+    def __call__(self, h: torch.Tensor, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                 plan: DecodeAttention, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """h [T, hidden] (updated), x its normed form; positions / slots int64 [T] (checked by the caller's plan:
+        positions < the tables' rows, slots < the cache's rows); returns the next layer's normed input."""
+        rows = h.shape[0]
+        shape = (plan.cache_rows, self.kv_heads, self.dim)
+        for t in (k_cache, v_cache):
+            if t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != shape:
+                raise ValueError(f"decode layer: caches must be fp32 contiguous {shape}")
+        for t in (h, x):
+            if t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != (rows, self._tail.hidden):
+                raise ValueError(f"decode layer: h and x must be fp32 contiguous [{rows}, {self._tail.hidden}]")
+        if plan.rows != rows or positions.shape != (rows,) or slots.shape != (rows,):
+            raise ValueError(f"decode layer: the plan, positions and slots must all have {rows} rows")
+        out = torch.empty_like(h)
+        rc = self._call(*self._args, positions.data_ptr(), slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                        plan.slots.data_ptr(), plan.slots.shape[1], plan.lengths.data_ptr(), rows, self.heads,
+                        self.kv_heads, self.dim, _scale(self.dim), h.data_ptr(), x.data_ptr(), out.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"decode layer failed ({rc})")
         return out
 
 

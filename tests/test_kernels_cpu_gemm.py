@@ -161,3 +161,45 @@ def test_decode_attention_refuses_bad_plans():
     plan = cpu_gemm.DecodeAttention(torch.tensor([[0, 1]]), torch.tensor([2]), 50)
     with pytest.raises(ValueError, match="k_cache"):
         plan(torch.randn(1, 2, 8), torch.randn(49, 1, 8), torch.randn(50, 1, 8))
+
+
+def test_decode_layer_is_its_pieces_bit_for_bit():
+    """`DecodeLayer` (one call) gives the same bits as QKV GEMM, `rotary_`, cache writes, `DecodeAttention` and
+    `LayerTail` called one by one, which is what a step with a prefill in it runs: a decoding row's tokens do not
+    depend on the kind of step it is in. Rotary is also checked against the textbook rotate-half formula."""
+    torch.manual_seed(2)
+    heads, kv_heads, dim, hidden, inter, rows, cache_rows = 4, 2, 16, 64, 64, 3, 40
+    qkv = cpu_gemm.BlockLinear(quantize(torch.randn((heads + 2 * kv_heads) * dim, hidden) * 0.1, "q4_1"))
+    tail = cpu_gemm.LayerTail(*(cpu_gemm.BlockLinear(quantize(torch.randn(n, k) * 0.1, "q8_0"))
+                                for n, k in [(hidden, heads * dim), (2 * inter, hidden), (hidden, inter)]),
+                              torch.rand(hidden) + 0.5, torch.rand(hidden) + 0.5, 1e-5)
+    from cocoon_faas.kernels import rope_tables
+
+    cos, sin = rope_tables(dim, 64)
+    layer = cpu_gemm.DecodeLayer(qkv, tail, cos, sin, heads, kv_heads, dim)
+    kc, vc = torch.randn(cache_rows, kv_heads, dim), torch.randn(cache_rows, kv_heads, dim)
+    slots = torch.tensor([5, 17, 30])
+    positions = torch.tensor([3, 9, 0])
+    table = torch.stack([torch.randperm(cache_rows)[:12] for _ in range(rows)])
+    table[torch.arange(rows), positions] = slots  # each row's own new slot is among its positions
+    plan = cpu_gemm.DecodeAttention(table, positions + 1, cache_rows)
+    h, x = torch.randn(rows, hidden), torch.randn(rows, hidden)
+
+    k2, v2, h2 = kc.clone(), vc.clone(), h.clone()
+    y = qkv(x)
+    unrotated = y.clone()
+    cpu_gemm.rotary_(y, heads + kv_heads, dim, cos, sin, positions)
+    half = dim // 2
+    u = unrotated[:, :(heads + kv_heads) * dim].view(rows, -1, dim)
+    c, s = cos[positions][:, None], sin[positions][:, None]
+    textbook = torch.cat([u[..., :half] * c - u[..., half:] * s, u[..., half:] * c + u[..., :half] * s], -1)
+    assert torch.allclose(y[:, :(heads + kv_heads) * dim].view(rows, -1, dim), textbook, atol=1e-6)
+    q = y[:, :heads * dim].view(rows, heads, dim)
+    k2[slots] = y[:, heads * dim:(heads + kv_heads) * dim].view(rows, kv_heads, dim)
+    v2[slots] = y[:, (heads + kv_heads) * dim:].reshape(rows, kv_heads, dim)
+    want = tail(h2, plan(q, k2, v2))
+
+    got = layer(h, x, positions, slots, plan, kc, vc)
+    assert torch.equal(got, want) and torch.equal(h, h2) and torch.equal(kc, k2) and torch.equal(vc, v2)
+    with pytest.raises(ValueError, match="caches"):
+        layer(h, x, positions, slots, plan, kc[:10], vc)

@@ -225,6 +225,16 @@ class PagedRunner:
             rows = torch.arange(p.length, device=dev)[:, None] + (p.ctx - p.length)
             chunks.append((p.start, p.length, idx, torch.arange(p.ctx, device=dev)[None, :] <= rows))
         kflat, vflat = self._kflat, self._vflat
+        layers = self._decoder.decode_layers
+        if native is not None and not chunks and layers is not None:  # decode rows only: one C call per layer
+            pos = torch.tensor(batch.positions, dtype=torch.int64)
+            if int(pos.max()) >= self._decoder.cos.shape[0] or int(slots.max()) >= native.cache_rows:
+                raise ValueError("a position or cache slot is outside the model's tables or the KV pool")
+            h = m.embed(torch.tensor(batch.tokens, device=dev))
+            x = self._decoder.first(h)
+            for i, layer in enumerate(layers):
+                x = layer(h, x, pos, slots, native, kflat[i], vflat[i])
+            return x[torch.tensor(batch.logit_rows, dtype=torch.long, device=dev)]
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             kf, vf = kflat[i], vflat[i]

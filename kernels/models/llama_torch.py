@@ -61,9 +61,17 @@ class TorchDecoder:
         ]
         # quantized weights on the C block GEMM: everything after attention is one call per layer
         self.tails: list[cpu_gemm.LayerTail] | None = None
+        # and a step of decode rows only is one call per layer (the paged runner's; rotary then runs in C on
+        # every step, so a row gets the same bits whichever kind of step it is in)
+        self.decode_layers: list[cpu_gemm.DecodeLayer] | None = None
         if all(isinstance(g, cpu_gemm.BlockLinear) for layer in self.layers for g in layer[1:4]):
             self.tails = [cpu_gemm.LayerTail(o, gu, dn, ln_ffn, ln_next, self.eps)  # type: ignore[arg-type]
                           for _, o, gu, dn, ln_ffn, ln_next in self.layers]
+            if all(isinstance(layer[0], cpu_gemm.BlockLinear) for layer in self.layers):
+                self.decode_layers = [
+                    cpu_gemm.DecodeLayer(layer[0], tail, self.cos, self.sin, c.heads,  # type: ignore[arg-type]
+                                         c.kv_heads, c.head_dim)
+                    for layer, tail in zip(self.layers, self.tails, strict=True)]
 
     def rotation(self, positions: torch.Tensor) -> torch.Tensor:
         """[T, D, D] matrices M with x @ M = rotate-half rotary of x [D] at each position (see module docstring)."""
@@ -75,6 +83,10 @@ class TorchDecoder:
         m[:, :half, half:] += ds  # y[j + half] = x[j + half] c_j + x[j] s_j
         return m
 
+    def first(self, h: torch.Tensor) -> torch.Tensor:
+        """The first layer's input: RMSNorm of the embeddings h [T, hidden]."""
+        return rms_norm(h, self.first_norm, self.eps)
+
     def run(self, h: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         """Hidden states h [T, hidden] (the embeddings; updated in place) through every layer at `positions` [T];
         returns the final-normed states [T, hidden]."""
@@ -83,12 +95,16 @@ class TorchDecoder:
         heads, kv_heads, dim = c.heads, c.kv_heads, c.head_dim
         qk_dim = (heads + kv_heads) * dim
         inter = c.intermediate
-        rot = self.rotation(positions)
-        x = rms_norm(h, self.first_norm, eps)
         tails = self.tails
+        rot = self.rotation(positions) if self.decode_layers is None else None
+        x = self.first(h)
         for i, (qkv_mm, o_mm, gate_up_mm, down_mm, ln_ffn, ln_next) in enumerate(self.layers):
             qkv = qkv_mm(x)
-            qk = torch.bmm(qkv[:, :qk_dim].view(t, heads + kv_heads, dim), rot)
+            if rot is None:  # the C layers' rotary, in place
+                cpu_gemm.rotary_(qkv, heads + kv_heads, dim, self.cos, self.sin, positions)
+                qk = qkv[:, :qk_dim].view(t, heads + kv_heads, dim)
+            else:
+                qk = torch.bmm(qkv[:, :qk_dim].view(t, heads + kv_heads, dim), rot)
             a = attend(i, qk[:, :heads], qk[:, heads:], qkv[:, qk_dim:].view(t, kv_heads, dim))
             if tails is not None:
                 x = tails[i](h, a)
