@@ -28,9 +28,10 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="API key; default: the key file under home")
 
     models_dir: Path | None = Field(None, description="converted model weights cache (default: home/models)")
-    llm_threads: int = Field(0, ge=0, description="cores of an LLM engine replica: on CPU each step's sequences "
-                             "split over this many threads of one torch thread each; on a GPU torch's thread count "
-                             "(0: leave torch's default, one thread per CPU the function declares)")
+    llm_threads: int = Field(0, ge=0, description="cores of an LLM engine replica: on CPU the C kernels split "
+                             "each GEMM and attention over this many threads (with fp32 weights each step's "
+                             "sequences split over them); on a GPU torch's thread count (0: leave torch's default, "
+                             "one thread per CPU the function declares)")
     llm_precision: Literal["auto", "gguf", "q8", "q4", "fp32", "fp16", "bf16"] = Field(
         "auto", description="weights of an LLM replica: as the GGUF stores them, requantized, or a float type; "
         "auto: fp32 for now (why: kernels/models/smollm.py)")

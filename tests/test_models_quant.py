@@ -112,3 +112,32 @@ def test_precisions_and_their_memory(models, cache):
         resolve_precision("int3", torch.device("cpu"), None)
     with pytest.raises(ValueError, match="drop one"):
         resolve_precision("fp32", torch.device("cpu"), torch.float16)
+
+
+def test_quantized_engine_repeats_seeded_samples_across_batches_and_the_prefix_cache(models):
+    """On the C kernels every row of a step is computed on its own, so a seeded request gives the same tokens
+    alone, again from the prefix cache, chunked differently, and batched with another request (with bf16 or int8
+    rounding anywhere the order of float operations varied, these drifted apart at near-ties)."""
+    from cocoon_faas.kernels import cpu_gemm
+    from cocoon_faas.llm import Engine, SamplingParams
+
+    if not cpu_gemm.available()[0]:
+        pytest.skip(f"the C block kernels do not build here: {cpu_gemm.available()[1]}")
+    model = models["gguf"]
+    chat = [{"role": "user", "content": "Say something about the sea."}]
+    p = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=7)
+    runs = []
+    with K.backend("torch"):
+        for tokens in (256, 24):  # one prefill step, then chunks of 24
+            engine = Engine(model, kv_blocks=32, max_batch_tokens=tokens)
+            try:
+                runs.append(engine.generate(chat, p).choices[0].token_ids)
+                again = engine.generate(chat, p)
+                assert again.usage.cached_tokens > 0  # the prompt's blocks came from the prefix cache
+                runs.append(again.choices[0].token_ids)
+                both = [engine.submit(chat, p), engine.submit(CHAT, p)]
+                runs.append(both[0].result().choices[0].token_ids)
+                both[1].result()
+            finally:
+                engine.close()
+    assert len(runs[0]) == 10 and all(r == runs[0] for r in runs), runs
