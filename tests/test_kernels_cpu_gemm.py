@@ -6,11 +6,16 @@ rounding (it sums integers exactly), and the plain float product within the roun
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from cocoon_faas.kernels import cpu_gemm
-from cocoon_faas.kernels.quant import BLOCK, QuantWeight, codes, dequantize, quantize
+if not torch.cuda.is_available():  # must precede the first import of cocoon_faas.kernels in this test session
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from cocoon_faas.kernels import cpu_gemm  # noqa: E402
+from cocoon_faas.kernels.quant import BLOCK, QuantWeight, codes, dequantize, quantize  # noqa: E402
 
 ok, why = cpu_gemm.available()
 pytestmark = pytest.mark.skipif(not ok, reason=f"the C block GEMM does not build here: {why}")
