@@ -241,7 +241,7 @@ int cg_set_threads(int n) {
     if (n > MAX_THREADS) n = MAX_THREADS;
     pthread_mutex_lock(&lock);
     while (started < n - 1) {
-        if (pthread_create(&workers[started], NULL, worker_main, (void *)(intptr_t)(started + 1)) != 0) break;
+        if (pthread_create(&workers[started], NULL, worker_main, NULL) != 0) break;
         pthread_detach(workers[started]);
         started++;
     }
@@ -287,26 +287,34 @@ typedef struct {
     int64_t n, k;
 } weight;
 
-/* per calling thread: the int8 rows of x and their scales; the layer tail's intermediates */
-static _Thread_local int8_t *scratch = NULL;
-static _Thread_local size_t scratch_size = 0;
-static _Thread_local float *tail_buf = NULL;
-static _Thread_local size_t tail_size = 0;
+/* A per-thread buffer of at least `need` bytes (64-byte aligned), grown as needed, never shrunk; NULL when out of
+ * memory. */
+typedef struct {
+    void *p;
+    size_t size;
+} buffer;
+
+static void *grow(buffer *b, size_t need) {
+    if (need > b->size) {
+        free(b->p);
+        b->p = aligned_alloc(64, (need + 63) / 64 * 64);
+        b->size = b->p ? need : 0;
+    }
+    return b->p;
+}
+
+/* per calling thread: the int8 rows of x and their scales; the layer tail's and the decode layer's intermediates;
+ * per pool thread: attention scores */
+static _Thread_local buffer scratch, tail_buf, layer_buf, attn_buf;
 
 static int gemm_run(const weight *w, const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy) {
     const int64_t n = w->n, k = w->k;
     if (k % QB || m < 0 || n < 0) return -1;
     if (m == 0 || n == 0) return 0;
     int64_t nb = k / QB;
-    size_t need = (size_t)(((m * k + 63) / 64) * 64) + 2 * sizeof(float) * (size_t)(m * nb);
-    if (need > scratch_size) {
-        free(scratch);
-        scratch = aligned_alloc(64, (need + 63) / 64 * 64);
-        scratch_size = scratch ? need : 0;
-        if (!scratch) return -2;
-    }
-    int8_t *xq = scratch;
-    float *xd = (float *)(scratch + ((m * k + 63) / 64) * 64);
+    int8_t *xq = grow(&scratch, (size_t)(((m * k + 63) / 64) * 64) + 2 * sizeof(float) * (size_t)(m * nb));
+    if (!xq) return -2;
+    float *xd = (float *)(xq + ((m * k + 63) / 64) * 64);
     float *xs = xd + m * nb;
     for (int64_t i = 0; i < m; i++) quantize_row(x + i * ldx, k, xq + i * k, xd + i * nb, xs + i * nb);
     gemm_job j = {w->q4, w->qs, w->d, w->m, n, k, xq, xd, xs, m, y, ldy};
@@ -343,14 +351,9 @@ int cg_layer_tail(const weight *o, const weight *gu, const weight *down, const f
     const int64_t hidden = o->n, inter = down->k;
     if (gu->k != hidden || gu->n != 2 * inter || down->n != hidden) return -3;
     if (m <= 0) return 0;
-    size_t need = (size_t)(m * (hidden + 2 * inter + inter));
-    if (need > tail_size) {
-        free(tail_buf);
-        tail_buf = malloc(need * sizeof(float));
-        tail_size = tail_buf ? need : 0;
-        if (!tail_buf) return -2;
-    }
-    float *t = tail_buf, *gub = t + m * hidden, *g = gub + m * 2 * inter;
+    float *t = grow(&tail_buf, (size_t)(m * (hidden + 3 * inter)) * sizeof(float));
+    if (!t) return -2;
+    float *gub = t + m * hidden, *g = gub + m * 2 * inter;
     int rc = gemm_run(o, a, m, o->k, t, hidden);
     if (rc) return rc;
     for (int64_t i = 0; i < m * hidden; i++) h[i] += t[i];
@@ -367,8 +370,6 @@ int cg_layer_tail(const weight *o, const weight *gu, const weight *down, const f
     return 0;
 }
 
-static inline int j_bad_len(int64_t len, int64_t ld) { return len < 1 || len > ld; }
-
 /* ---- decode attention over the paged KV cache ------------------------------------------------------------------- */
 
 typedef struct {
@@ -378,7 +379,7 @@ typedef struct {
     const int64_t *idx;    /* [nd, ld_idx]: the cache slot of each position of each row */
     int64_t ld_idx;
     const int64_t *lens;   /* [nd] */
-    int64_t nd, heads, kv_heads, d;
+    int64_t nd, heads, kv_heads, d, longest;
     float scale;
     float *out;            /* [nd, heads * d] */
 } attn_job;
@@ -394,48 +395,35 @@ static inline float dot_f32(const float *a, const float *b, int64_t d) {
     return s;
 }
 
-static _Thread_local float *attn_buf = NULL;
-static _Thread_local size_t attn_size = 0;
-
 /* each query head of each row against that row's own positions only, so a row's result does not depend on the
  * other rows of the batch (no padding, no mask) */
 static void attn_part(const void *arg, int part, int parts) {
     const attn_job *j = (const attn_job *)arg;
     const int64_t group = j->heads / j->kv_heads, d = j->d;
-    int64_t longest = 0;
-    for (int64_t r = 0; r < j->nd; r++) longest = j->lens[r] > longest ? j->lens[r] : longest;
-    if ((size_t)longest > attn_size) {
-        free(attn_buf);
-        attn_buf = malloc((size_t)longest * sizeof(float));
-        attn_size = attn_buf ? (size_t)longest : 0;
-        if (!attn_buf) return;  /* the caller sees rows of NaN: cg_attend_decode fills them first */
-    }
-    float *p = attn_buf;
+    float *p = grow(&attn_buf, (size_t)j->longest * sizeof(float));
+    if (!p) return;  /* the caller sees rows of NaN: cg_attend_decode fills them first */
     const int64_t units = j->nd * j->heads;  /* (row, head) pairs, split evenly over the parts */
     for (int64_t u = units * part / parts; u < units * (part + 1) / parts; u++) {
-        const int64_t r = u / j->heads, h = u % j->heads;
+        const int64_t r = u / j->heads, h = u % j->heads, g = h / group;
         const int64_t len = j->lens[r];
         const int64_t *slots = j->idx + r * j->ld_idx;
-        {
-            const int64_t g = h / group;
-            const float *q = j->q + r * j->ldq + h * d;
-            float mx = -INFINITY;
-            for (int64_t l = 0; l < len; l++) {
-                p[l] = dot_f32(q, j->kc + (slots[l] * j->kv_heads + g) * d, d) * j->scale;
-                mx = p[l] > mx ? p[l] : mx;
-            }
-            float sum = 0.0f;
-            for (int64_t l = 0; l < len; l++) {
-                p[l] = expf(p[l] - mx);
-                sum += p[l];
-            }
-            float *o = j->out + r * j->heads * d + h * d;
-            for (int64_t c = 0; c < d; c++) o[c] = 0.0f;
-            for (int64_t l = 0; l < len; l++) {
-                const float *v = j->vc + (slots[l] * j->kv_heads + g) * d;
-                const float w = p[l] / sum;
-                for (int64_t c = 0; c < d; c++) o[c] += w * v[c];
-            }
+        const float *q = j->q + r * j->ldq + h * d;
+        float mx = -INFINITY;
+        for (int64_t l = 0; l < len; l++) {
+            p[l] = dot_f32(q, j->kc + (slots[l] * j->kv_heads + g) * d, d) * j->scale;
+            mx = p[l] > mx ? p[l] : mx;
+        }
+        float sum = 0.0f;
+        for (int64_t l = 0; l < len; l++) {
+            p[l] = expf(p[l] - mx);
+            sum += p[l];
+        }
+        float *o = j->out + r * j->heads * d + h * d;
+        for (int64_t c = 0; c < d; c++) o[c] = 0.0f;
+        for (int64_t l = 0; l < len; l++) {
+            const float *v = j->vc + (slots[l] * j->kv_heads + g) * d;
+            const float w = p[l] / sum;
+            for (int64_t c = 0; c < d; c++) o[c] += w * v[c];
         }
     }
 }
@@ -445,11 +433,13 @@ int cg_attend_decode(const float *q, int64_t ldq, const float *kc, const float *
                      float *out) {
     if (nd <= 0) return 0;
     if (kv_heads <= 0 || heads % kv_heads || d <= 0) return -3;
+    int64_t longest = 0;
     for (int64_t r = 0; r < nd; r++) {
-        if (j_bad_len(lens[r], ld_idx)) return -4;
+        if (lens[r] < 1 || lens[r] > ld_idx) return -4;
+        longest = lens[r] > longest ? lens[r] : longest;
         for (int64_t c = 0; c < heads * d; c++) out[r * heads * d + c] = NAN;
     }
-    attn_job j = {q, ldq, kc, vc, idx, ld_idx, lens, nd, heads, kv_heads, d, scale, out};
+    attn_job j = {q, ldq, kc, vc, idx, ld_idx, lens, nd, heads, kv_heads, d, longest, scale, out};
     int64_t units = nd * heads;
     pool_run(attn_part, &j, pool_size > 1 ? (int)(units < 4 * pool_size ? units : 4 * pool_size) : 1);
     return 0;
@@ -476,10 +466,8 @@ void cg_rotary(float *x, int64_t ldx, int64_t rows, int64_t nheads, int64_t d, c
     }
 }
 
-static _Thread_local float *layer_buf = NULL;
-static _Thread_local size_t layer_size = 0;
-
-/* One Llama layer for rows that each decode one token (no prefill in the batch), in one call:
+/* One Llama layer in one call, for rows that each attend over their own list of cache slots (a decode token over
+ * its sequence, a prefill row at position p over positions 0..p; every row's K and V are written first):
  *   qkv = x . QKV^T; rotary on Q and K at pos; K, V written to the layer's cache at slots[r];
  *   attention of each row over its own cache slots idx[r, :lens[r]] (as cg_attend_decode); cg_layer_tail.
  * x [t, hidden] is the normed input, h the residual (updated), out the next layer's normed input. */
@@ -491,14 +479,9 @@ int cg_decode_layer(const weight *qkv, const weight *o, const weight *gu, const 
     const int64_t width = (heads + 2 * kv_heads) * d;
     if (qkv->n != width || qkv->k != o->n || o->k != heads * d) return -3;
     if (t <= 0) return 0;
-    size_t need = (size_t)(t * (width + heads * d));
-    if (need > layer_size) {
-        free(layer_buf);
-        layer_buf = malloc(need * sizeof(float));
-        layer_size = layer_buf ? need : 0;
-        if (!layer_buf) return -2;
-    }
-    float *q = layer_buf, *a = q + t * width;
+    float *q = grow(&layer_buf, (size_t)(t * (width + heads * d)) * sizeof(float));
+    if (!q) return -2;
+    float *a = q + t * width;
     int rc = gemm_run(qkv, x, t, qkv->k, q, width);
     if (rc) return rc;
     cg_rotary(q, width, t, heads + kv_heads, d, cos_t, sin_t, pos);

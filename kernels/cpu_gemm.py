@@ -114,6 +114,13 @@ def _lib() -> ctypes.CDLL | None:
         return lib if isinstance(lib, ctypes.CDLL) else None
 
 
+def _require() -> ctypes.CDLL:
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernels are unavailable: {_state.get('why')}")
+    return lib
+
+
 def available() -> tuple[bool, str]:
     """(whether the kernel runs here, why not)."""
     ok = _lib() is not None
@@ -137,10 +144,7 @@ class BlockLinear:
     """A `QuantWeight` [N, K] held for `cg_gemm`: codes as stored, scales (and Q4 mins) widened to fp32."""
 
     def __init__(self, w: QuantWeight) -> None:
-        lib = _lib()
-        if lib is None:
-            raise RuntimeError(f"the CPU block GEMM is unavailable: {_state.get('why')}")
-        self._gemm = lib.cg_gemm
+        self._gemm = _require().cg_gemm
         self.shape = w.shape
         self.fmt = w.fmt
         self.qs = w.qs.contiguous().cpu()
@@ -185,15 +189,13 @@ class LayerTail:
         hidden, inter = o.shape[0], down.shape[1]
         if gate_up.shape != (2 * inter, hidden) or down.shape[0] != hidden or ln_ffn.numel() != hidden:
             raise ValueError(f"layer shapes do not chain: o {o.shape}, gate_up {gate_up.shape}, down {down.shape}")
-        lib = _lib()
-        assert lib is not None  # BlockLinear exists, so the library loaded
-        self._call = lib.cg_layer_tail
+        self._call = _require().cg_layer_tail
         self.parts = (o, gate_up, down)
         self.eps = eps
         self._norms = (_f32(ln_ffn), _f32(ln_next))
         self.norm_ptrs = (self._norms[0].data_ptr(), self._norms[1].data_ptr())
-        self._args = (ctypes.byref(o.desc), ctypes.byref(gate_up.desc), ctypes.byref(down.desc),
-                      self._norms[0].data_ptr(), self._norms[1].data_ptr(), ctypes.c_float(eps))
+        self._args = (ctypes.byref(o.desc), ctypes.byref(gate_up.desc), ctypes.byref(down.desc), *self.norm_ptrs,
+                      ctypes.c_float(eps))
         self.hidden, self.a_dim = hidden, o.shape[1]
 
     def __call__(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -213,23 +215,30 @@ def _scale(dim: int) -> ctypes.c_float:
     return ctypes.c_float(dim ** -0.5)  # one rounding for every path, so their rows agree bit for bit
 
 
-def rotary_(x: torch.Tensor, heads: int, dim: int, cos: torch.Tensor, sin: torch.Tensor,
-            positions: torch.Tensor) -> None:
-    """Rotate-half rotary embedding, in place, on the first `heads` heads of dim `dim` of each row of x [T, >=
-    heads * dim] (fp32, unit column stride) at `positions` [T], from the [positions, dim / 2] fp32 tables: the same
-    arithmetic as `cg_decode_layer`'s, so a row gets the same bits in a mixed step as in a decode-only one."""
-    lib = _lib()
-    if lib is None:
-        raise RuntimeError(f"the CPU kernels are unavailable: {_state.get('why')}")
-    if x.dtype != torch.float32 or x.stride(1) != 1 or x.shape[1] < heads * dim or dim % 2:
-        raise ValueError(f"rotary_: x must be fp32 [T, >= {heads * dim}] with unit column stride, dim even")
-    if cos.dtype != torch.float32 or not cos.is_contiguous() or cos.shape != sin.shape or cos.shape[1] != dim // 2 \
-            or not sin.is_contiguous():
-        raise ValueError(f"rotary_: cos and sin must be fp32 contiguous [positions, {dim // 2}]")
-    pos = positions.to(torch.int64).contiguous()
-    if pos.shape != (x.shape[0],) or (pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= cos.shape[0])):
-        raise ValueError(f"rotary_: positions must be [{x.shape[0]}] within the tables' {cos.shape[0]} rows")
-    lib.cg_rotary(x.data_ptr(), x.stride(0), x.shape[0], heads, dim, cos.data_ptr(), sin.data_ptr(), pos.data_ptr())
+class Rotary:
+    """Rotate-half rotary embedding at one step's `positions` [T], from the [positions, dim / 2] fp32 tables, checked
+    once and applied per layer: `rot(x, heads, dim)` rotates, in place, the first `heads` heads of dim `dim` of each
+    row of x [T, >= heads * dim] (fp32, unit column stride). The same arithmetic as `cg_decode_layer`'s, so a row
+    gets the same bits in either."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> None:
+        self._call = _require().cg_rotary
+        if cos.dtype != torch.float32 or not cos.is_contiguous() or cos.shape != sin.shape or cos.dim() != 2 \
+                or not sin.is_contiguous() or sin.dtype != torch.float32:
+            raise ValueError("rotary: cos and sin must be fp32 contiguous [positions, dim / 2]")
+        self.cos, self.sin = cos, sin
+        self.positions = positions.to(device="cpu", dtype=torch.int64).contiguous()
+        if self.positions.dim() != 1 or (self.positions.numel() and (
+                int(self.positions.min()) < 0 or int(self.positions.max()) >= cos.shape[0])):
+            raise ValueError(f"rotary: positions must be a vector within the tables' {cos.shape[0]} rows")
+
+    def __call__(self, x: torch.Tensor, heads: int, dim: int) -> None:
+        if x.dtype != torch.float32 or x.stride(1) != 1 or x.shape[1] < heads * dim or dim != 2 * self.cos.shape[1] \
+                or x.shape[0] != self.positions.shape[0]:
+            raise ValueError(f"rotary: x must be fp32 [{self.positions.shape[0]}, >= {heads * dim}] with unit column "
+                             f"stride and heads of {2 * self.cos.shape[1]}")
+        self._call(x.data_ptr(), x.stride(0), x.shape[0], heads, dim, self.cos.data_ptr(), self.sin.data_ptr(),
+                   self.positions.data_ptr())
 
 
 class DecodeAttention:
@@ -239,13 +248,12 @@ class DecodeAttention:
     over the cache rows `slots[r, :lengths[r]]` of k_cache / v_cache [cache_rows, kv_heads, D] (grouped: head h
     reads KV head h // (heads / kv_heads)), softmax scaled by 1/sqrt(D). Each row over its own positions only, so
     unlike one padded SDPA over the batch a row's result does not depend on the others. Returns [rows, heads * D]
-    fp32."""
+    fp32. `writes` [rows], when given, are the cache rows each row's own K and V go to (`DecodeLayer`), checked
+    here with the rest."""
 
-    def __init__(self, slots: torch.Tensor, lengths: torch.Tensor, cache_rows: int) -> None:
-        lib = _lib()
-        if lib is None:
-            raise RuntimeError(f"the CPU kernels are unavailable: {_state.get('why')}")
-        self._call = lib.cg_attend_decode
+    def __init__(self, slots: torch.Tensor, lengths: torch.Tensor, cache_rows: int,
+                 writes: torch.Tensor | None = None) -> None:
+        self._call = _require().cg_attend_decode
         self.slots = slots.to(device="cpu", dtype=torch.int64).contiguous()
         self.lengths = lengths.to(device="cpu", dtype=torch.int64).contiguous()
         rows = self.slots.shape[0]
@@ -255,15 +263,24 @@ class DecodeAttention:
             raise ValueError(f"a slot index is outside the cache of {cache_rows} rows")
         if rows and (int(self.lengths.min()) < 1 or int(self.lengths.max()) > self.slots.shape[1]):
             raise ValueError(f"lengths must be in [1, {self.slots.shape[1]}]")
+        self.writes: torch.Tensor | None = None
+        if writes is not None:
+            self.writes = writes.to(device="cpu", dtype=torch.int64).contiguous()
+            if self.writes.shape != (rows,) or (rows and (int(self.writes.min()) < 0
+                                                          or int(self.writes.max()) >= cache_rows)):
+                raise ValueError(f"the {rows} rows' own cache slots must be within the cache of {cache_rows} rows")
         self.rows, self.cache_rows = rows, cache_rows
+
+    def check_caches(self, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_heads: int, dim: int) -> None:
+        for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != (self.cache_rows, kv_heads, dim):
+                raise ValueError(f"decode attention: the caches must be fp32 contiguous [{self.cache_rows}, "
+                                 f"{kv_heads}, {dim}]; {name} is {t.dtype} {tuple(t.shape)}")
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         rows, heads, dim = q.shape
         kv_heads = k_cache.shape[1]
-        for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != (self.cache_rows, kv_heads, dim):
-                raise ValueError(f"decode attention: {name} must be fp32 contiguous [{self.cache_rows}, {kv_heads}, "
-                                 f"{dim}], got {t.dtype} {tuple(t.shape)}")
+        self.check_caches(k_cache, v_cache, kv_heads, dim)
         if rows != self.rows or q.dtype != torch.float32 or q.stride(2) != 1 or q.stride(1) != dim \
                 or heads % kv_heads:
             raise ValueError(f"decode attention: q must be fp32 [{self.rows}, heads, {dim}] with contiguous heads, "
@@ -278,42 +295,38 @@ class DecodeAttention:
 
 
 class DecodeLayer:
-    """A whole Llama layer for a step whose rows each decode one token, in one C call (`cg_decode_layer`): QKV
-    GEMM, rotary, K/V into the layer's cache at the rows' slots, each row's attention over its own slots
+    """A whole Llama layer in one C call (`cg_decode_layer`) for rows that each attend over their own cache slots:
+    QKV GEMM, rotary, every row's K/V into the layer's cache at its own slot, each row's attention over its slots
     (`DecodeAttention`'s), then `LayerTail`. The same arithmetic as those pieces called one by one."""
 
-    def __init__(self, qkv: BlockLinear, tail: LayerTail, cos: torch.Tensor, sin: torch.Tensor, heads: int,
-                 kv_heads: int, dim: int) -> None:
+    def __init__(self, qkv: BlockLinear, tail: LayerTail, heads: int, kv_heads: int, dim: int) -> None:
         if qkv.shape != ((heads + 2 * kv_heads) * dim, tail.hidden) or tail.a_dim != heads * dim:
             raise ValueError(f"decode layer: qkv {qkv.shape} does not fit {heads}+2x{kv_heads} heads of {dim}")
-        lib = _lib()
-        assert lib is not None
-        self._call = lib.cg_decode_layer
+        self._call = _require().cg_decode_layer
         self._qkv, self._tail = qkv, tail
-        self._cos, self._sin = _f32(cos), _f32(sin)
         o, gu, dn = tail.parts
         self._args = (ctypes.byref(qkv.desc), ctypes.byref(o.desc), ctypes.byref(gu.desc), ctypes.byref(dn.desc),
-                      *tail.norm_ptrs, ctypes.c_float(tail.eps), self._cos.data_ptr(), self._sin.data_ptr())
+                      *tail.norm_ptrs, ctypes.c_float(tail.eps))
         self.heads, self.kv_heads, self.dim = heads, kv_heads, dim
 
-    def __call__(self, h: torch.Tensor, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                 plan: DecodeAttention, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """h [T, hidden] (updated), x its normed form; positions / slots int64 [T] (checked by the caller's plan:
-        positions < the tables' rows, slots < the cache's rows); returns the next layer's normed input."""
+    def __call__(self, h: torch.Tensor, x: torch.Tensor, rot: Rotary, plan: DecodeAttention,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """h [T, hidden] (updated), x its normed form, at the positions of `rot`, writing each row's K and V at
+        `plan.writes`; returns the next layer's normed input."""
         rows = h.shape[0]
-        shape = (plan.cache_rows, self.kv_heads, self.dim)
-        for t in (k_cache, v_cache):
-            if t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != shape:
-                raise ValueError(f"decode layer: caches must be fp32 contiguous {shape}")
+        plan.check_caches(k_cache, v_cache, self.kv_heads, self.dim)
         for t in (h, x):
             if t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != (rows, self._tail.hidden):
                 raise ValueError(f"decode layer: h and x must be fp32 contiguous [{rows}, {self._tail.hidden}]")
-        if plan.rows != rows or positions.shape != (rows,) or slots.shape != (rows,):
-            raise ValueError(f"decode layer: the plan, positions and slots must all have {rows} rows")
+        if plan.writes is None or plan.rows != rows or rot.positions.shape != (rows,) \
+                or rot.cos.shape[1] * 2 != self.dim:
+            raise ValueError(f"decode layer: needs a plan with the {rows} rows' own slots and rotary at {rows} "
+                             f"positions for heads of {self.dim}")
         out = torch.empty_like(h)
-        rc = self._call(*self._args, positions.data_ptr(), slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                        plan.slots.data_ptr(), plan.slots.shape[1], plan.lengths.data_ptr(), rows, self.heads,
-                        self.kv_heads, self.dim, _scale(self.dim), h.data_ptr(), x.data_ptr(), out.data_ptr())
+        rc = self._call(*self._args, rot.cos.data_ptr(), rot.sin.data_ptr(), rot.positions.data_ptr(),
+                        plan.writes.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), plan.slots.data_ptr(),
+                        plan.slots.shape[1], plan.lengths.data_ptr(), rows, self.heads, self.kv_heads, self.dim,
+                        _scale(self.dim), h.data_ptr(), x.data_ptr(), out.data_ptr())
         if rc != 0:
             raise RuntimeError(f"decode layer failed ({rc})")
         return out

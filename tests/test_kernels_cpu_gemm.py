@@ -169,7 +169,7 @@ def test_decode_attention_refuses_bad_plans():
 
 
 def test_decode_layer_is_its_pieces_bit_for_bit():
-    """`DecodeLayer` (one call) gives the same bits as QKV GEMM, `rotary_`, cache writes, `DecodeAttention` and
+    """`DecodeLayer` (one call) gives the same bits as QKV GEMM, `Rotary`, cache writes, `DecodeAttention` and
     `LayerTail` called one by one, which is what a step with a prefill in it runs: a decoding row's tokens do not
     depend on the kind of step it is in. Rotary is also checked against the textbook rotate-half formula."""
     torch.manual_seed(2)
@@ -181,19 +181,20 @@ def test_decode_layer_is_its_pieces_bit_for_bit():
     from cocoon_faas.kernels import rope_tables
 
     cos, sin = rope_tables(dim, 64)
-    layer = cpu_gemm.DecodeLayer(qkv, tail, cos, sin, heads, kv_heads, dim)
+    layer = cpu_gemm.DecodeLayer(qkv, tail, heads, kv_heads, dim)
     kc, vc = torch.randn(cache_rows, kv_heads, dim), torch.randn(cache_rows, kv_heads, dim)
     slots = torch.tensor([5, 17, 30])
     positions = torch.tensor([3, 9, 0])
     table = torch.stack([torch.randperm(cache_rows)[:12] for _ in range(rows)])
     table[torch.arange(rows), positions] = slots  # each row's own new slot is among its positions
-    plan = cpu_gemm.DecodeAttention(table, positions + 1, cache_rows)
+    plan = cpu_gemm.DecodeAttention(table, positions + 1, cache_rows, writes=slots)
+    rot = cpu_gemm.Rotary(cos, sin, positions)
     h, x = torch.randn(rows, hidden), torch.randn(rows, hidden)
 
     k2, v2, h2 = kc.clone(), vc.clone(), h.clone()
     y = qkv(x)
     unrotated = y.clone()
-    cpu_gemm.rotary_(y, heads + kv_heads, dim, cos, sin, positions)
+    rot(y, heads + kv_heads, dim)
     half = dim // 2
     u = unrotated[:, :(heads + kv_heads) * dim].view(rows, -1, dim)
     c, s = cos[positions][:, None], sin[positions][:, None]
@@ -204,7 +205,13 @@ def test_decode_layer_is_its_pieces_bit_for_bit():
     v2[slots] = y[:, (heads + kv_heads) * dim:].reshape(rows, kv_heads, dim)
     want = tail(h2, plan(q, k2, v2))
 
-    got = layer(h, x, positions, slots, plan, kc, vc)
+    got = layer(h, x, rot, plan, kc, vc)
     assert torch.equal(got, want) and torch.equal(h, h2) and torch.equal(kc, k2) and torch.equal(vc, v2)
     with pytest.raises(ValueError, match="caches"):
-        layer(h, x, positions, slots, plan, kc[:10], vc)
+        layer(h, x, rot, plan, kc[:10], vc)
+    with pytest.raises(ValueError, match="own slots"):  # a plan that says nothing of where each row's K/V go
+        layer(h, x, rot, cpu_gemm.DecodeAttention(table, positions + 1, cache_rows), kc, vc)
+    with pytest.raises(ValueError, match="own cache slots"):
+        cpu_gemm.DecodeAttention(table, positions + 1, cache_rows, writes=torch.tensor([5, 17, cache_rows]))
+    with pytest.raises(ValueError, match="positions"):
+        cpu_gemm.Rotary(cos, sin, torch.tensor([0, 64]))

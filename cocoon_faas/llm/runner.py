@@ -204,7 +204,7 @@ class PagedRunner:
         """The final-normed hidden states of `batch.logit_rows` on the torch ops: `TorchDecoder`'s layer loop,
         attention over gathered slots."""
         m, c = self.model, self.model.config
-        dev, bs = m.device, self.block_size
+        dev = m.device
         t = len(batch.tokens)
         heads, kv_heads, dim = c.heads, c.kv_heads, c.head_dim
         slots = torch.tensor(batch.slots, device=dev)
@@ -215,20 +215,19 @@ class PagedRunner:
         dec_idx = dec_mask = None
         native: cpu_gemm.DecodeAttention | None = None
         if nd:
-            width = max(len(tb) for tb in batch.decode_tables)
-            tables = torch.tensor([tb + [0] * (width - len(tb)) for tb in batch.decode_tables], device=dev)
-            longest = max(batch.decode_lengths)
+            dec_slots = self._decode_slots(batch)
             if self._native_attention:
-                native = cpu_gemm.DecodeAttention((tables[:, :, None] * bs + self._offsets).view(nd, -1),
-                                                  torch.tensor(batch.decode_lengths), self._kflat[0].shape[0])
-            dec_idx = (tables[:, :, None] * bs + self._offsets).view(nd, -1)[:, :longest].reshape(-1)
-            if min(batch.decode_lengths) < longest:
-                lengths = torch.tensor(batch.decode_lengths, device=dev)
-                dec_mask = (torch.arange(longest, device=dev)[None, :] < lengths[:, None])[:, None, None, :]
+                native = cpu_gemm.DecodeAttention(dec_slots, torch.tensor(batch.decode_lengths),
+                                                  self._kflat[0].shape[0])
+            else:
+                longest = max(batch.decode_lengths)
+                dec_idx = dec_slots[:, :longest].reshape(-1)
+                if min(batch.decode_lengths) < longest:
+                    lengths = torch.tensor(batch.decode_lengths, device=dev)
+                    dec_mask = (torch.arange(longest, device=dev)[None, :] < lengths[:, None])[:, None, None, :]
         chunks = []
         for p in batch.prefills:
-            tb = torch.tensor(p.table, device=dev)
-            idx = (tb[:, None] * bs + self._offsets).view(-1)[:p.ctx]
+            idx = self._table_slots(torch.tensor(p.table, device=dev)).view(-1)[:p.ctx]
             rows = torch.arange(p.length, device=dev)[:, None] + (p.ctx - p.length)
             chunks.append((p.start, p.length, idx, torch.arange(p.ctx, device=dev)[None, :] <= rows))
         kflat, vflat = self._kflat, self._vflat
@@ -275,26 +274,33 @@ class PagedRunner:
         lists = torch.zeros((t, width), dtype=torch.int64)
         lengths = [0] * t
         if nd:
-            w = max(len(tb) for tb in batch.decode_tables)
-            tables = torch.tensor([tb + [0] * (w - len(tb)) for tb in batch.decode_tables])
-            lists[:nd, :w * bs] = (tables[:, :, None] * bs + self._offsets).view(nd, -1)
+            dec_slots = self._decode_slots(batch)
+            lists[:nd, :dec_slots.shape[1]] = dec_slots
             lengths[:nd] = batch.decode_lengths
         for p in batch.prefills:
-            idx = (torch.tensor(p.table)[:, None] * bs + self._offsets).view(-1)[:p.ctx]
-            lists[p.start:p.start + p.length, :p.ctx] = idx
+            lists[p.start:p.start + p.length, :p.ctx] = self._table_slots(torch.tensor(p.table)).view(-1)[:p.ctx]
             lengths[p.start:p.start + p.length] = range(p.ctx - p.length + 1, p.ctx + 1)
         kflat, vflat = self._kflat, self._vflat
-        plan = cpu_gemm.DecodeAttention(lists, torch.tensor(lengths), kflat[0].shape[0])
-        pos = torch.tensor(batch.positions, dtype=torch.int64)
-        if int(pos.max()) >= self._decoder.cos.shape[0] or int(slots.max()) >= plan.cache_rows:
-            raise ValueError("a position or cache slot is outside the model's tables or the KV pool")
+        plan = cpu_gemm.DecodeAttention(lists, torch.tensor(lengths), kflat[0].shape[0], writes=slots)
+        rot = self._decoder.rotary(torch.tensor(batch.positions))
         layers = self._decoder.decode_layers
         assert layers is not None
         h = m.embed(torch.tensor(batch.tokens))
         x = self._decoder.first(h)
         for i, layer in enumerate(layers):
-            x = layer(h, x, pos, slots, plan, kflat[i], vflat[i])
+            x = layer(h, x, rot, plan, kflat[i], vflat[i])
         return x[torch.tensor(batch.logit_rows, dtype=torch.long)]
+
+    def _table_slots(self, tables: torch.Tensor) -> torch.Tensor:
+        """Block tables [..., blocks] -> the cache slot of every position they hold, [..., blocks, block_size]."""
+        return tables[..., None] * self.block_size + self._offsets
+
+    def _decode_slots(self, batch: StepBatch) -> torch.Tensor:
+        """[decode rows, widest table * block_size]: each decode row's cache slots, position by position (short
+        tables padded with block 0; a row's length says how many are its own)."""
+        width = max(len(tb) for tb in batch.decode_tables)
+        tables = torch.tensor([tb + [0] * (width - len(tb)) for tb in batch.decode_tables], device=self.model.device)
+        return self._table_slots(tables).view(len(batch.decode_tables), -1)
 
     def _head(self, rows: torch.Tensor) -> torch.Tensor:
         """fp32 logits of the LM head (the largest GEMM of a decode step: 49152 x 576) for the rows that sample.

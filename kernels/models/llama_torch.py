@@ -6,12 +6,14 @@ written for clarity (and checked against the kernels), not for that; this loop i
 contiguous-cache `SmolLM.forward` and the paged `llm.runner.PagedRunner` take when the ops run on torch:
 
 - the tokens of a step are one [T, hidden] matrix; each layer's weights are resolved once into a tuple (no name
-  lookups per op) and each projection is a bound GEMM (fp32 `torch.mm` on the [in, out] layout, or torch's packed
-  int4 GEMM for quantized weights);
+  lookups per op) and each projection is a bound GEMM (fp32 `torch.mm` on the [in, out] layout; for quantized
+  weights the C block GEMM of `kernels.cpu_gemm`, else torch's packed int4 GEMM);
 - rotary embedding of Q and K together is one batched matmul by a per-token 2-D rotation matrix [T, D, D] built
   once per step (rotate-half is linear: y = x @ M with cos on the diagonal and +-sin on the two off-diagonals);
 - residual adds run in place, RMSNorm is four small ops, SwiGLU runs in place on the gate half;
-- attention is the caller's (`Attend`): it writes K and V into its cache and returns [T, heads * head_dim].
+- attention is the caller's (`Attend`): it writes K and V into its cache and returns [T, heads * head_dim];
+- on the C block GEMM, everything after attention is one C call per layer (`cpu_gemm.LayerTail`), rotary is the C
+  kernels' own, and `decode_layers` (one C call per whole layer) serve the paged runner.
 """
 
 from __future__ import annotations
@@ -69,8 +71,7 @@ class TorchDecoder:
                           for _, o, gu, dn, ln_ffn, ln_next in self.layers]
             if all(isinstance(layer[0], cpu_gemm.BlockLinear) for layer in self.layers):
                 self.decode_layers = [
-                    cpu_gemm.DecodeLayer(layer[0], tail, self.cos, self.sin, c.heads,  # type: ignore[arg-type]
-                                         c.kv_heads, c.head_dim)
+                    cpu_gemm.DecodeLayer(layer[0], tail, c.heads, c.kv_heads, c.head_dim)  # type: ignore[arg-type]
                     for layer, tail in zip(self.layers, self.tails, strict=True)]
 
     def rotation(self, positions: torch.Tensor) -> torch.Tensor:
@@ -82,6 +83,10 @@ class TorchDecoder:
         m[:, half:, :half] -= ds  # y[j] = x[j] c_j - x[j + half] s_j
         m[:, :half, half:] += ds  # y[j + half] = x[j + half] c_j + x[j] s_j
         return m
+
+    def rotary(self, positions: torch.Tensor) -> cpu_gemm.Rotary:
+        """The C kernels' rotary at `positions` [T] (the C layers' own; checked once per step)."""
+        return cpu_gemm.Rotary(self.cos, self.sin, positions)
 
     def first(self, h: torch.Tensor) -> torch.Tensor:
         """The first layer's input: RMSNorm of the embeddings h [T, hidden]."""
@@ -96,14 +101,17 @@ class TorchDecoder:
         qk_dim = (heads + kv_heads) * dim
         inter = c.intermediate
         tails = self.tails
-        rot = self.rotation(positions) if self.decode_layers is None else None
+        # with the C layers, their rotary (checked once here), in place
+        c_rot = self.rotary(positions) if self.decode_layers is not None else None
+        rot = self.rotation(positions) if c_rot is None else None
         x = self.first(h)
         for i, (qkv_mm, o_mm, gate_up_mm, down_mm, ln_ffn, ln_next) in enumerate(self.layers):
             qkv = qkv_mm(x)
-            if rot is None:  # the C layers' rotary, in place
-                cpu_gemm.rotary_(qkv, heads + kv_heads, dim, self.cos, self.sin, positions)
+            if c_rot is not None:
+                c_rot(qkv, heads + kv_heads, dim)
                 qk = qkv[:, :qk_dim].view(t, heads + kv_heads, dim)
             else:
+                assert rot is not None
                 qk = torch.bmm(qkv[:, :qk_dim].view(t, heads + kv_heads, dim), rot)
             a = attend(i, qk[:, :heads], qk[:, heads:], qkv[:, qk_dim:].view(t, kv_heads, dim))
             if tails is not None:
