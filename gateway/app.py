@@ -24,6 +24,7 @@ from cocoon_faas.gateway.admission import Admission, resolve_mode, startup_warni
 from cocoon_faas.gateway.billing import Billing
 from cocoon_faas.gateway.caller_tags import CallerTags
 from cocoon_faas.gateway.cluster import Cluster
+from cocoon_faas.gateway.connection import RAW_SEND
 from cocoon_faas.gateway.controller import Controller, RayBackend
 from cocoon_faas.gateway.dashboard_login import SessionBook
 from cocoon_faas.gateway.dashboard_provider import ProviderDashboard, provider_dashboard_routes
@@ -365,4 +366,5 @@ class FastPath:
                     response = error_response(CocoonError("internal error in the gateway; see its log"))
                 await response(scope, receive, send)
                 return
+        scope[RAW_SEND] = send  # Starlette wraps `send`; a stalled stream's cut needs the server's own
         await self.limited(scope, receive, send)

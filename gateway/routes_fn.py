@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from cocoon_faas.confidential import SEALED_FRAME_CONTENT_TYPE
 from cocoon_faas.errors import CocoonError, ConflictError, InvalidRequestError, NotFoundError
+from cocoon_faas.gateway.connection import abort_connection
 from cocoon_faas.gateway.http import error_response, json_response
 from cocoon_faas.gateway.limits import check_args
 from cocoon_faas.gateway.pipeline import Call, CallStream, Pipeline, Plan, call_id_of
@@ -115,7 +116,8 @@ class CallStreamResponse(StreamingResponse):
     A client that keeps its connection open but stops reading is cut after COCOON_STREAM_STALL_S: flow control
     already pauses the function's generator, but the call would keep its replica slot (and any hold) until the
     function's time limit. uvicorn's `send` waits while its socket is full, so one body send that waits that long
-    is a client taking nothing; a slow reader completes sends and is never cut."""
+    is a client taking nothing; a slow reader completes sends and is never cut. The cut resets the connection
+    (gateway/connection.py): a graceful close would keep the socket and its buffers until the client reads."""
 
     def __init__(self, st: CallStream, content: AsyncIterator[bytes], headers: dict[str, str]) -> None:
         super().__init__(content, media_type="text/event-stream", headers={**headers, **SSE_HEADERS})
@@ -137,8 +139,10 @@ class CallStreamResponse(StreamingResponse):
         why = "the client closed the stream"
         try:
             await super().__call__(scope, receive, send_or_cut)
-        except _Stalled:  # returning unfinished makes uvicorn close the connection
+        except _Stalled:
             why = f"the client took no bytes for {stall:g} s (COCOON_STREAM_STALL_S)"
+            if abort_connection(scope, send):  # elsewhere than uvicorn: returning unfinished closes it gracefully
+                await asyncio.sleep(0)  # uvicorn's connection_lost runs first: it logs no error for a cut
         finally:
             await self.st.close(why)
 

@@ -97,6 +97,17 @@ def kernel_send_buffer_max() -> int:
         return 4 * 1024 * 1024
 
 
+def server_end(port: int, client: socket.socket) -> tuple[int, int] | None:
+    """The server's end of `client`'s connection in the kernel's socket table (Linux /proc/net/tcp, loopback IPv4):
+    (TCP state, bytes in its send queue), or None once that socket is gone."""
+    mine = client.getsockname()[1]
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if int(f[1].split(":")[1], 16) == port and int(f[2].split(":")[1], 16) == mine:
+            return int(f[3], 16), int(f[4].split(":")[0], 16)
+    return None
+
+
 def produced(gw: GatewayProc, tag: str) -> int:
     """How many items the generator of stream `tag` has yielded (a concurrent call on the same replica)."""
     with httpx.Client(timeout=60) as c, c.stream("POST", gw.url + "/fn/flood", json={"tag": tag, "probe": True},
