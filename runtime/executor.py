@@ -4,7 +4,8 @@ Sync functions run in a thread pool sized to `max_concurrency`; a call that is c
 limit is interrupted by raising `CallInterrupted` inside its thread (CPython's async-exception hook), so it
 stops at its next bytecode instead of burning the replica. Async functions are cancelled as tasks. A call that
 still runs INTERRUPT_GRACE_S after it had to stop (it swallowed the interrupt, sits in one long C call, or, async,
-blocks the event loop) is caught by a `Watchdog` thread, which ends the sandbox process (`on_stuck`).
+blocks the event loop) is caught by a `Watchdog` thread, which ends the sandbox process (`on_stuck`); one that
+holds the GIL throughout (so no thread of the process runs) by the actor, through the watchdog's `Beacon`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 import cloudpickle
 
+from cocoon_faas.runtime.beacon import Beacon
 from cocoon_faas.spec import FunctionSpec
 
 LOG_LIMIT = 64 * 1024
@@ -119,15 +121,21 @@ class Watchdog:
     and not interrupted is never reported, however busy it keeps the loop (a busy Python loop still lets this
     thread run: the interpreter switches threads every few milliseconds).
 
-    The calls are a dict that the loop and pool threads change and this thread copies (single dict operations,
-    atomic under the GIL): no lock on the call path."""
+    A C call that holds the GIL throughout stops this thread too; for that the watchdog keeps the child's `beacon`
+    (runtime/beacon.py) current, and the actor, another process, ends a child whose beacon went stale past its due.
 
-    def __init__(self, on_stuck: Callable[[], None], grace: float) -> None:
+    The calls are a dict that the loop and pool threads change and this thread copies (single dict operations,
+    atomic under the GIL): no lock on the call path but the beacon's, taken only when a call starts."""
+
+    def __init__(self, on_stuck: Callable[[], None], grace: float, beacon: Beacon | None = None) -> None:
         self.on_stuck = on_stuck
         self.grace = grace
+        self.beacon = beacon
         self._calls: dict[int, _Watched] = {}
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
+        self._due = 0.0  # what the beacon says (0: nothing watched)
+        self._publish = threading.Lock()
 
     def watch(self, stop_by: float, task: asyncio.Task[Any] | None = None) -> int:
         """Watch a running call that must stop by `stop_by` (time.monotonic()); an unconsumed cancellation of
@@ -135,6 +143,13 @@ class Watchdog:
         token to pass to `done` when the call's code has returned."""
         token = next(self._ids)
         self._calls[token] = _Watched(stop_by, task)
+        if self.beacon is not None:
+            due = stop_by + self.grace
+            if not 0.0 < self._due <= due:  # the new earliest end: on the page before the call's code runs
+                with self._publish:
+                    if not 0.0 < self._due <= due:
+                        self._due = due
+                        self.beacon.set_due(due)
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="cocoon-watchdog", daemon=True)
             self._thread.start()
@@ -158,8 +173,18 @@ class Watchdog:
                 return True
         return False
 
+    def _tick(self) -> None:
+        """The beacon's beat and the watched calls' earliest end, recomputed (calls that ended leave it)."""
+        if self.beacon is None:
+            return
+        with self._publish:
+            stops = [w.stop_by for w in list(self._calls.values())]
+            self._due = min(stops) + self.grace if stops else 0.0
+            self.beacon.tick(self._due)
+
     def _run(self) -> None:
         while True:
+            self._tick()
             time.sleep(min(max(self.grace / 20, 0.05), 0.5))
             if self.overdue(time.monotonic()):
                 self.on_stuck()
@@ -173,30 +198,43 @@ class _Running:
     returned (its future not yet marked done), it would hit the idle pool thread and kill it, or the next call
     that thread picks up. So the thread says when it enters and leaves, under a lock that `interrupt` holds:
     an interrupt is only ever sent before `leave`, and then it fires inside the call's own frame at the latest
-    in `leave`. An interrupted call is watched (`watchdog`) until the thread leaves it."""
+    in `leave`. The call is watched (`watchdog`) from when it enters until it leaves, against its time limit
+    (`stop_by`) and, once interrupted, against the interrupt. A call interrupted before a pool thread took it up
+    (its time limit passed while it queued) never runs."""
 
-    __slots__ = ("_lock", "_ident", "_left", "_watchdog", "_token")
+    __slots__ = ("_lock", "_ident", "_left", "_watchdog", "_token", "_stop_by", "_watched")
 
-    def __init__(self, watchdog: Watchdog | None = None) -> None:
+    def __init__(self, watchdog: Watchdog | None = None, stop_by: float = 0.0) -> None:
         self._lock = threading.Lock()
         self._ident: int | None = None
         self._left = False
         self._watchdog = watchdog
         self._token = 0
+        self._stop_by = stop_by
+        self._watched = 0
 
     def enter(self) -> None:
         with self._lock:
+            if self._left:
+                raise CallInterrupted("timeout")
             self._ident = threading.get_ident()
+            if self._watchdog is not None and self._stop_by:
+                self._watched = self._watchdog.watch(self._stop_by)
 
     def leave(self) -> None:
         with self._lock:
             self._left = True
-            if self._token and self._watchdog is not None:
-                self._watchdog.done(self._token)
+            if self._watchdog is not None:
+                if self._token:
+                    self._watchdog.done(self._token)
+                if self._watched:
+                    self._watchdog.done(self._watched)
 
     def interrupt(self) -> None:
         with self._lock:
-            if self._ident is not None and not self._left:
+            if self._ident is None:
+                self._left = True  # not started: it never will (see `enter`)
+            elif not self._left:
                 _interrupt_thread(self._ident)
                 if self._watchdog is not None:
                     self._token = self._watchdog.watch(time.monotonic())
@@ -218,6 +256,7 @@ class LoadedFunction:
         self.spec = spec
         self.on_stuck: Callable[[], None] | None = None  # the sandbox child exits (see INTERRUPT_GRACE_S)
         self.grace = INTERRUPT_GRACE_S  # set before the first call (the child: from its LOAD frame)
+        self.beacon: Beacon | None = None  # the page the actor watches (the child: from its command line)
         self._watchdog: Watchdog | None = None
         payload = cloudpickle.loads(blob)
         if not isinstance(payload, dict) or payload.get("format") != 1:
@@ -261,7 +300,7 @@ class LoadedFunction:
     def _dog(self) -> Watchdog | None:
         """The watchdog, once there is someone to tell (`on_stuck`: only in the sandbox child)."""
         if self._watchdog is None and self.on_stuck is not None:
-            self._watchdog = Watchdog(self.on_stuck, self.grace)
+            self._watchdog = Watchdog(self.on_stuck, self.grace, self.beacon)
         return self._watchdog
 
     async def _in_task(self, fn: Callable[..., Any], kwargs: dict[str, Any], log: CallLog, timeout: float) -> Any:
@@ -298,7 +337,7 @@ class LoadedFunction:
     async def _in_thread(self, work: Callable[[], Any], log: CallLog, timeout: float) -> Any:
         """Run `work` in the pool; a timer (not wait_for/shield: two tasks per call) enforces the limit."""
         loop = asyncio.get_running_loop()
-        running = _Running(self._dog())
+        running = _Running(self._dog(), time.monotonic() + timeout)
 
         def runner() -> Any:
             running.enter()
@@ -370,7 +409,7 @@ class LoadedFunction:
         # Read-ahead of a plain generator: small, since a stream waiting for its client's credit stops pulling
         # here and the producer thread then stops this many items ahead (each put waits for the loop anyway)
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=8)
-        running = _Running(self._dog())
+        running = _Running(self._dog(), deadline)
 
         def produce() -> None:
             running.enter()

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cocoon_faas.errors import CocoonError
+from cocoon_faas.runtime.beacon import Beacon
 
 log = logging.getLogger("cocoon.sandbox")
 
@@ -213,8 +214,11 @@ class SandboxProcess:
         # connections handed to the child (SCM_RIGHTS): one message per connection; never blocks the actor
         self.handoff, handoff_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.handoff.setblocking(False)
+        # the child's watchdog keeps this page current; the actor ends a child whose every thread is stuck
+        self.beacon = Beacon.create()
         python_args = [sys.executable, "-I", "-m", "cocoon_faas.runtime.sandbox_child", str(child.fileno()),
-                       str(cfg.memory if not cfg.gpu else 0), str(cfg.pids), str(handoff_child.fileno())]
+                       str(cfg.memory if not cfg.gpu else 0), str(cfg.pids), str(handoff_child.fileno()),
+                       str(self.beacon.fd)]
         self.cgroup: PidsCgroup | None = None
         if cfg.enabled:
             self.cgroup = PidsCgroup(name, cfg.pids)
@@ -227,8 +231,8 @@ class SandboxProcess:
         try:
             # stdout/stderr to /dev/null: what the code prints during a call travels in frames (and is dropped
             # for sealed calls); nothing reaches the Ray worker's log files on this node's disk
-            self.proc = subprocess.Popen(argv, pass_fds=(child.fileno(), handoff_child.fileno()), env=env,
-                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            self.proc = subprocess.Popen(argv, pass_fds=(child.fileno(), handoff_child.fileno(), self.beacon.fd),
+                                         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL, close_fds=True)
         finally:
             child.close()
@@ -251,6 +255,7 @@ class SandboxProcess:
                 pass
         if self.cgroup is not None:
             self.cgroup.remove()
+        self.beacon.close()
 
 
 __all__ = ["INSECURE_WARNING", "SandboxConfig", "SandboxProcess", "SandboxUnavailable", "bwrap_argv",

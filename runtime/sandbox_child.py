@@ -1,7 +1,9 @@
 """The process inside the sandbox: loads the function's code and runs its calls (runtime/sandbox.py starts it).
 
-`python -m cocoon_faas.runtime.sandbox_child FD MEMORY PIDS HANDOFF`: FD is its end of a Unix socket pair to the
-replica actor; HANDOFF its end of a SOCK_SEQPACKET pair over which the actor passes gateway connections (below).
+`python -m cocoon_faas.runtime.sandbox_child FD MEMORY PIDS HANDOFF BEACON`: FD is its end of a Unix socket pair to
+the replica actor; HANDOFF its end of a SOCK_SEQPACKET pair over which the actor passes gateway connections (below);
+BEACON a memfd page its watchdog keeps current for the actor (runtime/beacon.py), which ends this process when
+no thread of it can (one C call holding the GIL).
 Before any tenant code is loaded it lowers its own limits (address space: what the runtime maps already plus
 MEMORY bytes, unless 0; soft and hard, so the code cannot raise them again). Then it serves frames
 (cocoon_faas/protocol.py):
@@ -40,6 +42,7 @@ from typing import Any
 from cocoon_faas import protocol as P
 from cocoon_faas import replica_context
 from cocoon_faas.flow import FlowError, Window, decode_credit, window_of
+from cocoon_faas.runtime.beacon import Beacon
 
 
 def _limit(memory: int, threads: int) -> None:
@@ -117,8 +120,9 @@ class Peer:
 
 
 class Child:
-    def __init__(self, memory: int) -> None:
+    def __init__(self, memory: int, beacon: Beacon | None = None) -> None:
         self.memory = memory
+        self.beacon = beacon
         self.loaded: Any = None
         self.link = Peer(self, direct=False)
         self.direct: set[Peer] = set()  # gateways' direct connections
@@ -174,6 +178,7 @@ class Child:
             replica_context.set_max_concurrency(spec.max_concurrency)  # an llm.Engine's default batch
             self.loaded = LoadedFunction(code, spec)
             self.loaded.on_stuck = _exit_stuck
+            self.loaded.beacon = self.beacon
             self.loaded.grace = grace_from(meta.get("grace"))
             log = await asyncio.get_running_loop().run_in_executor(self.loaded.pool, self.loaded.setup)
         except BaseException as exc:  # noqa: BLE001 - reported to the actor, which refuses the version
@@ -271,12 +276,12 @@ def _serve_handoffs(child: Child, handoff: socket.socket) -> None:
         child.accept(socket.socket(fileno=fds[0]), P.HANDOFF.unpack(msg)[0])
 
 
-async def _serve(fd: int, memory: int, handoff_fd: int) -> None:
+async def _serve(fd: int, memory: int, handoff_fd: int, beacon_fd: int = -1) -> None:
     from cocoon_faas.runtime.executor import install_output_capture
 
     install_output_capture()
     sock = socket.socket(fileno=fd)
-    child = Child(memory)
+    child = Child(memory, Beacon(beacon_fd) if beacon_fd >= 0 else None)  # mapped before any tenant code runs
     loop = asyncio.get_running_loop()
     await loop.connect_accepted_socket(lambda: child.proto, sock)
     if handoff_fd >= 0:
@@ -300,12 +305,13 @@ def _exit_stuck() -> None:
 def main(argv: list[str]) -> None:
     fd, memory = int(argv[1]), int(argv[2])
     handoff = int(argv[4]) if len(argv) > 4 else -1
+    beacon = int(argv[5]) if len(argv) > 5 else -1
     try:
         import uvloop
 
-        uvloop.run(_serve(fd, memory, handoff))
+        uvloop.run(_serve(fd, memory, handoff, beacon))
     except ImportError:
-        asyncio.run(_serve(fd, memory, handoff))
+        asyncio.run(_serve(fd, memory, handoff, beacon))
     os._exit(0)  # user threads (pools, model loaders) must not keep a sandbox alive after its actor left
 
 

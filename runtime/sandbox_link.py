@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import socket
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -35,6 +36,8 @@ from cocoon_faas.runtime.sandbox import SandboxProcess
 
 CHILD_ERRORS = ("function_error", "timeout", "cancelled", "memory_exceeded", "startup_failed")
 BACKSTOP_S = 2.0  # the child enforces the time limit; past it by this much the actor answers for it
+BEACON_CHECK_S = 1.0  # how often the actor reads its child's beacon (runtime/beacon.py)
+log = logging.getLogger("cocoon.sandbox")
 Sink = Callable[[int, dict[str, Any], bytes], None]
 
 
@@ -96,9 +99,25 @@ class SandboxLink:
         self.inflight = 0
         self.calls = 0
         self.handed = 0  # gateway connections handed to the child (the direct path)
+        self._beacon_timer: asyncio.TimerHandle | None = None
 
     async def open(self) -> None:
-        await asyncio.get_running_loop().connect_accepted_socket(lambda: self.proto, self.proc.sock)
+        loop = asyncio.get_running_loop()
+        await loop.connect_accepted_socket(lambda: self.proto, self.proc.sock)
+        self._beacon_timer = loop.call_later(BEACON_CHECK_S, self._watch_beacon)
+
+    def _watch_beacon(self) -> None:
+        """Every BEACON_CHECK_S: a child past its own end whose watchdog has stopped ticking (one C call holds its
+        GIL, so no thread of it runs) cannot end itself; kill it (SIGKILL). Its socket then closes and `_lost`
+        replaces the replica like any child that exited (runtime/beacon.py)."""
+        if self.proto.closed:
+            return
+        if self.proc.beacon.stuck(time.monotonic()):
+            log.warning("the sandbox child %s is past a call's end with no thread running (one C call holds its "
+                        "GIL); killing it so the replica is replaced", self.proc.pid)
+            self.proc.proc.kill()
+            return
+        self._beacon_timer = asyncio.get_running_loop().call_later(BEACON_CHECK_S, self._watch_beacon)
 
     async def load(self, code: bytes, spec_json: dict[str, Any], timeout: float, logs: bool = True,
                    grace: float | None = None) -> list[tuple[str, str]]:
@@ -253,6 +272,8 @@ class SandboxLink:
                       b"")
 
     def close(self) -> None:
+        if self._beacon_timer is not None:
+            self._beacon_timer.cancel()
         if self.proto.transport is not None:
             self.proto.transport.close()
         self.proc.kill()

@@ -235,8 +235,10 @@ def test_a_call_that_swallows_its_timeout_or_blocks_its_loop_gets_its_process_re
     """`stubborn` (sync) catches the interrupt forever; `stubborn_swallow` (async) catches its CancelledError and
     goes on; `stubborn_block` (async) blocks the child's event loop with time.sleep. Without the watchdog the first
     two processes would keep answering probes (a second pool thread / the free loop) with the stuck call still
-    running, and the third would never answer again. The three run side by side (each waits out the grace)."""
-    names = ["stubborn", "stubborn_swallow", "stubborn_block"]
+    running, and the third would never answer again. `stubborn_gil` holds the GIL in one C call, so no thread of
+    its process runs: the actor ends it from outside (runtime/beacon.py). They run side by side (each waits out the
+    grace)."""
+    names = ["stubborn", "stubborn_swallow", "stubborn_block", "stubborn_gil"]
     with cf.ThreadPoolExecutor(len(names)) as ex:
         list(ex.map(lambda n: _hang_then_replaced(gateway, n), names))
 

@@ -17,7 +17,7 @@ from tests.conftest import GatewayProc
 pytestmark = pytest.mark.e2e
 
 # functions that sleep or crash on purpose (tests/apps/edge.py, examples/hello.py): fuzzing them only waits
-SLOW = re.compile(r"^/fn/(busy|sleepy|too_slow|scalable|slow_stream|countdown|crash_once|lone|secretive|stubborn)$")
+SLOW = re.compile(r"^/fn/(busy|sleepy|too_slow|scalable|slow_stream|countdown|crash_once|lone|secretive|stubborn\w*)$")
 # with the key these change the gateway's own state (deploy bundles, delete functions, approve wallets): fuzzed
 # without credentials only, so the shared gateway keeps serving the other tests
 STATEFUL = {("POST", "/v1/deployments"), ("DELETE", "/v1/functions/{name}"), ("POST", "/v1/providers/approvals")}

@@ -6,6 +6,7 @@ import asyncio
 import sys
 import threading
 import time
+from typing import Any
 
 import cloudpickle
 import pytest
@@ -278,3 +279,84 @@ def test_busy_healthy_calls_within_their_limit_are_never_reported():
     for loaded in (hog, fine):
         dog = loaded._dog()
         assert dog is not None and dog.watching == 0
+
+
+_PEEK: dict[str, Any] = {}  # what module-level functions share with their test (they run by reference)
+
+
+def peek(s: float) -> float:
+    _PEEK["seen"].append(_PEEK["beacon"].read())  # inside the call, before any tick could have run
+    time.sleep(s)
+    return s
+
+
+def test_the_beacon_tells_the_earliest_end_from_a_calls_start_and_forgets_ended_calls():
+    """The page the actor reads (runtime/beacon.py): a call's start puts its end plus the grace there at once (a
+    call may take the GIL for good on its first instruction); the watchdog's tick drops calls that ended; sync
+    calls are watched from their start, so a healthy sync call leaves nothing watched."""
+    from cocoon_faas.runtime.beacon import Beacon
+
+    beacon = Beacon.create()
+    _PEEK["beacon"] = beacon
+    seen = _PEEK.setdefault("seen", [])
+    try:
+        loaded = _watched(peek, "function", _stuck("beacon"), max_concurrency=2)
+        loaded.beacon = beacon
+        t0 = time.monotonic()
+        assert asyncio.run(loaded.run({"s": 0.0}, CallLog(), 30)) == 0.0
+        _, due = seen[0]
+        assert t0 + 30 + GRACE <= due <= time.monotonic() + 30 + GRACE
+        dog = loaded._dog()
+        assert dog is not None and dog.watching == 0
+        give_up = time.monotonic() + 10
+        while beacon.read()[1] != 0.0 and time.monotonic() < give_up:  # the next tick forgets the ended call
+            time.sleep(0.02)
+        beat, due = beacon.read()
+        assert due == 0.0 and time.monotonic() - 5 < beat <= time.monotonic()
+        assert not beacon.stuck(time.monotonic()) and not beacon.stuck(time.monotonic())
+    finally:
+        beacon.close()
+
+
+def test_a_beacon_reads_stuck_only_twice_stale_past_its_due():
+    from cocoon_faas.runtime.beacon import MARGIN_S, Beacon
+
+    beacon = Beacon.create()
+    try:
+        now = time.monotonic()
+        beacon.tick(now - MARGIN_S - 1)  # due long passed, but the beat is fresh (tick writes now)
+        assert not beacon.stuck(now) and not beacon.stuck(now)
+        beacon.set_due(0.0)
+        later = now + 3 * MARGIN_S  # nothing watched: a stale beat alone is not stuck
+        assert not beacon.stuck(later) and not beacon.stuck(later)
+        beacon.set_due(now)
+        assert not beacon.stuck(later)  # one read could be a torn page
+        assert beacon.stuck(later)
+    finally:
+        beacon.close()
+
+
+def record(tag: str, s: float) -> str:
+    _PEEK["ran"].append(tag)
+    time.sleep(s)
+    return tag
+
+
+def test_a_sync_call_whose_limit_passed_while_it_queued_never_runs():
+    ran = _PEEK.setdefault("ran", [])
+    loaded = _loaded(record, "function", max_concurrency=1)
+
+    async def main() -> list[str]:
+        first = asyncio.get_running_loop().create_task(loaded.run({"tag": "first", "s": 0.5}, CallLog(), 30))
+        await asyncio.sleep(0.05)
+        try:
+            await loaded.run({"tag": "queued", "s": 0.0}, CallLog(), 0.1)
+            raise AssertionError("the queued call did not time out")
+        except CallInterrupted:
+            pass
+        out = [await first]
+        out.append(await loaded.run({"tag": "after", "s": 0.0}, CallLog(), 30))
+        return out
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)) == ["first", "after"]
+    assert ran == ["first", "after"]  # before: "queued" ran after its caller had its timeout

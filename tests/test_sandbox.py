@@ -206,3 +206,59 @@ def test_only_the_nodes_llm_settings_cross_into_the_sandbox(monkeypatch):
     assert not {"COCOON_HOME", "COCOON_API_KEY"} & set(env)
     monkeypatch.delenv("COCOON_LLM_PRECISION")
     assert "COCOON_LLM_PRECISION" not in child_env(SandboxConfig(memory=1))
+
+
+def _hold_the_gil(seconds: float) -> float:
+    """One C call that keeps the GIL throughout (ctypes.PyDLL does not release it): no thread of the process,
+    the watchdog included, runs until it returns."""
+    import ctypes
+
+    ctypes.PyDLL(None).sleep(int(seconds))
+    return seconds
+
+
+def _gil_call(seconds: float, timeout: float, grace: float, wait: float) -> tuple[Any, int | None, float]:
+    """Load `_hold_the_gil` with interrupt grace `grace`, call it once with `timeout`; then wait (up to `wait` s
+    after the call began) for the child to end. Returns (the answer or ChildError meta, the child's exit status or
+    None, seconds waited)."""
+    spec = make_spec(name="t", memory="256Mi", max_concurrency=2)
+    blob = cloudpickle.dumps({"format": 1, "kind": "function", "fn": _hold_the_gil})
+    lost: list[bool] = []
+
+    async def main() -> tuple[Any, int | None, float]:
+        proc = SandboxProcess(SandboxConfig(memory=spec.memory), f"gil-{os.getpid()}-{time.monotonic_ns()}")
+        link = SandboxLink(proc, lambda: lost.append(True))
+        await link.open()
+        try:
+            await link.load(blob, spec.to_json(), 60, grace=grace)
+            t0 = time.monotonic()
+            try:
+                body, _ = await link.unary(json.dumps({"seconds": seconds}).encode(), timeout)
+                answer: Any = json.loads(body)
+            except ChildError as exc:
+                answer = exc.meta
+            while proc.proc.poll() is None and time.monotonic() - t0 < wait:
+                await asyncio.sleep(0.2)
+            return answer, proc.proc.poll(), time.monotonic() - t0
+        finally:
+            link.close()
+
+    answer, status, waited = asyncio.run(asyncio.wait_for(main(), 120))
+    if status is not None:
+        assert lost == [True]  # the replica hears its child is gone (and is replaced)
+    return answer, status, waited
+
+
+def test_a_call_that_holds_the_gil_past_its_end_is_ended_by_the_actor():
+    """The child's watchdog thread cannot run while one C call holds the GIL; the actor reads the child's beacon,
+    sees it stale past the call's end plus the grace, and kills the child (SIGKILL: the child could not exit)."""
+    answer, status, waited = _gil_call(3600, timeout=0.5, grace=0.3, wait=60)
+    assert answer["type"] == "timeout", answer  # the caller has its answer at the limit (the actor's backstop)
+    assert status == -9, status  # killed from outside: the child's own watchdog exits with 70
+    assert waited < 30
+
+
+def test_a_call_that_holds_the_gil_within_its_limit_is_left_alone():
+    """A beacon gone stale for seconds is not enough: only a stale beacon past a call's end is."""
+    answer, status, waited = _gil_call(4, timeout=60, grace=0.3, wait=7)  # the beacon's check sees 4 s stale
+    assert answer == 4 and status is None and waited >= 7

@@ -93,7 +93,7 @@ _PROCESS: dict[str, str] = {}  # empty in each process that loads the function (
 
 
 # The session gateway runs every app here plus examples/hello.py on COCOON_RAY_NUM_CPUS=8 and must keep room for
-# tests/test_e2e_openai.py's Chat (cpu=1): the three stubborn variants, which only sleep, ask for 0.1 each.
+# tests/test_e2e_openai.py's Chat (cpu=1): the four stubborn variants, which only sleep, ask for 0.1 each.
 @cocoon.function(cpu=0.1, timeout=2, max_concurrency=2, max_replicas=1)
 def stubborn(hang: bool = False) -> dict:
     """With `hang`, ignores its time limit's interrupt (catches everything, forever): the platform must still end
@@ -132,3 +132,14 @@ async def stubborn_swallow(hang: bool = False) -> dict:
 async def stubborn_block(hang: bool = False) -> dict:
     """`stubborn` as an async function that blocks its event loop with `time.sleep` (with `hang`)."""
     return await _stuck_async("block" if hang else "")
+
+
+@cocoon.function(cpu=0.1, timeout=2, max_concurrency=2, max_replicas=1)
+def stubborn_gil(hang: bool = False) -> dict:
+    """`stubborn` in one C call that holds the GIL (with `hang`): no thread of its process runs, the watchdog's
+    included, so only the actor, from outside, can end it."""
+    if hang:
+        import ctypes
+
+        ctypes.PyDLL(None).sleep(3600)  # PyDLL keeps the GIL for the whole call
+    return {"boot": _PROCESS.setdefault("boot", uuid.uuid4().hex)}
