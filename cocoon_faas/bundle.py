@@ -47,6 +47,9 @@ class Bundle:
 def load_app(path: str | Path) -> tuple[ModuleType, list[Function]]:
     """Import an app file under a private module name and collect its functions."""
     p = Path(path)
+    if not p.exists():
+        raise InvalidRequestError(f"{path} does not exist (from {Path.cwd()}); pass the path of your app, e.g. "
+                                  "`cocoon deploy app.py`")
     if not p.is_file() or p.suffix != ".py":
         raise InvalidRequestError(f"{path} is not a Python file; pass the path of your app, e.g. `cocoon deploy app.py`")
     mod_name = f"cocoon_app_{p.stem}"

@@ -102,3 +102,16 @@ def test_class_form_and_batched():
     assert make_spec(name="a.b-c").name == "a.b-c"
     with pytest.raises(InvalidSpecError, match="not a valid function name"):
         make_spec(name="bad name")
+
+
+def test_deploying_a_missing_or_non_python_path_names_the_problem(tmp_path):
+    from cocoon_faas.bundle import load_app
+    from cocoon_faas.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="does not exist"):
+        load_app(tmp_path / "nope.py")
+    (tmp_path / "app.txt").write_text("x = 1\n")
+    with pytest.raises(InvalidRequestError, match="is not a Python file"):
+        load_app(tmp_path / "app.txt")
+    with pytest.raises(InvalidRequestError, match="is not a Python file"):
+        load_app(tmp_path)
