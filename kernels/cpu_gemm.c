@@ -100,63 +100,161 @@ static inline __m256 dot_s(__m256i w, __m256i x) {
 }
 
 typedef struct {
-    int q4;             /* 0: Q8_0 (qs int8 [N, K]), 1: Q4 (qs uint8 [N, K/2], m [N, K/32]) */
+    int q4;             /* 0: Q8_0 (qs int8 [N, K]), 1: Q4 (qs uint8 [N, K/2], m [ceil(N/8), K/32, 8]) */
     const void *qs;
     const float *wd, *wm;
     int64_t n, k;
     const int8_t *xq;   /* [M, K] */
     const float *xd, *xs; /* [M, K/32] */
+    const float *xp;      /* [ceil(M/2), K/32, 8]: each row pair's scales as the Q4 tile's lanes hold them */
     int64_t m;
     float *y;
     int64_t ldy;
 } gemm_job;
 
 /* Each (row, column) result is the same sum in the same order whatever the tile: acc = fma(dot_b, d_w[b] d_x[b],
- * acc) over b ascending, then hsum(acc) + sum_b m_w[b] s_x[b] (ascending), so a row's result never depends on how
- * many rows came with it (the engine's batches equal requests alone). (Measured: named-register variants with 4
- * columns per row, and fp16 scales widened in registers, were 5-90% slower on this AVX2 CPU.) */
-static inline __attribute__((always_inline)) void tile(const gemm_job *j, int64_t n, int64_t m0, int mt) {
-    const int64_t nb = j->k / QB;
-    __m256 acc[TILE];
-    float macc[TILE];
-    for (int t = 0; t < TILE; t++) { acc[t] = _mm256_setzero_ps(); macc[t] = 0.0f; }
+ * acc) over b ascending, then hsum(acc) + (sum_b m_w[b] s_x[b], ascending, a product then a sum per step), so a
+ * row's result never depends on how many rows came with it (the engine's batches equal requests alone). The Q4
+ * min terms go first, eight columns at a time (`min_terms`, over mins stored in panels of 8 columns); the tile
+ * adds its sums to them. (Measured: named-register variants with 4 columns per row, and fp16 scales widened in
+ * registers, were 5-90% slower on this AVX2 CPU; the min terms summed per (row, column) in the tile cost a third
+ * of a long prefill's GEMM time.) */
+/* A Q4 tile: mt rows (1-4) by nc columns (1-2). Rows go in pairs whose block sums share a vector: vpmaddubsw gives
+ * each row's 16 int16 pair sums (<= 2 * 15 * 127), vphaddw adds neighbours of both rows at once (<= 7620, exact
+ * in int16), and one vpmaddwd, one conversion and one fma then serve two rows (lanes 0, 1, 4, 5 hold the first
+ * row's partial sums, 2, 3, 6, 7 the second's); a row without a partner is paired with itself. A row's four lanes
+ * are the same numbers in the same order whatever its partner or place: acc = fma(lane sums, d_w[b] d_x[b], acc)
+ * over b ascending, then ((l0 + l4) + (l1 + l5)) + its min term. (Measured: a third fewer cycles than one row
+ * per vector, whose vpmaddwd and fma per row and block kept the multiply pipes full.) */
+static inline __attribute__((always_inline)) void tile_q4(const gemm_job *j, int64_t n, int64_t m0, int mt, int nc) {
+    const int64_t nb = j->k / QB, k = j->k;
+    const int np = (mt + 1) / 2;
+    __m256 acc[2][2];
+    for (int c = 0; c < 2; c++) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
+    const uint8_t *qs = (const uint8_t *)j->qs + n * (k / 2);
     const float *wd = j->wd + n * nb;
-    const int8_t *xq = j->xq + m0 * j->k;
-    const float *xd = j->xd + m0 * nb;
-    if (j->q4) {
-        const uint8_t *qs = (const uint8_t *)j->qs + n * (j->k / 2);
-        const float *wm = j->wm + n * nb;
-        for (int64_t b = 0; b < nb; b++) {
-            __m256i w = q4_block(qs + b * (QB / 2));
-            for (int t = 0; t < mt; t++) {
-                __m256i x = _mm256_loadu_si256((const __m256i *)(xq + t * j->k + b * QB));
-                acc[t] = _mm256_fmadd_ps(dot_u(w, x), _mm256_set1_ps(wd[b] * xd[t * nb + b]), acc[t]);
-            }
+    const int8_t *xq = j->xq + m0 * k;
+    const float *xp = j->xp + (m0 / 2) * nb * 8;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i w[2];
+        __m256 dw[2];
+        for (int c = 0; c < nc; c++) {
+            w[c] = q4_block(qs + c * (k / 2) + b * (QB / 2));
+            dw[c] = _mm256_broadcast_ss(wd + c * nb + b);
         }
-        const float *xs = j->xs + m0 * nb;
-        for (int t = 0; t < mt; t++)
-            for (int64_t b = 0; b < nb; b++) macc[t] += wm[b] * xs[t * nb + b];
-    } else {
-        const int8_t *qs = (const int8_t *)j->qs + n * j->k;
-        for (int64_t b = 0; b < nb; b++) {
-            __m256i w = _mm256_loadu_si256((const __m256i *)(qs + b * QB));
-            for (int t = 0; t < mt; t++) {
-                __m256i x = _mm256_loadu_si256((const __m256i *)(xq + t * j->k + b * QB));
-                acc[t] = _mm256_fmadd_ps(dot_s(w, x), _mm256_set1_ps(wd[b] * xd[t * nb + b]), acc[t]);
+        for (int p = 0; p < np; p++) {
+            const int8_t *x0 = xq + 2 * p * k + b * QB;
+            const int pair = 2 * p + 1 < mt;
+            const __m256i xa = _mm256_loadu_si256((const __m256i *)x0);
+            const __m256i xb = pair ? _mm256_loadu_si256((const __m256i *)(x0 + k)) : xa;
+            const __m256 s = _mm256_loadu_ps(xp + (p * nb + b) * 8);
+            for (int c = 0; c < nc; c++) {
+                const __m256i pa = _mm256_maddubs_epi16(w[c], xa);
+                const __m256i pb = pair ? _mm256_maddubs_epi16(w[c], xb) : pa;
+                const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_hadd_epi16(pa, pb), ones));
+                acc[c][p] = _mm256_fmadd_ps(f, _mm256_mul_ps(dw[c], s), acc[c][p]);
             }
         }
     }
-    for (int t = 0; t < mt; t++) j->y[(m0 + t) * j->ldy + n] = hsum(acc[t]) + macc[t];
+    for (int p = 0; p < np; p++)
+        for (int c = 0; c < nc; c++) {
+            __m128 t = _mm_add_ps(_mm256_castps256_ps128(acc[c][p]), _mm256_extractf128_ps(acc[c][p], 1));
+            float l[4];
+            _mm_storeu_ps(l, t);
+            float *y = j->y + (m0 + 2 * p) * j->ldy + n + c;
+            y[0] = (l[0] + l[1]) + y[0];
+            if (2 * p + 1 < mt) y[j->ldy] = (l[2] + l[3]) + y[j->ldy];
+        }
+}
+
+/* A Q8_0 tile: mt rows (1-4) of one column, each row's sums in a vector of its own (Q8_0's int16 pair sums reach
+ * 32512: no room to add two), hsum'd at the end. */
+static inline __attribute__((always_inline)) void tile_q8(const gemm_job *j, int64_t n, int64_t m0, int mt) {
+    const int64_t nb = j->k / QB;
+    __m256 acc[TILE];
+    for (int t = 0; t < TILE; t++) acc[t] = _mm256_setzero_ps();
+    const float *wd = j->wd + n * nb;
+    const int8_t *xq = j->xq + m0 * j->k;
+    const float *xd = j->xd + m0 * nb;
+    const int8_t *qs = (const int8_t *)j->qs + n * j->k;
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i w = _mm256_loadu_si256((const __m256i *)(qs + b * QB));
+        for (int t = 0; t < mt; t++) {
+            __m256i x = _mm256_loadu_si256((const __m256i *)(xq + t * j->k + b * QB));
+            acc[t] = _mm256_fmadd_ps(dot_s(w, x), _mm256_set1_ps(wd[b] * xd[t * nb + b]), acc[t]);
+        }
+    }
+    for (int t = 0; t < mt; t++) j->y[(m0 + t) * j->ldy + n] = hsum(acc[t]);
+}
+
+/* y[r, c] = sum_b m_w[c, b] s_x[r, b] (b ascending) for every row and the columns [n0, n1), n0 a multiple of 8. The
+ * mins come in panels of 8 columns, [ceil(N/8), K/32, 8] (zero-padded): a row of [K/32, N] would put every block's
+ * mins 4 KB apart here (N = 3072 floats), where they evict each other from the L1 cache. */
+static void min_terms(const gemm_job *j, int64_t n0, int64_t n1) {
+    const int64_t nb = j->k / QB;
+    for (int64_t r = 0; r < j->m; r++) {
+        const float *xs = j->xs + r * nb;
+        float *y = j->y + r * j->ldy;
+        int64_t c = n0;
+        for (; c + 32 <= n1; c += 32) {  /* four panels, four independent sums in flight */
+            const float *w = j->wm + c * nb;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t b = 0; b < nb; b++) {
+                const __m256 x = _mm256_set1_ps(xs[b]);
+                a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(w + b * 8), x));
+                a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_loadu_ps(w + (nb + b) * 8), x));
+                a2 = _mm256_add_ps(a2, _mm256_mul_ps(_mm256_loadu_ps(w + (2 * nb + b) * 8), x));
+                a3 = _mm256_add_ps(a3, _mm256_mul_ps(_mm256_loadu_ps(w + (3 * nb + b) * 8), x));
+            }
+            _mm256_storeu_ps(y + c, a0);
+            _mm256_storeu_ps(y + c + 8, a1);
+            _mm256_storeu_ps(y + c + 16, a2);
+            _mm256_storeu_ps(y + c + 24, a3);
+        }
+        for (; c < n1; c += 8) {  /* the same sums one panel at a time; the last may be partly padding */
+            const float *w = j->wm + c * nb;
+            __m256 a = _mm256_setzero_ps();
+            for (int64_t b = 0; b < nb; b++) a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_loadu_ps(w + b * 8),
+                                                                                _mm256_set1_ps(xs[b])));
+            if (c + 8 <= n1) {
+                _mm256_storeu_ps(y + c, a);
+            } else {
+                float t[8];
+                _mm256_storeu_ps(t, a);
+                for (int64_t i = 0; i < n1 - c; i++) y[c + i] = t[i];
+            }
+        }
+    }
+}
+
+/* constant tile sizes below, so the compiler unrolls each */
+static void q4_rows(const gemm_job *j, int64_t n, int nc) {
+    int64_t m0 = 0;
+    for (; m0 + TILE <= j->m; m0 += TILE) tile_q4(j, n, m0, TILE, nc);
+    switch (j->m - m0) {
+        case 3: tile_q4(j, n, m0, 3, nc); break;
+        case 2: tile_q4(j, n, m0, 2, nc); break;
+        case 1: tile_q4(j, n, m0, 1, nc); break;
+        default: break;
+    }
 }
 
 static void run_columns(const gemm_job *j, int64_t n0, int64_t n1) {
+    if (j->q4) {
+        min_terms(j, n0, n1);
+        int64_t n = n0;
+        for (; n + 2 <= n1; n += 2) q4_rows(j, n, 2);
+        if (n < n1) q4_rows(j, n, 1);
+        return;
+    }
     for (int64_t n = n0; n < n1; n++) {
         int64_t m0 = 0;
-        for (; m0 + TILE <= j->m; m0 += TILE) tile(j, n, m0, TILE);
-        switch (j->m - m0) {  /* constant tile sizes, so the compiler unrolls each */
-            case 3: tile(j, n, m0, 3); break;
-            case 2: tile(j, n, m0, 2); break;
-            case 1: tile(j, n, m0, 1); break;
+        for (; m0 + TILE <= j->m; m0 += TILE) tile_q8(j, n, m0, TILE);
+        switch (j->m - m0) {
+            case 3: tile_q8(j, n, m0, 3); break;
+            case 2: tile_q8(j, n, m0, 2); break;
+            case 1: tile_q8(j, n, m0, 1); break;
             default: break;
         }
     }
@@ -312,12 +410,20 @@ static int gemm_run(const weight *w, const float *x, int64_t m, int64_t ldx, flo
     if (k % QB || m < 0 || n < 0) return -1;
     if (m == 0 || n == 0) return 0;
     int64_t nb = k / QB;
-    int8_t *xq = grow(&scratch, (size_t)(((m * k + 63) / 64) * 64) + 2 * sizeof(float) * (size_t)(m * nb));
+    const int64_t pairs = (m + 1) / 2;
+    int8_t *xq = grow(&scratch, (size_t)(((m * k + 63) / 64) * 64) + sizeof(float) * (size_t)((2 * m + 8 * pairs) * nb));
     if (!xq) return -2;
     float *xd = (float *)(xq + ((m * k + 63) / 64) * 64);
-    float *xs = xd + m * nb;
+    float *xs = xd + m * nb, *xp = xs + m * nb;
     for (int64_t i = 0; i < m; i++) quantize_row(x + i * ldx, k, xq + i * k, xd + i * nb, xs + i * nb);
-    gemm_job j = {w->q4, w->qs, w->d, w->m, n, k, xq, xd, xs, m, y, ldy};
+    if (w->q4)
+        for (int64_t p = 0; p < pairs; p++)
+            for (int64_t b = 0; b < nb; b++) {
+                const float d0 = xd[2 * p * nb + b], d1 = 2 * p + 1 < m ? xd[(2 * p + 1) * nb + b] : d0;
+                const __m256 v = _mm256_setr_ps(d0, d0, d1, d1, d0, d0, d1, d1);
+                _mm256_storeu_ps(xp + (p * nb + b) * 8, v);
+            }
+    gemm_job j = {w->q4, w->qs, w->d, w->m, n, k, xq, xd, xs, xp, m, y, ldy};
     /* chunks of at least 64 columns, four per thread: a late thread costs a quarter of its share */
     int64_t chunks = n / 64 < 4 * pool_size ? n / 64 : 4 * pool_size;
     pool_run(gemm_part, &j, pool_size > 1 && chunks > 1 ? (int)chunks : 1);
@@ -372,6 +478,79 @@ int cg_layer_tail(const weight *o, const weight *gu, const weight *down, const f
 
 /* ---- decode attention over the paged KV cache ------------------------------------------------------------------- */
 
+/* each query head of each row against that row's own positions only, so a row's result does not depend on the
+ * other rows of the batch (no padding, no mask). A unit of work is one row and one KV head with the query heads
+ * that share it (GQA), so each block of keys is read from memory once for all of them.
+ *
+ * The arithmetic of every (row, head) is fixed, whatever the other rows, heads or lengths (d a multiple of 8; other
+ * head dims take the scalar path of `attend_scalar`, just as fixed):
+ *   score[l] = hsum8(sum over c-chunks of q[c:c+8] * k_l[c:c+8], fma in chunk order) * scale  (hsum8: fixed tree)
+ *   p[l] = exp8(score[l] - max), sum = tree-sum of 8 lane sums (lane = l mod 8, l ascending)
+ *   out[c] = (sum over l ascending of p[l] v_l[c], fma) * (1 / sum)
+ * Keys go in blocks of 8 (their sums reduced together: 9 shuffles for 8 scores instead of 8 x 5) and values in
+ * blocks of KB rows (read once per block for every head of the group). */
+#define KB 64
+
+/* 8 accumulators -> one vector of their horizontal sums, each the same tree ((0+1)+(2+3))+((4+5)+(6+7)) */
+static inline __m256 hsum8x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6,
+                             __m256 a7) {
+    __m256 t0 = _mm256_hadd_ps(a0, a1), t1 = _mm256_hadd_ps(a2, a3);
+    __m256 t2 = _mm256_hadd_ps(a4, a5), t3 = _mm256_hadd_ps(a6, a7);
+    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    /* u0 = [s0 s1 s2 s3 | s0' s1' s2' s3'] (low and high halves of a0..a3), likewise u1 for a4..a7 */
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* e^x for x <= 0 (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, degree-5 polynomial, 2^n in the exponent), to about
+ * 2 ulp; below -87 it is 0 */
+static inline __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+/* scores of one query head q[d] against 8 keys (rows kr[0..7] of d floats), scaled */
+static inline __m256 scores8(const float *q, const float *const kr[8], int64_t d, __m256 scale) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int64_t c = 0; c < d; c += 8) {
+        __m256 qv = _mm256_loadu_ps(q + c);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr[0] + c), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr[1] + c), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr[2] + c), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr[3] + c), a3);
+        a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr[4] + c), a4);
+        a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr[5] + c), a5);
+        a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr[6] + c), a6);
+        a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr[7] + c), a7);
+    }
+    return _mm256_mul_ps(hsum8x8(a0, a1, a2, a3, a4, a5, a6, a7), scale);
+}
+
+/* out[0:8w] += sum over the block's keys of p[l] v_l[c0:c0+8w], l ascending (w vectors of 8 in registers) */
+static inline __attribute__((always_inline)) void pv_block(const float *p, const float *const *vr, int64_t nl,
+                                                           int64_t c0, int w, float *o) {
+    __m256 acc[8];
+    for (int i = 0; i < w; i++) acc[i] = _mm256_loadu_ps(o + c0 + 8 * i);
+    for (int64_t l = 0; l < nl; l++) {
+        __m256 pl = _mm256_broadcast_ss(p + l);
+        for (int i = 0; i < w; i++) acc[i] = _mm256_fmadd_ps(pl, _mm256_loadu_ps(vr[l] + c0 + 8 * i), acc[i]);
+    }
+    for (int i = 0; i < w; i++) _mm256_storeu_ps(o + c0 + 8 * i, acc[i]);
+}
+
 typedef struct {
     const float *q;        /* [nd, heads, d], row stride ldq */
     int64_t ldq;
@@ -384,33 +563,81 @@ typedef struct {
     float *out;            /* [nd, heads * d] */
 } attn_job;
 
-static inline float dot_f32(const float *a, const float *b, int64_t d) {
-    if (d % 8 == 0) {
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t i = 0; i < d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-        return hsum(acc);
+static int64_t attn_stride(const attn_job *j) { return (j->longest + 7) / 8 * 8; }
+
+/* one row's query heads of KV head g, d a multiple of 8; p: group * (longest rounded up to 8) floats */
+static void attend_vec(const attn_job *j, int64_t r, int64_t g, float *p) {
+    const int64_t group = j->heads / j->kv_heads, d = j->d, len = j->lens[r], stride = attn_stride(j);
+    const int64_t *slots = j->idx + r * j->ld_idx;
+    const float *q = j->q + r * j->ldq + g * group * d;
+    const __m256 scale = _mm256_set1_ps(j->scale);
+    const float *kr[8];
+    for (int64_t l0 = 0; l0 < len; l0 += 8) {
+        for (int i = 0; i < 8; i++)  /* past the end: repeat the last key (its lanes are never read) */
+            kr[i] = j->kc + (slots[l0 + i < len ? l0 + i : len - 1] * j->kv_heads + g) * d;
+        for (int64_t h = 0; h < group; h++) _mm256_storeu_ps(p + h * stride + l0, scores8(q + h * d, kr, d, scale));
     }
-    float s = 0.0f;
-    for (int64_t i = 0; i < d; i++) s += a[i] * b[i];
-    return s;
+    float *inv = p + group * stride;
+    for (int64_t h = 0; h < group; h++) {
+        float *ph = p + h * stride;
+        /* lanes past the end hold the last key's score again: they do not change the max */
+        __m256 mx = _mm256_loadu_ps(ph);
+        for (int64_t l0 = 8; l0 < len; l0 += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(ph + l0));
+        mx = _mm256_max_ps(mx, _mm256_permute2f128_ps(mx, mx, 1));
+        mx = _mm256_max_ps(mx, _mm256_shuffle_ps(mx, mx, 0x4e));
+        mx = _mm256_max_ps(mx, _mm256_shuffle_ps(mx, mx, 0xb1));
+        __m256 sum = _mm256_setzero_ps();
+        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        for (int64_t l0 = 0; l0 < len; l0 += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(ph + l0), mx));
+            /* lanes past the end count 0 */
+            e = _mm256_and_ps(e, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(len - l0)), lane)));
+            _mm256_storeu_ps(ph + l0, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        __m256 z = _mm256_setzero_ps();
+        inv[h] = 1.0f / _mm256_cvtss_f32(hsum8x8(sum, z, z, z, z, z, z, z));
+    }
+    float *o = j->out + r * j->heads * d + g * group * d;
+    for (int64_t c = 0; c < group * d; c++) o[c] = 0.0f;
+    const float *vr[KB];
+    for (int64_t l0 = 0; l0 < len; l0 += KB) {
+        const int64_t nl = len - l0 < KB ? len - l0 : KB;
+        for (int64_t l = 0; l < nl; l++) vr[l] = j->vc + (slots[l0 + l] * j->kv_heads + g) * d;
+        for (int64_t h = 0; h < group; h++)
+            for (int64_t c0 = 0; c0 < d; c0 += 64) {
+                const int w = d - c0 >= 64 ? 8 : (int)((d - c0) / 8);
+                switch (w) {  /* constant widths, so each keeps its accumulators in registers */
+                    case 8: pv_block(p + h * stride + l0, vr, nl, c0, 8, o + h * d); break;
+                    case 7: pv_block(p + h * stride + l0, vr, nl, c0, 7, o + h * d); break;
+                    case 6: pv_block(p + h * stride + l0, vr, nl, c0, 6, o + h * d); break;
+                    case 5: pv_block(p + h * stride + l0, vr, nl, c0, 5, o + h * d); break;
+                    case 4: pv_block(p + h * stride + l0, vr, nl, c0, 4, o + h * d); break;
+                    case 3: pv_block(p + h * stride + l0, vr, nl, c0, 3, o + h * d); break;
+                    case 2: pv_block(p + h * stride + l0, vr, nl, c0, 2, o + h * d); break;
+                    default: pv_block(p + h * stride + l0, vr, nl, c0, 1, o + h * d); break;
+                }
+            }
+    }
+    for (int64_t h = 0; h < group; h++) {
+        const __m256 s = _mm256_set1_ps(inv[h]);
+        for (int64_t c = 0; c < d; c += 8)
+            _mm256_storeu_ps(o + h * d + c, _mm256_mul_ps(_mm256_loadu_ps(o + h * d + c), s));
+    }
 }
 
-/* each query head of each row against that row's own positions only, so a row's result does not depend on the
- * other rows of the batch (no padding, no mask) */
-static void attn_part(const void *arg, int part, int parts) {
-    const attn_job *j = (const attn_job *)arg;
-    const int64_t group = j->heads / j->kv_heads, d = j->d;
-    float *p = grow(&attn_buf, (size_t)j->longest * sizeof(float));
-    if (!p) return;  /* the caller sees rows of NaN: cg_attend_decode fills them first */
-    const int64_t units = j->nd * j->heads;  /* (row, head) pairs, split evenly over the parts */
-    for (int64_t u = units * part / parts; u < units * (part + 1) / parts; u++) {
-        const int64_t r = u / j->heads, h = u % j->heads, g = h / group;
-        const int64_t len = j->lens[r];
-        const int64_t *slots = j->idx + r * j->ld_idx;
+/* the same for a head dim that is not a multiple of 8: plain C, one head at a time, as fixed */
+static void attend_scalar(const attn_job *j, int64_t r, int64_t g, float *p) {
+    const int64_t group = j->heads / j->kv_heads, d = j->d, len = j->lens[r];
+    const int64_t *slots = j->idx + r * j->ld_idx;
+    for (int64_t h = g * group; h < (g + 1) * group; h++) {
         const float *q = j->q + r * j->ldq + h * d;
         float mx = -INFINITY;
         for (int64_t l = 0; l < len; l++) {
-            p[l] = dot_f32(q, j->kc + (slots[l] * j->kv_heads + g) * d, d) * j->scale;
+            const float *k = j->kc + (slots[l] * j->kv_heads + g) * d;
+            float s = 0.0f;
+            for (int64_t c = 0; c < d; c++) s += q[c] * k[c];
+            p[l] = s * j->scale;
             mx = p[l] > mx ? p[l] : mx;
         }
         float sum = 0.0f;
@@ -422,9 +649,21 @@ static void attn_part(const void *arg, int part, int parts) {
         for (int64_t c = 0; c < d; c++) o[c] = 0.0f;
         for (int64_t l = 0; l < len; l++) {
             const float *v = j->vc + (slots[l] * j->kv_heads + g) * d;
-            const float w = p[l] / sum;
-            for (int64_t c = 0; c < d; c++) o[c] += w * v[c];
+            for (int64_t c = 0; c < d; c++) o[c] += p[l] * v[c];
         }
+        for (int64_t c = 0; c < d; c++) o[c] /= sum;
+    }
+}
+
+static void attn_part(const void *arg, int part, int parts) {
+    const attn_job *j = (const attn_job *)arg;
+    const int64_t group = j->heads / j->kv_heads;
+    float *p = grow(&attn_buf, (size_t)(group * (attn_stride(j) + 1)) * sizeof(float));
+    if (!p) return;  /* the caller sees rows of NaN: cg_attend_decode fills them first */
+    const int64_t units = j->nd * j->kv_heads;  /* (row, KV head) pairs, split evenly over the parts */
+    for (int64_t u = units * part / parts; u < units * (part + 1) / parts; u++) {
+        if (j->d % 8 == 0) attend_vec(j, u / j->kv_heads, u % j->kv_heads, p);
+        else attend_scalar(j, u / j->kv_heads, u % j->kv_heads, p);
     }
 }
 
@@ -440,8 +679,9 @@ int cg_attend_decode(const float *q, int64_t ldq, const float *kc, const float *
         for (int64_t c = 0; c < heads * d; c++) out[r * heads * d + c] = NAN;
     }
     attn_job j = {q, ldq, kc, vc, idx, ld_idx, lens, nd, heads, kv_heads, d, longest, scale, out};
-    int64_t units = nd * heads;
-    pool_run(attn_part, &j, pool_size > 1 ? (int)(units < 4 * pool_size ? units : 4 * pool_size) : 1);
+    /* rows differ in length (a prefill chunk's grow by one each): sixteen chunks per thread even out the shares */
+    int64_t units = nd * kv_heads;
+    pool_run(attn_part, &j, pool_size > 1 ? (int)(units < 16 * pool_size ? units : 16 * pool_size) : 1);
     return 0;
 }
 

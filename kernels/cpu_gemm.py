@@ -140,8 +140,18 @@ class _Weight(ctypes.Structure):
                 ("n", ctypes.c_int64), ("k", ctypes.c_int64)]
 
 
+def _panels(m: torch.Tensor) -> torch.Tensor:
+    """Q4 mins [N, K/32] -> [ceil(N/8), K/32, 8], columns zero-padded to a multiple of 8: the layout `min_terms` in
+    cpu_gemm.c reads eight columns at a time from."""
+    n, nb = m.shape
+    padded = torch.zeros(((n + 7) // 8 * 8, nb), dtype=torch.float32)
+    padded[:n] = m
+    return padded.view(-1, 8, nb).transpose(1, 2).contiguous()
+
+
 class BlockLinear:
-    """A `QuantWeight` [N, K] held for `cg_gemm`: codes as stored, scales (and Q4 mins) widened to fp32."""
+    """A `QuantWeight` [N, K] held for `cg_gemm`: codes as stored, scales (and Q4 mins, in panels of 8 columns)
+    widened to fp32."""
 
     def __init__(self, w: QuantWeight) -> None:
         self._gemm = _require().cg_gemm
@@ -149,7 +159,7 @@ class BlockLinear:
         self.fmt = w.fmt
         self.qs = w.qs.contiguous().cpu()
         self.d = w.d.float().contiguous().cpu()
-        self.m = w.m.float().contiguous().cpu() if w.m is not None else None
+        self.m = _panels(w.m.float().cpu()) if w.m is not None else None
         self._ptrs = (1 if self.m is not None else 0, self.qs.data_ptr(), self.d.data_ptr(),
                       self.m.data_ptr() if self.m is not None else None)
         self.desc = _Weight(*self._ptrs, *self.shape)  # points into the tensors above, which live as long
