@@ -403,7 +403,7 @@ static void *grow(buffer *b, size_t need) {
 
 /* per calling thread: the int8 rows of x and their scales; the layer tail's and the decode layer's intermediates;
  * per pool thread: attention scores */
-static _Thread_local buffer scratch, tail_buf, layer_buf, attn_buf;
+static _Thread_local buffer scratch, tail_buf, layer_buf, attn_buf, tiles_buf;
 
 static int gemm_run(const weight *w, const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy) {
     const int64_t n = w->n, k = w->k;
@@ -490,6 +490,7 @@ int cg_layer_tail(const weight *o, const weight *gu, const weight *down, const f
  * Keys go in blocks of 8 (their sums reduced together: 9 shuffles for 8 scores instead of 8 x 5) and values in
  * blocks of KB rows (read once per block for every head of the group). */
 #define KB 64
+#define RT 8  /* rows per attention tile */
 
 /* 8 accumulators -> one vector of their horizontal sums, each the same tree ((0+1)+(2+3))+((4+5)+(6+7)) */
 static inline __m256 hsum8x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6,
@@ -561,68 +562,84 @@ typedef struct {
     int64_t nd, heads, kv_heads, d, longest;
     float scale;
     float *out;            /* [nd, heads * d] */
+    const int64_t *tiles;  /* [ntiles + 1]: tile t is rows [tiles[t], tiles[t + 1]), which share one slot list */
+    int64_t ntiles;
 } attn_job;
 
 static int64_t attn_stride(const attn_job *j) { return (j->longest + 7) / 8 * 8; }
 
-/* one row's query heads of KV head g, d a multiple of 8; p: group * (longest rounded up to 8) floats */
-static void attend_vec(const attn_job *j, int64_t r, int64_t g, float *p) {
-    const int64_t group = j->heads / j->kv_heads, d = j->d, len = j->lens[r], stride = attn_stride(j);
-    const int64_t *slots = j->idx + r * j->ld_idx;
-    const float *q = j->q + r * j->ldq + g * group * d;
-    const __m256 scale = _mm256_set1_ps(j->scale);
+/* The rows [r0, r0 + nr) (one slot list: the rows of one prefill chunk, or a decode row alone) with the query heads
+ * of KV head g, d a multiple of 8. Each block of 8 keys and of KB values is read once for every row and head of the
+ * tile (from the L1 cache), not once per row from further out. p: nr * group * (stride + 1) floats. */
+static void attend_vec(const attn_job *j, int64_t r0, int64_t nr, int64_t g, float *p) {
+    const int64_t group = j->heads / j->kv_heads, d = j->d, stride = attn_stride(j), units = nr * group;
+    const int64_t *slots = j->idx + r0 * j->ld_idx;
+    const __m256 scale = _mm256_set1_ps(j->scale), minf = _mm256_set1_ps(-INFINITY);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    int64_t lmax = 0;
+    for (int64_t i = 0; i < nr; i++) lmax = j->lens[r0 + i] > lmax ? j->lens[r0 + i] : lmax;
     const float *kr[8];
-    for (int64_t l0 = 0; l0 < len; l0 += 8) {
-        for (int i = 0; i < 8; i++)  /* past the end: repeat the last key (its lanes are never read) */
-            kr[i] = j->kc + (slots[l0 + i < len ? l0 + i : len - 1] * j->kv_heads + g) * d;
-        for (int64_t h = 0; h < group; h++) _mm256_storeu_ps(p + h * stride + l0, scores8(q + h * d, kr, d, scale));
+    for (int64_t l0 = 0; l0 < lmax; l0 += 8) {
+        for (int i = 0; i < 8; i++) kr[i] = j->kc + (slots[l0 + i < lmax ? l0 + i : lmax - 1] * j->kv_heads + g) * d;
+        for (int64_t i = 0; i < nr; i++) {
+            const int64_t len = j->lens[r0 + i];
+            if (l0 >= len) continue;
+            /* a row's lanes past its end score -inf: they add nothing to its max or sum */
+            const __m256 in = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(len - l0)), lane));
+            const float *q = j->q + (r0 + i) * j->ldq + g * group * d;
+            for (int64_t h = 0; h < group; h++)
+                _mm256_storeu_ps(p + (i * group + h) * stride + l0,
+                                 _mm256_blendv_ps(minf, scores8(q + h * d, kr, d, scale), in));
+        }
     }
-    float *inv = p + group * stride;
-    for (int64_t h = 0; h < group; h++) {
-        float *ph = p + h * stride;
-        /* lanes past the end hold the last key's score again: they do not change the max */
+    float *inv = p + units * stride;
+    for (int64_t u = 0; u < units; u++) {
+        const int64_t len = j->lens[r0 + u / group];
+        float *ph = p + u * stride;
         __m256 mx = _mm256_loadu_ps(ph);
         for (int64_t l0 = 8; l0 < len; l0 += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(ph + l0));
         mx = _mm256_max_ps(mx, _mm256_permute2f128_ps(mx, mx, 1));
         mx = _mm256_max_ps(mx, _mm256_shuffle_ps(mx, mx, 0x4e));
         mx = _mm256_max_ps(mx, _mm256_shuffle_ps(mx, mx, 0xb1));
         __m256 sum = _mm256_setzero_ps();
-        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
         for (int64_t l0 = 0; l0 < len; l0 += 8) {
-            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(ph + l0), mx));
-            /* lanes past the end count 0 */
-            e = _mm256_and_ps(e, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(len - l0)), lane)));
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(ph + l0), mx));  /* exp8(-inf) = 0 */
             _mm256_storeu_ps(ph + l0, e);
             sum = _mm256_add_ps(sum, e);
         }
         __m256 z = _mm256_setzero_ps();
-        inv[h] = 1.0f / _mm256_cvtss_f32(hsum8x8(sum, z, z, z, z, z, z, z));
+        inv[u] = 1.0f / _mm256_cvtss_f32(hsum8x8(sum, z, z, z, z, z, z, z));
     }
-    float *o = j->out + r * j->heads * d + g * group * d;
-    for (int64_t c = 0; c < group * d; c++) o[c] = 0.0f;
+    for (int64_t i = 0; i < nr; i++) {
+        float *o = j->out + (r0 + i) * j->heads * d + g * group * d;
+        for (int64_t c = 0; c < group * d; c++) o[c] = 0.0f;
+    }
     const float *vr[KB];
-    for (int64_t l0 = 0; l0 < len; l0 += KB) {
-        const int64_t nl = len - l0 < KB ? len - l0 : KB;
-        for (int64_t l = 0; l < nl; l++) vr[l] = j->vc + (slots[l0 + l] * j->kv_heads + g) * d;
-        for (int64_t h = 0; h < group; h++)
+    for (int64_t l0 = 0; l0 < lmax; l0 += KB) {
+        for (int64_t l = 0; l < KB && l0 + l < lmax; l++) vr[l] = j->vc + (slots[l0 + l] * j->kv_heads + g) * d;
+        for (int64_t u = 0; u < units; u++) {
+            const int64_t len = j->lens[r0 + u / group], nl = len - l0 < KB ? len - l0 : KB;
+            if (nl <= 0) continue;
+            const float *pu = p + u * stride + l0;
+            float *o = j->out + (r0 + u / group) * j->heads * d + (g * group + u % group) * d;
             for (int64_t c0 = 0; c0 < d; c0 += 64) {
-                const int w = d - c0 >= 64 ? 8 : (int)((d - c0) / 8);
-                switch (w) {  /* constant widths, so each keeps its accumulators in registers */
-                    case 8: pv_block(p + h * stride + l0, vr, nl, c0, 8, o + h * d); break;
-                    case 7: pv_block(p + h * stride + l0, vr, nl, c0, 7, o + h * d); break;
-                    case 6: pv_block(p + h * stride + l0, vr, nl, c0, 6, o + h * d); break;
-                    case 5: pv_block(p + h * stride + l0, vr, nl, c0, 5, o + h * d); break;
-                    case 4: pv_block(p + h * stride + l0, vr, nl, c0, 4, o + h * d); break;
-                    case 3: pv_block(p + h * stride + l0, vr, nl, c0, 3, o + h * d); break;
-                    case 2: pv_block(p + h * stride + l0, vr, nl, c0, 2, o + h * d); break;
-                    default: pv_block(p + h * stride + l0, vr, nl, c0, 1, o + h * d); break;
+                switch (d - c0 >= 64 ? 8 : (int)((d - c0) / 8)) {  /* constant widths: accumulators in registers */
+                    case 8: pv_block(pu, vr, nl, c0, 8, o); break;
+                    case 7: pv_block(pu, vr, nl, c0, 7, o); break;
+                    case 6: pv_block(pu, vr, nl, c0, 6, o); break;
+                    case 5: pv_block(pu, vr, nl, c0, 5, o); break;
+                    case 4: pv_block(pu, vr, nl, c0, 4, o); break;
+                    case 3: pv_block(pu, vr, nl, c0, 3, o); break;
+                    case 2: pv_block(pu, vr, nl, c0, 2, o); break;
+                    default: pv_block(pu, vr, nl, c0, 1, o); break;
                 }
             }
+        }
     }
-    for (int64_t h = 0; h < group; h++) {
-        const __m256 s = _mm256_set1_ps(inv[h]);
-        for (int64_t c = 0; c < d; c += 8)
-            _mm256_storeu_ps(o + h * d + c, _mm256_mul_ps(_mm256_loadu_ps(o + h * d + c), s));
+    for (int64_t u = 0; u < units; u++) {
+        float *o = j->out + (r0 + u / group) * j->heads * d + (g * group + u % group) * d;
+        const __m256 s = _mm256_set1_ps(inv[u]);
+        for (int64_t c = 0; c < d; c += 8) _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_loadu_ps(o + c), s));
     }
 }
 
@@ -658,18 +675,24 @@ static void attend_scalar(const attn_job *j, int64_t r, int64_t g, float *p) {
 static void attn_part(const void *arg, int part, int parts) {
     const attn_job *j = (const attn_job *)arg;
     const int64_t group = j->heads / j->kv_heads;
-    float *p = grow(&attn_buf, (size_t)(group * (attn_stride(j) + 1)) * sizeof(float));
+    float *p = grow(&attn_buf, (size_t)(RT * group * (attn_stride(j) + 1)) * sizeof(float));
     if (!p) return;  /* the caller sees rows of NaN: cg_attend_decode fills them first */
-    const int64_t units = j->nd * j->kv_heads;  /* (row, KV head) pairs, split evenly over the parts */
+    const int64_t units = j->ntiles * j->kv_heads;  /* (tile, KV head) pairs, split evenly over the parts */
     for (int64_t u = units * part / parts; u < units * (part + 1) / parts; u++) {
-        if (j->d % 8 == 0) attend_vec(j, u / j->kv_heads, u % j->kv_heads, p);
-        else attend_scalar(j, u / j->kv_heads, u % j->kv_heads, p);
+        const int64_t t = u / j->kv_heads, g = u % j->kv_heads;
+        if (j->d % 8 == 0) {
+            attend_vec(j, j->tiles[t], j->tiles[t + 1] - j->tiles[t], g, p);
+        } else {
+            for (int64_t r = j->tiles[t]; r < j->tiles[t + 1]; r++) attend_scalar(j, r, g, p);
+        }
     }
 }
 
+/* `shared[r]` (r >= 1) says row r's slot list equals row r - 1's (the rows of one prefill chunk): such rows go in
+ * tiles of up to RT. Whatever the tiles, each row's arithmetic is the same (see attend_vec). */
 int cg_attend_decode(const float *q, int64_t ldq, const float *kc, const float *vc, const int64_t *idx, int64_t ld_idx,
-                     const int64_t *lens, int64_t nd, int64_t heads, int64_t kv_heads, int64_t d, float scale,
-                     float *out) {
+                     const int64_t *lens, const uint8_t *shared, int64_t nd, int64_t heads, int64_t kv_heads,
+                     int64_t d, float scale, float *out) {
     if (nd <= 0) return 0;
     if (kv_heads <= 0 || heads % kv_heads || d <= 0) return -3;
     int64_t longest = 0;
@@ -678,9 +701,15 @@ int cg_attend_decode(const float *q, int64_t ldq, const float *kc, const float *
         longest = lens[r] > longest ? lens[r] : longest;
         for (int64_t c = 0; c < heads * d; c++) out[r * heads * d + c] = NAN;
     }
-    attn_job j = {q, ldq, kc, vc, idx, ld_idx, lens, nd, heads, kv_heads, d, longest, scale, out};
-    /* rows differ in length (a prefill chunk's grow by one each): sixteen chunks per thread even out the shares */
-    int64_t units = nd * kv_heads;
+    int64_t *tiles = grow(&tiles_buf, (size_t)(nd + 1) * sizeof(int64_t));
+    if (!tiles) return -2;
+    int64_t ntiles = 0;
+    for (int64_t r = 0; r < nd; r++)
+        if (r == 0 || !shared[r] || r - tiles[ntiles - 1] >= RT) tiles[ntiles++] = r;
+    tiles[ntiles] = nd;
+    attn_job j = {q, ldq, kc, vc, idx, ld_idx, lens, nd, heads, kv_heads, d, longest, scale, out, tiles, ntiles};
+    /* tiles differ in length (a prefill chunk's rows grow by one each): sixteen chunks per thread even out shares */
+    int64_t units = ntiles * kv_heads;
     pool_run(attn_part, &j, pool_size > 1 ? (int)(units < 16 * pool_size ? units : 16 * pool_size) : 1);
     return 0;
 }
@@ -714,8 +743,8 @@ void cg_rotary(float *x, int64_t ldx, int64_t rows, int64_t nheads, int64_t d, c
 int cg_decode_layer(const weight *qkv, const weight *o, const weight *gu, const weight *down, const float *ln_ffn,
                     const float *ln_next, float eps, const float *cos_t, const float *sin_t, const int64_t *pos,
                     const int64_t *slots, float *kc, float *vc, const int64_t *idx, int64_t ld_idx,
-                    const int64_t *lens, int64_t t, int64_t heads, int64_t kv_heads, int64_t d, float scale,
-                    float *h, const float *x, float *out) {
+                    const int64_t *lens, const uint8_t *shared, int64_t t, int64_t heads, int64_t kv_heads,
+                    int64_t d, float scale, float *h, const float *x, float *out) {
     const int64_t width = (heads + 2 * kv_heads) * d;
     if (qkv->n != width || qkv->k != o->n || o->k != heads * d) return -3;
     if (t <= 0) return 0;
@@ -730,7 +759,7 @@ int cg_decode_layer(const weight *qkv, const weight *o, const weight *gu, const 
         memcpy(vc + slots[r] * kv_heads * d, q + r * width + (heads + kv_heads) * d,
                (size_t)(kv_heads * d) * sizeof(float));
     }
-    if ((rc = cg_attend_decode(q, width, kc, vc, idx, ld_idx, lens, t, heads, kv_heads, d, scale, a)))
+    if ((rc = cg_attend_decode(q, width, kc, vc, idx, ld_idx, lens, shared, t, heads, kv_heads, d, scale, a)))
         return rc;
     return cg_layer_tail(o, gu, down, ln_ffn, ln_next, eps, h, a, t, out);
 }

@@ -84,12 +84,12 @@ def _build() -> ctypes.CDLL:
     so.cg_gemm.restype = ctypes.c_int
     so.cg_layer_tail.argtypes = [p, p, p, p, p, ctypes.c_float, p, p, i64, p]
     so.cg_layer_tail.restype = ctypes.c_int
-    so.cg_attend_decode.argtypes = [p, i64, p, p, p, i64, p, i64, i64, i64, i64, ctypes.c_float, p]
+    so.cg_attend_decode.argtypes = [p, i64, p, p, p, i64, p, p, i64, i64, i64, i64, ctypes.c_float, p]
     so.cg_attend_decode.restype = ctypes.c_int
     so.cg_rotary.argtypes = [p, i64, i64, i64, i64, p, p, p]
     so.cg_rotary.restype = None
-    so.cg_decode_layer.argtypes = [p, p, p, p, p, p, ctypes.c_float, p, p, p, p, p, p, p, i64, p, i64, i64, i64, i64,
-                                   ctypes.c_float, p, p, p]
+    so.cg_decode_layer.argtypes = [p, p, p, p, p, p, ctypes.c_float, p, p, p, p, p, p, p, i64, p, p, i64, i64, i64,
+                                   i64, ctypes.c_float, p, p, p]
     so.cg_decode_layer.restype = ctypes.c_int
     so.cg_set_threads.argtypes = [ctypes.c_int]
     so.cg_set_threads.restype = ctypes.c_int
@@ -280,6 +280,10 @@ class DecodeAttention:
                                                           or int(self.writes.max()) >= cache_rows)):
                 raise ValueError(f"the {rows} rows' own cache slots must be within the cache of {cache_rows} rows")
         self.rows, self.cache_rows = rows, cache_rows
+        # shared[r]: row r's slot list is row r - 1's (a prefill chunk's rows): the kernel tiles such rows together
+        self.shared = torch.zeros(rows, dtype=torch.uint8)
+        if rows > 1:
+            self.shared[1:] = (self.slots[1:] == self.slots[:-1]).all(1)
 
     def check_caches(self, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_heads: int, dim: int) -> None:
         for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -297,7 +301,7 @@ class DecodeAttention:
                              f"heads a multiple of the {kv_heads} KV heads; got {q.dtype} {tuple(q.shape)}")
         out = torch.empty((rows, heads * dim), dtype=torch.float32)
         rc = self._call(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), self.slots.data_ptr(),
-                        self.slots.shape[1], self.lengths.data_ptr(), rows, heads, kv_heads, dim,
+                        self.slots.shape[1], self.lengths.data_ptr(), self.shared.data_ptr(), rows, heads, kv_heads, dim,
                         _scale(dim), out.data_ptr())
         if rc != 0:
             raise RuntimeError(f"decode attention failed ({rc})")
@@ -335,7 +339,7 @@ class DecodeLayer:
         out = torch.empty_like(h)
         rc = self._call(*self._args, rot.cos.data_ptr(), rot.sin.data_ptr(), rot.positions.data_ptr(),
                         plan.writes.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), plan.slots.data_ptr(),
-                        plan.slots.shape[1], plan.lengths.data_ptr(), rows, self.heads, self.kv_heads, self.dim,
+                        plan.slots.shape[1], plan.lengths.data_ptr(), plan.shared.data_ptr(), rows, self.heads, self.kv_heads, self.dim,
                         _scale(self.dim), h.data_ptr(), x.data_ptr(), out.data_ptr())
         if rc != 0:
             raise RuntimeError(f"decode layer failed ({rc})")

@@ -84,16 +84,25 @@ def test_q8_0_extreme_codes_do_not_saturate():
     assert torch.equal(y, torch.full((3, n), want))
 
 
-def test_row_results_do_not_depend_on_the_batch():
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_row_results_do_not_depend_on_the_batch(fmt, threads):
     """Each row's sums run in the same order whatever the other rows are: the engine's batched decode gives the
-    same bits as a request alone."""
+    same bits as a request alone. Q4 tiles pack two rows into one vector: a row gets the same bits alone, first
+    or second of its pair, in a full tile of four or in the leftover rows, over an odd number of columns."""
     torch.manual_seed(0)
-    w = quantize(torch.randn(300, 128) * 0.05, "q4_1")
+    w = quantize(torch.randn(301, 160) * 0.05, fmt)
     lin = cpu_gemm.BlockLinear(w)
-    x = torch.randn(7, 128)
-    together = lin(x)
-    for i in range(7):
-        assert torch.equal(lin(x[i:i + 1])[0], together[i])
+    x = torch.randn(13, 160)
+    cpu_gemm.set_threads(threads)
+    try:
+        together = lin(x)
+        for i in range(13):
+            assert torch.equal(lin(x[i:i + 1])[0], together[i])
+        for a, b in [(1, 6), (3, 13), (2, 11), (5, 8)]:
+            assert torch.equal(lin(x[a:b]), together[a:b]), (a, b)
+    finally:
+        cpu_gemm.set_threads(1)
 
 
 def test_inputs_are_checked():
@@ -154,6 +163,41 @@ def test_decode_attention_matches_sdpa_on_each_row(threads):
                 want = torch.nn.functional.scaled_dot_product_attention(
                     q[r][None, :, None], kc[s].transpose(0, 1)[None], vc[s].transpose(0, 1)[None], enable_gqa=True)
                 assert torch.allclose(got[r], want.reshape(-1), atol=1e-5, rtol=1e-4), (heads, kv_heads, dim, r)
+    finally:
+        cpu_gemm.set_threads(1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prefill_rows_share_tiles_and_equal_each_row_alone(threads):
+    """A prefill chunk's rows (one slot list, lengths growing by one) are tiled together (up to 8 rows per tile,
+    here 19 rows: two full tiles and 3 left over), beside decode rows of their own: each row equals SDPA over its
+    own positions, and has the same bits alone, in a differently cut chunk, or without the tiling."""
+    torch.manual_seed(12)
+    cpu_gemm.set_threads(threads)
+    try:
+        for heads, kv_heads, dim in [(9, 3, 64), (6, 2, 40), (4, 4, 12)]:
+            cache_rows, ctx, n = 120, 61, 19
+            kc, vc = torch.randn(cache_rows, kv_heads, dim), torch.randn(cache_rows, kv_heads, dim)
+            chunk = torch.randperm(cache_rows)[:ctx]
+            other = torch.randperm(cache_rows)[:ctx]
+            slots = torch.cat([other[None], chunk.repeat(n, 1), other[None]])  # decode, the chunk, decode
+            lengths = torch.cat([torch.tensor([7]), torch.arange(ctx - n + 1, ctx + 1), torch.tensor([ctx])])
+            q = torch.randn(n + 2, heads, dim)
+            plan = cpu_gemm.DecodeAttention(slots, lengths, cache_rows)
+            assert plan.shared.tolist() == [0, 0] + [1] * (n - 1) + [0]
+            got = plan(q, kc, vc)
+            for r in range(n + 2):
+                s = slots[r, :lengths[r]]
+                want = torch.nn.functional.scaled_dot_product_attention(
+                    q[r][None, :, None], kc[s].transpose(0, 1)[None], vc[s].transpose(0, 1)[None], enable_gqa=True)
+                assert torch.allclose(got[r], want.reshape(-1), atol=1e-5, rtol=1e-4), (heads, dim, r)
+                alone = cpu_gemm.DecodeAttention(slots[r:r + 1], lengths[r:r + 1], cache_rows)(q[r:r + 1], kc, vc)
+                assert torch.equal(alone[0], got[r]), (heads, dim, r)
+            cut = cpu_gemm.DecodeAttention(slots[4:15], lengths[4:15], cache_rows)(q[4:15], kc, vc)
+            assert torch.equal(cut, got[4:15])
+            untiled = cpu_gemm.DecodeAttention(slots, lengths, cache_rows)
+            untiled.shared.zero_()
+            assert torch.equal(untiled(q, kc, vc), got)
     finally:
         cpu_gemm.set_threads(1)
 

@@ -20,13 +20,13 @@ picks how the weights are held (`PRECISIONS`):
   embedding for the LM head) transposed to the [in, out] layout that `kernels.linear` measured 1.4x faster on CPU.
 The default ("auto") is fp32. On CPU "gguf" reads a fifth of fp32's bytes and decodes 2-4x faster on the C kernels
 (benchmarks/RESULTS.md, round 4); there every row of an engine step is computed on its own (GEMMs, rotary, attention
-over its own positions), so a request's tokens do not depend on its batch or on the prefix cache and seeded
-sampling repeats (contexts up to `llm.runner.NATIVE_PREFILL_CTX`). It is not the default because rounding
-activations (int8 per block on the C kernels, bf16 on torch's int4 GEMM) makes the output sensitive to the order
-of float operations: 1e-7 noise moves logits by ~0.1-0.2 (fp32: 5e-5), so this class's own contiguous-cache
-`forward`/`generate` (SDPA attention) and the engine can pick different tokens at near-ties (measured: the first
-answer token of "What is the capital of France?" is a 0.11 logit tie), and "the engine gives the model's own
-tokens" holds exactly only at fp32. A GPU also stays at fp32 until the Triton kernels are measured on one.
+over its own positions), so a request's tokens do not depend on its batch or on the prefix cache and seeded sampling
+repeats. It is not the default because rounding activations (int8 per block on the C kernels, bf16 on torch's int4
+GEMM) makes the output sensitive to the order of float operations: 1e-7 noise moves logits by ~0.1-0.2 (fp32: 5e-5),
+so this class's own contiguous-cache `forward`/`generate` (SDPA attention) and the engine can pick different tokens
+at near-ties (measured: the first answer token of "What is the capital of France?" is a 0.11 logit tie), and "the
+engine gives the model's own tokens" holds exactly only at fp32. A GPU also stays at fp32 until the Triton kernels
+are measured on one.
 
 Q and K are rotated in one call, and decode attention over a fully valid cache runs unmasked.
 """
