@@ -2,7 +2,8 @@
 `--precision`, 2 threads, prefix cache off) against llama.cpp's `llama-server` on the same GGUF file (2 threads,
 prompt cache off), and optionally against our engine at another git revision (`--baseline REV`: the A/B of a kernel
 change). Prints each side's best and median ms to first token per prompt length, the ratios, llama.cpp's own prompt
-eval speed, and the load average.
+eval speed, and the load average; with --baseline also both engines' decode tokens/s (short chats, 64 tokens) at
+`--decode` concurrencies, so a prefill change is seen not to cost decode.
 
     python benchmarks/llm_prefill.py --lengths 720,1500 --rounds 3 --llama-dir /work/cache/llama.cpp
     python benchmarks/llm_prefill.py --baseline 09cc5fa      # ours now against ours at that revision
@@ -33,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _procs import stop_group  # noqa: E402
-from llm_serving import free_port, llama_server, wait_http  # noqa: E402
+from llm_serving import SYSTEM, USERS, free_port, llama_server, wait_http  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # the repository's layout -> the installed package names (pyproject's package-dir)
@@ -79,11 +80,18 @@ def worker(tree: str | None, precision: str, threads: int) -> None:
             engine.generate(prompt(64, -1), one)  # warm: kernels built, pool started
         print("ready", flush=True)
         for line in sys.stdin:
-            n, salt = map(int, line.split())
+            word, a, b = line.split()
             t0 = time.perf_counter()
             with K.backend("torch"):
-                engine.generate(prompt(n, salt), one)
-            print(f"{(time.perf_counter() - t0) * 1e3:.1f}", flush=True)
+                if word == "prefill":
+                    engine.generate(prompt(int(a), int(b)), one)
+                    print(f"{(time.perf_counter() - t0) * 1e3:.1f}", flush=True)
+                    continue
+                chats = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": USERS[i % len(USERS)]}]
+                         for i in range(int(a))]
+                handles = [engine.submit(c, SamplingParams(max_tokens=int(b))) for c in chats]
+                tokens = sum(h.result().usage.completion_tokens for h in handles)
+            print(f"{tokens / (time.perf_counter() - t0):.1f}", flush=True)
     finally:
         engine.close()
 
@@ -100,14 +108,26 @@ class Ours:
         if self.proc.stdout.readline().strip() != "ready":
             raise RuntimeError(f"{name}: the engine worker did not start")
 
-    def ttft_ms(self, n: int, salt: int) -> float:
+    def _ask(self, line: str) -> float:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(f"{n} {salt}\n")
+        self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
         return float(self.proc.stdout.readline())
 
+    def ttft_ms(self, n: int, salt: int) -> float:
+        return self._ask(f"prefill {n} {salt}")
+
+    def decode_tps(self, conc: int, max_tokens: int) -> float:
+        """Completion tokens/s of `conc` short chats at once (greedy, up to max_tokens each)."""
+        return self._ask(f"decode {conc} {max_tokens}")
+
     def close(self) -> None:
-        stop_group(self.proc)
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()  # the worker's loop ends and it closes its engine
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            stop_group(self.proc)
 
 
 class Llama:
@@ -153,6 +173,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", default="gguf")
     ap.add_argument("--baseline", help="a git revision of this repository to run as a second engine")
+    ap.add_argument("--decode", default="1,8", help="with --baseline: decode tokens/s A/B at these concurrencies")
     ap.add_argument("--llama-dir", type=Path, help="where llama-server is (or is built); omit to skip llama.cpp")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tree", help=argparse.SUPPRESS)
@@ -199,6 +220,15 @@ def main() -> None:
             for s in sides:
                 if isinstance(s, Llama) and s.prompt_eval:
                     print(f"llama.cpp's own prompt eval: {min(s.prompt_eval):.0f}-{max(s.prompt_eval):.0f} tokens/s")
+            ours = [s for s in sides if isinstance(s, Ours)]
+            for conc in [int(x) for x in args.decode.split(",") if x] if len(ours) > 1 else []:
+                tps: dict[str, list[float]] = {s.name: [] for s in ours}
+                for rnd in range(args.rounds):
+                    for s in ours if rnd % 2 == 0 else ours[::-1]:
+                        tps[s.name].append(s.decode_tps(conc, 64))
+                print(f"decode c={conc}: " + "; ".join(f"{k} best {max(v):.1f} tok/s" for k, v in tps.items())
+                      + f"; {ours[0].name} / {ours[1].name}: {max(tps[ours[0].name]) / max(tps[ours[1].name]):.2f}x"
+                      + f" (load {os.getloadavg()[0]:.2f})", flush=True)
             print(f"load {'/'.join(f'{x:.2f}' for x in os.getloadavg())}")
         finally:
             for s in sides:
