@@ -35,6 +35,8 @@ from cocoon_faas.runtime.registration import canonical_json, check_wallet_signat
 
 DOMAIN = b"cocoon-dashboard-provider-login-v1\n"
 CHALLENGE_S = 120.0
+TON_PROOF_S = 600.0  # a TON Connect payload: time to open the wallet app and approve
+TON_PROOF_FIX = "press \"Log in with a TON wallet\" again for a fresh payload"
 CODE_S = 120.0
 SESSION_S = 1800.0
 MAX_PENDING = 10_000  # unused challenges at once: the challenge route needs no credentials, so it is bounded
@@ -144,25 +146,43 @@ class SessionBook:
                            (digest, kind, now)):
             row = self.db.query("SELECT wallet, csrf FROM dashboard_tokens WHERE digest=?", (digest,))
             return row[0][0], row[0][1]
+        raise self._refusal(kind, digest, what, fix, now)
+
+    def _check(self, kind: str, secret: str, what: str, fix: str) -> None:
+        """Raise what :meth:`_use` would, changing nothing (a refused proof does not burn its payload)."""
+        now, digest = self.clock(), _digest(secret)
+        if not self.db.query("SELECT 1 FROM dashboard_tokens WHERE digest=? AND kind=? AND used=0 AND expires>?",
+                             (digest, kind, now)):
+            raise self._refusal(kind, digest, what, fix, now)
+
+    def _refusal(self, kind: str, digest: str, what: str, fix: str, now: float) -> AuthenticationError:
         rows = self.db.query("SELECT used, expires FROM dashboard_tokens WHERE digest=? AND kind=?", (digest, kind))
         if not rows:
-            raise AuthenticationError(f"unknown {what} (forged, or issued by another gateway's database); {fix}",
-                                      reason="unknown")
+            return AuthenticationError(f"unknown {what} (forged, or issued by another gateway's database); {fix}",
+                                       reason="unknown")
         if rows[0][0]:
-            raise AuthenticationError(f"this {what} was already used (a replay); {fix}", reason="replayed")
-        raise AuthenticationError(f"this {what} expired {now - rows[0][1]:.0f}s ago; {fix}", reason="expired")
+            return AuthenticationError(f"this {what} was already used (a replay); {fix}", reason="replayed")
+        return AuthenticationError(f"this {what} expired {now - rows[0][1]:.0f}s ago; {fix}", reason="expired")
 
-    def new_challenge(self) -> tuple[str, float]:
+    def new_challenge(self, kind: str = "challenge") -> tuple[str, float]:
+        """A one-use secret for a login: ``challenge`` (the CLI's) or ``ton-proof`` (a TON Connect payload); both
+        kinds count against one bound, since neither route needs credentials."""
         now = self.clock()
         self.db.execute("DELETE FROM dashboard_tokens WHERE expires<?", (now - KEEP_S,))
-        (pending,), = self.db.query("SELECT COUNT(*) FROM dashboard_tokens WHERE kind='challenge' AND used=0 AND "
-                                    "expires>?", (now,))
+        (pending,), = self.db.query("SELECT COUNT(*) FROM dashboard_tokens WHERE kind IN ('challenge', 'ton-proof') "
+                                    "AND used=0 AND expires>?", (now,))
         if pending >= MAX_PENDING:
             raise TooManyLoginsError("too many provider logins are pending; retry in a minute", retry_after=60)
-        return self._add("challenge", CHALLENGE_S)
+        return self._add(kind, TON_PROOF_S if kind == "ton-proof" else CHALLENGE_S)
 
     def use_challenge(self, challenge: str) -> None:
         self._use("challenge", challenge, "login challenge", "run `cocoon provider login` again")
+
+    def check_ton_proof_payload(self, payload: str) -> None:
+        self._check("ton-proof", payload, "ton_proof payload", TON_PROOF_FIX)
+
+    def use_ton_proof_payload(self, payload: str) -> None:
+        self._use("ton-proof", payload, "ton_proof payload", TON_PROOF_FIX)
 
     def new_code(self, wallet: str) -> tuple[str, float]:
         return self._add("code", CODE_S, wallet=wallet)
@@ -171,6 +191,10 @@ class SessionBook:
         """Trade a one-time code for a session: (the cookie's secret, the session)."""
         wallet, _ = self._use("code", code, "login code", "run `cocoon provider login` and open the new link")
         assert wallet is not None  # codes are always written with their wallet
+        return self.open_session(wallet)
+
+    def open_session(self, wallet: str) -> tuple[str, ProviderSession]:
+        """A new session for a wallet that just proved itself (a redeemed code, or a verified ton_proof)."""
         csrf = secrets.token_urlsafe(24)
         sid, expires = self._add("session", SESSION_S, wallet=wallet, csrf=csrf)
         return sid, ProviderSession(wallet, csrf, expires)

@@ -3,6 +3,9 @@
     POST /dashboard/api/provider/challenge      -> {"challenge", "expires_in"} (no credentials; bounded)
     POST /dashboard/api/provider/login          {"login", "signature"} signed by the wallet key -> one-time code
     POST /dashboard/api/provider/session        {"code"} (from the page) -> session cookie + {"wallet", "csrf", ...}
+    POST /dashboard/api/provider/ton-proof/payload  -> {"payload", "expires_at"} (no credentials; bounded)
+    POST /dashboard/api/provider/ton-proof      a TON Connect wallet's reply with ton_proof (gateway/ton_proof.py)
+                                                -> the same session cookie + {"wallet", "csrf", ...}
     GET  /dashboard/api/provider/me             the session's provider: nodes, earnings, payouts, due, charts
     GET  /dashboard/api/provider/nodes/{id}     one of its nodes (another provider's: 404, as if absent)
     POST /dashboard/api/provider/logout         ends the session (X-Cocoon-CSRF header required)
@@ -33,6 +36,7 @@ from cocoon_faas.gateway.ledger import Ledger
 from cocoon_faas.gateway.marketplace import Marketplace, ProviderView
 from cocoon_faas.gateway.payments import provider_earnings
 from cocoon_faas.gateway.payouts import payout_channels_of
+from cocoon_faas.gateway.ton_proof import TonProof
 
 COOKIE = "cocoon_provider"
 CSRF_HEADER = "x-cocoon-csrf"
@@ -142,20 +146,38 @@ def provider_dashboard_routes(dash: ProviderDashboard) -> list[BaseRoute]:
         secret, expires = dash.sessions().new_challenge()
         return json_response({"challenge": secret, "expires_in": round(expires - dash.clock())}, headers=_NO_STORE)
 
+    def names_of(request: Request, signed_for: str) -> set[str] | frozenset[str]:
+        """The names a login may be signed for: a gateway that knows its names (COCOON_DASHBOARD_HOSTS) also
+        refuses a login a look-alike gateway relays with a forged Host header; otherwise the Host reached."""
+        names = dash.hosts or {_host(request)}
+        if _host(request) not in names:
+            raise PermissionDeniedError(f"this login was signed for {signed_for!r}, and this gateway answers as "
+                                        f"{', '.join(sorted(names))}, not as {_host(request)!r}; log in at this "
+                                        "gateway's own address", reason="audience")
+        return names
+
+    def with_nodes(wallet: str, shown: str, fix: str) -> str:
+        key = wallet_key(wallet)
+        if not nodes_of(dash.market(), key):
+            raise NotFoundError(f"wallet {shown} has no node on this gateway; {fix}")
+        return key
+
+    def session_response(request: Request, sid: str, s: ProviderSession) -> Response:
+        r = json_response({"wallet": s.wallet, "expires_at": s.expires, "csrf": s.csrf}, headers=_NO_STORE)
+        secure = (request.headers.get("x-forwarded-proto") or request.url.scheme) == "https"
+        r.set_cookie(COOKIE, sid, max_age=int(s.expires - dash.clock()), path="/dashboard", httponly=True,
+                     samesite="strict", secure=secure)
+        return r
+
     async def login(request: Request) -> Response:
         proof, sig = ProviderLogin.from_wire(await read_json(request, MAX_BODY))
-        # the name the provider's CLI reached: a gateway that knows its names (COCOON_DASHBOARD_HOSTS) also refuses
-        # a login a look-alike gateway relays with a forged Host header
-        names = dash.hosts or {_host(request)}
-        if proof.gateway not in names or _host(request) not in names:
+        names = names_of(request, proof.gateway)
+        if proof.gateway not in names:  # the name the provider's CLI reached
             raise PermissionDeniedError(f"this login was signed for gateway {proof.gateway!r}, not this one "
                                         f"({', '.join(sorted(names))}); run `cocoon provider login --gateway` with "
                                         "this gateway's URL", reason="audience")
         proof.verify(sig)
-        wallet = wallet_key(proof.wallet)
-        if not nodes_of(dash.market(), wallet):
-            raise NotFoundError(f"wallet {proof.wallet} has no node on this gateway; join one with `cocoon provider "
-                                "join --wallet ...` first")
+        wallet = with_nodes(proof.wallet, proof.wallet, "join one with `cocoon provider join --wallet ...` first")
         dash.sessions().use_challenge(proof.challenge)
         code, expires = dash.sessions().new_code(wallet)
         scheme = request.headers.get("x-forwarded-proto") or request.url.scheme
@@ -170,11 +192,26 @@ def provider_dashboard_routes(dash: ProviderDashboard) -> list[BaseRoute]:
         if not isinstance(code, str) or not code:
             raise InvalidRequestError('body must be {"code": "<the code `cocoon provider login` printed>"}')
         sid, s = dash.sessions().redeem(code.strip())
-        r = json_response({"wallet": s.wallet, "expires_at": s.expires, "csrf": s.csrf}, headers=_NO_STORE)
-        secure = (request.headers.get("x-forwarded-proto") or request.url.scheme) == "https"
-        r.set_cookie(COOKIE, sid, max_age=int(s.expires - dash.clock()), path="/dashboard", httponly=True,
-                     samesite="strict", secure=secure)
-        return r
+        return session_response(request, sid, s)
+
+    async def ton_proof_payload(request: Request) -> Response:
+        secret, expires = dash.sessions().new_challenge("ton-proof")
+        return json_response({"payload": secret, "expires_at": expires}, headers=_NO_STORE)
+
+    async def ton_proof(request: Request) -> Response:
+        """Every check before any state changes: a refused proof leaves its payload usable and opens nothing."""
+        _check_origin(request)
+        proof = TonProof.from_wire(await read_json(request, MAX_BODY))
+        names = names_of(request, proof.domain)
+        sessions = dash.sessions()
+        sessions.check_ton_proof_payload(proof.payload)
+        proof.verify(names, dash.clock())
+        wallet = with_nodes(proof.address.raw, proof.address.friendly(bounceable=False),
+                            "join one with `cocoon provider join --wallet <this address> --wallet-version "
+                            "v4r2|v5r1` first, or log in with the wallet your nodes joined with")
+        sessions.use_ton_proof_payload(proof.payload)  # once, on whichever gateway gets there first
+        sid, s = sessions.open_session(wallet)
+        return session_response(request, sid, s)
 
     async def me(request: Request) -> Response:
         return json_response(provider_data(dash, session_of(request)), headers=_NO_STORE)
@@ -210,6 +247,8 @@ def provider_dashboard_routes(dash: ProviderDashboard) -> list[BaseRoute]:
     return [Route(f"{base}/challenge", guarded(challenge), methods=["POST"]),
             Route(f"{base}/login", guarded(login), methods=["POST"]),
             Route(f"{base}/session", guarded(session), methods=["POST"]),
+            Route(f"{base}/ton-proof/payload", guarded(ton_proof_payload), methods=["POST"]),
+            Route(f"{base}/ton-proof", guarded(ton_proof), methods=["POST"]),
             Route(f"{base}/me", guarded(me), methods=["GET"]),
             Route(f"{base}/nodes/{{node_id}}", guarded(node), methods=["GET"]),
             Route(f"{base}/logout", guarded(logout), methods=["POST"])]

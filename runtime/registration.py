@@ -34,14 +34,16 @@ def canonical_json(obj: Any) -> bytes:
 
 
 def wallet_owner_matches(wallet: str, public_key: bytes, version: str) -> bool:
-    """Is ``wallet`` the address of the standard ``version`` wallet of ``public_key`` (any workchain)?"""
+    """Is ``wallet`` the address of the standard ``version`` wallet of ``public_key`` (any workchain; a v5R1
+    wallet's id names its network, so either network's)?"""
     from cocoon_faas.ton.address import Address
     from cocoon_faas.ton.keys import PublicKey
-    from cocoon_faas.ton.wallet import Wallet
+    from cocoon_faas.ton.wallet import MAINNET, TESTNET, Wallet
 
     addr = Address.parse(wallet)
-    derived = Wallet(PublicKey(public_key), version=version, workchain=addr.workchain).address
-    return derived == addr
+    networks = (MAINNET, TESTNET) if version.lower() == "v5r1" else (MAINNET,)
+    return any(Wallet(PublicKey(public_key), version=version, workchain=addr.workchain, network=n).address == addr
+               for n in networks)
 
 
 def check_wallet_signature(public_key: str, wallet: str, wallet_version: str, message: bytes, signature: bytes, *,
