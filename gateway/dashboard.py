@@ -31,6 +31,8 @@ STATIC = Path(__file__).resolve().parent / "dashboard_static"
 ASSETS = {  # name -> media type; nothing else under STATIC is served
     "dashboard.js": "text/javascript",
     "dashboard.css": "text/css",
+    "ton-login.js": "text/javascript",  # "Log in with a TON wallet" (TON Connect's JS bridge, ton_proof)
+    "tonconnect-icon.png": "image/png",  # the icon a wallet shows for the dashboard (tonconnect-manifest.json)
     "uPlot.iife.min.js": "text/javascript",
     "uPlot.min.css": "text/css",
 }

@@ -6,6 +6,7 @@
     POST /dashboard/api/provider/ton-proof/payload  -> {"payload", "expires_at"} (no credentials; bounded)
     POST /dashboard/api/provider/ton-proof      a TON Connect wallet's reply with ton_proof (gateway/ton_proof.py)
                                                 -> the same session cookie + {"wallet", "csrf", ...}
+    GET  /dashboard/tonconnect-manifest.json    the app manifest a TON Connect wallet fetches (url, name, icon)
     GET  /dashboard/api/provider/me             the session's provider: nodes, earnings, payouts, due, charts
     GET  /dashboard/api/provider/nodes/{id}     one of its nodes (another provider's: 404, as if absent)
     POST /dashboard/api/provider/logout         ends the session (X-Cocoon-CSRF header required)
@@ -194,6 +195,15 @@ def provider_dashboard_routes(dash: ProviderDashboard) -> list[BaseRoute]:
         sid, s = dash.sessions().redeem(code.strip())
         return session_response(request, sid, s)
 
+    async def manifest(request: Request) -> Response:
+        """The wallet shows this name and icon and signs its proof for this url's host, so the url is the host the
+        browser reached (one of COCOON_DASHBOARD_HOSTS when set)."""
+        host = _host(request) if not dash.hosts or _host(request) in dash.hosts else sorted(dash.hosts)[0]
+        origin = f"{request.headers.get('x-forwarded-proto') or request.url.scheme}://{host}"
+        return json_response({"url": origin, "name": "Cocoon FaaS dashboard",
+                              "iconUrl": f"{origin}/dashboard/assets/tonconnect-icon.png"},
+                             headers={**_NO_STORE, "Access-Control-Allow-Origin": "*"})
+
     async def ton_proof_payload(request: Request) -> Response:
         secret, expires = dash.sessions().new_challenge("ton-proof")
         return json_response({"payload": secret, "expires_at": expires}, headers=_NO_STORE)
@@ -249,6 +259,7 @@ def provider_dashboard_routes(dash: ProviderDashboard) -> list[BaseRoute]:
             Route(f"{base}/session", guarded(session), methods=["POST"]),
             Route(f"{base}/ton-proof/payload", guarded(ton_proof_payload), methods=["POST"]),
             Route(f"{base}/ton-proof", guarded(ton_proof), methods=["POST"]),
+            Route("/dashboard/tonconnect-manifest.json", guarded(manifest), methods=["GET"]),
             Route(f"{base}/me", guarded(me), methods=["GET"]),
             Route(f"{base}/nodes/{{node_id}}", guarded(node), methods=["GET"]),
             Route(f"{base}/logout", guarded(logout), methods=["POST"])]

@@ -197,6 +197,7 @@ def payout_channels_of(ledger: Ledger, provider_ids: list[str]) -> list[dict[str
     payout): what a provider needs to close its channel on chain and collect. For the provider's own view."""
     if not provider_ids:
         return []
+    migrate(ledger.db, "payouts", PAYOUT_MIGRATIONS)  # a gateway that never paid out has no payout table yet
     marks = ",".join("?" * len(provider_ids))
     keys = ("provider_id", "channel_id", "address", "deposit", "seqno", "sent", "status", "opened_at")
     out = []

@@ -553,3 +553,108 @@ def test_dashboard_provider_session(gw: GatewayProc, chromium: Any, tmp_path: Pa
     finally:
         httpx.post(f"{gw.url}/v1/providers/{nid}/leave", headers={"authorization": f"Bearer {token}"}, timeout=30)
     assert _ledger(gw)["verify"]["ok"]
+
+
+# A wallet extension as TON Connect's JS bridge puts it in the page (window[<key>].tonconnect): it fetches the app's
+# manifest, signs the gateway's payload for the manifest's host with WebCrypto's Ed25519 (the spec's message, built
+# here in JS: what the gateway checks in Python), and answers the connect event a wallet answers.
+_FAKE_WALLET = """
+window.testwallet = { tonconnect: { protocolVersion: 2, isWalletBrowser: false, walletInfo: { name: "Test wallet" },
+  async connect(version, req) {
+    window.__tcRequest = req;
+    const cfg = %s, enc = new TextEncoder();
+    const payload = req.items.find((i) => i.name === "ton_proof").payload;
+    const domain = new URL((await (await fetch(req.manifestUrl)).json()).url).host, d = enc.encode(domain);
+    const ts = Math.floor(Date.now() / 1000), hash = Uint8Array.from(cfg.hash.match(/../g).map((h) => parseInt(h, 16)));
+    const head = new Uint8Array(4 + 32 + 4), dv = new DataView(head.buffer);
+    dv.setInt32(0, cfg.workchain, false); head.set(hash, 4); dv.setUint32(36, d.length, true);
+    const t = new Uint8Array(8); new DataView(t.buffer).setBigUint64(0, BigInt(ts), true);
+    const cat = (...a) => { const o = new Uint8Array(a.reduce((n, x) => n + x.length, 0)); let i = 0;
+      for (const x of a) { o.set(x, i); i += x.length; } return o; };
+    const sha = async (b) => new Uint8Array(await crypto.subtle.digest("SHA-256", b));
+    const inner = await sha(cat(enc.encode("ton-proof-item-v2/"), head, d, t, enc.encode(payload)));
+    const full = await sha(cat(new Uint8Array([0xff, 0xff]), enc.encode("ton-connect"), inner));
+    const key = await crypto.subtle.importKey("pkcs8", Uint8Array.from(atob(cfg.pkcs8), (c) => c.charCodeAt(0)),
+      { name: "Ed25519" }, false, ["sign"]);
+    const sig = new Uint8Array(await crypto.subtle.sign({ name: "Ed25519" }, key, full));
+    return { event: "connect", id: 1, payload: { device: { platform: "linux", appName: "test" }, items: [
+      { name: "ton_addr", address: cfg.raw, network: "-239", publicKey: cfg.pub, walletStateInit: cfg.stateInit },
+      { name: "ton_proof", proof: { timestamp: ts, domain: { lengthBytes: d.length, value: domain }, payload,
+        signature: btoa(String.fromCharCode(...sig)) } }] } };
+  } } };
+"""
+
+
+def test_dashboard_provider_logs_in_with_a_ton_wallet(gw: GatewayProc, chromium: Any) -> None:
+    """No CLI: a provider whose node joined with a v4R2 wallet (TON Connect wallets are v4R2/v5R1) presses "Log in
+    with a TON wallet"; the wallet in the page signs the gateway's ton_proof payload; the gateway checks it and the
+    page shows that provider's nodes and books. Then the documented hook takes a TON Connect SDK `Wallet` object
+    (signed in Python) the same way, and a replayed proof is refused."""
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+    from selenium.webdriver.common.by import By
+
+    from cocoon_faas.gateway.ton_proof import proof_message
+    from cocoon_faas.runtime.hardware import GIB, Hardware
+    from cocoon_faas.runtime.registration import Registration
+    from cocoon_faas.ton.keys import PrivateKey
+    from cocoon_faas.ton.wallet import Wallet
+
+    key = PrivateKey.generate()
+    w = Wallet(key.public_key(), version="v4r2")
+    reg = Registration.new(wallet=w.address.friendly(bounceable=False), public_key=key.public_key().to_bytes(),
+                           name="ton-rig", hardware=Hardware("declared", "L4", 1, 24 * GIB, None, 4, 16 * GIB),
+                           gpu_price=10**6, wallet_version="v4r2")
+    r = httpx.post(gw.url + "/v1/providers", json=reg.signed(key), timeout=30)
+    assert r.status_code == 201, r.text
+    nid, token = r.json()["node_id"], r.json()["token"]
+    browser, row = chromium, (By.CSS_SELECTOR, f'#provider-nodes tr[data-node="{nid}"]')
+    state_init = base64.b64encode(w.state_init().to_boc()).decode()
+    pkcs8 = Ed25519PrivateKey.from_private_bytes(key.to_bytes()).private_bytes(Encoding.DER, PrivateFormat.PKCS8,
+                                                                               NoEncryption())
+    cfg = {"raw": w.address.raw, "workchain": 0, "hash": w.address.hash.hex(), "pub": key.public_key().raw.hex(),
+           "stateInit": state_init, "pkcs8": base64.b64encode(pkcs8).decode()}
+    script = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": _FAKE_WALLET % json.dumps(cfg)})
+    try:
+        _seed_node_books(gw, nid, [30_000])
+        browser.get(gw.url + "/dashboard")
+        _click(browser, (By.ID, "ton-login"))
+        _wait(browser, lambda d: d.find_elements(*row) or "refused" in d.find_element(By.ID, "ton-error").text
+              or "No TON" in d.find_element(By.ID, "ton-error").text)
+        assert browser.find_elements(*row), browser.find_element(By.ID, "ton-error").text
+        cells = [td.text for td in browser.find_element(*row).find_elements(By.TAG_NAME, "td")]
+        assert cells[1] == "ton-rig" and cells[8] == "30000"
+        assert browser.find_element(By.ID, "provider-app").get_attribute("data-wallet") == w.address.raw
+        req = browser.execute_script("return window.__tcRequest")
+        assert req["manifestUrl"] == gw.url + "/dashboard/tonconnect-manifest.json"
+        assert [i["name"] for i in req["items"]] == ["ton_addr", "ton_proof"]
+        manifest = httpx.get(req["manifestUrl"], timeout=30).json()
+        assert manifest["url"] == gw.url and httpx.get(manifest["iconUrl"], timeout=30).status_code == 200
+        cookie = browser.get_cookie("cocoon_provider")
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/dashboard"
+        _shot(browser, "dashboard-ton-login.png")
+        _click(browser, (By.ID, "logout"))
+        _wait(browser, lambda d: not d.find_element(By.ID, "login-view").get_attribute("hidden")
+              and not d.get_cookie("cocoon_provider"))
+        # the hook, as a page embedding @tonconnect/ui calls it with the SDK's Wallet
+        payload = httpx.post(gw.url + "/dashboard/api/provider/ton-proof/payload", timeout=30).json()["payload"]
+        domain, ts = gw.url.split("://")[1], int(time.time())
+        sig = key.sign(proof_message(w.address, domain, ts, payload))
+        sdk_wallet = {"account": {"address": w.address.raw, "chain": "-239", "publicKey": key.public_key().raw.hex(),
+                                  "walletStateInit": state_init},
+                      "connectItems": {"tonProof": {"name": "ton_proof", "proof": {
+                          "timestamp": ts, "domain": {"lengthBytes": len(domain), "value": domain},
+                          "payload": payload, "signature": base64.b64encode(sig).decode()}}}}
+        out = browser.execute_async_script("window.cocoonTonProof.login(arguments[0]).then(arguments[1], "
+                                           "(e) => arguments[1]({error: e.message}))", sdk_wallet)
+        assert out == {"wallet": w.address.raw}, out
+        _wait(browser, lambda d: d.find_elements(*row))
+        again = browser.execute_async_script("window.cocoonTonProof.login(arguments[0]).then(arguments[1], "
+                                             "(e) => arguments[1]({error: e.message}))", sdk_wallet)
+        assert "already used" in again["error"]
+    finally:
+        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": script["identifier"]})
+        httpx.post(f"{gw.url}/v1/providers/{nid}/leave", headers={"authorization": f"Bearer {token}"}, timeout=30)
+    assert _ledger(gw)["verify"]["ok"]

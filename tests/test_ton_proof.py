@@ -21,6 +21,7 @@ from cocoon_faas.errors import AuthenticationError, CocoonError, InvalidRequestE
 from cocoon_faas.gateway.dashboard_login import TON_PROOF_S, SessionBook
 from cocoon_faas.gateway.dashboard_provider import COOKIE, ProviderDashboard, provider_dashboard_routes
 from cocoon_faas.gateway.db import open_database
+from cocoon_faas.gateway.ledger import Ledger
 from cocoon_faas.gateway.marketplace import Marketplace, Node
 from cocoon_faas.gateway.ton_proof import MAX_AGE_S, TonProof, proof_message
 from cocoon_faas.runtime.hardware import GIB, Hardware
@@ -188,10 +189,11 @@ def gw(tmp_path: Path) -> dict[str, Any]:
         addr = Wallet(key.public_key(), version).address.friendly()
         market.register(Node(f"{version}-node", addr, key.public_key().hex(), H100, 500_000, 0, f"rig-{version}"))
     sessions = SessionBook(open_database(tmp_path / "store.db"), clock=clock)
+    ledger = Ledger(tmp_path / "ledger.db")  # a fresh one: no payout was ever made (no payout table yet)
     app = Starlette(routes=provider_dashboard_routes(ProviderDashboard(lambda: sessions, lambda: market,
-                                                                       lambda: None, clock=clock)))
+                                                                       lambda: ledger, clock=clock)))
     named = Starlette(routes=provider_dashboard_routes(ProviderDashboard(
-        lambda: sessions, lambda: market, lambda: None, clock=clock, hosts=frozenset({"faas.example.com"}))))
+        lambda: sessions, lambda: market, lambda: ledger, clock=clock, hosts=frozenset({"faas.example.com"}))))
     return {"app": app, "named": named, "clock": clock, "keys": keys}
 
 
@@ -217,6 +219,7 @@ def test_a_wallet_logs_in_with_ton_proof_once_and_reads_its_own_view(gw: dict[st
         me = c.get(f"{BASE}/me").json()
         assert me["wallet"] == Wallet(key.public_key(), version).address.raw and me["csrf"] == r.json()["csrf"]
         assert [n["node_id"] for n in me["nodes"]] == [f"{version}-node"]  # its own node, not the other's
+        assert me["totals"] == {"earned": 0, "paid": 0, "due": 0} and me["pending"]["channels"] == []
         again = post(TestClient(gw["app"]), body)
         assert again.status_code == 401 and again.json()["error"]["reason"] == "replayed"
 
@@ -259,3 +262,11 @@ def test_garbage_bodies_never_500(gw: dict[str, Any]) -> None:
         assert 400 <= r.status_code < 500, (raw[:40], r.status_code, r.text)
         assert "error" in r.json()
     assert post(c, good).status_code == 200  # and the payload of the good reply was not burned by them
+
+
+def test_the_manifest_names_the_host_the_wallet_signs_for(gw: dict[str, Any]) -> None:
+    r = TestClient(gw["app"]).get("/dashboard/tonconnect-manifest.json")
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    assert r.json()["url"] == f"http://{HOST}" and r.json()["iconUrl"].endswith("/dashboard/assets/tonconnect-icon.png")
+    r = TestClient(gw["named"], base_url="http://look-alike.example").get("/dashboard/tonconnect-manifest.json")
+    assert r.json()["url"] == "http://faas.example.com"  # a forged Host does not move the proof's domain
