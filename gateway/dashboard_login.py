@@ -14,6 +14,9 @@ key lives (`cocoon provider login`), and handed to the browser as a one-time cod
    neither sent in a request line nor logged) trades it once at ``/dashboard/api/provider/session`` for a session
    cookie (HttpOnly, SameSite=Strict, Path=/dashboard, ``SESSION_S`` seconds) and a CSRF token for state changes.
 
+A TON Connect wallet can log in from the browser instead (gateway/ton_proof.py): its payload is a ``ton-proof``
+token of this store, and a verified proof opens a session directly (:meth:`SessionBook.open_session`).
+
 Challenges, codes and sessions live in the gateway's database (component ``dashboard``), so every gateway sharing
 it honours them; the database keeps only SHA-256 digests of the secrets. The clock is passed in (tests).
 """
