@@ -270,3 +270,19 @@ def test_the_manifest_names_the_host_the_wallet_signs_for(gw: dict[str, Any]) ->
     assert r.json()["url"] == f"http://{HOST}" and r.json()["iconUrl"].endswith("/dashboard/assets/tonconnect-icon.png")
     r = TestClient(gw["named"], base_url="http://look-alike.example").get("/dashboard/tonconnect-manifest.json")
     assert r.json()["url"] == "http://faas.example.com"  # a forged Host does not move the proof's domain
+
+
+def test_payloads_share_the_challenges_bound(gw: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neither route needs credentials, so the CLI's challenges and the wallets' payloads count against one bound."""
+    import cocoon_faas.gateway.dashboard_login as login_mod
+
+    monkeypatch.setattr(login_mod, "MAX_PENDING", 3)
+    c = TestClient(gw["app"])
+    assert c.post(f"{BASE}/challenge").status_code == 200 and c.post(f"{BASE}/challenge").status_code == 200
+    p = payload(c)
+    for path in ("ton-proof/payload", "challenge"):
+        r = c.post(f"{BASE}/{path}")
+        assert r.status_code == 429 and r.headers["retry-after"] == "60"
+    key = gw["keys"]["v4r2"]
+    assert post(c, wallet_reply(key, "v4r2", p)).status_code == 200  # a used payload no longer counts
+    assert c.post(f"{BASE}/ton-proof/payload").status_code == 200
