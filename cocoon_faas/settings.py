@@ -59,8 +59,10 @@ class Settings(BaseSettings):
     replica_start_timeout_s: float = Field(120.0, description="time a replica may take to start")
     drain_timeout_s: float = Field(60.0, description="time old replicas get to finish calls on redeploy")
     provider_heartbeat_s: float = Field(5.0, description="provider heartbeat interval; 3 missed = down")
-    provider_sync_s: float = Field(1.0, description="how often a gateway re-reads the provider nodes every gateway "
-                                   "shares: the bound on how stale its view of them is")
+    provider_sync_s: float = Field(1.0, gt=0, description="how often a gateway reads the provider nodes changed "
+                                   "on any gateway: the bound on how stale its view of them is")
+    provider_full_sync_s: float = Field(30.0, gt=0, description="how often a gateway reads every provider node "
+                                        "(heartbeat times, other gateways' call totals, expired rows)")
     attestation: str = Field("auto", description="replica TEE evidence: auto (tdx with configfs-tsm, else dev), "
                              "tdx, dev")
     max_frame_bytes: int = Field(16 * 1024 * 1024, description="largest frame a replica may send the gateway")

@@ -137,6 +137,7 @@ class Gateway:
             log.warning("%d calls were in flight when the gateway stopped; marked failed", lost)
         self.providers = ProviderBook(self.market, ProviderStore(self.store.db),
                                       interval=self.settings.provider_sync_s,
+                                      full_every=self.settings.provider_full_sync_s,
                                       leading=lambda: self.cluster is None or self.cluster.is_leader)
         await self.providers.refresh()  # the nodes registered before (on any gateway) are known before routing
         ensure_local_key(self.store, self.settings)

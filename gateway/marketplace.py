@@ -19,7 +19,9 @@ busy, slow and failing nodes lose their edge.
 
 Health: a node is routable only while its last heartbeat is younger than ``3 x heartbeat_interval``; the check is
 made on every routing decision, so a silent node stops receiving calls at once, before the sweeper
-(:meth:`Marketplace.sweep`) turns it *down* and tells the subscribers.
+(:meth:`Marketplace.sweep`) turns it *down* and tells the subscribers. With a shared store, a node the store lists
+as up also counts as heard from as of the store's last read (:meth:`Marketplace.vouch`): there the leader's sweep
+decides silence from whichever gateway took the heartbeats.
 
 Shared state: with a store (gateway/provider_book.py) the node records — registration, status, last heartbeat,
 load, attestation, calls and earnings — live in the database every gateway shares, and this object is one gateway's
@@ -113,6 +115,7 @@ class Marketplace:
         self._ray_ids: dict[str, str] = {}  # node id -> Ray node id, learned by sync_ray_nodes
         self._ray_tracked = False  # once Ray is watched, a node counts only after its Ray node is seen
         self._max_prices: tuple[int, int] | None = None
+        self._vouched, self._vouch_slack = -math.inf, 0.0  # see vouch
         self._lock = threading.RLock()
         self.decides = True  # False on a gateway that follows the shared store: it does not end drains itself
 
@@ -334,7 +337,18 @@ class Marketplace:
         st = self._nodes.get(node_id)
         if st is None or st.status != UP or st.excluded is not None:
             return False
-        return (self._clock() if now is None else now) - st.last_seen <= 3 * self.heartbeat_interval
+        return self._heard(st, self._clock() if now is None else now)
+
+    def vouch(self, age: float, slack: float) -> None:
+        """The shared store listed every node's status ``age`` seconds ago (gateway/provider_book.py): a node
+        still up there counts as heard from then, as long as the last heartbeat known here is at most ``slack``
+        seconds older than a live node's may be (heartbeat times alone reach this gateway only now and then)."""
+        self._vouched, self._vouch_slack = self._clock() - age, slack
+
+    def _heard(self, st: _State, now: float) -> bool:
+        limit = 3 * self.heartbeat_interval
+        age = now - st.last_seen
+        return age <= limit or (now - self._vouched <= limit and age <= limit + self._vouch_slack)
 
     def max_prices(self) -> tuple[int, int]:
         """The highest (GPU, CPU) prices any listed node asks: what a call's hold must cover before the node
@@ -465,11 +479,10 @@ class Marketplace:
     def _best(self, picks: Sequence[tuple[str, Requirements]], max_price: int | None,
               exclude: Sequence[str]) -> tuple[str | None, float]:
         now = self._clock()
-        limit = 3 * self.heartbeat_interval
         best_nid, best_score = None, math.inf
         for nid, req in picks:
             st = self._nodes.get(nid)
-            if (st is None or st.status != UP or st.excluded or now - st.last_seen > limit or nid in exclude
+            if (st is None or st.status != UP or st.excluded or not self._heard(st, now) or nid in exclude
                     or (max_price is not None and st.node.rate(req) > max_price)):
                 continue
             s = st.score(st.node.rate(req))
@@ -542,7 +555,7 @@ class Marketplace:
 
     def _usable(self, nid: str, req: Requirements, max_price: int | None, now: float) -> bool:
         st = self._nodes[nid]
-        if st.status != UP or st.excluded is not None or now - st.last_seen > 3 * self.heartbeat_interval:
+        if st.status != UP or st.excluded is not None or not self._heard(st, now):
             return False
         if self._ray_tracked and nid not in self._ray_ids:  # registered, but its Ray node never came up
             return False

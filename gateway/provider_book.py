@@ -2,15 +2,24 @@
 
 A registration, heartbeat, leave or revoke that reaches any gateway is written to the store first
 (gateway/provider_store.py) and then applied to that gateway's marketplace, so its answer is current. Every
-gateway re-reads all node records every ``interval`` seconds (`run`), which is the bound on how stale another
-gateway's view can be (1 s by default; ``COCOON_PROVIDER_SYNC_S``): a node registered on gateway A is listed,
-placed on and routed to by gateway B within that. Routing itself reads only the in-memory marketplace.
+``interval`` seconds (`run`; 1 s by default, ``COCOON_PROVIDER_SYNC_S``) each gateway reads the node rows changed
+since its previous read (an incremental read: `ProviderStore.changes`), and every ``full_every`` seconds
+(``COCOON_PROVIDER_FULL_SYNC_S``, 30 s) every row: a node registered on gateway A is listed, placed on and routed to
+by gateway B within ``interval``. Routing itself reads only the in-memory marketplace.
 
-Who decides what: the sweep that turns silent nodes *down* (their last heartbeat, taken by whichever gateway, is
-older than 3 heartbeat intervals) runs on the leader only, as one conditional statement; so does ending a drain
-(*left*, once the leader — which places and retires replicas — sees nothing left on the node). A node whose Ray
-node died is marked down by whichever gateway sees it first. Changes the marketplace makes itself are stored at
-the next refresh and win over the older record read meanwhile.
+What an incremental read carries: everything routing and placement use (registration, status, attestation, a
+load change of `LOAD_STEP` or more). What waits for the full read: heartbeat times alone, other gateways' call and
+earning totals, and rows deleted long after their node went down or left. So a heartbeat costs the other gateways
+nothing. A node counts as heard from on a gateway that did not take its heartbeats because the store still lists
+it up as of the last read (`Marketplace.vouch`): the leader marks it down there as soon as its last heartbeat,
+taken by whichever gateway, is 3 heartbeat intervals old, and that change is in everyone's next read. A silent
+node thus stops being routed to within 3 heartbeat intervals plus about two refresh periods (the leader's sweep,
+then the read); if no gateway leads meanwhile, within 3 intervals plus ``full_every``.
+
+Who decides what: the sweep that turns silent nodes *down* runs on the leader only, as one conditional statement;
+so does ending a drain (*left*, once the leader — which places and retires replicas — sees nothing left on the
+node). A node whose Ray node died is marked down by whichever gateway sees it first. Changes the marketplace makes
+itself are stored at the next refresh and win over the older record read meanwhile.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,8 +52,10 @@ class ProviderBook:
     """One gateway's marketplace kept in step with the shared provider records."""
 
     def __init__(self, market: Marketplace, store: ProviderStore, *, interval: float = 1.0,
-                 leading: Callable[[], bool] = lambda: True, clock: Callable[[], float] = time.time) -> None:
-        self.market, self.store, self.interval = market, store, interval
+                 full_every: float = 30.0, leading: Callable[[], bool] = lambda: True,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.market, self.store, self.interval, self.full_every = market, store, interval, full_every
+        self._last_full = -math.inf  # monotonic time of the last full read
         self.leading, self.clock = leading, clock
         self._applying = False
         self._changed: dict[str, tuple[str, bool, float]] = {}  # node -> (status, revivable, registered) to store
@@ -112,15 +124,18 @@ class ProviderBook:
                 log.exception("refreshing provider nodes from the store failed")
             await asyncio.sleep(self.interval)
 
-    async def refresh(self) -> None:
+    async def refresh(self, full: bool = False) -> None:
+        """Store this gateway's changes, sweep when leading, then read the rows changed since the last refresh
+        (every row when ``full`` or ``full_every`` has passed) into the marketplace."""
         leading = self.leading()
         self.market.decides = leading
         changed, self._changed = self._changed, {}
         usage = self.market.take_usage()
         keep = self.market.occupied()
         started = time.monotonic()
+        full = full or started - self._last_full >= self.full_every
         try:
-            records, now = await asyncio.to_thread(self._exchange, changed, usage, leading, keep)
+            records, full, now = await asyncio.to_thread(self._exchange, changed, usage, leading, keep, full)
         except BaseException:
             self.market.give_back_usage(usage)
             for nid, change in changed.items():
@@ -130,17 +145,21 @@ class ProviderBook:
         self._touched = {nid: t for nid, t in self._touched.items() if t >= started}
         self._apply([r for r in records if r.node.node_id not in fresh and r.node.node_id not in self._changed],
                     now)
-        listed = {r.node.node_id for r in records} | fresh
-        for nid in self.market.ids():
-            if nid not in listed and self.market.forget(nid):
-                self._registered.pop(nid, None)
-                self._applied.pop(nid, None)
+        if full:  # a node the store no longer lists has expired there
+            self._last_full = started
+            listed = {r.node.node_id for r in records} | fresh
+            for nid in self.market.ids():
+                if nid not in listed and self.market.forget(nid):
+                    self._registered.pop(nid, None)
+                    self._applied.pop(nid, None)
+        # the store's statuses as of the read: a node it lists as up is heard from (see the module docstring)
+        self.market.vouch(time.monotonic() - started, slack=self.full_every + 2 * self.interval)
         if leading:
             self.market.finish_leaves()
 
     def _exchange(self, changed: dict[str, tuple[str, bool, float]], usage: dict[str, tuple[int, int]],
-                  leading: bool, keep: set[str]) -> tuple[list[NodeRecord], float]:
-        """Off the event loop: write what this gateway decided, sweep when leading, read every record."""
+                  leading: bool, keep: set[str], full: bool) -> tuple[list[NodeRecord], bool, float]:
+        """Off the event loop: write what this gateway decided, sweep when leading, read the changed records."""
         for nid, (status, revivable, registered) in changed.items():
             if not self.store.mark(nid, registered, status, revivable):
                 self._applied.pop(nid, None)  # the store disagrees: take its record again even if unchanged
@@ -154,7 +173,8 @@ class ProviderBook:
                 log.warning("%d provider nodes are down (%s%s): no heartbeat on any gateway for %.1fs", len(down),
                             ", ".join(down[:5]), ", …" if len(down) > 5 else "", 3 * self.market.heartbeat_interval)
             self.store.prune_nonces(now - 2 * MAX_SKEW_S)  # older ones fail the freshness check anyway
-        return self.store.records(), now
+        records, full = self.store.changes(full)
+        return records, full, now
 
     def _apply(self, records: list[NodeRecord], now: float) -> None:
         self._applying = True

@@ -9,6 +9,25 @@ statement that records a heartbeat. Registration nonces are claimed here too, so
 another gateway is refused like one replayed to the same gateway.
 
 Versioned as the ``providers`` component (gateway/migrations.py) on SQLite and PostgreSQL alike.
+
+Incremental reads. Every write that matters for routing or placement stamps the rows it changes with a change
+stamp ``ver`` (registration, status, revivability, attestation, a heartbeat that revives a node or moves its load
+by `LOAD_STEP` or more); `changes` then reads only rows stamped at or after a *watermark* taken before the
+previous read. What a stamp is, and why no row is skipped:
+
+- PostgreSQL: the writing transaction's id (``pg_current_xact_id()``); the watermark is the ``xmin`` of a
+  snapshot, the oldest transaction still running then. Transaction ids are handed out at the first write but
+  commit in any order, so a plain "greater than the largest stamp read" would skip a row whose lower stamp
+  commits after the read. Every transaction below ``xmin`` has ended, so it was visible to the read that
+  followed it; every one at or above it is read again next time (a row may be read twice, never missed).
+- SQLite: a counter (``provider_feed``) bumped in the writing transaction. Writers are serialized by SQLite's
+  lock, so stamps commit in order; the watermark is the counter (plus one) read before the rows.
+
+A heartbeat's ``last_seen`` alone is not stamped: which nodes are silent is decided from the rows themselves by
+the leader's `sweep`, whose status change is stamped (see gateway/provider_book.py for how the other gateways
+count a node as heard from). Nor are the call and earning totals (`add_usage`: shown, not routed on), nor the
+deletion of long-expired down or left rows: a *full* read (every row; `records`), which each gateway makes now
+and then, brings those.
 """
 
 from __future__ import annotations
@@ -20,9 +39,17 @@ from typing import Any
 from cocoon_faas.errors import AuthenticationError, NotFoundError
 from cocoon_faas.runtime.hardware import Hardware
 
-from .db import Database, IntegrityError
+from .db import Database, IntegrityError, Tx
 from .market_nodes import DOWN, DRAINING, LEFT, UP, Node, NodeRecord
 from .migrations import Migration, migrate
+
+
+def _feed(tx: Tx, db: Database) -> None:
+    """SQLite's change counter (PostgreSQL stamps with transaction ids instead)."""
+    if db.dialect == "sqlite":
+        tx.execute("CREATE TABLE provider_feed (ver INTEGER NOT NULL)")
+        tx.execute("INSERT INTO provider_feed VALUES (0)")
+
 
 PROVIDER_MIGRATIONS = [
     Migration(1, "provider nodes (registration, status, heartbeat, load, attestation, usage) and nonces", """
@@ -36,7 +63,18 @@ CREATE INDEX IF NOT EXISTS provider_nodes_by_wallet ON provider_nodes (wallet_ke
 CREATE TABLE IF NOT EXISTS provider_nonces (nonce TEXT PRIMARY KEY, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS provider_nonces_by_at ON provider_nonces (at)
 """),
+    Migration(2, "provider nodes: change stamps for incremental reads", """
+ALTER TABLE provider_nodes ADD COLUMN ver INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE provider_nodes ADD COLUMN shared_load REAL NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS provider_nodes_by_ver ON provider_nodes (ver)
+""", step=_feed),
 ]
+
+# a heartbeat whose load moved this far from the load last stamped is stamped (ranking weighs 1 + load)
+LOAD_STEP = 0.25
+_PG_STAMP = "pg_current_xact_id()::text::bigint"
+_PG_WATERMARK = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+_SQLITE_STAMP = "(SELECT ver FROM provider_feed)"
 
 _COLS = ("node_id, wallet, public_key, hardware, gpu_price, cpu_price, name, status, registered, last_seen, "
          "utilisation, attested, revivable, calls, earned")
@@ -53,6 +91,7 @@ class ProviderStore:
         migrate(db, "providers", PROVIDER_MIGRATIONS)
         self._hardware: dict[str, Hardware] = {}  # JSON text -> parsed (rows are re-read every second)
         self._rows: dict[str, tuple[tuple[Any, ...], NodeRecord]] = {}  # node -> (row, record) last read
+        self._since: int | None = None  # the watermark for the next incremental read (None: read every row)
 
     # -- rows -> records -----------------------------------------------------------------------------------
     def _record(self, r: tuple[Any, ...]) -> NodeRecord:
@@ -66,17 +105,44 @@ class ProviderStore:
                           float(r[9]), float(r[10]), None if r[11] is None else bool(r[11]), bool(r[12]),
                           int(r[13]), int(r[14]))
 
+    def _cached(self, r: tuple[Any, ...]) -> NodeRecord:
+        """A row unchanged since the last read gives the very same record object (a refresh skips it)."""
+        last = self._rows.get(r[0])
+        rec = last[1] if last is not None and last[0] == r else self._record(r)
+        self._rows[r[0]] = (r, rec)
+        return rec
+
     def records(self) -> list[NodeRecord]:
-        """Every node's record; a row unchanged since the last read gives the very same record object (so a
-        refresh can skip it: most rows change only with a heartbeat, every few seconds)."""
-        out, seen = [], {}
-        for r in self.db.query(f"SELECT {_COLS} FROM provider_nodes ORDER BY node_id"):
-            last = self._rows.get(r[0])
-            rec = last[1] if last is not None and last[0] == r else self._record(r)
-            seen[r[0]] = (r, rec)
-            out.append(rec)
-        self._rows = seen
-        return out
+        """Every node's record (a full read)."""
+        rows = self.db.query(f"SELECT {_COLS} FROM provider_nodes ORDER BY node_id")
+        self._rows = {r[0]: self._rows[r[0]] for r in rows if r[0] in self._rows}  # forget deleted rows
+        return [self._cached(r) for r in rows]
+
+    def changes(self, full: bool = False) -> tuple[list[NodeRecord], bool]:
+        """The records stamped since the previous call (see the module docstring), or every record when ``full``
+        or on the first call. Returns them and whether the read was full (a node missing from it is gone)."""
+        mark = self._watermark()  # before the rows: what commits after it is read again next time
+        if full or self._since is None:
+            out = self.records()
+        else:
+            out = [self._cached(r) for r in self.db.query(
+                f"SELECT {_COLS} FROM provider_nodes WHERE ver >= ? ORDER BY node_id", (self._since,))]
+        full = full or self._since is None
+        self._since = mark
+        return out, full
+
+    def _watermark(self) -> int:
+        if self.db.dialect == "postgresql":
+            return int(self.db.query(_PG_WATERMARK)[0][0])
+        return int(self.db.query("SELECT ver FROM provider_feed")[0][0]) + 1
+
+    def _stamped(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """Run one write that stamps the rows it changes (``{ver}`` in ``sql``); returns its RETURNING rows."""
+        if self.db.dialect == "postgresql":
+            return self.db.query(sql.replace("{ver}", _PG_STAMP), args)
+        with self.db.transaction() as tx:
+            tx.execute("UPDATE provider_feed SET ver=ver+1")
+            return list(tx.execute(sql.replace("{ver}", _SQLITE_STAMP), args).fetchall())
 
     def record(self, node_id: str) -> NodeRecord | None:
         rows = self.db.query(f"SELECT {_COLS} FROM provider_nodes WHERE node_id=?", (node_id,))
@@ -98,36 +164,41 @@ class ProviderStore:
                  now: float) -> NodeRecord:
         """Add or refresh a node: up, revivable, with a new session token. A node that had left starts its
         counters afresh (it is a new registration); one registering again keeps them."""
-        self.db.execute(
+        rows = self._stamped(
             "INSERT INTO provider_nodes (node_id, wallet, wallet_key, public_key, name, hardware, gpu_price, "
-            "cpu_price, status, registered, last_seen, attested, token_hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
+            "cpu_price, status, registered, last_seen, attested, token_hash, ver) VALUES "
+            "(?,?,?,?,?,?,?,?,?,?,?,?,?,{ver}) "
             "ON CONFLICT (node_id) DO UPDATE SET wallet=excluded.wallet, wallet_key=excluded.wallet_key, "
             "public_key=excluded.public_key, name=excluded.name, hardware=excluded.hardware, "
             "gpu_price=excluded.gpu_price, cpu_price=excluded.cpu_price, status=excluded.status, "
-            "registered=excluded.registered, last_seen=excluded.last_seen, utilisation=0, "
-            "attested=excluded.attested, revivable=1, token_hash=excluded.token_hash, "
+            "registered=excluded.registered, last_seen=excluded.last_seen, utilisation=0, shared_load=0, "
+            "attested=excluded.attested, revivable=1, token_hash=excluded.token_hash, ver=excluded.ver, "
             f"calls=CASE WHEN provider_nodes.status='{LEFT}' THEN 0 ELSE provider_nodes.calls END, "
-            f"earned=CASE WHEN provider_nodes.status='{LEFT}' THEN 0 ELSE provider_nodes.earned END",
+            f"earned=CASE WHEN provider_nodes.status='{LEFT}' THEN 0 ELSE provider_nodes.earned END "
+            f"RETURNING {_COLS}",
             (node.node_id, node.wallet, wallet_key, node.public_key, node.name,
              json.dumps(node.hardware.to_dict(), sort_keys=True), node.gpu_price, node.cpu_price, UP, now, now,
              None if attested is None else int(attested), token_hash))
-        rec = self.record(node.node_id)
-        assert rec is not None
-        return rec
+        return self._record(rows[0])
 
     def heartbeat(self, node_id: str, token_hash: str, load: float, now: float) -> NodeRecord:
-        """Record a heartbeat (the token is checked in the same statement); a down node that may come back does."""
-        rows = self.db.query(
-            f"UPDATE provider_nodes SET last_seen=?, utilisation=?, status=CASE WHEN status='{DOWN}' AND "
-            f"revivable=1 THEN '{UP}' ELSE status END WHERE node_id=? AND token_hash=? AND status<>'{LEFT}' "
-            f"RETURNING {_COLS}", (now, max(0.0, load), node_id, token_hash))
+        """Record a heartbeat (the token is checked in the same statement); a down node that may come back does.
+        Stamped only when it revives the node or moves its load by `LOAD_STEP` (module docstring)."""
+        load = max(0.0, load)
+        revives = f"status='{DOWN}' AND revivable=1"
+        stamp = f"({revives} OR ABS(shared_load - ?) >= {LOAD_STEP})"
+        rows = self._stamped(
+            f"UPDATE provider_nodes SET last_seen=?, utilisation=?, status=CASE WHEN {revives} THEN '{UP}' ELSE "
+            f"status END, ver=CASE WHEN {stamp} THEN {{ver}} ELSE ver END, shared_load=CASE WHEN {stamp} THEN ? "
+            f"ELSE shared_load END WHERE node_id=? AND token_hash=? AND status<>'{LEFT}' RETURNING {_COLS}",
+            (now, load, load, load, load, node_id, token_hash))
         return self._record(rows[0]) if rows else self._refused(node_id, token_hash)
 
     def leave(self, node_id: str, token_hash: str) -> NodeRecord:
         """Start draining an up or down node (authenticated by its token)."""
-        rows = self.db.query(
+        rows = self._stamped(
             f"UPDATE provider_nodes SET status=CASE WHEN status IN ('{UP}','{DOWN}') THEN '{DRAINING}' ELSE "
-            f"status END WHERE node_id=? AND token_hash=? RETURNING {_COLS}", (node_id, token_hash))
+            f"status END, ver={{ver}} WHERE node_id=? AND token_hash=? RETURNING {_COLS}", (node_id, token_hash))
         return self._record(rows[0]) if rows else self._refused(node_id, token_hash)
 
     def _refused(self, node_id: str, token_hash: str) -> NodeRecord:
@@ -148,24 +219,24 @@ class ProviderStore:
         """Store a change one gateway decided (its Ray node died: down; drained: left) for the registration it
         saw; a newer registration, or a node already left, is not touched. True when stored."""
         allowed = (UP, DRAINING) if status == DOWN else (DRAINING, DOWN)
-        return self.db.execute(
-            "UPDATE provider_nodes SET status=?, revivable=? WHERE node_id=? AND registered=? AND status IN (?,?)",
-            (status, int(revivable), node_id, registered, *allowed)) > 0
+        return bool(self._stamped(
+            "UPDATE provider_nodes SET status=?, revivable=?, ver={ver} WHERE node_id=? AND registered=? AND "
+            "status IN (?,?) RETURNING node_id", (status, int(revivable), node_id, registered, *allowed)))
 
     def revoke_wallet(self, wallet_key: str) -> list[NodeRecord]:
         """The wallet's nodes go down for good and lose their session (joining again is refused)."""
-        rows = self.db.query(
-            f"UPDATE provider_nodes SET status={_DOWN}, revivable=0, token_hash=NULL WHERE wallet_key=? AND "
-            f"status<>'{LEFT}' RETURNING {_COLS}", (wallet_key,))
+        rows = self._stamped(
+            f"UPDATE provider_nodes SET status={_DOWN}, revivable=0, token_hash=NULL, ver={{ver}} WHERE "
+            f"wallet_key=? AND status<>'{LEFT}' RETURNING {_COLS}", (wallet_key,))
         return [self._record(r) for r in rows]
 
     def sweep(self, silent_before: float, expired_before: float, keep: Collection[str]) -> list[str]:
         """Mark down every node whose last heartbeat (whichever gateway took it) is older than
         ``silent_before``; forget down or left nodes not heard from since ``expired_before`` unless in ``keep``
         (they still hold replicas). Returns the ids marked down. Run by one gateway (the leader)."""
-        down = [str(r[0]) for r in self.db.query(
-            f"UPDATE provider_nodes SET status={_DOWN} WHERE status IN ('{UP}','{DRAINING}') AND last_seen < ? "
-            "RETURNING node_id", (silent_before,))]
+        down = [str(r[0]) for r in self._stamped(
+            f"UPDATE provider_nodes SET status={_DOWN}, ver={{ver}} WHERE status IN ('{UP}','{DRAINING}') AND "
+            "last_seen < ? RETURNING node_id", (silent_before,))]
         old = [str(r[0]) for r in self.db.query(
             f"SELECT node_id FROM provider_nodes WHERE status IN ('{DOWN}','{LEFT}') AND last_seen < ?",
             (expired_before,)) if r[0] not in keep]
@@ -176,7 +247,8 @@ class ProviderStore:
         return down
 
     def add_usage(self, usage: Iterable[tuple[str, tuple[int, int]]]) -> None:
-        """Add calls and earnings counted by one gateway to the nodes' shared totals."""
+        """Add calls and earnings counted by one gateway to the nodes' shared totals (not stamped: the other
+        gateways see them at their next full read)."""
         with self.db.transaction() as tx:
             tx.executemany("UPDATE provider_nodes SET calls=calls+?, earned=earned+? WHERE node_id=?",
                            [(calls, earned, nid) for nid, (calls, earned) in usage])
