@@ -1,8 +1,10 @@
 """What sharing provider nodes through the database costs a gateway (gateway/provider_book.py).
 
-For N nodes on SQLite and on a throwaway PostgreSQL (tests/pg.py): the time of one refresh (read every node's
-row and apply it to the marketplace: what each gateway does every COCOON_PROVIDER_SYNC_S) and of one heartbeat
-(the token-checked UPDATE … RETURNING and the apply), the two backends interleaved round by round.
+For N nodes on SQLite and on a throwaway PostgreSQL (tests/pg.py), the two backends interleaved round by round:
+the time of one refresh (what each gateway does every COCOON_PROVIDER_SYNC_S: read the rows changed since the last
+refresh and apply them; a fifth of the nodes heartbeated meanwhile, their load within `LOAD_STEP`, so nothing
+routing uses changed), of one full refresh (every row, every COCOON_PROVIDER_FULL_SYNC_S) and of one heartbeat
+(the token-checked UPDATE … RETURNING and the apply). Before the stamps (7297abf^) every refresh was a full one.
 
     python benchmarks/providers.py [--nodes 100,1000,5000] [--rounds 3]
 """
@@ -34,24 +36,30 @@ def fill(where: Any, n: int) -> ProviderBook:
     for i in range(n):
         store.register(Node(f"n{i:05d}", f"w{i}", "00" * 32, HW, 1000 + i, 10, f"box{i}"), f"0:{i:064x}",
                        token_hash(f"t{i}"), None, time.time())
-    return ProviderBook(Marketplace(heartbeat_interval=5.0), store, leading=lambda: False)  # no sweep
+    return ProviderBook(Marketplace(heartbeat_interval=5.0), store, full_every=3600.0,  # full reads: measured
+                        leading=lambda: False)  # no sweep
 
 
-async def measure(book: ProviderBook, n: int) -> tuple[float, float]:
-    """(ms per refresh with a fifth of the nodes heartbeating in between, ms per heartbeat)."""
-    await book.refresh()
+async def measure(book: ProviderBook, n: int) -> tuple[float, float, float]:
+    """(ms per refresh with a fifth of the nodes heartbeating in between, ms per full refresh, ms per heartbeat)."""
+    for j in range(n):  # every node has reported its load once (the steady state)
+        await book.heartbeat(f"n{j:05d}", f"t{j}", 0.5)
+    await book.refresh(full=True)
     beats = max(1, n // 5)  # heartbeats every 5 s, refresh every second: a fifth of the rows change
-    spent_hb = spent_refresh = 0.0
+    spent_hb = spent_refresh = spent_full = 0.0
     for k in range(5):
         t0 = time.perf_counter()
         for i in range(beats):
             j = (k * beats + i) % n
-            await book.heartbeat(f"n{j:05d}", f"t{j}", 0.5)
+            await book.heartbeat(f"n{j:05d}", f"t{j}", 0.5 + 0.1 * ((i + k) % 2))
         t1 = time.perf_counter()
         await book.refresh()
+        t2 = time.perf_counter()
+        await book.refresh(full=True)
         spent_hb += t1 - t0
-        spent_refresh += time.perf_counter() - t1
-    return spent_refresh / 5 * 1000, spent_hb / (5 * beats) * 1000
+        spent_refresh += t2 - t1
+        spent_full += time.perf_counter() - t2
+    return spent_refresh / 5 * 1000, spent_full / 5 * 1000, spent_hb / (5 * beats) * 1000
 
 
 def main() -> None:
@@ -65,19 +73,18 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="cocoon-bench-providers-"))
     try:
         print(f"load average {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs")
-        print(f"{'nodes':>6} {'backend':>10} {'refresh ms':>11} {'heartbeat ms':>13}")
+        print(f"{'nodes':>6} {'backend':>10} {'refresh ms':>11} {'full ms':>8} {'heartbeat ms':>13}")
         for n in [int(x) for x in args.nodes.split(",")]:
             books = {"sqlite": fill(work / f"{n}.db", n)}
             if pg is not None:
                 books["postgresql"] = fill(pg.new_database(), n)
-            figures: dict[str, list[tuple[float, float]]] = {k: [] for k in books}
+            figures: dict[str, list[tuple[float, float, float]]] = {k: [] for k in books}
             for _ in range(args.rounds):  # interleaved: both backends see the same box load
                 for name, book in books.items():
                     figures[name].append(asyncio.run(measure(book, n)))
             for name, runs in figures.items():
-                r = sorted(x[0] for x in runs)[len(runs) // 2]
-                h = sorted(x[1] for x in runs)[len(runs) // 2]
-                print(f"{n:>6} {name:>10} {r:>11.2f} {h:>13.3f}")
+                r, f, h = (sorted(x[i] for x in runs)[len(runs) // 2] for i in range(3))
+                print(f"{n:>6} {name:>10} {r:>11.2f} {f:>8.2f} {h:>13.3f}")
             for book in books.values():
                 book.store.db.close()
         print(f"load average {os.getloadavg()[0]:.2f}")

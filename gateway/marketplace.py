@@ -116,6 +116,7 @@ class Marketplace:
         self._ray_tracked = False  # once Ray is watched, a node counts only after its Ray node is seen
         self._max_prices: tuple[int, int] | None = None
         self._vouched, self._vouch_slack = -math.inf, 0.0  # see vouch
+        self._used: set[str] = set()  # nodes with calls or earnings not yet taken (take_usage)
         self._lock = threading.RLock()
         self.decides = True  # False on a gateway that follows the shared store: it does not end drains itself
 
@@ -297,8 +298,10 @@ class Marketplace:
         """Calls and earnings counted here since the last take, per node (to add to the shared record)."""
         out = {}
         with self._lock:
-            for nid, st in self._nodes.items():
-                if st.new_calls or st.new_earned:
+            used, self._used = self._used, set()
+            for nid in used:
+                st = self._nodes.get(nid)
+                if st is not None and (st.new_calls or st.new_earned):
                     out[nid] = (st.new_calls, st.new_earned)
                     st.new_calls = st.new_earned = 0
         return out
@@ -311,10 +314,12 @@ class Marketplace:
                 if st is not None:
                     st.new_calls += calls
                     st.new_earned += earned
+                    self._used.add(nid)
 
-    def occupied(self) -> set[str]:
-        """Nodes with replicas or calls on them (their records must not expire)."""
-        return {nid for nid, st in self._nodes.items() if self._by_node.get(nid) or st.inflight}
+    def holds(self, node_id: str) -> bool:
+        """Replicas or calls are on the node (its record must not expire)."""
+        st = self._nodes.get(node_id)
+        return bool(self._by_node.get(node_id)) or (st is not None and st.inflight > 0)
 
     def ids(self) -> list[str]:
         return list(self._nodes)
@@ -504,6 +509,7 @@ class Marketplace:
         st.rep.add(bool(ok), max(0.0, float(latency_s)))
         st.calls += 1
         st.new_calls += 1
+        self._used.add(node_id)
         if finished and st.inflight:
             st.inflight -= 1
             self._maybe_left(st)
@@ -514,6 +520,7 @@ class Marketplace:
         amount = st.node.charge(req, duration_ns)
         st.earned += amount
         st.new_earned += amount
+        self._used.add(node_id)
         return amount
 
     def earnings(self, node_id: str) -> int:

@@ -131,11 +131,10 @@ class ProviderBook:
         self.market.decides = leading
         changed, self._changed = self._changed, {}
         usage = self.market.take_usage()
-        keep = self.market.occupied()
         started = time.monotonic()
         full = full or started - self._last_full >= self.full_every
         try:
-            records, full, now = await asyncio.to_thread(self._exchange, changed, usage, leading, keep, full)
+            records, full, now = await asyncio.to_thread(self._exchange, changed, usage, leading, full)
         except BaseException:
             self.market.give_back_usage(usage)
             for nid, change in changed.items():
@@ -158,7 +157,7 @@ class ProviderBook:
             self.market.finish_leaves()
 
     def _exchange(self, changed: dict[str, tuple[str, bool, float]], usage: dict[str, tuple[int, int]],
-                  leading: bool, keep: set[str], full: bool) -> tuple[list[NodeRecord], bool, float]:
+                  leading: bool, full: bool) -> tuple[list[NodeRecord], bool, float]:
         """Off the event loop: write what this gateway decided, sweep when leading, read the changed records."""
         for nid, (status, revivable, registered) in changed.items():
             if not self.store.mark(nid, registered, status, revivable):
@@ -168,7 +167,7 @@ class ProviderBook:
         now = self.clock()
         if leading:
             silent = now - 3 * self.market.heartbeat_interval
-            down = self.store.sweep(silent, now - self.market.expiry_s, keep)
+            down = self.store.sweep(silent, now - self.market.expiry_s, self.market.holds)
             if down:
                 log.warning("%d provider nodes are down (%s%s): no heartbeat on any gateway for %.1fs", len(down),
                             ", ".join(down[:5]), ", …" if len(down) > 5 else "", 3 * self.market.heartbeat_interval)

@@ -20,8 +20,9 @@ previous read. What a stamp is, and why no row is skipped:
   commit in any order, so a plain "greater than the largest stamp read" would skip a row whose lower stamp
   commits after the read. Every transaction below ``xmin`` has ended, so it was visible to the read that
   followed it; every one at or above it is read again next time (a row may be read twice, never missed).
-- SQLite: a counter (``provider_feed``) bumped in the writing transaction. Writers are serialized by SQLite's
-  lock, so stamps commit in order; the watermark is the counter (plus one) read before the rows.
+- SQLite: one more than a counter (``provider_feed``) that a trigger moves up to each stamp written, in the
+  writing statement. Writers are serialized by SQLite's lock, so stamps commit in order; the watermark is the
+  counter (plus one) read before the rows.
 
 A heartbeat's ``last_seen`` alone is not stamped: which nodes are silent is decided from the rows themselves by
 the leader's `sweep`, whose status change is stamped (see gateway/provider_book.py for how the other gateways
@@ -33,7 +34,7 @@ and then, brings those.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from cocoon_faas.errors import AuthenticationError, NotFoundError
@@ -45,10 +46,14 @@ from .migrations import Migration, migrate
 
 
 def _feed(tx: Tx, db: Database) -> None:
-    """SQLite's change counter (PostgreSQL stamps with transaction ids instead)."""
+    """SQLite's change counter, which follows the highest stamp written (PostgreSQL stamps with transaction ids)."""
     if db.dialect == "sqlite":
         tx.execute("CREATE TABLE provider_feed (ver INTEGER NOT NULL)")
         tx.execute("INSERT INTO provider_feed VALUES (0)")
+        for event in ("INSERT", "UPDATE OF ver"):
+            tx.execute(f"CREATE TRIGGER provider_feed_{event.split()[0].lower()} AFTER {event} ON provider_nodes "
+                       "WHEN NEW.ver > (SELECT ver FROM provider_feed) BEGIN UPDATE provider_feed SET ver=NEW.ver; "
+                       "END")
 
 
 PROVIDER_MIGRATIONS = [
@@ -74,7 +79,7 @@ CREATE INDEX IF NOT EXISTS provider_nodes_by_ver ON provider_nodes (ver)
 LOAD_STEP = 0.25
 _PG_STAMP = "pg_current_xact_id()::text::bigint"
 _PG_WATERMARK = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
-_SQLITE_STAMP = "(SELECT ver FROM provider_feed)"
+_SQLITE_STAMP = "(SELECT ver + 1 FROM provider_feed)"
 
 _COLS = ("node_id, wallet, public_key, hardware, gpu_price, cpu_price, name, status, registered, last_seen, "
          "utilisation, attested, revivable, calls, earned")
@@ -138,11 +143,8 @@ class ProviderStore:
 
     def _stamped(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         """Run one write that stamps the rows it changes (``{ver}`` in ``sql``); returns its RETURNING rows."""
-        if self.db.dialect == "postgresql":
-            return self.db.query(sql.replace("{ver}", _PG_STAMP), args)
-        with self.db.transaction() as tx:
-            tx.execute("UPDATE provider_feed SET ver=ver+1")
-            return list(tx.execute(sql.replace("{ver}", _SQLITE_STAMP), args).fetchall())
+        return self.db.query(sql.replace("{ver}", _PG_STAMP if self.db.dialect == "postgresql" else _SQLITE_STAMP),
+                             args)
 
     def record(self, node_id: str) -> NodeRecord | None:
         rows = self.db.query(f"SELECT {_COLS} FROM provider_nodes WHERE node_id=?", (node_id,))
@@ -230,16 +232,16 @@ class ProviderStore:
             f"wallet_key=? AND status<>'{LEFT}' RETURNING {_COLS}", (wallet_key,))
         return [self._record(r) for r in rows]
 
-    def sweep(self, silent_before: float, expired_before: float, keep: Collection[str]) -> list[str]:
+    def sweep(self, silent_before: float, expired_before: float, keep: Callable[[str], bool]) -> list[str]:
         """Mark down every node whose last heartbeat (whichever gateway took it) is older than
-        ``silent_before``; forget down or left nodes not heard from since ``expired_before`` unless in ``keep``
-        (they still hold replicas). Returns the ids marked down. Run by one gateway (the leader)."""
+        ``silent_before``; forget down or left nodes not heard from since ``expired_before`` unless ``keep``
+        says they still hold replicas. Returns the ids marked down. Run by one gateway (the leader)."""
         down = [str(r[0]) for r in self._stamped(
             f"UPDATE provider_nodes SET status={_DOWN}, ver={{ver}} WHERE status IN ('{UP}','{DRAINING}') AND "
             "last_seen < ? RETURNING node_id", (silent_before,))]
         old = [str(r[0]) for r in self.db.query(
             f"SELECT node_id FROM provider_nodes WHERE status IN ('{DOWN}','{LEFT}') AND last_seen < ?",
-            (expired_before,)) if r[0] not in keep]
+            (expired_before,)) if not keep(r[0])]
         if old:
             with self.db.transaction() as tx:
                 tx.executemany(f"DELETE FROM provider_nodes WHERE node_id=? AND status IN ('{DOWN}','{LEFT}') "

@@ -171,12 +171,12 @@ def test_records_round_trip_and_expire(database: Any) -> None:
     rec = s.register(node, "0:abc", "h1", True, 100.0)
     assert (rec.node, rec.status, rec.registered, rec.attested, rec.revivable) == (node, UP, 100.0, True, True)
     assert s.records() == [rec]
-    assert s.sweep(silent_before=50.0, expired_before=0.0, keep=()) == []
-    assert s.sweep(silent_before=101.0, expired_before=0.0, keep=()) == ["n1"]
+    assert s.sweep(silent_before=50.0, expired_before=0.0, keep=lambda nid: False) == []
+    assert s.sweep(silent_before=101.0, expired_before=0.0, keep=lambda nid: False) == ["n1"]
     assert s.record("n1").status == DOWN  # type: ignore[union-attr]
-    s.sweep(silent_before=0.0, expired_before=200.0, keep={"n1"})  # still holds replicas: kept
+    s.sweep(silent_before=0.0, expired_before=200.0, keep={"n1"}.__contains__)  # still holds replicas: kept
     assert s.record("n1") is not None
-    s.sweep(silent_before=0.0, expired_before=200.0, keep=())
+    s.sweep(silent_before=0.0, expired_before=200.0, keep=lambda nid: False)
     assert s.record("n1") is None
     # the marketplace forgets it at the next refresh
     market = Marketplace(heartbeat_interval=1.0)
@@ -228,7 +228,8 @@ def test_a_read_returns_only_the_rows_changed_since_the_last(database: Any) -> N
 
     writer.revoke_wallet("0:4")
     writer.register(node(5), "0:5", token_hash("t5"), None, 107.0)
-    assert sorted(writer.sweep(silent_before=106.5, expired_before=0.0, keep=())) == ["n0", "n1", "n2", "n3"]
+    down = writer.sweep(silent_before=106.5, expired_before=0.0, keep=lambda nid: False)
+    assert sorted(down) == ["n0", "n1", "n2", "n3"]
     recs, _ = reader.changes()
     assert [(r.node.node_id, r.status) for r in recs] == [("n0", DOWN), ("n1", LEFT), ("n2", DOWN),
                                                           ("n3", DOWN), ("n4", DOWN), ("n5", UP)]
