@@ -74,6 +74,35 @@ class NodeRecord:
     revivable: bool = True
     calls: int = 0
     earned: int = 0
+    rep_calls: float = 0.0  # every gateway's call outcomes, decayed per call (see Usage): the shared reputation
+    rep_ok: float = 0.0
+    rep_latency: float = 0.0
+
+    @property
+    def success(self) -> float:
+        """Smoothed as `Reputation.success` (two virtual successes)."""
+        return (self.rep_ok + 2) / (self.rep_calls + 2)
+
+    @property
+    def mean_latency(self) -> float:
+        return max(0.0, self.rep_latency / self.rep_calls) if self.rep_calls > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one gateway counted on a node since it last stored it: calls and earnings (nanoton), and how many
+    of those calls succeeded and their summed latency. The store folds the outcomes into the node's shared
+    reputation as an average over about the last ``window`` calls on any gateway: before adding n outcomes the
+    sums are scaled by (1 - 1/window)**n."""
+
+    calls: int = 0
+    earned: int = 0
+    ok: int = 0
+    latency_s: float = 0.0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(self.calls + other.calls, self.earned + other.earned, self.ok + other.ok,
+                     self.latency_s + other.latency_s)
 
 
 @dataclass(frozen=True)

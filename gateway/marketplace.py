@@ -25,8 +25,10 @@ decides silence from whichever gateway took the heartbeats.
 
 Shared state: with a store (gateway/provider_book.py) the node records — registration, status, last heartbeat,
 load, attestation, calls and earnings — live in the database every gateway shares, and this object is one gateway's
-cache of them, refreshed by :meth:`Marketplace.apply`. Reputation (success rate, latency, in-flight calls) stays what
-this gateway observed. Only a deciding gateway (``decides``: the leader) turns a drained node *left* by itself.
+cache of them, refreshed by :meth:`Marketplace.apply`. So is reputation: success rate and latency rank a node by
+every gateway's outcomes as last read (each adds its own once per refresh; see ``Usage``) with this gateway's
+newer ones folded in; in-flight calls stay what this gateway has. Only a deciding gateway (``decides``: the
+leader) turns a drained node *left* by itself.
 
 Single event loop use is assumed for reads; mutations take a lock so a controller thread may call in too.
 """
@@ -53,6 +55,7 @@ from cocoon_faas.gateway.market_nodes import (
     NodeRecord,
     ProviderView,
     Reputation,
+    Usage,
     claims_problem,
     pin,
 )
@@ -83,16 +86,33 @@ class _State:
     lost_at: float = -math.inf  # when a replica on it last died unexpectedly (the node may be dying)
     excluded: str | None = None  # why it takes no replicas although up (its Ray node contradicts its claims)
     registered: float = 0.0  # the shared record's registration time (0: registered here, no store)
-    new_calls: int = 0  # calls and earnings counted here and not yet added to the shared record
-    new_earned: int = 0
+    new: Usage = Usage()  # calls, earnings and outcomes counted here and not yet added to the shared record
+    shared: tuple[float, float, float] | None = None  # every gateway's (calls, ok, latency) as last read (Usage)
+
+    def _outcomes(self) -> tuple[float, float, float]:
+        """(calls, successes, latency) that rank the node: with a store, every gateway's shared figures with
+        this gateway's outcomes not yet stored folded in the same way (see Usage); alone, this gateway's window.
+        A node failing on any gateway is demoted on all, one failing here at once."""
+        if self.shared is None:
+            return len(self.rep.calls), self.rep.ok, self.rep.latency
+        keep = (1.0 - 1.0 / max(1, self.rep.size)) ** self.new.calls
+        calls, ok, latency = self.shared
+        return calls * keep + self.new.calls, ok * keep + self.new.ok, latency * keep + self.new.latency_s
+
+    def success(self) -> float:
+        calls, ok, _ = self._outcomes()
+        return (ok + 2) / (calls + 2)  # smoothed as Reputation.success
+
+    def mean_latency(self) -> float:
+        calls, _, latency = self._outcomes()
+        return max(0.0, latency / calls) if calls > 0 else 0.0
 
     def load(self) -> float:
         slots = self.node.hardware.gpu_count or max(1, self.node.hardware.cpus)
         return self.utilisation + self.inflight / slots
 
     def score(self, rate: int) -> float:
-        rep = self.rep
-        return (rate + 1) * (1.0 + self.load()) * (1.0 + rep.mean_latency) / (rep.success ** 2)
+        return (rate + 1) * (1.0 + self.load()) * (1.0 + self.mean_latency()) / (self.success() ** 2)
 
 
 class Marketplace:
@@ -272,7 +292,8 @@ class Marketplace:
             st.node, st.status, st.registered, st.revivable = rec.node, rec.status, rec.registered, rec.revivable
             st.last_seen = self._clock() - max(0.0, now - rec.last_seen)
             st.utilisation, st.attested = max(0.0, rec.utilisation), rec.attested
-            st.calls, st.earned = rec.calls + st.new_calls, rec.earned + st.new_earned
+            st.calls, st.earned = rec.calls + st.new.calls, rec.earned + st.new.earned
+            st.shared = (rec.rep_calls, rec.rep_ok, rec.rep_latency)
             if changed:
                 self._invalidate()
         if kind is not None:
@@ -294,26 +315,25 @@ class Marketplace:
         for st in [st for st in self._nodes.values() if st.status == DRAINING]:
             self._maybe_left(st)
 
-    def take_usage(self) -> dict[str, tuple[int, int]]:
-        """Calls and earnings counted here since the last take, per node (to add to the shared record)."""
+    def take_usage(self) -> dict[str, Usage]:
+        """Calls, earnings and outcomes counted here since the last take, per node (to add to the shared
+        record)."""
         out = {}
         with self._lock:
             used, self._used = self._used, set()
             for nid in used:
                 st = self._nodes.get(nid)
-                if st is not None and (st.new_calls or st.new_earned):
-                    out[nid] = (st.new_calls, st.new_earned)
-                    st.new_calls = st.new_earned = 0
+                if st is not None and st.new != Usage():
+                    out[nid], st.new = st.new, Usage()
         return out
 
-    def give_back_usage(self, usage: dict[str, tuple[int, int]]) -> None:
+    def give_back_usage(self, usage: dict[str, Usage]) -> None:
         """Undo :meth:`take_usage` for figures that could not be stored (they are added next time)."""
         with self._lock:
-            for nid, (calls, earned) in usage.items():
+            for nid, u in usage.items():
                 st = self._nodes.get(nid)
                 if st is not None:
-                    st.new_calls += calls
-                    st.new_earned += earned
+                    st.new += u
                     self._used.add(nid)
 
     def holds(self, node_id: str) -> bool:
@@ -506,9 +526,10 @@ class Marketplace:
         st = self._nodes.get(node_id)
         if st is None:
             return
-        st.rep.add(bool(ok), max(0.0, float(latency_s)))
+        latency_s = max(0.0, float(latency_s))
+        st.rep.add(bool(ok), latency_s)
         st.calls += 1
-        st.new_calls += 1
+        st.new += Usage(1, 0, int(bool(ok)), latency_s)
         self._used.add(node_id)
         if finished and st.inflight:
             st.inflight -= 1
@@ -519,7 +540,7 @@ class Marketplace:
         st = self._state(node_id)
         amount = st.node.charge(req, duration_ns)
         st.earned += amount
-        st.new_earned += amount
+        st.new += Usage(earned=amount)
         self._used.add(node_id)
         return amount
 
@@ -546,8 +567,8 @@ class Marketplace:
         return ProviderView(
             n.node_id, n.name, n.wallet, n.hardware, n.gpu_price, n.cpu_price, st.status,
             self.routable(n.node_id, now), round(st.load(), 4), st.inflight,
-            sum(self._by_node.get(n.node_id, {}).values()), round(st.rep.success if st.rep.calls else 1.0, 4),
-            round(st.rep.mean_latency, 6), st.calls, st.earned, round(now - st.last_seen, 3), st.attested,
+            sum(self._by_node.get(n.node_id, {}).values()), round(st.success(), 4),
+            round(st.mean_latency(), 6), st.calls, st.earned, round(now - st.last_seen, 3), st.attested,
             dict(self._by_node.get(n.node_id, {})), self._ray_ids.get(n.node_id), st.excluded)
 
     def _fitting(self, req: Requirements) -> list[str]:

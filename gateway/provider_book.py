@@ -37,7 +37,7 @@ from cocoon_faas.errors import NotFoundError
 from cocoon_faas.runtime.registration import MAX_SKEW_S
 
 from .db import SqliteDatabase
-from .market_nodes import DOWN, LEFT, MarketEvent, Node, NodeRecord
+from .market_nodes import DOWN, LEFT, MarketEvent, Node, NodeRecord, Usage
 from .marketplace import Marketplace
 from .provider_store import ProviderStore
 
@@ -156,14 +156,14 @@ class ProviderBook:
         if leading:
             self.market.finish_leaves()
 
-    def _exchange(self, changed: dict[str, tuple[str, bool, float]], usage: dict[str, tuple[int, int]],
+    def _exchange(self, changed: dict[str, tuple[str, bool, float]], usage: dict[str, Usage],
                   leading: bool, full: bool) -> tuple[list[NodeRecord], bool, float]:
         """Off the event loop: write what this gateway decided, sweep when leading, read the changed records."""
         for nid, (status, revivable, registered) in changed.items():
             if not self.store.mark(nid, registered, status, revivable):
                 self._applied.pop(nid, None)  # the store disagrees: take its record again even if unchanged
         if usage:
-            self.store.add_usage(usage.items())
+            self.store.add_usage(usage.items(), self.market.window)
         now = self.clock()
         if leading:
             silent = now - 3 * self.market.heartbeat_interval

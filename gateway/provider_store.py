@@ -10,6 +10,10 @@ another gateway is refused like one replayed to the same gateway.
 
 Versioned as the ``providers`` component (gateway/migrations.py) on SQLite and PostgreSQL alike.
 
+Reputation is shared here too: each gateway adds the outcomes of its calls on a node (how many, how many
+succeeded, their latency) once per refresh (`add_usage`), decayed to an average over about the last 100 calls on
+any gateway, so a node that fails on one gateway is demoted on all.
+
 Incremental reads. Every write that matters for routing or placement stamps the rows it changes with a change
 stamp ``ver`` (registration, status, revivability, attestation, a heartbeat that revives a node or moves its load
 by `LOAD_STEP` or more); `changes` then reads only rows stamped at or after a *watermark* taken before the
@@ -26,7 +30,8 @@ previous read. What a stamp is, and why no row is skipped:
 
 A heartbeat's ``last_seen`` alone is not stamped: which nodes are silent is decided from the rows themselves by
 the leader's `sweep`, whose status change is stamped (see gateway/provider_book.py for how the other gateways
-count a node as heard from). Nor are the call and earning totals (`add_usage`: shown, not routed on), nor the
+count a node as heard from). Nor are the call and earning totals (`add_usage`: shown, not routed on; only a move
+of the shared success rate by `SUCCESS_STEP` is stamped), nor the
 deletion of long-expired down or left rows: a *full* read (every row; `records`), which each gateway makes now
 and then, brings those.
 """
@@ -41,7 +46,7 @@ from cocoon_faas.errors import AuthenticationError, NotFoundError
 from cocoon_faas.runtime.hardware import Hardware
 
 from .db import Database, IntegrityError, Tx
-from .market_nodes import DOWN, DRAINING, LEFT, UP, Node, NodeRecord
+from .market_nodes import DOWN, DRAINING, LEFT, UP, Node, NodeRecord, Usage
 from .migrations import Migration, migrate
 
 
@@ -73,16 +78,26 @@ ALTER TABLE provider_nodes ADD COLUMN ver INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE provider_nodes ADD COLUMN shared_load REAL NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS provider_nodes_by_ver ON provider_nodes (ver)
 """, step=_feed),
+    Migration(3, "provider nodes: the reputation every gateway shares", """
+ALTER TABLE provider_nodes ADD COLUMN rep_calls REAL NOT NULL DEFAULT 0;
+ALTER TABLE provider_nodes ADD COLUMN rep_ok REAL NOT NULL DEFAULT 0;
+ALTER TABLE provider_nodes ADD COLUMN rep_latency REAL NOT NULL DEFAULT 0;
+ALTER TABLE provider_nodes ADD COLUMN rep_stamped REAL NOT NULL DEFAULT 1
+"""),
 ]
 
 # a heartbeat whose load moved this far from the load last stamped is stamped (ranking weighs 1 + load)
 LOAD_STEP = 0.25
+# stored outcomes that move a node's shared success rate this far from the rate last stamped are stamped
+# (ranking divides by success squared: 0.1 below 1.0 is a fifth worse)
+SUCCESS_STEP = 0.1
+_SUCCESS = "(rep_ok + 2) / (rep_calls + 2)"  # as Reputation.success
 _PG_STAMP = "pg_current_xact_id()::text::bigint"
 _PG_WATERMARK = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 _SQLITE_STAMP = "(SELECT ver + 1 FROM provider_feed)"
 
 _COLS = ("node_id, wallet, public_key, hardware, gpu_price, cpu_price, name, status, registered, last_seen, "
-         "utilisation, attested, revivable, calls, earned")
+         "utilisation, attested, revivable, calls, earned, rep_calls, rep_ok, rep_latency")
 # a node that dies while draining has left; otherwise it is down
 _DOWN = f"CASE WHEN status='{DRAINING}' THEN '{LEFT}' ELSE '{DOWN}' END"
 _STATUSES = (UP, DOWN, DRAINING, LEFT)
@@ -108,7 +123,7 @@ class ProviderStore:
         status = str(r[7]) if r[7] in _STATUSES else DOWN  # a value this release does not know routes nothing
         return NodeRecord(Node(r[0], r[1], r[2], hw, int(r[4]), int(r[5]), r[6]), status, float(r[8]),
                           float(r[9]), float(r[10]), None if r[11] is None else bool(r[11]), bool(r[12]),
-                          int(r[13]), int(r[14]))
+                          int(r[13]), int(r[14]), float(r[15]), float(r[16]), float(r[17]))
 
     def _cached(self, r: tuple[Any, ...]) -> NodeRecord:
         """A row unchanged since the last read gives the very same record object (a refresh skips it)."""
@@ -248,9 +263,19 @@ class ProviderStore:
                                "AND last_seen < ?", [(nid, expired_before) for nid in old])
         return down
 
-    def add_usage(self, usage: Iterable[tuple[str, tuple[int, int]]]) -> None:
-        """Add calls and earnings counted by one gateway to the nodes' shared totals (not stamped: the other
-        gateways see them at their next full read)."""
+    def add_usage(self, usage: Iterable[tuple[str, Usage]], window: int = 100) -> None:
+        """Add what one gateway counted (one batch per refresh, not a write per call) to the nodes' shared totals
+        and reputation (see `Usage`). Stamped only where the shared success rate moved `SUCCESS_STEP` from the
+        rate last stamped (totals alone reach the other gateways at their next full read)."""
+        usage = list(usage)
+        keep = 1.0 - 1.0 / max(1, window)
+        stamp = _PG_STAMP if self.db.dialect == "postgresql" else _SQLITE_STAMP
         with self.db.transaction() as tx:
-            tx.executemany("UPDATE provider_nodes SET calls=calls+?, earned=earned+? WHERE node_id=?",
-                           [(calls, earned, nid) for nid, (calls, earned) in usage])
+            tx.executemany(
+                "UPDATE provider_nodes SET calls=calls+?, earned=earned+?, rep_calls=rep_calls*?+?, "
+                "rep_ok=rep_ok*?+?, rep_latency=rep_latency*?+? WHERE node_id=?",
+                [(u.calls, u.earned, keep ** u.calls, u.calls, keep ** u.calls, u.ok, keep ** u.calls,
+                  u.latency_s, nid) for nid, u in usage])
+            tx.executemany(
+                f"UPDATE provider_nodes SET ver={stamp}, rep_stamped={_SUCCESS} WHERE node_id=? AND "
+                f"ABS({_SUCCESS} - rep_stamped) >= {SUCCESS_STEP}", [(nid,) for nid, u in usage if u.calls])

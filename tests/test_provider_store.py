@@ -19,6 +19,7 @@ from starlette.testclient import TestClient
 
 from cocoon_faas.gateway.admission import OPEN, Admission
 from cocoon_faas.gateway.db import open_database
+from cocoon_faas.gateway.market_nodes import Usage
 from cocoon_faas.gateway.marketplace import DOWN, DRAINING, LEFT, UP, Marketplace, Node, Requirements
 from cocoon_faas.gateway.migrations import migrate, schema_version
 from cocoon_faas.gateway.provider_book import ProviderBook, token_hash
@@ -218,8 +219,11 @@ def test_a_read_returns_only_the_rows_changed_since_the_last(database: Any) -> N
     recs, _ = reader.changes()
     assert [(r.node.node_id, r.status, r.utilisation) for r in recs] == [("n2", UP, LOAD_STEP + 0.01),
                                                                         ("n3", UP, 0.0)]
-    writer.add_usage([("n4", (3, 30))])  # totals are not stamped either
+    writer.add_usage([("n4", Usage(3, 30, ok=3, latency_s=0.3))])  # totals are not stamped either …
     assert reader.changes() == ([], False)
+    writer.add_usage([("n1", Usage(3, 0, ok=0, latency_s=3.0))])  # … failures that move the success rate are
+    recs, _ = reader.changes()
+    assert [(r.node.node_id, r.success, r.mean_latency) for r in recs] == [("n1", 2 / 5, 1.0)]
 
     recs, full = reader.changes(full=True)  # the full read brings what was left out
     by_id = {r.node.node_id: r for r in recs}
@@ -340,6 +344,45 @@ def test_the_full_read_forgets_expired_rows_and_runs_on_its_cadence(pair: Any) -
     assert b.market.node(other).gpu_price == 500_000
     b.refresh(full=True)
     assert b.market.node(other).gpu_price == 7
+
+
+def test_a_node_failing_on_one_gateway_is_demoted_on_all(pair: Any) -> None:
+    a, b, clock = pair
+    keys = [PrivateKey.generate() for _ in range(2)]
+    bad, good = (a.http.post("/v1/providers", json=signed(k, name=n)).json()["node_id"]
+                 for k, n in zip(keys, ("bad", "good"), strict=True))
+    req = Requirements.parse("H100:1")
+    for g in (a, b):
+        g.refresh()
+        for nid in (bad, good):
+            g.market.assign("f", nid, req)
+    for _ in range(20):  # its calls fail on A
+        a.market.record_result(bad, False, 0.5)
+        a.market.record_result(good, True, 0.01)
+    store = a.book.store
+    assert store.record(bad).rep_calls == 0  # type: ignore[union-attr]  # no write per call …
+    a.refresh()  # … one batch per refresh
+    shared = store.record(bad)
+    assert shared is not None and (shared.rep_calls, shared.rep_ok, shared.calls) == (20, 0, 20)
+    b.refresh()  # an incremental read: the success rate moved, so the row was stamped
+    assert b.market.view(bad).success_rate == round(2 / 22, 4) and b.market.view(bad).mean_latency_s == 0.5
+    assert {b.market.route("f") for _ in range(10)} == {good}  # B has seen no failure itself
+    assert b.market.view(good).success_rate == 1.0
+
+    for _ in range(200):  # it recovers, on B this time: the older outcomes fade (about the last 100 calls count)
+        b.market.record_result(bad, True, 0.01)
+    b.refresh()
+    a.refresh()
+    view = a.market.view(bad)
+    assert 0.95 < view.success_rate < 1.0 and view.mean_latency_s < 0.05
+    # joining again does not wash a reputation away
+    for _ in range(50):
+        a.market.record_result(good, False, 0.5)
+    a.refresh()
+    assert a.market.view(good).success_rate < 0.5
+    assert a.http.post("/v1/providers", json=signed(keys[1], name="good")).status_code == 201
+    b.refresh()
+    assert b.market.view(good).success_rate == a.market.view(good).success_rate < 0.5
 
 
 def test_a_stamp_that_commits_after_a_higher_one_is_not_lost(pg_cluster: Any) -> None:
