@@ -310,9 +310,11 @@ class Marketplace:
             self._invalidate()
         return True
 
-    def finish_leaves(self) -> None:
-        """Draining nodes with nothing left on them leave (a deciding gateway; see ``decides``)."""
-        for st in [st for st in self._nodes.values() if st.status == DRAINING]:
+    def finish_leaves(self, node_ids: Iterable[str] | None = None) -> None:
+        """Draining nodes (of ``node_ids``, or all) with nothing left on them leave (a deciding gateway; see
+        ``decides``)."""
+        states = self._nodes.values() if node_ids is None else [self._nodes.get(nid) for nid in node_ids]
+        for st in [st for st in states if st is not None and st.status == DRAINING]:
             self._maybe_left(st)
 
     def take_usage(self) -> dict[str, Usage]:

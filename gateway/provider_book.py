@@ -100,7 +100,7 @@ class ProviderBook:
         nid = rec.node.node_id
         self._touched[nid] = time.monotonic()
         self._apply([rec], self.clock())
-        self.market.finish_leaves()
+        self.market.finish_leaves([nid])  # (this node only: a pass over every node per heartbeat adds up)
         try:
             return self.market.status(nid)
         except NotFoundError:  # a record of a node that has left and was never seen here

@@ -23,7 +23,8 @@ previous read. What a stamp is, and why no row is skipped:
   snapshot, the oldest transaction still running then. Transaction ids are handed out at the first write but
   commit in any order, so a plain "greater than the largest stamp read" would skip a row whose lower stamp
   commits after the read. Every transaction below ``xmin`` has ended, so it was visible to the read that
-  followed it; every one at or above it is read again next time (a row may be read twice, never missed).
+  followed it; every one at or above it is read again next time (a row may be read twice, never missed). A
+  long transaction anywhere on the server holds ``xmin`` back: reads then grow toward a full one until it ends.
 - SQLite: one more than a counter (``provider_feed``) that a trigger moves up to each stamp written, in the
   writing statement. Writers are serialized by SQLite's lock, so stamps commit in order; the watermark is the
   counter (plus one) read before the rows.
@@ -204,11 +205,16 @@ class ProviderStore:
         load = max(0.0, load)
         revives = f"status='{DOWN}' AND revivable=1"
         stamp = f"({revives} OR ABS(shared_load - ?) >= {LOAD_STEP})"
-        rows = self._stamped(
-            f"UPDATE provider_nodes SET last_seen=?, utilisation=?, status=CASE WHEN {revives} THEN '{UP}' ELSE "
-            f"status END, ver=CASE WHEN {stamp} THEN {{ver}} ELSE ver END, shared_load=CASE WHEN {stamp} THEN ? "
-            f"ELSE shared_load END WHERE node_id=? AND token_hash=? AND status<>'{LEFT}' RETURNING {_COLS}",
-            (now, load, load, load, load, node_id, token_hash))
+        where = f"WHERE node_id=? AND token_hash=? AND status<>'{LEFT}'"
+        # most heartbeats change nothing routing uses: they touch neither the stamp, its index nor (SQLite) the
+        # trigger; the others take the stamped statement
+        rows = self.db.query(f"UPDATE provider_nodes SET last_seen=?, utilisation=? {where} AND NOT {stamp} "
+                             f"RETURNING {_COLS}", (now, load, node_id, token_hash, load))
+        if not rows:  # (or a refused token: this matches nothing either)
+            rows = self._stamped(
+                f"UPDATE provider_nodes SET last_seen=?, utilisation=?, status=CASE WHEN {revives} THEN '{UP}' "
+                f"ELSE status END, ver={{ver}}, shared_load=? {where} RETURNING {_COLS}",
+                (now, load, load, node_id, token_hash))
         return self._record(rows[0]) if rows else self._refused(node_id, token_hash)
 
     def leave(self, node_id: str, token_hash: str) -> NodeRecord:
