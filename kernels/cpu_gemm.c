@@ -10,8 +10,9 @@
  * No int16 pair can saturate: |q_x| <= 127, |q_w| <= 128 (Q8_0; the sign trick below feeds |q_w| as unsigned) or
  * q_w <= 15 (Q4), so a pair is at most 2 * 128 * 127 = 32512 < 32767.
  *
- * Each weight row is read once per call and used for every row of x (tiles of 4 rows share each loaded block), so
- * a decode step of 8 sequences reads the weights once. Output columns are split over a small pool of threads
+ * Each weight row is read once per call and used for every row of x (tiles of 4 rows x 2 columns share each loaded
+ * block), so a decode step of 8 sequences reads the weights once, and a prefill chunk of 256 rows is compute-bound
+ * (round 5: ~40 GMAC/s per core at M=256). Output columns are split over a small pool of threads
  * (`cg_set_threads`): workers spin briefly between calls and then sleep on a condition variable, so an idle
  * engine costs no CPU.
  *
@@ -19,14 +20,11 @@
  * before calling. Scales arrive as fp32 (widened from the file's fp16 once at load: converting in registers
  * cost more than the bytes it saved).
  */
-#include <immintrin.h>
-#include <math.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+
+#include "cpu_kernels.h"
 
 #define QB 32
 #define MAX_THREADS 16
@@ -34,13 +32,6 @@
 #define SPINS 8000
 
 /* ---- activations: fp32 rows -> int8 blocks ------------------------------------------------------------------ */
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 static inline float hmax(__m256 v) {
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -267,7 +258,6 @@ static pthread_t workers[MAX_THREADS];
 static int started = 0;
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
-typedef void (*task_fn)(const void *arg, int part, int parts);
 /* The current task: `parts` chunks that every thread (the caller included) claims one at a time until none is
  * left, so a worker the kernel has descheduled (other processes on the cores) delays only the chunk it holds:
  * the caller takes the rest itself instead of waiting for a fixed share. `claims` packs (generation << 32 |
@@ -348,12 +338,14 @@ int cg_set_threads(int n) {
     return pool_size;
 }
 
+int cg_pool_threads(void) { return pool_size; }
+
 /* Run fn(arg, part, parts) for every part in [0, parts), on the pool's threads and the caller's. One caller at a time
  * per process uses the pool; a second caller (another Python thread) runs every part itself. */
 static atomic_flag pool_busy = ATOMIC_FLAG_INIT;
 static uint32_t last_gen = 0;
 
-static void pool_run(task_fn fn, const void *arg, int parts) {
+void cg_pool_run(task_fn fn, const void *arg, int parts) {
     if (parts <= 1 || pool_size <= 1 || atomic_flag_test_and_set(&pool_busy)) {
         for (int p = 0; p < parts; p++) fn(arg, p, parts);
         return;
@@ -385,25 +377,22 @@ typedef struct {
     int64_t n, k;
 } weight;
 
-/* A per-thread buffer of at least `need` bytes (64-byte aligned), grown as needed, never shrunk; NULL when out of
- * memory. */
+/* per calling thread: the int8 rows of x and their scales; the layer tail's and the decode layer's intermediates */
+static _Thread_local buffer scratch, tail_buf, layer_buf;
+
 typedef struct {
-    void *p;
-    size_t size;
-} buffer;
+    const float *x;
+    int64_t ldx, k, m;
+    int8_t *xq;
+    float *xd, *xs;
+} quant_job;
 
-static void *grow(buffer *b, size_t need) {
-    if (need > b->size) {
-        free(b->p);
-        b->p = aligned_alloc(64, (need + 63) / 64 * 64);
-        b->size = b->p ? need : 0;
-    }
-    return b->p;
+static void quantize_part(const void *arg, int part, int parts) {
+    const quant_job *q = (const quant_job *)arg;
+    const int64_t nb = q->k / QB;
+    for (int64_t i = q->m * part / parts; i < q->m * (part + 1) / parts; i++)
+        quantize_row(q->x + i * q->ldx, q->k, q->xq + i * q->k, q->xd + i * nb, q->xs + i * nb);
 }
-
-/* per calling thread: the int8 rows of x and their scales; the layer tail's and the decode layer's intermediates;
- * per pool thread: attention scores */
-static _Thread_local buffer scratch, tail_buf, layer_buf, attn_buf, tiles_buf;
 
 static int gemm_run(const weight *w, const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy) {
     const int64_t n = w->n, k = w->k;
@@ -415,7 +404,9 @@ static int gemm_run(const weight *w, const float *x, int64_t m, int64_t ldx, flo
     if (!xq) return -2;
     float *xd = (float *)(xq + ((m * k + 63) / 64) * 64);
     float *xs = xd + m * nb, *xp = xs + m * nb;
-    for (int64_t i = 0; i < m; i++) quantize_row(x + i * ldx, k, xq + i * k, xd + i * nb, xs + i * nb);
+    quant_job qj = {x, ldx, k, m, xq, xd, xs};
+    /* many rows (a prefill chunk): quantized on every thread, not on the caller's alone */
+    cg_pool_run(quantize_part, &qj, pool_size > 1 && m >= 32 ? 2 * pool_size : 1);
     if (w->q4)
         for (int64_t p = 0; p < pairs; p++)
             for (int64_t b = 0; b < nb; b++) {
@@ -426,7 +417,7 @@ static int gemm_run(const weight *w, const float *x, int64_t m, int64_t ldx, flo
     gemm_job j = {w->q4, w->qs, w->d, w->m, n, k, xq, xd, xs, xp, m, y, ldy};
     /* chunks of at least 64 columns, four per thread: a late thread costs a quarter of its share */
     int64_t chunks = n / 64 < 4 * pool_size ? n / 64 : 4 * pool_size;
-    pool_run(gemm_part, &j, pool_size > 1 && chunks > 1 ? (int)chunks : 1);
+    cg_pool_run(gemm_part, &j, pool_size > 1 && chunks > 1 ? (int)chunks : 1);
     return 0;
 }
 
@@ -434,6 +425,16 @@ int cg_gemm(int q4, const void *qs, const float *wd, const float *wm, int64_t n,
             const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy) {
     weight w = {q4, qs, wd, wm, n, k};
     return gemm_run(&w, x, m, ldx, y, ldy);
+}
+
+/* dst[c] = silu(g[c]) u[c] = g[c] / (1 + e^-g[c]) u[c], eight at a time (n is a multiple of 32: a GEMM's K) */
+static void silu_mul(const float *g, const float *u, int64_t n, float *dst) {
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    for (int64_t c = 0; c < n; c += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + c);
+        const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, exp8(_mm256_xor_ps(gv, sign))));
+        _mm256_storeu_ps(dst + c, _mm256_mul_ps(s, _mm256_loadu_ps(u + c)));
+    }
 }
 
 /* x[row] = h[row] * rsqrt(mean(h[row]^2) + eps) * g */
@@ -456,6 +457,7 @@ int cg_layer_tail(const weight *o, const weight *gu, const weight *down, const f
                   float eps, float *h, const float *a, int64_t m, float *out) {
     const int64_t hidden = o->n, inter = down->k;
     if (gu->k != hidden || gu->n != 2 * inter || down->n != hidden) return -3;
+    if (inter % QB) return -1;
     if (m <= 0) return 0;
     float *t = grow(&tail_buf, (size_t)(m * (hidden + 3 * inter)) * sizeof(float));
     if (!t) return -2;
@@ -465,252 +467,10 @@ int cg_layer_tail(const weight *o, const weight *gu, const weight *down, const f
     for (int64_t i = 0; i < m * hidden; i++) h[i] += t[i];
     rms_norm_rows(h, m, hidden, ln_ffn, eps, out);
     if ((rc = gemm_run(gu, out, m, hidden, gub, 2 * inter))) return rc;
-    for (int64_t i = 0; i < m; i++) {
-        const float *gr = gub + i * 2 * inter, *ur = gr + inter;
-        float *dst = g + i * inter;
-        for (int64_t c = 0; c < inter; c++) dst[c] = gr[c] / (1.0f + expf(-gr[c])) * ur[c];
-    }
+    for (int64_t i = 0; i < m; i++) silu_mul(gub + i * 2 * inter, gub + i * 2 * inter + inter, inter, g + i * inter);
     if ((rc = gemm_run(down, g, m, inter, t, hidden))) return rc;
     for (int64_t i = 0; i < m * hidden; i++) h[i] += t[i];
     rms_norm_rows(h, m, hidden, ln_next, eps, out);
-    return 0;
-}
-
-/* ---- decode attention over the paged KV cache ------------------------------------------------------------------- */
-
-/* each query head of each row against that row's own positions only, so a row's result does not depend on the
- * other rows of the batch (no padding, no mask). A unit of work is one row and one KV head with the query heads
- * that share it (GQA), so each block of keys is read from memory once for all of them.
- *
- * The arithmetic of every (row, head) is fixed, whatever the other rows, heads or lengths (d a multiple of 8; other
- * head dims take the scalar path of `attend_scalar`, just as fixed):
- *   score[l] = hsum8(sum over c-chunks of q[c:c+8] * k_l[c:c+8], fma in chunk order) * scale  (hsum8: fixed tree)
- *   p[l] = exp8(score[l] - max), sum = tree-sum of 8 lane sums (lane = l mod 8, l ascending)
- *   out[c] = (sum over l ascending of p[l] v_l[c], fma) * (1 / sum)
- * Keys go in blocks of 8 (their sums reduced together: 9 shuffles for 8 scores instead of 8 x 5) and values in
- * blocks of KB rows (read once per block for every head of the group). */
-#define KB 64
-#define RT 8  /* rows per attention tile */
-
-/* 8 accumulators -> one vector of their horizontal sums, each the same tree ((0+1)+(2+3))+((4+5)+(6+7)) */
-static inline __m256 hsum8x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6,
-                             __m256 a7) {
-    __m256 t0 = _mm256_hadd_ps(a0, a1), t1 = _mm256_hadd_ps(a2, a3);
-    __m256 t2 = _mm256_hadd_ps(a4, a5), t3 = _mm256_hadd_ps(a6, a7);
-    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-    /* u0 = [s0 s1 s2 s3 | s0' s1' s2' s3'] (low and high halves of a0..a3), likewise u1 for a4..a7 */
-    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
-
-/* e^x for x <= 0 (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, degree-5 polynomial, 2^n in the exponent), to about
- * 2 ulp; below -87 it is 0 */
-static inline __m256 exp8(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.0f);
-    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_max_ps(x, lo);
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
-}
-
-/* scores of one query head q[d] against 8 keys (rows kr[0..7] of d floats), scaled */
-static inline __m256 scores8(const float *q, const float *const kr[8], int64_t d, __m256 scale) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-    for (int64_t c = 0; c < d; c += 8) {
-        __m256 qv = _mm256_loadu_ps(q + c);
-        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr[0] + c), a0);
-        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr[1] + c), a1);
-        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr[2] + c), a2);
-        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr[3] + c), a3);
-        a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr[4] + c), a4);
-        a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr[5] + c), a5);
-        a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr[6] + c), a6);
-        a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr[7] + c), a7);
-    }
-    return _mm256_mul_ps(hsum8x8(a0, a1, a2, a3, a4, a5, a6, a7), scale);
-}
-
-/* out[0:8w] += sum over the block's keys of p[l] v_l[c0:c0+8w], l ascending (w vectors of 8 in registers) */
-static inline __attribute__((always_inline)) void pv_block(const float *p, const float *const *vr, int64_t nl,
-                                                           int64_t c0, int w, float *o) {
-    __m256 acc[8];
-    for (int i = 0; i < w; i++) acc[i] = _mm256_loadu_ps(o + c0 + 8 * i);
-    for (int64_t l = 0; l < nl; l++) {
-        __m256 pl = _mm256_broadcast_ss(p + l);
-        for (int i = 0; i < w; i++) acc[i] = _mm256_fmadd_ps(pl, _mm256_loadu_ps(vr[l] + c0 + 8 * i), acc[i]);
-    }
-    for (int i = 0; i < w; i++) _mm256_storeu_ps(o + c0 + 8 * i, acc[i]);
-}
-
-typedef struct {
-    const float *q;        /* [nd, heads, d], row stride ldq */
-    int64_t ldq;
-    const float *kc, *vc;  /* [slots, kv_heads, d] */
-    const int64_t *idx;    /* [nd, ld_idx]: the cache slot of each position of each row */
-    int64_t ld_idx;
-    const int64_t *lens;   /* [nd] */
-    int64_t nd, heads, kv_heads, d, longest;
-    float scale;
-    float *out;            /* [nd, heads * d] */
-    const int64_t *tiles;  /* [ntiles + 1]: tile t is rows [tiles[t], tiles[t + 1]), which share one slot list */
-    int64_t ntiles;
-} attn_job;
-
-static int64_t attn_stride(const attn_job *j) { return (j->longest + 7) / 8 * 8; }
-
-/* The rows [r0, r0 + nr) (one slot list: the rows of one prefill chunk, or a decode row alone) with the query heads
- * of KV head g, d a multiple of 8. Each block of 8 keys and of KB values is read once for every row and head of the
- * tile (from the L1 cache), not once per row from further out. p: nr * group * (stride + 1) floats. */
-static void attend_vec(const attn_job *j, int64_t r0, int64_t nr, int64_t g, float *p) {
-    const int64_t group = j->heads / j->kv_heads, d = j->d, stride = attn_stride(j), units = nr * group;
-    const int64_t *slots = j->idx + r0 * j->ld_idx;
-    const __m256 scale = _mm256_set1_ps(j->scale), minf = _mm256_set1_ps(-INFINITY);
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    int64_t lmax = 0;
-    for (int64_t i = 0; i < nr; i++) lmax = j->lens[r0 + i] > lmax ? j->lens[r0 + i] : lmax;
-    const float *kr[8];
-    for (int64_t l0 = 0; l0 < lmax; l0 += 8) {
-        for (int i = 0; i < 8; i++) kr[i] = j->kc + (slots[l0 + i < lmax ? l0 + i : lmax - 1] * j->kv_heads + g) * d;
-        for (int64_t i = 0; i < nr; i++) {
-            const int64_t len = j->lens[r0 + i];
-            if (l0 >= len) continue;
-            /* a row's lanes past its end score -inf: they add nothing to its max or sum */
-            const __m256 in = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(len - l0)), lane));
-            const float *q = j->q + (r0 + i) * j->ldq + g * group * d;
-            for (int64_t h = 0; h < group; h++)
-                _mm256_storeu_ps(p + (i * group + h) * stride + l0,
-                                 _mm256_blendv_ps(minf, scores8(q + h * d, kr, d, scale), in));
-        }
-    }
-    float *inv = p + units * stride;
-    for (int64_t u = 0; u < units; u++) {
-        const int64_t len = j->lens[r0 + u / group];
-        float *ph = p + u * stride;
-        __m256 mx = _mm256_loadu_ps(ph);
-        for (int64_t l0 = 8; l0 < len; l0 += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(ph + l0));
-        mx = _mm256_max_ps(mx, _mm256_permute2f128_ps(mx, mx, 1));
-        mx = _mm256_max_ps(mx, _mm256_shuffle_ps(mx, mx, 0x4e));
-        mx = _mm256_max_ps(mx, _mm256_shuffle_ps(mx, mx, 0xb1));
-        __m256 sum = _mm256_setzero_ps();
-        for (int64_t l0 = 0; l0 < len; l0 += 8) {
-            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(ph + l0), mx));  /* exp8(-inf) = 0 */
-            _mm256_storeu_ps(ph + l0, e);
-            sum = _mm256_add_ps(sum, e);
-        }
-        __m256 z = _mm256_setzero_ps();
-        inv[u] = 1.0f / _mm256_cvtss_f32(hsum8x8(sum, z, z, z, z, z, z, z));
-    }
-    for (int64_t i = 0; i < nr; i++) {
-        float *o = j->out + (r0 + i) * j->heads * d + g * group * d;
-        for (int64_t c = 0; c < group * d; c++) o[c] = 0.0f;
-    }
-    const float *vr[KB];
-    for (int64_t l0 = 0; l0 < lmax; l0 += KB) {
-        for (int64_t l = 0; l < KB && l0 + l < lmax; l++) vr[l] = j->vc + (slots[l0 + l] * j->kv_heads + g) * d;
-        for (int64_t u = 0; u < units; u++) {
-            const int64_t len = j->lens[r0 + u / group], nl = len - l0 < KB ? len - l0 : KB;
-            if (nl <= 0) continue;
-            const float *pu = p + u * stride + l0;
-            float *o = j->out + (r0 + u / group) * j->heads * d + (g * group + u % group) * d;
-            for (int64_t c0 = 0; c0 < d; c0 += 64) {
-                switch (d - c0 >= 64 ? 8 : (int)((d - c0) / 8)) {  /* constant widths: accumulators in registers */
-                    case 8: pv_block(pu, vr, nl, c0, 8, o); break;
-                    case 7: pv_block(pu, vr, nl, c0, 7, o); break;
-                    case 6: pv_block(pu, vr, nl, c0, 6, o); break;
-                    case 5: pv_block(pu, vr, nl, c0, 5, o); break;
-                    case 4: pv_block(pu, vr, nl, c0, 4, o); break;
-                    case 3: pv_block(pu, vr, nl, c0, 3, o); break;
-                    case 2: pv_block(pu, vr, nl, c0, 2, o); break;
-                    default: pv_block(pu, vr, nl, c0, 1, o); break;
-                }
-            }
-        }
-    }
-    for (int64_t u = 0; u < units; u++) {
-        float *o = j->out + (r0 + u / group) * j->heads * d + (g * group + u % group) * d;
-        const __m256 s = _mm256_set1_ps(inv[u]);
-        for (int64_t c = 0; c < d; c += 8) _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_loadu_ps(o + c), s));
-    }
-}
-
-/* the same for a head dim that is not a multiple of 8: plain C, one head at a time, as fixed */
-static void attend_scalar(const attn_job *j, int64_t r, int64_t g, float *p) {
-    const int64_t group = j->heads / j->kv_heads, d = j->d, len = j->lens[r];
-    const int64_t *slots = j->idx + r * j->ld_idx;
-    for (int64_t h = g * group; h < (g + 1) * group; h++) {
-        const float *q = j->q + r * j->ldq + h * d;
-        float mx = -INFINITY;
-        for (int64_t l = 0; l < len; l++) {
-            const float *k = j->kc + (slots[l] * j->kv_heads + g) * d;
-            float s = 0.0f;
-            for (int64_t c = 0; c < d; c++) s += q[c] * k[c];
-            p[l] = s * j->scale;
-            mx = p[l] > mx ? p[l] : mx;
-        }
-        float sum = 0.0f;
-        for (int64_t l = 0; l < len; l++) {
-            p[l] = expf(p[l] - mx);
-            sum += p[l];
-        }
-        float *o = j->out + r * j->heads * d + h * d;
-        for (int64_t c = 0; c < d; c++) o[c] = 0.0f;
-        for (int64_t l = 0; l < len; l++) {
-            const float *v = j->vc + (slots[l] * j->kv_heads + g) * d;
-            for (int64_t c = 0; c < d; c++) o[c] += p[l] * v[c];
-        }
-        for (int64_t c = 0; c < d; c++) o[c] /= sum;
-    }
-}
-
-static void attn_part(const void *arg, int part, int parts) {
-    const attn_job *j = (const attn_job *)arg;
-    const int64_t group = j->heads / j->kv_heads;
-    float *p = grow(&attn_buf, (size_t)(RT * group * (attn_stride(j) + 1)) * sizeof(float));
-    if (!p) return;  /* the caller sees rows of NaN: cg_attend_decode fills them first */
-    const int64_t units = j->ntiles * j->kv_heads;  /* (tile, KV head) pairs, split evenly over the parts */
-    for (int64_t u = units * part / parts; u < units * (part + 1) / parts; u++) {
-        const int64_t t = u / j->kv_heads, g = u % j->kv_heads;
-        if (j->d % 8 == 0) {
-            attend_vec(j, j->tiles[t], j->tiles[t + 1] - j->tiles[t], g, p);
-        } else {
-            for (int64_t r = j->tiles[t]; r < j->tiles[t + 1]; r++) attend_scalar(j, r, g, p);
-        }
-    }
-}
-
-/* `shared[r]` (r >= 1) says row r's slot list equals row r - 1's (the rows of one prefill chunk): such rows go in
- * tiles of up to RT. Whatever the tiles, each row's arithmetic is the same (see attend_vec). */
-int cg_attend_decode(const float *q, int64_t ldq, const float *kc, const float *vc, const int64_t *idx, int64_t ld_idx,
-                     const int64_t *lens, const uint8_t *shared, int64_t nd, int64_t heads, int64_t kv_heads,
-                     int64_t d, float scale, float *out) {
-    if (nd <= 0) return 0;
-    if (kv_heads <= 0 || heads % kv_heads || d <= 0) return -3;
-    int64_t longest = 0;
-    for (int64_t r = 0; r < nd; r++) {
-        if (lens[r] < 1 || lens[r] > ld_idx) return -4;
-        longest = lens[r] > longest ? lens[r] : longest;
-        for (int64_t c = 0; c < heads * d; c++) out[r * heads * d + c] = NAN;
-    }
-    int64_t *tiles = grow(&tiles_buf, (size_t)(nd + 1) * sizeof(int64_t));
-    if (!tiles) return -2;
-    int64_t ntiles = 0;
-    for (int64_t r = 0; r < nd; r++)
-        if (r == 0 || !shared[r] || r - tiles[ntiles - 1] >= RT) tiles[ntiles++] = r;
-    tiles[ntiles] = nd;
-    attn_job j = {q, ldq, kc, vc, idx, ld_idx, lens, nd, heads, kv_heads, d, longest, scale, out, tiles, ntiles};
-    /* tiles differ in length (a prefill chunk's rows grow by one each): sixteen chunks per thread even out shares */
-    int64_t units = ntiles * kv_heads;
-    pool_run(attn_part, &j, pool_size > 1 ? (int)(units < 16 * pool_size ? units : 16 * pool_size) : 1);
     return 0;
 }
 

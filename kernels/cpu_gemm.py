@@ -1,9 +1,10 @@
-"""The CPU GEMM over GGUF blocks (`cpu_gemm.c`), built on first use and called through ctypes.
+"""The CPU GEMM over GGUF blocks (`cpu_gemm.c`) and the attention over the paged cache (`cpu_attention.c`), built
+on first use and called through ctypes.
 
 Triton has no CPU backend in its release wheels, and torch's CPU ops for quantized weights are slow on AVX2
 (see `cpu_gemm.c`), so on CPU the quantized projections and the LM head run on this small C kernel: int8 dot
 products over blocks of 32, as llama.cpp does. It is compiled with the system C compiler (`cc`, `-O3 -mavx2
--mfma`) into a per-user cache directory the first time a process needs it (about a second), keyed by the source's
+-mfma`) into a per-user cache directory the first time a process needs it (about a second), keyed by the sources'
 hash; a CPU without AVX2 or a machine without a compiler falls back to torch's int4 GEMM (`available()` says why).
 
 `BlockLinear(w)(x)`: x [..., K] fp32 -> y [..., N] fp32 for a `QuantWeight` w [N, K].
@@ -32,7 +33,8 @@ from .quant import BLOCK, QuantWeight
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("cpu_gemm.c")
+_SOURCES = [Path(__file__).with_name(n) for n in ("cpu_gemm.c", "cpu_attention.c")]
+_HEADER = Path(__file__).with_name("cpu_kernels.h")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-std=c11", "-pthread"]
 _state: dict[str, object] = {}
 _lock = threading.Lock()
@@ -56,7 +58,7 @@ def _cache_dir() -> Path:
 
 
 def _build() -> ctypes.CDLL:
-    source = _SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in [*_SOURCES, _HEADER])
     tag = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
     d = _cache_dir()
     lib = d / f"cpu_gemm-{tag}.so"
@@ -67,10 +69,10 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(dir=d, suffix=".so")
         os.close(fd)
         try:
-            done = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True,
-                                  timeout=120)
+            done = subprocess.run([cc, *_FLAGS, "-o", tmp, *map(str, _SOURCES), "-lm"], capture_output=True,
+                                  text=True, timeout=120)
             if done.returncode != 0:
-                raise RuntimeError(f"{cc} failed to build {_SOURCE.name}: {done.stderr.strip()[-2000:]}")
+                raise RuntimeError(f"{cc} failed to build the CPU kernels: {done.stderr.strip()[-2000:]}")
             os.replace(tmp, lib)  # atomic: a concurrent builder's finished file is as good as ours
         finally:
             if os.path.exists(tmp):

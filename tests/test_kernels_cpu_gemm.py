@@ -89,17 +89,18 @@ def test_q8_0_extreme_codes_do_not_saturate():
 def test_row_results_do_not_depend_on_the_batch(fmt, threads):
     """Each row's sums run in the same order whatever the other rows are: the engine's batched decode gives the
     same bits as a request alone. Q4 tiles pack two rows into one vector: a row gets the same bits alone, first
-    or second of its pair, in a full tile of four or in the leftover rows, over an odd number of columns."""
+    or second of its pair, in a full tile of four or in the leftover rows, over an odd number of columns (37 rows:
+    with 2 threads their int8 rounding is split between the threads too)."""
     torch.manual_seed(0)
     w = quantize(torch.randn(301, 160) * 0.05, fmt)
     lin = cpu_gemm.BlockLinear(w)
-    x = torch.randn(13, 160)
+    x = torch.randn(37, 160)
     cpu_gemm.set_threads(threads)
     try:
         together = lin(x)
-        for i in range(13):
+        for i in range(37):
             assert torch.equal(lin(x[i:i + 1])[0], together[i])
-        for a, b in [(1, 6), (3, 13), (2, 11), (5, 8)]:
+        for a, b in [(1, 6), (3, 13), (2, 11), (5, 8), (1, 36)]:
             assert torch.equal(lin(x[a:b]), together[a:b]), (a, b)
     finally:
         cpu_gemm.set_threads(1)
@@ -128,16 +129,20 @@ def test_layer_tail_is_the_layer_math():
     def norm(x, w):
         return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * w
 
-    for rows in (1, 3, 6):
-        h, a = torch.randn(rows, hidden), torch.randn(rows, heads_dim)
-        want_h = h + o(a)
-        x = norm(want_h, ln_ffn)
-        g = gu(x)
-        want_h = want_h + dn(torch.nn.functional.silu(g[:, :inter]) * g[:, inter:])
-        got_h = h.clone()
-        out = tail(got_h, a)
-        assert torch.allclose(got_h, want_h, rtol=1e-4, atol=1e-4)
-        assert torch.allclose(out, norm(want_h, ln_next), rtol=1e-4, atol=1e-4)
+    cpu_gemm.set_threads(2)  # 40 rows: each GEMM's rows are quantized on both threads
+    try:
+        for rows in (1, 3, 6, 40):
+            h, a = torch.randn(rows, hidden), torch.randn(rows, heads_dim)
+            want_h = h + o(a)
+            x = norm(want_h, ln_ffn)
+            g = gu(x)
+            want_h = want_h + dn(torch.nn.functional.silu(g[:, :inter]) * g[:, inter:])
+            got_h = h.clone()
+            out = tail(got_h, a)
+            assert torch.allclose(got_h, want_h, rtol=1e-4, atol=1e-4)
+            assert torch.allclose(out, norm(want_h, ln_next), rtol=1e-4, atol=1e-4)
+    finally:
+        cpu_gemm.set_threads(1)
     with pytest.raises(ValueError, match="do not chain"):
         cpu_gemm.LayerTail(o, dn, gu, ln_ffn, ln_next, eps)
     with pytest.raises(ValueError, match="fp32 contiguous"):
