@@ -16,7 +16,7 @@
  * Keys go in blocks of 8 (their sums reduced together: 9 shuffles for 8 scores instead of 8 x 5) and values in
  * blocks of KB rows (read once per block for every head of the group). */
 #define KB 64
-#define RT 8  /* rows per attention tile */
+#define RT 16  /* rows per attention tile (measured: 1.1-1.4x faster than 8, no better at 32) */
 
 /* per pool thread: the scores of a tile; per caller: the tiles */
 static _Thread_local buffer attn_buf, tiles_buf;

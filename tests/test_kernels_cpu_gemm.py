@@ -174,14 +174,14 @@ def test_decode_attention_matches_sdpa_on_each_row(threads):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_prefill_rows_share_tiles_and_equal_each_row_alone(threads):
-    """A prefill chunk's rows (one slot list, lengths growing by one) are tiled together (up to 8 rows per tile,
-    here 19 rows: two full tiles and 3 left over), beside decode rows of their own: each row equals SDPA over its
+    """A prefill chunk's rows (one slot list, lengths growing by one) are tiled together (up to 16 rows per tile,
+    here 35 rows: two full tiles and 3 left over), beside decode rows of their own: each row equals SDPA over its
     own positions, and has the same bits alone, in a differently cut chunk, or without the tiling."""
     torch.manual_seed(12)
     cpu_gemm.set_threads(threads)
     try:
         for heads, kv_heads, dim in [(9, 3, 64), (6, 2, 40), (4, 4, 12)]:
-            cache_rows, ctx, n = 120, 61, 19
+            cache_rows, ctx, n = 120, 61, 35
             kc, vc = torch.randn(cache_rows, kv_heads, dim), torch.randn(cache_rows, kv_heads, dim)
             chunk = torch.randperm(cache_rows)[:ctx]
             other = torch.randperm(cache_rows)[:ctx]
@@ -198,8 +198,8 @@ def test_prefill_rows_share_tiles_and_equal_each_row_alone(threads):
                 assert torch.allclose(got[r], want.reshape(-1), atol=1e-5, rtol=1e-4), (heads, dim, r)
                 alone = cpu_gemm.DecodeAttention(slots[r:r + 1], lengths[r:r + 1], cache_rows)(q[r:r + 1], kc, vc)
                 assert torch.equal(alone[0], got[r]), (heads, dim, r)
-            cut = cpu_gemm.DecodeAttention(slots[4:15], lengths[4:15], cache_rows)(q[4:15], kc, vc)
-            assert torch.equal(cut, got[4:15])
+            cut = cpu_gemm.DecodeAttention(slots[4:27], lengths[4:27], cache_rows)(q[4:27], kc, vc)
+            assert torch.equal(cut, got[4:27])
             untiled = cpu_gemm.DecodeAttention(slots, lengths, cache_rows)
             untiled.shared.zero_()
             assert torch.equal(untiled(q, kc, vc), got)
