@@ -271,7 +271,7 @@ static atomic_int done_parts = 0;
 static int claim(uint32_t gen) {
     uint64_t v = atomic_load_explicit(&claims, memory_order_acquire);
     for (;;) {
-        if ((uint32_t)(v >> 32) != gen || (int)(uint32_t)v >= current_parts) return -1;
+        if ((uint32_t)(v >> 32) != gen || (uint32_t)v >= (uint32_t)current_parts) return -1;
         if (atomic_compare_exchange_weak_explicit(&claims, &v, v + 1, memory_order_acq_rel, memory_order_acquire))
             return (int)(uint32_t)v;
     }
@@ -350,6 +350,12 @@ void cg_pool_run(task_fn fn, const void *arg, int parts) {
         for (int p = 0; p < parts; p++) fn(arg, p, parts);
         return;
     }
+    /* Close the last task before touching it: a worker that woke for it late must not claim a part of it once
+     * current_parts grows, nor run the new fn on the old arg (it did: a segfault every few hundred calls once
+     * calls with different part counts came back to back). A generation whose next part is UINT32_MAX has
+     * nothing to claim; workers that see it wait for the next. */
+    atomic_store_explicit(&claims, (uint64_t)++last_gen << 32 | UINT32_MAX, memory_order_seq_cst);
+    atomic_thread_fence(memory_order_seq_cst);
     current_fn = fn;
     current_arg = arg;
     current_parts = parts;

@@ -207,6 +207,30 @@ def test_prefill_rows_share_tiles_and_equal_each_row_alone(threads):
         cpu_gemm.set_threads(1)
 
 
+def test_back_to_back_calls_of_different_sizes_on_the_pool():
+    """Calls whose work is split into different numbers of parts (a 40-row GEMM rounds its rows on both threads,
+    then splits its columns; attention splits its tiles) follow each other on a 2-thread pool: each gives the
+    same bits every time. (A worker that woke late for one call could claim a part of the next before it was
+    published, run it with the wrong arguments and let the caller return early: engines segfaulted under load.)"""
+    torch.manual_seed(4)
+    lins = [cpu_gemm.BlockLinear(quantize(torch.randn(n, 64) * 0.1, "q4_1")) for n in (64, 320, 512)]
+    xs = [torch.randn(m, 64) for m in (1, 5, 40)]
+    kc, vc = torch.randn(64, 1, 8), torch.randn(64, 1, 8)
+    plans = [cpu_gemm.DecodeAttention(torch.randperm(64)[:16].repeat(r, 1), torch.full((r,), 16), 64)
+             for r in (1, 40)]
+    qs = [torch.randn(r, 2, 8) for r in (1, 40)]
+    cpu_gemm.set_threads(2)
+    try:
+        want = [[lin(x) for x in xs] for lin in lins], [p(q, kc, vc) for p, q in zip(plans, qs, strict=True)]
+        for _ in range(300):
+            for i, lin in enumerate(lins):
+                for j, x in enumerate(xs):
+                    assert torch.equal(lin(x), want[0][i][j])
+                    assert torch.equal(plans[j % 2](qs[j % 2], kc, vc), want[1][j % 2])
+    finally:
+        cpu_gemm.set_threads(1)
+
+
 def test_decode_attention_refuses_bad_plans():
     with pytest.raises(ValueError, match="outside the cache"):
         cpu_gemm.DecodeAttention(torch.tensor([[0, 50]]), torch.tensor([2]), 50)
