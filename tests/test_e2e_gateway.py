@@ -214,7 +214,12 @@ def _hang_then_replaced(gateway, name: str) -> None:
     """A call of `name` with `hang` ignores its time limit: the caller gets 504 at the limit, and the interrupt
     grace later the sandbox process is ended and the replica replaced; a later call is answered by a new process."""
     with gateway.http() as c:
-        first = c.post(f"/fn/{name}", json={})
+        ready = time.monotonic() + 120
+        while True:  # the function's first replica starts (four of them at once here: slow on a loaded machine)
+            first = c.post(f"/fn/{name}", json={})
+            if first.status_code == 200 or time.monotonic() > ready:
+                break
+            assert first.status_code == 504 and "became free" in first.text, first.text
         assert first.status_code == 200, first.text
         boot = first.json()["boot"]
         stuck = c.post(f"/fn/{name}", json={"hang": True})
