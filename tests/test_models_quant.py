@@ -141,3 +141,28 @@ def test_quantized_engine_repeats_seeded_samples_across_batches_and_the_prefix_c
             finally:
                 engine.close()
     assert len(runs[0]) == 10 and all(r == runs[0] for r in runs), runs
+
+
+def test_quantized_engine_repeats_a_long_seeded_prompt(models):
+    """Past 1,024 positions too (prefill rows used to fall back to SDPA there, whose bits depend on the chunking):
+    a 1,100-token prompt gives the same seeded tokens in chunks of 256 or 100 and again from the prefix cache."""
+    from cocoon_faas.kernels import cpu_gemm
+    from cocoon_faas.llm import Engine, SamplingParams
+
+    if not cpu_gemm.available()[0]:
+        pytest.skip(f"the C block kernels do not build here: {cpu_gemm.available()[1]}")
+    ids = torch.randint(100, 40000, (1100,), generator=torch.Generator().manual_seed(3)).tolist()
+    p = SamplingParams(max_tokens=4, temperature=0.9, top_p=0.9, seed=11)
+    runs = []
+    with K.backend("torch"):
+        for tokens in (256, 100):
+            engine = Engine(models["gguf"], kv_blocks=80, max_batch_tokens=tokens, threads=2)
+            try:
+                runs.append(engine.generate(ids, p).choices[0].token_ids)
+                if tokens == 256:
+                    again = engine.generate(ids, p)
+                    assert again.usage.cached_tokens > 1024
+                    runs.append(again.choices[0].token_ids)
+            finally:
+                engine.close()
+    assert len(runs[0]) == 4 and all(r == runs[0] for r in runs), runs
