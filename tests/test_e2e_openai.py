@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import math
 import struct
+import time
 
 import httpx
 import pytest
@@ -15,10 +16,28 @@ openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.e2e
 
 
+def _warm(gateway, path: str, body: dict, give_up_s: float = 420) -> None:
+    """The first call starts the function's first replica (both scale from zero), which on a fresh clone also
+    converts the model into the cache: minutes on two busy cores, past one call's wait for a replica (120 s). The
+    tests here are about the API, not cold starts: call until a replica answers."""
+    deadline = time.monotonic() + give_up_s
+    with httpx.Client(base_url=gateway.url, headers=gateway.headers(), timeout=200) as c:
+        while True:
+            r = c.post(path, json=body)
+            if r.status_code == 200 or time.monotonic() > deadline:
+                break
+            assert r.status_code == 503 and r.json()["error"]["type"] == "no_capacity", r.text
+            time.sleep(1)
+    assert r.status_code == 200, r.text
+
+
 @pytest.fixture(scope="module")
 def oa(gateway):
     gateway.cli("deploy", str(ROOT / "examples" / "embeddings.py"), timeout=300)
     gateway.cli("deploy", str(ROOT / "examples" / "chat.py"), timeout=300)
+    _warm(gateway, "/v1/embeddings", {"model": "all-MiniLM-L6-v2", "input": "warm up"})
+    _warm(gateway, "/v1/chat/completions", {"model": "SmolLM2-135M-Instruct", "max_tokens": 1,
+                                            "messages": [{"role": "user", "content": "Warm up."}]})
     return openai.OpenAI(base_url=gateway.url + "/v1", api_key=gateway.key, max_retries=0, timeout=120)
 
 
