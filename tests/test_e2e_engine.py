@@ -97,7 +97,8 @@ def test_kv_pressure_reaches_the_autoscaler_and_admission(gateway, tiny):
         # a second one waits in the engine (the gateway had no report of a queue yet)
         threads.append(start("long2", "w8 w9", 200))
         v = _wait(c, lambda v: any(e["waiting"] >= 1 for e in _engines(v)), "a queue in the engine")
-        assert v["in_flight"] == 2 and v["replicas"] + v["starting"] == 1
+        # the report that shows the queue may already have made the autoscaler start a second replica (not ready)
+        assert v["in_flight"] == 2 and v["replicas"] + v["starting"] in (1, 2) and v["replicas"] <= 2
         # now the replica is saturated: new calls wait in the gateway's queue (COCOON_QUEUE_LIMIT=4), then 429
         for i in range(6):
             threads.append(start(f"short{i}", f"w{10 + i} w11", 2))
