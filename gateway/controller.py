@@ -177,7 +177,7 @@ class RayBackend:
         )
 
     def start(self, actor: Any) -> Any:
-        """Fire the actor's start; the returned ref is never fetched (see `finished`)."""
+        """Fire the actor's start; the returned ref is never fetched (see `ended`)."""
         return actor.start.remote()
 
     async def ended(self, ref: Any, timeout: float) -> bool:
