@@ -26,6 +26,7 @@ from typing import Any
 
 from cocoon_faas.confidential import (
     SEALED_CONTENT_TYPE,
+    SEALED_FRAME_CONTENT_TYPE,
     CheckFailed,
     ClientCallContext,
     ClientPolicy,
@@ -195,7 +196,8 @@ def _sealed_post(client: Transport, name: str, args: dict[str, Any] | None, poli
 def call_confidential(client: Transport, name: str, args: dict[str, Any] | None, policy: ClientPolicy
                       ) -> tuple[Any, Receipt]:
     """(result, verified receipt) of a sealed call."""
-    r, ctx = _sealed_post(client, name, args, policy)
+    # one sealed frame, not a stream: a generator is then refused with a hint to stream it, before it runs
+    r, ctx = _sealed_post(client, name, args, policy, {"Accept": SEALED_FRAME_CONTENT_TYPE})
     result_json, receipt = ctx.open_response(r.content)
     return json.loads(result_json), receipt
 

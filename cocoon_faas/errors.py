@@ -193,8 +193,11 @@ _BY_TYPE: dict[str, type[CocoonError]] = {
 def error_from_body(status: int, body: Any) -> CocoonError:
     """Rebuild the exception the gateway raised from its JSON error shape."""
     err = body.get("error") if isinstance(body, dict) else None
-    if not isinstance(err, dict):
-        return CocoonError(f"gateway answered HTTP {status}: {str(body)[:200]}")
+    if not isinstance(err, dict):  # not a Cocoon gateway's answer (a wrong port or path, a proxy's page)
+        text = " ".join(str(body).split())  # one line, whatever page came back
+        return CocoonError(f"the server answered HTTP {status} without a Cocoon error ({text[:120]!r}); check that "
+                           "COCOON_GATEWAY_URL (or --gateway) is a Cocoon gateway's address, e.g. "
+                           "http://127.0.0.1:8000")
     details = {k: v for k, v in err.items() if k not in ("type", "message")}
     cls = _BY_TYPE.get(str(err.get("type")), CocoonError)
     exc = cls(str(err.get("message", "")), **details)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from cocoon_faas.errors import InvalidSpecError
+from cocoon_faas.openai_compat import serves_mismatch
 from cocoon_faas.signature import Signature
 from cocoon_faas.spec import BatchSpec, FunctionSpec, make_spec
 
@@ -63,25 +64,40 @@ class Function:
         return {"format": 1, "kind": "function", "fn": self.raw}
 
     # -- remote ------------------------------------------------------------------------------------
-    def remote(self, **kwargs: Any) -> Any:
+    def keywords(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Positional arguments named by the signature, as a local call binds them (a remote call sends JSON
+        keyword arguments)."""
+        if not args:
+            return kwargs
+        names = [p.name for p in self.signature.params]
+        if len(args) > len(names):
+            raise TypeError(f"{self.name} takes {len(names)} argument(s) {names}, but {len(args)} were given "
+                            "positionally")
+        twice = [n for n in names[:len(args)] if n in kwargs]
+        if twice:
+            raise TypeError(f"{self.name} got argument {twice[0]!r} both positionally and by keyword; pass it once")
+        return {**dict(zip(names[:len(args)], args, strict=True)), **kwargs}
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
         """Call the deployed function through the gateway and return its result."""
         from cocoon_faas.client import default_client
 
+        kwargs = self.keywords(args, kwargs)
         if self.spec.streams:
             return list(default_client().stream(self.name, kwargs))
         return default_client().call(self.name, kwargs)
 
-    def stream(self, **kwargs: Any) -> Iterator[Any]:
+    def stream(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
         """Iterate over a deployed generator function's items as they arrive."""
         from cocoon_faas.client import default_client
 
-        return default_client().stream(self.name, kwargs)
+        return default_client().stream(self.name, self.keywords(args, kwargs))
 
-    def spawn(self, **kwargs: Any) -> Any:
+    def spawn(self, *args: Any, **kwargs: Any) -> Any:
         """Start an async call; returns a `FunctionCall` with `.get()`, `.status()` and `.cancel()`."""
         from cocoon_faas.client import default_client
 
-        return default_client().spawn(self.name, kwargs)
+        return default_client().spawn(self.name, self.keywords(args, kwargs))
 
     def __repr__(self) -> str:
         return f"<cocoon.Function {self.name} {self.spec.kind}>"
@@ -95,7 +111,13 @@ def _spec_for(raw: Callable[..., Any], name: str, opts: dict[str, Any], skip_sel
     spec = make_spec(name=name, kind=kind, batch=batch, **opts)
     if batch is not None and spec.max_concurrency < batch.max_batch_size:
         spec = spec.with_(max_concurrency=batch.max_batch_size)  # a batch needs that many calls in flight
-    return spec, Signature.of(raw, skip_self=skip_self, batched=batch is not None)
+    sig = Signature.of(raw, skip_self=skip_self, batched=batch is not None)
+    for served in spec.serves:  # refused here, not by every OpenAI call failing inside the function
+        problem = serves_mismatch(served.partition(":")[0], [(p.name, p.required) for p in sig.params],
+                                  sig.var_kwargs)
+        if problem:
+            raise InvalidSpecError(f"{name!r} declares serves={served!r}: {problem}")
+    return spec, sig
 
 
 def _check_opts(decorator: str, opts: dict[str, Any]) -> None:

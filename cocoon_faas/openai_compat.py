@@ -35,6 +35,28 @@ KNOWN_EMB = {"model", "input", "encoding_format", "dimensions", "user"}
 MAX_EMBEDDING_INPUTS = 2048
 
 
+# What a function declaring `serves="<kind>:<model>"` is called with (the conventions above)
+CALLED_WITH = {"chat": ("messages", "max_tokens", "temperature", "top_p", "seed", "stop"),
+               "completions": ("prompt", "max_tokens", "temperature", "top_p", "seed", "stop"),
+               "embeddings": ("text",)}
+
+
+def serves_mismatch(kind: str, params: list[tuple[str, bool]], var_kwargs: bool) -> str | None:
+    """Why a function with these (name, required) parameters cannot serve `kind` models (every OpenAI call of
+    it would fail inside the function); None when it can."""
+    sent = CALLED_WITH.get(kind, ())
+    names = {n for n, _ in params}
+    missing = [] if var_kwargs else [n for n in sent if n not in names]
+    if missing:
+        return (f"a function serving {kind}: models is called with {', '.join(sent)}, but it has no parameter "
+                f"{', '.join(map(repr, missing))}; add them (or **kwargs)")
+    unsent = [n for n, required in params if required and n not in sent]
+    if unsent:
+        return (f"a function serving {kind}: models is called with {', '.join(sent)} only, but its parameter(s) "
+                f"{', '.join(map(repr, unsent))} are required; give them defaults")
+    return None
+
+
 def model_of(body: Any) -> str:
     if not isinstance(body, dict):
         raise InvalidRequestError("body must be a JSON object with 'model'")
@@ -71,11 +93,30 @@ def _sampling(body: dict[str, Any], default_max: int = 256) -> dict[str, Any]:
         raise InvalidRequestError("'stop' must be a string or up to 4 non-empty strings", param="stop")
     if body.get("n", 1) not in (1, None):
         raise InvalidRequestError("only n=1 is supported", param="n")
-    so = body.get("stream_options")
-    if so is not None and (not isinstance(so, dict) or set(so) - {"include_usage"}):
-        raise InvalidRequestError("'stream_options' supports only include_usage", param="stream_options")
+    stream_mode(body)
     return {"max_tokens": max_tokens, "temperature": float(temperature), "top_p": float(top_p), "seed": seed,
             "stop": stop}
+
+
+def stream_mode(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, include_usage) of a chat/completions body, checked as OpenAI does: a truthy string is not `true`,
+    and stream_options without a stream is refused rather than ignored."""
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequestError(f"'stream' must be true or false, got {stream!r}", param="stream")
+    so = body.get("stream_options")
+    if so is None:
+        return bool(stream), False
+    if not stream:
+        raise InvalidRequestError("'stream_options' is allowed only with \"stream\": true; drop it or stream",
+                                  param="stream_options")
+    if not isinstance(so, dict) or set(so) - {"include_usage"}:
+        raise InvalidRequestError("'stream_options' supports only include_usage", param="stream_options")
+    usage = so.get("include_usage", False)
+    if not isinstance(usage, bool):
+        raise InvalidRequestError(f"'stream_options.include_usage' must be true or false, got {usage!r}",
+                                  param="stream_options")
+    return True, usage
 
 
 def _refuse(body: dict[str, Any], unsupported: tuple[str, ...], known: set[str]) -> None:
@@ -135,10 +176,15 @@ def completion_args(body: Any, as_chat: bool) -> dict[str, Any]:
     if not isinstance(prompt, str):
         raise InvalidRequestError("'prompt' must be a string (token arrays and batches are not supported)",
                                   param="prompt")
-    sampling = _sampling(body, 16)
-    if as_chat:
-        return {"messages": [{"role": "user", "content": prompt}], **sampling}
-    return {"prompt": prompt, **sampling}
+    args = {"prompt": prompt, **_sampling(body, 16)}
+    return prompt_as_chat(args) if as_chat else args
+
+
+def prompt_as_chat(args: dict[str, Any]) -> dict[str, Any]:
+    """A completion's arguments (`completion_args(..., as_chat=False)`) for a chat model: the prompt as one user
+    message."""
+    rest = {k: v for k, v in args.items() if k != "prompt"}
+    return {"messages": [{"role": "user", "content": args["prompt"]}], **rest}
 
 
 def embedding_inputs(body: Any) -> tuple[list[str], str]:
@@ -160,6 +206,10 @@ def embedding_inputs(body: Any) -> tuple[list[str], str]:
     if not isinstance(inputs, list) or not inputs or not all(isinstance(x, str) for x in inputs):
         raise InvalidRequestError("'input' must be a string or a non-empty list of strings (token arrays are "
                                   "not supported)", param="input")
+    empty = next((i for i, x in enumerate(inputs) if not x), None)
+    if empty is not None:  # as OpenAI: an empty text has no embedding worth paying for
+        raise InvalidRequestError(f"'input' holds an empty string (item {empty}); send non-empty text",
+                                  param="input")
     if len(inputs) > MAX_EMBEDDING_INPUTS:
         raise InvalidRequestError(f"'input' may hold at most {MAX_EMBEDDING_INPUTS} strings", param="input")
     return inputs, str(fmt)

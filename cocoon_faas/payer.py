@@ -7,12 +7,11 @@ first signed), so the signed `sent` would climb by a lease's headroom per signer
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
 from cocoon_faas.ton.client import ChannelSigner, PayingClient
-from cocoon_faas.ton.keys import PrivateKey
+from cocoon_faas.ton.home_files import load_wallet_key, read_channel
 
 _payers: dict[Path, PayingClient] = {}
 _lock = threading.Lock()
@@ -20,15 +19,15 @@ _lock = threading.Lock()
 
 def default_payer(home: Path) -> PayingClient | None:
     """The process's PayingClient for the channel in `home/channel.json`, or None when the caller has none."""
-    current, wallet = home / "channel.json", home / "wallet.json"
-    if not current.exists() or not wallet.exists():
+    wallet = home / "wallet.json"
+    current = read_channel(home / "channel.json", need=("channel_id",))
+    if current is None or not wallet.exists():
         return None
-    cid = json.loads(current.read_text())["channel_id"]
-    path = (home / "channels" / f"{cid}.json").resolve()
+    path = (home / "channels" / f"{current['channel_id']}.json").resolve()
     with _lock:
         payer = _payers.get(path)
         if payer is None:
-            key = PrivateKey.from_mnemonic(json.loads(wallet.read_text())["words"])  # PBKDF2: once per process
+            key = load_wallet_key(wallet)  # PBKDF2: once per process
             payer = _payers[path] = PayingClient(ChannelSigner(path, key))
         return payer
 

@@ -62,6 +62,14 @@ def json_meta(ftype: int, raw: bytes) -> Any:
     return json.loads(raw) if len(raw) > 2 else {}
 
 
+class FrameTooLarge(ValueError):
+    """Raised (to the connection's loss callback) when a peer sends a frame over the receiver's limit."""
+
+    def __init__(self, length: int, limit: int) -> None:
+        super().__init__(f"bad frame: {length} bytes, over the {limit}-byte limit")
+        self.length, self.limit = length, limit
+
+
 class FrameProtocol(asyncio.Protocol):
     """Splits a byte stream into frames and hands each to `on_frame(call, type, meta, body)`.
 
@@ -111,6 +119,9 @@ class FrameProtocol(asyncio.Protocol):
         with memoryview(buf) as view:
             while n - pos >= hsize:
                 length, call, ftype, mlen = HEADER.unpack_from(buf, pos)
+                if length > self._max_frame and mlen <= MAX_META:  # a result too big, not a broken peer
+                    self._fail(FrameTooLarge(length, self._max_frame))
+                    return
                 if length > self._max_frame or mlen > MAX_META or mlen > length - (hsize - 4):
                     self._fail(ValueError(f"bad frame: length {length}, meta {mlen}"))
                     return

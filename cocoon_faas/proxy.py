@@ -36,7 +36,7 @@ from cocoon_faas.confidential_client import (
     record_deployment,
     verified_replicas,
 )
-from cocoon_faas.errors import CocoonError, NotFoundError, PaymentError
+from cocoon_faas.errors import CocoonError, InvalidRequestError, NotFoundError, PaymentError
 from cocoon_faas.openai_compat import (
     Assembler,
     chat_args,
@@ -44,6 +44,8 @@ from cocoon_faas.openai_compat import (
     embedding_inputs,
     embeddings_response,
     model_of,
+    prompt_as_chat,
+    stream_mode,
 )
 from cocoon_faas.pricing import FeePolicy, TokenPrices, Usage
 from cocoon_faas.transport import Transport
@@ -56,9 +58,22 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 
 def _error(exc: CocoonError) -> Response:
-    """The error as the gateway would answer it; a 429's Retry-After passes on (OpenAI clients back off by it)."""
+    """The error as the gateway would answer it; a 429's Retry-After passes on (OpenAI clients back off by it).
+    A sealed answer saying the function refused its input (cocoon.InvalidRequestError, e.g. a prompt past the
+    model's context) is the client's 400: as a 500, OpenAI clients sent it twice more, each charged."""
     retry = exc.details.get("retry_after")
-    return _json(exc.to_dict(), exc.status, {"Retry-After": str(retry)} if retry is not None else None)
+    body, status = exc.to_dict(), exc.status
+    if exc.type == "function_error" and exc.details.get("exception_type") == "InvalidRequestError":
+        body["error"]["type"], status = "invalid_request", 400
+    return _json(body, status, {"Retry-After": str(retry)} if retry is not None else None)
+
+
+async def _body(request: Request) -> Any:
+    """The request's JSON (an InvalidRequestError, 400, when it is not JSON: every other error is the client's too)."""
+    try:
+        return json.loads(await request.body())
+    except (ValueError, RecursionError):
+        raise InvalidRequestError("request body is not valid JSON; send a JSON object") from None
 
 
 class ChargeMismatch(PaymentError):
@@ -106,8 +121,9 @@ class Proxy:
         with self._lock:
             if pinned_measurement(self.home, self.t.url, name) is None:
                 if not self.tofu:
-                    raise NotFoundError(f"no measurement pinned for {name!r}; deploy it from this machine or "
-                                        "pin it with `cocoon proxy --measurement NAME=HEX`")
+                    raise NotFoundError(f"no measurement pinned for {name!r}; deploy it from this machine "
+                                        "(`cocoon deploy` records it) or let the proxy pin the first one it sees "
+                                        "(Proxy(..., tofu=True), what `cocoon proxy` does)")
                 record_deployment(self.home, self.t.url, {"name": name, "measurement": info["measurement"]},
                                   confidential=bool(info.get("confidential")))
         return build_policy(self.home, self.t.url, name, allow_dev_attestation=self.allow_dev)
@@ -204,21 +220,35 @@ def create_proxy_app(proxy: Proxy) -> Starlette:
                 for (_, model), info in sorted(table.items())]
         return _json({"object": "list", "data": data})
 
-    async def generate(request: Request, kind: str) -> Response:
+    async def models_one(request: Request) -> Response:
+        model = request.path_params["model"]
         try:
-            body = await request.json()
-            model = model_of(body)
-            if kind == "chat":
-                info, args, path = proxy.function_for("chat", model), chat_args(body), "/v1/chat/completions"
-            else:
-                own = proxy.models().get(("completions", model))
-                info = own or proxy.function_for("chat", model)
-                args, path = completion_args(body, as_chat=own is None), "/v1/completions"
-        except ValueError:
-            return _error(CocoonError("request body is not valid JSON"))
+            table = await run_in_threadpool(proxy.models, True)
         except CocoonError as exc:
             return _error(exc)
-        asm = Assembler(model, "", kind, bool((body.get("stream_options") or {}).get("include_usage")))
+        hit = next((info for (_, m), info in sorted(table.items()) if m == model), None)
+        if hit is None:
+            return _error(NotFoundError(f"the gateway serves no model {model!r}; see GET /v1/models", param="model"))
+        return _json({"id": model, "object": "model", "created": 0, "owned_by": "cocoon", "cocoon": hit})
+
+    async def generate(request: Request, kind: str) -> Response:
+        try:  # the body is checked before anything is asked of the gateway: a bad request costs no round trip
+            body = await _body(request)
+            model = model_of(body)
+            stream, include_usage = stream_mode(body)
+            if kind == "chat":
+                args = chat_args(body)
+                info, path = await run_in_threadpool(proxy.function_for, "chat", model), "/v1/chat/completions"
+            else:
+                args, path = completion_args(body, as_chat=False), "/v1/completions"
+                own = (await run_in_threadpool(proxy.models)).get(("completions", model))
+                if own is not None:
+                    info = own
+                else:  # a chat model serves the completion: the prompt as one user message
+                    info, args = await run_in_threadpool(proxy.function_for, "chat", model), prompt_as_chat(args)
+        except CocoonError as exc:
+            return _error(exc)
+        asm = Assembler(model, "", kind, include_usage)
         items = proxy.sealed(path, info, args)
 
         def first() -> Any:
@@ -234,7 +264,7 @@ def create_proxy_app(proxy: Proxy) -> Starlette:
                 yield head
             yield from items
 
-        if not body.get("stream"):
+        if not stream:
             def collect() -> dict[str, Any]:
                 end: dict[str, Any] = {}
                 for item in rest():
@@ -282,12 +312,10 @@ def create_proxy_app(proxy: Proxy) -> Starlette:
 
     async def embeddings(request: Request) -> Response:
         try:
-            body = await request.json()
+            body = await _body(request)
             model = model_of(body)
             inputs, fmt = embedding_inputs(body)
-            info = proxy.function_for("embeddings", model)
-        except ValueError:
-            return _error(CocoonError("request body is not valid JSON"))
+            info = await run_in_threadpool(proxy.function_for, "embeddings", model)
         except CocoonError as exc:
             return _error(exc)
 
@@ -306,6 +334,7 @@ def create_proxy_app(proxy: Proxy) -> Starlette:
 
     return Starlette(routes=[
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model:path}", models_one, methods=["GET"]),
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),

@@ -6,6 +6,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,7 +39,7 @@ class Settings(BaseSettings):
 
     # gateway
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(8000, ge=1, le=65535, description="the port the gateway listens on")
     ray_address: str | None = Field(None, description="join this Ray cluster instead of starting a local one")
     ray_loopback_only: bool = Field(True, description="the embedded Ray listens on 127.0.0.1 only; false: Ray's "
                                     "default (the machine's address, every interface), so provider nodes can join")
@@ -95,7 +96,7 @@ class Settings(BaseSettings):
                                    "provider nodes attested mode admits: NOT SECURE, for machines without a TEE")
     provider_measurements: str = Field("", description="comma-separated worker measurements attested mode "
                                        "accepts (default: this gateway's own worker code)")
-    max_price_nanoton: int = Field(10**10, description="highest price per GPU- or CPU-second a provider may ask")
+    max_price_nanoton: int = Field(10**10, ge=0, description="highest price per GPU- or CPU-second a provider may ask")
     provider_expiry_s: float = Field(3600.0, description="a provider node down this long is forgotten (joins "
                                      "again as new)")
 
@@ -107,9 +108,9 @@ class Settings(BaseSettings):
     log_retention_s: float = Field(7 * 86400.0, description="how long function logs are kept")
     max_log_rows_per_function: int = Field(100_000, description="log lines kept per function (oldest dropped)")
     max_pending_async_calls: int = Field(10_000, description="async calls queued or running at once")
-    hold_grace_s: float = Field(60.0, description="a paid call's hold left held this long past its function's "
+    hold_grace_s: float = Field(60.0, ge=0, description="a paid call's hold left held this long past its function's "
                                 "time limit is released by the sweeper")
-    hold_sweep_interval_s: float = Field(30.0, description="how often the holds sweeper runs")
+    hold_sweep_interval_s: float = Field(30.0, gt=0, description="how often the holds sweeper runs")
     sandbox: str = Field("on", description="'on': tenant code runs in a bubblewrap sandbox (needs `bwrap`); 'off': "
                          "no sandbox, for development on machines without user namespaces only")
     capture_forwarded: Path | None = Field(None, description="audit/test aid: append every sealed body the "
@@ -125,9 +126,10 @@ class Settings(BaseSettings):
 
     # payments
     payments_required: bool = Field(False, description="refuse unpaid /fn calls even with an API key (402)")
-    operator_fee_bps: int = Field(500, description="operator fee in basis points of provider pay + royalty")
-    cpu_price_nanoton: int = Field(1_000, description="local provider price, nanoton per CPU-second")
-    gpu_price_nanoton: int = Field(100_000, description="local provider price, nanoton per GPU-second")
+    operator_fee_bps: int = Field(500, ge=0, le=10_000,
+                                  description="operator fee in basis points of provider pay + royalty")
+    cpu_price_nanoton: int = Field(1_000, ge=0, description="local provider price, nanoton per CPU-second")
+    gpu_price_nanoton: int = Field(100_000, ge=0, description="local provider price, nanoton per GPU-second")
     settlement: str = Field("local", description="settlement backend: 'local' (SQLite dev chain) or 'ton'")
     chain_path: Path | None = Field(None, description="the local chain's SQLite file; default home/chain.db "
                                     "(a caller on another home points this at the gateway's)")
@@ -158,6 +160,14 @@ class Settings(BaseSettings):
             if not u.startswith(("http://", "https://")):
                 raise ValueError(f"COCOON_GATEWAY_URL must start with http:// or https:// (several: "
                                  f"url1,url2), got {u!r}")
+            try:
+                parts = urlsplit(u)
+                bad = not parts.hostname or parts.port == 0
+            except ValueError:  # "http://[::1", "http://host:port"
+                bad = True
+            if bad:
+                raise ValueError(f"COCOON_GATEWAY_URL {u!r} is not a host and port; write it like "
+                                 "http://127.0.0.1:8000")
         return ",".join(urls)
 
     @field_validator("database_url")

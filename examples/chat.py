@@ -43,10 +43,10 @@ class Chat:
 
     @cocoon.method()
     async def generate(self, messages: list, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                       seed: int | None = None, stop: list | None = None, response_format: dict | None = None,
+                       seed: int | None = None, stop: str | list | None = None, response_format: dict | None = None,
                        logprobs: bool = False, top_logprobs: int = 0, n: int = 1):
         params = self.params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                             stop=tuple(stop or ()), logprobs=logprobs, top_logprobs=top_logprobs, n=n,
+                             stop=stop, logprobs=logprobs, top_logprobs=top_logprobs, n=n,  # one string or a list
                              response_format=response_format)
         handle = self.engine.submit(messages, params)
         finish: dict[int, str] = {}

@@ -25,8 +25,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from telegram import Update
+from telegram import Message, Update
 from telegram.constants import ChatAction
+from telegram.error import BadRequest, NetworkError, RetryAfter, TelegramError, TimedOut
 from telegram.ext import Application, CommandHandler, ContextTypes, MessageHandler, filters
 
 from cocoon_faas.client import Client
@@ -37,6 +38,82 @@ CHAT_FN = os.environ.get("BOT_CHAT_FUNCTION", "Chat.generate")
 SUMMARIZE_FN = os.environ.get("BOT_SUMMARIZE_FUNCTION", "summarize")
 EDIT_EVERY_S = float(os.environ.get("BOT_EDIT_EVERY_S", "0.7"))
 MAX_HISTORY = 8  # messages of context kept per chat
+MAX_TEXT = 4096  # Telegram refuses a longer message text ("message is too long"), counted in UTF-16 units
+
+
+def fit(text: str) -> str:
+    """`text` cut to what Telegram shows in one message (an ellipsis marks the cut)."""
+    if len(text.encode("utf-16-le")) // 2 <= MAX_TEXT:
+        return text
+    out, units = [], 0
+    for ch in text:
+        units += len(ch.encode("utf-16-le")) // 2
+        if units > MAX_TEXT - 1:
+            break
+        out.append(ch)
+    return "".join(out) + "…"
+
+
+def retry_after_s(exc: RetryAfter) -> float:
+    """A 429's retry_after in seconds (python-telegram-bot gives an int, or a timedelta in newer versions)."""
+    ra = exc.retry_after
+    return float(ra.total_seconds() if hasattr(ra, "total_seconds") else ra)
+
+
+async def edit(message: Message, text: str, *, final: bool) -> float:
+    """Show `text` in the bot's reply. Telegram rate-limits edits (429 with retry_after) and has bad moments
+    (5xx): a passing update is skipped, returning how long to hold off further ones; the final one is retried a
+    few times. The paid call is never re-run for it."""
+    for attempt in range(4 if final else 1):
+        try:
+            await message.edit_text(fit(text))
+            return 0.0
+        except RetryAfter as exc:
+            wait = retry_after_s(exc)
+            if not final:
+                return wait
+            await asyncio.sleep(min(wait, 30.0))
+        except BadRequest as exc:  # e.g. "message is not modified": retrying cannot help
+            log.warning("edit refused: %s", exc)
+            return 0.0
+        except NetworkError as exc:  # 5xx, timeouts
+            log.warning("edit failed (attempt %d): %s", attempt + 1, exc)
+            if not final:
+                return 0.0
+            await asyncio.sleep(0.5 * (attempt + 1))
+    return 0.0
+
+
+async def send(message: Message, text: str) -> Message:
+    """`message.reply_text(text)`, waiting out a 429 (retry_after) or a 5xx a few times: a summary the bot paid
+    for is not dropped because Telegram was busy. A timeout is not retried (the message may have been sent)."""
+    for attempt in range(4):
+        try:
+            return await message.reply_text(fit(text))
+        except RetryAfter as exc:
+            if attempt == 3:
+                raise
+            await asyncio.sleep(min(retry_after_s(exc), 30.0))
+        except (BadRequest, TimedOut):
+            raise
+        except NetworkError:
+            if attempt == 3:
+                raise
+            await asyncio.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+async def typing(context: ContextTypes.DEFAULT_TYPE, chat_id: int) -> None:
+    """The "typing…" hint: best effort, a refused one (429) must not stop the answer."""
+    try:
+        await context.bot.send_chat_action(chat_id, ChatAction.TYPING)
+    except TelegramError as exc:
+        log.info("typing hint refused: %s", exc)
+
+
+async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """The Bot API failed under a handler (after its own retries): log it; the polling loop carries on."""
+    log.warning("update %s not handled: %r", getattr(update, "update_id", "?"), context.error)
 
 
 def polite(exc: Exception) -> str:
@@ -45,7 +122,7 @@ def polite(exc: Exception) -> str:
         return "Sorry — the bot's prepaid credit has run out. Please try again later."
     if isinstance(exc, CocoonError) and exc.status in (429, 503, 504):
         return "Sorry — the model is busy right now. Please try again in a minute."
-    if isinstance(exc, CocoonError) and exc.type == "function_error":
+    if isinstance(exc, CocoonError) and exc.type in ("function_error", "invalid_request"):
         return f"Sorry — I couldn't answer that ({exc.message.split(':', 1)[-1].strip()}). Please rephrase and try again."
     return "Sorry — something went wrong on my side. Please try again."
 
@@ -79,6 +156,7 @@ class Bot:
     def __init__(self, client: Client) -> None:
         self.client = client
         self.history: dict[int, list[dict[str, str]]] = {}
+        self.turns: dict[int, asyncio.Lock] = {}  # one answer at a time per chat: its history stays in order
 
     async def start(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         assert update.message is not None
@@ -91,46 +169,61 @@ class Bot:
         if not text:
             await update.message.reply_text("Send the text to summarize after the command: /summarize TEXT")
             return
-        await context.bot.send_chat_action(update.effective_chat.id, ChatAction.TYPING)
+        await typing(context, update.effective_chat.id)
         try:
             out = await asyncio.to_thread(self.client.call, SUMMARIZE_FN, {"text": text})
-            await update.message.reply_text(f"Summary ({out['words']} words): {out['summary']}")
         except CocoonError as exc:
             log.warning("summarize failed: %s", exc)
-            await update.message.reply_text(polite(exc))
+            await send(update.message, polite(exc))
+            return
+        await send(update.message, f"Summary ({out['words']} words): {out['summary']}")
 
     async def chat(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        assert update.effective_chat is not None
+        async with self.turns.setdefault(update.effective_chat.id, asyncio.Lock()):
+            await self._chat(update, context)
+
+    async def _chat(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         assert update.message is not None and update.effective_chat is not None and update.message.text
         chat_id = update.effective_chat.id
         history = self.history.setdefault(chat_id, [])
         history.append({"role": "user", "content": update.message.text})
-        await context.bot.send_chat_action(chat_id, ChatAction.TYPING)
-        reply = await update.message.reply_text("…")
-        answer, shown, last = "", "…", time.monotonic()
+        await typing(context, chat_id)
+        try:
+            reply = await send(update.message, "…")
+        except TelegramError:
+            history.pop()  # nothing was called (nor paid) yet: the error handler logs it
+            raise
+        answer, shown, next_edit = "", "…", time.monotonic()
         try:
             async for item in astream(self.client, CHAT_FN, {"messages": history[-MAX_HISTORY:], "max_tokens": 256}):
                 answer += str(item.get("delta", "")) if isinstance(item, dict) else ""
-                if answer.strip() and answer != shown and time.monotonic() - last >= EDIT_EVERY_S:
-                    await reply.edit_text(answer)  # a long answer grows in place
-                    shown, last = answer, time.monotonic()
-                    await context.bot.send_chat_action(chat_id, ChatAction.TYPING)
+                if answer.strip() and answer != shown and time.monotonic() >= next_edit:
+                    hold = await edit(reply, answer, final=False)  # a long answer grows in place
+                    shown, next_edit = answer, time.monotonic() + max(EDIT_EVERY_S, hold)
+                    if not hold:
+                        await typing(context, chat_id)
             final = answer.strip() or "(no answer)"
             if final != shown:
-                await reply.edit_text(final)
+                await edit(reply, final, final=True)
             history.append({"role": "assistant", "content": final})
         except CocoonError as exc:
             history.pop()
             log.warning("chat failed: %s", exc)
-            await reply.edit_text(polite(exc))
+            await edit(reply, polite(exc), final=True)
 
 
 def build(token: str, client: Client | None = None) -> Application:  # type: ignore[type-arg]
-    app = (Application.builder().token(token)
+    # updates are handled side by side (python-telegram-bot's default is one at a time: every chat waited for
+    # the answer streaming to another); a chat's own messages still take turns (Bot.turns)
+    app = (Application.builder().token(token).concurrent_updates(True)
            .base_url(os.environ.get("TELEGRAM_API_URL", "https://api.telegram.org/bot")).build())
     bot = Bot(client or Client())
-    app.add_handler(CommandHandler("start", bot.start))
-    app.add_handler(CommandHandler("summarize", bot.summarize))
-    app.add_handler(MessageHandler(filters.TEXT & ~filters.COMMAND, bot.chat))
+    app.add_handler(CommandHandler("start", bot.start, filters.UpdateType.MESSAGE))
+    app.add_handler(CommandHandler("summarize", bot.summarize, filters.UpdateType.MESSAGE))
+    # new messages only: an edited message (or a channel post) has no `update.message` to answer
+    app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.TEXT & ~filters.COMMAND, bot.chat))
+    app.add_error_handler(on_error)
     return app
 
 

@@ -119,6 +119,13 @@ class Gateway:
             node = None
         return Price(node.cpu_price, node.gpu_price) if node is not None else local
 
+    def registered_node(self, node_id: str) -> tuple[str, str] | None:
+        """(wallet, public key hex) a provider node registered with, as payouts to it must use; None if unknown."""
+        if not self.market.knows(node_id):
+            return None
+        node = self.market.node(node_id)
+        return node.wallet, node.public_key
+
     async def start(self) -> None:
         self.settings.home.mkdir(parents=True, exist_ok=True)
         self.store = Store(self._pg or open_database(self.settings.db_path), gateway_id=self.gateway_id)
@@ -312,7 +319,8 @@ def create_app(settings: Settings, backend: Any = None, extra_routes: list[Any] 
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
-        *payment_routes(gw.billing.gate, gw.billing.operator_key, watchtower=gw.billing.watchtower),
+        *payment_routes(gw.billing.gate, gw.billing.operator_key, watchtower=gw.billing.watchtower,
+                        registered=gw.registered_node),
         *provider_routes(lambda: gw.providers, admission=gw.admission, wallets=lambda: gw.store,
                          is_operator=gateway_operator),
         Route("/metrics", metrics, methods=["GET"]),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import difflib
 import functools
 import ipaddress
 import logging
@@ -334,7 +335,9 @@ class Controller:
     def get(self, name: str) -> FunctionRuntime:
         fr = self.functions.get(name)
         if fr is None:
-            raise NotFoundError(f"no function named {name!r} is deployed; deploy it with `cocoon deploy app.py`")
+            near = difflib.get_close_matches(name, list(self.functions), n=1)  # names are public (/openapi.json)
+            hint = f"did you mean {near[0]!r}? Or deploy" if near else "deploy"
+            raise NotFoundError(f"no function named {name!r} is deployed; {hint} it with `cocoon deploy app.py`")
         return fr
 
     # -- deploy, rollback, delete --------------------------------------------------------------------

@@ -21,6 +21,7 @@ from cocoon_faas.errors import (
     CallTimeoutError,
     CocoonError,
     FunctionError,
+    InvalidRequestError,
     MemoryExceededError,
     OverloadedError,
     ReplicaLostError,
@@ -84,6 +85,11 @@ def error_from_frame(fr: FunctionRuntime, frame: Frame) -> CocoonError:
         # the function refused the call for load (an llm.Engine whose queue is full): 429, not charged. A sealed
         # call's replica says so in the frame's clear meta ("overloaded"), outside the sealed answer.
         return OverloadedError(f"function {fr.name!r} is overloaded: {m.get('message', '')}", retry_after=1)
+    if kind == "function_error" and m.get("exc_type") == "InvalidRequestError":
+        # the function refused its input with cocoon's own error (cocoon_faas.llm: a prompt past the context):
+        # the caller's 400, not charged (like OverloadedError's 429), so OpenAI clients do not retry it as a 500
+        return InvalidRequestError(f"function {fr.name!r} refused the request: {m.get('message', '')}",
+                                   function=fr.name)
     if kind == "function_error":
         return FunctionError(f"{m.get('exc_type', 'Exception')}: {m.get('message', '')}",
                              exc_type=m.get("exc_type"), function=fr.name)

@@ -1,4 +1,4 @@
-"""HTTP edges shared by the routes: one JSON error shape, API-key auth, body limits."""
+"""HTTP edges shared by the routes: one JSON error shape, API-key auth, body limits, the answer's shape."""
 
 from __future__ import annotations
 
@@ -78,3 +78,21 @@ async def read_json(request: Request, limit: int) -> Any:
     if not body.strip():
         return {}
     return loads_bounded(body)
+
+
+def refuse_unreadable_answer(request: Request, name: str, streams: bool) -> None:
+    """Refuse, before anything runs or is held, a call whose answer the client could not read: a generator's
+    event stream to a client that does not accept text/event-stream, or one result (JSON or a sealed frame) to a
+    client that accepts only a stream (it would read no events: the result lost, a paid one charged)."""
+    accept = request.headers.get("accept", "").lower()
+    if streams and accept and not any(t in accept for t in ("*/*", "text/*", "text/event-stream")):
+        raise InvalidRequestError(
+            f"function {name!r} is a generator: it answers with a stream of events (text/event-stream), but this "
+            "request does not accept one; stream it (SDK: fn.stream(...), Client.stream or stream_confidential, "
+            "CLI: `cocoon call --stream`, HTTP: Accept: text/event-stream)")
+    if not streams and "text/event-stream" in accept and not any(t in accept for t in ("json", "*/*",
+                                                                                       "application/*")):
+        raise InvalidRequestError(
+            f"function {name!r} is not a generator: it answers with one result, but this request accepts only a "
+            "stream (text/event-stream); call it without streaming (SDK: fn.remote(...), Client.call or "
+            "call_confidential, CLI: `cocoon call` without --stream, HTTP: Accept: application/json)")

@@ -87,6 +87,7 @@ CREATE TABLE IF NOT EXISTS pay_closes (
 
 PARTIES = ("caller", "provider", "developer", "operator")
 OPERATOR_ID = "operator"
+MAX_INT = 2**63 - 1  # the most an integer column holds (SQLite INTEGER, PostgreSQL BIGINT): ids, seqnos, nanoton
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,9 @@ class Ledger:
         return self.channel(channel_id)
 
     def channel(self, channel_id: int) -> ChannelRow:
-        rows = self.query(f"SELECT {CHANNEL_COLS} FROM pay_channels WHERE channel_id=?", (channel_id,))
+        # an id past the column's 64 bits (a URL may carry any integer) is no channel here, not a driver error
+        rows = self.query(f"SELECT {CHANNEL_COLS} FROM pay_channels WHERE channel_id=?", (channel_id,)) \
+            if 0 <= channel_id <= MAX_INT else []
         if not rows:
             raise NotFoundError(f"unknown channel {channel_id}; open one with `cocoon channel open`")
         return channel_row(rows[0])

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from cocoon_faas.errors import CallCancelledError, CocoonError, NotFoundError
+from cocoon_faas.errors import CallCancelledError, CocoonError, InvalidRequestError, NotFoundError
 from cocoon_faas.gateway.controller import FunctionRuntime
 from cocoon_faas.gateway.http import error_response, json_response
 from cocoon_faas.gateway.limits import loads_bounded
@@ -36,6 +36,7 @@ from cocoon_faas.openai_compat import (
     embedding_inputs,
     embeddings_response,
     model_of,
+    stream_mode,
 )
 from cocoon_faas.pricing import Usage
 
@@ -74,16 +75,30 @@ def _cocoon(call: Call, paid: Settlement) -> dict[str, Any]:
     return out
 
 
-async def list_models(request: Request) -> Response:
-    """What the gateway serves (public, like GET /v1/functions/{name}: a paying caller has no API key)."""
-    gw = request.app.state.gw
+def _models(gw: Any) -> list[dict[str, Any]]:
     data = []
     for kind in KINDS:
         for model, fr in sorted(served(gw, kind).items()):
             data.append({"id": model, "object": "model", "created": 0, "owned_by": gw.store.developer_name(fr.owner),
                          "cocoon": {"function": fr.name, "kind": kind, "measurement": fr.measurement,
                                     "confidential": fr.flags.confidential}})
-    return json_response({"object": "list", "data": data})
+    return data
+
+
+async def list_models(request: Request) -> Response:
+    """What the gateway serves (public, like GET /v1/functions/{name}: a paying caller has no API key)."""
+    return json_response({"object": "list", "data": _models(request.app.state.gw)})
+
+
+async def get_model(request: Request) -> Response:
+    """`GET /v1/models/{model}` (OpenAI clients' `models.retrieve`): the first entry of that id in the list."""
+    model = request.path_params["model"]
+    data = _models(request.app.state.gw)
+    hit = next((m for m in data if m["id"] == model), None)
+    if hit is None:
+        return error_response(NotFoundError(f"no deployed function serves model {model!r}; available: "
+                                            f"{sorted({m['id'] for m in data})} (see GET /v1/models)", param="model"))
+    return json_response(hit)
 
 
 async def _sealed(request: Request, call_id: str, kinds: tuple[str, ...]) -> Response:
@@ -165,6 +180,10 @@ async def _generate(request: Request, kind: str) -> Response:
             own = served(gw, "completions").get(model)
             fr = own or _function_for(gw, "chat", model)  # a chat model answers a prompt as one user message
             args = completion_args(body, as_chat=own is None)
+        if "response_format" in args and not fr.signature.var_kwargs and \
+                all(p.name != "response_format" for p in fr.signature.params):
+            raise InvalidRequestError(f"model {model!r} (function {fr.name!r}) takes no response_format; remove "
+                                      "it", param="response_format")
         req["body"] = body
         return Plan(fr, json.dumps(args).encode())
 
@@ -173,8 +192,8 @@ async def _generate(request: Request, kind: str) -> Response:
     except CocoonError as exc:
         return error_response(exc, headers)
     body = req["body"]
-    asm = Assembler(model_of(body), call_id, kind,
-                    include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
+    streamed, include_usage = stream_mode(body)
+    asm = Assembler(model_of(body), call_id, kind, include_usage=include_usage)
     if not call.fr.spec.streams:  # a unary function answers with one item: {"text"|"delta", "usage", ...}
         ans, paid = await pipeline.run(call)
         headers.update(paid.headers())
@@ -187,7 +206,7 @@ async def _generate(request: Request, kind: str) -> Response:
         await st.open()
     except CocoonError as exc:
         return error_response(exc, {**headers, **(call.settlement.headers() if call.settlement else {})})
-    if not body.get("stream"):
+    if not streamed:
         try:
             async for frame in st.chunks():
                 asm.take(json.loads(frame.body))
@@ -226,6 +245,7 @@ async def _generate(request: Request, kind: str) -> Response:
 
 routes = [
     Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/models/{model:path}", get_model, methods=["GET"]),
     Route("/v1/embeddings", embeddings, methods=["POST"]),
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/completions", completions, methods=["POST"]),

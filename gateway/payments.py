@@ -44,11 +44,11 @@ from cocoon_faas.ton.keys import PrivateKey, PublicKey
 from cocoon_faas.ton.wallet import Wallet
 
 from .db import IntegrityError
-from .ledger import CHANNEL_COLS, OPERATOR_ID, ChannelRow, Ledger, channel_row
+from .ledger import CHANNEL_COLS, MAX_INT, OPERATOR_ID, ChannelRow, Ledger, channel_row
 
 REORDER_WINDOW = 4096
-MAX_CHANNEL_ID = 2**63 - 1  # the ledger keys channels by a signed 64-bit integer (SQLite INTEGER, BIGINT)
-MAX_SEQNO = 2**63 - 1  # and stores seqnos the same way
+MAX_CHANNEL_ID = MAX_INT  # the ledger keys channels by a signed 64-bit integer
+MAX_SEQNO = MAX_INT  # and stores seqnos the same way
 HOLD_LEASE_S = 30.0  # a hold's gateway renews its lease well within this; another releases it after
 
 

@@ -47,8 +47,9 @@ from cocoon_faas.ton.messages import CooperativeClose, sign_close
 from cocoon_faas.ton.wallet import Wallet
 
 from .http import developer_of, read_json
+from .ledger import MAX_INT as MAX_NANOTON  # amounts are stored in the ledger's integer columns
 from .payments import PaymentGate, provider_earnings
-from .payouts import PayoutChannels
+from .payouts import PayoutChannels, payout_channels_of
 from .watchtower import Watchtower
 
 OPERATOR_DEVELOPER = "default"
@@ -63,9 +64,23 @@ def gateway_operator(request: Request) -> bool:
     return developer_of(request) == gw.store.developer_id(OPERATOR_DEVELOPER)
 
 
+def _nanoton(body: dict[str, Any], name: str) -> int | None:
+    """An optional amount of nanoton in a JSON body: a whole number, more than 0, that the ledger can store."""
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_NANOTON:
+        raise InvalidRequestError(f"{name} must be a whole number of nanoton from 1 to {MAX_NANOTON}, got {v!r} "
+                                  "(1 TON = 10**9 nanoton)")
+    return v
+
+
 def payment_routes(gate: PaymentGate, operator_key: PrivateKey | None = None,
                    is_operator: Callable[[Request], bool] = gateway_operator,
-                   watchtower: Watchtower | None = None) -> list[BaseRoute]:
+                   watchtower: Watchtower | None = None,
+                   registered: Callable[[str], tuple[str, str] | None] = lambda node_id: None) -> list[BaseRoute]:
+    """``registered`` gives a provider node's (wallet, public key hex) as it registered, None when unknown here:
+    a payout to a known node goes to that wallet and key only."""
     def err(exc: CocoonError) -> JSONResponse:
         return JSONResponse(exc.to_dict(), status_code=exc.status)
 
@@ -133,9 +148,12 @@ def payment_routes(gate: PaymentGate, operator_key: PrivateKey | None = None,
             try:
                 args = (cid, int(d["balance_a"]), int(d["balance_b"]), int(d["seqno_a"]), int(d["seqno_b"]))
                 sig_a = bytes.fromhex(str(d["signature_a"]))
+                if not (all(0 <= v <= MAX_NANOTON for v in args[1:3]) and all(0 <= v < 2**64 for v in args[3:])):
+                    raise ValueError("out of range")  # balances the ledger stores, seqnos of 64 bits
             except (KeyError, ValueError, TypeError):
-                raise InvalidRequestError("send balance_a, balance_b, seqno_a, seqno_b and signature_a (hex, the "
-                                          "caller's signature of the cooperative close)") from None
+                raise InvalidRequestError("send balance_a, balance_b (nanoton), seqno_a, seqno_b (below 2**64) and "
+                                          "signature_a (hex, the caller's signature of the cooperative close)"
+                                          ) from None
             ch = gate.ledger.channel(cid)
             if not ch.key_a.is_valid(sig_a, CooperativeClose.payload(*args).hash):
                 raise PermissionDeniedError(f"signature_a does not verify with channel {cid}'s payer key; only the "
@@ -198,14 +216,27 @@ def payment_routes(gate: PaymentGate, operator_key: PrivateKey | None = None,
             d = await body(request)
             try:
                 key, wallet = PublicKey(bytes.fromhex(str(d["public_key"]))), Address.parse(str(d["wallet"]))
-                amount = None if d.get("amount") is None else int(d["amount"])
-                deposit = None if d.get("deposit") is None else int(d["deposit"])
             except (KeyError, ValueError, TypeError):
                 raise InvalidRequestError("send public_key (hex) and wallet of the provider, optionally amount and "
                                           "deposit (nanoton)") from None
+            amount, deposit = _nanoton(d, "amount"), _nanoton(d, "deposit")
+            reg = registered(pid)
+            if reg is not None and (wallet.raw != Address.parse(reg[0]).raw or key.hex() != reg[1].lower()):
+                # earnings go where the provider said when it joined, not where a typo (or a thief) says
+                raise ConflictError(f"provider {pid!r} registered wallet {reg[0]} and key {reg[1]}; a payout to it "
+                                    "goes there: pass those (`cocoon provider ls --json` shows them)",
+                                    wallet=reg[0], public_key=reg[1])
             due = next((e["due"] for e in provider_earnings(gate.ledger) if e["provider_id"] == pid), 0)
             if due <= 0:
                 raise ConflictError(f"provider {pid!r} is due nothing; see GET /v1/ledger/providers")
+            # refused before a channel is funded for it (`pay` checks again under the channel's row lock)
+            if amount is not None and amount > due:
+                raise ConflictError(f"provider {pid!r} is due {due} nanoton; cannot pay {amount}", due=due)
+            want = due if amount is None else amount
+            if deposit is not None and deposit < want and not payout_channels_of(gate.ledger, [pid]):
+                raise InvalidRequestError(f"a deposit of {deposit} nanoton cannot cover the {want} to pay now (a "
+                                          "payout channel cannot be topped up yet); send a larger deposit, or none "
+                                          "for 10x what is due")
             # the channel's state is a row of the shared ledger: any gateway with the operator key can pay
             channels = PayoutChannels(gate.ledger, gate.chain, operator_key)
             await asyncio.to_thread(channels.ensure_open, pid, key, wallet,

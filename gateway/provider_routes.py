@@ -47,6 +47,7 @@ from cocoon_faas.runtime.node_attestation import seal_secrets
 from cocoon_faas.runtime.registration import Registration
 
 MAX_BODY = 64 * 1024
+MAX_LOAD = 10_000  # a node's load is a busy fraction (above 1 when overloaded); beyond this it means nothing
 
 
 def _default_ray_address() -> str | None:
@@ -192,11 +193,12 @@ def provider_routes(providers: Marketplace | ProviderBook | Callable[[], Provide
         book = book_of()
         node_id = request.path_params["node_id"]
         body = await body_of(request)
-        try:
-            load = float(body.get("load", 0.0)) if isinstance(body, dict) else 0.0
-        except (TypeError, ValueError):
-            raise InvalidRequestError("load must be a number") from None
-        status = await book.heartbeat(node_id, token_of(request), load)
+        load = body.get("load", 0.0) if isinstance(body, dict) else 0.0
+        # a number as JSON sends it: "inf" or "nan" in a string became a load that no listing could encode (500)
+        if isinstance(load, bool) or not isinstance(load, (int, float)) or not 0 <= load <= MAX_LOAD:
+            raise InvalidRequestError(f"load must be a number from 0 to {MAX_LOAD} (the node's busy CPUs per CPU), "
+                                      f"got {load!r}")
+        status = await book.heartbeat(node_id, token_of(request), float(load))
         return JSONResponse({"status": status, "heartbeat_interval_s": book.heartbeat_interval})
 
     async def leave(request: Request) -> JSONResponse:

@@ -259,7 +259,14 @@ class ReplicaHandle:
         self._gone = True
         self.close()
         self.state = "dead"
-        if exc is not None and "bad frame" in str(exc):
+        if isinstance(exc, P.FrameTooLarge):
+            log.warning("replica %s of %s sent a %d-byte frame, over the %d-byte limit; dropping it", self.id,
+                        self.function, exc.length, exc.limit)
+            err = ReplicaLostError(
+                f"function {self.function!r} answered with {exc.length} bytes in one result or stream item, over "
+                f"the gateway's {exc.limit}-byte limit (COCOON_MAX_FRAME_BYTES): return less, or yield it as "
+                f"smaller stream items; its replica {self.id} was dropped and is replaced")
+        elif exc is not None and "bad frame" in str(exc):
             log.warning("replica %s of %s sent a frame the gateway refuses (%s); dropping it", self.id,
                         self.function, exc)
             err = ReplicaLostError(f"replica {self.id} of {self.function!r} broke the frame protocol ({exc}); it "

@@ -10,24 +10,22 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from cocoon_faas.errors import InvalidRequestError
+from cocoon_faas.pricing import ton_literal
 from cocoon_faas.runtime.hardware import Hardware, normalize_model
 
 NANOTON = 1_000_000_000
 
 
 def ton_to_nanoton(value: str | float | int) -> int:
-    """"0.0005" TON -> 500000 nanoton; exact for decimal strings."""
+    """"0.0005" TON -> 500000 nanoton, exactly (cocoon_faas.pricing's one parser: more than 9 decimals is
+    refused, never truncated to a lower price)."""
     try:
-        d = Decimal(str(value))
-    except InvalidOperation:
-        raise InvalidRequestError(f"price {value!r} is not a number of TON") from None
-    if d < 0 or not d.is_finite():
-        raise InvalidRequestError(f"price {value!r} must be a non-negative number of TON")
-    return int(d * NANOTON)
+        return ton_literal(value)
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(f"price: {exc.message}") from None
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from starlette.routing import Route
 from cocoon_faas.confidential import SEALED_FRAME_CONTENT_TYPE
 from cocoon_faas.errors import CocoonError, ConflictError, InvalidRequestError, NotFoundError
 from cocoon_faas.gateway.connection import abort_connection
-from cocoon_faas.gateway.http import error_response, json_response
+from cocoon_faas.gateway.http import error_response, json_response, refuse_unreadable_answer
 from cocoon_faas.gateway.limits import check_args
 from cocoon_faas.gateway.pipeline import Call, CallStream, Pipeline, Plan, call_id_of
 from cocoon_faas.gateway.sealed import is_sealed, sealed_plan
@@ -35,11 +35,7 @@ def json_plan(request: Request) -> Any:
     fr = request.app.state.gw.controller.get(request.path_params["name"])
 
     def plan(body: bytes) -> Plan:
-        if fr.spec.streams and not _accepts_stream(request):
-            raise InvalidRequestError(
-                f"function {fr.name!r} is a generator: it answers with a stream of events (text/event-stream), but "
-                "this request accepts only JSON; stream it (SDK: fn.stream(...) or Client.stream, CLI: `cocoon call "
-                "--stream`, HTTP: Accept: text/event-stream)")
+        refuse_unreadable_answer(request, fr.name, fr.spec.streams)
         if fr.flags.confidential:
             raise InvalidRequestError(f"function {fr.name!r} is a confidential deployment: it accepts only sealed "
                                       "calls (`cocoon call --confidential`, Client.call_confidential)")
@@ -48,6 +44,9 @@ def json_plan(request: Request) -> Any:
         except RecursionError:
             raise InvalidRequestError("the arguments are nested too deeply; flatten them") from None
         except (ValueError, UnicodeDecodeError) as exc:
+            if str(exc).startswith("Exceeds the limit"):  # Python's advice (set_int_max_str_digits) is not the caller's
+                raise InvalidRequestError("a number in the body has more than 4300 digits; send a smaller number "
+                                          "(or a string)") from None
             raise InvalidRequestError(f"request body is not valid JSON ({exc}); send a JSON object of arguments, "
                                       f"e.g. {fr.signature.example()}") from None
         check_args(body, args)
@@ -57,11 +56,15 @@ def json_plan(request: Request) -> Any:
     return plan
 
 
-def _accepts_stream(request: Request) -> bool:
-    """Whether the client takes an SSE answer: no Accept header, a wildcard or text/event-stream (a client that
-    asked for JSON only is told to stream before anything runs or is held)."""
-    accept = request.headers.get("accept", "").lower()
-    return not accept or "*/*" in accept or "text/*" in accept or "text/event-stream" in accept
+def _async_answerable(request: Request) -> None:
+    """An async call's answer is one JSON result: a generator's stream has no place in it, so it is refused before
+    anything is read or held (it used to run, fail as the function's error and be charged)."""
+    fr = request.app.state.gw.controller.get(request.path_params["name"])
+    if fr.spec.streams:
+        raise InvalidRequestError(
+            f"function {fr.name!r} is a generator: its answer is a stream of events, which an async call "
+            "(Prefer: respond-async) cannot hold; call it without Prefer: respond-async and read the stream (SDK: "
+            "fn.stream(...), CLI: `cocoon call --stream`)")
 
 
 async def call_function(request: Request) -> Response:
@@ -75,6 +78,7 @@ async def call_function(request: Request) -> Response:
     sealed = is_sealed(request)
     try:
         if "respond-async" in request.headers.get("prefer", "").lower():
+            _async_answerable(request)
             pipeline.async_room()  # refused before admission: nothing read, held or recorded
         plan = sealed_plan(request, call_id) if sealed else json_plan(request)
         call = await pipeline.admit(request, call_id, plan)

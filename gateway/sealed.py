@@ -52,6 +52,7 @@ from cocoon_faas.errors import (
 from cocoon_faas.gateway.chooser import Eligibility
 from cocoon_faas.gateway.controller import FunctionRuntime
 from cocoon_faas.gateway.dispatch import Route
+from cocoon_faas.gateway.http import refuse_unreadable_answer
 from cocoon_faas.gateway.pipeline import Call, Plan
 from cocoon_faas.gateway.replica_client import ReplicaHandle
 from cocoon_faas.gateway.routes_attest import release_to_locked
@@ -156,6 +157,8 @@ def sealed_plan(request: Request, call_id: str, kinds: tuple[str, ...] = ()) -> 
             if hdr.function != fr.name:
                 raise InvalidRequestError(f"the envelope is sealed for {hdr.function!r} but was posted to "
                                           f"/fn/{fr.name}; post it to /fn/{hdr.function}")
+        if not kinds:  # the OpenAI routes answer in their own shapes (`stream` in the sealed body decides)
+            refuse_unreadable_answer(request, fr.name, fr.spec.streams)
         kids = set(hdr.key_ids)
         holders = [r for r in fr.ready if r.extra.get("key_id") in kids]
         if not holders:

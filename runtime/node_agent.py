@@ -121,16 +121,16 @@ class GatewayLink:
         headers = {"authorization": f"Bearer {token}"} if token else {}
         try:
             resp = self._http.request(method, self.url + path, json=body, headers=headers)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise GatewayUnreachableError(f"cannot reach the gateway at {self.url} ({exc}); check --gateway "
                                           "and that it is running") from None
         try:
             data = resp.json()
         except ValueError:
             data = resp.text
-        if resp.status_code >= 400:
+        if resp.status_code >= 400 or not isinstance(data, dict):  # every gateway route answers a JSON object
             raise error_from_body(resp.status_code, data)
-        return data if isinstance(data, dict) else {"data": data}
+        return data
 
     def close(self) -> None:
         self._http.close()

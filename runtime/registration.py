@@ -62,6 +62,9 @@ def check_wallet_signature(public_key: str, wallet: str, wallet_version: str, me
         raise AuthenticationError(not_owner.format(wallet=wallet, version=wallet_version))
 
 
+MAX_NAME = 128  # characters of a node's name
+
+
 @dataclass(frozen=True)
 class Registration:
     """What a provider node offers and asks, as signed by its wallet key."""
@@ -116,9 +119,9 @@ class Registration:
         r = body["registration"]
         try:
             reg = cls(str(r["wallet"]), str(r.get("wallet_version", "v3r2")), str(r["public_key"]),
-                      str(r.get("name", ""))[:128], Hardware.from_dict(r["hardware"]), int(r["gpu_price"]),
+                      str(r.get("name", "")), Hardware.from_dict(r["hardware"]), int(r["gpu_price"]),
                       int(r.get("cpu_price", 0)), int(r["timestamp"]), str(r["nonce"]),
-                      str(r.get("attestation_kid", ""))[:64])
+                      str(r.get("attestation_kid", "")))
             sig = bytes.fromhex(str(body.get("signature", "")))
             pk = bytes.fromhex(reg.public_key)
         except KeyError as exc:
@@ -131,6 +134,15 @@ class Registration:
             raise InvalidRequestError("prices must be >= 0 nanoton per second")
         if not 8 <= len(reg.nonce) <= 64:
             raise InvalidRequestError("nonce must be 8 to 64 characters")
+        # refused, not cut: the signature covers the whole name, so a cut one read as a forged registration
+        if not reg.name.isprintable():  # shown on the operator's terminal and page: no escapes, no line breaks
+            raise InvalidRequestError("node name must be printable text (no control characters or line breaks); "
+                                      "join with a plain --name")
+        if len(reg.name) > MAX_NAME:
+            raise InvalidRequestError(f"node name is {len(reg.name)} characters, at most {MAX_NAME}; join with a "
+                                      "shorter --name")
+        if len(reg.attestation_kid) > 64:
+            raise InvalidRequestError("attestation_kid must be at most 64 characters")
         return reg, sig
 
     def verify(self, signature: bytes, now: float, max_skew: float = MAX_SKEW_S) -> None:

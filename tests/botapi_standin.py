@@ -42,6 +42,8 @@ class BotApiStandIn:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self._next_update, self._next_message = 1, 100
         self._server: uvicorn.Server | None = None
+        # failures to answer, in order: (method, HTTP status, extra fields such as {"parameters": {"retry_after": 1}})
+        self.failures: list[tuple[str, int, dict[str, Any]]] = []
 
     # -- what a test does ----------------------------------------------------------------------------
     def user_says(self, chat_id: int, text: str) -> int:
@@ -54,6 +56,12 @@ class BotApiStandIn:
                 "from": {"id": chat_id, "is_bot": False, "first_name": "Ada"}}})
             self._next_update += 1
             return mid
+
+    def update(self, kind: str, body: dict[str, Any]) -> None:
+        """Any other update: `kind` is its field ("edited_message", "callback_query", ...)."""
+        with self.lock:
+            self.updates.append({"update_id": self._next_update, kind: body})
+            self._next_update += 1
 
     def replies(self, chat_id: int) -> list[Sent]:
         with self.lock:
@@ -79,6 +87,15 @@ class BotApiStandIn:
             p = dict(parse_qsl(raw.decode(), keep_blank_values=True))
         with self.lock:
             self.calls.append((method, p))
+            fail = next((f for f in self.failures if f[0] == method), None)
+            if fail is not None:
+                self.failures.remove(fail)
+        if fail is not None:
+            return JSONResponse({"ok": False, "error_code": fail[1], "description": f"injected {fail[1]}",
+                                 **fail[2]}, fail[1])
+        if len(str(p.get("text", "")).encode("utf-16-le")) > 2 * 4096:
+            return JSONResponse({"ok": False, "error_code": 400, "description": "Bad Request: message is too long"},
+                                400)
         if method == "getMe":
             return self._ok(BOT_USER)
         if method in ("deleteWebhook", "sendChatAction"):

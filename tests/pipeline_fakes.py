@@ -120,6 +120,10 @@ class FakeReplica:
                 out["usage"] = usage
             return out
 
+        if mode == "refuse" and not sealed:  # what a function raising cocoon's InvalidRequestError sends
+            send(P.encode(call, P.ERROR, {"type": "function_error", "exc_type": "InvalidRequestError",
+                                          "message": "prompt exceeds the model's context", "ms": EXEC_MS}))
+            return
         if mode == "error" and not meta.get("stream"):
             if sealed:
                 assert ctx is not None

@@ -25,6 +25,7 @@ HOLD = 50_000
 
 class Recorder(BaseHTTPRequestHandler):
     seen: list[tuple[str, str, dict[str, str]]] = []
+    bodies: list[bytes] = []
 
     def _answer(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
         raw = json.dumps(body).encode()
@@ -42,7 +43,7 @@ class Recorder(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         n = int(self.headers.get("Content-Length") or 0)
-        self.rfile.read(n)
+        self.bodies.append(self.rfile.read(n))
         self.seen.append(("POST", self.path, dict(self.headers)))
         paid = "X-Cocoon-Payment" in self.headers
         self._answer(200, {"ok": True}, {"X-Cocoon-Charge": str(CHARGE)} if paid else {})
@@ -136,3 +137,27 @@ def test_a_429_is_a_retryable_overloaded_error_in_the_sdk_and_the_proxy() -> Non
     r = _error(exc)
     assert r.status_code == 429 and r.headers["retry-after"] == "1"
     assert json.loads(bytes(r.body))["error"]["type"] == "overloaded"
+
+
+def test_remote_binds_positional_arguments_as_a_local_call_does(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cocoon_faas as cocoon
+    from cocoon_faas.settings import reload_settings
+
+    @cocoon.function()
+    def f(name: str, excited: bool = False) -> dict:
+        return {}
+
+    monkeypatch.setenv("COCOON_GATEWAY_URL", server)
+    monkeypatch.setenv("COCOON_API_KEY", "k")
+    reload_settings()
+    try:
+        assert f.remote("Ada", excited=True) == {"ok": True}  # was a TypeError: remote() takes keywords only
+        assert json.loads(Recorder.bodies[-1]) == {"name": "Ada", "excited": True}
+    finally:
+        monkeypatch.undo()
+        reload_settings()
+    assert f.keywords(("Ada", True), {}) == {"name": "Ada", "excited": True}
+    with pytest.raises(TypeError, match="both positionally and by keyword"):
+        f.keywords(("Ada",), {"name": "Bo"})
+    with pytest.raises(TypeError, match="takes 2 argument"):
+        f.keywords((1, 2, 3), {})

@@ -262,3 +262,63 @@ def test_block_manager_lru_refcounts_and_copy_on_write():
     assert m.writable(b) == (b, False)
     with pytest.raises(RuntimeError, match="released more often"):
         m.release(c) or m.release(c)
+
+
+def test_bad_prompts_and_params_are_refused_naming_the_field_and_leak_no_blocks(engine):
+    """What an OpenAI-API user can send that the tokenizer or torch would choke on (a 500 before): each is an
+    InvalidRequestError naming the field, and the pool is untouched. Any integer seed samples (modulo 2**64)."""
+    free = engine.stats().free_blocks
+    bad = [("a\ud800b", SamplingParams(max_tokens=2), "prompt"),
+           ([{"role": "user", "content": "\udcff"}], SamplingParams(max_tokens=2), "messages"),
+           ([{"role": "user"}], SamplingParams(max_tokens=2), "messages"),
+           ([{"role": "user", "content": "x"}, 5], SamplingParams(max_tokens=2), "messages"),
+           (["a"], SamplingParams(max_tokens=2), "prompt"),
+           ([1.5, 2], SamplingParams(max_tokens=2), "prompt")]
+    with K.backend("torch"):
+        for prompt, params, field in bad:
+            with pytest.raises(InvalidRequestError) as e:
+                engine.submit(prompt, params)
+            assert e.value.details["param"] == field, (prompt, e.value)
+        assert SamplingParams(stop=["x" * 512]).stop == ("x" * 512,)
+        for field, value in (("temperature", True), ("top_p", True), ("logprobs", "false")):
+            with pytest.raises(InvalidRequestError) as e:
+                SamplingParams(**{field: value})
+            assert e.value.details["param"] == field
+        for stop in (5, {"END": 1}, ["x" * 513]):
+            with pytest.raises(InvalidRequestError) as e:
+                SamplingParams(stop=stop)  # type: ignore[arg-type]
+            assert e.value.details["param"] == "stop"
+        assert engine.stats().free_blocks == free
+        for seed in (2**64 - 1, -2**63 - 1, 10**30):
+            out = engine.generate("Hi", SamplingParams(max_tokens=2, temperature=1.0, seed=seed, n=2))
+            assert [c.finish_reason for c in out.choices] == ["length", "length"]
+        same = engine.generate("Hi", SamplingParams(max_tokens=3, temperature=1.0, seed=2**64 + 7))
+        assert same.choices[0].token_ids == engine.generate(
+            "Hi", SamplingParams(max_tokens=3, temperature=1.0, seed=7)).choices[0].token_ids
+    assert engine.wait_idle()
+
+
+def test_chat_example_takes_one_stop_string_as_openai_does(engine):
+    """`Chat.generate(..., stop="END")` over /fn: it was split into the stop characters 'E', 'N', 'D', so any of
+    them ended the answer."""
+    import asyncio
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "example_chat", Path(__file__).resolve().parent.parent / "examples" / "chat.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    chat = mod.Chat.cls()
+    chat.engine, chat.params = engine, SamplingParams
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+
+    async def text(**kw) -> str:
+        with K.backend("torch"):
+            return "".join([i.get("delta", "") async for i in mod.Chat.generate.raw(chat, msgs, max_tokens=8, **kw)])
+
+    plain = asyncio.run(text())
+    assert plain.strip()
+    stop = plain.strip()[0] + "\x00never"  # its first character is in the answer; the whole string is not
+    assert asyncio.run(text(stop=stop)) == plain

@@ -124,6 +124,51 @@ def test_join_rejects_bad_gpus_and_missing_key(server: tuple[str, Marketplace], 
                                   "--key-file", str(home / "seed"), "--gpus", "H100:lots"])
     assert r.exit_code == 2 and "COUNT must be an integer" in r.output
     r = CliRunner().invoke(main, ["provider", "join", "--gateway", url, "--wallet", wallet, "--price", "free"])
-    assert r.exit_code == 2 and "not a number of TON" in r.output
+    assert r.exit_code == 2 and "is not a number" in r.output
     r = CliRunner().invoke(main, ["provider", "join", "--gateway", url, "--wallet", wallet, "--price", "0.001"])
     assert r.exit_code == 1 and "cocoon wallet create" in r.output
+
+
+def test_a_damaged_session_file_is_one_error_line(home: Path) -> None:
+    for damaged in ("{bad", "[]", '{"node_id": 5}', '{"node_id": "n", "token": "t"}'):
+        (home / "provider.json").write_text(damaged)
+        for cmd in (["provider", "status"], ["provider", "leave", "--timeout", "0"]):
+            r = CliRunner().invoke(main, cmd)
+            assert r.exit_code == 1 and isinstance(r.exception, SystemExit), (damaged, cmd, r.output)
+            assert r.output.startswith("error: ") and "provider.json is damaged" in r.output, r.output
+
+
+def test_ls_prints_a_nodes_name_as_text_not_markup(server: tuple[str, Marketplace], home: Path) -> None:
+    """A provider's node name reached the operator's terminal as rich markup (and, before registration refused
+    them, as raw escape sequences): a node could restyle or fake lines of `cocoon provider ls`."""
+    url, market = server
+    key = PrivateKey.generate()
+    agent = NodeAgent(GatewayLink(url), key, wallet=Wallet(key.public_key()).address.friendly(),
+                      hardware=hardware.detect("H100:2", cpus=4, memory=1 << 30), gpu_price=1,
+                      name="[bold red]status: up[/bold red]")
+    agent.register()
+    r = CliRunner().invoke(main, ["provider", "ls", "--gateway", url])
+    assert r.exit_code == 0 and "[bold red]status: up[/bold red]" in r.output, r.output
+
+
+def test_a_second_join_from_one_home_is_refused(server: tuple[str, Marketplace], home: Path) -> None:
+    """A second `cocoon provider join` from the home of a running one re-registered the node (the running agent's
+    token stopped working), overwrote its session file and started a second Ray node beside the first."""
+    import subprocess
+    import sys
+
+    url, market = server
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # stands in for a live join
+    try:
+        (home / "provider.json").write_text(json.dumps({"node_id": "abc", "token": "t", "gateway": url,
+                                                        "pid": other.pid}))
+        key = PrivateKey.generate()
+        (home / "seed").write_text(key.to_bytes().hex())
+        r = CliRunner().invoke(main, ["provider", "join", "--gateway", url, "--wallet",
+                                      Wallet(key.public_key()).address.friendly(), "--price", "0.001",
+                                      "--key-file", str(home / "seed"), "--gpus", "H100:1"])
+        assert r.exit_code == 1 and f"already runs from this COCOON_HOME (pid {other.pid})" in r.output, r.output
+        assert market.listing() == [] and json.loads((home / "provider.json").read_text())["pid"] == other.pid
+    finally:
+        other.kill()
+        other.wait()

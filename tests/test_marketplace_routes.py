@@ -66,6 +66,40 @@ def test_register_heartbeat_list_leave(client: TestClient, market: Marketplace, 
     assert client.get("/v1/providers").json()["providers"] == []
 
 
+def test_a_heartbeat_load_that_no_listing_can_encode_is_refused(client: TestClient, key: PrivateKey) -> None:
+    """A node's load as the string "inf" (or "1e999") became an infinite load: every GET /v1/providers (the
+    listing, `cocoon provider ls`, the dashboard) answered 500 until that node heartbeated again."""
+    ans = client.post("/v1/providers", json=signed(key)).json()
+    nid, auth = ans["node_id"], {"authorization": f"Bearer {ans['token']}"}
+    assert client.post(f"/v1/providers/{nid}/heartbeat", json={"load": 0.5}, headers=auth).status_code == 200
+    for bad in ("inf", "1e999", "nan", "-inf", "0.7", -1, 1e300, True, None, [], {}):
+        r = client.post(f"/v1/providers/{nid}/heartbeat", json={"load": bad}, headers=auth)
+        assert r.status_code == 400 and "load must be a number from 0" in r.json()["error"]["message"], (bad, r.text)
+        listing = client.get("/v1/providers")
+        assert listing.status_code == 200 and listing.json()["providers"][0]["load"] == 0.5
+        assert client.get(f"/v1/providers/{nid}").json()["load"] == 0.5
+    assert client.post(f"/v1/providers/{nid}/heartbeat", json={"load": 3}, headers=auth).status_code == 200
+    assert client.get(f"/v1/providers/{nid}").json()["load"] == 3
+
+
+def test_a_long_node_name_is_refused_by_name_not_as_a_forgery(client: TestClient, key: PrivateKey) -> None:
+    """A name over 128 characters was cut before the signature was checked, so an honest `cocoon provider join
+    --name <long>` read as "registration signature does not verify"."""
+    r = client.post("/v1/providers", json=signed(key, name="n" * 129))
+    assert r.status_code == 400 and "shorter --name" in r.json()["error"]["message"], r.text
+    assert client.get("/v1/providers").json()["providers"] == []
+    assert client.post("/v1/providers", json=signed(key, name="n" * 128)).status_code == 201
+
+
+def test_a_node_name_with_control_characters_is_refused(client: TestClient, key: PrivateKey) -> None:
+    """Node names are shown on the operator's terminal (`cocoon provider ls`) and the dashboard."""
+    for name in ("a\x1b[2Jb", "line1\nline2", "tab\there", "bell\x07"):
+        r = client.post("/v1/providers", json=signed(key, name=name))
+        assert r.status_code == 400 and "printable" in r.json()["error"]["message"], (name, r.text)
+    assert client.get("/v1/providers").json()["providers"] == []
+    assert client.post("/v1/providers", json=signed(key, name="rig 7 (Zürich)")).status_code == 201
+
+
 def test_tokens_guard_heartbeat_and_leave(client: TestClient, key: PrivateKey) -> None:
     nid = client.post("/v1/providers", json=signed(key)).json()["node_id"]
     r = client.post(f"/v1/providers/{nid}/leave", headers={"authorization": "Bearer wrong"})

@@ -57,3 +57,17 @@ def test_forged_stale_and_malformed_initdata_is_refused() -> None:
     assert reason("%%%") == "malformed"
     no_user = {"auth_date": str(NOW), "query_id": "x"}
     assert reason(telegram_style(no_user, TOKEN)) == "malformed"
+
+
+def test_odd_initdata_is_refused_with_a_reason_never_an_exception() -> None:
+    """A non-ASCII hash raised TypeError (the Mini App server's 500); a repeated field was read as its last value
+    and a missing hash was called forged. An uppercase hash is the same hex digest and passes; unicode in the user
+    too."""
+    good = telegram_style(fields(), TOKEN)
+    assert reason(good.split("&hash=")[0] + "&hash=%C3%A9") == "forged"
+    assert reason(good.split("&hash=")[0]) == "malformed"
+    assert reason("user=%7B%22id%22%3A1%7D&" + good) == "malformed"
+    head, h = good.split("&hash=")
+    assert validate_init_data(f"{head}&hash={h.upper()}", TOKEN, now=NOW).id == 99
+    uni = {**fields(), "user": json.dumps({"id": 7, "first_name": "Алёна 🚀"}, ensure_ascii=False)}
+    assert validate_init_data(telegram_style(uni, TOKEN), TOKEN, now=NOW).first_name == "Алёна 🚀"

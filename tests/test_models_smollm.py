@@ -154,3 +154,6 @@ def test_text_stream_holds_back_partial_stops():
     partial_utf8 = ["ab", "abc\ufffd", "abcé"]  # the 2nd token ends inside a multi-byte character
     s2 = TextStream(lambda ids: partial_utf8[len(ids) - 1], stops=[])
     assert [s2.push(0), s2.push(1), s2.push(2)] == ["ab", "c", "é"]
+    # a stop string with U+FFFD in it matched half a character ("é" still arriving) and ended the answer there
+    s3 = TextStream(lambda ids: partial_utf8[len(ids) - 1], stops=["c\ufffd"])
+    assert [s3.push(0), s3.push(1), s3.push(2)] == ["ab", "c", "é"] and not s3.stopped

@@ -30,4 +30,5 @@ def test_wallet_commands(tmp_path: Path, monkeypatch) -> None:  # type: ignore[n
     shown = json.loads(r.invoke(main, ["wallet", "show"]).output)
     assert shown["address"] == created["address"] and shown["balance_ton"] == "2.5"
     assert r.invoke(main, ["wallet", "faucet", "0.0000000001"]).exit_code == 1
+    monkeypatch.undo()  # back to the test session's own home before the settings are read again
     reload_settings()

@@ -210,3 +210,85 @@ def test_exit_state_and_the_operators_forced_close(tmp_path: Path) -> None:
     coop = client.post("/v1/channels/21/close", json={"balance_a": args[1], "balance_b": args[2], "seqno_a": 1,
                                                       "seqno_b": 1, "signature_a": sign_close(CALLER, *args).hex()})
     assert coop.status_code == 409 and "forced close" in coop.json()["error"]["message"]
+
+
+def test_payout_amounts_are_checked_before_a_channel_is_funded(env) -> None:  # type: ignore[no-untyped-def]
+    """An operator's typo pays nothing and funds nothing: a float or a bool is not truncated to 1 nanoton, a
+    deposit past what the ledger stores is 400 (not 500), and an amount over what is due or a deposit below it
+    is refused before the operator's wallet funds a channel that could never pay it."""
+    chain, gate, client = env
+    cfg = _open_on_chain(chain, 9, CALLER, OP)
+    assert _reg(client, cfg).status_code == 201
+    signer = ChannelSigner(Path(gate.ledger.path).with_name("c.json"), CALLER, 9, DEP)
+    t = signer.sign_for_call(10**6)
+    gate.settle(gate.authorize(t.header, "c0", "f", 10**6), "gpu-1", 400_000, "d", 0)
+    op_wallet = Wallet(OP.public_key())
+    chain.faucet(op_wallet.address, 3 * DEP)
+    prov = PrivateKey(b"\x0c" * 32)
+    body = {"public_key": prov.public_key().hex(), "wallet": Wallet(prov.public_key()).address.raw}
+    for extra in ({"amount": 1.5}, {"amount": True}, {"amount": -1}, {"amount": 0}, {"amount": "5"},
+                  {"deposit": -1}, {"deposit": 0}, {"deposit": 10**30}, {"deposit": 2.5 * DEP}):
+        r = client.post("/v1/ledger/providers/gpu-1/payout", json={**body, **extra}, headers=TOKEN)
+        assert r.status_code == 400 and "nanoton" in r.json()["error"]["message"], (extra, r.text)
+    over = client.post("/v1/ledger/providers/gpu-1/payout", json={**body, "amount": 400_001}, headers=TOKEN)
+    assert over.status_code == 409 and over.json()["error"]["due"] == 400_000
+    small = client.post("/v1/ledger/providers/gpu-1/payout", json={**body, "deposit": 399_999}, headers=TOKEN)
+    assert small.status_code == 400 and "larger deposit" in small.json()["error"]["message"]
+    assert chain.balance(op_wallet.address) == 3 * DEP  # no channel was funded by any of them
+    assert gate.ledger.paid_out() == {} and gate.ledger.verify()["ok"]
+    ok = client.post("/v1/ledger/providers/gpu-1/payout", json={**body, "deposit": 400_000}, headers=TOKEN)
+    assert ok.status_code == 200 and ok.json()["amount"] == 400_000
+
+
+def test_channel_ids_and_close_numbers_out_of_range_are_4xx(tmp_path: Path) -> None:
+    """A channel id in the URL past 64 bits, or a close's seqno past 64 bits, answered 500 (the database driver
+    and the cell builder raised); now 404 (no such channel can be in the ledger) and 400, changing nothing."""
+    from cocoon_faas.gateway.watchtower import Watchtower
+
+    chain = LocalChain(tmp_path / "chain.db")
+    gate = PaymentGate(Ledger(tmp_path / "l.db"), OP, chain=chain, terms=TERMS)
+    client = TestClient(Starlette(routes=payment_routes(
+        gate, OP, is_operator=lambda r: r.headers.get("authorization") == TOKEN["Authorization"],
+        watchtower=Watchtower(gate.ledger, chain, OP))))
+    cfg = _open_on_chain(chain, 9, CALLER, OP)
+    assert _reg(client, cfg).status_code == 201
+    before = client.get("/v1/channels/9").json()
+    ok_args = {"balance_a": DEP, "balance_b": 0, "seqno_a": 1, "seqno_b": 1,
+               "signature_a": sign_close(CALLER, 9, DEP, 0, 1, 1).hex()}
+    for cid in (2**63, 2**70, 2**100):
+        assert client.get(f"/v1/channels/{cid}").status_code == 404
+        assert client.post(f"/v1/channels/{cid}/close", json=ok_args).status_code == 404
+        assert client.post(f"/v1/ledger/channels/{cid}/close", headers=TOKEN).status_code == 404
+    for field, value in (("seqno_a", 2**64), ("seqno_b", -1), ("balance_a", 2**63), ("balance_b", -5)):
+        r = client.post("/v1/channels/9/close", json={**ok_args, field: value})
+        assert r.status_code == 400 and "below 2**64" in r.json()["error"]["message"], (field, r.text)
+    assert client.get("/v1/channels/9").json() == before
+    assert gate.ledger.verify()["ok"]
+
+
+def test_a_payout_to_a_known_node_goes_to_the_wallet_it_registered(tmp_path: Path) -> None:
+    """The operator typed the provider's wallet and key by hand, and nothing checked them against what the node
+    registered: a typo (or whoever holds the operator key) sent a provider's earnings to another wallet."""
+    chain = LocalChain(tmp_path / "chain.db")
+    gate = PaymentGate(Ledger(tmp_path / "l.db"), OP, chain=chain, terms=TERMS)
+    prov, thief = PrivateKey(b"\x0d" * 32), PrivateKey(b"\x0e" * 32)
+    prov_wallet = Wallet(prov.public_key()).address
+    client = TestClient(Starlette(routes=payment_routes(
+        gate, OP, is_operator=lambda r: r.headers.get("authorization") == TOKEN["Authorization"],
+        registered=lambda nid: (prov_wallet.friendly(), prov.public_key().hex()) if nid == "gpu-1" else None)))
+    cfg = _open_on_chain(chain, 9, CALLER, OP)
+    assert _reg(client, cfg).status_code == 201
+    t = ChannelSigner(tmp_path / "c.json", CALLER, 9, DEP).sign_for_call(10**6)
+    gate.settle(gate.authorize(t.header, "c0", "f", 10**6), "gpu-1", 400_000, "d", 0)
+    op_wallet = Wallet(OP.public_key()).address
+    chain.faucet(op_wallet, 3 * DEP)
+    for key, wallet in ((thief, Wallet(thief.public_key()).address), (thief, prov_wallet),
+                        (prov, Wallet(thief.public_key()).address)):
+        r = client.post("/v1/ledger/providers/gpu-1/payout", headers=TOKEN,
+                        json={"public_key": key.public_key().hex(), "wallet": wallet.raw})
+        assert r.status_code == 409 and r.json()["error"]["wallet"] == prov_wallet.friendly(), r.text
+    assert chain.balance(op_wallet) == 3 * DEP and gate.ledger.paid_out() == {}
+    ok = client.post("/v1/ledger/providers/gpu-1/payout", headers=TOKEN,
+                     json={"public_key": prov.public_key().hex(), "wallet": prov_wallet.raw})
+    assert ok.status_code == 200 and ok.json()["amount"] == 400_000
+    assert gate.ledger.verify()["ok"]

@@ -22,6 +22,7 @@ import uvicorn
 from cocoon_faas.client import Client
 from cocoon_faas.confidential import seal_request
 from cocoon_faas.confidential_client import build_policy, local_dev_key, verified_replicas
+from cocoon_faas.errors import InvalidRequestError
 from cocoon_faas.gateway.app import create_app
 from cocoon_faas.gateway.ledger import Ledger
 from cocoon_faas.settings import Settings
@@ -182,6 +183,38 @@ def test_fn_async(gw: Harness, mode: str, final: str, settles: str) -> None:
     assert gw.records(cid) == [final]
 
 
+def test_fn_async_of_a_generator_is_refused_before_anything_is_held(gw: Harness) -> None:
+    before = gw.ledger.query("SELECT COUNT(*) FROM pay_calls")
+    r = _post(gw, "/fn/gen", {"mode": "ok"}, "gen", headers={"Prefer": "respond-async"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request" and "generator" in err["message"] and "--stream" in err["message"]
+    assert gw.ledger.query("SELECT COUNT(*) FROM pay_calls") == before  # nothing held, nothing charged
+    assert gw.records(r.headers["x-cocoon-call-id"]) == []
+
+
+def test_fn_stream_of_a_unary_function_is_refused_before_anything_is_held(gw: Harness) -> None:
+    before = gw.ledger.query("SELECT COUNT(*) FROM pay_calls")
+    r = _post(gw, "/fn/work", {"mode": "ok"}, "work", headers={"Accept": "text/event-stream"})
+    assert r.status_code == 400 and "not a generator" in r.json()["error"]["message"], r.text
+    assert gw.ledger.query("SELECT COUNT(*) FROM pay_calls") == before
+    with pytest.raises(InvalidRequestError, match="fn.remote"):  # the SDK's .stream() read no events: []
+        list(gw.dev.stream("work", {"mode": "ok"}))
+    assert gw.records(r.headers["x-cocoon-call-id"]) == []
+
+
+def test_fn_a_huge_integer_is_the_callers_problem_not_pythons(gw: Harness) -> None:
+    r = httpx.post(gw.url + "/fn/work", content=b'{"n": 1' + b"0" * 5000 + b"}", timeout=30,
+                   headers={"Authorization": f"Bearer {gw.key}"})
+    assert r.status_code == 400 and "more than 4300 digits" in r.json()["error"]["message"], r.text
+    assert "sys.set_int_max_str_digits" not in r.text
+
+
+def test_unknown_function_suggests_the_nearest_name(gw: Harness) -> None:
+    r = httpx.post(gw.url + "/fn/wrok", json={}, headers={"Authorization": f"Bearer {gw.key}"}, timeout=30)
+    assert r.status_code == 404 and "did you mean 'work'?" in r.json()["error"]["message"], r.text
+
+
 def test_fn_async_cancel_releases(gw: Harness) -> None:
     r = _post(gw, "/fn/work", {"mode": "hang"}, "work", headers={"Prefer": "respond-async"})
     cid = r.json()["id"]
@@ -334,6 +367,24 @@ def test_sealed_stream_and_its_disconnect(gw: Harness) -> None:
     _released(gw, cut, "cancelled")
 
 
+def test_sealed_calls_whose_answer_the_client_cannot_read_are_refused_before_anything_is_held(gw: Harness) -> None:
+    from cocoon_faas.confidential_client import call_confidential
+
+    before = gw.ledger.query("SELECT COUNT(*) FROM pay_calls")
+    for name, accept, needle in (("gen", "application/cocoon-sealed-frame", "is a generator"),
+                                 ("work", "text/event-stream", "not a generator")):
+        r = httpx.post(gw.url + f"/fn/{name}", content=_sealed_body(gw, name, {"mode": "ok"}), timeout=30,
+                       headers={**gw.pay_headers(name), **SEALED, "Accept": accept})
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+        assert gw.records(r.headers["x-cocoon-call-id"]) == []
+    assert gw.ledger.query("SELECT COUNT(*) FROM pay_calls") == before
+    # the SDK's sealed unary call of a generator: was "not a Cocoon sealed response (magic b'even')"
+    pol = build_policy(gw.home, gw.url, "gen", measurement=gw.dev.function("gen")["measurement"],
+                       allow_dev_attestation=[local_dev_key(gw.home)])
+    with pytest.raises(InvalidRequestError, match="stream_confidential"):
+        call_confidential(gw.dev.transport, "gen", {"mode": "ok"}, pol)
+
+
 # -- OpenAI routes ---------------------------------------------------------------------------------------------
 def _chat(content: str, **kw: Any) -> dict[str, Any]:
     return {"model": "fake-llm", "messages": [{"role": "user", "content": content}], "max_tokens": 4, **kw}
@@ -392,6 +443,42 @@ def test_openai_completions_and_embeddings(gw: Harness) -> None:
     assert gw.records(cid) == ["succeeded"]  # one request, one record, one charge
     (held,), = gw.ledger.query("SELECT hold FROM pay_calls WHERE call_id=?", (cid,))
     assert held > gw.paid.hold_for("embed")  # held for both inputs
+
+
+@pytest.mark.parametrize("path,name,body", [("/v1/chat/completions", "chat", _chat("refuse")),
+                                              ("/v1/chat/completions", "chat", _chat("refuse", stream=True)),
+                                              ("/fn/work", "work", {"mode": "refuse"})])
+def test_a_function_refusing_its_input_is_the_callers_400_not_charged(gw: Harness, path: str, name: str,
+                                                                       body: dict[str, Any]) -> None:
+    r = _post(gw, path, body, name)  # was 500 function_error (charged; OpenAI clients retry a 500)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request", r.text
+    assert "exceeds the model's context" in r.json()["error"]["message"]
+    _released(gw, r.headers["x-cocoon-call-id"], "failed")
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/chat/completions", {**_chat("ok"), "stream": "true"}, "stream"),  # a string was taken as true
+    ("/v1/chat/completions", {**_chat("ok"), "stream": True, "stream_options": {"include_usage": "maybe"}},
+     "stream_options"),
+    ("/v1/chat/completions", {**_chat("ok"), "stream_options": {"include_usage": True}}, "stream_options"),
+    ("/v1/embeddings", {"model": "fake-emb", "input": ["ab", ""]}, "input"),  # an empty text was embedded, paid
+    # the function has no response_format parameter: was a TypeError inside it, a charged 500
+    ("/v1/chat/completions", {**_chat("ok"), "response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_openai_bad_stream_flags_and_empty_inputs_are_refused_unpaid(gw: Harness, path: str, body: dict[str, Any],
+                                                                      param: str) -> None:
+    before = gw.ledger.query("SELECT COUNT(*) FROM pay_calls")
+    r = _post(gw, path, body, "embed" if "embeddings" in path else "chat")
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert gw.ledger.query("SELECT COUNT(*) FROM pay_calls") == before
+    assert gw.records(r.headers["x-cocoon-call-id"]) == []
+
+
+def test_openai_models_retrieve(gw: Harness) -> None:
+    r = httpx.get(gw.url + "/v1/models/fake-llm", timeout=30)  # public, like the list
+    assert r.status_code == 200 and r.json()["id"] == "fake-llm" and r.json()["cocoon"]["function"] == "chat", r.text
+    missing = httpx.get(gw.url + "/v1/models/gpt-4", timeout=30)
+    assert missing.status_code == 404 and "fake-llm" in missing.json()["error"]["message"], missing.text
 
 
 def test_openai_routes_honour_payments_required(gw: Harness, monkeypatch: pytest.MonkeyPatch) -> None:

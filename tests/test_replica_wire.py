@@ -114,6 +114,24 @@ def test_the_gateway_bounds_a_replicas_frames_by_its_setting():
     assert proto.closed and "bad frame" in str(lost[0])
 
 
+def test_a_result_over_the_frame_limit_tells_the_developer_what_to_change():
+    lost: list[Exception] = []
+    proto = P.FrameProtocol(lambda *a: None, lost.append, decode_meta, max_frame=1024)
+    proto.data_received(P.HEADER.pack(13 + 2000, 1, P.RESULT, 2))  # a big body, an ordinary meta
+    assert isinstance(lost[0], P.FrameTooLarge) and (lost[0].length, lost[0].limit) == (2013, 1024)
+
+    async def main() -> PendingCall:
+        r = ReplicaHandle(id="r", function="big", version=1, actor=None)
+        pending = PendingCall(False)
+        r._pending[1] = pending
+        r._lost(lost[0])
+        return pending
+
+    pending = asyncio.run(main())
+    err = pending.future.exception()  # was "broke the frame protocol (bad frame: length 2013, meta 2)"
+    assert "2013 bytes" in str(err) and "COCOON_MAX_FRAME_BYTES" in str(err) and "smaller stream items" in str(err)
+
+
 def test_engine_load_reports_are_strict_and_clamped():
     good = {"waiting": 2, "running": 3, "max_seqs": 8, "kv_blocks": 64, "kv_used": 60, "max_waiting": 16, "new": 1}
     m = decode_meta(P.STATS, json.dumps(good).encode())

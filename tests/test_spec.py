@@ -115,3 +115,46 @@ def test_deploying_a_missing_or_non_python_path_names_the_problem(tmp_path):
         load_app(tmp_path / "app.txt")
     with pytest.raises(InvalidRequestError, match="is not a Python file"):
         load_app(tmp_path)
+
+
+@pytest.mark.parametrize("source,needle", [
+    ("import cocoon_faas as cocoon\n@cocoon.function()\ndef f(x:\n", "app.py line 3: SyntaxError"),
+    ("import cocoon_faas as cocoon\nimport notapackage_r6\n", "imports 'notapackage_r6', which is not installed"),
+    ("import cocoon_faas as cocoon\n\nraise RuntimeError('boom')\n", "app.py line 3: importing the app raised "
+                                                                     "RuntimeError: boom"),
+    ("import cocoon_faas as cocoon\n@cocoon.function()\ndef f(x: int) -> int:\n    return x\n\n"
+     "@cocoon.function()\ndef f(x: int) -> int:\n    return x + 1\n", "defines 'f' 2 times (lines 3, 7)"),
+    ("import cocoon_faas as cocoon\n@cocoon.function(memory='lots')\ndef f(x: int) -> int:\n    return x\n",
+     "memory='lots' is not a size"),
+], ids=["syntax", "missing-package", "raises", "redefined", "bad-spec"])
+def test_deploying_a_broken_app_is_one_cli_error_line(tmp_path, monkeypatch, source, needle):
+    from click.testing import CliRunner
+
+    from cocoon_faas.cli import main
+
+    monkeypatch.setenv("COCOON_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("COCOON_GATEWAY_URL", "http://127.0.0.1:9")  # never reached: the app is refused first
+    (tmp_path / "app.py").write_text(source)
+    r = CliRunner().invoke(main, ["deploy", str(tmp_path / "app.py")])
+    assert r.exit_code == 1 and needle in r.output, r.output
+    assert "Traceback" not in r.output and isinstance(r.exception, SystemExit)
+
+
+def test_a_served_function_must_take_what_the_openai_routes_send():
+    with pytest.raises(InvalidSpecError, match="no parameter 'messages'"):  # every chat call failed inside it
+        @cocoon.function(serves="chat:m")
+        def chat(prompt: str) -> str:
+            return prompt
+    with pytest.raises(InvalidSpecError, match="'api_token' are required"):
+        @cocoon.function(serves="embeddings:e")
+        def embed(text: str, api_token: str) -> dict:
+            return {}
+
+    @cocoon.function(serves="chat:m")
+    def ok(messages: list, **sampling) -> str:
+        return ""
+
+    @cocoon.function(serves="embeddings:e")
+    def emb(text: str, normalize: bool = True) -> dict:
+        return {}
+    assert ok.spec.serves and emb.spec.serves

@@ -46,7 +46,7 @@ def print_json(data: Any) -> None:
 
 @click.command()
 @click.option("--host", default=None, help="interface to bind (default 127.0.0.1)")
-@click.option("--port", default=None, type=int, help="port (default 8000)")
+@click.option("--port", default=None, type=click.IntRange(1, 65535), help="port (default 8000)")
 @click.option("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
 @click.option("--workers", default=None, type=click.IntRange(1, 256),
               help="gateway processes sharing the port (default 1; with COCOON_DATABASE_URL they share PostgreSQL)")
@@ -222,7 +222,8 @@ def keys_create(name: str) -> None:
 
 
 @click.command()
-@click.option("--port", default=8080, show_default=True, type=int, help="port on 127.0.0.1")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535),
+              help="port on 127.0.0.1")
 @click.option("--allow-dev-attestation", is_flag=True,
               help="also trust replicas with this machine's NOT SECURE development attestation key")
 @handles_errors

@@ -8,17 +8,25 @@ import json
 import os
 import secrets
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import httpx
 
-from cocoon_faas.errors import CocoonError, ConflictError, InvalidRequestError, error_from_body
+from cocoon_faas.errors import (
+    CocoonError,
+    ConflictError,
+    InvalidRequestError,
+    PaymentRequiredError,
+    error_from_body,
+)
 from cocoon_faas.settings import get_settings
 from cocoon_faas.ton.address import Address
 from cocoon_faas.ton.amounts import format_ton, to_nano
-from cocoon_faas.ton.chain import backend_from_settings, require_ok
+from cocoon_faas.ton.chain import MESSAGE_FEE, backend_from_settings, local_chain_path, require_ok
 from cocoon_faas.ton.channel import ChannelConfig, SignedSemiChannel
 from cocoon_faas.ton.client import ChannelSigner
 from cocoon_faas.ton.closing import (
@@ -30,6 +38,7 @@ from cocoon_faas.ton.closing import (
     phase_of,
     spendable,
 )
+from cocoon_faas.ton.home_files import load_wallet_key, read_channel
 from cocoon_faas.ton.keys import PrivateKey, PublicKey, new_mnemonic
 from cocoon_faas.ton.messages import (
     CooperativeClose,
@@ -42,6 +51,7 @@ from cocoon_faas.ton.messages import (
 from cocoon_faas.ton.wallet import Wallet
 
 GAS = 50_000_000  # 0.05 TON attached to each channel message
+T = TypeVar("T")
 
 
 def _out(data: Any) -> None:
@@ -61,7 +71,7 @@ def _load_wallet() -> tuple[PrivateKey, Wallet]:
     f = _home() / "wallet.json"
     if not f.exists():
         raise InvalidRequestError("no wallet yet; run `cocoon wallet create`")
-    key = PrivateKey.from_mnemonic(json.loads(f.read_text())["words"])
+    key = load_wallet_key(f)
     return key, Wallet(key.public_key())
 
 
@@ -86,21 +96,35 @@ def _gateway(method: str, path: str, **kw: Any) -> Any:
         try:
             r = httpx.request(method, url + path, timeout=30, **kw)
             break
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             if i + 1 < len(urls) and (method == "GET" or isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))):
                 continue
             raise InvalidRequestError(f"cannot reach the gateway at {url} ({exc}); "
                                       "start it with `cocoon serve` or set COCOON_GATEWAY_URL") from None
-    if r.status_code >= 400:
-        raise error_from_body(r.status_code, r.json() if r.content else {})
-    return r.json()
+    try:
+        body = r.json() if r.content else {}
+    except ValueError:  # not a Cocoon gateway (a wrong port or path): its page is no error of ours
+        body = r.text
+    if r.status_code >= 400 or not isinstance(body, dict):  # every gateway route answers a JSON object
+        raise error_from_body(r.status_code, body)
+    return body
+
+
+def _answer(body: dict[str, Any], key: str, parse: Callable[[str], T]) -> T:
+    """One field of the gateway's answer; a missing or malformed one is an error that moves nothing."""
+    try:
+        return parse(str(body[key]))
+    except (KeyError, ValueError, TypeError):
+        raise InvalidRequestError(f"the gateway's answer has no valid {key!r}; nothing was closed: check "
+                                  "COCOON_GATEWAY_URL, or close without the operator (`cocoon channel close "
+                                  "--force`)") from None
 
 
 def _current() -> dict[str, Any]:
-    f = _home() / "channel.json"
-    if not f.exists():
+    c = read_channel(_home() / "channel.json")
+    if c is None:
         raise InvalidRequestError("no open channel; run `cocoon channel open --deposit 5`")
-    return dict(json.loads(f.read_text()))
+    return c
 
 
 def _cfg(c: dict[str, Any]) -> ChannelConfig:
@@ -114,18 +138,31 @@ def register(main: click.Group) -> None:
         """Your TON wallet (keys under COCOON_HOME)."""
 
     @wallet.command("create")
-    @click.option("--force", is_flag=True, help="replace an existing wallet (its words are lost)")
+    @click.option("--force", is_flag=True, help="replace an existing wallet (refused while a channel is open; the "
+                  "old wallet file is kept beside as wallet-replaced-<time>.json)")
     def wallet_create(force: bool) -> None:
         f = _home() / "wallet.json"
-        if f.exists() and not force:
-            _fail(InvalidRequestError(f"a wallet exists at {f}; pass --force to replace it"))
+        kept = None
+        if f.exists():
+            if not force:
+                _fail(InvalidRequestError(f"a wallet exists at {f}; pass --force to replace it"))
+            try:
+                current = read_channel(_home() / "channel.json", need=("channel_id",))
+            except CocoonError:
+                current = {"channel_id": "(damaged record)"}
+            if current is not None:  # its deposit comes back only with this wallet's key
+                _fail(ConflictError(f"channel {current['channel_id']} is open with this wallet's key; close it "
+                                    "first (`cocoon channel close`), then replace the wallet"))
+            # the old key may still hold TON: kept beside, never deleted
+            kept = f.with_name(f"wallet-replaced-{int(time.time())}.json")
+            os.replace(f, kept)
         words = new_mnemonic()
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps({"words": words}))
         os.chmod(f, 0o600)
         key = PrivateKey.from_mnemonic(words)
         _out({"address": Wallet(key.public_key()).address.friendly(), "public_key": key.public_key().hex(),
-              "mnemonic": " ".join(words)})
+              "mnemonic": " ".join(words), **({"previous_wallet_kept_at": str(kept)} if kept else {})})
 
     @wallet.command("show")
     def wallet_show() -> None:
@@ -163,15 +200,39 @@ def register(main: click.Group) -> None:
         try:
             key, w = _load_wallet()
             dep = to_nano(deposit)
+            if dep == 0:
+                raise InvalidRequestError("a deposit of 0 TON pays for no call; write --deposit 5")
+            chain = _chain()
+            current = read_channel(_home() / "channel.json")
+            if current is not None:  # one record per home: a second channel would hide the first's deposit
+                data = chain.channel_data(_cfg(current))
+                if data is None or data.inited or data.balance_a or data.balance_b:
+                    raise ConflictError(f"channel {current['channel_id']} is still open from this COCOON_HOME (or "
+                                        "not on this chain); close it first (`cocoon channel close`, or `--force` "
+                                        "then `cocoon channel finish`)")
+            need = dep + 2 * (GAS + MESSAGE_FEE)
+            if (have := chain.balance(w.address)) < need:  # checked up front: a top-up without its init strands it
+                raise PaymentRequiredError(f"wallet {w.address.friendly()} holds {format_ton(have)} TON; a deposit "
+                                           f"of {format_ton(dep)} TON needs {format_ton(need)} (with two messages' "
+                                           "gas); fund the wallet (`cocoon wallet faucet 10` on the local chain)",
+                                           needed=need - have)
             cid = secrets.randbits(63)
             op = _gateway("GET", f"/v1/payments/operator?channel_id={cid}")
-            op_key = PublicKey(bytes.fromhex(op["public_key"]))
-            closing = ClosingTerms.from_dict(op.get("closing") or {}).config_for(dep)
+            try:  # the operator's terms come from another party: malformed ones end here, before any money moves
+                op_key = PublicKey(bytes.fromhex(op["public_key"]))
+                closing = ClosingTerms.from_dict(op.get("closing") or {}).config_for(dep)
+                exit_state = SignedSemiChannel.from_boc(base64.b64decode(str(op.get("exit_state", ""))))
+                op_address = Address.parse(op["address"])
+            except CocoonError:
+                raise
+            except Exception as exc:
+                raise InvalidRequestError(f"the gateway's operator terms are malformed ({type(exc).__name__}: "
+                                          f"{exc}); nothing was paid: check COCOON_GATEWAY_URL") from None
             check_closing(closing, dep, get_settings().channel_max_close_s)  # before any money moves
-            exit_state = SignedSemiChannel.from_boc(base64.b64decode(str(op.get("exit_state", ""))))
             check_exit_state(exit_state, op_key, cid)
-            cfg = ChannelConfig(cid, key.public_key(), op_key, w.address, Address.parse(op["address"]), closing)
-            chain = _chain()
+            cfg = ChannelConfig(cid, key.public_key(), op_key, w.address, op_address, closing)
+            if current is not None:  # closed on chain without this CLI (the operator's close, a crash after ours)
+                os.replace(_home() / "channel.json", _home() / f"channel-{current['channel_id']}-closed.json")
             require_ok(chain.send_to_channel(key, w, cfg, TopUp(dep).to_cell(), dep + GAS), "top-up")
             require_ok(chain.send_to_channel(key, w, cfg, InitChannel.signed(key, True, cid, dep, 0).to_cell(), GAS),
                        "init")
@@ -187,8 +248,15 @@ def register(main: click.Group) -> None:
                                                        "dest_a": w.address.raw, "address": cfg.address.raw,
                                                        "deposit": dep, "closing": closing_to_dict(closing)})
             except CocoonError as exc:
-                raise type(exc)(f"{exc.message} (the channel is funded; leave with `cocoon channel close --force`)"
-                                ) from None
+                hint = ""
+                s = get_settings()
+                if exc.details.get("problem") == "not_on_chain" and s.settlement == "local":
+                    # the top-up and init just succeeded here: the gateway reads another local chain file
+                    hint = (f"; this CLI funded it on the local chain {local_chain_path(s.home, s.chain_path)}, "
+                            "which the gateway does not read: point COCOON_CHAIN_PATH at the gateway's (its "
+                            "COCOON_HOME/chain.db)")
+                raise type(exc)(f"{exc.message} (the channel is funded; leave with `cocoon channel close --force`"
+                                f"{hint})") from None
             _out({**{k: v for k, v in state.items() if k != "exit_state"}, "deposit_ton": format_ton(dep),
                   "spendable_ton": format_ton(spendable(dep, closing))})
         except CocoonError as exc:
@@ -235,16 +303,16 @@ def register(main: click.Group) -> None:
             s = ChannelSigner(_home() / "channels" / f"{cid}.json", key)
             # The gateway's count wins when it differs from ours (a response lost in a crash was still charged),
             # but never above what we signed: that is all the operator could claim on chain anyway.
-            charged = int(_gateway("GET", f"/v1/channels/{cid}")["charged"])
+            charged = _answer(_gateway("GET", f"/v1/channels/{cid}"), "charged", int)
             if charged > s.sent:
                 raise InvalidRequestError(f"the gateway claims {charged} nanoton, more than the {s.sent} you signed "
                                           "for; do not close cooperatively: `cocoon channel close --force` pays "
                                           "only what you were charged")
             args = (cid, s.deposit - charged, charged, max(s.seqno, 1), 1)
             sig_a = sign_close(key, *args)
-            sig_b = bytes.fromhex(_gateway("POST", f"/v1/channels/{cid}/close", json={
+            sig_b = _answer(_gateway("POST", f"/v1/channels/{cid}/close", json={
                 "balance_a": args[1], "balance_b": args[2], "seqno_a": args[3], "seqno_b": args[4],
-                "signature_a": sig_a.hex()})["signature_b"])
+                "signature_a": sig_a.hex()}), "signature_b", bytes.fromhex)
             msg = CooperativeClose(sig_a, sig_b, *args)
             res = require_ok(_chain().send_to_channel(key, w, _cfg(c), msg.to_cell(), GAS), "close")
             (_home() / "channel.json").unlink()

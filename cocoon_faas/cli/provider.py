@@ -22,6 +22,7 @@ import click
 
 from cocoon_faas.errors import CocoonError, InvalidRequestError
 from cocoon_faas.settings import get_settings
+from cocoon_faas.ton.home_files import load_wallet_key
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -33,31 +34,32 @@ def _session_file() -> Path:
     return get_settings().home / "provider.json"
 
 
-def load_key(path: Path) -> Any:
-    """The wallet key from wallet.json ({"words": [...]}), a 24-word phrase, or a 64-hex Ed25519 seed."""
-    from cocoon_faas.ton.keys import PrivateKey
-
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        raise InvalidRequestError(f"no wallet key at {path}; run `cocoon wallet create` or pass --key-file") from None
-    if text.startswith("{"):
-        return PrivateKey.from_mnemonic(json.loads(text)["words"])
-    words = text.split()
-    if len(words) == 24:
-        return PrivateKey.from_mnemonic(words)
-    try:
-        return PrivateKey.from_bytes(bytes.fromhex(text))
-    except ValueError:
-        raise InvalidRequestError(f"{path} holds neither wallet JSON, 24 words nor a 64-hex seed") from None
-
-
 def _session() -> dict[str, Any]:
     f = _session_file()
     if not f.exists():
         raise InvalidRequestError(f"no provider node runs from this machine ({f} is missing); "
                                   "start one with `cocoon provider join`")
-    return dict(json.loads(f.read_text()))
+    try:
+        s = json.loads(f.read_text())
+        if not isinstance(s, dict) or not all(isinstance(s.get(k), str) for k in ("gateway", "node_id", "token")):
+            raise ValueError
+    except (OSError, ValueError):
+        raise InvalidRequestError(f"{f} is damaged; stop the node's `cocoon provider join` if it still runs, "
+                                  "delete the file and join again") from None
+    return s
+
+
+def _running_node() -> tuple[str, int] | None:
+    """(node id, pid) of the `cocoon provider join` still running from this home, if any."""
+    try:
+        s = json.loads(_session_file().read_text())
+        pid = int(s["pid"])
+        if pid <= 0 or pid == os.getpid():
+            return None
+        os.kill(pid, 0)  # raises when no such process
+        return str(s["node_id"]), pid
+    except (OSError, ValueError, KeyError, TypeError):  # none, gone, or a file no join of ours wrote
+        return None
 
 
 def _link(gateway: str | None) -> Any:
@@ -148,7 +150,12 @@ def register(main: click.Group) -> None:
         from cocoon_faas.runtime.registration import wallet_owner_matches
 
         try:
-            key = load_key(key_file or get_settings().home / "wallet.json")
+            running = _running_node()
+            if running is not None:  # a second join would take over its registration and clash with its Ray
+                raise InvalidRequestError(f"node {running[0]} already runs from this COCOON_HOME (pid {running[1]}); "
+                                          "stop it first (`cocoon provider leave`), or join from another "
+                                          "COCOON_HOME")
+            key = load_wallet_key(key_file or get_settings().home / "wallet.json")
             if not wallet_owner_matches(wallet, key.public_key().to_bytes(), wallet_version):
                 raise InvalidRequestError(f"this key does not own {wallet} as a {wallet_version} wallet; pass the "
                                           "wallet's own key with --key-file or its version with --wallet-version")
@@ -261,7 +268,7 @@ def register(main: click.Group) -> None:
 
         url = gateway or gateway_urls(get_settings().gateway_url)[0]
         try:
-            key = load_key(key_file or get_settings().home / "wallet.json")
+            key = load_wallet_key(key_file or get_settings().home / "wallet.json")
             pub = key.public_key()
             link = _link(url)
             challenge = link.call("POST", "/dashboard/api/provider/challenge")["challenge"]
@@ -297,15 +304,19 @@ def register(main: click.Group) -> None:
             return
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
+
+        def cell(v: object) -> Text:  # a node's own words (its name): as plain text, never markup or escapes
+            return Text("".join(c if c.isprintable() else "?" for c in str(v)))
 
         t = Table("node", "name", "gpu", "TON/GPU-s", "status", "load", "replicas", "success", "latency",
                   "calls", "earned TON")
         for r in rows:
-            t.add_row(r["node_id"], r["name"], r["gpu"], _ton(r["gpu_price"]),
+            t.add_row(*map(cell, (r["node_id"], r["name"], r["gpu"], _ton(r["gpu_price"]),
                       (f"excluded: {r['excluded']}" if r.get("excluded") else
                        r["status"] + ("" if r["healthy"] or r["status"] != "up" else " (silent)")),
                       f"{r['load']:.2f}", str(r["replicas"]), f"{r['success_rate']:.1%}",
-                      f"{r['mean_latency_s'] * 1000:.0f} ms", str(r["calls"]), _ton(r["earned"]))
+                      f"{r['mean_latency_s'] * 1000:.0f} ms", str(r["calls"]), _ton(r["earned"]))))
         Console(width=None if sys.stdout.isatty() else 200).print(t)
 
     @provider.command("status")

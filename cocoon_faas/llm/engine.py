@@ -273,10 +273,19 @@ class Engine:
     # --- request set-up -----------------------------------------------------------------------------------------
     def _prompt_ids(self, prompt: Sequence[dict[str, Any]] | Sequence[int] | str) -> list[int]:
         if isinstance(prompt, str):
-            ids = self.model.encode(prompt)
+            ids = self.model.encode(_utf8(prompt, "prompt"))
         elif prompt and isinstance(prompt[0], dict):
-            ids = self.model.chat_template(prompt)  # type: ignore[arg-type]
+            for m in prompt:  # the tokenizer takes only text that is valid UTF-8 (no lone surrogates)
+                if isinstance(m, dict) and isinstance(m.get("content"), str):
+                    _utf8(m["content"], "messages")
+            try:
+                ids = self.model.chat_template(prompt)  # type: ignore[arg-type]
+            except ValueError as exc:  # e.g. a message without a string role or content
+                raise InvalidRequestError(str(exc), param="messages") from None
         else:
+            if any(isinstance(t, bool) or not isinstance(t, int) for t in prompt):
+                raise InvalidRequestError("a prompt must be text, a list of chat messages or a list of integer "
+                                          "token ids", param="prompt")
             ids = [int(t) for t in prompt]  # type: ignore[arg-type]
         if not ids:
             raise InvalidRequestError("the prompt is empty", param="messages")
@@ -308,7 +317,8 @@ class Engine:
 
     def _new_seq(self, h: RequestHandle, index: int, constraint: Constraint | None) -> _Seq:
         p = h.params
-        seed = secrets.randbits(63) if p.seed is None else p.seed + index
+        # any integer seed is accepted (OpenAI's is unbounded): torch takes 64 bits, so it is taken modulo 2**64
+        seed = secrets.randbits(63) if p.seed is None else (p.seed + index) % 2**64
         return _Seq(h, index, list(h.prompt), TextStream(self.model.decode, p.stop),
                     torch.Generator().manual_seed(seed), constraint)
 
@@ -522,3 +532,14 @@ class Engine:
                 h._open -= 1
                 if h._open == 0:
                     self._done(h)
+
+
+def _utf8(text: str, param: str) -> str:
+    """`text`, or a clear refusal when it cannot be UTF-8 (a lone surrogate such as '\\ud800', e.g. from a broken
+    JSON escape): the tokenizer would fail on it with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(f"{param} is not valid Unicode text: {text[exc.start:exc.end]!a} at character "
+                                  f"{exc.start} (a lone surrogate); send UTF-8 text", param=param) from None
+    return text

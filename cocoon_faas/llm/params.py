@@ -10,6 +10,7 @@ from typing import Any
 from cocoon_faas.errors import InvalidRequestError
 
 MAX_TOP_LOGPROBS = 20
+MAX_STOP_CHARS = 512
 
 
 @dataclass(frozen=True)
@@ -32,21 +33,34 @@ class SamplingParams:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}",
                                       param="max_tokens")
-        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 2:
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or \
+                not 0 <= self.temperature <= 2:
             raise InvalidRequestError(f"temperature must be between 0 and 2, got {self.temperature!r}",
                                       param="temperature")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}", param="top_p")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}", param="seed")
+        if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):  # a dict would pass its keys
+            raise InvalidRequestError(f"stop must be a string or a list of up to 4 strings, got "
+                                      f"{type(self.stop).__name__}", param="stop")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
             raise InvalidRequestError("stop must be a string or up to 4 non-empty strings", param="stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stop):
+            # matching a stop string costs its length per generated token, on the step thread every request shares
+            # (a 100k-character stop stalled everyone's decoding ~50 ms a token); and that much text is held back
+            raise InvalidRequestError(f"each stop string may be at most {MAX_STOP_CHARS} characters, got "
+                                      f"{max(len(s) for s in stop)}", param="stop")
         object.__setattr__(self, "stop", stop)
         if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int) or \
                 not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequestError(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}",
                                       param="top_logprobs")
+        if self.logprobs is None:  # JSON null: not asked for
+            object.__setattr__(self, "logprobs", False)
+        if not isinstance(self.logprobs, bool):  # "false" is a true value: it would turn logprobs on
+            raise InvalidRequestError(f"logprobs must be true or false, got {self.logprobs!r}", param="logprobs")
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs=true", param="top_logprobs")
         if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= 16:

@@ -22,10 +22,22 @@ def to_nano(value: str | int | Decimal) -> int:
         dec = Decimal(str(value).strip())
     except InvalidOperation:
         raise InvalidRequestError(f"amount {value!r} is not a number; write TON like '5' or '0.05'") from None
-    nano = dec * NANO
-    if nano != nano.to_integral_value():
+    if not dec.is_finite():
+        raise InvalidRequestError(f"amount {value!r} is not a finite amount of TON; write TON like '0.05'")
+    if dec < 0:
+        raise InvalidRequestError(f"amount {value!r} is negative; write a positive amount of TON like '0.05'")
+    # exact, from the digits: Decimal arithmetic would round past 28 significant digits and accept them
+    _, digits, exp = dec.as_tuple()
+    whole = int("".join(map(str, digits)) or "0")
+    shift = int(exp) + 9
+    if whole and shift + len(digits) > 40:  # well past 2**120 nanoton, without building a huge number
+        raise InvalidRequestError(f"amount {value!r} is too large: at most {format_ton(MAX_COINS)} TON")
+    if shift < 0 and whole and (-shift > len(digits) or whole % 10**-shift):  # (0.000…0 is 0 however written)
         raise InvalidRequestError(f"amount {value!r} has more than 9 decimals (1 nanoton = 0.000000001 TON)")
-    return check_coins(int(nano))
+    nano = 0 if not whole else whole * 10**shift if shift >= 0 else whole // 10**-shift
+    if nano > MAX_COINS:
+        raise InvalidRequestError(f"amount {value!r} is too large: at most {format_ton(MAX_COINS)} TON")
+    return nano
 
 
 def check_coins(nano: int) -> int:

@@ -24,10 +24,12 @@ from pytoniq_core import Cell
 from cocoon_faas.errors import ConflictError, InvalidRequestError, PaymentRequiredError
 from cocoon_faas.ton import rules
 from cocoon_faas.ton.address import Address
+from cocoon_faas.ton.amounts import format_ton
 from cocoon_faas.ton.channel import ChannelConfig, ChannelData
 from cocoon_faas.ton.keys import PrivateKey
 from cocoon_faas.ton.wallet import Wallet
 
+_MAX_LOCAL_BALANCE = 2**63 - 1  # nanoton: the most a SQLite INTEGER holds
 MESSAGE_FEE = 5_000_000  # 0.005 TON per message, taken from the sender's wallet
 
 
@@ -73,6 +75,9 @@ class LocalChain:
 
     def faucet(self, address: Address, amount: int) -> int:
         with self._lock:
+            if self.balance(address) + amount > _MAX_LOCAL_BALANCE:  # SQLite's INTEGER: refused, not a traceback
+                raise InvalidRequestError(f"the local chain keeps a wallet below "
+                                          f"{format_ton(_MAX_LOCAL_BALANCE)} TON; ask the faucet for less")
             self._db.execute("INSERT INTO accounts VALUES (?,?) ON CONFLICT(address) DO UPDATE SET "
                              "balance = balance + excluded.balance", (address.raw, amount))
         return self.balance(address)
@@ -128,10 +133,15 @@ class LocalChain:
         return SendResult(out.exit_code, out.payouts)
 
 
+def local_chain_path(home: Path, chain_path: Path | None = None) -> Path:
+    """The local chain's file: COCOON_CHAIN_PATH, else home/chain.db."""
+    return Path(chain_path) if chain_path else home / "chain.db"
+
+
 def open_backend(kind: str, home: Path, chain_path: Path | None = None, **ton: Any) -> Any:
     """The settlement backend `kind` ('local' or 'ton'); `ton` keywords go to `TonChain`."""
     if kind == "local":
-        path = Path(chain_path) if chain_path else home / "chain.db"
+        path = local_chain_path(home, chain_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         return LocalChain(path)
     if kind == "ton":

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from nacl.bindings import crypto_sign, crypto_sign_seed_keypair
 
-from cocoon_faas.errors import PaymentRequiredError
+from cocoon_faas.errors import InvalidRequestError, PaymentRequiredError
 from cocoon_faas.ton.channel import SemiChannelBody, SignedSemiChannel, StateTemplate
 from cocoon_faas.ton.keys import PrivateKey
 
@@ -48,6 +48,21 @@ class _Saved:
     lease_seqno: int = 0  # seqnos up to this one may have been signed
     lease_sent: int = 0  # and `sent` up to this much
     limit: int = 0  # the most a state may send (deposit less the channel's fine); 0: the deposit
+
+
+def _load_saved(path: Path) -> _Saved:
+    """A signer's file, refused with the fix when damaged (it holds what was signed: never guess it)."""
+    try:
+        raw = json.loads(path.read_text())
+        saved = _Saved(**raw)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in asdict(saved).values()):
+            raise TypeError("a field is not a non-negative integer")
+    except (OSError, ValueError, TypeError) as exc:
+        raise InvalidRequestError(f"the channel's signing state {path} is damaged ({exc}); restore it from your "
+                                  "newest copy, then close cooperatively (`cocoon channel close`): it records the "
+                                  "seqno and amount you signed, and a forced close with an older one is stale, "
+                                  "so the operator's watchtower challenges it and the contract fines you") from None
+    return saved
 
 
 @dataclass(frozen=True)
@@ -76,9 +91,8 @@ class ChannelSigner:
         self._inflight: dict[int, int] = {}  # seqno -> hold of each call in flight
         self._inflight_sum = 0  # their total, kept beside them (read on every call)
         self._dirty = False
-        atexit.register(self.flush)
         if self.path.exists():
-            self._s = _Saved(**json.loads(self.path.read_text()))
+            self._s = _load_saved(self.path)
             # a lease not given back: some of it may have been signed and sent, so resume past all of it
             self._s.seqno = max(self._s.seqno, self._s.lease_seqno)
             self._s.sent = max(self._s.sent, self._s.lease_sent)
@@ -92,6 +106,7 @@ class ChannelSigner:
         self._template = StateTemplate(self._s.channel_id, SemiChannelBody(self._s.counterparty_seqno,
                                                                            self._s.counterparty_sent))
         self._sk = crypto_sign_seed_keypair(key.to_bytes())[1]
+        atexit.register(self.flush)  # once the state is loaded: a signer that failed to load has nothing to save
 
     @property
     def channel_id(self) -> int:

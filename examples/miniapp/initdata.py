@@ -55,12 +55,19 @@ def validate_init_data(init_data: str, bot_token: str, *, max_age_s: float = 360
     if not init_data:
         raise InitDataError("missing", "no Telegram initData: open the Mini App from Telegram")
     try:
-        fields = dict(parse_qsl(init_data, keep_blank_values=True, strict_parsing=True))
+        pairs = parse_qsl(init_data, keep_blank_values=True, strict_parsing=True)
     except ValueError:
         raise InitDataError("malformed", "initData is not a URL-encoded query string") from None
-    got = fields.get("hash", "")
+    fields = dict(pairs)
+    if len(fields) != len(pairs):  # Telegram never repeats a field; the signed value and the one read could differ
+        seen = [k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i])]
+        raise InitDataError("malformed", f"initData repeats the field {seen[0]!r}; pass it as Telegram gave it")
+    if "hash" not in fields:
+        raise InitDataError("malformed", "initData has no hash; pass Telegram.WebApp.initData unchanged")
+    got = fields["hash"]
     want = hmac.new(_secret(bot_token), _check_string(fields), hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(got.lower(), want):
+    # bytes: compare_digest raises TypeError on a str with non-ASCII characters (a 500 for a forged hash)
+    if not hmac.compare_digest(got.lower().encode(), want.encode()):
         raise InitDataError("forged", "initData hash does not verify with this bot's token (altered, or from "
                             "another bot)")
     try:

@@ -56,7 +56,9 @@ class TextStream:
         """Add a token; return the newly settled text (may be ""). Sets `stopped` when a stop string appears."""
         self.ids.append(token_id)
         text = self._decode(self.ids)
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        # a trailing partial UTF-8 character decodes as U+FFFD until its last byte comes: stops are looked for
+        # only before it, so a stop string with U+FFFD (or ending in one) never matches half a character
+        cut = self._stop_at(text, len(text.rstrip("\ufffd")))
         if cut >= 0:
             self.stopped = True
             self.text = text[:cut]
@@ -70,6 +72,10 @@ class TextStream:
         piece = text[self.emitted:settled]
         self.emitted = settled
         return piece
+
+    def _stop_at(self, text: str, end: int) -> int:
+        """Where the first stop string in text[:end] starts, or -1."""
+        return min((i for i in (text.find(s, 0, end) for s in self.stops) if i >= 0), default=-1)
 
     def flush(self) -> str:
         """Whatever was held back, at the end of generation."""

@@ -143,7 +143,9 @@ export class Client {
   // -- plain calls ----------------------------------------------------------------------------------------
 
   async call<T = unknown>(name: string, args: Record<string, unknown> = {}): Promise<T> {
-    const { r, t } = await this.post(name, utf8(JSON.stringify(args)), { "Content-Type": "application/json" });
+    // JSON only: a generator function is then refused with a hint to stream it, before it runs or is charged
+    const { r, t } = await this.post(name, utf8(JSON.stringify(args)),
+      { "Content-Type": "application/json", Accept: "application/json" });
     this.settle(t, BigInt(r.headers.get(CHARGE_HEADER) ?? 0));
     if (r.status >= 400) throw await errorOf(r);
     return (await r.json()) as T;
