@@ -39,13 +39,17 @@ from cocoon_faas.confidential import (
     verify_document,
 )
 from cocoon_faas.confidential.document import DEV_KEY_FILE, dev_public_key_hex
-from cocoon_faas.errors import AttestationError, CocoonError, StaleKeysError
+from cocoon_faas.errors import AttestationError, CocoonError, InvalidRequestError, StaleKeysError
 from cocoon_faas.settings import get_settings
+from cocoon_faas.signature import Signature
 from cocoon_faas.transport import Transport, json_args
 
 DEPLOYMENTS_FILE = "deployments.json"
 CODE_KEYS_DIR = "code_keys"
 _cache: weakref.WeakKeyDictionary[Any, dict[Any, tuple[float, list[VerifiedReplica]]]] = weakref.WeakKeyDictionary()
+# the deployed signature the gateway lists beside the documents, per client and function: sealed arguments are
+# checked against it on this device, before anything is sealed or paid (the gateway cannot read them to check)
+_signatures: weakref.WeakKeyDictionary[Any, dict[str, Signature]] = weakref.WeakKeyDictionary()
 
 
 # -- deployment records (what `cocoon deploy` printed, pinned by default) ------------------------------------
@@ -149,7 +153,9 @@ def verified_replicas(client: Transport, name: str, policy: ClientPolicy, refres
     now = time.time()
     if hit is not None and not refresh and hit[0] > now:
         return hit[1]
-    docs = client.request("GET", f"/v1/functions/{name}/attestation").json().get("documents", [])
+    listing = client.request("GET", f"/v1/functions/{name}/attestation").json()
+    docs = listing.get("documents", [])
+    _remember_signature(client, name, listing.get("signature"))
     good: list[VerifiedReplica] = []
     refused: list[CheckFailed] = []
     for d in docs:
@@ -170,6 +176,23 @@ def verified_replicas(client: Transport, name: str, policy: ClientPolicy, refres
     return good
 
 
+def _remember_signature(client: Transport, name: str, raw: Any) -> None:
+    sigs = _signatures.setdefault(client, {})
+    try:
+        sigs[name] = Signature.from_json(raw)
+    except InvalidRequestError:  # an older gateway lists none (or a malformed one): the replica's own check stands
+        sigs.pop(name, None)
+
+
+def check_sealed_args(client: Transport, name: str, args: dict[str, Any] | None) -> None:
+    """Raise InvalidRequestError naming an unknown, missing or mistyped argument, as the gateway does for plain
+    calls: a sealed call's arguments are checked here, on the caller's device, so a typo is never sealed, sent or
+    charged. Call after `verified_replicas`, which fetches the signature."""
+    sig = _signatures.get(client, {}).get(name)
+    if sig is not None:
+        sig.check(name, {} if args is None else args)
+
+
 def _sealed_headers(body: bytearray, extra: dict[str, str] | None) -> dict[str, str]:
     """The body goes as one chunk of the buffer it was sealed into (no copy); the explicit length keeps httpx
     from switching to chunked transfer encoding."""
@@ -182,6 +205,7 @@ def _sealed_post(client: Transport, name: str, args: dict[str, Any] | None, poli
     args_json = json_args(args)
     for attempt in (0, 1):
         replicas = verified_replicas(client, name, policy, refresh=attempt > 0)
+        check_sealed_args(client, name, args)
         body, ctx = seal_request(args_json, name, replicas)
         try:
             r = client.call("POST", f"/fn/{name}", name, content=[body], headers=_sealed_headers(body, headers))
@@ -233,6 +257,7 @@ def stream_confidential(client: Transport, name: str, args: dict[str, Any] | Non
     args_json = json_args(args)
     for attempt in (0, 1):
         replicas = verified_replicas(client, name, policy, refresh=attempt > 0)
+        check_sealed_args(client, name, args)
         body, ctx = seal_request(args_json, name, replicas)
         try:
             for event, data in client.events(f"/fn/{name}", name, content=[body], headers=_sealed_headers(body, None)):

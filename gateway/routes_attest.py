@@ -67,6 +67,7 @@ async def attestation(request: Request) -> Response:
     return json_response({
         "function": fr.name, "version": fr.version, "measurement": fr.measurement,
         "confidential": fr.flags.confidential, "documents": documents(fr),
+        "signature": fr.signature.to_json(),  # so a sealing client checks its arguments before it seals them
         "replicas": [{"key_id": r.extra.get("key_id"), "code_locked": bool(r.extra.get("code_locked"))}
                      for r in fr.ready]})
 

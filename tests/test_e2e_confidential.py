@@ -224,6 +224,26 @@ def test_wrong_measurement_is_refused_before_sending(gw):
     c.close()
 
 
+def test_mistyped_sealed_arguments_are_refused_on_the_callers_device(gw):
+    """The gateway cannot read sealed arguments to check them, so the client checks them against the signature
+    listed beside the documents: a typo is never sealed, forwarded or charged, and the error names the fix."""
+    from cocoon_faas.errors import InvalidRequestError
+
+    capture = gw.home / "forwarded.bin"
+    before = capture.stat().st_size if capture.exists() else 0
+    c = client(gw)
+    with pytest.raises(InvalidRequestError) as e:
+        c.call_confidential("shout", {"txt": MARKER}, policy=policy(gw, "shout"))
+    assert e.value.status == 400 and "'txt'" in e.value.message and "did you mean 'text'" in e.value.message
+    with pytest.raises(InvalidRequestError, match="must be a string, got integer"):
+        list(c.stream_confidential("spell", {"text": 5}, policy=policy(gw, "spell")))
+    with pytest.raises(InvalidRequestError, match="missing required argument 'x'"):
+        c.call_confidential("pair", {}, policy=policy(gw, "pair"))
+    assert (capture.stat().st_size if capture.exists() else 0) == before  # nothing reached a replica
+    assert c.call_confidential("shout", {"text": "ok"}, policy=policy(gw, "shout"))["shout"] == "KO"
+    c.close()
+
+
 def test_cli_confidential_call(gw):
     out = gw.cli("call", "shout", '{"text": "cli"}', "--confidential", "--allow-dev-attestation")
     assert json.loads(out.stdout) == {"shout": "ILC", "n": 3} and "NOT SECURE" in out.stderr

@@ -98,6 +98,9 @@ def test_js_sdk_against_the_gateway(gw: GatewayProc, tmp_path: Path) -> None:
     paid = out["paid"]
     assert out["paid_call"] == {"message": "Hello, payer."} and paid["sealed_result"] == {"message": "Hello, paid-sealed."}
     assert paid["stream_items"] == 2 and int(paid["sealed_charge"]) > 0
+    assert out["sealed_typo"].startswith("400 invalid_request:") and "did you mean 'name'" in out["sealed_typo"]
+    assert out["sealed_generator"].startswith("400 invalid_request:") and "is a generator" in out["sealed_generator"]
+    assert out["charged_after_refusal"] == paid["charged"]
     summary = httpx.get(f"{gw.url}/v1/channels/{payer.channel['channel_id']}", timeout=30).json()
     assert str(summary["charged"]) == paid["charged"] and str(summary["seqno"]) == paid["seqno"] == "3"
     assert _ledger(gw)["verify"]["ok"]

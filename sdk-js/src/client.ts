@@ -2,9 +2,11 @@
 // from a channel. Works with the platform's fetch (browser, Node 20). Routes: docs/confidential.md and README.
 import { type Bytes, fromB64, fromUtf8, utf8 } from "./bytes.js";
 import { type ClientPolicy, verifyDocument } from "./document.js";
-import { type CallContext, type Receipt, type VerifiedReplica, SEALED_CONTENT_TYPE, sealRequest } from "./envelope.js";
+import { type CallContext, type Receipt, type VerifiedReplica, SEALED_CONTENT_TYPE, SEALED_FRAME_CONTENT_TYPE,
+  sealRequest } from "./envelope.js";
 import { CheckFailed, CocoonError } from "./errors.js";
 import { CHARGE_HEADER, type ChannelPayer, PAYMENT_HEADER, type Ticket } from "./payments.js";
+import { type FunctionSignature, checkArgs, parseSignature } from "./signature.js";
 
 export interface ClientOptions {
   url: string;
@@ -84,6 +86,7 @@ export class Client {
   private readonly f: typeof fetch;
   private holds = new Map<string, bigint>();
   private replicas = new Map<string, { until: number; list: VerifiedReplica[] }>();
+  private signatures = new Map<string, FunctionSignature>(); // listed beside the documents: sealed arguments checked here
   /** The receipt of the last sealed call (verified on this device). */
   lastReceipt: Receipt | null = null;
 
@@ -228,7 +231,11 @@ export class Client {
     const hit = this.replicas.get(key);
     const now = Date.now() / 1000;
     if (hit && !refresh && hit.until > now) return hit.list;
-    const docs = (await this.attestation(name)).documents ?? [];
+    const listing = await this.attestation(name);
+    const sig = parseSignature(listing.signature);
+    if (sig) this.signatures.set(name, sig);
+    else this.signatures.delete(name);
+    const docs = listing.documents ?? [];
     const good: VerifiedReplica[] = [];
     const refused: CheckFailed[] = [];
     for (const d of docs) {
@@ -253,6 +260,8 @@ export class Client {
     const argsJson = utf8(JSON.stringify(args));
     for (const attempt of [0, 1]) {
       const replicas = await this.verifiedReplicas(name, policy, attempt > 0);
+      const sig = this.signatures.get(name); // a typo is refused here: never sealed, sent or charged
+      if (sig) checkArgs(name, sig, args);
       const { body, ctx } = await sealRequest(argsJson, name, replicas);
       const { r, t } = await this.post(name, body, { "Content-Type": SEALED_CONTENT_TYPE, ...extra });
       if (r.status === 421 && attempt === 0) {
@@ -267,7 +276,8 @@ export class Client {
 
   /** Call `name` sealed end to end: verified replicas only, answer opened and receipt checked on this device. */
   async callSealed<T = unknown>(name: string, args: Record<string, unknown>, policy: ClientPolicy): Promise<SealedResult<T>> {
-    const { r, ctx, t } = await this.sealedPost(name, args, policy, {});
+    // one sealed frame, not a stream: a generator function is then refused with a hint to stream it, before it runs
+    const { r, ctx, t } = await this.sealedPost(name, args, policy, { Accept: SEALED_FRAME_CONTENT_TYPE });
     const charge = BigInt(r.headers.get(CHARGE_HEADER) ?? 0);
     this.settle(t, charge);
     if (r.status >= 400) throw await errorOf(r);

@@ -10,4 +10,5 @@ export * from "./collateral.js";
 export * from "./pck.js";
 export * from "./nvidia.js";
 export * from "./payments.js";
+export * from "./signature.js";
 export * from "./client.js";

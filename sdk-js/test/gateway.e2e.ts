@@ -1,7 +1,7 @@
 // The SDK against a real gateway (run by tests/test_e2e_web.py with the gateway it started): plain call, SSE
 // stream, spawn/poll/cancel, sealed unary and streamed calls verified on this side, a refused policy, and paid
 // calls from a channel (no API key). Prints one JSON object of what it saw; the Python test asserts on it.
-import { ChannelPayer, CheckFailed, Client, fromHex } from "../src/index.js";
+import { ChannelPayer, CheckFailed, Client, CocoonError, fromHex } from "../src/index.js";
 
 const [url, apiKey, devKey, channelId, channelKey, deposit] = process.argv.slice(2);
 const out: Record<string, unknown> = {};
@@ -51,6 +51,21 @@ out.paid_call = await paid.call("greet", { name: "payer" });
 const paidItems: unknown[] = [];
 for await (const x of paid.stream("countdown", { start: 1, delay: 0.01 })) paidItems.push(x);
 const ps = await paid.callSealed("greet", { name: "paid-sealed" }, policy);
+const refused = async (f: () => Promise<unknown>): Promise<string> => {
+  try {
+    await f();
+    return "sent";
+  } catch (e) {
+    return e instanceof CocoonError ? `${e.status} ${e.type}: ${e.message}` : String(e);
+  }
+};
+// a typo in sealed arguments is refused on this device (the gateway cannot read them): nothing signed or sent
+out.sealed_typo = await refused(() => paid.callSealed("greet", { nmae: "typo" }, policy));
 out.paid = { charged: String(payer.charged), seqno: String(payer.seqno), sent: String(payer.sent),
   stream_items: paidItems.length, sealed_charge: String(ps.charge), sealed_result: ps.result };
+const countdownM = (await c.request("GET", "/v1/functions/countdown")).measurement;
+// callSealed asks for one sealed frame: a generator is refused before it runs, with a hint to stream it
+out.sealed_generator = await refused(() => paid.callSealed("countdown", { start: 1 },
+  { measurements: [countdownM], trustedDevKeys: [devKey] }));
+out.charged_after_refusal = String(payer.charged);
 console.log(JSON.stringify(out));
