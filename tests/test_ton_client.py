@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 from cocoon_faas.gateway.ledger import Ledger
 from cocoon_faas.gateway.payments import PaymentGate
@@ -85,3 +89,53 @@ def test_resumed_signer_is_accepted_by_the_gateway(tmp_path: Path) -> None:
         t = s2.sign_for_call(10_000)
         gate.settle(gate.authorize(t.header, f"b{i}", "f", 10_000), "p", 3000, "d", 0)
     assert ledger.verify()["ok"]
+
+
+_OTHER_PROCESS = """
+import json, sys
+from pathlib import Path
+from cocoon_faas.errors import ConflictError
+from cocoon_faas.ton.client import ChannelSigner
+from cocoon_faas.ton.keys import PrivateKey
+s = ChannelSigner(Path(sys.argv[1]), PrivateKey(bytes.fromhex(sys.argv[2])))
+try:
+    t = s.sign_for_call(1000)
+except ConflictError as exc:
+    print(json.dumps({"refused": exc.message, "problem": exc.details.get("problem"), "status": exc.status}))
+    sys.exit(0)
+s.complete(t, 7)
+s.flush()
+print(json.dumps({"seqno": t.seqno, "sent": t.state.state.data.sent}))
+"""
+
+
+def _other_process(path: Path) -> dict[str, Any]:
+    r = subprocess.run([sys.executable, "-c", _OTHER_PROCESS, str(path), KEY.to_bytes().hex()],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return dict(json.loads(r.stdout))
+
+
+def test_one_process_signs_for_a_channel_at_a_time(tmp_path: Path) -> None:
+    """Two processes leasing from one state file would sign the same seqnos, each with a `sent` blind to the
+    other's charges: the second is refused with channel_busy (naming the holder) before it signs anything, and
+    once the first gives its lease back the second signs past it and books on top of its charges."""
+    path = tmp_path / "c.json"
+    s = ChannelSigner(path, KEY, 5, 10**12)
+    for _ in range(3):
+        s.complete(s.sign_for_call(1000), 10)
+    busy = _other_process(path)
+    assert busy["status"] == 409 and busy["problem"] == "channel_busy"
+    assert f"pid {os.getpid()}" in busy["refused"] and "one process pays from a channel at a time" in busy["refused"]
+    assert _saved(path)["lease_seqno"] == LEASE_SEQNOS  # the refused process wrote nothing
+    s.flush()  # gives the lease back (nothing in flight): the channel is free
+    other = _other_process(path)
+    assert other["seqno"] == 4 and other["sent"] >= 30 + 1000  # past ours, covering our charges and its hold
+    assert _saved(path)["charged"] == 37
+    # this process signs again: it takes the channel back and catches up with what the other signed and booked
+    t = s.sign_for_call(1000)
+    assert t.seqno == 5 and t.state.state.data.sent >= max(other["sent"], 37 + 1000)
+    assert s.charged == 37
+    assert _other_process(path)["problem"] == "channel_busy"
+    s.complete(t, 0)
+    s.flush()

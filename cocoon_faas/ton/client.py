@@ -10,14 +10,25 @@ The state file is not written per call: the signer leases a block of seqnos and 
 resumes at the lease's end, so a seqno is never signed twice and ``sent`` never goes down; a clean exit
 (``flush``) writes the exact figures and gives the rest of the lease back. States are serialised from a
 `StateTemplate` and signed with libsodium (PyNaCl), byte for byte what the cell path builds.
+
+One process signs for a channel at a time: every state's ``sent`` must cover all of the channel's charges, which
+only the process that booked them knows, and two processes leasing from one file would sign the same seqnos. A
+lease is therefore taken under an exclusive lock on ``<id>.lock`` beside the state file (held until ``flush``
+gives the lease back, or the process ends), re-reading the file first so the lease starts past anything another
+process signed and books what it charged. A second process that wants to sign meanwhile gets a 409
+``channel_busy`` naming the process that holds the channel, before anything is signed or sent. Signers in one
+process share the lock.
 """
 
 from __future__ import annotations
 
 import atexit
 import base64
+import errno
+import fcntl
 import json
 import os
+import sys
 import threading
 from binascii import b2a_base64
 from collections.abc import Mapping
@@ -26,7 +37,7 @@ from pathlib import Path
 
 from nacl.bindings import crypto_sign, crypto_sign_seed_keypair
 
-from cocoon_faas.errors import InvalidRequestError, PaymentRequiredError
+from cocoon_faas.errors import ConflictError, InvalidRequestError, PaymentRequiredError
 from cocoon_faas.ton.channel import SemiChannelBody, SignedSemiChannel, StateTemplate
 from cocoon_faas.ton.keys import PrivateKey
 
@@ -65,6 +76,55 @@ def _load_saved(path: Path) -> _Saved:
     return saved
 
 
+class _ChannelLock:
+    """The process's hold on one channel's lock file: an flock shared by the signers of this process."""
+
+    _held: dict[str, _ChannelLock] = {}
+    _guard = threading.Lock()
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self.fd, self.holders = path, fd, 0
+
+    @classmethod
+    def claim(cls, state_path: Path, channel_id: int) -> _ChannelLock:
+        path = state_path.with_suffix(".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = str(path.resolve())
+        with cls._guard:
+            lock = cls._held.get(key)
+            if lock is None:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+                    os.close(fd)
+                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        raise
+                    raise ConflictError(
+                        f"channel {channel_id} is in use by {holder}, which signs its payment states: one process "
+                        "pays from a channel at a time (each state must cover every charge on it). Stop that process "
+                        "first, send these calls through it (e.g. `cocoon proxy`), or pay from another channel "
+                        "(another COCOON_HOME with `cocoon channel open`)", problem="channel_busy",
+                        channel_id=channel_id) from None
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} ({' '.join(sys.argv)[:200]})".encode(), 0)
+                lock = cls._held[key] = cls(path, fd)
+            lock.holders += 1
+            return lock
+
+    def release(self) -> None:
+        with self._guard:
+            self.holders -= 1
+            if self.holders > 0:
+                return
+            for k, v in list(self._held.items()):
+                if v is self:
+                    del self._held[k]
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)  # closing the descriptor drops the flock
+
+
 @dataclass(frozen=True)
 class Ticket:
     """One signed state handed out for one call; give it back to `complete` with the charge."""
@@ -91,6 +151,7 @@ class ChannelSigner:
         self._inflight: dict[int, int] = {}  # seqno -> hold of each call in flight
         self._inflight_sum = 0  # their total, kept beside them (read on every call)
         self._dirty = False
+        self._claim: _ChannelLock | None = None  # held from taking a lease until flush() gives it back
         if self.path.exists():
             self._s = _load_saved(self.path)
             # a lease not given back: some of it may have been signed and sent, so resume past all of it
@@ -136,6 +197,23 @@ class ChannelSigner:
     def _lease_released(self) -> None:
         self._s.lease_seqno, self._s.lease_sent = self._s.seqno, self._s.sent
 
+    def _take_channel(self) -> None:
+        """Hold the channel's lock (raises 409 channel_busy when another process does) and catch up with what the
+        file says another process signed and booked since this signer read it. Called under self._lock."""
+        if self._claim is not None:
+            return
+        self._claim = _ChannelLock.claim(self.path, self._s.channel_id)
+        if self.path.exists():
+            disk = _load_saved(self.path)
+            self._s.seqno = max(self._s.seqno, disk.seqno, disk.lease_seqno)
+            self._s.sent = max(self._s.sent, disk.sent, disk.lease_sent)
+            self._s.charged = max(self._s.charged, disk.charged)
+
+    def _give_channel(self) -> None:
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None
+
     def _sign(self, message: bytes) -> bytes:
         return crypto_sign(message, self._sk)[:64]
 
@@ -152,9 +230,14 @@ class ChannelSigner:
     def sign_for_call(self, hold: int) -> Ticket:
         """A new state covering all charges, all holds in flight and `hold`; raises 402 past the deposit."""
         with self._lock:
+            fresh = self._claim is None
+            if fresh:  # this process takes the channel (and catches up with the file) before it signs
+                self._take_channel()
             want = self._s.charged + self._inflight_sum + hold
             sent = max(self._s.sent, want)
             if sent > self.limit:
+                if fresh and not self._inflight:
+                    self._give_channel()
                 raise PaymentRequiredError(
                     f"channel {self._s.channel_id} has {self.limit - self._s.sent} nanoton of credit left, "
                     f"this call may cost {hold}; close it and open a new one with a larger deposit",
@@ -184,6 +267,8 @@ class ChannelSigner:
             if self._dirty or self._s.lease_seqno != self._s.seqno or self._s.lease_sent != self._s.sent:
                 self._lease_released()
                 self._save()
+            if not self._inflight:  # calls still in flight keep the channel: their bookings come later
+                self._give_channel()
 
     def close_state(self, sent: int) -> SignedSemiChannel:
         """A fresh state (next seqno, saved before it leaves) sending `sent`: what a forced close commits. `sent`
@@ -192,6 +277,7 @@ class ChannelSigner:
         with self._lock:
             if not 0 <= sent <= self.limit:
                 raise ValueError(f"sent must be within 0..{self.limit}")
+            self._take_channel()
             seqno = self._s.seqno = self._s.seqno + 1
             self._lease_released()
             self._save()
