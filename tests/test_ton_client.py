@@ -139,3 +139,15 @@ def test_one_process_signs_for_a_channel_at_a_time(tmp_path: Path) -> None:
     assert _other_process(path)["problem"] == "channel_busy"
     s.complete(t, 0)
     s.flush()
+
+
+def test_a_forced_close_state_leaves_the_channel_free(tmp_path: Path) -> None:
+    """close_state signs once and saves exactly: it takes the channel only while it signs, so the next process
+    (the CLI's next call, refused by the gateway on a closing channel) is not told the channel is busy."""
+    path = tmp_path / "c.json"
+    s = ChannelSigner(path, KEY, 5, 10**12)
+    s.complete(s.sign_for_call(1000), 10)
+    s.flush()
+    closing = s.close_state(10)
+    assert closing.state.data.seqno == 2 and _saved(path)["seqno"] == 2
+    assert _other_process(path)["seqno"] == 3

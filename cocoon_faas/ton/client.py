@@ -13,11 +13,11 @@ resumes at the lease's end, so a seqno is never signed twice and ``sent`` never 
 
 One process signs for a channel at a time: every state's ``sent`` must cover all of the channel's charges, which
 only the process that booked them knows, and two processes leasing from one file would sign the same seqnos. A
-lease is therefore taken under an exclusive lock on ``<id>.lock`` beside the state file (held until ``flush``
-gives the lease back, or the process ends), re-reading the file first so the lease starts past anything another
-process signed and books what it charged. A second process that wants to sign meanwhile gets a 409
-``channel_busy`` naming the process that holds the channel, before anything is signed or sent. Signers in one
-process share the lock.
+lease (or a forced close's state) is taken under an exclusive lock on ``<id>.lock`` beside the state file, held
+until ``flush`` gives the lease back (or the process ends), after re-reading the file so the lease starts past
+anything another process signed and books what it charged. A second process that wants to sign meanwhile gets a
+409 ``channel_busy`` naming the process that holds the channel, before anything is signed or sent. Signers in
+one process share the lock.
 """
 
 from __future__ import annotations
@@ -281,6 +281,8 @@ class ChannelSigner:
             seqno = self._s.seqno = self._s.seqno + 1
             self._lease_released()
             self._save()
+            if not self._inflight:  # saved exactly, no lease left out: another process may sign (and be refused)
+                self._give_channel()
         return self.state_for(seqno, sent)
 
     def latest(self) -> SignedSemiChannel:
