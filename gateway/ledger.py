@@ -250,6 +250,11 @@ class Ledger:
                               "ORDER BY sent DESC, seqno DESC LIMIT 1", (channel_id,))
         return (int(rows[0][0]), int(rows[0][1]), bytes(rows[0][2])) if rows else None
 
+    def latest_state(self, channel_id: int) -> bytes | None:
+        """The BOC of the stored state with the highest seqno (its `sent` is the highest too), or None."""
+        rows = self.query("SELECT boc FROM pay_states WHERE channel_id=? ORDER BY seqno DESC LIMIT 1", (channel_id,))
+        return bytes(rows[0][0]) if rows else None
+
     def state_by_seqno(self, channel_id: int, seqno: int) -> int | None:
         """`sent` of the stored state with `seqno` (None when the gateway never received it)."""
         rows = self.query("SELECT sent FROM pay_states WHERE channel_id=? AND seqno=?", (channel_id, seqno))

@@ -97,6 +97,12 @@ def _unknown_channel(cid: int) -> PaymentError:
                 "foreign")
 
 
+# what a caller whose signing state fell behind the gateway's reads (a state file restored from a backup, or the
+# channel used from a copy of the home on another machine): the CLI's resync checks the newest state is its own
+_BEHIND = (" (if this caller's channel state file is behind the gateway's, e.g. restored from a backup or used from "
+           "another machine, `cocoon channel resync` catches it up)")
+
+
 def _raw_header(value: str) -> bytes:
     try:
         return base64.b64decode(value.strip(), validate=True)
@@ -138,11 +144,11 @@ def check_state(st: SignedSemiChannel, ch: ChannelRow, operator_key: PublicKey, 
     if st.state.counterparty is not None and st.state.counterparty.sent != 0:
         raise _bad("the state claims the operator paid the caller; this gateway never pays callers", "forged")
     if body.seqno <= ch.min_seqno or body.seqno < ch.max_seqno - REORDER_WINDOW:
-        raise _bad(f"stale payment state: seqno {body.seqno} is too old (newest {ch.max_seqno}); sign a new state",
-                   "stale", 409, latest_seqno=ch.max_seqno)
+        raise _bad(f"stale payment state: seqno {body.seqno} is too old (newest {ch.max_seqno}); sign a new state"
+                   f"{_BEHIND}", "stale", 409, latest_seqno=ch.max_seqno)
     if body.seqno > ch.max_seqno and body.sent < ch.max_sent:
         raise _bad(f"payment state seqno {body.seqno} lowers sent to {body.sent} below {ch.max_sent}; "
-                   "sent may only grow", "stale", 409, latest_sent=ch.max_sent)
+                   f"sent may only grow{_BEHIND}", "stale", 409, latest_sent=ch.max_sent)
     if body.seqno < ch.max_seqno and body.sent > ch.max_sent:
         raise _bad(f"payment state seqno {body.seqno} sends more than the newer seqno {ch.max_seqno}",
                    "stale", 409)
@@ -276,7 +282,7 @@ class PaymentGate:
                                         "another gateway); it is not run again: use a fresh call id for a new call")
                 if seen is not None:
                     raise _bad(f"replayed payment state: channel {cid} seqno {body.seqno} already paid for a call; "
-                               "sign a new state for each call", "replayed", 409)
+                               f"sign a new state for each call{_BEHIND}", "replayed", 409)
                 check_state(st, ch, self.operator_key, reserved, max_cost_nanoton)
                 tx.execute("INSERT INTO pay_states VALUES (?,?,?,?,?,?)", (cid, body.seqno, body.sent, raw, call_id,
                                                                           now))
@@ -293,7 +299,7 @@ class PaymentGate:
             if exc.table == "pay_calls":
                 raise ConflictError(f"call id {call_id!r} was already paid for; use a fresh call id") from None
             raise _bad(f"replayed payment state: channel {cid} seqno {body.seqno} already paid for a "
-                       "call; sign a new state for each call", "replayed", 409) from None
+                       f"call; sign a new state for each call{_BEHIND}", "replayed", 409) from None
         return Hold(call_id, cid, body.seqno, max_cost_nanoton, function)
 
     def split(self, hold: Hold, provider: int, royalty: int) -> Charge:
@@ -369,8 +375,10 @@ class PaymentGate:
 
     def channel_summary(self, channel_id: int) -> dict[str, Any]:
         ch = self.ledger.channel(channel_id)
+        latest = self.ledger.latest_state(channel_id)  # signed by the caller: `cocoon channel resync` checks it
         return {**ch.to_dict(), "reserved": self.ledger.reserved(channel_id),
-                "credit": ch.max_sent - ch.charged - self.ledger.reserved(channel_id)}
+                "credit": ch.max_sent - ch.charged - self.ledger.reserved(channel_id),
+                "latest_state": None if latest is None else base64.b64encode(latest).decode()}
 
 
 def provider_earnings(ledger: Ledger) -> list[dict[str, Any]]:

@@ -5,7 +5,7 @@
                                     seqno-0 state of that channel, the caller's key to a forced close of its own
     POST /v1/channels               register a channel opened on chain {channel_id, key_a, dest_a[, address, deposit,
                                     closing: {quarantine_s, conditional_close_s, fine}]}
-    GET  /v1/channels/{id}          channel summary (seqno, sent, charged, reserved, credit)
+    GET  /v1/channels/{id}          channel summary (seqno, sent, charged, reserved, credit, latest_state)
     POST /v1/channels/{id}/close    the operator's close signature; the caller proves itself with signature_a
     GET  /v1/ledger[?verify=1]      operator only: balances per party and closes, optionally the verify report
                                     (with the watchtower: each close's booked payout checked against the chain)

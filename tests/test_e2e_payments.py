@@ -410,3 +410,29 @@ def test_sigkill_under_paid_load_loses_no_charge(gw: GatewayProc, caller: Caller
     c.cli("channel", "close")
     assert chain.balance(op_wallet) - op_before == s["charged"]
     assert ledger(gw, verify=True)["verify"]["ok"]
+
+
+def test_a_caller_behind_the_gateway_resyncs_with_the_cli(gw: GatewayProc, tmp_path: Path) -> None:
+    """A state file restored from a backup signs seqnos the gateway already took: each call is refused, naming
+    `cocoon channel resync`, which catches the file up from the newest state the caller's own key signed."""
+    c = Caller(tmp_path / "behind", gw)
+    c.cli("wallet", "create")
+    c.cli("wallet", "faucet", "10")
+    cid = json.loads(c.cli("channel", "open", "--deposit", "2").stdout)["channel_id"]
+    state = c.home / "channels" / f"{cid}.json"
+    c.cli("call", "greet", '{"name": "a"}')
+    backup = state.read_bytes()
+    for name in ("b", "c"):
+        c.cli("call", "greet", json.dumps({"name": name}))
+    state.write_bytes(backup)  # restored from the backup: two calls behind
+    refused = c.cli("call", "greet", '{"name": "d"}', check=False)
+    assert refused.returncode == 1 and "replayed payment state" in refused.stderr
+    assert "cocoon channel resync" in refused.stderr
+    before = summary(gw, cid)
+    out = json.loads(c.cli("channel", "resync").stdout)
+    assert out["resynced"] is True and out["seqno"] == before["seqno"] >= 3 and out["sent"] >= before["sent"]
+    assert out["charged"] == before["charged"] > 0
+    assert json.loads(c.cli("call", "greet", '{"name": "e"}').stdout) == {"message": "Hello, e."}
+    after = summary(gw, cid)
+    assert after["charged"] > before["charged"] and c.signer().charged == after["charged"]
+    assert ledger(gw, verify=True)["verify"]["ok"]

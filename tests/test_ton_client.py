@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from cocoon_faas.errors import InvalidRequestError
 from cocoon_faas.gateway.ledger import Ledger
 from cocoon_faas.gateway.payments import PaymentGate
 from cocoon_faas.ton.channel import SemiChannel, SemiChannelBody, SignedSemiChannel, StateTemplate
@@ -151,3 +154,23 @@ def test_a_forced_close_state_leaves_the_channel_free(tmp_path: Path) -> None:
     closing = s.close_state(10)
     assert closing.state.data.seqno == 2 and _saved(path)["seqno"] == 2
     assert _other_process(path)["seqno"] == 3
+
+
+def test_resync_takes_only_a_newer_state_this_key_signed(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    s = ChannelSigner(path, KEY, 5, 10**12)
+    s.complete(s.sign_for_call(1000), 10)
+    s.flush()
+    cp = SemiChannelBody(0, 0)
+    for forged in (SemiChannel(5, SemiChannelBody(90, 50_000), cp).sign(OP),  # not this key's
+                   SemiChannel(6, SemiChannelBody(90, 50_000), cp).sign(KEY),  # another channel's
+                   SemiChannel(5, SemiChannelBody(90, 50_000), SemiChannelBody(0, 1)).sign(KEY)):  # operator "paid"
+        with pytest.raises(InvalidRequestError, match="nothing was changed"):
+            s.resync(forged, 40_000)
+    assert (s.seqno, s.sent, s.charged) == (1, 1000, 10) and _saved(path)["seqno"] == 1
+    out = s.resync(SemiChannel(5, SemiChannelBody(90, 50_000), cp).sign(KEY), 60_000)
+    # caught up; the gateway's charges are booked only up to what this key signed
+    assert out["seqno_before"] == 1 and (s.seqno, s.sent, s.charged) == (90, 50_000, 50_000)
+    assert _saved(path)["seqno"] == 90 and s.sign_for_call(1000).seqno == 91
+    s.resync(SemiChannel(5, SemiChannelBody(3, 10), cp).sign(KEY), 0)  # an older state changes nothing
+    assert (s.seqno, s.sent, s.charged) == (91, 51_000, 50_000)

@@ -353,6 +353,33 @@ def register(main: click.Group) -> None:
               "refund_ton": format_ton(s.deposit - owed), "finish_possible_at": (ph.finish_after or now) + 1,
               "next_step": ph.describe(now)})
 
+    @channel.command("resync")
+    def channel_resync() -> None:
+        """Catch this machine's signing state up with the gateway's newest state of the channel (after restoring
+        the home from a backup, or using the channel from another machine): only a state your key signed counts."""
+        try:
+            c = _current()
+            key, _ = _load_wallet()
+            cid = c["channel_id"]
+            summary = _gateway("GET", f"/v1/channels/{cid}")
+            raw = summary.get("latest_state")
+            s = ChannelSigner(_home() / "channels" / f"{cid}.json", key)
+            if not raw:
+                _out({"channel_id": cid, "resynced": False, "seqno": s.seqno, "sent": s.sent,
+                      "note": "the gateway holds no state of this channel yet: nothing to catch up"})
+                return
+            try:
+                newest = SignedSemiChannel.from_boc(base64.b64decode(str(raw), validate=True))
+                charged = int(summary["charged"])
+            except CocoonError:
+                raise
+            except Exception as exc:
+                raise InvalidRequestError(f"the gateway's channel summary is malformed ({type(exc).__name__}: "
+                                          f"{exc}); nothing was changed: check COCOON_GATEWAY_URL") from None
+            _out({"channel_id": cid, "resynced": True, **s.resync(newest, charged)})
+        except CocoonError as exc:
+            _fail(exc)
+
     @channel.command("finish")
     def channel_finish() -> None:
         """Complete a forced close once its quarantine is over: the contract pays both sides."""

@@ -285,6 +285,36 @@ class ChannelSigner:
                 self._give_channel()
         return self.state_for(seqno, sent)
 
+    def resync(self, newest: SignedSemiChannel, charged: int) -> dict[str, int]:
+        """Catch up with the gateway's newest state of this channel when this file fell behind it (restored from
+        a backup, or the home used from another machine). Only a state this key signed for this channel is
+        taken: the seqno and `sent` never go down, and the gateway's `charged` is booked only up to what was
+        signed (all the operator could claim anyway). Returns the figures before and after."""
+        data, counterparty = newest.state.data, newest.state.counterparty
+        if newest.state.channel_id != self._s.channel_id or not newest.is_signed_by(self.key.public_key()):
+            raise InvalidRequestError(f"the gateway's newest state is not one this wallet signed for channel "
+                                      f"{self._s.channel_id}; nothing was changed: check COCOON_GATEWAY_URL")
+        if counterparty is not None and counterparty.sent != 0:
+            raise InvalidRequestError("the gateway's newest state claims the operator paid this caller; nothing "
+                                      "was changed")
+        with self._lock:
+            self._take_channel()
+            try:
+                before = {"seqno": self._s.seqno, "sent": self._s.sent, "charged": self._s.charged}
+                if data.sent > self.limit:
+                    raise InvalidRequestError(f"the gateway's newest state sends {data.sent}, beyond this channel's "
+                                              f"limit {self.limit}; nothing was changed")
+                self._s.seqno = max(self._s.seqno, data.seqno)
+                self._s.sent = max(self._s.sent, data.sent)
+                self._s.charged = max(self._s.charged, min(charged, self._s.sent))
+                self._lease_released()
+                self._save()
+            finally:
+                if not self._inflight:
+                    self._give_channel()
+        return {**{f"{k}_before": v for k, v in before.items()},
+                "seqno": self._s.seqno, "sent": self._s.sent, "charged": self._s.charged}
+
     def latest(self) -> SignedSemiChannel:
         """The state for the current seqno and sent (what a close or a dispute would use)."""
         with self._lock:
