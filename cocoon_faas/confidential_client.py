@@ -193,6 +193,14 @@ def check_sealed_args(client: Transport, name: str, args: dict[str, Any] | None)
         sig.check(name, {} if args is None else args)
 
 
+def _seal(client: Transport, name: str, args: dict[str, Any] | None, args_json: bytes, policy: ClientPolicy,
+          attempt: int) -> tuple[bytearray, ClientCallContext]:
+    """The sealed body of one attempt: the verified replicas (refetched on a retry), the arguments checked, sealed."""
+    replicas = verified_replicas(client, name, policy, refresh=attempt > 0)
+    check_sealed_args(client, name, args)
+    return seal_request(args_json, name, replicas)
+
+
 def _sealed_headers(body: bytearray, extra: dict[str, str] | None) -> dict[str, str]:
     """The body goes as one chunk of the buffer it was sealed into (no copy); the explicit length keeps httpx
     from switching to chunked transfer encoding."""
@@ -204,9 +212,7 @@ def _sealed_post(client: Transport, name: str, args: dict[str, Any] | None, poli
     """POST a sealed request (paid like any call); on 421 stale_keys refetch the documents and reseal once."""
     args_json = json_args(args)
     for attempt in (0, 1):
-        replicas = verified_replicas(client, name, policy, refresh=attempt > 0)
-        check_sealed_args(client, name, args)
-        body, ctx = seal_request(args_json, name, replicas)
+        body, ctx = _seal(client, name, args, args_json, policy, attempt)
         try:
             r = client.call("POST", f"/fn/{name}", name, content=[body], headers=_sealed_headers(body, headers))
         except StaleKeysError:
@@ -256,9 +262,7 @@ def stream_confidential(client: Transport, name: str, args: dict[str, Any] | Non
     """Yield a sealed stream's items in order (paid like any call); ends only at the authenticated end frame."""
     args_json = json_args(args)
     for attempt in (0, 1):
-        replicas = verified_replicas(client, name, policy, refresh=attempt > 0)
-        check_sealed_args(client, name, args)
-        body, ctx = seal_request(args_json, name, replicas)
+        body, ctx = _seal(client, name, args, args_json, policy, attempt)
         try:
             for event, data in client.events(f"/fn/{name}", name, content=[body], headers=_sealed_headers(body, None)):
                 if event == "frame":

@@ -103,6 +103,11 @@ _BEHIND = (" (if this caller's channel state file is behind the gateway's, e.g. 
            "another machine, `cocoon channel resync` catches it up)")
 
 
+def _replayed(cid: int, seqno: int) -> PaymentError:
+    return _bad(f"replayed payment state: channel {cid} seqno {seqno} already paid for a call; sign a new state "
+                f"for each call{_BEHIND}", "replayed", 409)
+
+
 def _raw_header(value: str) -> bytes:
     try:
         return base64.b64decode(value.strip(), validate=True)
@@ -281,8 +286,7 @@ class PaymentGate:
                     raise ConflictError(f"call {call_id!r} was already received with this payment (on this or "
                                         "another gateway); it is not run again: use a fresh call id for a new call")
                 if seen is not None:
-                    raise _bad(f"replayed payment state: channel {cid} seqno {body.seqno} already paid for a call; "
-                               f"sign a new state for each call{_BEHIND}", "replayed", 409)
+                    raise _replayed(cid, body.seqno)
                 check_state(st, ch, self.operator_key, reserved, max_cost_nanoton)
                 tx.execute("INSERT INTO pay_states VALUES (?,?,?,?,?,?)", (cid, body.seqno, body.sent, raw, call_id,
                                                                           now))
@@ -298,8 +302,7 @@ class PaymentGate:
         except IntegrityError as exc:  # a taken seqno or call id fails its unique key
             if exc.table == "pay_calls":
                 raise ConflictError(f"call id {call_id!r} was already paid for; use a fresh call id") from None
-            raise _bad(f"replayed payment state: channel {cid} seqno {body.seqno} already paid for a "
-                       f"call; sign a new state for each call{_BEHIND}", "replayed", 409) from None
+            raise _replayed(cid, body.seqno) from None
         return Hold(call_id, cid, body.seqno, max_cost_nanoton, function)
 
     def split(self, hold: Hold, provider: int, royalty: int) -> Charge:
@@ -375,9 +378,9 @@ class PaymentGate:
 
     def channel_summary(self, channel_id: int) -> dict[str, Any]:
         ch = self.ledger.channel(channel_id)
+        reserved = self.ledger.reserved(channel_id)
         latest = self.ledger.latest_state(channel_id)  # signed by the caller: `cocoon channel resync` checks it
-        return {**ch.to_dict(), "reserved": self.ledger.reserved(channel_id),
-                "credit": ch.max_sent - ch.charged - self.ledger.reserved(channel_id),
+        return {**ch.to_dict(), "reserved": reserved, "credit": ch.max_sent - ch.charged - reserved,
                 "latest_state": None if latest is None else base64.b64encode(latest).decode()}
 
 

@@ -82,8 +82,8 @@ class _ChannelLock:
     _held: dict[str, _ChannelLock] = {}
     _guard = threading.Lock()
 
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path, self.fd, self.holders = path, fd, 0
+    def __init__(self, key: str, fd: int) -> None:
+        self.key, self.fd, self.holders = key, fd, 0
 
     @classmethod
     def claim(cls, state_path: Path, channel_id: int) -> _ChannelLock:
@@ -109,7 +109,7 @@ class _ChannelLock:
                         channel_id=channel_id) from None
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"pid {os.getpid()} ({' '.join(sys.argv)[:200]})".encode(), 0)
-                lock = cls._held[key] = cls(path, fd)
+                lock = cls._held[key] = cls(key, fd)
             lock.holders += 1
             return lock
 
@@ -118,9 +118,7 @@ class _ChannelLock:
             self.holders -= 1
             if self.holders > 0:
                 return
-            for k, v in list(self._held.items()):
-                if v is self:
-                    del self._held[k]
+            del self._held[self.key]
             os.ftruncate(self.fd, 0)
             os.close(self.fd)  # closing the descriptor drops the flock
 
@@ -154,9 +152,7 @@ class ChannelSigner:
         self._claim: _ChannelLock | None = None  # held from taking a lease until flush() gives it back
         if self.path.exists():
             self._s = _load_saved(self.path)
-            # a lease not given back: some of it may have been signed and sent, so resume past all of it
-            self._s.seqno = max(self._s.seqno, self._s.lease_seqno)
-            self._s.sent = max(self._s.sent, self._s.lease_sent)
+            self._catch_up(self._s)
         else:
             if channel_id is None or deposit is None:
                 raise PaymentRequiredError(f"no channel state at {self.path}; open one with "
@@ -204,13 +200,18 @@ class ChannelSigner:
             return
         self._claim = _ChannelLock.claim(self.path, self._s.channel_id)
         if self.path.exists():
-            disk = _load_saved(self.path)
-            self._s.seqno = max(self._s.seqno, disk.seqno, disk.lease_seqno)
-            self._s.sent = max(self._s.sent, disk.sent, disk.lease_sent)
-            self._s.charged = max(self._s.charged, disk.charged)
+            self._catch_up(_load_saved(self.path))
+
+    def _catch_up(self, disk: _Saved) -> None:
+        """Resume past what `disk` records: a lease not given back may have been signed and sent in full, so its
+        end counts as signed; charges booked there are ours too. Seqno, `sent` and `charged` never go down."""
+        self._s.seqno = max(self._s.seqno, disk.seqno, disk.lease_seqno)
+        self._s.sent = max(self._s.sent, disk.sent, disk.lease_sent)
+        self._s.charged = max(self._s.charged, disk.charged)
 
     def _give_channel(self) -> None:
-        if self._claim is not None:
+        """Let other processes sign, unless calls are in flight (their bookings come later). Under self._lock."""
+        if self._claim is not None and not self._inflight:
             self._claim.release()
             self._claim = None
 
@@ -236,7 +237,7 @@ class ChannelSigner:
             want = self._s.charged + self._inflight_sum + hold
             sent = max(self._s.sent, want)
             if sent > self.limit:
-                if fresh and not self._inflight:
+                if fresh:
                     self._give_channel()
                 raise PaymentRequiredError(
                     f"channel {self._s.channel_id} has {self.limit - self._s.sent} nanoton of credit left, "
@@ -267,8 +268,7 @@ class ChannelSigner:
             if self._dirty or self._s.lease_seqno != self._s.seqno or self._s.lease_sent != self._s.sent:
                 self._lease_released()
                 self._save()
-            if not self._inflight:  # calls still in flight keep the channel: their bookings come later
-                self._give_channel()
+            self._give_channel()
 
     def close_state(self, sent: int) -> SignedSemiChannel:
         """A fresh state (next seqno, saved before it leaves) sending `sent`: what a forced close commits. `sent`
@@ -281,8 +281,7 @@ class ChannelSigner:
             seqno = self._s.seqno = self._s.seqno + 1
             self._lease_released()
             self._save()
-            if not self._inflight:  # saved exactly, no lease left out: another process may sign (and be refused)
-                self._give_channel()
+            self._give_channel()  # saved exactly, no lease left out: another process may sign (and be refused)
         return self.state_for(seqno, sent)
 
     def resync(self, newest: SignedSemiChannel, charged: int) -> dict[str, int]:
@@ -297,21 +296,20 @@ class ChannelSigner:
         if counterparty is not None and counterparty.sent != 0:
             raise InvalidRequestError("the gateway's newest state claims the operator paid this caller; nothing "
                                       "was changed")
+        if data.sent > self.limit:
+            raise InvalidRequestError(f"the gateway's newest state sends {data.sent}, beyond this channel's limit "
+                                      f"{self.limit}; nothing was changed")
         with self._lock:
             self._take_channel()
             try:
                 before = {"seqno": self._s.seqno, "sent": self._s.sent, "charged": self._s.charged}
-                if data.sent > self.limit:
-                    raise InvalidRequestError(f"the gateway's newest state sends {data.sent}, beyond this channel's "
-                                              f"limit {self.limit}; nothing was changed")
                 self._s.seqno = max(self._s.seqno, data.seqno)
                 self._s.sent = max(self._s.sent, data.sent)
                 self._s.charged = max(self._s.charged, min(charged, self._s.sent))
                 self._lease_released()
                 self._save()
             finally:
-                if not self._inflight:
-                    self._give_channel()
+                self._give_channel()
         return {**{f"{k}_before": v for k, v in before.items()},
                 "seqno": self._s.seqno, "sent": self._s.sent, "charged": self._s.charged}
 
