@@ -99,6 +99,8 @@ async def respond(request: Request, call: Call, headers: dict[str, str], sealed:
         return await stream_response(pipeline.stream(call), headers, sealed)
     ans, paid = await pipeline.run(call)
     headers.update(paid.headers())
+    if ans.attempts:  # more than 1: a replica was lost mid-call and the call ran again on another (`retries`)
+        headers["X-Cocoon-Attempts"] = str(ans.attempts)
     if ans.error is not None and not (sealed and ans.body is not None):
         return error_response(ans.error, headers)
     assert ans.body is not None

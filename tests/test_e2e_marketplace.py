@@ -183,18 +183,33 @@ class Load:
     def __init__(self, market: Market, function: str, threads: int = 4) -> None:
         self.url, self.headers, self.function = market.gw.url, market.gw.headers(), function
         self.results: list[tuple[int, dict[str, Any] | str, float]] = []  # status, body, exec ms
+        self.attempts: list[int] = []  # X-Cocoon-Attempts of each answered call
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
 
     def _run(self) -> None:
         with httpx.Client(base_url=self.url, headers=self.headers, timeout=60) as c:
             while not self._stop.is_set():
-                try:
-                    r = c.post(f"/fn/{self.function}", json={"ms": 20})
-                    body: dict[str, Any] | str = r.json() if r.status_code == 200 else r.text
-                    self.results.append((r.status_code, body, float(r.headers.get("X-Cocoon-Exec-Ms", 0))))
-                except httpx.HTTPError as exc:
-                    self.results.append((0, repr(exc), 0.0))
+                self._one(c, 20)
+
+    def _one(self, c: httpx.Client, ms: float) -> None:
+        try:
+            r = c.post(f"/fn/{self.function}", json={"ms": ms})
+            body: dict[str, Any] | str = r.json() if r.status_code == 200 else r.text
+            self.results.append((r.status_code, body, float(r.headers.get("X-Cocoon-Exec-Ms", 0))))
+            self.attempts.append(int(r.headers.get("X-Cocoon-Attempts", 0)))
+        except httpx.HTTPError as exc:
+            self.results.append((0, repr(exc), 0.0))
+
+    def long_calls(self, n: int, ms: float) -> None:
+        """Start ``n`` calls of ``ms`` each (kept with the others) and return once they are sent."""
+        def one() -> None:
+            with httpx.Client(base_url=self.url, headers=self.headers, timeout=60) as c:
+                self._one(c, ms)
+        threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
+        self._threads += threads
+        for t in threads:
+            t.start()
 
     def __enter__(self) -> Load:
         for t in self._threads:
@@ -306,6 +321,10 @@ def test_killed_raylet_under_load_loses_no_call(market: Market) -> None:
 
     with Load(market, "steady") as load:
         wait_for(lambda: load.served() >= 40, 30, "load to build")
+        # long calls on both replicas (each call goes to the one with fewer in flight): the victim's is in flight
+        # when its raylet dies, so it is lost there, retried and answered on another node
+        load.long_calls(4, 5000)
+        time.sleep(0.5)
         os.kill(raylet_of(victim.proc.pid), signal.SIGKILL)  # type: ignore[union-attr]
         killed_at, served_at_kill = time.monotonic(), load.served()
         wait_for(lambda: market.row(victim.node_id)["status"] == "down", 10, "the node to be marked down")
@@ -320,6 +339,7 @@ def test_killed_raylet_under_load_loses_no_call(market: Market) -> None:
         wait_for(lambda: load.served() >= n + 20, 30, "calls on the replacement")
     assert load.served() > served_at_kill + 20
     assert load.failures() == [], load.failures()[:5]
+    assert any(a >= 2 for a in load.attempts), load.attempts  # the lost call ran again on another node
     assert down_s < 8, down_s  # 3 heartbeats of 0.5 s, or Ray's own health check
     assert victim.proc is not None and victim.proc.wait(30) == 1  # the agent saw its Ray node die
     assert "the Ray node stopped" in victim.log()

@@ -146,6 +146,8 @@ def test_fn_unary(gw: Harness, name: str, mode: str, status: int, settles: str, 
     cid = r.headers["x-cocoon-call-id"]
     assert r.status_code == status, r.text
     assert int(r.headers["x-cocoon-charge"]) == gw.hold(cid)[1]  # type: ignore[index]
+    # how many replicas it ran on: the lost one and the one that answered, when a retry was left
+    assert r.headers["x-cocoon-attempts"] == ("2" if (name, mode) == ("work", "die") else "1")
     if settles == "charged":
         _charged_once(gw, cid)
         assert gw.records(cid) == [record]
