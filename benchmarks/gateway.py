@@ -11,7 +11,8 @@ next one starts: on a 2-core machine two systems side by side would measure each
 or, when wrk is missing, an asyncio HTTP/1.1 keep-alive client in this process (which then competes with the
 server for the two cores: its numbers are lower bounds, and the report says which generator ran).
 
-    python benchmarks/gateway.py                       # all five systems, c = 1, 16, 64, 5 s each
+    python benchmarks/gateway.py                       # every system, c = 1, 16, 64, 5 s each
+    python benchmarks/gateway.py --only ours,ours-workers,serve-direct --concurrency 64   # each at its best here
     python benchmarks/gateway.py --only ours,echo --duration 3 --json /tmp/gw.json
     python benchmarks/gateway.py --function plain --only ours,serve-direct   # a plain `def`, default settings
 
@@ -52,9 +53,11 @@ NOOP_APP = ROOT / "benchmarks" / "apps" / "noop.py"
 PLAIN_APP = ROOT / "benchmarks" / "apps" / "plain.py"
 FUNCTION = {"name": "noop"}  # --function: noop (async, tuned like the peers) or plain (a default `def`)
 WARMUP = {"s": 2.0}  # --warmup: seconds of load before measuring (longer lets autoscaling settle)
-SYSTEMS = ("ours", "ours-relay", "serve-proxy", "serve-direct", "echo", "actor")
+SYSTEMS = ("ours", "ours-workers", "ours-relay", "serve-proxy", "serve-direct", "echo", "actor")
+CORES = os.cpu_count() or 1
 TITLES = {
     "ours": "cocoon gateway",
+    "ours-workers": f"cocoon gateway, `cocoon serve --workers {CORES}` (a process per core, one port)",
     "ours-relay": "cocoon gateway, every call through the replica actor (COCOON_DIRECT_CALLS=false)",
     "serve-proxy": "Ray Serve, default HTTP proxy",
     "serve-direct": "Ray Serve, THROUGHPUT_OPTIMIZED direct ingress",
@@ -259,7 +262,8 @@ class System:
         port = free_port()
         home = self.workdir / "cocoon-home"
         env = {"COCOON_HOME": str(home), "COCOON_GATEWAY_URL": f"http://127.0.0.1:{port}",
-               "COCOON_RAY_NUM_CPUS": "8", "COCOON_DIRECT_CALLS": "false" if self.name == "ours-relay" else "true"}
+               "COCOON_RAY_NUM_CPUS": "8", "COCOON_DIRECT_CALLS": "false" if self.name == "ours-relay" else "true",
+               "COCOON_WORKERS": str(CORES) if self.name == "ours-workers" else "1"}
         self._spawn([sys.executable, "-m", "cocoon_faas", "serve", "--port", str(port)], env)
         deadline = time.monotonic() + timeout
         t_start = time.monotonic()
@@ -543,6 +547,8 @@ def report(results: dict[str, dict[str, Any]], levels: list[int], generator: str
 
     rows: list[tuple[str, Any]] = [
         ("ours / Ray Serve best (req/s)", lambda c: (_at(ours, c), best_serve(c))),
+        (f"ours --workers {CORES} / Ray Serve best (req/s)",
+         lambda c: (_at(results.get("ours-workers"), c), best_serve(c))),
         ("ours / bare echo (req/s)", lambda c: (_at(ours, c), _at(results.get("echo"), c))),
         ("ours / Starlette+actor (req/s)", lambda c: (_at(ours, c), _at(results.get("actor"), c))),
         ("ours / ours through the actor (req/s)", lambda c: (_at(ours, c), _at(results.get("ours-relay"), c))),
@@ -564,7 +570,7 @@ def report(results: dict[str, dict[str, Any]], levels: list[int], generator: str
         cells.append(f"{a['cpu_us']:,.0f} vs {b['cpu_us']:,.0f}" if a and b and a["cpu_us"] and b["cpu_us"] else "—")
     lines.append("| CPU µs/req, ours vs Ray Serve best | " + " | ".join(cells) + " |")
     lines += ["", "| deploy to first response (Ray already up) | seconds |", "|---|---|"]
-    for name in ("ours", "ours-relay", "serve-proxy", "serve-direct"):
+    for name in ("ours", "ours-workers", "ours-relay", "serve-proxy", "serve-direct"):
         r = results.get(name)
         if r is not None and r["deploy_s"] is not None:
             extra = f" ({', '.join(f'{k}={v}' for k, v in r['notes'].items())})" if r["notes"] else ""
@@ -578,6 +584,11 @@ def report(results: dict[str, dict[str, Any]], levels: list[int], generator: str
             ok = a["rps"] >= 1.5 * b["rps"] and a["p99_ms"] < b["p99_ms"]
             lines.append(f"  >= 1.5x Ray Serve best with lower p99: {'PASS' if ok else 'FAIL'} "
                          f"({a['rps'] / b['rps']:.2f}x, p99 {a['p99_ms']:.1f} vs {b['p99_ms']:.1f} ms)")
+            w = _at(results.get("ours-workers"), c)
+            if w:  # each at its best configuration on this machine
+                ok = w["rps"] >= 2 * b["rps"] and w["p99_ms"] < b["p99_ms"]
+                lines.append(f"  --workers {CORES}: >= 2x Ray Serve best with lower p99: {'PASS' if ok else 'FAIL'} "
+                             f"({w['rps'] / b['rps']:.2f}x, p99 {w['p99_ms']:.1f} vs {b['p99_ms']:.1f} ms)")
         if e:
             ok = a["rps"] >= 0.5 * e["rps"]
             lines.append(f"  >= 0.5x bare echo: {'PASS' if ok else 'FAIL'} ({a['rps'] / e['rps']:.2f}x)")
