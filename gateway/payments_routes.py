@@ -233,15 +233,21 @@ def payment_routes(gate: PaymentGate, operator_key: PrivateKey | None = None,
             if amount is not None and amount > due:
                 raise ConflictError(f"provider {pid!r} is due {due} nanoton; cannot pay {amount}", due=due)
             want = due if amount is None else amount
-            if deposit is not None and deposit < want and not payout_channels_of(gate.ledger, [pid]):
+            have = [c for c in payout_channels_of(gate.ledger, [pid]) if c["status"] != "retired"]
+            short = bool(have) and have[0]["status"] == "open" and have[0]["left"] < want
+            if deposit is not None and deposit < want and (not have or short):
                 raise InvalidRequestError(f"a deposit of {deposit} nanoton cannot cover the {want} to pay now (a "
-                                          "payout channel cannot be topped up yet); send a larger deposit, or none "
-                                          "for 10x what is due")
+                                          "payout channel cannot be topped up once open); send a larger deposit, "
+                                          "or none for 10x what is due")
             # the channel's state is a row of the shared ledger: any gateway with the operator key can pay
             channels = PayoutChannels(gate.ledger, gate.chain, operator_key)
+            # too little left in the open channel: retire it (the provider closes it with its last state) and pay
+            # through a new one
+            retired = await asyncio.to_thread(channels.retire_if_short, pid, want) if short else None
             await asyncio.to_thread(channels.ensure_open, pid, key, wallet,
                                     deposit if deposit is not None else max(10 * due, 10**9))
-            return JSONResponse(await asyncio.to_thread(channels.pay, pid, amount))
+            out = await asyncio.to_thread(channels.pay, pid, amount)
+            return JSONResponse({**out, "retired_channel_id": retired} if retired is not None else out)
         except CocoonError as exc:
             return err(exc)
 

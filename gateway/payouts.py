@@ -46,6 +46,12 @@ CREATE TABLE IF NOT EXISTS pay_payout_channels (
     address TEXT NOT NULL, deposit INTEGER NOT NULL, seqno INTEGER NOT NULL DEFAULT 0,
     sent INTEGER NOT NULL DEFAULT 0, status TEXT NOT NULL, opened_at REAL NOT NULL)
 """),
+    Migration(2, "payout channels whose deposit ran out: kept with their last state until the provider closes them", """
+CREATE TABLE IF NOT EXISTS pay_payout_retired (
+    channel_id INTEGER PRIMARY KEY, provider_id TEXT NOT NULL, key_b TEXT NOT NULL, dest_b TEXT NOT NULL,
+    address TEXT NOT NULL, deposit INTEGER NOT NULL, seqno INTEGER NOT NULL, sent INTEGER NOT NULL,
+    opened_at REAL NOT NULL, retired_at REAL NOT NULL)
+"""),
 ]
 GAS = 50_000_000
 OPENING_GRACE_S = 300.0  # an opening older than this is taken over (its gateway died or gave up midway)
@@ -135,6 +141,23 @@ class PayoutChannels:
             require_ok(self.chain.send_to_channel(self.key, w, cfg, InitChannel.signed(
                 self.key, True, cfg.channel_id, deposit, 0).to_cell(), GAS), "payout channel init")
 
+    def retire_if_short(self, provider_id: str, need: int) -> int | None:
+        """Retire the provider's open channel when less than ``need`` is left in it (a channel cannot be topped up
+        once open: the contract refuses), so that the next `ensure_open` opens a new one. The retired channel is
+        kept with its last state, which the provider closes on chain to collect what was paid through it (the
+        rest of its deposit returns to the operator). Returns its id, or None when the channel has room (or
+        another gateway retired it first: the row lock orders them)."""
+        with self.ledger.transaction() as tx:
+            row = tx.execute("SELECT channel_id, key_b, dest_b, address, deposit, seqno, sent, status, opened_at FROM "
+                             f"pay_payout_channels WHERE provider_id=?{self.ledger.db.for_update}",
+                             (provider_id,)).fetchone()
+            if row is None or row[7] != "open" or int(row[4]) - int(row[6]) >= need:
+                return None
+            tx.execute("INSERT INTO pay_payout_retired VALUES (?,?,?,?,?,?,?,?,?,?)",
+                       (row[0], provider_id, *row[1:7], row[8], time.time()))
+            tx.execute("DELETE FROM pay_payout_channels WHERE provider_id=?", (provider_id,))
+        return int(row[0])
+
     def pay(self, provider_id: str, amount: int | None = None) -> dict[str, Any]:
         """Pay ``amount`` (default: all that is due) with the next state of the provider's channel; books it."""
         with self.ledger.transaction() as tx:
@@ -150,7 +173,7 @@ class PayoutChannels:
                 raise ConflictError(f"provider {provider_id!r} is due {due} nanoton; cannot pay {amount}")
             if sent + amount > deposit:
                 raise PaymentRequiredError(f"the payout channel to {provider_id!r} has {deposit - sent} nanoton "
-                                           "left; close it and pay through a new one with a larger deposit",
+                                           "left; pay again: the payout retires it and opens a new one",
                                            needed=sent + amount - deposit)
             seqno, sent = seqno + 1, sent + amount
             boc, state = StateTemplate(cid, SemiChannelBody()).build(seqno, sent, self.key.sign)
@@ -200,9 +223,14 @@ def payout_channels_of(ledger: Ledger, provider_ids: list[str]) -> list[dict[str
     migrate(ledger.db, "payouts", PAYOUT_MIGRATIONS)  # a gateway that never paid out has no payout table yet
     marks = ",".join("?" * len(provider_ids))
     keys = ("provider_id", "channel_id", "address", "deposit", "seqno", "sent", "status", "opened_at")
+    open_q = f"SELECT {', '.join(keys)}, 0 FROM pay_payout_channels WHERE provider_id IN ({marks})"
+    retired_q = ("SELECT provider_id, channel_id, address, deposit, seqno, sent, 'retired', opened_at, retired_at "
+                 f"FROM pay_payout_retired WHERE provider_id IN ({marks})")
+    rows = ledger.query(f"{open_q} UNION ALL {retired_q}", tuple(provider_ids) * 2)
+    # per provider, the open channel, then the retired ones newest first: each is closed with its own last state
+    rows.sort(key=lambda r: (r[0], r[-1] != 0, -r[-1]))
     out = []
-    for r in ledger.query(f"SELECT {', '.join(keys)} FROM pay_payout_channels WHERE provider_id IN ({marks}) "
-                          "ORDER BY provider_id", tuple(provider_ids)):
+    for r in (r[:-1] for r in rows):
         ch = dict(zip(keys, r, strict=True))
         last = ledger.query("SELECT boc FROM pay_payouts WHERE channel_id=? AND seqno=?", (ch["channel_id"],
                                                                                           ch["seqno"]))

@@ -240,6 +240,59 @@ def test_payout_amounts_are_checked_before_a_channel_is_funded(env) -> None:  # 
     assert ok.status_code == 200 and ok.json()["amount"] == 400_000
 
 
+def test_a_payout_channel_that_ran_out_is_retired_and_the_next_payout_opens_a_new_one(env) -> None:  # type: ignore[no-untyped-def]
+    """A payout channel cannot be topped up once open (the contract refuses): when what is due no longer fits, the
+    payout retires it and pays through a new channel. The provider closes each channel with its own last state
+    and collects everything it earned; the operator gets back what was left in the old deposit."""
+    from cocoon_faas.gateway.payments import decode_header
+    from cocoon_faas.gateway.payouts import payout_channels_of
+
+    chain, gate, client = env
+    cfg = _open_on_chain(chain, 9, CALLER, OP)
+    assert _reg(client, cfg).status_code == 201
+    signer = ChannelSigner(Path(gate.ledger.path).with_name("c.json"), CALLER, 9, DEP)
+
+    def earn(i: int, amount: int) -> None:
+        t = signer.sign_for_call(10**6)
+        gate.settle(gate.authorize(t.header, f"c{i}", "f", 10**6), "gpu-1", amount, "d", 0)
+
+    op_wallet = Wallet(OP.public_key())
+    chain.faucet(op_wallet.address, 3 * DEP)
+    prov = PrivateKey(b"\x0d" * 32)
+    prov_wallet = Wallet(prov.public_key()).address
+    body = {"public_key": prov.public_key().hex(), "wallet": prov_wallet.raw}
+    earn(0, 400_000)
+    first = client.post("/v1/ledger/providers/gpu-1/payout", json={**body, "deposit": 500_000}, headers=TOKEN).json()
+    assert first["amount"] == 400_000 and "retired_channel_id" not in first
+    earn(1, 300_000)  # 300k due, 100k left in the channel
+    funded = chain.balance(op_wallet.address)
+    small = client.post("/v1/ledger/providers/gpu-1/payout", json={**body, "deposit": 299_999}, headers=TOKEN)
+    assert small.status_code == 400 and "larger deposit" in small.json()["error"]["message"], small.text
+    assert chain.balance(op_wallet.address) == funded and gate.ledger.paid_out() == {"gpu-1": 400_000}
+    second = client.post("/v1/ledger/providers/gpu-1/payout", json={**body, "deposit": 600_000}, headers=TOKEN)
+    assert second.status_code == 200, second.text
+    second = second.json()
+    assert second["retired_channel_id"] == first["channel_id"] != second["channel_id"]
+    assert second["amount"] == 300_000 and second["seqno"] == 1  # a new channel's first state
+    (e,) = client.get("/v1/ledger/providers", headers=TOKEN).json()["providers"]
+    assert e == {"provider_id": "gpu-1", "earned": 700_000, "paid": 700_000, "due": 0}
+    listed = payout_channels_of(gate.ledger, ["gpu-1"])
+    assert [(c["channel_id"], c["status"], c["sent"]) for c in listed] == [
+        (second["channel_id"], "open", 300_000), (first["channel_id"], "retired", 400_000)]
+    assert [c["latest_state"] for c in listed] == [second["state"], first["state"]]
+
+    # the provider closes both channels on chain, each with the operator's last state for it
+    for paid, deposit in ((first, 500_000), (second, 600_000)):
+        st = decode_header(paid["state"])
+        sent = st.state.data.sent
+        pcfg = ChannelConfig(paid["channel_id"], OP.public_key(), prov.public_key(), op_wallet.address, prov_wallet)
+        args = (paid["channel_id"], deposit - sent, sent, st.state.data.seqno, 1)
+        close = CooperativeClose(sign_close(OP, *args), sign_close(prov, *args), *args)
+        require_ok(chain.send_to_channel(OP, op_wallet, pcfg, close.to_cell(), GAS), "payout close")
+    assert chain.balance(prov_wallet) == 700_000  # all it earned, once
+    assert gate.ledger.verify()["ok"]
+
+
 def test_channel_ids_and_close_numbers_out_of_range_are_4xx(tmp_path: Path) -> None:
     """A channel id in the URL past 64 bits, or a close's seqno past 64 bits, answered 500 (the database driver
     and the cell builder raised); now 404 (no such channel can be in the ledger) and 400, changing nothing."""

@@ -129,3 +129,28 @@ def test_an_opening_left_unfinished_is_resumed_never_funded_twice(database: Any,
     assert data is not None and data.inited and data.balance_a == DEP
     assert before - chain.balance(op_wallet.address) < DEP  # only the init's gas: the deposit went in once
     assert ledger.query("SELECT status FROM pay_payout_channels") == [("open",)]
+
+
+def test_a_short_channel_is_retired_once_and_listed_with_its_last_state(database: Any, tmp_path: Path) -> None:
+    from cocoon_faas.gateway.payouts import payout_channels_of
+
+    chain = LocalChain(tmp_path / "chain.db")
+    chain.faucet(Wallet(OP.public_key()).address, 10 * DEP)
+    a, b = Ledger(database(), home=tmp_path / "a"), Ledger(database(), home=tmp_path / "b")
+    _earn(a, tmp_path, 3, 100_000)
+    pa, pb = PayoutChannels(a, chain, OP), PayoutChannels(b, chain, OP)
+    wallet = Wallet(PROV.public_key()).address
+    old = pa.ensure_open("gpu-1", PROV.public_key(), wallet, 250_000)
+    first = pa.pay("gpu-1", 200_000)
+    assert pa.retire_if_short("gpu-1", 50_000) is None  # 50k left: room enough, nothing retired
+    assert pa.retire_if_short("gpu-1", 100_000) == old
+    assert pb.retire_if_short("gpu-1", 100_000) is None  # the other gateway finds it retired already
+    new = pb.ensure_open("gpu-1", PROV.public_key(), wallet, 250_000)
+    second = pb.pay("gpu-1")
+    assert new != old and second["amount"] == 100_000 and second["seqno"] == 1
+    listed = payout_channels_of(b, ["gpu-1"])
+    assert [(c["channel_id"], c["status"], c["sent"], c["left"]) for c in listed] == [
+        (new, "open", 100_000, 150_000), (old, "retired", 200_000, 50_000)]
+    assert [c["latest_state"] for c in listed] == [second["state"], first["state"]]
+    assert provider_earnings(a) == [{"provider_id": "gpu-1", "earned": 300_000, "paid": 300_000, "due": 0}]
+    assert a.verify()["ok"]

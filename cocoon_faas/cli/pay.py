@@ -429,7 +429,8 @@ def register(main: click.Group) -> None:
     @click.option("--key", "public_key", required=True, help="the provider's Ed25519 public key (hex)")
     @click.option("--wallet", required=True, help="the provider's wallet address (payouts land there on close)")
     @click.option("--amount", default=None, help="TON to pay (default: all that is due)")
-    @click.option("--deposit", default=None, help="TON to lock in a new payout channel (default: 10x due, >= 1)")
+    @click.option("--deposit", default=None, help="TON to lock in a new payout channel, opened on the first payout "
+                  "and when the open one has too little left (default: 10x due, >= 1)")
     def provider_payout_cmd(provider_id: str, public_key: str, wallet: str, amount: str | None,
                             deposit: str | None) -> None:
         """Pay a provider what it is due through the operator's channel to it (opened on first payout)."""
