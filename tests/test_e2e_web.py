@@ -101,8 +101,12 @@ def test_js_sdk_against_the_gateway(gw: GatewayProc, tmp_path: Path) -> None:
     assert out["sealed_typo"].startswith("400 invalid_request:") and "did you mean 'name'" in out["sealed_typo"]
     assert out["sealed_generator"].startswith("400 invalid_request:") and "is a generator" in out["sealed_generator"]
     assert out["charged_after_refusal"] == paid["charged"]
+    assert paid["seqno"] == "3" and out["tab2_refused"].startswith("409 "), out["tab2_refused"]
+    tab2 = out["tab2"]  # the second tab resynced past the first one's states, then paid its call
+    assert tab2["resynced"] == "3" and tab2["call"] == {"message": "Hello, tab 2."}
     summary = httpx.get(f"{gw.url}/v1/channels/{payer.channel['channel_id']}", timeout=30).json()
-    assert str(summary["charged"]) == paid["charged"] and str(summary["seqno"]) == paid["seqno"] == "3"
+    assert str(summary["seqno"]) == tab2["seqno"] == "4"
+    assert str(summary["charged"]) == tab2["charged"] and int(tab2["charged"]) > int(paid["charged"])
     assert _ledger(gw)["verify"]["ok"]
     fn = httpx.get(f"{gw.url}/v1/functions/greet", timeout=30)  # after sealed calls: no gateway secret in it
     assert fn.status_code == 200 and "receipt_mac" not in fn.text

@@ -5,7 +5,7 @@ import { type ClientPolicy, verifyDocument } from "./document.js";
 import { type CallContext, type Receipt, type VerifiedReplica, SEALED_CONTENT_TYPE, SEALED_FRAME_CONTENT_TYPE,
   sealRequest } from "./envelope.js";
 import { CheckFailed, CocoonError } from "./errors.js";
-import { CHARGE_HEADER, type ChannelPayer, PAYMENT_HEADER, type Ticket } from "./payments.js";
+import { CHARGE_HEADER, type ChannelPayer, PAYMENT_HEADER, type ResyncResult, type Ticket } from "./payments.js";
 import { type FunctionSignature, checkArgs, parseSignature } from "./signature.js";
 
 export interface ClientOptions {
@@ -117,6 +117,15 @@ export class Client {
       this.holds.set(name, h);
     }
     return h;
+  }
+
+  /** Catch this client's payer up with the gateway's newest state of its channel (see `ChannelPayer.resync`):
+   *  after the gateway refused a payment as stale or replayed because the channel was used elsewhere. */
+  async resyncChannel(): Promise<ResyncResult> {
+    if (!this.opts.payer) throw new CocoonError("this client has no payer: pass { payer } to resync its channel", 400,
+      "invalid_request");
+    const summary = await this.request("GET", `/v1/channels/${this.opts.payer.channelId}`);
+    return this.opts.payer.resync(summary);
   }
 
   private async pay(name: string, headers: Record<string, string>): Promise<Ticket | null> {

@@ -2,10 +2,10 @@
 // A) signs cumulative states: each call gets `seqno+1` whose `sent` covers every charge so far plus every hold in
 // flight, this call's included; `sent` never decreases. @ton/core builds the cells; the BOC goes base64 in
 // `X-Cocoon-Payment`. The gateway answers the charge in `X-Cocoon-Charge` (or a stream's `end` event).
-import { beginCell, type Cell } from "@ton/core";
+import { beginCell, Cell } from "@ton/core";
 import { ed25519 } from "@noble/curves/ed25519.js";
 import { Buffer } from "buffer";
-import { type Bytes, b64 } from "./bytes.js";
+import { type Bytes, b64, fromB64 } from "./bytes.js";
 import { CocoonError } from "./errors.js";
 
 export const PAYMENT_HEADER = "X-Cocoon-Payment";
@@ -46,6 +46,15 @@ export interface ChannelState {
   charged: string;
   counterpartySeqno: string;
   counterpartySent: string;
+}
+
+export interface ResyncResult {
+  seqnoBefore: bigint;
+  sentBefore: bigint;
+  chargedBefore: bigint;
+  seqno: bigint;
+  sent: bigint;
+  charged: bigint;
 }
 
 export interface Ticket {
@@ -107,6 +116,50 @@ export class ChannelPayer {
     this.inflight.set(this.seqno, hold);
     this.save(this.state());
     return { seqno: this.seqno, hold, header: b64(this.stateFor(this.seqno, sent)) };
+  }
+
+  /** Catch up with the gateway's newest state of this channel (`GET /v1/channels/{id}`: `latest_state`,
+   *  `charged`) when this payer's saved state fell behind it (an older copy restored, or the channel used from
+   *  another tab or device: the gateway then refuses its states as stale or replayed). Only a state this key
+   *  signed for this channel is taken: the payer signs the same (seqno, sent) again and compares the bytes
+   *  (Ed25519 signatures are deterministic). seqno and sent never go down; the gateway's `charged` is booked only
+   *  up to what was signed. Throws (changing nothing) on anything else. Python: `cocoon channel resync`. */
+  resync(summary: { latest_state?: string | null; charged?: string | number | bigint }): ResyncResult {
+    const before = { seqnoBefore: this.seqno, sentBefore: this.sent, chargedBefore: this.charged };
+    if (!summary.latest_state) return { ...before, seqno: this.seqno, sent: this.sent, charged: this.charged };
+    const refuse = (why: string) => new CocoonError(`the gateway's newest state ${why}; nothing was changed: check `
+      + "the gateway URL and the channel id", 400, "invalid_request");
+    let boc: Bytes, channelId: bigint, data: SemiChannelBody, counterparty: SemiChannelBody | null;
+    try {
+      boc = fromB64(summary.latest_state);
+      const sl = Cell.fromBoc(Buffer.from(boc))[0].beginParse();
+      sl.skip(512);
+      if (sl.loadUint(32) !== TAG_SEMICHANNEL) throw new Error("tag");
+      channelId = sl.loadUintBig(128);
+      data = { seqno: sl.loadUintBig(64), sent: sl.loadCoins() };
+      if (sl.loadMaybeRef() !== null) throw new Error("conditionals");
+      const cp = sl.loadMaybeRef();
+      if (cp === null) counterparty = null;
+      else {
+        const c = cp.beginParse();
+        counterparty = { seqno: c.loadUintBig(64), sent: c.loadCoins() };
+      }
+    } catch {
+      throw refuse("is not a payment state this SDK reads");
+    }
+    if (channelId !== this.channelId) throw refuse(`is for channel ${channelId}, not ${this.channelId}`);
+    if (b64(signedStateBoc(channelId, data, counterparty, this.secretKey).boc) !== b64(boc)) {
+      throw refuse(`is not one this key signed for channel ${this.channelId}`);
+    }
+    if (counterparty !== null && counterparty.sent !== 0n) throw refuse("claims the operator paid this caller");
+    if (data.sent > this.deposit) throw refuse(`sends ${data.sent}, beyond this channel's deposit ${this.deposit}`);
+    if (data.seqno > this.seqno) this.seqno = data.seqno;
+    if (data.sent > this.sent) this.sent = data.sent;
+    const charged = BigInt(summary.charged ?? 0);
+    const booked = charged < this.sent ? charged : this.sent;
+    if (booked > this.charged) this.charged = booked;
+    this.save(this.state());
+    return { ...before, seqno: this.seqno, sent: this.sent, charged: this.charged };
   }
 
   /** Release the ticket's hold and book what the gateway charged (0 for a failed call). */

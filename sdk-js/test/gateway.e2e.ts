@@ -68,4 +68,12 @@ const countdownM = (await c.request("GET", "/v1/functions/countdown")).measureme
 out.sealed_generator = await refused(() => paid.callSealed("countdown", { start: 1 },
   { measurements: [countdownM], trustedDevKeys: [devKey] }));
 out.charged_after_refusal = String(payer.charged);
+// another tab with the same key and no saved state: its first state repeats a seqno the gateway already has
+// (refused, nothing charged); resync catches it up from the gateway's newest state and its next call is paid
+const tab2Payer = new ChannelPayer(fromHex(channelKey), { channelId, deposit });
+const tab2 = new Client({ url, payer: tab2Payer });
+out.tab2_refused = await refused(() => tab2.call("greet", { name: "tab 2" }));
+const resynced = await tab2.resyncChannel();
+out.tab2 = { resynced: String(resynced.seqno), call: await tab2.call("greet", { name: "tab 2" }),
+  seqno: String(tab2Payer.seqno), charged: String(tab2Payer.charged) };
 console.log(JSON.stringify(out));
