@@ -36,12 +36,19 @@ def _earn(ledger: Ledger, tmp_path: Path, n: int, each: int) -> None:
         gate.settle(gate.authorize(signer.sign_for_call(each).header, f"c{i}", "f", each), "gpu-1", each, "d", 0)
 
 
-def test_two_gateways_pay_one_provider_through_one_channel(database: Any, tmp_path: Path) -> None:
+def _two_gateways(database: Any, tmp_path: Path, calls: int) -> tuple[Ledger, PayoutChannels, PayoutChannels]:
+    """Two gateways on one database with the operator's wallet funded on a local chain, after `calls` paid calls
+    earned "gpu-1" 100k each: A's ledger and each gateway's payout channels."""
     chain = LocalChain(tmp_path / "chain.db")
     chain.faucet(Wallet(OP.public_key()).address, 10 * DEP)
     a, b = Ledger(database(), home=tmp_path / "a"), Ledger(database(), home=tmp_path / "b")
-    _earn(a, tmp_path, 8, 100_000)
-    pa, pb = PayoutChannels(a, chain, OP), PayoutChannels(b, chain, OP)
+    _earn(a, tmp_path, calls, 100_000)
+    return a, PayoutChannels(a, chain, OP), PayoutChannels(b, chain, OP)
+
+
+def test_two_gateways_pay_one_provider_through_one_channel(database: Any, tmp_path: Path) -> None:
+    a, pa, pb = _two_gateways(database, tmp_path, 8)
+    b = pb.ledger
     wallet = Wallet(PROV.public_key()).address
     cid = pa.ensure_open("gpu-1", PROV.public_key(), wallet, DEP // 2)
     assert pb.ensure_open("gpu-1", PROV.public_key(), wallet, DEP // 2) == cid  # B uses A's channel
@@ -134,11 +141,8 @@ def test_an_opening_left_unfinished_is_resumed_never_funded_twice(database: Any,
 def test_a_short_channel_is_retired_once_and_listed_with_its_last_state(database: Any, tmp_path: Path) -> None:
     from cocoon_faas.gateway.payouts import payout_channels_of
 
-    chain = LocalChain(tmp_path / "chain.db")
-    chain.faucet(Wallet(OP.public_key()).address, 10 * DEP)
-    a, b = Ledger(database(), home=tmp_path / "a"), Ledger(database(), home=tmp_path / "b")
-    _earn(a, tmp_path, 3, 100_000)
-    pa, pb = PayoutChannels(a, chain, OP), PayoutChannels(b, chain, OP)
+    a, pa, pb = _two_gateways(database, tmp_path, 3)
+    b = pb.ledger
     wallet = Wallet(PROV.public_key()).address
     old = pa.ensure_open("gpu-1", PROV.public_key(), wallet, 250_000)
     first = pa.pay("gpu-1", 200_000)
