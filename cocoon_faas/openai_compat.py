@@ -4,9 +4,14 @@ caller's machine and assembles the answer there) use the same code, so both acce
 
 Calling conventions of functions that declare `serves=`:
 
-- `chat:<model>`: a generator called as `{"messages", "max_tokens", "temperature", "top_p", "seed", "stop"}` (plus
-  `"response_format"` when a request asks for json_object/json_schema output) that yields `{"delta": str}` items and lastly `{"finish_reason": "stop"|"length", "usage": {"prompt_tokens",
-  "completion_tokens"[, "cached_tokens"]}}`.
+- `chat:<model>`: a generator called as `{"messages", "max_tokens", "temperature", "top_p", "seed", "stop"}` that
+  yields `{"delta": str}` items and lastly `{"finish_reason": "stop"|"length", "usage": {"prompt_tokens",
+  "completion_tokens"[, "cached_tokens"]}}`. Options a request asks for are passed only then, so a function that
+  takes none of them still serves every request that asks for none (one that asks for an option the function does
+  not take is refused with a 400 before anything runs or is held): `"response_format"` (json_object/json_schema
+  output), `"n"` (choices, > 1; items then carry `"index"` and the last one `"finish_reasons"`, one per choice),
+  `"logprobs": true` and `"top_logprobs"` (items then carry `"logprobs": {"token": str, "logprob": float,
+  "top_logprobs": [[token, logprob], ...]}` for the token they add). `examples/chat.py` does all of these.
 - `completions:<model>`: the same, called with `"prompt": str` instead of `"messages"`. A model served only as
   `chat:` answers /v1/completions too, with the prompt as one user message.
 - `embeddings:<model>`: called once per input as `{"text": str}`, returns `{"embedding": [float], "tokens": int}`.
@@ -15,22 +20,30 @@ Calling conventions of functions that declare `serves=`:
 from __future__ import annotations
 
 import base64
+import math
 import struct
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from cocoon_faas.errors import InvalidRequestError
-from cocoon_faas.pricing import Usage
+from cocoon_faas.pricing import HOLD_COMPLETION_TOKENS, Usage
 
-UNSUPPORTED_CHAT = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs", "audio",
-                    "modalities", "logit_bias", "prediction", "parallel_tool_calls", "web_search_options")
+UNSUPPORTED_CHAT = ("tools", "tool_choice", "functions", "function_call", "audio", "modalities", "logit_bias",
+                    "prediction", "parallel_tool_calls", "web_search_options")
 KNOWN_CHAT = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
               "stream", "stream_options", "n", "user", "presence_penalty", "frequency_penalty", "response_format",
-              "metadata", "store", "service_tier", *UNSUPPORTED_CHAT}
-UNSUPPORTED_COMPLETION = ("logprobs", "echo", "best_of", "logit_bias", "suffix")
+              "metadata", "store", "service_tier", "logprobs", "top_logprobs", *UNSUPPORTED_CHAT}
+UNSUPPORTED_COMPLETION = ("echo", "best_of", "logit_bias", "suffix")
 KNOWN_COMPLETION = {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
-                    "stream_options", "n", "user", "presence_penalty", "frequency_penalty", *UNSUPPORTED_COMPLETION}
+                    "stream_options", "n", "user", "presence_penalty", "frequency_penalty", "logprobs",
+                    *UNSUPPORTED_COMPLETION}
+# Arguments a chat/completions function is passed only when a request asks for them (see the conventions above)
+OPTIONAL_ARGS = ("response_format", "n", "logprobs", "top_logprobs")
+MAX_N = 16  # choices per request (the engine's limit too)
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI; /v1/completions' integer `logprobs` goes to 5
+MIN_LOGPROB = -9999.0  # what OpenAI reports for a token the model gives no chance (JSON has no -Infinity)
 KNOWN_EMB = {"model", "input", "encoding_format", "dimensions", "user"}
 MAX_EMBEDDING_INPUTS = 2048
 
@@ -91,11 +104,65 @@ def _sampling(body: dict[str, Any], default_max: int = 256) -> dict[str, Any]:
     if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or
                              not all(isinstance(s, str) and s for s in stop)):
         raise InvalidRequestError("'stop' must be a string or up to 4 non-empty strings", param="stop")
-    if body.get("n", 1) not in (1, None):
-        raise InvalidRequestError("only n=1 is supported", param="n")
+    n = body.get("n")
+    if n is None:
+        n = 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        raise InvalidRequestError(f"'n' must be an integer from 1 to {MAX_N}", param="n")
+    if n * max_tokens > HOLD_COMPLETION_TOKENS:  # what one call's hold covers, whoever reads the request
+        raise InvalidRequestError(f"n ({n}) x max_tokens ({max_tokens}) is over {HOLD_COMPLETION_TOKENS}, the "
+                                  "completion tokens one request may ask for; lower max_tokens or n", param="n")
     stream_mode(body)
-    return {"max_tokens": max_tokens, "temperature": float(temperature), "top_p": float(top_p), "seed": seed,
-            "stop": stop}
+    out = {"max_tokens": max_tokens, "temperature": float(temperature), "top_p": float(top_p), "seed": seed,
+           "stop": stop}
+    if n > 1:
+        out["n"] = n
+    return out
+
+
+def _logprobs(on: bool, top: int, out: dict[str, Any]) -> dict[str, Any]:
+    if on:
+        out["logprobs"] = True
+        if top:
+            out["top_logprobs"] = top
+    return out
+
+
+def _chat_logprobs(body: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+    on = body.get("logprobs")
+    if on is not None and not isinstance(on, bool):
+        raise InvalidRequestError(f"'logprobs' must be true or false, got {on!r}", param="logprobs")
+    top = body.get("top_logprobs")
+    if top is None:
+        top = 0
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise InvalidRequestError(f"'top_logprobs' must be an integer from 0 to {MAX_TOP_LOGPROBS}",
+                                  param="top_logprobs")
+    if top and not on:
+        raise InvalidRequestError("'top_logprobs' needs \"logprobs\": true", param="top_logprobs")
+    return _logprobs(bool(on), top, out)
+
+
+def _completion_logprobs(body: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+    """/v1/completions' `logprobs`: an integer, how many of the likeliest tokens to list beside each chosen one."""
+    top = body.get("logprobs")
+    if top is None:
+        return out
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 5:
+        raise InvalidRequestError("'logprobs' must be an integer from 0 to 5 on /v1/completions (how many of the "
+                                  "likeliest tokens to list beside each chosen one)", param="logprobs")
+    return _logprobs(True, top, out)
+
+
+def check_accepted(args: dict[str, Any], accepts: Collection[str] | None, model: str, function: str) -> None:
+    """400 when the request asks for an option the serving function does not take (`accepts`: the OPTIONAL_ARGS
+    it takes; None: unknown, or it takes **kwargs): the call would fail inside the function, as its own error."""
+    if accepts is None:
+        return
+    for name in OPTIONAL_ARGS:
+        if name in args and name not in accepts:
+            raise InvalidRequestError(f"model {model!r} (function {function!r}) does not support '{name}'; remove "
+                                      "it", param=name)
 
 
 def stream_mode(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -159,7 +226,7 @@ def chat_args(body: Any) -> dict[str, Any]:
             raise InvalidRequestError(f"messages[{i}].content must be a string", param="messages")
         role = "system" if m["role"] == "developer" else m["role"]
         clean.append({"role": role, "content": content})
-    args = {"messages": clean, **_sampling(body)}
+    args = _chat_logprobs(body, {"messages": clean, **_sampling(body)})
     if rf is not None and rf["type"] != "text":  # passed only when set, so chat functions without it still work
         args["response_format"] = rf
     return args
@@ -176,7 +243,7 @@ def completion_args(body: Any, as_chat: bool) -> dict[str, Any]:
     if not isinstance(prompt, str):
         raise InvalidRequestError("'prompt' must be a string (token arrays and batches are not supported)",
                                   param="prompt")
-    args = {"prompt": prompt, **_sampling(body, 16)}
+    args = _completion_logprobs(body, {"prompt": prompt, **_sampling(body, 16)})
     return prompt_as_chat(args) if as_chat else args
 
 
@@ -232,73 +299,182 @@ def embeddings_response(model: str, results: list[Any], fmt: str) -> tuple[dict[
              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}, tokens)
 
 
+def _finite(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else (MIN_LOGPROB if v < 0 else None)
+
+
+@dataclass
+class Delta:
+    """What one item of a function adds to one choice: text, and the logprobs of the token(s) it reports."""
+
+    index: int
+    text: str
+    logprobs: list[dict[str, Any]]
+
+
+@dataclass
+class _Choice:
+    text: list[str] = field(default_factory=list)
+    finish: str | None = None
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+
+
 @dataclass
 class Assembler:
-    """Turns a chat/completions function's items into OpenAI responses (whole, or chunk by chunk)."""
+    """Turns a chat/completions function's items into OpenAI responses (whole, or chunk by chunk).
+
+    `n`, `logprobs` and `top_logprobs` are the request's (`args_shape`): an item naming another choice is dropped,
+    and logprobs are reported only when asked for, at most `top_logprobs` alternatives each, whatever the function
+    sends. Nothing a function yields makes this raise: a malformed part of an item is left out."""
 
     model: str
     call_id: str
     kind: str = "chat"  # chat | completions
     include_usage: bool = False
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
-    text: list[str] = field(default_factory=list)
-    finish: str = "stop"
     usage: Usage | None = None
+    choices: list[_Choice] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.choices = [_Choice() for _ in range(self.n)]
+
+    @classmethod
+    def for_args(cls, model: str, call_id: str, kind: str, include_usage: bool, args: dict[str, Any]) -> Assembler:
+        """The assembler for a request checked into `args` (chat_args / completion_args)."""
+        return cls(model, call_id, kind, include_usage, n=int(args.get("n", 1)), logprobs=bool(args.get("logprobs")),
+                   top_logprobs=int(args.get("top_logprobs", 0)))
 
     @property
     def id(self) -> str:
         return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + self.call_id
 
-    def take(self, item: Any) -> str | None:
-        """Absorb one item; the text it adds (None when it adds none)."""
+    def take(self, item: Any) -> Delta | None:
+        """Absorb one item; what it adds to a choice (None when it adds nothing)."""
         if not isinstance(item, dict):
             return None
         u = Usage.from_json(item.get("usage"))
         if u is not None:
             self.usage = u
-        if isinstance(item.get("finish_reason"), str):
-            self.finish = item["finish_reason"]
+        index = item.get("index", 0)
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.n:
+            return None
+        reasons = item.get("finish_reasons")
+        if isinstance(reasons, list):
+            for c, r in zip(self.choices, reasons, strict=False):
+                if isinstance(r, str):
+                    c.finish = r
+        elif isinstance(item.get("finish_reason"), str):
+            for i, c in enumerate(self.choices):  # one reason: its choice, or every choice still open
+                if i == index if "index" in item else c.finish is None:
+                    c.finish = item["finish_reason"]
+        choice = self.choices[index]
         delta = item.get("delta", item.get("text"))
-        if isinstance(delta, str) and delta:
-            self.text.append(delta)
-            return delta
-        return None
+        text = delta if isinstance(delta, str) else ""
+        entry = self._entry(item.get("logprobs"), text) if self.logprobs else None
+        if text:
+            choice.text.append(text)
+        if entry is not None:
+            choice.logprobs.append(entry)
+        if not text and entry is None:
+            return None
+        return Delta(index, text, [entry] if entry is not None else [])
+
+    def _entry(self, lp: Any, text: str) -> dict[str, Any] | None:
+        """One token's logprobs, in the chat API's shape, from the item's {"token", "logprob", "top_logprobs"}."""
+        if not isinstance(lp, dict):
+            return None
+        value = _finite(lp.get("logprob"))
+        if value is None:
+            return None
+        token = lp["token"] if isinstance(lp.get("token"), str) else text
+        top: list[dict[str, Any]] = []
+        alts = lp.get("top_logprobs")
+        for alt in alts if isinstance(alts, list) else []:
+            if len(top) == self.top_logprobs:
+                break
+            alt_value = _finite(alt[1]) if isinstance(alt, (list, tuple)) and len(alt) == 2 else None
+            if alt_value is not None and isinstance(alt[0], str):
+                top.append({"token": alt[0], "logprob": alt_value, "bytes": list(alt[0].encode())})
+        return {"token": token, "logprob": value, "bytes": list(token.encode()), "top_logprobs": top}
+
+    def _logprobs_json(self, entries: list[dict[str, Any]], offset: int = 0) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        if self.kind == "chat":
+            return {"content": entries, "refusal": None}
+        offsets = []  # /v1/completions' shape: parallel lists, the alternatives as {token: logprob}
+        for e in entries:
+            offsets.append(offset)
+            offset += len(e["token"])
+        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+                "text_offset": offsets}
 
     def usage_json(self) -> dict[str, Any]:
         u = self.usage or Usage(0, 0)
         return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
                 "total_tokens": u.total_tokens, "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
 
-    def response(self, cocoon: dict[str, Any] | None = None) -> dict[str, Any]:
-        text = "".join(self.text)
-        if self.kind == "chat":
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                      "finish_reason": self.finish, "logprobs": None}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": self.finish, "logprobs": None}
-            obj = "text_completion"
+    def _envelope(self, choices: list[dict[str, Any]], obj: str, cocoon: dict[str, Any] | None) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                               "choices": [choice], "usage": self.usage_json()}
+                               "choices": choices}
         if cocoon:
             out["cocoon"] = cocoon
         return out
 
-    def chunk(self, text: str | None = None, finish: str | None = None, role: bool = False,
-              usage: bool = False, cocoon: dict[str, Any] | None = None) -> dict[str, Any]:
-        """One streamed chunk: text, the finish, or (choices empty) the usage."""
-        if self.kind == "chat":
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else (
-                {"content": text} if text else {})
-            choices = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
-            obj = "chat.completion.chunk"
-        else:
-            choices = [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]
-            obj = "text_completion"
-        out: dict[str, Any] = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                               "choices": [] if usage else choices}
-        if self.include_usage:
-            out["usage"] = self.usage_json() if usage else None
+    def response(self, cocoon: dict[str, Any] | None = None) -> dict[str, Any]:
+        choices = []
+        for i, c in enumerate(self.choices):
+            text, finish, lp = "".join(c.text), c.finish or "stop", self._logprobs_json(c.logprobs)
+            if self.kind == "chat":
+                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                                "finish_reason": finish, "logprobs": lp})
+            else:
+                choices.append({"index": i, "text": text, "finish_reason": finish, "logprobs": lp})
+        out = self._envelope(choices, "chat.completion" if self.kind == "chat" else "text_completion", None)
+        out["usage"] = self.usage_json()
         if cocoon:
             out["cocoon"] = cocoon
+        return out
+
+    def _chunk(self, index: int, text: str | None = None, finish: str | None = None, role: bool = False,
+               logprobs: dict[str, Any] | None = None, cocoon: dict[str, Any] | None = None) -> dict[str, Any]:
+        if self.kind == "chat":
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else (
+                {"content": text} if text is not None else {})
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
+            obj = "text_completion"
+        out = self._envelope([choice], obj, cocoon)
+        if self.include_usage:
+            out["usage"] = None
+        return out
+
+    def opening(self) -> list[dict[str, Any]]:
+        """The chunks a stream starts with: the assistant role of each chat choice."""
+        return [self._chunk(i, role=True) for i in range(self.n)] if self.kind == "chat" else []
+
+    def chunk(self, d: Delta) -> dict[str, Any]:
+        """The streamed chunk of one Delta."""
+        offset = 0
+        if self.kind != "chat" and d.logprobs:  # text_offset: where the token starts in its choice's text
+            offset = sum(len(e["token"]) for e in self.choices[d.index].logprobs[:-len(d.logprobs)])
+        return self._chunk(d.index, d.text, logprobs=self._logprobs_json(d.logprobs, offset) if d.logprobs else None)
+
+    def closing(self, cocoon: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """The chunks a stream ends with: each choice's finish_reason, then (include_usage) the usage, with no
+        choices; the charge and receipt (`cocoon`) ride on each."""
+        out = [self._chunk(i, finish=c.finish or "stop", cocoon=cocoon) for i, c in enumerate(self.choices)]
+        if self.include_usage:
+            last = self._envelope([], out[0]["object"], cocoon)
+            last["usage"] = self.usage_json()
+            out.append(last)
         return out

@@ -40,6 +40,7 @@ from cocoon_faas.errors import CocoonError, InvalidRequestError, NotFoundError, 
 from cocoon_faas.openai_compat import (
     Assembler,
     chat_args,
+    check_accepted,
     completion_args,
     embedding_inputs,
     embeddings_response,
@@ -246,9 +247,10 @@ def create_proxy_app(proxy: Proxy) -> Starlette:
                     info = own
                 else:  # a chat model serves the completion: the prompt as one user message
                     info, args = await run_in_threadpool(proxy.function_for, "chat", model), prompt_as_chat(args)
+            check_accepted(args, info.get("accepts"), model, str(info.get("function")))
         except CocoonError as exc:
             return _error(exc)
-        asm = Assembler(model, "", kind, include_usage)
+        asm = Assembler.for_args(model, "", kind, include_usage, args)
         items = proxy.sealed(path, info, args)
 
         def first() -> Any:
@@ -285,19 +287,18 @@ def create_proxy_app(proxy: Proxy) -> Starlette:
                 return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
             try:
-                if kind == "chat":
-                    yield data(asm.chunk(role=True))
+                for chunk in asm.opening():
+                    yield data(chunk)
                 for item in rest():
                     if isinstance(item, dict) and "receipt_checked" in item:
                         cocoon = {k: item.get(k) for k in ("call_id", "charge", "receipt", "receipt_checked")}
                         asm.call_id = str(item.get("call_id", ""))
-                        yield data(asm.chunk(finish=asm.finish, cocoon=cocoon))
-                        if asm.include_usage:
-                            yield data(asm.chunk(usage=True, cocoon=cocoon))
+                        for chunk in asm.closing(cocoon):
+                            yield data(chunk)
                     else:
-                        text = asm.take(item)
-                        if text:
-                            yield data(asm.chunk(text))
+                        delta = asm.take(item)
+                        if delta is not None:
+                            yield data(asm.chunk(delta))
             except CocoonError as exc:
                 yield data(exc.to_dict())
             yield b"data: [DONE]\n\n"

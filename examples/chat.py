@@ -13,6 +13,7 @@ scales this function on them. `response_format` {"type": "json_object" | "json_s
 output to JSON (matching the schema)."""
 
 import cocoon_faas as cocoon
+from cocoon_faas.pricing import HOLD_COMPLETION_TOKENS
 
 MAX_SEQS = 32  # memory: the sandbox caps address space; weights (~0.2 GB as the GGUF stores them, the default
 # on CPU where our C kernels build; ~0.7 GB with COCOON_LLM_PRECISION=fp32), a 256 MB KV pool, torch
@@ -45,10 +46,16 @@ class Chat:
     async def generate(self, messages: list, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                        seed: int | None = None, stop: str | list | None = None, response_format: dict | None = None,
                        logprobs: bool = False, top_logprobs: int = 0, n: int = 1):
+        if isinstance(n, int) and isinstance(max_tokens, int) and n * max_tokens > HOLD_COMPLETION_TOKENS:
+            # a per-token call is held for this many completion tokens: more would be work nobody pays for (a
+            # sealed call reaches here unread by the gateway, which checks this for plain OpenAI calls)
+            raise cocoon.InvalidRequestError(f"n ({n}) x max_tokens ({max_tokens}) is over "
+                                             f"{HOLD_COMPLETION_TOKENS} completion tokens; lower max_tokens or n")
         params = self.params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                              stop=stop, logprobs=logprobs, top_logprobs=top_logprobs, n=n,  # one string or a list
                              response_format=response_format)
         handle = self.engine.submit(messages, params)
+        stop_ids = self.model.stop_ids
         finish: dict[int, str] = {}
         try:
             async for out in handle:
@@ -58,8 +65,9 @@ class Chat:
                 item: dict = {"delta": out.text}
                 if n > 1:
                     item["index"] = out.index
-                if logprobs and out.token_id is not None:
-                    item["logprobs"] = {"token_id": out.token_id, "logprob": out.logprob,
+                if logprobs and out.token_id is not None and out.token_id not in stop_ids:  # not the end token
+                    item["logprobs"] = {"token": self.model.decode([out.token_id]), "token_id": out.token_id,
+                                        "logprob": out.logprob,
                                         "top_logprobs": [[t.token, t.logprob] for t in out.top_logprobs]}
                 if out.text or len(item) > 1:
                     yield item

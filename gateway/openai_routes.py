@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from cocoon_faas.errors import CallCancelledError, CocoonError, InvalidRequestError, NotFoundError
+from cocoon_faas.errors import CallCancelledError, CocoonError, NotFoundError
 from cocoon_faas.gateway.controller import FunctionRuntime
 from cocoon_faas.gateway.http import error_response, json_response
 from cocoon_faas.gateway.limits import loads_bounded
@@ -30,8 +30,10 @@ from cocoon_faas.gateway.pipeline import Call, Pipeline, Plan, Settlement, new_c
 from cocoon_faas.gateway.routes_fn import CallStreamResponse, respond
 from cocoon_faas.gateway.sealed import is_sealed, sealed_plan
 from cocoon_faas.openai_compat import (
+    OPTIONAL_ARGS,
     Assembler,
     chat_args,
+    check_accepted,
     completion_args,
     embedding_inputs,
     embeddings_response,
@@ -75,13 +77,21 @@ def _cocoon(call: Call, paid: Settlement) -> dict[str, Any]:
     return out
 
 
+def accepts(fr: FunctionRuntime) -> list[str] | None:
+    """Which of the options a request may ask for (OPTIONAL_ARGS) the function takes; None: all (**kwargs)."""
+    if fr.signature.var_kwargs:
+        return None
+    names = {p.name for p in fr.signature.params}
+    return [a for a in OPTIONAL_ARGS if a in names]
+
+
 def _models(gw: Any) -> list[dict[str, Any]]:
     data = []
     for kind in KINDS:
         for model, fr in sorted(served(gw, kind).items()):
             data.append({"id": model, "object": "model", "created": 0, "owned_by": gw.store.developer_name(fr.owner),
                          "cocoon": {"function": fr.name, "kind": kind, "measurement": fr.measurement,
-                                    "confidential": fr.flags.confidential}})
+                                    "confidential": fr.flags.confidential, "accepts": accepts(fr)}})
     return data
 
 
@@ -180,11 +190,8 @@ async def _generate(request: Request, kind: str) -> Response:
             own = served(gw, "completions").get(model)
             fr = own or _function_for(gw, "chat", model)  # a chat model answers a prompt as one user message
             args = completion_args(body, as_chat=own is None)
-        if "response_format" in args and not fr.signature.var_kwargs and \
-                all(p.name != "response_format" for p in fr.signature.params):
-            raise InvalidRequestError(f"model {model!r} (function {fr.name!r}) takes no response_format; remove "
-                                      "it", param="response_format")
-        req["body"] = body
+        check_accepted(args, accepts(fr), model, fr.name)
+        req["body"], req["args"] = body, args
         return Plan(fr, json.dumps(args).encode())
 
     try:
@@ -193,7 +200,7 @@ async def _generate(request: Request, kind: str) -> Response:
         return error_response(exc, headers)
     body = req["body"]
     streamed, include_usage = stream_mode(body)
-    asm = Assembler(model_of(body), call_id, kind, include_usage=include_usage)
+    asm = Assembler.for_args(model_of(body), call_id, kind, include_usage, req["args"])
     if not call.fr.spec.streams:  # a unary function answers with one item: {"text"|"delta", "usage", ...}
         ans, paid = await pipeline.run(call)
         headers.update(paid.headers())
@@ -223,17 +230,15 @@ async def _generate(request: Request, kind: str) -> Response:
 
     async def sse() -> AsyncIterator[bytes]:
         try:
-            if kind == "chat":
-                yield data(asm.chunk(role=True))
+            for chunk in asm.opening():
+                yield data(chunk)
             async for frame in st.chunks():
-                text = asm.take(json.loads(frame.body))
-                if text:
-                    yield data(asm.chunk(text))
+                delta = asm.take(json.loads(frame.body))
+                if delta is not None:
+                    yield data(asm.chunk(delta))
             paid = st.end()
-            cocoon = _cocoon(call, paid)
-            yield data(asm.chunk(finish=asm.finish, cocoon=cocoon))
-            if asm.include_usage:
-                yield data(asm.chunk(usage=True, cocoon=cocoon))
+            for chunk in asm.closing(_cocoon(call, paid)):
+                yield data(chunk)
         except CocoonError as exc:
             yield data(st.fail(exc).to_dict())
         finally:

@@ -91,7 +91,9 @@ class FakeReplica:
         mode = str(args.get("mode", "ok"))
         if "messages" in args:
             mode = args["messages"][-1]["content"]
-        n = int(args.get("n", args.get("max_tokens", 3)))
+        chat = "messages" in args
+        n = int(args.get("max_tokens", 3)) if chat else int(args.get("n", args.get("max_tokens", 3)))
+        choices = int(args.get("n", 1)) if chat else 1  # OpenAI's n: items then name their choice
         cid = str(meta.get("id"))
         send = conn.send
         if mode == "die" or (mode == "die_first" and cid not in FakeReplica.died):
@@ -144,16 +146,25 @@ class FakeReplica:
                 send(P.encode(call, P.RESULT, {"ms": EXEC_MS}, raw))
             return
         items: list[dict[str, Any]]
-        chat = "messages" in args
         count = 400 if mode == "slow" else (1 if mode in ("error", "die_mid") else n)
+        seq = 0
         for i in range(count):
-            item: dict[str, Any] = {"delta": f"t{i} "} if chat else {"i": i}
-            raw = json.dumps(item).encode()
-            if sealed:
-                assert ctx is not None
-                send(P.encode(call, P.CHUNK, {"seq": i, "sealed": "chunk"}, self.ident.seal_chunk(ctx, i, raw)))
-            else:
-                send(P.encode(call, P.CHUNK, {"seq": i}, raw))
+            for c in range(choices):
+                item: dict[str, Any] = {"delta": f"t{i} " if c == 0 else f"c{c}t{i} "} if chat else {"i": i}
+                if choices > 1:
+                    item["index"] = c
+                if args.get("logprobs"):  # as examples/chat.py reports them; the alternatives a fixed ladder
+                    lp = -0.25 * (i + 1)
+                    item["logprobs"] = {"token": item["delta"], "logprob": lp, "top_logprobs": [
+                        [item["delta"], lp], *([f"alt{k}", lp - k] for k in range(1, 6))]}
+                raw = json.dumps(item).encode()
+                if sealed:
+                    assert ctx is not None
+                    send(P.encode(call, P.CHUNK, {"seq": seq, "sealed": "chunk"},
+                                  self.ident.seal_chunk(ctx, seq, raw)))
+                else:
+                    send(P.encode(call, P.CHUNK, {"seq": seq}, raw))
+                seq += 1
             if mode == "slow":
                 await asyncio.sleep(0.02)
         if mode == "die_mid":
@@ -164,14 +175,15 @@ class FakeReplica:
             if sealed:
                 assert ctx is not None
                 frame = self.ident.seal_error(ctx, cid, "ValueError", "boom", EXEC_MS, price)
-                send(P.encode(call, P.END, {**final("err"), "seq": count}, frame))
+                send(P.encode(call, P.END, {**final("err"), "seq": seq}, frame))
             else:
                 send(P.encode(call, P.ERROR, {"type": "function_error", "exc_type": "ValueError",
                                               "message": "boom", "ms": EXEC_MS}))
             return
-        usage = {"prompt_tokens": USAGE_PROMPT, "completion_tokens": count} if chat else None
+        usage = {"prompt_tokens": USAGE_PROMPT, "completion_tokens": count * choices} if chat else None
         items = [{"finish_reason": "stop", "usage": usage}] if chat else []
-        seq = count
+        if chat and choices > 1:
+            items[0]["finish_reasons"] = ["stop"] + ["length"] * (choices - 1)
         for item in items:
             raw = json.dumps(item).encode()
             if sealed:

@@ -88,11 +88,43 @@ def test_sampling_is_reproducible_with_a_seed(oa):
     assert a == b
 
 
+def test_logprobs_and_choices_come_from_the_engine(oa):
+    """logprobs/top_logprobs and n reach the engine through the OpenAI route: greedy, each chosen token is the
+    likeliest of its alternatives and the tokens spell the answer; n=2 gives two choices, whole and streamed."""
+    kw = dict(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=6,
+              temperature=0)
+    r = oa.chat.completions.create(**kw, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    assert len(content) == r.usage.completion_tokens or r.choices[0].finish_reason == "stop"
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token
+        assert t.logprob <= 0 and [a.logprob for a in t.top_logprobs] == sorted((a.logprob for a in t.top_logprobs),
+                                                                                  reverse=True)
+    two = oa.chat.completions.create(**{**kw, "temperature": 0.9}, n=2, seed=3)
+    assert [c.index for c in two.choices] == [0, 1] and all(c.message.content for c in two.choices)
+    chunks = list(oa.chat.completions.create(**{**kw, "temperature": 0.9}, n=2, seed=3, stream=True))
+    streamed = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+                for i in (0, 1)]
+    assert streamed == [c.message.content for c in two.choices]  # the same seed: the same two answers
+
+
+def test_the_chat_function_bounds_what_a_call_it_cannot_see_asks_for(gateway, oa):
+    """A sealed call reaches the function unread by the gateway, so examples/chat.py itself refuses more completion
+    tokens than a per-token hold covers (the gateway refuses them on the OpenAI route): a 400, nothing charged."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "n": 2, "max_tokens": 4000}
+    r = httpx.post(gateway.url + "/fn/Chat.generate", json=body, headers=gateway.headers(), timeout=60)
+    assert r.status_code == 400 and "lower max_tokens or n" in r.json()["error"]["message"], r.text
+    r = httpx.post(gateway.url + "/v1/chat/completions", json={"model": "SmolLM2-135M-Instruct", **body},
+                   headers=gateway.headers(), timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+
+
 @pytest.mark.parametrize(
     ("body", "needle"),
     [
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "'tools' is not supported"),
-        ({"logprobs": True}, "'logprobs' is not supported"),
+        ({"logit_bias": {"1": 5}}, "'logit_bias' is not supported"),
         ({"audio": {"voice": "x"}}, "'audio' is not supported"),
         ({"temperature": 3}, "temperature"),
         ({"model": "gpt-9"}, "no deployed function serves chat model 'gpt-9'"),

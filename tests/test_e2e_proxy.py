@@ -101,6 +101,12 @@ def test_chat_stream_with_usage_is_sealed_paid_and_charged_per_token(gw: Gateway
     assert booked["provider_nanoton"] + booked["royalty_nanoton"] + booked["operator_nanoton"] == cocoon["charge"]
 
 
+def test_an_option_the_function_does_not_take_is_refused_before_anything_is_paid(proxy: Any) -> None:
+    # tiny_chat takes no n: the gateway's model list says so and the proxy refuses it (no call, no hold)
+    with pytest.raises(openai.BadRequestError, match="does not support 'n'"):
+        proxy["client"].chat.completions.create(model="tiny-echo", n=2, messages=[{"role": "user", "content": "a"}])
+
+
 def test_completions_and_embeddings(gw: GatewayProc, proxy: Any) -> None:
     oa = proxy["client"]
     c = oa.completions.create(model="tiny-echo", prompt=f"one two {MARKER}", max_tokens=2)

@@ -414,6 +414,47 @@ def test_openai_chat_paid_per_token(gw: Harness) -> None:
     assert chunks[-3]["choices"][0]["finish_reason"] == "stop"
 
 
+def test_openai_chat_choices_and_logprobs(gw: Harness) -> None:
+    """n, logprobs and top_logprobs reach the function and come back in OpenAI's shapes, whole and streamed alike;
+    the per-token charge covers every choice's tokens; /v1/completions answers in its own (legacy) shape."""
+    body = _chat("ok", n=2, logprobs=True, top_logprobs=2)
+    r = _post(gw, "/v1/chat/completions", body, "chat")
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [c["index"] for c in out["choices"]] == [0, 1]
+    texts = [c["message"]["content"] for c in out["choices"]]
+    assert texts == ["t0 t1 t2 t3 ", "c1t0 c1t1 c1t2 c1t3 "]
+    assert [c["finish_reason"] for c in out["choices"]] == ["stop", "length"]
+    lps = [c["logprobs"]["content"] for c in out["choices"]]
+    assert [e["token"] for e in lps[1]] == ["c1t0 ", "c1t1 ", "c1t2 ", "c1t3 "]
+    assert [e["logprob"] for e in lps[1]] == [-0.25, -0.5, -0.75, -1.0] and lps[1][0]["bytes"] == list(b"c1t0 ")
+    assert [t["token"] for t in lps[0][0]["top_logprobs"]] == ["t0 ", "alt1"]  # 2 asked of the 6 the function sent
+    assert out["usage"]["completion_tokens"] == 8
+    assert out["cocoon"]["charge"] == int(r.headers["x-cocoon-charge"]) == _token_charge(gw, USAGE_PROMPT, 8)
+    _charged_once(gw, r.headers["x-cocoon-call-id"])
+
+    s = _post(gw, "/v1/chat/completions", {**body, "stream": True}, "chat")
+    chunks = [d for _, d in _sse(s.text)]
+    assert chunks[-1] == "[DONE]"
+    streamed, streamed_lps, finish = ["", ""], [[], []], {}
+    for ch in chunks[:-1]:
+        for c in ch["choices"]:
+            streamed[c["index"]] += c["delta"].get("content") or ""
+            streamed_lps[c["index"]] += (c["logprobs"] or {}).get("content", [])
+            if c["finish_reason"]:
+                finish[c["index"]] = (c["finish_reason"], ch["cocoon"]["charge"])
+    assert streamed == texts and streamed_lps == lps
+    assert finish == {0: ("stop", out["cocoon"]["charge"]), 1: ("length", out["cocoon"]["charge"])}
+
+    plain = _post(gw, "/v1/chat/completions", _chat("ok"), "chat").json()
+    assert len(plain["choices"]) == 1 and plain["choices"][0]["logprobs"] is None  # none asked for, none sent
+    c = _post(gw, "/v1/completions", {"model": "fake-llm", "prompt": "ok", "max_tokens": 2, "logprobs": 1}, "chat")
+    assert c.status_code == 200, c.text
+    assert c.json()["choices"][0]["logprobs"] == {"tokens": ["t0 ", "t1 "], "token_logprobs": [-0.25, -0.5],
+                                                   "top_logprobs": [{"t0 ": -0.25}, {"t1 ": -0.5}],
+                                                   "text_offset": [0, 3]}
+
+
 @pytest.mark.parametrize("mode,status", [("error", 500), ("timeout", 504)])
 def test_openai_chat_failures_leave_one_record(gw: Harness, mode: str, status: int) -> None:
     r = _post(gw, "/v1/chat/completions", _chat(mode), "chat")
@@ -466,6 +507,11 @@ def test_a_function_refusing_its_input_is_the_callers_400_not_charged(gw: Harnes
     ("/v1/embeddings", {"model": "fake-emb", "input": ["ab", ""]}, "input"),  # an empty text was embedded, paid
     # the function has no response_format parameter: was a TypeError inside it, a charged 500
     ("/v1/chat/completions", {**_chat("ok"), "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {**_chat("ok"), "n": 0}, "n"),
+    ("/v1/chat/completions", {**_chat("ok"), "n": 2, "max_tokens": 4000}, "n"),  # more tokens than a hold covers
+    ("/v1/chat/completions", {**_chat("ok"), "top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+    ("/v1/chat/completions", {**_chat("ok"), "logprobs": "yes"}, "logprobs"),
+    ("/v1/completions", {"model": "fake-llm", "prompt": "ok", "logprobs": 6}, "logprobs"),
 ])
 def test_openai_bad_stream_flags_and_empty_inputs_are_refused_unpaid(gw: Harness, path: str, body: dict[str, Any],
                                                                       param: str) -> None:

@@ -20,7 +20,8 @@ class _Served(Proxy):
     """The gateway's model table, as if fetched (the only thing these requests may ask of it)."""
 
     def models(self, refresh: bool = False) -> dict[tuple[str, str], dict[str, Any]]:
-        return {("chat", "m"): {"function": "chat", "kind": "chat", "measurement": "00" * 32}}
+        # a function taking none of the options a request may ask for (n, logprobs, response_format...)
+        return {("chat", "m"): {"function": "chat", "kind": "chat", "measurement": "00" * 32, "accepts": []}}
 
 
 @pytest.fixture
@@ -32,7 +33,11 @@ def client(tmp_path: Path) -> Any:
 
 
 @pytest.mark.parametrize("path,body,param", [
-    ("/v1/chat/completions", {"model": "m", "messages": MSGS, "n": 2}, "n"),
+    ("/v1/chat/completions", {"model": "m", "messages": MSGS, "n": 2}, "n"),  # the function takes no n
+    ("/v1/chat/completions", {"model": "m", "messages": MSGS, "logprobs": True}, "logprobs"),  # nor logprobs
+    ("/v1/chat/completions", {"model": "m", "messages": MSGS, "n": 17}, "n"),
+    ("/v1/chat/completions", {"model": "m", "messages": MSGS, "top_logprobs": 21, "logprobs": True},
+     "top_logprobs"),
     ("/v1/chat/completions", {"model": "m", "messages": MSGS, "max_tokens": -1}, "max_tokens"),
     ("/v1/chat/completions", {"model": "m", "messages": "hi"}, "messages"),
     ("/v1/chat/completions", {"model": "m", "messages": MSGS, "stream": "true"}, "stream"),

@@ -22,7 +22,8 @@ def gen(mode: str = "ok", n: int = 3):
 @cocoon.function(timeout=5, min_replicas=1, max_replicas=1, max_concurrency=8, serves="chat:fake-llm",
                  price_per_million_prompt_tokens="2", price_per_million_completion_tokens="8")
 def chat(messages: list, max_tokens: int = 16, temperature: float = 1.0, top_p: float = 1.0,
-         seed: int | None = None, stop: list | None = None):
+         seed: int | None = None, stop: list | None = None, n: int = 1, logprobs: bool = False,
+         top_logprobs: int = 0):
     yield {"delta": "x"}
 
 
