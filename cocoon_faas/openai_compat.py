@@ -313,6 +313,7 @@ class Delta:
     index: int
     text: str
     logprobs: list[dict[str, Any]]
+    offset: int = 0  # where its first token starts among its choice's tokens (/v1/completions' text_offset)
 
 
 @dataclass
@@ -320,6 +321,7 @@ class _Choice:
     text: list[str] = field(default_factory=list)
     finish: str | None = None
     logprobs: list[dict[str, Any]] = field(default_factory=list)
+    token_chars: int = 0  # the characters of the tokens in `logprobs`
 
 
 @dataclass
@@ -379,11 +381,13 @@ class Assembler:
         entry = self._entry(item.get("logprobs"), text) if self.logprobs else None
         if text:
             choice.text.append(text)
+        offset = choice.token_chars
         if entry is not None:
             choice.logprobs.append(entry)
+            choice.token_chars += len(entry["token"])
         if not text and entry is None:
             return None
-        return Delta(index, text, [entry] if entry is not None else [])
+        return Delta(index, text, [entry] if entry is not None else [], offset)
 
     def _entry(self, lp: Any, text: str) -> dict[str, Any] | None:
         """One token's logprobs, in the chat API's shape, from the item's {"token", "logprob", "top_logprobs"}."""
@@ -464,10 +468,8 @@ class Assembler:
 
     def chunk(self, d: Delta) -> dict[str, Any]:
         """The streamed chunk of one Delta."""
-        offset = 0
-        if self.kind != "chat" and d.logprobs:  # text_offset: where the token starts in its choice's text
-            offset = sum(len(e["token"]) for e in self.choices[d.index].logprobs[:-len(d.logprobs)])
-        return self._chunk(d.index, d.text, logprobs=self._logprobs_json(d.logprobs, offset) if d.logprobs else None)
+        lp = self._logprobs_json(d.logprobs, d.offset) if d.logprobs else None
+        return self._chunk(d.index, d.text, logprobs=lp)
 
     def closing(self, cocoon: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """The chunks a stream ends with: each choice's finish_reason, then (include_usage) the usage, with no

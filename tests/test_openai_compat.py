@@ -86,3 +86,11 @@ def test_a_stream_opens_and_closes_every_choice() -> None:
         (0, "stop"), (1, "length"), (2, "stop")]
     assert closing[-1]["choices"] == [] and closing[-1]["usage"]["total_tokens"] == 0
     assert all(c["cocoon"]["charge"] == 5 for c in closing)
+
+
+def test_completions_stream_text_offsets_run_on_across_chunks() -> None:
+    a = Assembler("m", "id", "completions", logprobs=True, top_logprobs=1)
+    chunks = [a.chunk(d) for d in (a.take({"delta": t, "logprobs": {"token": t, "logprob": -1.0}})
+                                   for t in ("ab", "c", "def")) if d is not None]
+    assert [c["choices"][0]["logprobs"]["text_offset"] for c in chunks] == [[0], [2], [3]]
+    assert a.response()["choices"][0]["logprobs"]["text_offset"] == [0, 2, 3]
