@@ -328,7 +328,7 @@ class _Choice:
 class Assembler:
     """Turns a chat/completions function's items into OpenAI responses (whole, or chunk by chunk).
 
-    `n`, `logprobs` and `top_logprobs` are the request's (`args_shape`): an item naming another choice is dropped,
+    `n`, `logprobs` and `top_logprobs` are the request's (`for_args`): an item naming another choice is dropped,
     and logprobs are reported only when asked for, at most `top_logprobs` alternatives each, whatever the function
     sends. Nothing a function yields makes this raise: a malformed part of an item is left out."""
 
