@@ -11,7 +11,9 @@ Calling conventions of functions that declare `serves=`:
   not take is refused with a 400 before anything runs or is held): `"response_format"` (json_object/json_schema
   output), `"n"` (choices, > 1; items then carry `"index"` and the last one `"finish_reasons"`, one per choice),
   `"logprobs": true` and `"top_logprobs"` (items then carry `"logprobs": {"token": str, "logprob": float,
-  "top_logprobs": [[token, logprob], ...]}` for the token they add). `examples/chat.py` does all of these.
+  "top_logprobs": [[token, logprob], ...]}` for the token they add), `"presence_penalty"` and
+  `"frequency_penalty"` (non-zero). `examples/chat.py` does all of these. A request with `tools` reaches the
+  function as a system message and a `"response_format"` (cocoon_faas/openai_tools.py).
 - `completions:<model>`: the same, called with `"prompt": str` instead of `"messages"`. A model served only as
   `chat:` answers /v1/completions too, with the prompt as one user message.
 - `embeddings:<model>`: called once per input as `{"text": str}`, returns `{"embedding": [float], "tokens": int}`.
@@ -28,19 +30,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cocoon_faas.errors import InvalidRequestError
+from cocoon_faas.openai_tools import SCHEMA_NAME, ToolPlan, rewrite_message
 from cocoon_faas.pricing import HOLD_COMPLETION_TOKENS, Usage
 
-UNSUPPORTED_CHAT = ("tools", "tool_choice", "functions", "function_call", "audio", "modalities", "logit_bias",
-                    "prediction", "parallel_tool_calls", "web_search_options")
+UNSUPPORTED_CHAT = ("functions", "function_call", "audio", "modalities", "logit_bias", "prediction",
+                    "web_search_options")
 KNOWN_CHAT = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
               "stream", "stream_options", "n", "user", "presence_penalty", "frequency_penalty", "response_format",
-              "metadata", "store", "service_tier", "logprobs", "top_logprobs", *UNSUPPORTED_CHAT}
+              "metadata", "store", "service_tier", "logprobs", "top_logprobs", "tools", "tool_choice",
+              "parallel_tool_calls", *UNSUPPORTED_CHAT}
 UNSUPPORTED_COMPLETION = ("echo", "best_of", "logit_bias", "suffix")
 KNOWN_COMPLETION = {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
                     "stream_options", "n", "user", "presence_penalty", "frequency_penalty", "logprobs",
                     *UNSUPPORTED_COMPLETION}
 # Arguments a chat/completions function is passed only when a request asks for them (see the conventions above)
-OPTIONAL_ARGS = ("response_format", "n", "logprobs", "top_logprobs")
+OPTIONAL_ARGS = ("response_format", "n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty")
 MAX_N = 16  # choices per request (the engine's limit too)
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI; /v1/completions' integer `logprobs` goes to 5
 MIN_LOGPROB = -9999.0  # what OpenAI reports for a token the model gives no chance (JSON has no -Infinity)
@@ -117,6 +121,12 @@ def _sampling(body: dict[str, Any], default_max: int = 256) -> dict[str, Any]:
            "stop": stop}
     if n > 1:
         out["n"] = n
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = body.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not -2 <= v <= 2):
+            raise InvalidRequestError(f"'{name}' must be a number from -2 to 2", param=name)
+        if v:
+            out[name] = float(v)
     return out
 
 
@@ -161,6 +171,10 @@ def check_accepted(args: dict[str, Any], accepts: Collection[str] | None, model:
         return
     for name in OPTIONAL_ARGS:
         if name in args and name not in accepts:
+            if name == "response_format" and args[name].get("json_schema", {}).get("name") == SCHEMA_NAME:
+                raise InvalidRequestError(f"model {model!r} (function {function!r}) cannot call tools: tool calls "
+                                          "need a chat function that takes response_format; remove 'tools'",
+                                          param="tools")
             raise InvalidRequestError(f"model {model!r} (function {function!r}) does not support '{name}'; remove "
                                       "it", param=name)
 
@@ -213,8 +227,8 @@ def chat_args(body: Any) -> dict[str, Any]:
         raise InvalidRequestError("'messages' must be a non-empty list", param="messages")
     clean = []
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
-            raise InvalidRequestError(f"messages[{i}] needs a role of system, developer, user or assistant",
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer", "tool"):
+            raise InvalidRequestError(f"messages[{i}] needs a role of system, developer, user, assistant or tool",
                                       param="messages")
         content = m.get("content")
         if isinstance(content, list):  # text parts only
@@ -222,10 +236,23 @@ def chat_args(body: Any) -> dict[str, Any]:
                 raise InvalidRequestError(f"messages[{i}] has non-text content; only text is supported",
                                           param="messages")
             content = "".join(str(p.get("text", "")) for p in content)
+        if m["role"] == "tool" or (m["role"] == "assistant" and m.get("tool_calls") is not None):
+            clean.append(rewrite_message(i, m, content if isinstance(content, str) else None))
+            continue
         if not isinstance(content, str):
             raise InvalidRequestError(f"messages[{i}].content must be a string", param="messages")
         role = "system" if m["role"] == "developer" else m["role"]
         clean.append({"role": role, "content": content})
+    tools = ToolPlan.of(body)
+    if tools is not None:  # offered as a system message and enforced as the output's schema
+        if rf is not None and rf["type"] != "text":
+            raise InvalidRequestError("send 'tools' or a 'response_format', not both (a tool call is already a "
+                                      "JSON answer)", param="response_format")
+        if clean[0]["role"] == "system":
+            clean[0] = {"role": "system", "content": clean[0]["content"] + "\n\n" + tools.instructions()}
+        else:
+            clean.insert(0, {"role": "system", "content": tools.instructions()})
+        rf = {"type": "json_schema", "json_schema": {"name": SCHEMA_NAME, "schema": tools.schema()}}
     args = _chat_logprobs(body, {"messages": clean, **_sampling(body)})
     if rf is not None and rf["type"] != "text":  # passed only when set, so chat functions without it still work
         args["response_format"] = rf
@@ -328,9 +355,10 @@ class _Choice:
 class Assembler:
     """Turns a chat/completions function's items into OpenAI responses (whole, or chunk by chunk).
 
-    `n`, `logprobs` and `top_logprobs` are the request's (`for_args`): an item naming another choice is dropped,
-    and logprobs are reported only when asked for, at most `top_logprobs` alternatives each, whatever the function
-    sends. Nothing a function yields makes this raise: a malformed part of an item is left out."""
+    `n`, `logprobs` and `top_logprobs` are the request's (`for_request`): an item naming another choice is
+    dropped, and logprobs are reported only when asked for, at most `top_logprobs` alternatives each, whatever the
+    function sends. Nothing a function yields makes this raise: a malformed part of an item is left out. With
+    `tools` (cocoon_faas/openai_tools.py) each choice's answer is read whole, at its end: a tool call or words."""
 
     model: str
     call_id: str
@@ -342,15 +370,18 @@ class Assembler:
     created: int = field(default_factory=lambda: int(time.time()))
     usage: Usage | None = None
     choices: list[_Choice] = field(default_factory=list)
+    tools: ToolPlan | None = None
 
     def __post_init__(self) -> None:
         self.choices = [_Choice() for _ in range(self.n)]
 
     @classmethod
-    def for_args(cls, model: str, call_id: str, kind: str, include_usage: bool, args: dict[str, Any]) -> Assembler:
-        """The assembler for a request checked into `args` (chat_args / completion_args)."""
+    def for_request(cls, model: str, call_id: str, kind: str, include_usage: bool, body: dict[str, Any],
+                    args: dict[str, Any]) -> Assembler:
+        """The assembler for a request `body` checked into `args` (chat_args / completion_args)."""
         return cls(model, call_id, kind, include_usage, n=int(args.get("n", 1)), logprobs=bool(args.get("logprobs")),
-                   top_logprobs=int(args.get("top_logprobs", 0)))
+                   top_logprobs=int(args.get("top_logprobs", 0)),
+                   tools=ToolPlan.of(body) if kind == "chat" else None)
 
     @property
     def id(self) -> str:
@@ -385,7 +416,7 @@ class Assembler:
         if entry is not None:
             choice.logprobs.append(entry)
             choice.token_chars += len(entry["token"])
-        if not text and entry is None:
+        if (not text and entry is None) or self.tools is not None:  # tools: the answer is read at its end
             return None
         return Delta(index, text, [entry] if entry is not None else [], offset)
 
@@ -432,13 +463,28 @@ class Assembler:
             out["cocoon"] = cocoon
         return out
 
+    def _answer(self, i: int) -> tuple[dict[str, Any], str]:
+        """(the chat message of choice i, its finish_reason): words, or (tools) a call of one."""
+        c = self.choices[i]
+        content: str | None = "".join(c.text)
+        finish = c.finish or "stop"
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if self.tools is not None:
+            content, call = self.tools.read(content or "")
+            message["content"] = content
+            if call is not None:
+                message["tool_calls"] = [{"id": f"call_{self.call_id}_{i}", "type": "function",
+                                          "function": {"name": call[0], "arguments": call[1]}}]
+                finish = "tool_calls" if finish == "stop" else finish
+        return message, finish
+
     def response(self, cocoon: dict[str, Any] | None = None) -> dict[str, Any]:
         choices = []
         for i, c in enumerate(self.choices):
             text, finish, lp = "".join(c.text), c.finish or "stop", self._logprobs_json(c.logprobs)
             if self.kind == "chat":
-                choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                                "finish_reason": finish, "logprobs": lp})
+                message, finish = self._answer(i)
+                choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": lp})
             else:
                 choices.append({"index": i, "text": text, "finish_reason": finish, "logprobs": lp})
         out = self._envelope(choices, "chat.completion" if self.kind == "chat" else "text_completion", None)
@@ -474,7 +520,19 @@ class Assembler:
     def closing(self, cocoon: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """The chunks a stream ends with: each choice's finish_reason, then (include_usage) the usage, with no
         choices; the charge and receipt (`cocoon`) ride on each."""
-        out = [self._chunk(i, finish=c.finish or "stop", cocoon=cocoon) for i, c in enumerate(self.choices)]
+        out = []
+        finishes = [c.finish or "stop" for c in self.choices]
+        if self.tools is not None:  # each choice's whole answer, read now: its words or its call
+            for i, c in enumerate(self.choices):
+                message, finishes[i] = self._answer(i)
+                chunk = self._chunk(i, logprobs=self._logprobs_json(c.logprobs) if c.logprobs else None)
+                delta = chunk["choices"][0]["delta"]
+                if "tool_calls" in message:
+                    delta["tool_calls"] = [{"index": 0, **message["tool_calls"][0]}]
+                else:
+                    delta["content"] = message["content"]
+                out.append(chunk)
+        out += [self._chunk(i, finish=f, cocoon=cocoon) for i, f in enumerate(finishes)]
         if self.include_usage:
             last = self._envelope([], out[0]["object"], cocoon)
             last["usage"] = self.usage_json()

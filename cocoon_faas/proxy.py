@@ -250,7 +250,7 @@ def create_proxy_app(proxy: Proxy) -> Starlette:
             check_accepted(args, info.get("accepts"), model, str(info.get("function")))
         except CocoonError as exc:
             return _error(exc)
-        asm = Assembler.for_args(model, "", kind, include_usage, args)
+        asm = Assembler.for_request(model, "", kind, include_usage, body, args)
         items = proxy.sealed(path, info, args)
 
         def first() -> Any:

@@ -200,7 +200,7 @@ async def _generate(request: Request, kind: str) -> Response:
         return error_response(exc, headers)
     body = req["body"]
     streamed, include_usage = stream_mode(body)
-    asm = Assembler.for_args(model_of(body), call_id, kind, include_usage, req["args"])
+    asm = Assembler.for_request(model_of(body), call_id, kind, include_usage, body, req["args"])
     if not call.fr.spec.streams:  # a unary function answers with one item: {"text"|"delta", "usage", ...}
         ans, paid = await pipeline.run(call)
         headers.update(paid.headers())

@@ -101,12 +101,43 @@ def test_logprobs_and_choices_come_from_the_engine(oa):
         assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token
         assert t.logprob <= 0 and [a.logprob for a in t.top_logprobs] == sorted((a.logprob for a in t.top_logprobs),
                                                                                   reverse=True)
+    penalized = oa.chat.completions.create(**kw, frequency_penalty=2, presence_penalty=1)  # reaches the engine
+    assert penalized.choices[0].message.content and penalized.usage.completion_tokens >= 1
     two = oa.chat.completions.create(**{**kw, "temperature": 0.9}, n=2, seed=3)
     assert [c.index for c in two.choices] == [0, 1] and all(c.message.content for c in two.choices)
     chunks = list(oa.chat.completions.create(**{**kw, "temperature": 0.9}, n=2, seed=3, stream=True))
     streamed = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
                 for i in (0, 1)]
     assert streamed == [c.message.content for c in two.choices]  # the same seed: the same two answers
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city now",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+
+
+def test_tool_calls_through_the_official_client(oa):
+    """tools on the engine-backed chat function: the grammar makes the call parse and fit the tool's schema; the
+    client reads it as `tool_calls`, whole and streamed; the loop's next turn (the tool's result) is answered."""
+    import json
+
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    kw = dict(model="SmolLM2-135M-Instruct", max_tokens=40, temperature=0, tools=[WEATHER])
+    r = oa.chat.completions.create(messages=msgs, tool_choice="required", **kw)
+    (call,) = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+    chunks = list(oa.chat.completions.create(messages=msgs, tool_choice="required", stream=True, **kw))
+    streamed = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [(t.function.name, t.function.arguments) for t in streamed] == [(call.function.name,
+                                                                            call.function.arguments)]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    auto = oa.chat.completions.create(messages=msgs, **kw).choices[0]  # the model may call or answer in words
+    assert auto.message.tool_calls or auto.message.content
+    then = oa.chat.completions.create(messages=[*msgs, r.choices[0].message.model_dump(exclude_none=True),
+                                                {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}],
+                                      tool_choice="none", **kw)
+    assert then.choices[0].message.content and not then.choices[0].message.tool_calls
 
 
 def test_the_chat_function_bounds_what_a_call_it_cannot_see_asks_for(gateway, oa):
@@ -123,7 +154,7 @@ def test_the_chat_function_bounds_what_a_call_it_cannot_see_asks_for(gateway, oa
 @pytest.mark.parametrize(
     ("body", "needle"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "'tools' is not supported"),
+        ({"functions": [{"name": "f"}]}, "'functions' is not supported"),
         ({"logit_bias": {"1": 5}}, "'logit_bias' is not supported"),
         ({"audio": {"voice": "x"}}, "'audio' is not supported"),
         ({"temperature": 3}, "temperature"),

@@ -105,6 +105,9 @@ def test_an_option_the_function_does_not_take_is_refused_before_anything_is_paid
     # tiny_chat takes no n: the gateway's model list says so and the proxy refuses it (no call, no hold)
     with pytest.raises(openai.BadRequestError, match="does not support 'n'"):
         proxy["client"].chat.completions.create(model="tiny-echo", n=2, messages=[{"role": "user", "content": "a"}])
+    with pytest.raises(openai.BadRequestError, match="cannot call tools"):  # nor response_format, which tools need
+        proxy["client"].chat.completions.create(model="tiny-echo", messages=[{"role": "user", "content": "a"}],
+                                                tools=[{"type": "function", "function": {"name": "f"}}])
 
 
 def test_completions_and_embeddings(gw: GatewayProc, proxy: Any) -> None:

@@ -228,6 +228,28 @@ def test_logprobs_are_log_softmax_of_reference_logits(model, engine):
             assert c.top_logprobs[i][0].token_id == tok  # greedy picks the top one
 
 
+def test_presence_and_frequency_penalties_follow_their_definition(model, engine):
+    """Greedy with penalties picks, at every step, the argmax of the reference logits minus frequency x (times the
+    token was generated) + presence (if it was), as OpenAI defines them; here they change the answer."""
+    chat = [{"role": "user", "content": "Repeat after me: la la la la la la la la"}]
+    pres, freq = 0.5, 1.5
+    with K.backend("torch"):
+        plain = engine.generate(chat, SamplingParams(max_tokens=12)).choices[0].token_ids
+        c = engine.generate(chat, SamplingParams(max_tokens=12, presence_penalty=pres,
+                                                 frequency_penalty=freq)).choices[0]
+        ids = model.chat_template(chat)
+        for i, tok in enumerate(c.token_ids):
+            logits = model.forward(torch.tensor([ids + c.token_ids[:i]]), model.new_cache(len(ids) + i + 1))[0].double()
+            for t in set(c.token_ids[:i]):
+                logits[t] -= freq * c.token_ids[:i].count(t) + pres
+            assert int(torch.argmax(logits)) == tok, i
+    assert c.token_ids != plain
+    for field, value in (("presence_penalty", 2.5), ("frequency_penalty", True)):
+        with pytest.raises(InvalidRequestError) as e:
+            SamplingParams(**{field: value})
+        assert e.value.details["param"] == field
+
+
 def test_n_choices_share_the_prompt_and_follow_their_seeds(model, engine):
     p = dict(max_tokens=6, temperature=0.9, top_p=0.95)
     with K.backend("torch"):
@@ -311,7 +333,7 @@ def test_chat_example_takes_one_stop_string_as_openai_does(engine):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     chat = mod.Chat.cls()
-    chat.engine, chat.params = engine, SamplingParams
+    chat.engine, chat.model, chat.params = engine, engine.model, SamplingParams
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
 
     async def text(**kw) -> str:

@@ -511,6 +511,9 @@ def test_a_function_refusing_its_input_is_the_callers_400_not_charged(gw: Harnes
     ("/v1/chat/completions", {**_chat("ok"), "n": 2, "max_tokens": 4000}, "n"),  # more tokens than a hold covers
     ("/v1/chat/completions", {**_chat("ok"), "top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
     ("/v1/chat/completions", {**_chat("ok"), "logprobs": "yes"}, "logprobs"),
+    ("/v1/chat/completions", {**_chat("ok"), "presence_penalty": 1}, "presence_penalty"),  # not a parameter of it
+    ("/v1/chat/completions", {**_chat("ok"), "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "tools"),  # tool calls need a function that takes response_format
     ("/v1/completions", {"model": "fake-llm", "prompt": "ok", "logprobs": 6}, "logprobs"),
 ])
 def test_openai_bad_stream_flags_and_empty_inputs_are_refused_unpaid(gw: Harness, path: str, body: dict[str, Any],

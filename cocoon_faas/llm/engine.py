@@ -82,6 +82,7 @@ class _Seq:
         self.generator = generator
         self.constraint = constraint
         self.reserved = 0  # blocks this sequence may still allocate under its admission reservation
+        self.counts: dict[int, int] = {}  # generated token -> times (presence/frequency penalties)
 
 
 class RequestHandle:
@@ -460,8 +461,17 @@ class Engine:
 
     def _sample(self, s: _Seq, row: torch.Tensor) -> None:
         p = s.req.params
-        logits = s.constraint.mask(row) if s.constraint is not None else row
+        logits = row
+        if p.penalized and s.counts:  # OpenAI's penalties, on this choice's generated tokens (as vLLM does)
+            ids = torch.tensor(list(s.counts), device=row.device)
+            times = torch.tensor(list(s.counts.values()), dtype=row.dtype, device=row.device)
+            logits = row.clone()
+            logits[ids] -= p.frequency_penalty * times + p.presence_penalty
+        if s.constraint is not None:
+            logits = s.constraint.mask(logits)
         tok = next_token(logits, p.temperature, p.top_p, s.generator)
+        if p.penalized:
+            s.counts[tok] = s.counts.get(tok, 0) + 1
         logprob: float | None = None
         top: tuple[TopLogprob, ...] = ()
         if p.logprobs:

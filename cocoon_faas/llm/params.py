@@ -28,6 +28,8 @@ class SamplingParams:
     top_logprobs: int = 0
     n: int = 1
     response_format: dict[str, Any] | None = None
+    presence_penalty: float = 0.0  # subtracted from the logit of every token the choice has generated
+    frequency_penalty: float = 0.0  # subtracted once per time the choice has generated the token
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -63,6 +65,12 @@ class SamplingParams:
             raise InvalidRequestError(f"logprobs must be true or false, got {self.logprobs!r}", param="logprobs")
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs=true", param="top_logprobs")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if v is None:  # JSON null: none
+                object.__setattr__(self, name, 0.0)
+            elif isinstance(v, bool) or not isinstance(v, (int, float)) or not -2 <= v <= 2:
+                raise InvalidRequestError(f"{name} must be a number from -2 to 2, got {v!r}", param=name)
         if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= 16:
             raise InvalidRequestError(f"n must be an integer from 1 to 16, got {self.n!r}", param="n")
         rf = self.response_format
@@ -77,6 +85,10 @@ class SamplingParams:
                     raise InvalidRequestError(
                         "response_format json_schema needs {'json_schema': {'name': str, 'schema': {...}}}",
                         param="response_format")
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
     @property
     def constrained(self) -> bool:
