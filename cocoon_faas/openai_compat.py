@@ -12,8 +12,9 @@ Calling conventions of functions that declare `serves=`:
   output), `"n"` (choices, > 1; items then carry `"index"` and the last one `"finish_reasons"`, one per choice),
   `"logprobs": true` and `"top_logprobs"` (items then carry `"logprobs": {"token": str, "logprob": float,
   "top_logprobs": [[token, logprob], ...]}` for the token they add), `"presence_penalty"` and
-  `"frequency_penalty"` (non-zero). `examples/chat.py` does all of these. A request with `tools` reaches the
-  function as a system message and a `"response_format"` (cocoon_faas/openai_tools.py).
+  `"frequency_penalty"` (non-zero), `"logit_bias"` ({"<token id>": bias}). `examples/chat.py` does all of these.
+  A request with `tools` reaches the function as a system message and a `"response_format"`
+  (cocoon_faas/openai_tools.py).
 - `completions:<model>`: the same, called with `"prompt": str` instead of `"messages"`. A model served only as
   `chat:` answers /v1/completions too, with the prompt as one user message.
 - `embeddings:<model>`: called once per input as `{"text": str}`, returns `{"embedding": [float], "tokens": int}`.
@@ -33,18 +34,18 @@ from cocoon_faas.errors import InvalidRequestError
 from cocoon_faas.openai_tools import SCHEMA_NAME, ToolPlan, rewrite_message
 from cocoon_faas.pricing import HOLD_COMPLETION_TOKENS, Usage
 
-UNSUPPORTED_CHAT = ("functions", "function_call", "audio", "modalities", "logit_bias", "prediction",
-                    "web_search_options")
+UNSUPPORTED_CHAT = ("functions", "function_call", "audio", "modalities", "prediction", "web_search_options")
 KNOWN_CHAT = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
               "stream", "stream_options", "n", "user", "presence_penalty", "frequency_penalty", "response_format",
               "metadata", "store", "service_tier", "logprobs", "top_logprobs", "tools", "tool_choice",
-              "parallel_tool_calls", *UNSUPPORTED_CHAT}
-UNSUPPORTED_COMPLETION = ("echo", "best_of", "logit_bias", "suffix")
+              "parallel_tool_calls", "logit_bias", *UNSUPPORTED_CHAT}
+UNSUPPORTED_COMPLETION = ("echo", "best_of", "suffix")
 KNOWN_COMPLETION = {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
                     "stream_options", "n", "user", "presence_penalty", "frequency_penalty", "logprobs",
-                    *UNSUPPORTED_COMPLETION}
+                    "logit_bias", *UNSUPPORTED_COMPLETION}
 # Arguments a chat/completions function is passed only when a request asks for them (see the conventions above)
-OPTIONAL_ARGS = ("response_format", "n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty")
+OPTIONAL_ARGS = ("response_format", "n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
+                 "logit_bias")
 MAX_N = 16  # choices per request (the engine's limit too)
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI; /v1/completions' integer `logprobs` goes to 5
 MIN_LOGPROB = -9999.0  # what OpenAI reports for a token the model gives no chance (JSON has no -Infinity)
@@ -83,6 +84,27 @@ def model_of(body: Any) -> str:
     return model
 
 
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI
+
+
+def parse_logit_bias(bias: Any) -> dict[int, float] | None:
+    """OpenAI's logit_bias ({"<token id>": -100..100}, JSON keys being strings) -> {id: bias}; None when empty."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+        raise InvalidRequestError(f"logit_bias must be an object of at most {MAX_LOGIT_BIAS} token ids, each mapped "
+                                  "to a number from -100 to 100", param="logit_bias")
+    out: dict[int, float] = {}
+    for k, v in bias.items():
+        key = k if isinstance(k, int) and not isinstance(k, bool) and k >= 0 else (
+            int(k) if isinstance(k, str) and k.isascii() and k.isdigit() and len(k) <= 9 else None)
+        if key is None or isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+            raise InvalidRequestError(f"logit_bias maps token ids (non-negative integers) to numbers from -100 to "
+                                      f"100; {k!r}: {v!r} is not one", param="logit_bias")
+        out[key] = float(v)
+    return out or None
+
+
 def _sampling(body: dict[str, Any], default_max: int = 256) -> dict[str, Any]:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens", default_max))
     if max_tokens is None:
@@ -117,8 +139,8 @@ def _sampling(body: dict[str, Any], default_max: int = 256) -> dict[str, Any]:
         raise InvalidRequestError(f"n ({n}) x max_tokens ({max_tokens}) is over {HOLD_COMPLETION_TOKENS}, the "
                                   "completion tokens one request may ask for; lower max_tokens or n", param="n")
     stream_mode(body)
-    out = {"max_tokens": max_tokens, "temperature": float(temperature), "top_p": float(top_p), "seed": seed,
-           "stop": stop}
+    out: dict[str, Any] = {"max_tokens": max_tokens, "temperature": float(temperature), "top_p": float(top_p),
+                           "seed": seed, "stop": stop}
     if n > 1:
         out["n"] = n
     for name in ("presence_penalty", "frequency_penalty"):
@@ -127,6 +149,9 @@ def _sampling(body: dict[str, Any], default_max: int = 256) -> dict[str, Any]:
             raise InvalidRequestError(f"'{name}' must be a number from -2 to 2", param=name)
         if v:
             out[name] = float(v)
+    bias = parse_logit_bias(body.get("logit_bias"))
+    if bias:
+        out["logit_bias"] = {str(k): v for k, v in bias.items()}
     return out
 
 

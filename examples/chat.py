@@ -46,7 +46,7 @@ class Chat:
     async def generate(self, messages: list, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                        seed: int | None = None, stop: str | list | None = None, response_format: dict | None = None,
                        logprobs: bool = False, top_logprobs: int = 0, n: int = 1, presence_penalty: float = 0.0,
-                       frequency_penalty: float = 0.0):
+                       frequency_penalty: float = 0.0, logit_bias: dict | None = None):
         if isinstance(n, int) and isinstance(max_tokens, int) and n * max_tokens > HOLD_COMPLETION_TOKENS:
             # a per-token call is held for this many completion tokens: more would be work nobody pays for (a
             # sealed call reaches here unread by the gateway, which checks this for plain OpenAI calls)
@@ -55,7 +55,7 @@ class Chat:
         params = self.params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                              stop=stop, logprobs=logprobs, top_logprobs=top_logprobs, n=n,  # one string or a list
                              response_format=response_format, presence_penalty=presence_penalty,
-                             frequency_penalty=frequency_penalty)
+                             frequency_penalty=frequency_penalty, logit_bias=logit_bias)
         handle = self.engine.submit(messages, params)
         stop_ids = self.model.stop_ids
         finish: dict[int, str] = {}

@@ -103,6 +103,8 @@ def test_logprobs_and_choices_come_from_the_engine(oa):
                                                                                   reverse=True)
     penalized = oa.chat.completions.create(**kw, frequency_penalty=2, presence_penalty=1)  # reaches the engine
     assert penalized.choices[0].message.content and penalized.usage.completion_tokens >= 1
+    forced = oa.chat.completions.create(**{**kw, "max_tokens": 3}, logprobs=True, logit_bias={"28": 100})
+    assert [t.token for t in forced.choices[0].logprobs.content] == [forced.choices[0].logprobs.content[0].token] * 3
     two = oa.chat.completions.create(**{**kw, "temperature": 0.9}, n=2, seed=3)
     assert [c.index for c in two.choices] == [0, 1] and all(c.message.content for c in two.choices)
     chunks = list(oa.chat.completions.create(**{**kw, "temperature": 0.9}, n=2, seed=3, stream=True))
@@ -155,7 +157,8 @@ def test_the_chat_function_bounds_what_a_call_it_cannot_see_asks_for(gateway, oa
     ("body", "needle"),
     [
         ({"functions": [{"name": "f"}]}, "'functions' is not supported"),
-        ({"logit_bias": {"1": 5}}, "'logit_bias' is not supported"),
+        ({"logit_bias": {"1": 500}}, "logit_bias"),
+        ({"prediction": {"type": "content", "content": "x"}}, "'prediction' is not supported"),
         ({"audio": {"voice": "x"}}, "'audio' is not supported"),
         ({"temperature": 3}, "temperature"),
         ({"model": "gpt-9"}, "no deployed function serves chat model 'gpt-9'"),

@@ -244,7 +244,14 @@ def test_presence_and_frequency_penalties_follow_their_definition(model, engine)
                 logits[t] -= freq * c.token_ids[:i].count(t) + pres
             assert int(torch.argmax(logits)) == tok, i
     assert c.token_ids != plain
-    for field, value in (("presence_penalty", 2.5), ("frequency_penalty", True)):
+    with K.backend("torch"):  # logit_bias: +100 makes a token the only choice, -100 bans the greedy one
+        forced = engine.generate(chat, SamplingParams(max_tokens=3, logit_bias={"28": 100})).choices[0].token_ids
+        banned = engine.generate(chat, SamplingParams(max_tokens=3, logit_bias={plain[0]: -100})).choices[0]
+        with pytest.raises(InvalidRequestError) as e:
+            engine.submit(chat, SamplingParams(logit_bias={10**8: 1}))
+        assert e.value.details["param"] == "logit_bias" and "token ids go from 0" in e.value.message
+    assert forced == [28, 28, 28] and banned.token_ids[0] != plain[0]
+    for field, value in (("presence_penalty", 2.5), ("frequency_penalty", True), ("logit_bias", {"a": 1})):
         with pytest.raises(InvalidRequestError) as e:
             SamplingParams(**{field: value})
         assert e.value.details["param"] == field

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from cocoon_faas.errors import InvalidRequestError
-from cocoon_faas.openai_compat import Assembler, chat_args, check_accepted, completion_args
+from cocoon_faas.openai_compat import Assembler, chat_args, check_accepted, completion_args, parse_logit_bias
 
 MSGS = [{"role": "user", "content": "hi"}]
 
@@ -21,6 +21,11 @@ def test_options_are_passed_only_when_asked_for() -> None:
     zero = chat_args({"model": "m", "messages": MSGS, "presence_penalty": 0, "frequency_penalty": None})
     assert "presence_penalty" not in zero and "frequency_penalty" not in zero  # what some clients always send
     assert chat_args({"model": "m", "messages": MSGS, "frequency_penalty": -1})["frequency_penalty"] == -1.0
+    assert chat_args({"model": "m", "messages": MSGS, "logit_bias": {"7": -100, "9": 2.5}})["logit_bias"] == {
+        "7": -100.0, "9": 2.5}
+    assert "logit_bias" not in chat_args({"model": "m", "messages": MSGS, "logit_bias": {}})
+    with pytest.raises(InvalidRequestError, match="logit_bias"):  # from Python (an engine's caller): not a JSON key
+        parse_logit_bias({-1: 5})
     asked = chat_args({"model": "m", "messages": MSGS, "n": 3, "logprobs": True, "top_logprobs": 4})
     assert (asked["n"], asked["logprobs"], asked["top_logprobs"]) == (3, True, 4)
     assert "top_logprobs" not in chat_args({"model": "m", "messages": MSGS, "logprobs": True, "n": 1})
@@ -32,7 +37,11 @@ def test_options_are_passed_only_when_asked_for() -> None:
     ({"n": True}, "n"), ({"n": 17}, "n"), ({"n": 8, "max_tokens": 600}, "n"),
     ({"logprobs": 1}, "logprobs"), ({"top_logprobs": 1}, "top_logprobs"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"presence_penalty": 2.5}, "presence_penalty"),
-    ({"frequency_penalty": "1"}, "frequency_penalty"), ({"frequency_penalty": False}, "frequency_penalty"), ({"logprobs": True, "top_logprobs": 2.0}, "top_logprobs"),
+    ({"frequency_penalty": "1"}, "frequency_penalty"), ({"frequency_penalty": False}, "frequency_penalty"),
+    ({"logprobs": True, "top_logprobs": 2.0}, "top_logprobs"),
+    ({"logit_bias": {"12": 101}}, "logit_bias"), ({"logit_bias": {"-1": 5}}, "logit_bias"),
+    ({"logit_bias": {"x": 5}}, "logit_bias"), ({"logit_bias": [1]}, "logit_bias"),
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
 ])
 def test_bad_options_name_their_field(extra: dict[str, Any], param: str) -> None:
     with pytest.raises(InvalidRequestError) as e:

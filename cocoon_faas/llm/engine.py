@@ -216,6 +216,10 @@ class Engine:
             raise InvalidRequestError(
                 f"this request may need {need} KV blocks but the cache holds {self.blocks.num_blocks}; lower "
                 f"max_tokens or n (or give the engine more kv_memory_mb)", param="max_tokens")
+        vocab = self.model.config.vocab
+        if params.logit_bias is not None and max(params.logit_bias) >= vocab:
+            raise InvalidRequestError(f"logit_bias names token {max(params.logit_bias)}; this model's token ids go "
+                                      f"from 0 to {vocab - 1}", param="logit_bias")
         if params.n > self.max_seqs:
             raise InvalidRequestError(f"n={params.n} exceeds the engine's batch of {self.max_seqs} sequences",
                                       param="n")
@@ -461,12 +465,14 @@ class Engine:
 
     def _sample(self, s: _Seq, row: torch.Tensor) -> None:
         p = s.req.params
-        logits = row
+        logits = row.clone() if p.adjusted else row
         if p.penalized and s.counts:  # OpenAI's penalties, on this choice's generated tokens (as vLLM does)
             ids = torch.tensor(list(s.counts), device=row.device)
             times = torch.tensor(list(s.counts.values()), dtype=row.dtype, device=row.device)
-            logits = row.clone()
             logits[ids] -= p.frequency_penalty * times + p.presence_penalty
+        if p.logit_bias is not None:
+            ids = torch.tensor(list(p.logit_bias), device=row.device)
+            logits[ids] += torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, device=row.device)
         if s.constraint is not None:
             logits = s.constraint.mask(logits)
         tok = next_token(logits, p.temperature, p.top_p, s.generator)

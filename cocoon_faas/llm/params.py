@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cocoon_faas.errors import InvalidRequestError
+from cocoon_faas.openai_compat import parse_logit_bias
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_CHARS = 512
@@ -30,6 +31,7 @@ class SamplingParams:
     response_format: dict[str, Any] | None = None
     presence_penalty: float = 0.0  # subtracted from the logit of every token the choice has generated
     frequency_penalty: float = 0.0  # subtracted once per time the choice has generated the token
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (-100 bans it, 100 forces it)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -71,6 +73,7 @@ class SamplingParams:
                 object.__setattr__(self, name, 0.0)
             elif isinstance(v, bool) or not isinstance(v, (int, float)) or not -2 <= v <= 2:
                 raise InvalidRequestError(f"{name} must be a number from -2 to 2, got {v!r}", param=name)
+        object.__setattr__(self, "logit_bias", parse_logit_bias(self.logit_bias))
         if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= 16:
             raise InvalidRequestError(f"n must be an integer from 1 to 16, got {self.n!r}", param="n")
         rf = self.response_format
@@ -89,6 +92,11 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty)
+
+    @property
+    def adjusted(self) -> bool:
+        """Whether the logits change before sampling (penalties or a bias)."""
+        return self.penalized or self.logit_bias is not None
 
     @property
     def constrained(self) -> bool:
