@@ -105,6 +105,23 @@ def parse_logit_bias(bias: Any) -> dict[int, float] | None:
     return out or None
 
 
+def check_penalty(name: str, value: Any) -> float:
+    """presence_penalty / frequency_penalty as OpenAI bounds them (None: 0)."""
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
+        raise InvalidRequestError(f"'{name}' must be a number from -2 to 2, got {value!r}", param=name)
+    return float(value)
+
+
+def check_completion_budget(n: Any, max_tokens: Any) -> None:
+    """n choices of max_tokens each must fit the completion tokens one call is held for (their types are checked
+    where they are parsed; this only bounds their product)."""
+    if isinstance(n, int) and isinstance(max_tokens, int) and n * max_tokens > HOLD_COMPLETION_TOKENS:
+        raise InvalidRequestError(f"n ({n}) x max_tokens ({max_tokens}) is over {HOLD_COMPLETION_TOKENS}, the "
+                                  "completion tokens one request may ask for; lower max_tokens or n", param="n")
+
+
 def _sampling(body: dict[str, Any], default_max: int = 256) -> dict[str, Any]:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens", default_max))
     if max_tokens is None:
@@ -135,20 +152,16 @@ def _sampling(body: dict[str, Any], default_max: int = 256) -> dict[str, Any]:
         n = 1
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
         raise InvalidRequestError(f"'n' must be an integer from 1 to {MAX_N}", param="n")
-    if n * max_tokens > HOLD_COMPLETION_TOKENS:  # what one call's hold covers, whoever reads the request
-        raise InvalidRequestError(f"n ({n}) x max_tokens ({max_tokens}) is over {HOLD_COMPLETION_TOKENS}, the "
-                                  "completion tokens one request may ask for; lower max_tokens or n", param="n")
+    check_completion_budget(n, max_tokens)
     stream_mode(body)
     out: dict[str, Any] = {"max_tokens": max_tokens, "temperature": float(temperature), "top_p": float(top_p),
                            "seed": seed, "stop": stop}
     if n > 1:
         out["n"] = n
     for name in ("presence_penalty", "frequency_penalty"):
-        v = body.get(name)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not -2 <= v <= 2):
-            raise InvalidRequestError(f"'{name}' must be a number from -2 to 2", param=name)
-        if v:
-            out[name] = float(v)
+        penalty = check_penalty(name, body.get(name))
+        if penalty:
+            out[name] = penalty
     bias = parse_logit_bias(body.get("logit_bias"))
     if bias:
         out["logit_bias"] = {str(k): v for k, v in bias.items()}
@@ -506,12 +519,13 @@ class Assembler:
     def response(self, cocoon: dict[str, Any] | None = None) -> dict[str, Any]:
         choices = []
         for i, c in enumerate(self.choices):
-            text, finish, lp = "".join(c.text), c.finish or "stop", self._logprobs_json(c.logprobs)
+            lp = self._logprobs_json(c.logprobs)
             if self.kind == "chat":
                 message, finish = self._answer(i)
                 choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": lp})
             else:
-                choices.append({"index": i, "text": text, "finish_reason": finish, "logprobs": lp})
+                choices.append({"index": i, "text": "".join(c.text), "finish_reason": c.finish or "stop",
+                                "logprobs": lp})
         out = self._envelope(choices, "chat.completion" if self.kind == "chat" else "text_completion", None)
         out["usage"] = self.usage_json()
         if cocoon:

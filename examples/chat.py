@@ -13,7 +13,7 @@ scales this function on them. `response_format` {"type": "json_object" | "json_s
 output to JSON (matching the schema)."""
 
 import cocoon_faas as cocoon
-from cocoon_faas.pricing import HOLD_COMPLETION_TOKENS
+from cocoon_faas.openai_compat import check_completion_budget
 
 MAX_SEQS = 32  # memory: the sandbox caps address space; weights (~0.2 GB as the GGUF stores them, the default
 # on CPU where our C kernels build; ~0.7 GB with COCOON_LLM_PRECISION=fp32), a 256 MB KV pool, torch
@@ -47,11 +47,9 @@ class Chat:
                        seed: int | None = None, stop: str | list | None = None, response_format: dict | None = None,
                        logprobs: bool = False, top_logprobs: int = 0, n: int = 1, presence_penalty: float = 0.0,
                        frequency_penalty: float = 0.0, logit_bias: dict | None = None):
-        if isinstance(n, int) and isinstance(max_tokens, int) and n * max_tokens > HOLD_COMPLETION_TOKENS:
-            # a per-token call is held for this many completion tokens: more would be work nobody pays for (a
-            # sealed call reaches here unread by the gateway, which checks this for plain OpenAI calls)
-            raise cocoon.InvalidRequestError(f"n ({n}) x max_tokens ({max_tokens}) is over "
-                                             f"{HOLD_COMPLETION_TOKENS} completion tokens; lower max_tokens or n")
+        # a per-token call is held for so many completion tokens: more would be work nobody pays for (a sealed call
+        # reaches here unread by the gateway, which checks this for plain OpenAI calls)
+        check_completion_budget(n, max_tokens)
         params = self.params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                              stop=stop, logprobs=logprobs, top_logprobs=top_logprobs, n=n,  # one string or a list
                              response_format=response_format, presence_penalty=presence_penalty,

@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cocoon_faas.errors import InvalidRequestError
-from cocoon_faas.openai_compat import parse_logit_bias
+from cocoon_faas.openai_compat import MAX_N, MAX_TOP_LOGPROBS, check_penalty, parse_logit_bias
 
-MAX_TOP_LOGPROBS = 20
 MAX_STOP_CHARS = 512
 
 
@@ -68,14 +67,10 @@ class SamplingParams:
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs=true", param="top_logprobs")
         for name in ("presence_penalty", "frequency_penalty"):
-            v = getattr(self, name)
-            if v is None:  # JSON null: none
-                object.__setattr__(self, name, 0.0)
-            elif isinstance(v, bool) or not isinstance(v, (int, float)) or not -2 <= v <= 2:
-                raise InvalidRequestError(f"{name} must be a number from -2 to 2, got {v!r}", param=name)
+            object.__setattr__(self, name, check_penalty(name, getattr(self, name)))
         object.__setattr__(self, "logit_bias", parse_logit_bias(self.logit_bias))
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= 16:
-            raise InvalidRequestError(f"n must be an integer from 1 to 16, got {self.n!r}", param="n")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
+            raise InvalidRequestError(f"n must be an integer from 1 to {MAX_N}, got {self.n!r}", param="n")
         rf = self.response_format
         if rf is not None:
             kind = rf.get("type") if isinstance(rf, dict) else None
