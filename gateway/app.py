@@ -28,7 +28,7 @@ from cocoon_faas.gateway.connection import RAW_SEND
 from cocoon_faas.gateway.controller import Controller, RayBackend
 from cocoon_faas.gateway.dashboard_login import SessionBook
 from cocoon_faas.gateway.dashboard_provider import ProviderDashboard, provider_dashboard_routes
-from cocoon_faas.gateway.db import open_database
+from cocoon_faas.gateway.db import SqliteDatabase, open_database
 from cocoon_faas.gateway.fleet import Fleet
 from cocoon_faas.gateway.holds_sweeper import sweep_forever
 from cocoon_faas.gateway.http import error_response, json_response
@@ -129,6 +129,9 @@ class Gateway:
     async def start(self) -> None:
         self.settings.home.mkdir(parents=True, exist_ok=True)
         self.store = Store(self._pg or open_database(self.settings.db_path), gateway_id=self.gateway_id)
+        for db in (self.store.db, self.billing.ledger.db):
+            if isinstance(db, SqliteDatabase):
+                db.checkpoint_in_background()  # no fsync inside a call's commit
         self.dashboard_sessions = SessionBook(self.store.db)
         warning = startup_warning(self.admission.mode)
         if warning:

@@ -257,3 +257,24 @@ def test_sqlite_transaction_commits_rolls_back_and_always_frees_its_lock(tmp_pat
     t.join(timeout=30)
     assert done == [1] and db.query("SELECT id FROM p ORDER BY id") == [(1,), (3,)]
     db.close()
+
+
+def test_sqlite_checkpoints_in_background_not_inside_commits(tmp_path):
+    """The gateway's SQLite files checkpoint on a thread: no commit crosses SQLite's automatic checkpoint (whose
+    fsync made one paid call in a few hundred wait milliseconds); the thread still moves the WAL into the file."""
+    import time
+
+    db = open_database(tmp_path / "x.db")
+    db.checkpoint_in_background(interval_s=0.05)
+    assert db.query("PRAGMA wal_autocheckpoint") == [(0,)]
+    assert any(t.name == "wal-checkpoint x.db" for t in threading.enumerate())
+    db.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB)")
+    for i in range(1500):  # past 1000 WAL pages: where a commit would have checkpointed by itself
+        db.execute("INSERT INTO t VALUES (?, ?)", (i, b"x" * 3000))
+
+    deadline = time.monotonic() + 10
+    while (tmp_path / "x.db").stat().st_size < 1500 * 3000:  # the rows reach the database file itself
+        assert time.monotonic() < deadline, "the checkpointer never moved the WAL into the database file"
+        time.sleep(0.05)
+    db.close()
+    assert not any(t.name == "wal-checkpoint x.db" for t in threading.enumerate())
