@@ -13,7 +13,6 @@ from typing import Any
 
 import httpx
 
-from cocoon_faas import confidential_client as cc
 from cocoon_faas.settings import Settings, get_settings
 from cocoon_faas.transport import FunctionCall, Transport, json_args
 
@@ -101,6 +100,7 @@ class Client:
 
     # -- confidential calls (cocoon_faas/confidential_client.py, docs/confidential.md) ------------------
     def _policy(self, name: str, policy: Any, allow_dev_attestation: Any, measurement: Any) -> Any:
+        from cocoon_faas import confidential_client as cc  # on first use: HPKE, verifiers
         return policy or cc.cached_policy(get_settings().home, self.url, name, measurement=measurement,
                                        allow_dev_attestation=allow_dev_attestation)
 
@@ -109,6 +109,7 @@ class Client:
         """Call `name` sealed end to end: only replicas whose attestation passes `policy` (default: the
         measurement `cocoon deploy` printed here, TDX; `allow_dev_attestation=True` also trusts this machine's
         NOT SECURE dev key) can read the arguments. The verified receipt is left in `self.last_receipt`."""
+        from cocoon_faas import confidential_client as cc  # on first use: HPKE, verifiers
         result, self.last_receipt = cc.call_confidential(
             self.transport, name, args, self._policy(name, policy, allow_dev_attestation, measurement))
         return result
@@ -116,12 +117,14 @@ class Client:
     def stream_confidential(self, name: str, args: dict[str, Any] | None = None, *, policy: Any = None,
                             allow_dev_attestation: Any = False, measurement: Any = None) -> Iterator[Any]:
         """Like `call_confidential` for generator functions: yields each item; ends at the authenticated end."""
+        from cocoon_faas import confidential_client as cc  # on first use: HPKE, verifiers
         return cc.stream_confidential(self.transport, name, args,
                                       self._policy(name, policy, allow_dev_attestation, measurement))
 
     def spawn_confidential(self, name: str, args: dict[str, Any] | None = None, *, policy: Any = None,
                            allow_dev_attestation: Any = False, measurement: Any = None) -> Any:
         """Submit a sealed async call; `.get()` on the handle opens the sealed result."""
+        from cocoon_faas import confidential_client as cc  # on first use: HPKE, verifiers
         return cc.spawn_confidential(self.transport, name, args,
                                      self._policy(name, policy, allow_dev_attestation, measurement))
 
@@ -135,6 +138,7 @@ class Client:
     def deploy(self, path: str | Path, *, progress: Callable[[str, str], None] | None = None) -> list[dict[str, Any]]:
         """Deploy every function in an app file; returns one record per function (url, version, measurement)."""
         from cocoon_faas.bundle import bundle, load_app
+        from cocoon_faas.pins import record_deployment
 
         _, functions = load_app(path)
         out = []
@@ -147,7 +151,7 @@ class Client:
             r = self.transport.request("POST", "/v1/deployments", json={"functions": [b.to_json()]})
             rec = r.json()["functions"][0]
             out.append(rec)
-            cc.record_deployment(get_settings().home, self.url, rec)  # the measurement confidential calls pin
+            record_deployment(get_settings().home, self.url, rec)  # the measurement confidential calls pin
             if progress:
                 progress(fn.name, "done")
         return out

@@ -40,11 +40,11 @@ from cocoon_faas.confidential import (
 )
 from cocoon_faas.confidential.document import DEV_KEY_FILE, dev_public_key_hex
 from cocoon_faas.errors import AttestationError, CocoonError, InvalidRequestError, StaleKeysError
+from cocoon_faas.pins import DEPLOYMENTS_FILE, pinned_measurement, record_deployment
 from cocoon_faas.settings import get_settings
 from cocoon_faas.signature import Signature
 from cocoon_faas.transport import Transport, json_args
 
-DEPLOYMENTS_FILE = "deployments.json"
 CODE_KEYS_DIR = "code_keys"
 _cache: weakref.WeakKeyDictionary[Any, dict[Any, tuple[float, list[VerifiedReplica]]]] = weakref.WeakKeyDictionary()
 # the deployed signature the gateway lists beside the documents, per client and function: sealed arguments are
@@ -53,30 +53,6 @@ _signatures: weakref.WeakKeyDictionary[Any, dict[str, Signature]] = weakref.Weak
 
 
 # -- deployment records (what `cocoon deploy` printed, pinned by default) ------------------------------------
-
-def record_deployment(home: Path, gateway_url: str, rec: dict[str, Any], confidential: bool = False) -> None:
-    """Remember a deployed function's measurement for this gateway (atomic rewrite of deployments.json)."""
-    path = Path(home) / DEPLOYMENTS_FILE
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        data = {}
-    data.setdefault(gateway_url.rstrip("/"), {})[rec["name"]] = {
-        "measurement": rec["measurement"], "version": rec.get("version"), "confidential": confidential,
-        "deployed_at": int(time.time())}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    tmp.replace(path)
-
-
-def pinned_measurement(home: Path, gateway_url: str, name: str) -> str | None:
-    try:
-        data = json.loads((Path(home) / DEPLOYMENTS_FILE).read_text())
-        return str(data[gateway_url.rstrip("/")][name]["measurement"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
 
 def local_dev_key(home: Path) -> str:
     """The public half of this machine's development attestation key (hex); never creates one."""

@@ -6,16 +6,41 @@ import importlib
 
 import click
 
-# Each module registers its commands on `main` when imported. Add a line to add a command group.
-_COMMAND_MODULES = [
-    "cocoon_faas.cli.core",
-    "cocoon_faas.cli.attest",
-    "cocoon_faas.cli.pay",
-    "cocoon_faas.cli.provider",
-]
+# Each module registers its commands on `main` when imported; COMMANDS names the modules each top-level command
+# needs, in order (`provider` is one group filled by two modules). A command's modules are imported only when that
+# command runs, so `cocoon deploy` does not load the TON payment and attestation code (tests/test_cli_lazy.py
+# checks this table against what the modules register).
+COMMANDS: dict[str, tuple[str, ...]] = {
+    **{name: ("core",) for name in ("serve", "deploy", "call", "ls", "logs", "rollback", "rm", "keys", "proxy")},
+    "attest": ("attest",),
+    **{name: ("pay",) for name in ("wallet", "channel", "ledger")},
+    "provider": ("pay", "provider"),
+}
+MODULES = ("core", "attest", "pay", "provider")  # every module, in registration order (for --help)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """`cocoon`'s top-level group: commands are registered by their modules on first use."""
+
+    _loaded: set[str]
+
+    def _load(self, modules: tuple[str, ...]) -> None:
+        loaded = self.__dict__.setdefault("_loaded", set())
+        for m in modules:
+            if m not in loaded:
+                loaded.add(m)
+                importlib.import_module(f"cocoon_faas.cli.{m}").register(self)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self._load(COMMANDS.get(cmd_name, MODULES))  # an unknown name: load all, so click can suggest one
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load(MODULES)
+        return super().list_commands(ctx)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cocoon-faas")
 def main() -> None:
     """Cocoon FaaS: confidential, pay-per-call AI functions."""
@@ -30,13 +55,3 @@ def main() -> None:
             f"COCOON_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg'].removeprefix('Value error, ')}"
             for e in exc.errors()), err=True)
         raise SystemExit(2) from None
-
-
-for _name in _COMMAND_MODULES:
-    try:
-        _mod = importlib.import_module(_name)
-    except ModuleNotFoundError as exc:  # a command group not built yet
-        if exc.name != _name:
-            raise
-        continue
-    _mod.register(main)
