@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from cocoon_faas.errors import InvalidSpecError
-from cocoon_faas.openai_compat import serves_mismatch
 from cocoon_faas.signature import Signature
 from cocoon_faas.spec import BatchSpec, FunctionSpec, make_spec
 
@@ -113,6 +112,9 @@ def _spec_for(raw: Callable[..., Any], name: str, opts: dict[str, Any], skip_sel
         spec = spec.with_(max_concurrency=batch.max_batch_size)  # a batch needs that many calls in flight
     sig = Signature.of(raw, skip_self=skip_self, batched=batch is not None)
     for served in spec.serves:  # refused here, not by every OpenAI call failing inside the function
+        # imported only for serves=: `import cocoon_faas` (every CLI run, every sandbox child) stays light
+        from cocoon_faas.openai_compat import serves_mismatch
+
         problem = serves_mismatch(served.partition(":")[0], [(p.name, p.required) for p in sig.params],
                                   sig.var_kwargs)
         if problem:
