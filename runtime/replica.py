@@ -262,18 +262,25 @@ class Replica:
             measurement = hdr.measurement
         else:
             measurement = measurement_of(self._blob, self.spec.canonical())
+        # the identity (keys, attestation document; its first use in a process imports the settings, ~0.2 s) is
+        # made on a thread while plain code loads into its sandbox child, a process of its own
+        identity = loop.run_in_executor(None, _create_identity, self.function, measurement)
+        log_lines: list[Any] = []
+        if not sealed:
+            try:
+                log_lines = await self._load(self._blob)
+            except BaseException:
+                await asyncio.gather(identity, return_exceptions=True)  # ended, whatever it did
+                raise
+            self.relayable = True
         try:
-            self.ident = await loop.run_in_executor(None, _create_identity, self.function, measurement)
+            self.ident = await identity
         except Exception as exc:  # noqa: BLE001 - plain calls still work; sealed ones are refused
             if sealed:
                 raise
             self._ident_error = f"{type(exc).__name__}: {exc}"
-        log_lines: list[Any] = []
         if sealed:
             self._sealed_code = self._blob
-        else:
-            log_lines = await self._load(self._blob)
-            self.relayable = True
         self._blob = b""
         self._server = await loop.create_server(lambda: _ServerConn(self).proto, self._host, 0)
         port = self._server.sockets[0].getsockname()[1]
