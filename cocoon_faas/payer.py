@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cocoon_faas.ton.client import ChannelSigner, PayingClient
-from cocoon_faas.ton.home_files import load_wallet_key, read_channel
+if TYPE_CHECKING:
+    from cocoon_faas.ton.client import PayingClient
 
 _payers: dict[Path, PayingClient] = {}
 _lock = threading.Lock()
@@ -20,6 +21,11 @@ _lock = threading.Lock()
 def default_payer(home: Path) -> PayingClient | None:
     """The process's PayingClient for the channel in `home/channel.json`, or None when the caller has none."""
     wallet = home / "wallet.json"
+    if not (home / "channel.json").exists():  # no channel: nothing of the TON client is loaded
+        return None
+    from cocoon_faas.ton.client import ChannelSigner, PayingClient
+    from cocoon_faas.ton.home_files import load_wallet_key, read_channel
+
     current = read_channel(home / "channel.json", need=("channel_id",))
     if current is None or not wallet.exists():
         return None

@@ -18,6 +18,8 @@ from typing import Any
 
 from cocoon_faas.ton.amounts import NANO, format_ton, to_nano
 
+CHARGE_HEADER = "X-Cocoon-Charge"  # what a paid call was charged, in nanoton: the gateway's answer, the SDK books it
+
 __all__ = ["HOLD_COMPLETION_TOKENS", "HOLD_PROMPT_TOKENS", "NANO", "FeePolicy", "Price", "TokenPrices", "Usage",
            "compute_cost", "format_ton", "parse_ton", "ton_literal"]
 

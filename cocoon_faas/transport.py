@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -33,7 +33,10 @@ from cocoon_faas.errors import (
     InvalidRequestError,
     error_from_body,
 )
-from cocoon_faas.ton.client import CHARGE_HEADER, PayingClient, Ticket
+from cocoon_faas.pricing import CHARGE_HEADER
+
+if TYPE_CHECKING:  # a payer is made by cocoon_faas/payer.py; unpaid calls never load the TON client
+    from cocoon_faas.ton.client import PayingClient, Ticket
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 CALL_ID_HEADER = "X-Cocoon-Call-Id"

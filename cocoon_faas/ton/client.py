@@ -38,11 +38,11 @@ from pathlib import Path
 from nacl.bindings import crypto_sign, crypto_sign_seed_keypair
 
 from cocoon_faas.errors import ConflictError, InvalidRequestError, PaymentRequiredError
+from cocoon_faas.pricing import CHARGE_HEADER
 from cocoon_faas.ton.channel import SemiChannelBody, SignedSemiChannel, StateTemplate
 from cocoon_faas.ton.keys import PrivateKey
 
 HEADER = "X-Cocoon-Payment"
-CHARGE_HEADER = "X-Cocoon-Charge"
 LEASE_SEQNOS = 256  # seqnos per state-file write
 LEASE_HOLDS = 8  # headroom of `sent` per lease, in holds of the call that takes the lease
 
