@@ -105,6 +105,13 @@ def parse_logit_bias(bias: Any) -> dict[int, float] | None:
     return out or None
 
 
+def check_int(name: str, value: Any, lo: int, hi: int) -> int:
+    """An integer parameter within [lo, hi] (a bool is not one), as the OpenAI routes and the engine both bound it."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InvalidRequestError(f"'{name}' must be an integer from {lo} to {hi}, got {value!r}", param=name)
+    return value
+
+
 def check_penalty(name: str, value: Any) -> float:
     """presence_penalty / frequency_penalty as OpenAI bounds them (None: 0)."""
     if value is None:
@@ -126,8 +133,7 @@ def _sampling(body: dict[str, Any], default_max: int = 256) -> dict[str, Any]:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens", default_max))
     if max_tokens is None:
         max_tokens = default_max
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= 4096:
-        raise InvalidRequestError("'max_tokens' must be an integer between 1 and 4096", param="max_tokens")
+    check_int("max_tokens", max_tokens, 1, 4096)
     temperature = body.get("temperature", 1.0)
     if temperature is None:
         temperature = 1.0
@@ -150,8 +156,7 @@ def _sampling(body: dict[str, Any], default_max: int = 256) -> dict[str, Any]:
     n = body.get("n")
     if n is None:
         n = 1
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
-        raise InvalidRequestError(f"'n' must be an integer from 1 to {MAX_N}", param="n")
+    check_int("n", n, 1, MAX_N)
     check_completion_budget(n, max_tokens)
     stream_mode(body)
     out: dict[str, Any] = {"max_tokens": max_tokens, "temperature": float(temperature), "top_p": float(top_p),
@@ -183,9 +188,7 @@ def _chat_logprobs(body: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
     top = body.get("top_logprobs")
     if top is None:
         top = 0
-    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
-        raise InvalidRequestError(f"'top_logprobs' must be an integer from 0 to {MAX_TOP_LOGPROBS}",
-                                  param="top_logprobs")
+    check_int("top_logprobs", top, 0, MAX_TOP_LOGPROBS)
     if top and not on:
         raise InvalidRequestError("'top_logprobs' needs \"logprobs\": true", param="top_logprobs")
     return _logprobs(bool(on), top, out)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cocoon_faas.errors import InvalidRequestError
-from cocoon_faas.openai_compat import MAX_N, MAX_TOP_LOGPROBS, check_penalty, parse_logit_bias
+from cocoon_faas.openai_compat import MAX_N, MAX_TOP_LOGPROBS, check_int, check_penalty, parse_logit_bias
 
 MAX_STOP_CHARS = 512
 
@@ -56,10 +56,7 @@ class SamplingParams:
             raise InvalidRequestError(f"each stop string may be at most {MAX_STOP_CHARS} characters, got "
                                       f"{max(len(s) for s in stop)}", param="stop")
         object.__setattr__(self, "stop", stop)
-        if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int) or \
-                not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise InvalidRequestError(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}",
-                                      param="top_logprobs")
+        check_int("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
         if self.logprobs is None:  # JSON null: not asked for
             object.__setattr__(self, "logprobs", False)
         if not isinstance(self.logprobs, bool):  # "false" is a true value: it would turn logprobs on
@@ -69,8 +66,7 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             object.__setattr__(self, name, check_penalty(name, getattr(self, name)))
         object.__setattr__(self, "logit_bias", parse_logit_bias(self.logit_bias))
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
-            raise InvalidRequestError(f"n must be an integer from 1 to {MAX_N}, got {self.n!r}", param="n")
+        check_int("n", self.n, 1, MAX_N)
         rf = self.response_format
         if rf is not None:
             kind = rf.get("type") if isinstance(rf, dict) else None
