@@ -48,7 +48,7 @@ from cocoon_faas.openai_compat import (
     prompt_as_chat,
     stream_mode,
 )
-from cocoon_faas.pricing import FeePolicy, TokenPrices, Usage
+from cocoon_faas.pricing import CHARGE_HEADER, FeePolicy, TokenPrices, Usage
 from cocoon_faas.transport import Transport
 
 SEALED_HEADERS = {"Content-Type": "application/cocoon-sealed"}
@@ -181,7 +181,7 @@ class Proxy:
                     continue
                 raise
             result, receipt = ctx.open_response(r.content)
-            end = {"charge": int(r.headers.get("x-cocoon-charge") or 0), "call_id": r.headers.get("x-cocoon-call-id")}
+            end = {"charge": int(r.headers.get(CHARGE_HEADER) or 0), "call_id": r.headers.get("x-cocoon-call-id")}
             value = json.loads(result)
             tokens = value.get("tokens") if isinstance(value, dict) else None
             self.check_charge(name, end, receipt, Usage(tokens, 0) if isinstance(tokens, int) else None)

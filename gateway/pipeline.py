@@ -42,7 +42,7 @@ from cocoon_faas.gateway.payments import Hold
 from cocoon_faas.gateway.replica_client import Frame
 from cocoon_faas.gateway.requirements import Requirements
 from cocoon_faas.gateway.store import Store
-from cocoon_faas.pricing import Usage
+from cocoon_faas.pricing import CHARGE_HEADER, Usage
 
 if TYPE_CHECKING:
     from cocoon_faas.gateway.controller import FunctionRuntime
@@ -123,7 +123,7 @@ class Settlement:
     def headers(self) -> dict[str, str]:
         h: dict[str, str] = {}
         if self.charge is not None:
-            h["X-Cocoon-Charge"] = str(self.charge)
+            h[CHARGE_HEADER] = str(self.charge)
         if self.receipt is not None:
             h["X-Cocoon-Receipt"] = self.receipt
         return h
